@@ -1,0 +1,28 @@
+# Thin wrapper: the real build is CMake. `make test` is what CI runs.
+BUILD ?= build
+JOBS ?= $(shell nproc)
+.PHONY: setup build test demo bench bench-preprocess clean format
+
+setup:
+	bash scripts/setup.sh
+
+build:
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release >/dev/null
+	cmake --build $(BUILD) -j $(JOBS)
+
+test: setup build
+	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
+
+demo: setup build
+	bash scripts/demo.sh
+
+bench: bench-preprocess
+
+bench-preprocess: setup build
+	bash bench/preprocess/run.sh
+
+format:
+	clang-format -i $$(git ls-files '*.cpp' '*.h')
+
+clean:
+	rm -rf $(BUILD)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs every Debian package dsv3's build and tests need. Idempotent: does nothing when all are present.
+set -euo pipefail
+pkgs=(build-essential cmake pkg-config git libgtest-dev libgmock-dev libbenchmark-dev
+      nlohmann-json3-dev libsimdjson-dev libcli11-dev libonig-dev libssl-dev zlib1g-dev
+      libdnnl-dev libopenmpi-dev openmpi-bin python3)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "setup: all ${#pkgs[@]} packages present"
+  exit 0
+fi
+echo "setup: installing ${missing[*]}"
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
