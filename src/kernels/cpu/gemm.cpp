@@ -1,0 +1,118 @@
+// oneDNN matmul behind a small shape-keyed primitive cache. Transposes are expressed through strides, so no
+// operand is copied. Thread safety: the cache is guarded; each call owns its execution.
+#include "kernels/cpu/gemm.h"
+
+#include <map>
+#include <mutex>
+#include <oneapi/dnnl/dnnl.hpp>
+#include <tuple>
+
+#include "core/error.h"
+
+namespace dsv3 {
+namespace {
+
+using dt = dnnl::memory::data_type;
+
+dt to_dnnl(GemmType t) { return t == GemmType::kF32 ? dt::f32 : dt::bf16; }
+
+struct Key {
+  int64_t m, n, k, lda, ldb, ldc;
+  bool ta, tb;
+  GemmType ab, c;
+  float alpha, beta;
+  auto tie() const { return std::tie(m, n, k, lda, ldb, ldc, ta, tb, ab, c, alpha, beta); }
+  bool operator<(const Key& o) const { return tie() < o.tie(); }
+};
+
+struct Prim {
+  dnnl::matmul matmul;
+  dnnl::memory::desc a, b, c;
+};
+
+dnnl::engine& engine() {
+  static dnnl::engine e(dnnl::engine::kind::cpu, 0);
+  return e;
+}
+
+const Prim& get_prim(const Key& key) {
+  static std::mutex mu;
+  static std::map<Key, Prim> cache;
+  std::lock_guard lk(mu);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  using dims = dnnl::memory::dims;
+  // Row-major A[M,K]: strides {lda, 1}; stored transposed ([K,M]): strides {1, lda}.
+  dnnl::memory::desc a({key.m, key.k}, to_dnnl(key.ab), key.ta ? dims{1, key.lda} : dims{key.lda, 1});
+  dnnl::memory::desc b({key.k, key.n}, to_dnnl(key.ab), key.tb ? dims{1, key.ldb} : dims{key.ldb, 1});
+  dnnl::memory::desc c({key.m, key.n}, to_dnnl(key.c), dims{key.ldc, 1});
+  dnnl::primitive_attr attr;
+  if (key.alpha != 1.f) attr.set_output_scales(0, {key.alpha});
+  if (key.beta != 0.f) {
+    dnnl::post_ops po;
+    po.append_sum(key.beta);
+    attr.set_post_ops(po);
+  }
+  dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, c), attr, engine());
+  return cache.emplace(key, Prim{dnnl::matmul(pd), a, b, c}).first->second;
+}
+
+template <typename T>
+float load(const void* p, int64_t i) {
+  if constexpr (std::is_same_v<T, float>) return static_cast<const float*>(p)[i];
+  else return to_float(static_cast<const bf16*>(p)[i]);
+}
+
+}  // namespace
+
+void gemm(const GemmArgs& g) {
+  DSV3_CHECK(g.m >= 0 && g.n >= 0 && g.k >= 0, "gemm: negative size");
+  if (g.m == 0 || g.n == 0) return;
+  if (g.k == 0) {  // oneDNN rejects K = 0; the product is empty, so C = beta * C
+    gemm_reference(g);
+    return;
+  }
+  const Key key{g.m, g.n, g.k, g.lda, g.ldb, g.ldc, g.trans_a, g.trans_b, g.ab_type, g.c_type, g.alpha, g.beta};
+  const Prim& p = get_prim(key);
+  dnnl::memory a(p.a, engine(), const_cast<void*>(g.a));
+  dnnl::memory b(p.b, engine(), const_cast<void*>(g.b));
+  dnnl::memory c(p.c, engine(), g.c);
+  dnnl::stream s(engine());
+  p.matmul.execute(s, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
+  s.wait();
+}
+
+void gemm_reference(const GemmArgs& g) {
+  for (int64_t i = 0; i < g.m; ++i) {
+    for (int64_t j = 0; j < g.n; ++j) {
+      double acc = 0;
+      for (int64_t p = 0; p < g.k; ++p) {
+        const int64_t ai = g.trans_a ? p * g.lda + i : i * g.lda + p;
+        const int64_t bi = g.trans_b ? j * g.ldb + p : p * g.ldb + j;
+        const double av = g.ab_type == GemmType::kF32 ? load<float>(g.a, ai) : load<bf16>(g.a, ai);
+        const double bv = g.ab_type == GemmType::kF32 ? load<float>(g.b, bi) : load<bf16>(g.b, bi);
+        acc += av * bv;
+      }
+      const int64_t ci = i * g.ldc + j;
+      if (g.c_type == GemmType::kF32) {
+        float* c = static_cast<float*>(g.c);
+        c[ci] = static_cast<float>(g.alpha * acc + (g.beta != 0.f ? g.beta * c[ci] : 0.0));
+      } else {
+        bf16* c = static_cast<bf16*>(g.c);
+        c[ci] = to_bf16(static_cast<float>(g.alpha * acc + (g.beta != 0.f ? g.beta * to_float(c[ci]) : 0.0)));
+      }
+    }
+  }
+}
+
+void linear_f32(const float* x, const float* w, float* y, int64_t m, int64_t n, int64_t k, float beta) {
+  GemmArgs g;
+  g.m = m, g.n = n, g.k = k;
+  g.a = x, g.lda = k;
+  g.b = w, g.ldb = k, g.trans_b = true;
+  g.c = y, g.ldc = n;
+  g.beta = beta;
+  gemm(g);
+}
+
+}  // namespace dsv3
