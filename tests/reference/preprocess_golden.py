@@ -6,7 +6,8 @@ bytes from Megatron-Core's own `IndexedDatasetBuilder` (add_document / add_index
 logic below is tools/preprocess_data.py's Encoder.encode and its partition/merge step (spec section 2),
 which live in the Megatron-LM repository rather than the megatron-core package.
 
-  pip install megatron-core==0.16.1 "transformers==4.57.6" torch numpy
+  pip install "transformers==4.57.6" torch numpy && pip install --no-deps megatron-core==0.8.0
+  (0.16.1 writes the same bytes; 0.8.0 is the version the dataset goldens pin, see README.md here)
   python3 tests/reference/preprocess_golden.py ../shared/data
 
 transformers 5.x loads this tokenizer_config (LlamaTokenizerFast over a ByteLevel tokenizer.json) as
