@@ -186,13 +186,10 @@ TEST(TokenizerFeatures, RejectsUnsupported) {
        }},
       {"byte_fallback", "byte_fallback", [](json& j) { j["model"]["byte_fallback"] = true; }},
       {"dropout", "dropout", [](json& j) { j["model"]["dropout"] = 0.1; }},
-      {"nfkc", "NFKC",
+      {"strip_accents", "StripAccents",
        [](json& j) {
-         j["normalizer"] = {{"type", "NFKC"}};
-       }},
-      {"lowercase", "Lowercase",
-       [](json& j) {
-         j["normalizer"] = {{"type", "Sequence"}, {"normalizers", {{{"type", "Lowercase"}}}}};
+         j["normalizer"] = {{"type", "Sequence"},
+                            {"normalizers", {{{"type", "NFD"}}, {{"type", "StripAccents"}}}}};
        }},
       {"decoder", "Metaspace",
        [](json& j) {

@@ -10,13 +10,6 @@
 namespace dsv3::tok {
 namespace {
 
-// Rust's char::is_whitespace (the White_Space property), used by lstrip/rstrip.
-bool is_whitespace(char32_t c) {
-  return (c >= 0x09 && c <= 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 ||
-         (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F ||
-         c == 0x3000;
-}
-
 // The regex crate's Unicode \w, which HF uses to decide whether a single_word token touches a word.
 bool is_word_char(std::string_view ch) {
   static const OnigRegex re(R"(\A[\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\p{Join_Control}]\z)", "single_word check");
@@ -53,7 +46,8 @@ void AddedVocabulary::Trie::add(std::string_view s, int32_t token) {
   first_byte[static_cast<uint8_t>(s[0])] = true;
 }
 
-AddedVocabulary AddedVocabulary::from_json(const nlohmann::json& added, const Bpe& model) {
+AddedVocabulary AddedVocabulary::from_json(const nlohmann::json& added, const Bpe& model,
+                                           const Normalizer& normalizer) {
   AddedVocabulary v;
   if (added.is_null()) return v;
   DSV3_CHECK(added.is_array(), "tokenizer: \"added_tokens\" is not an array");
@@ -79,8 +73,22 @@ AddedVocabulary AddedVocabulary::from_json(const nlohmann::json& added, const Bp
     int32_t idx = static_cast<int32_t>(v.tokens_.size());
     v.by_content_[t.content] = idx;
     v.by_id_[t.id] = idx;
-    v.tries_[t.normalized].add(t.content, idx);
     v.tokens_.push_back(std::move(t));
+  }
+  // HF builds its tries from the special tokens, then all tokens, in order; the first of equal patterns wins.
+  for (bool special : {true, false}) {
+    for (int32_t idx = 0; idx < static_cast<int32_t>(v.tokens_.size()); ++idx) {
+      const AddedToken& t = v.tokens_[idx];
+      if (t.special != special) continue;
+      if (!t.normalized || normalizer.is_identity()) {
+        v.tries_[t.normalized].add(t.content, idx);
+        continue;
+      }
+      const std::string content = normalizer.normalize(t.content);
+      DSV3_CHECK(!content.empty(), "tokenizer: unsupported added token \"", t.content,
+                 "\" whose normalized content is empty");
+      v.tries_[1].add(content, idx);
+    }
   }
   return v;
 }

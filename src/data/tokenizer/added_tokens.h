@@ -1,7 +1,6 @@
 // HF's AddedVocabulary: added tokens (special or not) are cut out of the raw text before normalization and
 // pre-tokenization, leftmost-longest, honouring lstrip / rstrip / single_word. Tokens with normalized=false
-// are matched in the raw text, the others in the normalized text (identical here, as only identity
-// normalizers are supported).
+// are matched in the raw text, the others, by their normalized content, in the normalized text.
 #pragma once
 #include <cstdint>
 #include <nlohmann/json_fwd.hpp>
@@ -12,6 +11,7 @@
 #include <vector>
 
 #include "data/tokenizer/bpe.h"
+#include "data/tokenizer/normalizers.h"
 
 namespace dsv3::tok {
 
@@ -25,7 +25,10 @@ class AddedVocabulary {
  public:
   // Reads tokenizer.json's "added_tokens" in order and gives each its id as HF does: the model's id when the
   // content is in the vocab, else the next free id after the vocab (the file's "id" field is not trusted).
-  static AddedVocabulary from_json(const nlohmann::json& added, const Bpe& model);
+  // As HF's refresh_added_tokens, normalized=true tokens are matched by their content run through the
+  // normalizer, special tokens taking precedence over others that normalize to the same text.
+  static AddedVocabulary from_json(const nlohmann::json& added, const Bpe& model,
+                                   const Normalizer& normalizer);
 
   struct Segment {
     size_t begin, end;

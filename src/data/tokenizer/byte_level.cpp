@@ -55,6 +55,12 @@ void append_utf8(std::string& out, char32_t c) {
   }
 }
 
+bool is_whitespace(char32_t c) {
+  return (c >= 0x09 && c <= 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 ||
+         (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F ||
+         c == 0x3000;
+}
+
 char32_t next_utf8(std::string_view s, size_t& i) {
   auto u = [&](size_t k) { return static_cast<uint8_t>(s[k]); };
   uint8_t b = u(i);

@@ -20,6 +20,8 @@ std::optional<uint8_t> char_to_byte(char32_t c);
 void append_utf8(std::string& out, char32_t c);
 // Decodes the code point at s[i] (valid UTF-8 assumed) and advances i past it.
 char32_t next_utf8(std::string_view s, size_t& i);
+// Rust's char::is_whitespace (the White_Space property), used by added-token lstrip/rstrip and Strip.
+bool is_whitespace(char32_t c);
 
 // Translates a vocabulary token written in the byte-level alphabet back to the bytes it stands for;
 // nullopt when some character is outside the alphabet (e.g. an added token such as "<|endoftext|>" with '|'

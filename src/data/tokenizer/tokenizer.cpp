@@ -114,7 +114,7 @@ Tokenizer Tokenizer::build(const nlohmann::json& j, const nlohmann::json& cfg) {
   auto impl = std::make_unique<Impl>(tok::Normalizer::from_json(get("normalizer")),
                                      tok::PreTokenizer::from_json(get("pre_tokenizer")),
                                      tok::Bpe::from_json(get("model")));
-  impl->added = tok::AddedVocabulary::from_json(get("added_tokens"), impl->model);
+  impl->added = tok::AddedVocabulary::from_json(get("added_tokens"), impl->model, impl->normalizer);
   check_decoder(get("decoder"), impl->byte_level_decoder);
   impl->post_processor_adds_tokens = post_processor_adds_tokens(get("post_processor"));
 
@@ -154,7 +154,12 @@ Tokenizer Tokenizer::build(const nlohmann::json& j, const nlohmann::json& cfg) {
 }
 
 void Tokenizer::Impl::encode_segment(std::string_view text, std::vector<int32_t>& out) const {
-  // Only identity normalizers are supported, so the normalized text is the text itself.
+  // Identity normalizers (null, empty Sequence: DeepSeek-V3, GPT-2) leave the text as is, without a copy.
+  if (!normalizer.is_identity()) {
+    thread_local std::string normalized;  // text points into it for the rest of this call
+    normalizer.normalize(text, normalized);
+    text = normalized;
+  }
   thread_local std::vector<tok::AddedVocabulary::Segment> segs;
   size_t first = segs.size();
   added.split(text, /*normalized_trie=*/true, segs);
