@@ -5,6 +5,7 @@
 #include <string>
 
 #include "cli/commands.h"
+#include "cli/model_info.h"
 #include "core/error.h"
 
 namespace {
@@ -15,6 +16,7 @@ constexpr const char* kUsage =
     "  preprocess      tokenize JSONL into Megatron .bin/.idx (flags of tools/preprocess_data.py)\n"
     "  data inspect    validate a .bin/.idx pair and print its counts and first document\n"
     "  data samples    write Megatron's GPT dataset samples in order\n"
+    "  model-info      layer plan and parameter counts of a model config.json\n"
     "Run `dsv3 <command> --help` for its flags.\n";
 
 }  // namespace
@@ -28,6 +30,7 @@ int main(int argc, char** argv) {
   const std::string cmd = argv[1];
   try {
     if (cmd == "preprocess") return preprocess_main(argc - 1, argv + 1);
+    if (cmd == "model-info") return model_info_main(argc - 1, argv + 1);
     if (cmd == "data" && argc >= 3) {
       const std::string sub = argv[2];
       if (sub == "inspect") return data_inspect_main(argc - 2, argv + 2);

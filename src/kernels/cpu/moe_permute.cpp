@@ -1,0 +1,70 @@
+// Counting-sort permutation of routed (token, k) pairs by expert, and the gather/combine around it.
+#include "kernels/cpu/moe_permute.h"
+
+#include <algorithm>
+
+#include "core/error.h"
+
+namespace dsv3 {
+
+void build_permutation(const int32_t* idx, const uint8_t* kept, int64_t t, int64_t k, int64_t e,
+                       MoePermutation& p) {
+  p.t = t, p.k = k, p.e = e;
+  p.offsets_E1.assign(e + 1, 0);
+  for (int64_t i = 0; i < t * k; ++i) {
+    DSV3_CHECK(idx[i] >= 0 && idx[i] < e, "build_permutation: expert id ", idx[i], " out of range [0, ", e,
+               ")");
+    if (!kept || kept[i]) ++p.offsets_E1[idx[i] + 1];
+  }
+  for (int64_t x = 0; x < e; ++x) p.offsets_E1[x + 1] += p.offsets_E1[x];
+  const int64_t r_n = p.offsets_E1[e];
+  p.token_R.resize(r_n);
+  p.slot_R.resize(r_n);
+  p.row_TK.resize(t * k);
+  // Walking pairs in (t, k) order and appending keeps each expert's rows sorted by token: a stable order.
+  std::vector<int64_t>& next = p.offsets_E1;  // advanced as rows are placed, restored below
+  for (int64_t i = 0; i < t * k; ++i) {
+    if (kept && !kept[i]) {
+      p.row_TK[i] = -1;
+      continue;
+    }
+    const int64_t r = next[idx[i]]++;
+    p.token_R[r] = static_cast<int32_t>(i / k);
+    p.slot_R[r] = static_cast<int32_t>(i);
+    p.row_TK[i] = static_cast<int32_t>(r);
+  }
+  // next[x] now equals the old offsets[x+1]; shift back.
+  for (int64_t x = e; x > 0; --x) next[x] = next[x - 1];
+  next[0] = 0;
+}
+
+void permute_rows(const float* x, const MoePermutation& p, int64_t d, float* y) {
+  const int64_t r_n = p.rows();
+#pragma omp parallel for schedule(static) if (r_n * d > 65536)
+  for (int64_t r = 0; r < r_n; ++r) std::copy_n(x + static_cast<int64_t>(p.token_R[r]) * d, d, y + r * d);
+}
+
+void unpermute_sum(const float* y, const MoePermutation& p, int64_t d, float* out, float beta) {
+  const int64_t t_n = p.t, k_n = p.k;
+#pragma omp parallel for schedule(static) if (t_n * k_n * d > 65536)
+  for (int64_t t = 0; t < t_n; ++t) {
+    float* o = out + t * d;
+    if (beta == 0.f) std::fill(o, o + d, 0.f);
+    for (int64_t j = 0; j < k_n; ++j) {
+      const int32_t r = p.row_TK[t * k_n + j];
+      if (r < 0) continue;
+      const float* src = y + static_cast<int64_t>(r) * d;
+      for (int64_t c = 0; c < d; ++c) o[c] += src[c];
+    }
+  }
+}
+
+void permute_pairs(const float* v_TK, const MoePermutation& p, float* v_R) {
+  for (int64_t r = 0; r < p.rows(); ++r) v_R[r] = v_TK[p.slot_R[r]];
+}
+
+void unpermute_pairs(const float* v_R, const MoePermutation& p, float* v_TK) {
+  for (int64_t i = 0; i < p.t * p.k; ++i) v_TK[i] = p.row_TK[i] < 0 ? 0.f : v_R[p.row_TK[i]];
+}
+
+}  // namespace dsv3

@@ -1,0 +1,66 @@
+// One DeepSeek-V3 decoder layer (pre-norm), forward and backward:
+//   h_mid = x + MLA(RMSNorm_in(x));   out = h_mid + FFN(RMSNorm_post(h_mid)),   FFN = dense SwiGLU or MoE.
+// The caller owns x (the residual stream) and keeps it alive until backward; everything else the backward needs
+// lives in BlockActs. Legend: T = B·S tokens, D hidden, F dense FFN width.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "model/mla.h"
+#include "model/moe.h"
+
+namespace dsv3 {
+
+struct BlockParams {
+  const float* input_norm_w = nullptr;  // input_layernorm.weight [D]
+  const float* post_norm_w = nullptr;   // post_attention_layernorm.weight [D]
+  MlaParams mla;
+  // dense FFN (mlp.{gate,up,down}_proj.weight): [F,D], [F,D], [D,F]
+  const float* gate_FD = nullptr;
+  const float* up_FD = nullptr;
+  const float* down_DF = nullptr;
+  MoeParams moe;
+};
+
+struct BlockGrads {
+  float* input_norm_w = nullptr;
+  float* post_norm_w = nullptr;
+  MlaGrads mla;
+  float* gate_FD = nullptr;
+  float* up_FD = nullptr;
+  float* down_DF = nullptr;
+  MoeGrads moe;
+};
+
+struct BlockDims {
+  int64_t D = 0, F = 0;  // F: dense width (unused for MoE blocks)
+  float norm_eps = 1e-6f;
+  bool is_moe = false;
+  MlaDims mla;
+  MoeConfig moe;
+};
+
+struct BlockActs {
+  const float* x_TD = nullptr;
+  int64_t B = 0, S = 0;
+  std::vector<float> xn1_TD, rstd1_T, h_mid_TD, xn2_TD, rstd2_T, tmp_TD;
+  MlaActs mla;
+  std::vector<float> a_TF, b_TF, h_TF;  // dense FFN
+  MoeActs moe;
+};
+
+// Backward temporaries shared by all blocks of a model (one block runs at a time).
+struct BlockScratch {
+  MlaScratch mla;
+  LinearScratch lin;
+  std::vector<float> dxn_TD, dh_mid_TD, dh_TF, da_TF, db_TF;
+};
+
+void block_forward(const BlockDims& d, const BlockParams& p, const float* x_TD, int64_t B, int64_t S,
+                   bool training, float* out_TD, BlockActs& a, BlockScratch& s, Precision prec);
+// dx_TD is assigned (it may not alias dout_TD); parameter gradients accumulate. aux_grad scales the MoE
+// sequence aux loss gradient.
+void block_backward(const BlockDims& d, const BlockParams& p, BlockActs& a, const float* dout_TD, float aux_grad,
+                    float* dx_TD, BlockGrads& g, BlockScratch& s, Precision prec);
+
+}  // namespace dsv3

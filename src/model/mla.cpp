@@ -1,0 +1,160 @@
+// MLA forward/backward on top of linear_*, rmsnorm_* and the tiled causal attention kernel. Norms, RoPE and the
+// softmax are fp32 in both precisions; Precision::kBF16 only rounds the GEMM (and attention matmul) operands.
+#include "model/mla.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/error.h"
+#include "kernels/cpu/rmsnorm.h"
+#include "kernels/cpu/rope.h"
+
+namespace dsv3 {
+namespace {
+
+template <typename T>
+T* grow(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  return v.data();
+}
+
+// The cos/sin table covers positions [0, S); rebuilt only when S outgrows it or the frequencies change, so steady
+// state neither allocates nor recomputes trig.
+const RopeTable& rope_table(const MlaDims& d, int64_t S, MlaScratch& sc) {
+  const bool same = sc.rope_table_freqs.inv_freq == d.rope.inv_freq &&
+                    sc.rope_table_freqs.attention_factor == d.rope.attention_factor;
+  if (!same || sc.rope_table.max_pos < S) {
+    rope_build_table(d.rope, S, sc.rope_table);
+    sc.rope_table_freqs = d.rope;
+  }
+  return sc.rope_table;
+}
+
+}  // namespace
+
+void MlaDims::validate() const {
+  DSV3_CHECK(D > 0 && H > 0, "MLA: hidden size and heads must be positive (D=", D, " H=", H, ")");
+  DSV3_CHECK(q_lora >= 0 && kv_lora > 0, "MLA: q_lora_rank must be >= 0 and kv_lora_rank > 0 (got ", q_lora, ", ",
+             kv_lora, ")");
+  DSV3_CHECK(dn >= 0 && dv > 0 && dr > 0 && dr % 2 == 0, "MLA: need qk_nope >= 0, v > 0 and an even positive "
+             "qk_rope_head_dim (got dn=", dn, " dr=", dr, " dv=", dv, ")");
+  DSV3_CHECK(static_cast<int64_t>(rope.inv_freq.size()) == dr / 2, "MLA: rope.inv_freq has ", rope.inv_freq.size(),
+             " entries, qk_rope_head_dim/2 = ", dr / 2);
+  DSV3_CHECK(softmax_scale > 0.f, "MLA: softmax_scale must be positive (got ", softmax_scale, ")");
+}
+
+void mla_forward(const MlaDims& d, const MlaParams& p, const float* x, int64_t B, int64_t S, float* y,
+                 MlaActs& a, Precision prec, MlaScratch& sc) {
+  d.validate();
+  DSV3_CHECK(B > 0 && S > 0, "MLA: batch and sequence length must be positive (B=", B, " S=", S, ")");
+  const bool qlora = d.q_lora > 0;
+  DSV3_CHECK(qlora ? (p.q_a_proj_w && p.q_a_norm_w && p.q_b_proj_w) : p.q_proj_w != nullptr,
+             qlora ? "MLA: q_a_proj / q_a_layernorm / q_b_proj weights missing" : "MLA: q_proj weight missing");
+  DSV3_CHECK(p.kv_a_proj_w && p.kv_a_norm_w && p.kv_b_proj_w && p.o_proj_w, "MLA: kv/o weights missing");
+  const int64_t T = B * S, H = d.H, K = d.qk_dim(), E = d.kv_b_dim(), C = d.kv_a_dim(), L = d.kv_lora;
+  a.B = B, a.S = S, a.x_TD = x;
+
+  // Queries: [T, H·K], per head [nope | rope].
+  float* q = grow(a.q_THK, T * H * K);
+  if (qlora) {
+    float* cq = grow(a.cq_TLq, T * d.q_lora);
+    float* cqn = grow(a.cqn_TLq, T * d.q_lora);
+    linear_forward(x, p.q_a_proj_w, cq, T, d.D, d.q_lora, prec, sc.lin);
+    rmsnorm_forward(cq, p.q_a_norm_w, cqn, grow(a.rstd_q_T, T), T, d.q_lora, d.norm_eps);
+    linear_forward(cqn, p.q_b_proj_w, q, T, d.q_lora, H * K, prec, sc.lin);
+  } else {
+    linear_forward(x, p.q_proj_w, q, T, d.D, H * K, prec, sc.lin);
+  }
+
+  // Latent kv: [T, C] = [ckv | k_pe]; only ckv is normed.
+  float* ckv = grow(a.ckv_TC, T * C);
+  float* ckvn = grow(a.ckvn_TLkv, T * L);
+  float* kv = grow(a.kv_THE, T * H * E);
+  linear_forward(x, p.kv_a_proj_w, ckv, T, d.D, C, prec, sc.lin);
+  rmsnorm_forward_strided(ckv, C, p.kv_a_norm_w, ckvn, L, grow(a.rstd_kv_T, T), T, L, d.norm_eps);
+  linear_forward(ckvn, p.kv_b_proj_w, kv, T, L, H * E, prec, sc.lin);
+
+  // RoPE on q_pe (every head, in place) and k_pe (once, into head 0's key, then broadcast to the other heads).
+  const RopeTable& tab = rope_table(d, S, sc);
+  float* k = grow(a.k_THK, T * H * K);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < H; ++h)
+      std::copy(kv + (t * H + h) * E, kv + (t * H + h) * E + d.dn, k + (t * H + h) * K);
+  rope_forward(q + d.dn, H * K, K, q + d.dn, H * K, K, T, H, S, tab);
+  rope_forward(ckv + L, C, 0, k + d.dn, H * K, 0, T, 1, S, tab);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 1; h < H; ++h) std::copy(k + t * H * K + d.dn, k + t * H * K + K, k + (t * H + h) * K + d.dn);
+
+  AttentionShape as{B, S, H, K, d.dv, d.softmax_scale};
+  float* o = grow(a.o_THV, T * H * d.dv);
+  attention_forward(as, {q, H * K, K}, {k, H * K, K}, {kv + d.dn, H * E, E}, {o, H * d.dv, d.dv},
+                    grow(a.lse_BHS, B * H * S), prec, sc.attn);
+  linear_forward(o, p.o_proj_w, y, T, H * d.dv, d.D, prec, sc.lin);
+}
+
+void mla_backward(const MlaDims& d, const MlaParams& p, const MlaActs& a, const float* dy, float* dx, MlaGrads& g,
+                  Precision prec, MlaScratch& sc) {
+  d.validate();
+  DSV3_CHECK(a.x_TD != nullptr && a.B > 0 && a.S > 0, "MLA backward: no saved forward activations");
+  const bool qlora = d.q_lora > 0;
+  DSV3_CHECK(g.kv_a_proj_w && g.kv_a_norm_w && g.kv_b_proj_w && g.o_proj_w &&
+                 (qlora ? (g.q_a_proj_w && g.q_a_norm_w && g.q_b_proj_w) : g.q_proj_w != nullptr),
+             "MLA backward: a gradient buffer is missing");
+  const int64_t B = a.B, S = a.S, T = B * S, H = d.H, K = d.qk_dim(), E = d.kv_b_dim(), C = d.kv_a_dim(),
+                L = d.kv_lora;
+  const float* x = a.x_TD;
+
+  // o_proj.
+  float* dout = grow(sc.do_THV, T * H * d.dv);
+  linear_backward_weight(dy, a.o_THV.data(), g.o_proj_w, T, H * d.dv, d.D, prec, sc.lin);
+  linear_backward_input(dy, p.o_proj_w, dout, T, H * d.dv, d.D, prec, sc.lin);
+
+  // Attention: dv lands directly in the v columns of dkv; dk is split below.
+  float* dq = grow(sc.dq_THK, T * H * K);
+  float* dk = grow(sc.dk_THK, T * H * K);
+  float* dkv = grow(sc.dkv_THE, T * H * E);
+  AttentionShape as{B, S, H, K, d.dv, d.softmax_scale};
+  attention_backward(as, {a.q_THK.data(), H * K, K}, {a.k_THK.data(), H * K, K}, {a.kv_THE.data() + d.dn, H * E, E},
+                     {a.o_THV.data(), H * d.dv, d.dv}, a.lse_BHS.data(), {dout, H * d.dv, d.dv}, {dq, H * K, K},
+                     {dk, H * K, K}, {dkv + d.dn, H * E, E}, prec, sc.attn);
+
+  // Undo RoPE; k_pe was shared by all heads, so its gradient is the sum over heads (into dckv's k_pe columns).
+  const RopeTable& tab = rope_table(d, S, sc);
+  float* dckv = grow(sc.dckv_TC, T * C);
+  for (int64_t t = 0; t < T; ++t) {
+    float* dkpe = dckv + t * C + L;
+    std::fill(dkpe, dkpe + d.dr, 0.f);
+    for (int64_t h = 0; h < H; ++h) {
+      const float* dkh = dk + (t * H + h) * K;
+      std::copy(dkh, dkh + d.dn, dkv + (t * H + h) * E);
+      for (int64_t i = 0; i < d.dr; ++i) dkpe[i] += dkh[d.dn + i];
+    }
+  }
+  rope_backward(dq + d.dn, H * K, K, dq + d.dn, H * K, K, T, H, S, tab);
+  rope_backward(dckv + L, C, 0, dckv + L, C, 0, T, 1, S, tab);
+
+  // kv_b_proj, kv_a_layernorm (its gradient goes into the ckv columns of dckv), kv_a_proj_with_mqa.
+  float* dckvn = grow(sc.dckvn_TLkv, T * L);
+  linear_backward_weight(dkv, a.ckvn_TLkv.data(), g.kv_b_proj_w, T, L, H * E, prec, sc.lin);
+  linear_backward_input(dkv, p.kv_b_proj_w, dckvn, T, L, H * E, prec, sc.lin);
+  rmsnorm_backward_strided(dckvn, L, a.ckv_TC.data(), C, p.kv_a_norm_w, a.rstd_kv_T.data(), dckv, C, g.kv_a_norm_w,
+                           T, L);
+  linear_backward_weight(dckv, x, g.kv_a_proj_w, T, d.D, C, prec, sc.lin);
+  linear_backward_input(dckv, p.kv_a_proj_w, dx, T, d.D, C, prec, sc.lin);
+
+  // Query path, accumulating into dx.
+  if (qlora) {
+    float* dcqn = grow(sc.dcqn_TLq, T * d.q_lora);
+    float* dcq = grow(sc.dcq_TLq, T * d.q_lora);
+    linear_backward_weight(dq, a.cqn_TLq.data(), g.q_b_proj_w, T, d.q_lora, H * K, prec, sc.lin);
+    linear_backward_input(dq, p.q_b_proj_w, dcqn, T, d.q_lora, H * K, prec, sc.lin);
+    rmsnorm_backward(dcqn, a.cq_TLq.data(), p.q_a_norm_w, a.rstd_q_T.data(), dcq, g.q_a_norm_w, T, d.q_lora);
+    linear_backward_weight(dcq, x, g.q_a_proj_w, T, d.D, d.q_lora, prec, sc.lin);
+    linear_backward_input(dcq, p.q_a_proj_w, dx, T, d.D, d.q_lora, prec, sc.lin, 1.f);
+  } else {
+    linear_backward_weight(dq, x, g.q_proj_w, T, d.D, H * K, prec, sc.lin);
+    linear_backward_input(dq, p.q_proj_w, dx, T, d.D, H * K, prec, sc.lin, 1.f);
+  }
+}
+
+}  // namespace dsv3

@@ -1,0 +1,93 @@
+// Multi-head Latent Attention (DeepSeek-V3 self_attn), forward and backward, computing exactly what HF
+// transformers 4.57 `DeepseekV3Attention` computes (spec §2.4–2.5): low-rank q and kv projections with RMSNorm'd
+// latents, a decoupled RoPE part shared by all heads for k, causal attention, o_proj.
+//
+// Legend: T = B·S tokens (t = b·S + s, RoPE position = s), D hidden, H heads, Lq q_lora_rank, Lkv kv_lora_rank,
+// dn qk_nope_head_dim, dr qk_rope_head_dim, dv v_head_dim, K = dn + dr (qk head dim), E = dn + dv (kv_b rows per
+// head), C = Lkv + dr (kv_a_proj_with_mqa rows).
+// Per-head layouts are HF's: q_b_proj rows h·K + [0,dn) are q_nope, + [dn,K) q_pe; kv_b_proj rows h·E + [0,dn) are
+// k_nope, + [dn,E) v. The rope part is rotated HF-style (de-interleave, then rotate_half), so rotated q_pe/k_pe
+// are stored in HF's permuted order; scores are identical to the official interleaved form.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "kernels/cpu/attention.h"
+#include "kernels/cpu/linear.h"
+#include "kernels/cpu/rope.h"
+
+namespace dsv3 {
+
+struct MlaDims {
+  int64_t D = 0, H = 0;
+  int64_t q_lora = 0;  // 0: no query compression (HF q_lora_rank = null) → q_proj
+  int64_t kv_lora = 0;
+  int64_t dn = 0, dr = 0, dv = 0;
+  float norm_eps = 1e-6f;             // q_a_layernorm / kv_a_layernorm eps (HF: always 1e-6)
+  float softmax_scale = 0.f;          // qk_head_dim^-0.5 · mscale(factor, mscale_all_dim)²
+  RopeFreqs rope;                     // inv_freq [dr/2] (YaRN-adjusted) and cos/sin amplitude, from rope_inv_freq
+  int64_t qk_dim() const { return dn + dr; }
+  int64_t kv_b_dim() const { return dn + dv; }
+  int64_t kv_a_dim() const { return kv_lora + dr; }
+  void validate() const;  // throws dsv3::Error naming the bad field
+};
+
+struct MlaParams {
+  const float* q_a_proj_w = nullptr;   // [Lq, D]        self_attn.q_a_proj.weight        (q_lora > 0)
+  const float* q_a_norm_w = nullptr;   // [Lq]           self_attn.q_a_layernorm.weight   (q_lora > 0)
+  const float* q_b_proj_w = nullptr;   // [H·K, Lq]      self_attn.q_b_proj.weight        (q_lora > 0)
+  const float* q_proj_w = nullptr;     // [H·K, D]       self_attn.q_proj.weight          (q_lora == 0)
+  const float* kv_a_proj_w = nullptr;  // [C, D]         self_attn.kv_a_proj_with_mqa.weight
+  const float* kv_a_norm_w = nullptr;  // [Lkv]          self_attn.kv_a_layernorm.weight
+  const float* kv_b_proj_w = nullptr;  // [H·E, Lkv]     self_attn.kv_b_proj.weight
+  const float* o_proj_w = nullptr;     // [D, H·dv]      self_attn.o_proj.weight
+};
+
+// Parameter gradients, same shapes as MlaParams; accumulated (+=). Unused ones (by q_lora) may be null.
+struct MlaGrads {
+  float* q_a_proj_w = nullptr;
+  float* q_a_norm_w = nullptr;
+  float* q_b_proj_w = nullptr;
+  float* q_proj_w = nullptr;
+  float* kv_a_proj_w = nullptr;
+  float* kv_a_norm_w = nullptr;
+  float* kv_b_proj_w = nullptr;
+  float* o_proj_w = nullptr;
+};
+
+// What forward saves for backward. x_TD is NOT copied: the caller keeps the layer input alive until backward
+// (the decoder block holds the normed input anyway).
+struct MlaActs {
+  int64_t B = 0, S = 0;
+  const float* x_TD = nullptr;
+  std::vector<float> cq_TLq;     // q_a_proj output (pre-norm)
+  std::vector<float> rstd_q_T;   // q_a_layernorm 1/rms
+  std::vector<float> cqn_TLq;    // q_a_layernorm output (q_b_proj input)
+  std::vector<float> q_THK;      // queries with the rope part rotated (attention input)
+  std::vector<float> ckv_TC;     // kv_a_proj_with_mqa output: [ckv (Lkv) | k_pe raw (dr)]
+  std::vector<float> rstd_kv_T;  // kv_a_layernorm 1/rms
+  std::vector<float> ckvn_TLkv;  // kv_a_layernorm output (kv_b_proj input)
+  std::vector<float> kv_THE;     // kv_b_proj output: per head [k_nope (dn) | v (dv)]
+  std::vector<float> k_THK;      // keys: [k_nope_h | rotated k_pe] (k_pe broadcast over heads)
+  std::vector<float> o_THV;      // attention output (o_proj input)
+  std::vector<float> lse_BHS;    // attention logsumexp per row
+};
+
+// Backward temporaries and kernel scratch; grown on first use, reused afterwards.
+struct MlaScratch {
+  LinearScratch lin;
+  AttentionScratch attn;
+  std::vector<float> do_THV, dq_THK, dk_THK, dkv_THE, dckvn_TLkv, dckv_TC, dcqn_TLq, dcq_TLq;
+  RopeTable rope_table;  // cos/sin for positions [0, max_pos), rebuilt only when S outgrows it or freqs change
+  RopeFreqs rope_table_freqs;
+};
+
+// y_TD = MLA(x_TD) for B packed sequences of length S.
+void mla_forward(const MlaDims& d, const MlaParams& p, const float* x_TD, int64_t B, int64_t S, float* y_TD,
+                 MlaActs& acts, Precision prec, MlaScratch& scratch);
+
+// dx_TD is assigned; parameter gradients accumulate into g.
+void mla_backward(const MlaDims& d, const MlaParams& p, const MlaActs& acts, const float* dy_TD, float* dx_TD,
+                  MlaGrads& g, Precision prec, MlaScratch& scratch);
+
+}  // namespace dsv3

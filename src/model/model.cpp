@@ -1,0 +1,280 @@
+// Model assembly: parameter layout, the forward over all layers and MTP depths, and the backward in reverse.
+#include "model/model.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "core/error.h"
+#include "kernels/cpu/embedding.h"
+#include "kernels/cpu/rmsnorm.h"
+#include "model/safetensors.h"
+
+namespace dsv3 {
+namespace {
+
+void grow(std::vector<float>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+}
+
+std::string layer_prefix(int64_t i) { return "model.layers." + std::to_string(i) + "."; }
+
+MlaDims mla_dims(const ModelConfig& c) {
+  MlaDims d;
+  d.D = c.hidden_size, d.H = c.num_attention_heads, d.q_lora = c.q_lora_rank, d.kv_lora = c.kv_lora_rank;
+  d.dn = c.qk_nope_head_dim, d.dr = c.qk_rope_head_dim, d.dv = c.v_head_dim;
+  d.norm_eps = static_cast<float>(c.latent_norm_eps);
+  d.softmax_scale = static_cast<float>(c.softmax_scale());
+  if (c.rope_scaling) {
+    const YarnScaling& y = *c.rope_scaling;
+    YarnParams p;
+    p.factor = y.factor;
+    p.original_max_position_embeddings = y.original_max_position_embeddings;
+    p.beta_fast = y.beta_fast, p.beta_slow = y.beta_slow, p.mscale = y.mscale, p.mscale_all_dim = y.mscale_all_dim;
+    p.attention_factor = c.yarn_attention_factor;
+    p.truncate = y.truncate;
+    d.rope = rope_inv_freq(c.qk_rope_head_dim, c.rope_theta, &p, c.max_position_embeddings);
+  } else {
+    d.rope = rope_inv_freq(c.qk_rope_head_dim, c.rope_theta, nullptr, c.max_position_embeddings);
+  }
+  return d;
+}
+
+// Megatron's roll_tensor(shifts=-k) within each sequence, with the vacated tail set to `fill`.
+void roll_left(const int32_t* x, int32_t* y, int64_t B, int64_t S, int64_t k, int32_t fill) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t s = 0; s < S; ++s) y[b * S + s] = s + k < S ? x[b * S + s + k] : fill;
+}
+
+}  // namespace
+
+struct Model::Depth {
+  std::vector<int32_t> ids, labels;
+  std::vector<float> e_TD, rstd_e_T, rstd_h_T, cat_T2D, z_TD, zout_TD, h_TD, rstd_o_T, loss_T, lse_T;
+  BlockActs acts;
+};
+
+Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
+    : cfg_(cfg), opt_(opt), table_(cfg), store_(table_), params_(store_.size()), grads_(store_.size()) {
+  cfg_.validate();
+  const int64_t depths = opt_.mtp ? cfg_.num_nextn_predict_layers : 0;
+  for (int64_t i = 0; i < cfg_.num_hidden_layers + depths; ++i) {
+    BlockDims d;
+    d.D = cfg_.hidden_size, d.F = cfg_.intermediate_size;
+    d.norm_eps = static_cast<float>(cfg_.rms_norm_eps);
+    d.is_moe = cfg_.is_moe_layer(i);
+    d.mla = mla_dims(cfg_);
+    d.mla.validate();
+    if (d.is_moe) {
+      d.moe = moe_config_from_model(cfg_, opt_.precision);
+      d.moe.router.capacity_factor = opt_.capacity_factor;
+      d.moe.router.drop_policy = opt_.drop_policy;
+      d.moe.router.pad_to_capacity = opt_.pad_to_capacity;
+      d.moe.router.seq_aux_coeff = opt_.seq_aux_coeff;
+      d.moe.validate();
+    }
+    dims_.push_back(d);
+  }
+  acts_.resize(opt_.recompute ? 1 : cfg_.num_hidden_layers);
+  for (int64_t k = 0; k < depths; ++k) depths_.push_back(std::make_unique<Depth>());
+}
+
+Model::~Model() = default;
+
+void Model::init(uint64_t seed) {
+  for (const auto& p : table_.params())
+    if (p.tied_to.empty()) init_param(p, seed, cfg_, param(p.name));
+}
+
+void Model::load_safetensors(const std::string& path) {
+  SafetensorsReader r(path);
+  for (const auto& p : table_.params()) {
+    if (!p.tied_to.empty()) continue;
+    if (!r.contains(p.name)) {
+      DSV3_CHECK(p.is_mtp, path, ": tensor ", p.name, " is missing");
+      continue;
+    }
+    const auto& info = r.info(p.name);
+    DSV3_CHECK(info.shape == p.shape, path, ": tensor ", p.name, " has the wrong shape for this model config");
+    r.read_f32(p.name, param(p.name), p.numel);
+  }
+}
+
+void Model::zero_grads() { std::fill(grads_.begin(), grads_.end(), 0.f); }
+
+BlockParams Model::block_params(int64_t i) {
+  const std::string L = layer_prefix(i), A = L + "self_attn.", M = L + "mlp.";
+  BlockParams p;
+  p.input_norm_w = param(L + "input_layernorm.weight");
+  p.post_norm_w = param(L + "post_attention_layernorm.weight");
+  if (cfg_.has_q_lora()) {
+    p.mla.q_a_proj_w = param(A + "q_a_proj.weight");
+    p.mla.q_a_norm_w = param(A + "q_a_layernorm.weight");
+    p.mla.q_b_proj_w = param(A + "q_b_proj.weight");
+  } else {
+    p.mla.q_proj_w = param(A + "q_proj.weight");
+  }
+  p.mla.kv_a_proj_w = param(A + "kv_a_proj_with_mqa.weight");
+  p.mla.kv_a_norm_w = param(A + "kv_a_layernorm.weight");
+  p.mla.kv_b_proj_w = param(A + "kv_b_proj.weight");
+  p.mla.o_proj_w = param(A + "o_proj.weight");
+  if (dims_[i].is_moe) {
+    p.moe.gate_w_ED = param(M + "gate.weight");
+    p.moe.expert_bias_E = param(M + "gate.e_score_correction_bias");
+    p.moe.gate_proj_EFD = params_.data() + store_.expert_block(i, "gate_proj");
+    p.moe.up_proj_EFD = params_.data() + store_.expert_block(i, "up_proj");
+    p.moe.down_proj_EDF = params_.data() + store_.expert_block(i, "down_proj");
+    if (cfg_.n_shared_experts > 0) {
+      p.moe.shared_gate_SD = param(M + "shared_experts.gate_proj.weight");
+      p.moe.shared_up_SD = param(M + "shared_experts.up_proj.weight");
+      p.moe.shared_down_DS = param(M + "shared_experts.down_proj.weight");
+    }
+  } else {
+    p.gate_FD = param(M + "gate_proj.weight");
+    p.up_FD = param(M + "up_proj.weight");
+    p.down_DF = param(M + "down_proj.weight");
+  }
+  return p;
+}
+
+BlockGrads Model::block_grads(int64_t i) {
+  // Same layout as the parameters: translate each pointer by the buffer difference.
+  const BlockParams p = block_params(i);
+  auto g = [&](const float* x) { return x ? grads_.data() + (x - params_.data()) : nullptr; };
+  BlockGrads out;
+  out.input_norm_w = g(p.input_norm_w), out.post_norm_w = g(p.post_norm_w);
+  out.mla = {g(p.mla.q_a_proj_w), g(p.mla.q_a_norm_w), g(p.mla.q_b_proj_w), g(p.mla.q_proj_w),
+             g(p.mla.kv_a_proj_w), g(p.mla.kv_a_norm_w), g(p.mla.kv_b_proj_w), g(p.mla.o_proj_w)};
+  out.gate_FD = g(p.gate_FD), out.up_FD = g(p.up_FD), out.down_DF = g(p.down_DF);
+  out.moe = {g(p.moe.gate_w_ED), g(p.moe.gate_proj_EFD), g(p.moe.up_proj_EFD), g(p.moe.down_proj_EDF),
+             g(p.moe.shared_gate_SD), g(p.moe.shared_up_SD), g(p.moe.shared_down_DS)};
+  return out;
+}
+
+void Model::run_block(int64_t i, const float* x, float* out, BlockActs& acts, bool training) {
+  block_forward(dims_[i], block_params(i), x, B_, S_, training, out, acts, scratch_, opt_.precision);
+}
+
+ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B, int64_t S, bool training,
+                            float* logits_out) {
+  DSV3_CHECK(B > 0 && S > 0, "forward: empty batch");
+  const int64_t T = B * S, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
+  B_ = B, S_ = S, training_ = training;
+  ids_.assign(ids, ids + T);
+  labels_.assign(labels, labels + T);
+  ForwardStats st;
+  auto collect_moe = [&](const BlockDims& d, const BlockActs& a) {
+    if (!d.is_moe) return;
+    st.moe_layers++;
+    st.aux_loss_sum += a.moe.router.seq_aux_loss;
+    st.tokens_per_expert.push_back(a.moe.router.tokens_per_expert_E);
+  };
+
+  resid_.resize(L + 1);
+  for (auto& r : resid_) grow(r, T * D);
+  embedding_forward(ids, param("model.embed_tokens.weight"), resid_[0].data(), T, V, D);
+  for (int64_t i = 0; i < L; ++i) {
+    BlockActs& a = acts_[opt_.recompute ? 0 : i];
+    run_block(i, resid_[i].data(), resid_[i + 1].data(), a, training);
+    collect_moe(dims_[i], a);
+  }
+  grow(hf_TD_, T * D), grow(rstd_f_T_, T), grow(loss_T_, T), grow(lse_T_, T);
+  rmsnorm_forward(resid_[L].data(), param("model.norm.weight"), hf_TD_.data(), rstd_f_T_.data(), T, D,
+                  static_cast<float>(cfg_.rms_norm_eps));
+  const float* head = param("lm_head.weight");
+  auto r = head_cross_entropy_forward(hf_TD_.data(), head, labels, loss_T_.data(), lse_T_.data(), T, D, V,
+                                      opt_.precision, head_scratch_, 0, logits_out);
+  st.lm_loss_sum = r.loss_sum, st.lm_tokens = r.n_valid;
+
+  const float* h_prev = hf_TD_.data();
+  for (size_t k = 0; k < depths_.size(); ++k) {
+    Depth& dp = *depths_[k];
+    const int64_t layer = L + static_cast<int64_t>(k);
+    const std::string P = layer_prefix(layer);
+    dp.ids.resize(T), dp.labels.resize(T);
+    roll_left(ids, dp.ids.data(), B, S, k + 1, 0);
+    roll_left(labels, dp.labels.data(), B, S, k + 1, kIgnoreLabel);
+    grow(dp.e_TD, T * D), grow(dp.rstd_e_T, T), grow(dp.rstd_h_T, T), grow(dp.cat_T2D, 2 * T * D);
+    grow(dp.z_TD, T * D), grow(dp.zout_TD, T * D), grow(dp.h_TD, T * D), grow(dp.rstd_o_T, T);
+    grow(dp.loss_T, T), grow(dp.lse_T, T);
+    const float eps = static_cast<float>(cfg_.rms_norm_eps);
+    embedding_forward(dp.ids.data(), param("model.embed_tokens.weight"), dp.e_TD.data(), T, V, D);
+    // eh_proj input: [enorm(embedding) | hnorm(hidden)] — embedding first, as the released weights expect.
+    rmsnorm_forward_strided(dp.e_TD.data(), D, param(P + "enorm.weight"), dp.cat_T2D.data(), 2 * D,
+                            dp.rstd_e_T.data(), T, D, eps);
+    rmsnorm_forward_strided(h_prev, D, param(P + "hnorm.weight"), dp.cat_T2D.data() + D, 2 * D, dp.rstd_h_T.data(),
+                            T, D, eps);
+    linear_forward(dp.cat_T2D.data(), param(P + "eh_proj.weight"), dp.z_TD.data(), T, 2 * D, D, opt_.precision,
+                   scratch_.lin);
+    run_block(layer, dp.z_TD.data(), dp.zout_TD.data(), dp.acts, training);
+    collect_moe(dims_[layer], dp.acts);
+    rmsnorm_forward(dp.zout_TD.data(), param(P + "shared_head.norm.weight"), dp.h_TD.data(), dp.rstd_o_T.data(), T,
+                    D, eps);
+    auto m = head_cross_entropy_forward(dp.h_TD.data(), head, dp.labels.data(), dp.loss_T.data(), dp.lse_T.data(),
+                                        T, D, V, opt_.precision, head_scratch_);
+    st.mtp_loss_sum.push_back(m.loss_sum);
+    st.mtp_tokens.push_back(m.n_valid);
+    h_prev = dp.h_TD.data();
+  }
+  return st;
+}
+
+void Model::backward(float lm_scale, float aux_scale, float mtp_scale) {
+  const int64_t T = B_ * S_, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
+  DSV3_CHECK(T > 0, "backward without forward");
+  const Precision prec = opt_.precision;
+  grow(dA_TD_, T * D), grow(dB_TD_, T * D), grow(dhf_TD_, T * D);
+  const float* head = param("lm_head.weight");
+  float* dhead = grad("lm_head.weight");
+  float* demb = grad("model.embed_tokens.weight");
+  const float eps_unused = 0.f;
+  (void)eps_unused;
+
+  // MTP depths, last to first. dhf_TD_ carries the gradient into the previous depth's output (finally hf).
+  std::fill(dhf_TD_.begin(), dhf_TD_.begin() + T * D, 0.f);
+  for (int64_t k = static_cast<int64_t>(depths_.size()) - 1; k >= 0; --k) {
+    Depth& dp = *depths_[k];
+    const int64_t layer = L + k;
+    const std::string P = layer_prefix(layer);
+    const float* h_prev = k == 0 ? hf_TD_.data() : depths_[k - 1]->h_TD.data();
+    // dH = head gradient + what the next depth sent back through its hnorm.
+    head_cross_entropy_backward(dp.h_TD.data(), head, dp.labels.data(), dp.lse_T.data(), mtp_scale, nullptr,
+                                dA_TD_.data(), dhead, T, D, V, prec, head_scratch_);
+    for (int64_t i = 0; i < T * D; ++i) dA_TD_[i] += dhf_TD_[i];
+    rmsnorm_backward(dA_TD_.data(), dp.zout_TD.data(), param(P + "shared_head.norm.weight"), dp.rstd_o_T.data(),
+                     dB_TD_.data(), grad(P + "shared_head.norm.weight"), T, D);
+    BlockGrads g = block_grads(layer);
+    block_backward(dims_[layer], block_params(layer), dp.acts, dB_TD_.data(), aux_scale, dA_TD_.data(), g,
+                   scratch_, prec);
+    // eh_proj: dz (dA) → dcat [T, 2D]; the cat buffer is reused for its gradient once dW is formed.
+    std::vector<float>& dcat = scratch_.dh_TF;  // free between blocks
+    grow(dcat, 2 * T * D);
+    linear_backward_weight(dA_TD_.data(), dp.cat_T2D.data(), grad(P + "eh_proj.weight"), T, 2 * D, D, prec,
+                           scratch_.lin);
+    linear_backward_input(dA_TD_.data(), param(P + "eh_proj.weight"), dcat.data(), T, 2 * D, D, prec, scratch_.lin);
+    rmsnorm_backward_strided(dcat.data(), 2 * D, dp.e_TD.data(), D, param(P + "enorm.weight"), dp.rstd_e_T.data(),
+                             dB_TD_.data(), D, grad(P + "enorm.weight"), T, D);
+    embedding_backward(dB_TD_.data(), dp.ids.data(), demb, T, V, D);
+    rmsnorm_backward_strided(dcat.data() + D, 2 * D, h_prev, D, param(P + "hnorm.weight"), dp.rstd_h_T.data(),
+                             dhf_TD_.data(), D, grad(P + "hnorm.weight"), T, D, 0.f);
+  }
+
+  // Main head and final norm.
+  head_cross_entropy_backward(hf_TD_.data(), head, labels_.data(), lse_T_.data(), lm_scale, nullptr, dA_TD_.data(),
+                              dhead, T, D, V, prec, head_scratch_);
+  if (!depths_.empty())
+    for (int64_t i = 0; i < T * D; ++i) dA_TD_[i] += dhf_TD_[i];
+  rmsnorm_backward(dA_TD_.data(), resid_[L].data(), param("model.norm.weight"), rstd_f_T_.data(), dB_TD_.data(),
+                   grad("model.norm.weight"), T, D);
+
+  // Layers in reverse; dB holds d(layer output), dA receives d(layer input).
+  for (int64_t i = L - 1; i >= 0; --i) {
+    BlockActs& a = acts_[opt_.recompute ? 0 : i];
+    if (opt_.recompute) run_block(i, resid_[i].data(), dA_TD_.data(), a, training_);  // dA is free here
+    BlockGrads g = block_grads(i);
+    block_backward(dims_[i], block_params(i), a, dB_TD_.data(), aux_scale, dA_TD_.data(), g, scratch_, prec);
+    std::swap(dA_TD_, dB_TD_);
+  }
+  embedding_backward(dB_TD_.data(), ids_.data(), demb, T, V, D);
+}
+
+}  // namespace dsv3

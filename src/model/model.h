@@ -1,0 +1,99 @@
+// The whole DeepSeek-V3 model on one rank: embedding → decoder layers → final RMSNorm → output head with
+// cross-entropy, plus D multi-token-prediction depths (Megatron-Core semantics, spec §7.4). Owns parameters and
+// gradients (ParamStore layout, HF names) and every activation; forward saves what backward needs, or only the
+// layer inputs under full-layer recompute (Megatron --recompute-granularity full).
+//
+// Loss contract (what the trainer scales): forward returns sums; backward(lm, aux, mtp) differentiates
+//   lm · Σ_t lm_loss_t + aux · Σ_layers seq_aux_loss + mtp · Σ_k Σ_t mtp_loss_{k,t}.
+// MTP depth k at position s embeds token s+k and predicts token s+k+1 (labels rolled left by k, the last k
+// positions ignored); its hidden input is the previous depth's output, starting from the main model's final-normed
+// hidden state, as Megatron's MultiTokenPredictionBlock does.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/cross_entropy.h"
+#include "model/block.h"
+#include "model/config.h"
+#include "model/param_store.h"
+#include "model/param_table.h"
+
+namespace dsv3 {
+
+struct ModelOptions {
+  Precision precision = Precision::kF32;
+  bool recompute = false;           // full-layer activation recompute
+  double capacity_factor = -1;      // < 0: dropless
+  DropPolicy drop_policy = DropPolicy::kProbs;
+  bool pad_to_capacity = false;
+  float seq_aux_coeff = 0.f;        // sequence-wise balance loss coefficient (0: off)
+  bool mtp = true;                  // run the config's num_nextn_predict_layers depths
+};
+
+struct ForwardStats {
+  double lm_loss_sum = 0;
+  int64_t lm_tokens = 0;
+  std::vector<double> mtp_loss_sum;  // per depth
+  std::vector<int64_t> mtp_tokens;
+  double aux_loss_sum = 0;           // Σ over MoE layers (main and MTP) of the sequence aux loss
+  int64_t moe_layers = 0;
+  std::vector<std::vector<int64_t>> tokens_per_expert;  // per MoE layer in order (main, then MTP)
+};
+
+class Model {
+ public:
+  Model(const ModelConfig& cfg, const ModelOptions& opt);
+  ~Model();
+
+  const ModelConfig& config() const { return cfg_; }
+  const ModelOptions& options() const { return opt_; }
+  const ParamTable& table() const { return table_; }
+  const ParamStore& store() const { return store_; }
+
+  // Megatron-style initialisation from (seed, name, index).
+  void init(uint64_t seed);
+  // Loads every tensor of the table from a safetensors file (HF names). MTP tensors may be absent (HF's
+  // DeepseekV3ForCausalLM drops them); then they keep their current values. Shapes must match.
+  void load_safetensors(const std::string& path);
+
+  std::vector<float>& params() { return params_; }
+  std::vector<float>& grads() { return grads_; }
+  float* param(const std::string& name) { return params_.data() + store_.offset(name); }
+  float* grad(const std::string& name) { return grads_.data() + store_.offset(name); }
+  void zero_grads();
+
+  // ids/labels [B,S] (labels: next token per position, -100 ignored). logits_out (nullable): [B·S, vocab].
+  ForwardStats forward(const int32_t* ids_BS, const int32_t* labels_BS, int64_t B, int64_t S, bool training = true,
+                       float* logits_out = nullptr);
+  void backward(float lm_scale, float aux_scale, float mtp_scale);
+
+ private:
+  struct Depth;  // one MTP depth's state
+  BlockDims block_dims(int64_t layer) const;
+  BlockParams block_params(int64_t layer);
+  BlockGrads block_grads(int64_t layer);
+  void run_block(int64_t layer, const float* x, float* out, BlockActs& acts, bool training);
+
+  ModelConfig cfg_;
+  ModelOptions opt_;
+  ParamTable table_;
+  ParamStore store_;
+  std::vector<float> params_, grads_;
+  std::vector<BlockDims> dims_;  // per layer incl. MTP
+
+  // activations of the last forward
+  int64_t B_ = 0, S_ = 0;
+  bool training_ = true;
+  std::vector<int32_t> ids_, labels_;
+  std::vector<std::vector<float>> resid_;  // layer inputs h_0..h_L, [T,D] each
+  std::vector<BlockActs> acts_;            // per main layer (one shared entry under recompute)
+  std::vector<float> hf_TD_, rstd_f_T_, loss_T_, lse_T_;
+  std::vector<std::unique_ptr<Depth>> depths_;
+  BlockScratch scratch_;
+  HeadLossScratch head_scratch_;
+  std::vector<float> dA_TD_, dB_TD_, dhf_TD_;
+};
+
+}  // namespace dsv3

@@ -1,0 +1,98 @@
+// DeepSeek-V3 MoE layer (spec §2.7, megatron-deepseek-system §7.1–7.2): sigmoid group-limited router, routed
+// SwiGLU experts run over expert-grouped rows, and the shared expert added on top; forward and backward side
+// by side.
+//
+//   out = Σ_k  down_e( silu(gate_e(x)) ⊙ up_e(x) ⊙ w_k )  +  shared(x)          e = idx[t, k], w_k its gate
+//   weight
+//
+// The gate weight multiplies the SwiGLU output before down_proj, as Megatron does
+// (moe_apply_probs_on_input=False); HF multiplies after down_proj — the same function, rounding differs at
+// the 1e-7 level.
+//
+// Parameter layout: routed experts stacked contiguously so each expert's GEMMs see one [F,D] / [D,F] block:
+//   gate_proj_EFD[e] = mlp.experts.{e}.gate_proj.weight [F, D]      up_proj_EFD[e] =
+//   mlp.experts.{e}.up_proj.weight down_proj_EDF[e] = mlp.experts.{e}.down_proj.weight [D, F] gate_w_ED =
+//   mlp.gate.weight [E, D]; expert_bias_E = mlp.gate.e_score_correction_bias [E] (fp32, no gradient)
+//   shared_{gate,up}_SD = mlp.shared_experts.{gate,up}_proj.weight [Fs, D]; shared_down_DS [D, Fs], Fs =
+//   n_shared·F
+// Expert parallelism will hand a rank a contiguous slice of experts; the stacked layout makes that slice a
+// pointer.
+//
+// Backward: parameter grads accumulate (+=); dx is assigned (beta 0) or accumulated (beta 1). The router
+// receives dL/dw per (token, k) = ⟨d(down input), silu(gate)⊙up⟩ and adds its own gradient into dx. Padding
+// rows of pad-to-capacity are never computed (probability 0: no output, no gradient).
+//
+// Legend: T tokens, D hidden, F expert width, S = Fs shared width, E experts, K topk, R routed rows (kept
+// pairs).
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "kernels/cpu/linear.h"
+#include "kernels/cpu/moe_permute.h"
+#include "kernels/cpu/router.h"
+
+namespace dsv3 {
+
+struct ModelConfig;
+
+struct MoeConfig {
+  int64_t hidden = 0;    // D
+  int64_t ffn = 0;       // F = moe_intermediate_size
+  int64_t n_shared = 0;  // shared experts; the shared MLP has width n_shared·F (0: none)
+  RouterConfig router;
+  Precision precision = Precision::kF32;  // expert GEMM operands; the router is always fp32
+  int64_t shared_ffn() const { return n_shared * ffn; }
+  void validate() const;
+};
+
+// From a ModelConfig: HF source → RouterConfig::hf semantics (0.0 group mask as transformers 4.57.6 does);
+// Megatron source → RouterConfig::megatron. Capacity and aux-loss fields stay off (training flags set them).
+MoeConfig moe_config_from_model(const ModelConfig& m, Precision p);
+
+struct MoeParams {
+  const float* gate_w_ED = nullptr;
+  const float* expert_bias_E = nullptr;  // nullptr = zeros
+  const float* gate_proj_EFD = nullptr;
+  const float* up_proj_EFD = nullptr;
+  const float* down_proj_EDF = nullptr;
+  const float* shared_gate_SD = nullptr;
+  const float* shared_up_SD = nullptr;
+  const float* shared_down_DS = nullptr;
+};
+
+struct MoeGrads {
+  float* gate_w_ED = nullptr;
+  float* gate_proj_EFD = nullptr;
+  float* up_proj_EFD = nullptr;
+  float* down_proj_EDF = nullptr;
+  float* shared_gate_SD = nullptr;
+  float* shared_up_SD = nullptr;
+  float* shared_down_DS = nullptr;
+};
+
+struct MoeActs {
+  const float* x_TD = nullptr;  // the layer input (not owned; must stay alive until backward)
+  int64_t t = 0;
+  RouterActs router;
+  MoePermutation perm;
+  std::vector<float> x_RD;                 // gathered inputs
+  std::vector<float> a_RF, b_RF;           // gate / up pre-activations
+  std::vector<float> z_RF;                 // silu(a)⊙b·w: the down_proj input
+  std::vector<float> prob_R;               // gate weight per row
+  std::vector<float> y_RD;                 // expert outputs (already weighted)
+  std::vector<float> sa_TS, sb_TS, sh_TS;  // shared expert
+  // backward scratch
+  std::vector<float> dy_RD, dz_RF, da_RF, db_RF, dx_RD, dprob_R, dweight_TK;
+  std::vector<float> dsh_TS, dsa_TS, dsb_TS;
+  LinearScratch lin;
+};
+
+// out_TD = MoE(x_TD). batch: the number of sequences among the T tokens (sequence aux loss only).
+void moe_forward(const MoeConfig& c, const MoeParams& p, const float* x_TD, int64_t t, int64_t batch,
+                 bool training, MoeActs& a, float* out_TD);
+// aux_grad: dL_total/dL_seq_aux (ignored when the aux loss is off).
+void moe_backward(const MoeConfig& c, const MoeParams& p, MoeActs& a, const float* dout_TD, float aux_grad,
+                  MoeGrads& g, float* dx_TD, float beta);
+
+}  // namespace dsv3

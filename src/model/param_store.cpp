@@ -1,0 +1,53 @@
+// Offsets for ParamStore: table order, except that expert e of a stacked block sits at block + e·numel.
+#include "model/param_store.h"
+
+#include "core/error.h"
+
+namespace dsv3 {
+namespace {
+
+// "model.layers.3.mlp.experts.5.gate_proj.weight" -> "gate_proj"
+std::string expert_proj(const std::string& name) {
+  const auto end = name.rfind(".weight");
+  const auto begin = name.rfind('.', end - 1);
+  return name.substr(begin + 1, end - begin - 1);
+}
+
+std::string block_key(int64_t layer, const std::string& proj) { return std::to_string(layer) + ":" + proj; }
+
+}  // namespace
+
+ParamStore::ParamStore(const ParamTable& table) {
+  const int64_t n_experts = table.config().n_routed_experts;
+  for (const auto& p : table.params()) {
+    if (!p.tied_to.empty()) continue;
+    if (p.is_expert) {
+      const std::string key = block_key(p.layer, expert_proj(p.name));
+      auto it = expert_blocks_.find(key);
+      if (it == expert_blocks_.end()) {
+        it = expert_blocks_.emplace(key, size_).first;
+        size_ += n_experts * p.numel;
+      }
+      offsets_[p.name] = it->second + p.expert * p.numel;
+    } else {
+      offsets_[p.name] = size_;
+      size_ += p.numel;
+    }
+  }
+  for (const auto& p : table.params())
+    if (!p.tied_to.empty()) offsets_[p.name] = offset(p.tied_to);
+}
+
+int64_t ParamStore::offset(const std::string& name) const {
+  auto it = offsets_.find(name);
+  DSV3_CHECK(it != offsets_.end(), "no parameter named ", name);
+  return it->second;
+}
+
+int64_t ParamStore::expert_block(int64_t layer, const std::string& proj) const {
+  auto it = expert_blocks_.find(block_key(layer, proj));
+  DSV3_CHECK(it != expert_blocks_.end(), "layer ", layer, " has no routed experts (", proj, ")");
+  return it->second;
+}
+
+}  // namespace dsv3

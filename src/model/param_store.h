@@ -1,0 +1,32 @@
+// Storage for one rank's parameters (and, with the same layout, their gradients): one fp32 buffer, each HF name
+// mapped to its slice. Routed experts of one layer are stacked ([E,F,D] per projection) so the MoE layer sees each
+// projection as one contiguous block; tied names (the MTP layer's embed_tokens / shared_head.head) map onto the
+// tensor they copy.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "model/param_table.h"
+
+namespace dsv3 {
+
+class ParamStore {
+ public:
+  explicit ParamStore(const ParamTable& table);
+
+  int64_t size() const { return size_; }
+  // Offset of a parameter's first element; throws naming an unknown parameter.
+  int64_t offset(const std::string& name) const;
+  bool contains(const std::string& name) const { return offsets_.count(name) != 0; }
+  // Offset of expert 0 of `layer.mlp.experts.*.<proj>.weight` (the stacked block).
+  int64_t expert_block(int64_t layer, const std::string& proj) const;
+
+ private:
+  std::unordered_map<std::string, int64_t> offsets_;
+  std::unordered_map<std::string, int64_t> expert_blocks_;  // "layer:proj" -> offset of expert 0
+  int64_t size_ = 0;
+};
+
+}  // namespace dsv3
