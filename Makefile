@@ -1,7 +1,7 @@
 # Thin wrapper: the real build is CMake. `make test` is what CI runs.
 BUILD ?= build
 JOBS ?= $(shell nproc)
-.PHONY: setup build test demo bench bench-preprocess clean format
+.PHONY: setup build test demo bench bench-preprocess bench-step clean format
 
 setup:
 	bash scripts/setup.sh
@@ -16,10 +16,14 @@ test: setup build
 demo: setup build
 	bash scripts/demo.sh
 
-bench: bench-preprocess
+bench: bench-preprocess bench-step
 
 bench-preprocess: setup build
 	bash bench/preprocess/run.sh
+
+# One training step (bf16 and fp32) against PyTorch eager on the same config; the last line is the summary.
+bench-step: setup build
+	BUILD=$(BUILD) bash bench/step.sh
 
 format:
 	clang-format -i $$(git ls-files '*.cpp' '*.h')

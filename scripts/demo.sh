@@ -1,23 +1,34 @@
 #!/usr/bin/env bash
-# `make demo`: preprocess the bundled corpus (data/sotu-slice) with the bundled tiny-4k tokenizer, then show what
-# was written and the first training samples in Megatron's order. Needs nothing outside the clone.
+# `make demo`: preprocess the bundled corpus (data/sotu-slice) with the bundled tiny-4k tokenizer, then pretrain a
+# small DeepSeek-V3 (examples/deepseek/configs/demo-cpu.json: MLA, 1 dense + 3 MoE layers with 8 sigmoid-routed
+# experts and a shared expert, MTP depth 1) with Megatron's flags, saving a checkpoint and TensorBoard logs.
+# Needs nothing outside the clone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${DEMO_OUT:-build/demo}
+ITERS=${DEMO_ITERS:-300}
+rm -rf "$OUT"
 mkdir -p "$OUT"
 echo "== dsv3 preprocess (bundled SOTU slice, tiny-4k tokenizer, 2 workers)"
 ./build/dsv3 preprocess --input data/sotu-slice/sotu-slice.jsonl --output-prefix "$OUT/sotu" \
-  --tokenizer-type HuggingFaceTokenizer --tokenizer-model data/tiny-4k --workers 2 --append-eod --log-interval 20
+  --tokenizer-type HuggingFaceTokenizer --tokenizer-model data/tiny-4k --workers 2 --append-eod --log-interval 40
 echo
 echo "== dsv3 data inspect"
-./build/dsv3 data inspect "$OUT/sotu_text_document" --tokenizer-model data/tiny-4k --max-tokens 48
-if ./build/dsv3 data samples --help >/dev/null 2>&1; then
-  echo
-  echo "== dsv3 data samples (Megatron GPT dataset order: split 969,30,1, seq 256, seed 1234) -> $OUT/samples.txt"
-  ./build/dsv3 data samples --data-path "$OUT/sotu_text_document" --split 969,30,1 --seq-length 256 --seed 1234 \
-    --num-samples 8 --index-split train --tokenizer-model data/tiny-4k --data-cache-path "$OUT/cache" \
-    --output "$OUT/samples.txt"
-  echo "first sample (first 16 of 257 ids): $(head -1 "$OUT/samples.txt" | cut -d' ' -f1-16)"
-fi
+./build/dsv3 data inspect "$OUT/sotu_text_document" --tokenizer-model data/tiny-4k --max-tokens 32
 echo
-echo "Outputs are in $OUT/ (Megatron .bin/.idx; pass $OUT/sotu_text_document as --data-path)."
+echo "== dsv3 train ($ITERS iterations, seq 128, global batch 8, bf16, 2 threads)"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} ./build/dsv3 train \
+  --model-config examples/deepseek/configs/demo-cpu.json \
+  --data-path "$OUT/sotu_text_document" --split 969,30,1 --data-cache-path "$OUT/cache" \
+  --tokenizer-type HuggingFaceTokenizer --tokenizer-model data/tiny-4k \
+  --seq-length 128 --micro-batch-size 4 --global-batch-size 8 --train-iters "$ITERS" \
+  --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters 20 --lr-decay-style cosine --weight-decay 0.1 \
+  --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --bf16 \
+  --moe-router-load-balancing-type seq_aux_loss --moe-aux-loss-coeff 1e-3 --moe-router-enable-expert-bias \
+  --log-interval 20 --eval-interval 100 --eval-iters 2 \
+  --save "$OUT/checkpoints" --save-interval 100 --tensorboard-dir "$OUT/tensorboard" \
+  | grep -v -E '^  [a-z_0-9]+ \.+ ' 
+echo
+echo "Data:        $OUT/sotu_text_document.{bin,idx}  (Megatron format)"
+echo "Checkpoints: $OUT/checkpoints/iter_*/  (model.safetensors + config.json load in transformers)"
+echo "TensorBoard: tensorboard --logdir $OUT/tensorboard"

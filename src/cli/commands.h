@@ -6,5 +6,6 @@ namespace dsv3::cli {
 int preprocess_main(int argc, char** argv);
 int data_inspect_main(int argc, char** argv);
 int data_samples_main(int argc, char** argv);
+int train_main(int argc, char** argv);
 
 }  // namespace dsv3::cli

@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "core/error.h"
+#include "core/profile.h"
 #include "kernels/cpu/rmsnorm.h"
 #include "kernels/cpu/swiglu.h"
 
@@ -28,13 +29,20 @@ void block_forward(const BlockDims& d, const BlockParams& p, const float* x, int
   a.B = B, a.S = S;
   grow(a.xn1_TD, T * D), grow(a.rstd1_T, T), grow(a.h_mid_TD, T * D), grow(a.xn2_TD, T * D), grow(a.rstd2_T, T);
   grow(a.tmp_TD, T * D);
-  rmsnorm_forward(x, p.input_norm_w, a.xn1_TD.data(), a.rstd1_T.data(), T, D, d.norm_eps);
+  {
+    DSV3_PROFILE("fwd.norm");
+    rmsnorm_forward(x, p.input_norm_w, a.xn1_TD.data(), a.rstd1_T.data(), T, D, d.norm_eps);
+  }
   mla_forward(d.mla, p.mla, a.xn1_TD.data(), B, S, a.tmp_TD.data(), a.mla, prec, s.mla);
-  add_into(a.h_mid_TD.data(), x, a.tmp_TD.data(), T * D);
-  rmsnorm_forward(a.h_mid_TD.data(), p.post_norm_w, a.xn2_TD.data(), a.rstd2_T.data(), T, D, d.norm_eps);
+  {
+    DSV3_PROFILE("fwd.norm");
+    add_into(a.h_mid_TD.data(), x, a.tmp_TD.data(), T * D);
+    rmsnorm_forward(a.h_mid_TD.data(), p.post_norm_w, a.xn2_TD.data(), a.rstd2_T.data(), T, D, d.norm_eps);
+  }
   if (d.is_moe) {
     moe_forward(d.moe, p.moe, a.xn2_TD.data(), T, B, training, a.moe, a.tmp_TD.data());
   } else {
+    DSV3_PROFILE("fwd.dense_ffn");
     const int64_t F = d.F;
     grow(a.a_TF, T * F), grow(a.b_TF, T * F), grow(a.h_TF, T * F);
     linear_forward(a.xn2_TD.data(), p.gate_FD, a.a_TF.data(), T, D, F, prec, s.lin);
@@ -55,6 +63,7 @@ void block_backward(const BlockDims& d, const BlockParams& p, BlockActs& a, cons
   if (d.is_moe) {
     moe_backward(d.moe, p.moe, a.moe, dout, aux_grad, g.moe, dxn, 0.f);
   } else {
+    DSV3_PROFILE("bwd.dense_ffn");
     const int64_t F = d.F;
     grow(s.dh_TF, T * F), grow(s.da_TF, T * F), grow(s.db_TF, T * F);
     linear_backward_input(dout, p.down_DF, s.dh_TF.data(), T, F, D, prec, s.lin);
@@ -66,9 +75,13 @@ void block_backward(const BlockDims& d, const BlockParams& p, BlockActs& a, cons
     linear_backward_weight(s.db_TF.data(), a.xn2_TD.data(), g.up_FD, T, D, F, prec, s.lin);
   }
   // The residual carries dout straight to h_mid; the post-attention norm adds its input gradient on top.
-  std::copy(dout, dout + T * D, dh_mid);
-  rmsnorm_backward(dxn, a.h_mid_TD.data(), p.post_norm_w, a.rstd2_T.data(), dh_mid, g.post_norm_w, T, D, 1.f);
+  {
+    DSV3_PROFILE("bwd.norm");
+    std::copy(dout, dout + T * D, dh_mid);
+    rmsnorm_backward(dxn, a.h_mid_TD.data(), p.post_norm_w, a.rstd2_T.data(), dh_mid, g.post_norm_w, T, D, 1.f);
+  }
   mla_backward(d.mla, p.mla, a.mla, dh_mid, dxn, g.mla, prec, s.mla);
+  DSV3_PROFILE("bwd.norm");
   std::copy(dh_mid, dh_mid + T * D, dx);
   rmsnorm_backward(dxn, a.x_TD, p.input_norm_w, a.rstd1_T.data(), dx, g.input_norm_w, T, D, 1.f);
 }

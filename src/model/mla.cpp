@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "core/profile.h"
 #include "kernels/cpu/rmsnorm.h"
 #include "kernels/cpu/rope.h"
 
@@ -56,6 +57,7 @@ void mla_forward(const MlaDims& d, const MlaParams& p, const float* x, int64_t B
 
   // Queries: [T, H·K], per head [nope | rope].
   float* q = grow(a.q_THK, T * H * K);
+  DSV3_PROFILE_BEGIN(qkv, "fwd.attn.qkv_proj");
   if (qlora) {
     float* cq = grow(a.cq_TLq, T * d.q_lora);
     float* cqn = grow(a.cqn_TLq, T * d.q_lora);
@@ -73,8 +75,10 @@ void mla_forward(const MlaDims& d, const MlaParams& p, const float* x, int64_t B
   linear_forward(x, p.kv_a_proj_w, ckv, T, d.D, C, prec, sc.lin);
   rmsnorm_forward_strided(ckv, C, p.kv_a_norm_w, ckvn, L, grow(a.rstd_kv_T, T), T, L, d.norm_eps);
   linear_forward(ckvn, p.kv_b_proj_w, kv, T, L, H * E, prec, sc.lin);
+  DSV3_PROFILE_END(qkv);
 
   // RoPE on q_pe (every head, in place) and k_pe (once, into head 0's key, then broadcast to the other heads).
+  DSV3_PROFILE("fwd.attn.rope");
   const RopeTable& tab = rope_table(d, S, sc);
   float* k = grow(a.k_THK, T * H * K);
   for (int64_t t = 0; t < T; ++t)
@@ -87,8 +91,12 @@ void mla_forward(const MlaDims& d, const MlaParams& p, const float* x, int64_t B
 
   AttentionShape as{B, S, H, K, d.dv, d.softmax_scale};
   float* o = grow(a.o_THV, T * H * d.dv);
-  attention_forward(as, {q, H * K, K}, {k, H * K, K}, {kv + d.dn, H * E, E}, {o, H * d.dv, d.dv},
-                    grow(a.lse_BHS, B * H * S), prec, sc.attn);
+  {
+    DSV3_PROFILE("fwd.attn.kernel");
+    attention_forward(as, {q, H * K, K}, {k, H * K, K}, {kv + d.dn, H * E, E}, {o, H * d.dv, d.dv},
+                      grow(a.lse_BHS, B * H * S), prec, sc.attn);
+  }
+  DSV3_PROFILE("fwd.attn.o_proj");
   linear_forward(o, p.o_proj_w, y, T, H * d.dv, d.D, prec, sc.lin);
 }
 
@@ -106,21 +114,29 @@ void mla_backward(const MlaDims& d, const MlaParams& p, const MlaActs& a, const 
 
   // o_proj.
   float* dout = grow(sc.do_THV, T * H * d.dv);
+  {
+  DSV3_PROFILE("bwd.attn.o_proj");
   linear_backward_weight(dy, a.o_THV.data(), g.o_proj_w, T, H * d.dv, d.D, prec, sc.lin);
   linear_backward_input(dy, p.o_proj_w, dout, T, H * d.dv, d.D, prec, sc.lin);
+  }
 
   // Attention: dv lands directly in the v columns of dkv; dk is split below.
   float* dq = grow(sc.dq_THK, T * H * K);
   float* dk = grow(sc.dk_THK, T * H * K);
   float* dkv = grow(sc.dkv_THE, T * H * E);
   AttentionShape as{B, S, H, K, d.dv, d.softmax_scale};
+  {
+  DSV3_PROFILE("bwd.attn.kernel");
   attention_backward(as, {a.q_THK.data(), H * K, K}, {a.k_THK.data(), H * K, K}, {a.kv_THE.data() + d.dn, H * E, E},
                      {a.o_THV.data(), H * d.dv, d.dv}, a.lse_BHS.data(), {dout, H * d.dv, d.dv}, {dq, H * K, K},
                      {dk, H * K, K}, {dkv + d.dn, H * E, E}, prec, sc.attn);
+  }
 
   // Undo RoPE; k_pe was shared by all heads, so its gradient is the sum over heads (into dckv's k_pe columns).
-  const RopeTable& tab = rope_table(d, S, sc);
   float* dckv = grow(sc.dckv_TC, T * C);
+  {
+  DSV3_PROFILE("bwd.attn.rope");
+  const RopeTable& tab = rope_table(d, S, sc);
   for (int64_t t = 0; t < T; ++t) {
     float* dkpe = dckv + t * C + L;
     std::fill(dkpe, dkpe + d.dr, 0.f);
@@ -132,6 +148,8 @@ void mla_backward(const MlaDims& d, const MlaParams& p, const MlaActs& a, const 
   }
   rope_backward(dq + d.dn, H * K, K, dq + d.dn, H * K, K, T, H, S, tab);
   rope_backward(dckv + L, C, 0, dckv + L, C, 0, T, 1, S, tab);
+  }
+  DSV3_PROFILE("bwd.attn.qkv_proj");
 
   // kv_b_proj, kv_a_layernorm (its gradient goes into the ckv columns of dckv), kv_a_proj_with_mqa.
   float* dckvn = grow(sc.dckvn_TLkv, T * L);

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "core/profile.h"
 #include "kernels/cpu/embedding.h"
 #include "kernels/cpu/rmsnorm.h"
 #include "model/safetensors.h"
@@ -157,6 +158,7 @@ void Model::run_block(int64_t i, const float* x, float* out, BlockActs& acts, bo
 ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B, int64_t S, bool training,
                             float* logits_out) {
   DSV3_CHECK(B > 0 && S > 0, "forward: empty batch");
+  DSV3_PROFILE("fwd.other");
   const int64_t T = B * S, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
   B_ = B, S_ = S, training_ = training;
   ids_.assign(ids, ids + T);
@@ -171,22 +173,28 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
 
   resid_.resize(L + 1);
   for (auto& r : resid_) grow(r, T * D);
-  embedding_forward(ids, param("model.embed_tokens.weight"), resid_[0].data(), T, V, D);
+  {
+    DSV3_PROFILE("fwd.embedding");
+    embedding_forward(ids, param("model.embed_tokens.weight"), resid_[0].data(), T, V, D);
+  }
   for (int64_t i = 0; i < L; ++i) {
     BlockActs& a = acts_[opt_.recompute ? 0 : i];
     run_block(i, resid_[i].data(), resid_[i + 1].data(), a, training);
     collect_moe(dims_[i], a);
   }
   grow(hf_TD_, T * D), grow(rstd_f_T_, T), grow(loss_T_, T), grow(lse_T_, T);
+  DSV3_PROFILE_BEGIN(head, "fwd.head_ce");
   rmsnorm_forward(resid_[L].data(), param("model.norm.weight"), hf_TD_.data(), rstd_f_T_.data(), T, D,
                   static_cast<float>(cfg_.rms_norm_eps));
   const float* head = param("lm_head.weight");
   auto r = head_cross_entropy_forward(hf_TD_.data(), head, labels, loss_T_.data(), lse_T_.data(), T, D, V,
                                       opt_.precision, head_scratch_, 0, logits_out);
   st.lm_loss_sum = r.loss_sum, st.lm_tokens = r.n_valid;
+  DSV3_PROFILE_END(head);
 
   const float* h_prev = hf_TD_.data();
   for (size_t k = 0; k < depths_.size(); ++k) {
+    DSV3_PROFILE("fwd.mtp");
     Depth& dp = *depths_[k];
     const int64_t layer = L + static_cast<int64_t>(k);
     const std::string P = layer_prefix(layer);
@@ -218,25 +226,26 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
   return st;
 }
 
-void Model::backward(float lm_scale, float aux_scale, float mtp_scale) {
+void Model::backward(float lm_scale, float aux_scale, const std::vector<float>& mtp_scales) {
   const int64_t T = B_ * S_, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
   DSV3_CHECK(T > 0, "backward without forward");
+  DSV3_PROFILE("bwd.other");
   const Precision prec = opt_.precision;
   grow(dA_TD_, T * D), grow(dB_TD_, T * D), grow(dhf_TD_, T * D);
   const float* head = param("lm_head.weight");
   float* dhead = grad("lm_head.weight");
   float* demb = grad("model.embed_tokens.weight");
-  const float eps_unused = 0.f;
-  (void)eps_unused;
 
   // MTP depths, last to first. dhf_TD_ carries the gradient into the previous depth's output (finally hf).
   std::fill(dhf_TD_.begin(), dhf_TD_.begin() + T * D, 0.f);
   for (int64_t k = static_cast<int64_t>(depths_.size()) - 1; k >= 0; --k) {
+    DSV3_PROFILE("bwd.mtp");
     Depth& dp = *depths_[k];
     const int64_t layer = L + k;
     const std::string P = layer_prefix(layer);
     const float* h_prev = k == 0 ? hf_TD_.data() : depths_[k - 1]->h_TD.data();
     // dH = head gradient + what the next depth sent back through its hnorm.
+    const float mtp_scale = k < static_cast<int64_t>(mtp_scales.size()) ? mtp_scales[k] : 0.f;
     head_cross_entropy_backward(dp.h_TD.data(), head, dp.labels.data(), dp.lse_T.data(), mtp_scale, nullptr,
                                 dA_TD_.data(), dhead, T, D, V, prec, head_scratch_);
     for (int64_t i = 0; i < T * D; ++i) dA_TD_[i] += dhf_TD_[i];
@@ -259,12 +268,14 @@ void Model::backward(float lm_scale, float aux_scale, float mtp_scale) {
   }
 
   // Main head and final norm.
+  DSV3_PROFILE_BEGIN(head, "bwd.head_ce");
   head_cross_entropy_backward(hf_TD_.data(), head, labels_.data(), lse_T_.data(), lm_scale, nullptr, dA_TD_.data(),
                               dhead, T, D, V, prec, head_scratch_);
   if (!depths_.empty())
     for (int64_t i = 0; i < T * D; ++i) dA_TD_[i] += dhf_TD_[i];
   rmsnorm_backward(dA_TD_.data(), resid_[L].data(), param("model.norm.weight"), rstd_f_T_.data(), dB_TD_.data(),
                    grad("model.norm.weight"), T, D);
+  DSV3_PROFILE_END(head);
 
   // Layers in reverse; dB holds d(layer output), dA receives d(layer input).
   for (int64_t i = L - 1; i >= 0; --i) {
@@ -274,6 +285,7 @@ void Model::backward(float lm_scale, float aux_scale, float mtp_scale) {
     block_backward(dims_[i], block_params(i), a, dB_TD_.data(), aux_scale, dA_TD_.data(), g, scratch_, prec);
     std::swap(dA_TD_, dB_TD_);
   }
+  DSV3_PROFILE("bwd.embedding");
   embedding_backward(dB_TD_.data(), ids_.data(), demb, T, V, D);
 }
 

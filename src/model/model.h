@@ -4,7 +4,7 @@
 // layer inputs under full-layer recompute (Megatron --recompute-granularity full).
 //
 // Loss contract (what the trainer scales): forward returns sums; backward(lm, aux, mtp) differentiates
-//   lm · Σ_t lm_loss_t + aux · Σ_layers seq_aux_loss + mtp · Σ_k Σ_t mtp_loss_{k,t}.
+//   lm · Σ_t lm_loss_t + aux · Σ_layers seq_aux_loss + Σ_k mtp_k · Σ_t mtp_loss_{k,t}.
 // MTP depth k at position s embeds token s+k and predicts token s+k+1 (labels rolled left by k, the last k
 // positions ignored); its hidden input is the previous depth's output, starting from the main model's final-normed
 // hidden state, as Megatron's MultiTokenPredictionBlock does.
@@ -67,7 +67,8 @@ class Model {
   // ids/labels [B,S] (labels: next token per position, -100 ignored). logits_out (nullable): [B·S, vocab].
   ForwardStats forward(const int32_t* ids_BS, const int32_t* labels_BS, int64_t B, int64_t S, bool training = true,
                        float* logits_out = nullptr);
-  void backward(float lm_scale, float aux_scale, float mtp_scale);
+  // mtp_scales: one per MTP depth (missing entries count as 0).
+  void backward(float lm_scale, float aux_scale, const std::vector<float>& mtp_scales = {});
 
  private:
   struct Depth;  // one MTP depth's state

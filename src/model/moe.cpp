@@ -4,10 +4,68 @@
 #include "model/moe.h"
 
 #include "core/error.h"
+#include "core/profile.h"
 #include "kernels/cpu/swiglu.h"
 #include "model/config.h"
 
 namespace dsv3 {
+namespace {
+
+// bf16 experts: the weights (gate and up stacked per expert, so one GEMM gives both) and the activations are
+// converted to bf16 once per layer and step, and reused by the backward; results equal the per-GEMM conversions.
+void experts_forward_bf16(const MoeConfig& c, const MoeParams& p, MoeActs& a) {
+  const int64_t d = c.hidden, f = c.ffn, e_n = c.router.num_experts, r_n = a.perm.rows();
+  const Precision bf = Precision::kBF16;
+  a.w_gu_bf.resize(e_n * 2 * f * d);
+  a.w_down_bf.resize(e_n * d * f);
+#pragma omp parallel for schedule(static)
+  for (int64_t e = 0; e < e_n; ++e) {
+    to_bf16(p.gate_proj_EFD + e * f * d, &a.w_gu_bf[e * 2 * f * d], f * d);
+    to_bf16(p.up_proj_EFD + e * f * d, &a.w_gu_bf[e * 2 * f * d + f * d], f * d);
+    to_bf16(p.down_proj_EDF + e * d * f, &a.w_down_bf[e * d * f], d * f);
+  }
+  a.a_RF.resize(r_n * 2 * f);
+  const bf16* x = static_cast<const bf16*>(linear_operand(a.x_RD.data(), r_n * d, bf, a.x_bf));
+  for (int64_t e = 0; e < e_n; ++e) {
+    const int64_t n = a.perm.count(e), o = a.perm.offsets_E1[e];
+    if (n == 0) continue;
+    linear_forward_op(x + o * d, &a.w_gu_bf[e * 2 * f * d], &a.a_RF[o * 2 * f], n, d, 2 * f, bf);
+  }
+  swiglu_forward_general(a.a_RF.data(), a.a_RF.data() + f, 2 * f, a.prob_R.data(), a.z_RF.data(), r_n, f);
+  const bf16* z = static_cast<const bf16*>(linear_operand(a.z_RF.data(), r_n * f, bf, a.z_bf));
+  for (int64_t e = 0; e < e_n; ++e) {
+    const int64_t n = a.perm.count(e), o = a.perm.offsets_E1[e];
+    if (n == 0) continue;
+    linear_forward_op(z + o * f, &a.w_down_bf[e * d * f], &a.y_RD[o * d], n, f, d, bf);
+  }
+}
+
+void experts_backward_bf16(const MoeConfig& c, MoeGrads& g, MoeActs& a) {
+  const int64_t d = c.hidden, f = c.ffn, e_n = c.router.num_experts, r_n = a.perm.rows();
+  const Precision bf = Precision::kBF16;
+  const bf16* dy = static_cast<const bf16*>(linear_operand(a.dy_RD.data(), r_n * d, bf, a.dy_bf));
+  const bf16* z = a.z_bf.data();
+  const bf16* x = a.x_bf.data();
+  for (int64_t e = 0; e < e_n; ++e) {
+    const int64_t n = a.perm.count(e), o = a.perm.offsets_E1[e];
+    if (n == 0) continue;
+    linear_backward_weight_op(dy + o * d, z + o * f, g.down_proj_EDF + e * d * f, n, f, d, bf);
+    linear_backward_input_op(dy + o * d, &a.w_down_bf[e * d * f], &a.dz_RF[o * f], n, f, d, bf);
+  }
+  a.da_RF.resize(r_n * 2 * f);
+  swiglu_backward_general(a.dz_RF.data(), a.a_RF.data(), a.a_RF.data() + f, 2 * f, a.prob_R.data(),
+                          a.da_RF.data(), a.da_RF.data() + f, 2 * f, a.dprob_R.data(), r_n, f);
+  const bf16* dab = static_cast<const bf16*>(linear_operand(a.da_RF.data(), r_n * 2 * f, bf, a.dab_bf));
+  for (int64_t e = 0; e < e_n; ++e) {
+    const int64_t n = a.perm.count(e), o = a.perm.offsets_E1[e];
+    if (n == 0) continue;
+    linear_backward_weight_op(dab + o * 2 * f, x + o * d, g.gate_proj_EFD + e * f * d, n, d, f, bf, 2 * f);
+    linear_backward_weight_op(dab + o * 2 * f + f, x + o * d, g.up_proj_EFD + e * f * d, n, d, f, bf, 2 * f);
+    linear_backward_input_op(dab + o * 2 * f, &a.w_gu_bf[e * 2 * f * d], &a.dx_RD[o * d], n, d, 2 * f, bf);
+  }
+}
+
+}  // namespace
 
 void MoeConfig::validate() const {
   DSV3_CHECK(hidden > 0 && ffn > 0, "moe: hidden and ffn must be > 0, got ", hidden, ", ", ffn);
@@ -42,7 +100,11 @@ void moe_forward(const MoeConfig& c, const MoeParams& p, const float* x, int64_t
   const int64_t d = c.hidden, f = c.ffn, e_n = c.router.num_experts, k_n = c.router.topk;
   a.x_TD = x;
   a.t = t;
-  router_forward(c.router, {p.gate_w_ED, p.expert_bias_E}, x, t, d, batch, training, a.router);
+  {
+    DSV3_PROFILE("fwd.moe.router");
+    router_forward(c.router, {p.gate_w_ED, p.expert_bias_E}, x, t, d, batch, training, a.router);
+  }
+  DSV3_PROFILE_BEGIN(fwd_permute, "fwd.moe.permute");
   build_permutation(a.router.idx_TK.data(), a.router.kept_TK.data(), t, k_n, e_n, a.perm);
   const int64_t r_n = a.perm.rows();
   a.x_RD.resize(r_n * d);
@@ -53,7 +115,12 @@ void moe_forward(const MoeConfig& c, const MoeParams& p, const float* x, int64_t
   a.y_RD.resize(r_n * d);
   permute_rows(x, a.perm, d, a.x_RD.data());
   permute_pairs(a.router.weight_TK.data(), a.perm, a.prob_R.data());
+  DSV3_PROFILE_END(fwd_permute);
 
+  DSV3_PROFILE_BEGIN(fwd_experts, "fwd.moe.experts");
+  if (c.precision == Precision::kBF16) {
+    experts_forward_bf16(c, p, a);
+  } else {
   for (int64_t e = 0; e < e_n; ++e) {
     const int64_t n = a.perm.count(e), o = a.perm.offsets_E1[e];
     if (n == 0) continue;
@@ -66,9 +133,15 @@ void moe_forward(const MoeConfig& c, const MoeParams& p, const float* x, int64_t
     if (n == 0) continue;
     linear_forward(&a.z_RF[o * f], p.down_proj_EDF + e * d * f, &a.y_RD[o * d], n, f, d, c.precision, a.lin);
   }
+  }
+  DSV3_PROFILE_END(fwd_experts);
   // Routed sum first, then the shared expert added on top (HF's order).
-  unpermute_sum(a.y_RD.data(), a.perm, d, out, 0.f);
+  {
+    DSV3_PROFILE("fwd.moe.permute");
+    unpermute_sum(a.y_RD.data(), a.perm, d, out, 0.f);
+  }
   if (c.n_shared > 0 && t > 0) {
+    DSV3_PROFILE("fwd.moe.shared");
     const int64_t s = c.shared_ffn();
     a.sa_TS.resize(t * s);
     a.sb_TS.resize(t * s);
@@ -90,6 +163,7 @@ void moe_backward(const MoeConfig& c, const MoeParams& p, MoeActs& a, const floa
   const float* x = a.x_TD;
   float dx_beta = beta;
   if (c.n_shared > 0 && t > 0) {
+    DSV3_PROFILE("bwd.moe.shared");
     const int64_t s = c.shared_ffn();
     a.dsh_TS.resize(t * s);
     a.dsa_TS.resize(t * s);
@@ -112,7 +186,13 @@ void moe_backward(const MoeConfig& c, const MoeParams& p, MoeActs& a, const floa
   a.dx_RD.resize(r_n * d);
   a.dprob_R.resize(r_n);
   a.dweight_TK.resize(t * k_n);
+  DSV3_PROFILE_BEGIN(bwd_permute, "bwd.moe.permute");
   permute_rows(dout, a.perm, d, a.dy_RD.data());
+  DSV3_PROFILE_END(bwd_permute);
+  DSV3_PROFILE_BEGIN(bwd_experts, "bwd.moe.experts");
+  if (c.precision == Precision::kBF16) {
+    experts_backward_bf16(c, g, a);
+  } else {
   for (int64_t e = 0; e < e_n; ++e) {
     const int64_t n = a.perm.count(e), o = a.perm.offsets_E1[e];
     if (n == 0) continue;
@@ -135,8 +215,13 @@ void moe_backward(const MoeConfig& c, const MoeParams& p, MoeActs& a, const floa
     linear_backward_input(&a.db_RF[o * f], p.up_proj_EFD + e * f * d, &a.dx_RD[o * d], n, d, f, c.precision,
                           a.lin, 1.f);
   }
+  }
+  DSV3_PROFILE_END(bwd_experts);
+  DSV3_PROFILE_BEGIN(bwd_unpermute, "bwd.moe.permute");
   unpermute_sum(a.dx_RD.data(), a.perm, d, dx, dx_beta);
   unpermute_pairs(a.dprob_R.data(), a.perm, a.dweight_TK.data());
+  DSV3_PROFILE_END(bwd_unpermute);
+  DSV3_PROFILE("bwd.moe.router");
   RouterGrads rg{g.gate_w_ED};
   router_backward(c.router, {p.gate_w_ED, p.expert_bias_E}, x, d, a.router, a.dweight_TK.data(), aux_grad, rg,
                   dx, 1.f);

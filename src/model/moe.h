@@ -86,6 +86,10 @@ struct MoeActs {
   std::vector<float> dy_RD, dz_RF, da_RF, db_RF, dx_RD, dprob_R, dweight_TK;
   std::vector<float> dsh_TS, dsa_TS, dsb_TS;
   LinearScratch lin;
+  // bf16 fast path (MoeConfig::precision == kBF16): every operand converted once per step and shared by the
+  // expert GEMMs. a_RF then holds the fused [R, 2F] gate|up output (b_RF unused), da_RF its gradient.
+  std::vector<bf16> w_gu_bf, w_down_bf;  // [E, 2F, D] gate rows then up rows per expert; [E, D, F]
+  std::vector<bf16> x_bf, z_bf, dy_bf, dab_bf;
 };
 
 // out_TD = MoE(x_TD). batch: the number of sequences among the T tokens (sequence aux loss only).

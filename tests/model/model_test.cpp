@@ -56,7 +56,7 @@ RunResult run(const Golden& g, ModelOptions opt) {
   auto st = r.model->forward(g.ids.data(), g.labels.data(), g.B, g.S, true, r.logits.data());
   r.loss = st.lm_loss_sum / st.lm_tokens;
   r.model->zero_grads();
-  r.model->backward(1.f / st.lm_tokens, 0.f, 0.f);
+  r.model->backward(1.f / st.lm_tokens, 0.f);
   return r;
 }
 
@@ -126,7 +126,7 @@ TEST(ModelMtp, LossAndGradientsMatchReference) {
   EXPECT_NEAR(main_loss, ref.read_f32("main_loss")[0], 1e-5 * main_loss);
   EXPECT_NEAR(mtp_loss, ref.read_f32("mtp_loss")[0], 1e-5 * mtp_loss);
   m.zero_grads();
-  m.backward(1.f / st.lm_tokens, 0.f, 0.1f / st.mtp_tokens[0]);
+  m.backward(1.f / st.lm_tokens, 0.f, {0.1f / st.mtp_tokens[0]});
   int compared = 0;
   for (const auto& p : m.table().params()) {
     if (!p.trainable || !p.tied_to.empty()) continue;
@@ -152,7 +152,7 @@ TEST(ModelAux, SeqAuxGradientMatchesFiniteDifferences) {
   ASSERT_EQ(st.moe_layers, 2);
   EXPECT_GT(st.aux_loss_sum, 0.0);
   m.zero_grads();
-  m.backward(0.f, 1.f, 0.f);
+  m.backward(0.f, 1.f);
   int checked = 0;
   for (const char* name : {"model.layers.1.mlp.gate.weight", "model.layers.2.mlp.gate.weight",
                            "model.layers.1.self_attn.o_proj.weight"}) {

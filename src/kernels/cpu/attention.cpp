@@ -15,6 +15,7 @@
 
 #include "core/bf16.h"
 #include "core/error.h"
+#include "kernels/cpu/simd_exp.h"
 
 namespace dsv3 {
 namespace {
@@ -22,15 +23,10 @@ namespace {
 constexpr int64_t kBlock = 64;
 constexpr int kRows = 6;  // micro-kernel rows
 
-typedef float v8 __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-inline v8 ld(const float* p) {
-  v8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void st(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
+using simd::exp8;
+using simd::ld;
+using simd::st;
+using simd::v8;
 
 int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
@@ -80,28 +76,6 @@ void tile_mm(int64_t m, int64_t n, int64_t k, const float* a, int64_t ars, int64
       }
     }
   }
-}
-
-// exp on 8 lanes (Cephes expf polynomial, ~1 ulp for x in [-87, 88]; inputs below -87 give ~1e-38, not 0,
-// which is harmless for softmax weights). Scalar std::exp was a third of the forward time.
-inline v8 exp8(v8 x) {
-  const v8 hi = v8{} + 88.0f, lo = v8{} - 87.0f;
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
-  const v8 magic = v8{} + 12582912.0f;  // 1.5·2^23: adding and subtracting rounds to the nearest integer
-  const v8 n = (x * 1.44269504088896341f + magic) - magic;
-  const v8 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  v8 p = v8{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const v8 y = p * r * r + r + 1.0f;
-  const v8i e = (__builtin_convertvector(n, v8i) + 127) << 23;
-  v8 scale;
-  std::memcpy(&scale, &e, sizeof scale);
-  return y * scale;
 }
 
 // Copies rows [r0, r0+n) of one head into a zero-padded row-major [rows_out, ld] buffer (optionally bf16-rounded).

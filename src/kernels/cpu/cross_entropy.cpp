@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "kernels/cpu/gemm.h"
+#include "kernels/cpu/simd_exp.h"
 
 namespace dsv3 {
 namespace {
@@ -80,12 +81,24 @@ HeadLossResult head_cross_entropy_forward(const float* h, const float* w, const 
     chunk_logits(h_op, w, j0, c, lg, ld, t, d, p, s);
 #pragma omp parallel for schedule(static) if (t * c >= kParallelMin)
     for (int64_t i = 0; i < t; ++i) {
+      using simd::v8;
       const float* row = lg + i * ld;
+      const int64_t c8 = c / 8 * 8;
       float cm = row[0];
-      for (int64_t j = 1; j < c; ++j) cm = std::max(cm, row[j]);
+      if (c8 > 0) {
+        v8 vm = simd::ld(row);
+        for (int64_t j = 8; j < c8; j += 8) {
+          const v8 x = simd::ld(row + j);
+          vm = x > vm ? x : vm;
+        }
+        cm = simd::hmax(vm);
+      }
+      for (int64_t j = c8; j < c; ++j) cm = std::max(cm, row[j]);
       const float m = std::max(mx[i], cm);
-      float acc = 0.f;
-      for (int64_t j = 0; j < c; ++j) acc += std::exp(row[j] - m);
+      v8 vacc = v8{};
+      for (int64_t j = 0; j < c8; j += 8) vacc += simd::exp8(simd::ld(row + j) - m);
+      float acc = simd::hsum(vacc);
+      for (int64_t j = c8; j < c; ++j) acc += std::exp(row[j] - m);
       sm[i] = sm[i] * std::exp(mx[i] - m) + acc;  // exp(-inf) = 0 on the first chunk
       mx[i] = m;
       const int32_t y = labels[i];
@@ -126,7 +139,9 @@ void head_cross_entropy_backward(const float* h, const float* w, const int32_t* 
         continue;
       }
       const float g = dloss * (dloss_T ? dloss_T[i] : 1.f), l = lse[i];
-      for (int64_t j = 0; j < c; ++j) row[j] = g * std::exp(row[j] - l);
+      const int64_t c8 = c / 8 * 8;
+      for (int64_t j = 0; j < c8; j += 8) simd::st(row + j, g * simd::exp8(simd::ld(row + j) - l));
+      for (int64_t j = c8; j < c; ++j) row[j] = g * std::exp(row[j] - l);
       if (y >= j0 && y < j0 + c) row[y - j0] -= g;
     }
     const void* d_op = operand(buf, t * c, p, s.d_bf);

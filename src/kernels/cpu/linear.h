@@ -26,4 +26,20 @@ void linear_backward_input(const float* dy_TO, const float* w_OI, float* dx_TI, 
 void linear_backward_weight(const float* dy_TO, const float* x_TI, float* dw_OI, int64_t t, int64_t in, int64_t out,
                             Precision p, LinearScratch& s);
 
+// Operand-level forms for callers that reuse a converted operand across several GEMMs (MoE experts): x, w and
+// dy are GEMM operands in the precision's type (const float* for kF32, const bf16* for kBF16), with row strides
+// ld_* in elements (0: dense). linear_operand makes one; linear_operand_at offsets into one.
+const void* linear_operand(const float* x, int64_t n, Precision p, std::vector<bf16>& buf);
+inline const void* linear_operand_at(const void* base, int64_t offset, Precision p) {
+  return p == Precision::kF32 ? static_cast<const void*>(static_cast<const float*>(base) + offset)
+                              : static_cast<const void*>(static_cast<const bf16*>(base) + offset);
+}
+void linear_forward_op(const void* x, const void* w, float* y, int64_t t, int64_t in, int64_t out, Precision p,
+                       float beta = 0.f, int64_t ld_x = 0, int64_t ld_y = 0);
+void linear_backward_input_op(const void* dy, const void* w, float* dx, int64_t t, int64_t in, int64_t out,
+                              Precision p, float beta = 0.f, int64_t ld_dy = 0);
+// dw += dy^T x; dy rows of stride ld_dy.
+void linear_backward_weight_op(const void* dy, const void* x, float* dw, int64_t t, int64_t in, int64_t out,
+                               Precision p, int64_t ld_dy = 0);
+
 }  // namespace dsv3

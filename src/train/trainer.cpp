@@ -1,0 +1,494 @@
+// The training loop. Per iteration (Megatron's train_step): num_micro = GBS / (mbs · DP) micro-batches, each
+// forward + backward with the loss scaled as Megatron scales it (Σ(loss·mask)/Σmask / num_micro, aux and MTP
+// gradients / num_micro), then NaN checks, grad-norm (before clipping) and clipping, AdamW at the scheduler's
+// current lr, the expert-bias update from the batch's expert counts, and the scheduler stepped by GBS samples.
+#include "train/trainer.h"
+
+#include <omp.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+
+#include "core/error.h"
+#include "data/blended_dataset.h"
+#include "data/indexed_dataset.h"
+#include "data/tokenizer/tokenizer.h"
+#include "model/model.h"
+#include "optim/adamw.h"
+#include "optim/expert_bias.h"
+#include "optim/grad_clip.h"
+#include "optim/lr_schedule.h"
+#include "train/args.h"
+#include "train/checkpoint.h"
+#include "train/log_format.h"
+#include "train/model_from_args.h"
+#include "train/process_groups.h"
+#include "train/tensorboard.h"
+
+namespace dsv3 {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::atomic<bool> g_sigterm{false};
+void on_sigterm(int) { g_sigterm = true; }
+
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+void print_line(const ProcessGroups& pg, const std::string& s) {
+  if (!pg.is_last_rank()) return;
+  std::fputs(s.c_str(), stdout);
+  std::fputc('\n', stdout);
+  std::fflush(stdout);
+}
+
+// Sums of one iteration's micro-batches.
+struct IterStats {
+  double lm_loss_sum = 0;
+  int64_t lm_tokens = 0;
+  double aux_sum = 0;  // Σ layers Σ micro-batches of seq aux loss (already × coeff)
+  int64_t moe_layers = 0;
+  std::vector<double> mtp_sum;
+  std::vector<int64_t> mtp_tokens;
+  std::vector<std::vector<int64_t>> counts;  // per MoE layer, summed over micro-batches
+  void add(const ForwardStats& st) {
+    lm_loss_sum += st.lm_loss_sum, lm_tokens += st.lm_tokens, aux_sum += st.aux_loss_sum;
+    moe_layers = st.moe_layers;
+    mtp_sum.resize(st.mtp_loss_sum.size()), mtp_tokens.resize(st.mtp_tokens.size());
+    for (size_t k = 0; k < st.mtp_loss_sum.size(); ++k) mtp_sum[k] += st.mtp_loss_sum[k], mtp_tokens[k] += st.mtp_tokens[k];
+    counts.resize(st.tokens_per_expert.size());
+    for (size_t l = 0; l < st.tokens_per_expert.size(); ++l) {
+      counts[l].resize(st.tokens_per_expert[l].size());
+      for (size_t e = 0; e < counts[l].size(); ++e) counts[l][e] += st.tokens_per_expert[l][e];
+    }
+  }
+};
+
+class Trainer {
+ public:
+  explicit Trainer(TrainArgs a) : args_(std::move(a)) {}
+  int run();
+
+ private:
+  void setup();
+  void build_data();
+  void check_data();
+  IterStats train_step();
+  void fill_batch(const SampleDataset& ds, int64_t first, int64_t count);
+  double evaluate(const SampleDataset& ds, int64_t& consumed, const std::string& label, int64_t iteration);
+  void save(int64_t iteration);
+  std::vector<std::pair<std::string, double>> losses_of(const IterStats& s) const;
+
+  TrainArgs args_;
+  ProcessGroups pg_;
+  ModelConfig cfg_;
+  std::unique_ptr<Model> model_;
+  std::unique_ptr<AdamW> opt_;
+  std::unique_ptr<LrScheduler> sched_;
+  std::unique_ptr<EventWriter> tb_;
+  std::unique_ptr<SampleDataset> train_ds_, valid_ds_, test_ds_;
+  TrainProgress prog_;
+  int64_t S_ = 0, mbs_ = 0, gbs_ = 0, num_micro_ = 0, train_iters_ = 0, padded_vocab_ = 0;
+  double coeff_ = 0;
+  std::vector<int32_t> ids_, labels_;
+  std::vector<int64_t> moe_layer_ids_;
+  int64_t last_saved_ = -1;
+};
+
+void Trainer::setup() {
+  pg_.dp = static_cast<int>(pg_.world / (args_.i("tensor_model_parallel_size") * args_.i("pipeline_model_parallel_size") *
+                                         args_.i("context_parallel_size")));
+  for (const char* p : {"tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
+                        "context_parallel_size"})
+    DSV3_CHECK(args_.i(p) == 1, "--", p, " ", args_.i(p), " needs the distributed runtime (mpirun), which this "
+               "build runs as a single process; use 1");
+  DSV3_CHECK(args_.given("seq_length"), "--seq-length is required");
+  DSV3_CHECK(args_.given("train_iters"), "--train-iters is required");
+  DSV3_CHECK(args_.given("lr"), "--lr is required");
+  DSV3_CHECK(!args_.list("data_path").empty(), "--data-path is required");
+  S_ = args_.i("seq_length"), mbs_ = args_.i("micro_batch_size"), train_iters_ = args_.i("train_iters");
+  gbs_ = args_.given("global_batch_size") ? args_.i("global_batch_size") : mbs_ * pg_.dp;
+  args_.set("global_batch_size", std::to_string(gbs_));
+  DSV3_CHECK(S_ >= 1 && mbs_ >= 1 && train_iters_ >= 1, "--seq-length, --micro-batch-size and --train-iters must be >= 1");
+  DSV3_CHECK(gbs_ % (mbs_ * pg_.dp) == 0, "--global-batch-size (", gbs_, ") is not divisible by micro-batch-size (",
+             mbs_, ") times data-parallel size (", pg_.dp, ")");
+  num_micro_ = gbs_ / (mbs_ * pg_.dp);
+
+  int64_t tok_size = 0;
+  if (args_.given("tokenizer_model")) tok_size = Tokenizer::from_directory(args_.s("tokenizer_model")).size();
+  cfg_ = model_config_from_args(args_, tok_size);
+  padded_vocab_ = cfg_.vocab_size;
+  DSV3_CHECK(tok_size == 0 || tok_size <= padded_vocab_, "the tokenizer has ", tok_size,
+             " ids but the model's vocab_size is ", padded_vocab_);
+  DSV3_CHECK(S_ <= cfg_.max_position_embeddings, "--seq-length ", S_, " exceeds max_position_embeddings ",
+             cfg_.max_position_embeddings);
+
+  ModelOptions mo;
+  mo.precision = args_.b("bf16") ? Precision::kBF16 : Precision::kF32;
+  if (args_.given("recompute_granularity")) {
+    DSV3_CHECK(args_.s("recompute_granularity") == "full", "--recompute-granularity ",
+               args_.s("recompute_granularity"), " is not supported (dsv3 implements full)");
+    mo.recompute = true;
+  }
+  const std::string lb = args_.s("moe_router_load_balancing_type");
+  DSV3_CHECK(lb == "seq_aux_loss" || lb == "none" || lb == "aux_loss", "--moe-router-load-balancing-type ", lb,
+             " is not supported (seq_aux_loss, none)");
+  coeff_ = lb == "seq_aux_loss" ? args_.f("moe_aux_loss_coeff") : 0.0;
+  DSV3_CHECK(lb != "aux_loss" || args_.f("moe_aux_loss_coeff") == 0.0,
+             "--moe-router-load-balancing-type aux_loss (Switch/GShard) is not implemented; DeepSeek-V3 uses "
+             "seq_aux_loss");
+  mo.seq_aux_coeff = static_cast<float>(coeff_);
+  if (args_.given("moe_expert_capacity_factor") && args_.f("moe_expert_capacity_factor") >= 0) {
+    DSV3_CHECK(args_.s("moe_token_dispatcher_type") != "allgather",
+               "token dropping (--moe-expert-capacity-factor) needs --moe-token-dispatcher-type alltoall, as in "
+               "Megatron-Core");
+    mo.capacity_factor = args_.f("moe_expert_capacity_factor");
+    const std::string pol = args_.s("moe_token_drop_policy");
+    DSV3_CHECK(pol == "probs" || pol == "position", "--moe-token-drop-policy must be probs or position, not ", pol);
+    mo.drop_policy = pol == "probs" ? DropPolicy::kProbs : DropPolicy::kPosition;
+    mo.pad_to_capacity = args_.b("moe_pad_expert_input_to_capacity");
+  } else {
+    DSV3_CHECK(!args_.b("moe_pad_expert_input_to_capacity"),
+               "--moe-pad-expert-input-to-capacity requires --moe-expert-capacity-factor");
+  }
+  model_ = std::make_unique<Model>(cfg_, mo);
+  model_->init(static_cast<uint64_t>(args_.i("seed")));
+  for (int64_t i = 0; i < cfg_.num_hidden_layers + cfg_.num_nextn_predict_layers; ++i)
+    if (cfg_.is_moe_layer(i)) moe_layer_ids_.push_back(i);
+
+  opt_ = std::make_unique<AdamW>(static_cast<int64_t>(model_->params().size()),
+                                 AdamWConfig{args_.f("adam_beta1"), args_.f("adam_beta2"), args_.f("adam_eps")});
+  LrScheduleConfig lc;
+  lc.max_lr = args_.f("lr"), lc.min_lr = args_.f("min_lr"), lc.init_lr = 0;
+  lc.warmup_steps = args_.i("lr_warmup_iters") * gbs_;
+  lc.decay_steps = (args_.given("lr_decay_iters") ? args_.i("lr_decay_iters") : train_iters_) * gbs_;
+  lc.decay_style = args_.s("lr_decay_style");
+  sched_ = std::make_unique<LrScheduler>(lc);
+  prog_.seed = static_cast<uint64_t>(args_.i("seed"));
+}
+
+void Trainer::build_data() {
+  GptDatasetConfig dc;
+  dc.random_seed = args_.i("seed");
+  dc.sequence_length = S_;
+  dc.split = args_.s("split");
+  if (args_.given("tokenizer_model")) dc.tokenizer_path = args_.s("tokenizer_model");
+  if (args_.given("data_cache_path")) dc.path_to_cache = args_.s("data_cache_path");
+  const DataBlend blend = parse_data_path(args_.list("data_path"));
+  const int64_t eval_iters = args_.i("eval_iters"), eval_interval = args_.i("eval_interval");
+  const int64_t n_train = train_iters_ * gbs_;
+  const int64_t n_valid = (train_iters_ / eval_interval + 1) * eval_iters * gbs_;
+  const int64_t n_test = eval_iters * gbs_;
+  const auto split = parse_and_normalize_split(dc.split);
+  check_data();
+  train_ds_ = build_split_dataset(blend, Split::kTrain, n_train, dc);
+  DSV3_CHECK(train_ds_ && train_ds_->size() >= n_train, "the training split has ",
+             train_ds_ ? train_ds_->size() : 0, " samples of ", S_ + 1, " tokens; ", n_train, " are needed");
+  if (eval_iters > 0 && split[1] > 0) valid_ds_ = build_split_dataset(blend, Split::kValid, n_valid, dc);
+  if (eval_iters > 0 && split[2] > 0) test_ds_ = build_split_dataset(blend, Split::kTest, n_test, dc);
+}
+
+// Before any index is built: each dataset holds at least one sample, and every token id fits the embedding (one
+// pass over every .bin of the blend).
+void Trainer::check_data() {
+  const DataBlend blend = parse_data_path(args_.list("data_path"));
+  for (const auto& prefix : blend.prefixes) {
+    IndexedDataset ds(prefix);
+    DSV3_CHECK(ds.token_count() >= S_ + 1, prefix, " holds ", ds.token_count(),
+               " tokens, too few for one sample of --seq-length + 1 = ", S_ + 1, " tokens");
+    int64_t worst = -1, worst_seq = -1;
+    for (int64_t s = 0; s < ds.sequence_count(); ++s) {
+      for (int64_t id : ds.get(s))
+        if (id >= padded_vocab_ || id < 0) worst = id, worst_seq = s;
+      if (worst >= 0) break;
+    }
+    DSV3_CHECK(worst < 0, prefix, ": token id ", worst, " in sequence ", worst_seq,
+               " is outside the model's vocabulary [0, ", padded_vocab_,
+               ") — was the data tokenized with another tokenizer?");
+  }
+}
+
+void Trainer::fill_batch(const SampleDataset& ds, int64_t first, int64_t count) {
+  ids_.resize(count * S_), labels_.resize(count * S_);
+  for (int64_t b = 0; b < count; ++b) {
+    const auto x = ds.sample(first + b);
+    DSV3_CHECK(static_cast<int64_t>(x.size()) == S_ + 1, "sample ", first + b, " has ", x.size(), " tokens");
+    for (int64_t s = 0; s < S_; ++s) {
+      ids_[b * S_ + s] = static_cast<int32_t>(x[s]);
+      labels_[b * S_ + s] = static_cast<int32_t>(x[s + 1]);
+    }
+  }
+}
+
+IterStats Trainer::train_step() {
+  IterStats it;
+  model_->zero_grads();
+  const int64_t depths = cfg_.num_nextn_predict_layers;
+  const double mtp_factor = args_.f("mtp_loss_scaling_factor");
+  for (int64_t m = 0; m < num_micro_; ++m) {
+    // MegatronPretrainingSampler: this rank's slice of the chunk of mbs·DP samples.
+    const int64_t first = prog_.consumed_train_samples + m * mbs_ * pg_.dp + pg_.dp_rank * mbs_;
+    fill_batch(*train_ds_, first, mbs_);
+    ForwardStats st = model_->forward(ids_.data(), labels_.data(), mbs_, S_, true);
+    if (args_.b("check_for_nan_in_loss_and_grad") && !std::isfinite(st.lm_loss_sum))
+      fail("Rank ", pg_.rank, ", iteration ", prog_.iteration + 1, ": Unexpected result ", st.lm_loss_sum,
+           " (message='found NaN in local forward loss calculation')");
+    std::vector<float> mtp_scales;
+    for (int64_t k = 0; k < depths; ++k)
+      mtp_scales.push_back(st.mtp_tokens[k] ? static_cast<float>(mtp_factor / depths / st.mtp_tokens[k] / num_micro_)
+                                            : 0.f);
+    const float lm_scale = st.lm_tokens ? 1.f / static_cast<float>(st.lm_tokens * num_micro_) : 0.f;
+    model_->backward(lm_scale, 1.f / static_cast<float>(num_micro_), mtp_scales);
+    it.add(st);
+  }
+  return it;
+}
+
+std::vector<std::pair<std::string, double>> Trainer::losses_of(const IterStats& s) const {
+  std::vector<std::pair<std::string, double>> out;
+  out.emplace_back("lm loss", s.lm_tokens ? s.lm_loss_sum / s.lm_tokens : 0.0);
+  if (coeff_ > 0 && s.moe_layers > 0)
+    out.emplace_back("load_balancing_loss", s.aux_sum / coeff_ / num_micro_ / s.moe_layers);
+  for (size_t k = 0; k < s.mtp_sum.size(); ++k)
+    out.emplace_back("mtp_" + std::to_string(k + 1) + " loss", s.mtp_tokens[k] ? s.mtp_sum[k] / s.mtp_tokens[k] : 0.0);
+  return out;
+}
+
+double Trainer::evaluate(const SampleDataset& ds, int64_t& consumed, const std::string& label, int64_t iteration) {
+  double sum = 0;
+  int64_t tokens = 0;
+  for (int64_t e = 0; e < args_.i("eval_iters"); ++e) {
+    for (int64_t m = 0; m < num_micro_; ++m) {
+      const int64_t first = consumed + m * mbs_ * pg_.dp + pg_.dp_rank * mbs_;
+      DSV3_CHECK(first + mbs_ <= ds.size(), "the ", label, " split ran out of samples");
+      fill_batch(ds, first, mbs_);
+      auto st = model_->forward(ids_.data(), labels_.data(), mbs_, S_, false);
+      sum += st.lm_loss_sum, tokens += st.lm_tokens;
+    }
+    consumed += gbs_;
+  }
+  const double loss = tokens ? sum / tokens : 0.0;
+  const bool test = label == "test";
+  // Megatron's evaluate_and_print_results: the test set reuses the validation wording with "on test set".
+  const std::string what = "validation loss at iteration " + std::to_string(iteration) + (test ? " on test set" : "");
+  print_line(pg_, format_eval_block(what, {{"lm loss", loss}}));
+  if (tb_ && !test) {
+    const std::string key = "lm loss validation";
+    const double ppl = std::exp(std::min(20.0, loss));
+    tb_->add_scalar(key, loss, iteration);
+    tb_->add_scalar(key + " vs samples", loss, prog_.consumed_train_samples);
+    tb_->add_scalar(key + " vs tokens", loss, prog_.consumed_train_samples * S_);
+    tb_->add_scalar(key + " ppl", ppl, iteration);
+    tb_->add_scalar(key + " ppl vs samples", ppl, prog_.consumed_train_samples);
+    tb_->add_scalar(key + " ppl vs tokens", ppl, prog_.consumed_train_samples * S_);
+    tb_->flush();
+  }
+  return loss;
+}
+
+void Trainer::save(int64_t iteration) {
+  if (!args_.given("save") || last_saved_ == iteration) return;
+  prog_.optimizer_step = opt_->step();
+  prog_.scheduler_num_steps = sched_->num_steps();
+  CheckpointTensors t{&model_->table(), &model_->store(), model_->params().data(), opt_->exp_avg().data(),
+                      opt_->exp_avg_sq().data()};
+  RankInfo r{pg_.rank, pg_.world};
+  const auto t0 = Clock::now();
+  save_checkpoint(args_.s("save"), prog_, t, args_.all_map(), cfg_, r);
+  last_saved_ = iteration;
+  print_line(pg_, "  successfully saved checkpoint from iteration " + std::to_string(iteration) + " to " +
+                      args_.s("save") + " [ t " + std::to_string(pg_.tp) + "/" + std::to_string(pg_.tp) + ", p " +
+                      std::to_string(pg_.pp) + "/" + std::to_string(pg_.pp) + " ] (" +
+                      std::to_string(seconds_since(t0)).substr(0, 5) + " s)");
+}
+
+int Trainer::run() {
+  const auto start = Clock::now();
+  if (args_.given("kill_switch_file") && std::filesystem::exists(args_.s("kill_switch_file"))) {
+    print_line(pg_, "Detected kill switch at " + args_.s("kill_switch_file") + ". Exiting");
+    return 0;
+  }
+  setup();
+  print_line(pg_, format_arguments_block(args_.all()));
+  if (args_.b("exit_signal_handler")) std::signal(SIGTERM, on_sigterm);
+
+  if (args_.given("load")) {
+    std::string msg;
+    LoadTargets lt{&model_->table(), &model_->store(), model_->params().data(),
+                   args_.b("no_load_optim") ? nullptr : opt_->exp_avg().data(),
+                   args_.b("no_load_optim") ? nullptr : opt_->exp_avg_sq().data()};
+    auto p = load_checkpoint(args_.s("load"), lt, cfg_, RankInfo{pg_.rank, pg_.world}, nullptr, &msg);
+    if (!msg.empty()) print_line(pg_, msg);
+    if (p) {
+      prog_ = *p;
+      if (!args_.b("no_load_optim")) {
+        opt_->set_step(prog_.optimizer_step);
+        sched_->set_num_steps(prog_.scheduler_num_steps);
+      }
+      last_saved_ = prog_.iteration;
+      print_line(pg_, "  successfully loaded checkpoint from " + args_.s("load") + " at iteration " +
+                          std::to_string(prog_.iteration));
+    }
+  }
+  build_data();
+  if (args_.given("tensorboard_dir") && pg_.is_last_rank()) {
+    tb_ = std::make_unique<EventWriter>(args_.s("tensorboard_dir"));
+    for (const auto& [k, v] : args_.all()) tb_->add_text(k, v, prog_.iteration);
+    tb_->flush();
+  }
+
+  const int64_t log_interval = args_.i("log_interval"), eval_interval = args_.i("eval_interval");
+  const int64_t save_interval = args_.given("save_interval") ? args_.i("save_interval") : 0;
+  const double max_norm = args_.f("clip_grad");
+  const bool bias_update = args_.b("moe_router_enable_expert_bias");
+  const double bias_rate = args_.f("moe_router_bias_update_rate");
+  const double flops_per_iter = megatron_flops_per_iteration(cfg_, gbs_, S_, padded_vocab_, cfg_.num_nextn_predict_layers);
+  const auto& table = model_->table();
+  const auto& store = model_->store();
+
+  // Interval accumulators for the log line.
+  std::vector<std::pair<std::string, double>> interval_losses;
+  int64_t interval_iters = 0;
+  double interval_seconds = 0;
+  std::string exit_message;
+
+  while (prog_.iteration < train_iters_) {
+    const auto t0 = Clock::now();
+    IterStats st;
+    try {
+      st = train_step();
+    } catch (const Error& e) {
+      const std::string what = e.what();
+      if (what.rfind("Rank ", 0) == 0) throw;  // already names rank and iteration
+      fail("Rank ", pg_.rank, ", iteration ", prog_.iteration + 1, ": ", what,
+           "; the last checkpoint is left as it was");
+    }
+    auto& grads = model_->grads();
+    const double norm = l2_norm(grads.data(), static_cast<int64_t>(grads.size()));
+    if (args_.b("check_for_nan_in_loss_and_grad") && !std::isfinite(norm))
+      fail("Rank ", pg_.rank, ", iteration ", prog_.iteration + 1, ": found NaN/Inf in the gradient (grad norm ",
+           norm, ") before the optimizer step; the last checkpoint is left as it was");
+    const double coeff = max_norm > 0 ? clip_coefficient(norm, max_norm) : 1.0;
+    if (coeff < 1.0) scale_inplace(grads.data(), static_cast<int64_t>(grads.size()), static_cast<float>(coeff));
+    const double lr = sched_->lr();
+    const double wd = args_.f("weight_decay");
+    opt_->begin_step();
+    float* params = model_->params().data();
+    for (const auto& p : table.params()) {
+      if (!p.tied_to.empty() || !p.trainable) continue;
+      opt_->update(params, grads.data(), store.offset(p.name), p.numel, lr, p.weight_decay ? wd : 0.0);
+    }
+    if (bias_update)
+      for (size_t l = 0; l < st.counts.size() && l < moe_layer_ids_.size(); ++l)
+        update_expert_bias(model_->param("model.layers." + std::to_string(moe_layer_ids_[l]) +
+                                         ".mlp.gate.e_score_correction_bias"),
+                           st.counts[l].data(), static_cast<int64_t>(st.counts[l].size()), bias_rate);
+    sched_->step(gbs_);
+    prog_.iteration++;
+    prog_.consumed_train_samples += gbs_;
+    prog_.flops_so_far += flops_per_iter;
+    const double iter_seconds = seconds_since(t0);
+
+    // TensorBoard every iteration (Megatron's tensorboard_log_interval 1), the line every log_interval.
+    const auto losses = losses_of(st);
+    const double next_lr = sched_->lr();
+    if (tb_) {
+      const int64_t it = prog_.iteration, smp = prog_.consumed_train_samples, tok = smp * S_;
+      tb_->add_scalar("learning-rate", next_lr, it);
+      tb_->add_scalar("learning-rate vs samples", next_lr, smp);
+      tb_->add_scalar("batch-size", gbs_, it);
+      tb_->add_scalar("batch-size vs samples", gbs_, smp);
+      for (const auto& [k, v] : losses) {
+        tb_->add_scalar(k, v, it);
+        tb_->add_scalar(k + " vs samples", v, smp);
+        tb_->add_scalar(k + " vs tokens", v, tok);
+      }
+      tb_->add_scalar("lm-loss-training/lm loss vs tokens", losses[0].second, tok);
+      tb_->add_scalar("loss-scale", 1.0, it);
+      tb_->add_scalar("loss-scale vs samples", 1.0, smp);
+      tb_->add_scalar("grad-norm", norm, it);
+      tb_->add_scalar("grad-norm vs samples", norm, smp);
+      tb_->add_scalar("grad-norm vs tokens", norm, tok);
+      tb_->add_scalar("grad-norm/grad-norm vs tokens", norm, tok);
+    }
+    if (interval_losses.empty()) interval_losses = losses;
+    else
+      for (size_t k = 0; k < losses.size(); ++k) interval_losses[k].second += losses[k].second;
+    interval_iters++;
+    interval_seconds += iter_seconds;
+    if (prog_.iteration % log_interval == 0) {
+      IterationLogFields f;
+      f.timestamp = timestamp_now();
+      f.iteration = prog_.iteration, f.train_iters = train_iters_, f.seq_length = S_;
+      f.consumed_samples = prog_.consumed_train_samples;
+      f.elapsed_ms = interval_seconds / interval_iters * 1000.0;
+      f.samples_per_s = gbs_ / (f.elapsed_ms / 1000.0);
+      f.tokens_per_s = f.samples_per_s * S_;
+      f.tflops_per_gpu = flops_per_iter / (f.elapsed_ms / 1000.0 * 1e12 * pg_.world);
+      f.learning_rate = next_lr;
+      f.global_batch_size = gbs_;
+      for (auto& [k, v] : interval_losses) f.losses.emplace_back(k, v / interval_iters);
+      f.grad_norm = norm;
+      print_line(pg_, format_iteration_line(f));
+      if (tb_) {
+        tb_->add_scalar("iteration-time", f.elapsed_ms / 1000.0, prog_.iteration);
+        tb_->add_scalar("throughput", f.tflops_per_gpu, prog_.iteration);
+      }
+      interval_losses.clear(), interval_iters = 0, interval_seconds = 0;
+    }
+    if (tb_) tb_->flush();
+    if (valid_ds_ && eval_interval > 0 && prog_.iteration % eval_interval == 0 && prog_.iteration < train_iters_)
+      evaluate(*valid_ds_, prog_.consumed_valid_samples, "validation", prog_.iteration);
+    // Exit controls, in Megatron's order: save interval, SIGTERM, duration, exit interval, kill switch.
+    if (save_interval > 0 && prog_.iteration % save_interval == 0) save(prog_.iteration);
+    if (g_sigterm) {
+      save(prog_.iteration);
+      exit_message = "exiting program after receiving SIGTERM.";
+      break;
+    }
+    if (args_.given("exit_duration_in_mins")) {
+      const double mins = seconds_since(start) / 60.0;
+      if (mins > static_cast<double>(args_.i("exit_duration_in_mins"))) {
+        save(prog_.iteration);
+        exit_message = "exiting program after " + std::to_string(mins) + " minutes";
+        break;
+      }
+    }
+    if (args_.given("exit_interval") && args_.i("exit_interval") > 0 && prog_.iteration % args_.i("exit_interval") == 0) {
+      save(prog_.iteration);
+      exit_message = "exiting program at iteration " + std::to_string(prog_.iteration);
+      break;
+    }
+    if (args_.given("kill_switch_file") && std::filesystem::exists(args_.s("kill_switch_file"))) {
+      save(prog_.iteration);
+      exit_message = "Detected kill switch at " + args_.s("kill_switch_file") + ", iteration=" +
+                     std::to_string(prog_.iteration) + ". Exiting";
+      break;
+    }
+  }
+  if (!exit_message.empty()) {
+    print_line(pg_, exit_message);
+    return 0;
+  }
+  save(prog_.iteration);
+  if (valid_ds_) evaluate(*valid_ds_, prog_.consumed_valid_samples, "validation", prog_.iteration);
+  if (test_ds_) {
+    int64_t consumed_test = 0;
+    evaluate(*test_ds_, consumed_test, "test", prog_.iteration);
+  }
+  return 0;
+}
+
+}  // namespace
+
+int run_training(int argc, char** argv) {
+  Trainer t(TrainArgs::parse(argc, argv));
+  return t.run();
+}
+
+}  // namespace dsv3
