@@ -5,6 +5,7 @@
 #include <cstdlib>
 
 #include "core/error.h"
+#include "train/log_format.h"
 
 namespace dsv3 {
 namespace {
@@ -261,6 +262,8 @@ std::vector<std::pair<std::string, std::string>> TrainArgs::all() const {
         v += "]";
       } else if (sp.kind == Kind::kFlag) {
         v = it->second[0] == "true" ? "True" : "False";
+      } else if (sp.kind == Kind::kFloat) {
+        v = python_float_str(std::strtod(it->second[0].c_str(), nullptr));  // 3e-3 prints as 0.003
       } else {
         v = it->second[0];
       }

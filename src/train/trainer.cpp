@@ -455,7 +455,7 @@ int Trainer::run() {
       const double mins = seconds_since(start) / 60.0;
       if (mins > static_cast<double>(args_.i("exit_duration_in_mins"))) {
         save(prog_.iteration);
-        exit_message = "exiting program after " + std::to_string(mins) + " minutes";
+        exit_message = "exiting program after " + python_float_str(mins) + " minutes";
         break;
       }
     }

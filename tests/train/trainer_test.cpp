@@ -99,26 +99,26 @@ TEST(Train, LogsMegatronLinesAndLossFalls) {
   EXPECT_TRUE(found);
 }
 
-// A run stopped at iteration 4 (exit interval, which saves) and resumed with --load reproduces the losses and
+// A run stopped at iteration 3 (exit interval, which saves) and resumed with --load reproduces the losses and
 // grad norms of an uninterrupted run exactly, in fp32 and in bf16.
 void expect_resume_is_exact(const std::string& precision) {
   const auto dir = testing::scratch_dir();
   const auto data = make_data(dir);
-  const std::string args = base_args(dir, data) + " --train-iters 8 " + precision;
+  const std::string args = base_args(dir, data) + " --train-iters 6 " + precision;
   auto full = run_dsv3(args, dir);
   ASSERT_EQ(full.rc, 0) << full.out;
-  auto first = run_dsv3(args + " --save " + (dir / "ckpt").string() + " --exit-interval 4", dir);
+  auto first = run_dsv3(args + " --save " + (dir / "ckpt").string() + " --exit-interval 3", dir);
   ASSERT_EQ(first.rc, 0) << first.out;
-  EXPECT_NE(first.out.find("exiting program at iteration 4"), std::string::npos) << first.out;
-  EXPECT_EQ(slurp(dir / "ckpt/latest_checkpointed_iteration.txt").substr(0, 1), "4");
+  EXPECT_NE(first.out.find("exiting program at iteration 3"), std::string::npos) << first.out;
+  EXPECT_EQ(slurp(dir / "ckpt/latest_checkpointed_iteration.txt").substr(0, 1), "3");
   auto second = run_dsv3(args + " --load " + (dir / "ckpt").string(), dir);
   ASSERT_EQ(second.rc, 0) << second.out;
   auto a = iteration_lines(full.out), b = iteration_lines(first.out), c = iteration_lines(second.out);
-  ASSERT_EQ(a.size(), 8u);
-  ASSERT_EQ(b.size(), 4u);
-  ASSERT_EQ(c.size(), 4u) << second.out;
-  for (int k = 0; k < 4; ++k) EXPECT_EQ(a[k], b[k]);
-  for (int k = 0; k < 4; ++k) EXPECT_EQ(a[4 + k], c[k]);
+  ASSERT_EQ(a.size(), 6u);
+  ASSERT_EQ(b.size(), 3u);
+  ASSERT_EQ(c.size(), 3u) << second.out;
+  for (int k = 0; k < 3; ++k) EXPECT_EQ(a[k], b[k]);
+  for (int k = 0; k < 3; ++k) EXPECT_EQ(a[3 + k], c[k]);
 }
 
 TEST(Train, ResumeIsBitIdenticalFp32) { expect_resume_is_exact(""); }
@@ -133,6 +133,41 @@ TEST(Train, KillSwitchSavesAndExits) {
   EXPECT_EQ(r0.rc, 0);
   EXPECT_NE(r0.out.find("Detected kill switch at " + ks.string() + ". Exiting"), std::string::npos) << r0.out;
   EXPECT_TRUE(iteration_lines(r0.out).empty());
+}
+
+// The kill switch appearing mid-run, and the duration limit: both save, print Megatron's message and exit 0.
+TEST(Train, KillSwitchMidRunAndDurationLimitSave) {
+  const auto dir = testing::scratch_dir();
+  const auto data = make_data(dir);
+  const auto ks = dir / "stop-later";
+  const auto log = dir / "ks.log";
+  const std::string cmd = testing::dsv3_binary().string() + " " + base_args(dir, data) +
+                          " --train-iters 100000 --kill-switch-file " + ks.string() + " --save " +
+                          (dir / "ckpt").string() + " >" + log.string() + " 2>&1";
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    execl("/bin/sh", "sh", "-c", ("exec " + cmd).c_str(), (char*)nullptr);
+    _exit(127);
+  }
+  for (int k = 0; k < 600 && iteration_lines(slurp(log)).size() < 2; ++k) usleep(100000);
+  std::ofstream(ks) << "";
+  int status = 0;
+  waitpid(pid, &status, 0);
+  const std::string out = slurp(log);
+  ASSERT_TRUE(WIFEXITED(status)) << out;
+  EXPECT_EQ(WEXITSTATUS(status), 0) << out;
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(out, m, std::regex("Detected kill switch at " + ks.string() + ", iteration=([0-9]+). Exiting")))
+      << out;
+  EXPECT_EQ(slurp(dir / "ckpt/latest_checkpointed_iteration.txt"), m[1].str());
+
+  auto r = run_dsv3(base_args(dir, data) + " --train-iters 100 --exit-duration-in-mins 0 --save " +
+                        (dir / "ckpt2").string(), dir);
+  EXPECT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("exiting program after "), std::string::npos) << r.out;
+  EXPECT_EQ(iteration_lines(r.out).size(), 1u);
+  EXPECT_EQ(slurp(dir / "ckpt2/latest_checkpointed_iteration.txt"), "1");
 }
 
 TEST(Train, SigtermSavesAndExits) {
