@@ -19,7 +19,7 @@ echo
 echo "== dsv3 train ($ITERS iterations, seq 128, global batch 8, bf16, 2 threads)"
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} ./build/dsv3 train \
   --model-config examples/deepseek/configs/demo-cpu.json \
-  --data-path "$OUT/sotu_text_document" --split 969,30,1 --data-cache-path "$OUT/cache" \
+  --data-path "$OUT/sotu_text_document" --split 90,8,2 --data-cache-path "$OUT/cache" \
   --tokenizer-type HuggingFaceTokenizer --tokenizer-model data/tiny-4k \
   --seq-length 128 --micro-batch-size 4 --global-batch-size 8 --train-iters "$ITERS" \
   --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters 20 --lr-decay-style cosine --weight-decay 0.1 \
