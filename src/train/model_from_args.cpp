@@ -7,7 +7,10 @@
 
 namespace dsv3 {
 
-void parse_moe_layer_freq(const std::string& expr, int64_t num_layers, int64_t& first_k_dense, int64_t& freq) {
+void parse_moe_layer_freq(const std::string& expr_in, int64_t num_layers, int64_t& first_k_dense, int64_t& freq) {
+  // Megatron evaluates the string as Python, so the seed's "([0]*3+[1]*58)" is valid too.
+  std::string expr = expr_in;
+  while (expr.size() >= 2 && expr.front() == '(' && expr.back() == ')') expr = expr.substr(1, expr.size() - 2);
   std::smatch m;
   if (std::regex_match(expr, m, std::regex(R"(\s*(\d+)\s*)"))) {
     first_k_dense = 0, freq = std::stoll(m[1]);
