@@ -1,9 +1,29 @@
-// `dsv3 train`: Megatron-LM's pretrain_gpt.py flags; see src/train/trainer.h.
+// `dsv3 train`: Megatron-LM's pretrain_gpt.py flags; see src/train/trainer.h. Under mpirun every rank runs this
+// with MPI (parallel/comm.h); started directly it is one plain process and MPI is never initialised.
+#include <cstdio>
+#include <exception>
+
 #include "cli/commands.h"
+#include "core/error.h"
+#include "parallel/comm.h"
 #include "train/trainer.h"
 
 namespace dsv3::cli {
 
-int train_main(int argc, char** argv) { return run_training(argc, argv); }
+int train_main(int argc, char** argv) {
+  Runtime rt(&argc, &argv);
+  Comm& world = rt.world();
+  if (world.size() == 1) return run_training(argc, argv, world);
+  // Several ranks: a rank that fails may leave the others waiting in a collective, so it prints its error and
+  // ends the whole job (MPI_Abort) instead of returning.
+  try {
+    return run_training(argc, argv, world);
+  } catch (const Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "internal error: %s\n", e.what());
+  }
+  world.abort(1);
+}
 
 }  // namespace dsv3::cli

@@ -106,6 +106,9 @@ const Spec kSpecs[] = {
     {"--context-parallel-size", Kind::kInt, "1"},
     {"--sequence-parallel", Kind::kFlag, nullptr},
     {"--use-distributed-optimizer", Kind::kFlag, nullptr},
+    // timers: level >= 1 prints Megatron's "(min, max) time across ranks (ms):" block after each log line
+    {"--timing-log-level", Kind::kInt, "0"},
+    {"--timing-log-option", Kind::kString, "minmax"},
 };
 
 // Megatron flags that are recognised but not implemented: refused by name with the reason.

@@ -326,8 +326,9 @@ void save_checkpoint(const std::string& dir, const TrainProgress& p, const Check
   DSV3_CHECK(t.table && t.store && t.params, "save_checkpoint: table, store and params are required");
   DSV3_CHECK((t.exp_avg == nullptr) == (t.exp_avg_sq == nullptr),
              "save_checkpoint: exp_avg and exp_avg_sq must be given together");
-  DSV3_CHECK(r.world == 1 && r.rank == 0, "save_checkpoint: rank ", r.rank, " of ", r.world,
-             ": multi-rank checkpoints are not implemented yet (one rank only)");
+  DSV3_CHECK(r.rank == 0 && (r.world == 1 || r.replicated), "save_checkpoint: rank ", r.rank, " of ", r.world,
+             ": sharded multi-rank checkpoints are not implemented yet (one rank, or rank 0 of a data-parallel "
+             "job with replicated state)");
   DSV3_CHECK(p.iteration >= 0, "save_checkpoint: negative iteration ", p.iteration);
   const std::string mismatch = first_config_math_difference(t.table->config(), cfg);
   DSV3_CHECK(mismatch.empty(), "save_checkpoint: the parameter table was built for another config (",

@@ -26,8 +26,9 @@
 //         "tensors": { tensor name: { "file": f, "global_shape": [..],
 //                                     "slice": { "offsets": [..], "lengths": [..] },   this rank's block
 //                                     "tied_to": name (copies only) } } }
-//     With one rank every slice is the whole tensor. Multi-rank saves (one file set per rank, slices by
-//     TP/EP/PP) come with the distributed issue; the loader refuses a slice it cannot place.
+//     With one rank, and under data parallelism alone (replicated state: rank 0 writes, "world" records the
+//     job's size), every slice is the whole tensor, so any layout loads it. Sharded saves (one file set per rank,
+//     slices by TP/EP/PP) come with expert parallelism; the loader refuses a slice it cannot place.
 //
 // Crash safety: everything is written into DIR/iter_XXXXXXX.tmp.<pid>/, each file fsynced, the directory
 // fsynced; then it takes the final name (an existing directory of the same iteration is swapped out
@@ -53,6 +54,9 @@ inline constexpr int kCheckpointFormatVersion = 1;
 
 struct RankInfo {
   int rank = 0, world = 1;  // later: tp, ep, dp, pp ranks
+  // Every rank holds the whole model and optimizer state (data parallelism only): rank 0 writes the one file set
+  // of a world-size-1 checkpoint, every rank loads it.
+  bool replicated = false;
 };
 
 struct TrainProgress {

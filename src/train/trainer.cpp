@@ -1,7 +1,11 @@
-// The training loop. Per iteration (Megatron's train_step): num_micro = GBS / (mbs · DP) micro-batches, each
-// forward + backward with the loss scaled as Megatron scales it (Σ(loss·mask)/Σmask / num_micro, aux and MTP
-// gradients / num_micro), then NaN checks, grad-norm (before clipping) and clipping, AdamW at the scheduler's
-// current lr, the expert-bias update from the batch's expert counts, and the scheduler stepped by GBS samples.
+// The training loop. Per iteration (Megatron's train_step): num_micro = GBS / (mbs · DP) micro-batches on each
+// data-parallel rank (its slice of the global sample order, spec §4.8), each forward + backward with the loss
+// scaled as Megatron scales it (Σ(loss·mask)/Σmask / num_micro, aux and MTP gradients / num_micro), then the
+// data-parallel gradient all-reduce (parallel/data_parallel.h: the result is the global batch's gradient on every
+// rank), the loss sums and expert counts all-reduced, NaN checks, grad-norm (before clipping) and clipping, AdamW
+// at the scheduler's current lr (identical on every rank: parameters are replicated), the expert-bias update from
+// the global expert counts, and the scheduler stepped by GBS samples. Every decision that ends or changes the loop
+// (NaN, SIGTERM, duration, kill switch) is agreed by an all-reduce, so no rank is left waiting in a collective.
 #include "train/trainer.h"
 
 #include <omp.h>
@@ -27,7 +31,9 @@
 #include "train/checkpoint.h"
 #include "train/log_format.h"
 #include "train/model_from_args.h"
-#include "train/process_groups.h"
+#include "parallel/comm.h"
+#include "parallel/data_parallel.h"
+#include "parallel/process_groups.h"
 #include "train/tensorboard.h"
 
 namespace dsv3 {
@@ -69,9 +75,22 @@ struct IterStats {
   }
 };
 
+// Megatron's timers (--timing-log-level >= 1): seconds per name accumulated over the log interval.
+struct Timers {
+  std::vector<std::pair<std::string, double>> t;
+  void add(const std::string& name, double s) {
+    for (auto& [k, v] : t)
+      if (k == name) {
+        v += s;
+        return;
+      }
+    t.emplace_back(name, s);
+  }
+};
+
 class Trainer {
  public:
-  explicit Trainer(TrainArgs a) : args_(std::move(a)) {}
+  Trainer(TrainArgs a, Comm& world) : args_(std::move(a)), world_(world) {}
   int run();
 
  private:
@@ -83,9 +102,21 @@ class Trainer {
   double evaluate(const SampleDataset& ds, int64_t& consumed, const std::string& label, int64_t iteration);
   void save(int64_t iteration);
   std::vector<std::pair<std::string, double>> losses_of(const IterStats& s) const;
+  void reduce_stats(IterStats& s);
+  std::string timers_block(int64_t iterations);
+  // An exit condition seen by any rank, as every rank's decision.
+  bool any_rank(bool local) {
+    int64_t v = local ? 1 : 0;
+    world_.allreduce(&v, 1, ReduceOp::kMax);
+    return v != 0;
+  }
 
   TrainArgs args_;
+  Comm& world_;
   ProcessGroups pg_;
+  std::unique_ptr<GroupComms> comms_;
+  std::unique_ptr<DataParallelGrads> ddp_;
+  Timers timers_;
   ModelConfig cfg_;
   std::unique_ptr<Model> model_;
   std::unique_ptr<AdamW> opt_;
@@ -101,16 +132,37 @@ class Trainer {
 };
 
 void Trainer::setup() {
-  pg_.dp = static_cast<int>(pg_.world / (args_.i("tensor_model_parallel_size") * args_.i("pipeline_model_parallel_size") *
-                                         args_.i("context_parallel_size")));
-  for (const char* p : {"tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
-                        "context_parallel_size"})
-    DSV3_CHECK(args_.i(p) == 1, "--", p, " ", args_.i(p), " needs the distributed runtime (mpirun), which this "
-               "build runs as a single process; use 1");
   DSV3_CHECK(args_.given("seq_length"), "--seq-length is required");
   DSV3_CHECK(args_.given("train_iters"), "--train-iters is required");
   DSV3_CHECK(args_.given("lr"), "--lr is required");
   DSV3_CHECK(!args_.list("data_path").empty(), "--data-path is required");
+
+  int64_t tok_size = 0;
+  if (args_.given("tokenizer_model")) tok_size = Tokenizer::from_directory(args_.s("tokenizer_model")).size();
+  cfg_ = model_config_from_args(args_, tok_size);
+  padded_vocab_ = cfg_.vocab_size;
+
+  // The layout (spec §8): impossible sizes are refused with the rule they break; then the parts of the layout
+  // that are not implemented yet are refused by flag.
+  ParallelSizes ps;
+  ps.tp = static_cast<int>(args_.i("tensor_model_parallel_size"));
+  ps.cp = static_cast<int>(args_.i("context_parallel_size"));
+  ps.ep = static_cast<int>(args_.i("expert_model_parallel_size"));
+  ps.pp = static_cast<int>(args_.i("pipeline_model_parallel_size"));
+  if (cfg_.n_routed_experts > 0) ps.num_experts = cfg_.n_routed_experts;
+  pg_ = ProcessGroups::build(world_.size(), world_.rank(), ps);
+  const struct {
+    const char *dest, *flag, *what;
+  } unimplemented[] = {{"tensor_model_parallel_size", "--tensor-model-parallel-size", "tensor"},
+                       {"pipeline_model_parallel_size", "--pipeline-model-parallel-size", "pipeline"},
+                       {"expert_model_parallel_size", "--expert-model-parallel-size", "expert"},
+                       {"context_parallel_size", "--context-parallel-size", "context"}};
+  for (const auto& u : unimplemented)
+    DSV3_CHECK(args_.i(u.dest) == 1, u.flag, " ", args_.i(u.dest), ": ", u.what, " parallelism is not implemented "
+               "yet in dsv3's distributed runtime; data parallelism is (start the ranks with mpirun and leave the "
+               "other parallel sizes at 1)");
+  comms_ = std::make_unique<GroupComms>(pg_, world_);
+
   S_ = args_.i("seq_length"), mbs_ = args_.i("micro_batch_size"), train_iters_ = args_.i("train_iters");
   gbs_ = args_.given("global_batch_size") ? args_.i("global_batch_size") : mbs_ * pg_.dp;
   args_.set("global_batch_size", std::to_string(gbs_));
@@ -119,10 +171,6 @@ void Trainer::setup() {
              mbs_, ") times data-parallel size (", pg_.dp, ")");
   num_micro_ = gbs_ / (mbs_ * pg_.dp);
 
-  int64_t tok_size = 0;
-  if (args_.given("tokenizer_model")) tok_size = Tokenizer::from_directory(args_.s("tokenizer_model")).size();
-  cfg_ = model_config_from_args(args_, tok_size);
-  padded_vocab_ = cfg_.vocab_size;
   DSV3_CHECK(tok_size == 0 || tok_size <= padded_vocab_, "the tokenizer has ", tok_size,
              " ids but the model's vocab_size is ", padded_vocab_);
   DSV3_CHECK(S_ <= cfg_.max_position_embeddings, "--seq-length ", S_, " exceeds max_position_embeddings ",
@@ -157,7 +205,9 @@ void Trainer::setup() {
                "--moe-pad-expert-input-to-capacity requires --moe-expert-capacity-factor");
   }
   model_ = std::make_unique<Model>(cfg_, mo);
-  model_->init(static_cast<uint64_t>(args_.i("seed")));
+  model_->init(static_cast<uint64_t>(args_.i("seed")));  // the same weights on every rank (principle 4)
+  ddp_ = std::make_unique<DataParallelGrads>(model_->table(), model_->store(), pg_, *comms_,
+                                             DataParallelGrads::default_bucket_numel(pg_.dp));
   for (int64_t i = 0; i < cfg_.num_hidden_layers + cfg_.num_nextn_predict_layers; ++i)
     if (cfg_.is_moe_layer(i)) moe_layer_ids_.push_back(i);
 
@@ -172,7 +222,9 @@ void Trainer::setup() {
   prog_.seed = static_cast<uint64_t>(args_.i("seed"));
 }
 
+// Rank 0 builds (and caches) the dataset indices first; the others then read its cache (Megatron's order).
 void Trainer::build_data() {
+  if (!pg_.is_first_rank()) world_.barrier();
   GptDatasetConfig dc;
   dc.random_seed = args_.i("seed");
   dc.sequence_length = S_;
@@ -191,6 +243,7 @@ void Trainer::build_data() {
              train_ds_ ? train_ds_->size() : 0, " samples of ", S_ + 1, " tokens; ", n_train, " are needed");
   if (eval_iters > 0 && split[1] > 0) valid_ds_ = build_split_dataset(blend, Split::kValid, n_valid, dc);
   if (eval_iters > 0 && split[2] > 0) test_ds_ = build_split_dataset(blend, Split::kTest, n_test, dc);
+  if (pg_.is_first_rank()) world_.barrier();
 }
 
 // Before any index is built: each dataset holds at least one sample, and every token id fits the embedding (one
@@ -230,14 +283,19 @@ IterStats Trainer::train_step() {
   model_->zero_grads();
   const int64_t depths = cfg_.num_nextn_predict_layers;
   const double mtp_factor = args_.f("mtp_loss_scaling_factor");
+  const bool check_nan = args_.b("check_for_nan_in_loss_and_grad");
+  bool nan_here = false;
+  double nan_value = 0;
+  const auto t0 = Clock::now();
   for (int64_t m = 0; m < num_micro_; ++m) {
     // MegatronPretrainingSampler: this rank's slice of the chunk of mbs·DP samples.
     const int64_t first = prog_.consumed_train_samples + m * mbs_ * pg_.dp + pg_.dp_rank * mbs_;
     fill_batch(*train_ds_, first, mbs_);
     ForwardStats st = model_->forward(ids_.data(), labels_.data(), mbs_, S_, true);
-    if (args_.b("check_for_nan_in_loss_and_grad") && !std::isfinite(st.lm_loss_sum))
-      fail("Rank ", pg_.rank, ", iteration ", prog_.iteration + 1, ": Unexpected result ", st.lm_loss_sum,
-           " (message='found NaN in local forward loss calculation')");
+    if (check_nan && !std::isfinite(st.lm_loss_sum)) {
+      nan_here = true, nan_value = st.lm_loss_sum;
+      break;
+    }
     std::vector<float> mtp_scales;
     for (int64_t k = 0; k < depths; ++k)
       mtp_scales.push_back(st.mtp_tokens[k] ? static_cast<float>(mtp_factor / depths / st.mtp_tokens[k] / num_micro_)
@@ -246,14 +304,76 @@ IterStats Trainer::train_step() {
     model_->backward(lm_scale, 1.f / static_cast<float>(num_micro_), mtp_scales);
     it.add(st);
   }
+  timers_.add("forward-backward", seconds_since(t0));
+  if (check_nan) {
+    int64_t worst = nan_here ? pg_.world - pg_.rank : 0;  // the max names the lowest rank that saw NaN
+    world_.allreduce(&worst, 1, ReduceOp::kMax);
+    if (nan_here)
+      fail("Rank ", pg_.rank, ", iteration ", prog_.iteration + 1, ": Unexpected result ", nan_value,
+           " (message='found NaN in local forward loss calculation')");
+    if (worst)
+      fail("Rank ", pg_.rank, ", iteration ", prog_.iteration + 1, ": stopping: rank ", pg_.world - worst,
+           " found NaN in its local forward loss");
+  }
+  const auto t1 = Clock::now();
+  ddp_->reduce(model_->grads().data());
+  reduce_stats(it);
+  timers_.add("all-grads-sync", seconds_since(t1));
   return it;
+}
+
+// The iteration's sums over the data-parallel ranks (losses and token counts over DP×CP; the router's expert
+// counts over TP×DP×CP, as Megatron sums them for the bias update), so every rank logs and updates from the
+// global batch.
+void Trainer::reduce_stats(IterStats& s) {
+  Comm& dp = (*comms_)[Group::kDpCp];
+  if (dp.size() > 1) {
+    std::vector<double> d{s.lm_loss_sum, s.aux_sum};
+    d.insert(d.end(), s.mtp_sum.begin(), s.mtp_sum.end());
+    dp.allreduce(d.data(), static_cast<int64_t>(d.size()), ReduceOp::kSum);
+    s.lm_loss_sum = d[0], s.aux_sum = d[1];
+    std::copy(d.begin() + 2, d.end(), s.mtp_sum.begin());
+    std::vector<int64_t> n{s.lm_tokens};
+    n.insert(n.end(), s.mtp_tokens.begin(), s.mtp_tokens.end());
+    dp.allreduce(n.data(), static_cast<int64_t>(n.size()), ReduceOp::kSum);
+    s.lm_tokens = n[0];
+    std::copy(n.begin() + 1, n.end(), s.mtp_tokens.begin());
+  }
+  Comm& cnt = (*comms_)[Group::kTpDpCp];
+  if (cnt.size() > 1 && !s.counts.empty()) {
+    std::vector<int64_t> flat;
+    for (const auto& c : s.counts) flat.insert(flat.end(), c.begin(), c.end());
+    cnt.allreduce(flat.data(), static_cast<int64_t>(flat.size()), ReduceOp::kSum);
+    size_t k = 0;
+    for (auto& c : s.counts)
+      for (auto& v : c) v = flat[k++];
+  }
+}
+
+// Megatron's Timers.log with --timing-log-option minmax: each timer's per-iteration mean over the interval, its
+// minimum and maximum across ranks.
+std::string Trainer::timers_block(int64_t iterations) {
+  std::vector<double> mn, mx;
+  for (const auto& [k, v] : timers_.t) mn.push_back(v * 1000.0 / iterations), mx.push_back(v * 1000.0 / iterations);
+  world_.allreduce(mn.data(), static_cast<int64_t>(mn.size()), ReduceOp::kMin);
+  world_.allreduce(mx.data(), static_cast<int64_t>(mx.size()), ReduceOp::kMax);
+  std::string out = "(min, max) time across ranks (ms):";
+  for (size_t i = 0; i < timers_.t.size(); ++i) {
+    std::string name = timers_.t[i].first + " ";
+    if (name.size() < 48) name.append(48 - name.size(), '.');
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "\n    %s: (%.2f, %.2f)", name.c_str(), mn[i], mx[i]);
+    out += buf;
+  }
+  timers_.t.clear();
+  return out;
 }
 
 std::vector<std::pair<std::string, double>> Trainer::losses_of(const IterStats& s) const {
   std::vector<std::pair<std::string, double>> out;
   out.emplace_back("lm loss", s.lm_tokens ? s.lm_loss_sum / s.lm_tokens : 0.0);
   if (coeff_ > 0 && s.moe_layers > 0)
-    out.emplace_back("load_balancing_loss", s.aux_sum / coeff_ / num_micro_ / s.moe_layers);
+    out.emplace_back("load_balancing_loss", s.aux_sum / coeff_ / (num_micro_ * pg_.dp) / s.moe_layers);
   for (size_t k = 0; k < s.mtp_sum.size(); ++k)
     out.emplace_back("mtp_" + std::to_string(k + 1) + " loss", s.mtp_tokens[k] ? s.mtp_sum[k] / s.mtp_tokens[k] : 0.0);
   return out;
@@ -271,6 +391,10 @@ double Trainer::evaluate(const SampleDataset& ds, int64_t& consumed, const std::
       sum += st.lm_loss_sum, tokens += st.lm_tokens;
     }
     consumed += gbs_;
+  }
+  if (Comm& dp = (*comms_)[Group::kDpCp]; dp.size() > 1) {
+    dp.allreduce(&sum, 1, ReduceOp::kSum);
+    dp.allreduce(&tokens, 1, ReduceOp::kSum);
   }
   const double loss = tokens ? sum / tokens : 0.0;
   const bool test = label == "test";
@@ -297,9 +421,12 @@ void Trainer::save(int64_t iteration) {
   prog_.scheduler_num_steps = sched_->num_steps();
   CheckpointTensors t{&model_->table(), &model_->store(), model_->params().data(), opt_->exp_avg().data(),
                       opt_->exp_avg_sq().data()};
-  RankInfo r{pg_.rank, pg_.world};
+  // Data parallelism alone: the state is replicated and rank 0 writes it; the others wait so that no rank runs
+  // ahead (or exits) before the checkpoint is complete.
+  RankInfo r{pg_.rank, pg_.world, pg_.data_parallel_only()};
   const auto t0 = Clock::now();
-  save_checkpoint(args_.s("save"), prog_, t, args_.all_map(), cfg_, r);
+  if (pg_.is_first_rank()) save_checkpoint(args_.s("save"), prog_, t, args_.all_map(), cfg_, r);
+  world_.barrier();
   last_saved_ = iteration;
   print_line(pg_, "  successfully saved checkpoint from iteration " + std::to_string(iteration) + " to " +
                       args_.s("save") + " [ t " + std::to_string(pg_.tp) + "/" + std::to_string(pg_.tp) + ", p " +
@@ -309,7 +436,7 @@ void Trainer::save(int64_t iteration) {
 
 int Trainer::run() {
   const auto start = Clock::now();
-  if (args_.given("kill_switch_file") && std::filesystem::exists(args_.s("kill_switch_file"))) {
+  if (any_rank(args_.given("kill_switch_file") && std::filesystem::exists(args_.s("kill_switch_file")))) {
     print_line(pg_, "Detected kill switch at " + args_.s("kill_switch_file") + ". Exiting");
     return 0;
   }
@@ -322,7 +449,11 @@ int Trainer::run() {
     LoadTargets lt{&model_->table(), &model_->store(), model_->params().data(),
                    args_.b("no_load_optim") ? nullptr : opt_->exp_avg().data(),
                    args_.b("no_load_optim") ? nullptr : opt_->exp_avg_sq().data()};
-    auto p = load_checkpoint(args_.s("load"), lt, cfg_, RankInfo{pg_.rank, pg_.world}, nullptr, &msg);
+    // Rank 0 first (it may recover a directory left by an interrupted save), then the others.
+    if (!pg_.is_first_rank()) world_.barrier();
+    auto p = load_checkpoint(args_.s("load"), lt, cfg_, RankInfo{pg_.rank, pg_.world, pg_.data_parallel_only()},
+                             nullptr, &msg);
+    if (pg_.is_first_rank()) world_.barrier();
     if (!msg.empty()) print_line(pg_, msg);
     if (p) {
       prog_ = *p;
@@ -368,6 +499,9 @@ int Trainer::run() {
       fail("Rank ", pg_.rank, ", iteration ", prog_.iteration + 1, ": ", what,
            "; the last checkpoint is left as it was");
     }
+    const auto t_opt = Clock::now();
+    // After the all-reduce every rank holds the whole global gradient, so this norm (and the NaN check on it)
+    // is the global one and the same on every rank.
     auto& grads = model_->grads();
     const double norm = l2_norm(grads.data(), static_cast<int64_t>(grads.size()));
     if (args_.b("check_for_nan_in_loss_and_grad") && !std::isfinite(norm))
@@ -388,6 +522,7 @@ int Trainer::run() {
         update_expert_bias(model_->param("model.layers." + std::to_string(moe_layer_ids_[l]) +
                                          ".mlp.gate.e_score_correction_bias"),
                            st.counts[l].data(), static_cast<int64_t>(st.counts[l].size()), bias_rate);
+    timers_.add("optimizer", seconds_since(t_opt));
     sched_->step(gbs_);
     prog_.iteration++;
     prog_.consumed_train_samples += gbs_;
@@ -435,6 +570,7 @@ int Trainer::run() {
       for (auto& [k, v] : interval_losses) f.losses.emplace_back(k, v / interval_iters);
       f.grad_norm = norm;
       print_line(pg_, format_iteration_line(f));
+      if (args_.i("timing_log_level") >= 1) print_line(pg_, timers_block(interval_iters));
       if (tb_) {
         tb_->add_scalar("iteration-time", f.elapsed_ms / 1000.0, prog_.iteration);
         tb_->add_scalar("throughput", f.tflops_per_gpu, prog_.iteration);
@@ -446,25 +582,28 @@ int Trainer::run() {
       evaluate(*valid_ds_, prog_.consumed_valid_samples, "validation", prog_.iteration);
     // Exit controls, in Megatron's order: save interval, SIGTERM, duration, exit interval, kill switch.
     if (save_interval > 0 && prog_.iteration % save_interval == 0) save(prog_.iteration);
-    if (g_sigterm) {
+    // What any rank saw (a signal, the clock, the kill switch file), every rank acts on.
+    const double mins = seconds_since(start) / 60.0;
+    int64_t stop[3] = {g_sigterm ? 1 : 0,
+                       args_.given("exit_duration_in_mins") && mins > static_cast<double>(args_.i("exit_duration_in_mins")),
+                       args_.given("kill_switch_file") && std::filesystem::exists(args_.s("kill_switch_file"))};
+    world_.allreduce(stop, 3, ReduceOp::kMax);
+    if (stop[0]) {
       save(prog_.iteration);
       exit_message = "exiting program after receiving SIGTERM.";
       break;
     }
-    if (args_.given("exit_duration_in_mins")) {
-      const double mins = seconds_since(start) / 60.0;
-      if (mins > static_cast<double>(args_.i("exit_duration_in_mins"))) {
-        save(prog_.iteration);
-        exit_message = "exiting program after " + python_float_str(mins) + " minutes";
-        break;
-      }
+    if (stop[1]) {
+      save(prog_.iteration);
+      exit_message = "exiting program after " + python_float_str(mins) + " minutes";
+      break;
     }
     if (args_.given("exit_interval") && args_.i("exit_interval") > 0 && prog_.iteration % args_.i("exit_interval") == 0) {
       save(prog_.iteration);
       exit_message = "exiting program at iteration " + std::to_string(prog_.iteration);
       break;
     }
-    if (args_.given("kill_switch_file") && std::filesystem::exists(args_.s("kill_switch_file"))) {
+    if (stop[2]) {
       save(prog_.iteration);
       exit_message = "Detected kill switch at " + args_.s("kill_switch_file") + ", iteration=" +
                      std::to_string(prog_.iteration) + ". Exiting";
@@ -486,9 +625,14 @@ int Trainer::run() {
 
 }  // namespace
 
-int run_training(int argc, char** argv) {
-  Trainer t(TrainArgs::parse(argc, argv));
+int run_training(int argc, char** argv, Comm& world) {
+  Trainer t(TrainArgs::parse(argc, argv), world);
   return t.run();
+}
+
+int run_training(int argc, char** argv) {
+  SingleComm world;
+  return run_training(argc, argv, world);
 }
 
 }  // namespace dsv3

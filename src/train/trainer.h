@@ -7,8 +7,13 @@
 
 namespace dsv3 {
 
+class Comm;
+
 // Runs a whole training job from Megatron-style flags; returns the process exit code. Errors (bad flags, bad data,
 // NaN loss) throw dsv3::Error with a message naming the iteration, file or flag.
 int run_training(int argc, char** argv);
+// The same on `world`'s ranks (data parallelism over MPI; see parallel/comm.h). Collective: every rank calls it
+// with the same flags.
+int run_training(int argc, char** argv, Comm& world);
 
 }  // namespace dsv3

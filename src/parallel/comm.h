@@ -1,0 +1,137 @@
+// Communication between ranks: the `Comm` interface every collective goes through (model and trainer code never
+// call MPI, DESIGN principle 3), its MPI implementation (one MPI communicator per group, made with MPI_Comm_split)
+// and a single-process implementation, and `GroupComms`: one Comm per group of a ProcessGroups.
+//
+// Collectives are blocking and in place where that makes sense; counts are elements, not bytes, and may exceed
+// INT_MAX (the MPI implementation splits them). Element types: float, double, int64_t (and uint8_t for broadcast).
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "parallel/process_groups.h"
+
+namespace dsv3 {
+
+enum class ReduceOp { kSum, kMax, kMin };
+enum class CommType { kF32, kF64, kI64, kU8 };
+
+template <typename T>
+constexpr CommType comm_type() {
+  if constexpr (std::is_same_v<T, float>) return CommType::kF32;
+  else if constexpr (std::is_same_v<T, double>) return CommType::kF64;
+  else if constexpr (std::is_same_v<T, int64_t>) return CommType::kI64;
+  else {
+    static_assert(std::is_same_v<T, uint8_t>, "Comm supports float, double, int64_t and uint8_t");
+    return CommType::kU8;
+  }
+}
+
+class Comm {
+ public:
+  virtual ~Comm() = default;
+  virtual int size() const = 0;
+  virtual int rank() const = 0;
+
+  // buf[0..n) ← op over the ranks of buf[0..n).
+  template <typename T>
+  void allreduce(T* buf, int64_t n, ReduceOp op = ReduceOp::kSum) {
+    allreduce_raw(buf, n, comm_type<T>(), op);
+  }
+  // recv[r·n .. (r+1)·n) ← rank r's send[0..n).
+  template <typename T>
+  void allgather(const T* send, int64_t n, T* recv) {
+    allgather_raw(send, n, recv, comm_type<T>());
+  }
+  // Rank r sends send_counts[q] elements to rank q (blocks packed in rank order) and receives recv_counts[q] from
+  // rank q (likewise packed); every rank's send_counts[q] must equal rank q's recv_counts[r].
+  template <typename T>
+  void alltoallv(const T* send, const int64_t* send_counts, T* recv, const int64_t* recv_counts) {
+    alltoallv_raw(send, send_counts, recv, recv_counts, comm_type<T>());
+  }
+  // buf[0..n) ← root's buf[0..n).
+  template <typename T>
+  void broadcast(T* buf, int64_t n, int root) {
+    broadcast_raw(buf, n, comm_type<T>(), root);
+  }
+  virtual void barrier() = 0;
+  // The ranks of this communicator with the same color, ordered by key (MPI_Comm_split); collective.
+  virtual std::unique_ptr<Comm> split(int color, int key) = 0;
+  // Ends every process of the job (MPI_Abort on the world); used when one rank failed and the others may be
+  // waiting in a collective. The single-process Comm exits with `code`.
+  [[noreturn]] virtual void abort(int code) = 0;
+
+ protected:
+  virtual void allreduce_raw(void* buf, int64_t n, CommType t, ReduceOp op) = 0;
+  virtual void allgather_raw(const void* send, int64_t n, void* recv, CommType t) = 0;
+  virtual void alltoallv_raw(const void* send, const int64_t* send_counts, void* recv, const int64_t* recv_counts,
+                             CommType t) = 0;
+  virtual void broadcast_raw(void* buf, int64_t n, CommType t, int root) = 0;
+};
+
+// One process, no MPI: collectives are identities (alltoallv and allgather copy).
+class SingleComm final : public Comm {
+ public:
+  int size() const override { return 1; }
+  int rank() const override { return 0; }
+  void barrier() override {}
+  std::unique_ptr<Comm> split(int color, int key) override;
+  [[noreturn]] void abort(int code) override;
+
+ protected:
+  void allreduce_raw(void*, int64_t, CommType, ReduceOp) override {}
+  void allgather_raw(const void* send, int64_t n, void* recv, CommType t) override;
+  void alltoallv_raw(const void* send, const int64_t* send_counts, void* recv, const int64_t* recv_counts,
+                     CommType t) override;
+  void broadcast_raw(void*, int64_t, CommType, int) override {}
+};
+
+// True when this process was started by an MPI launcher (mpirun / srun: OMPI_COMM_WORLD_SIZE, PMI_SIZE or
+// PMIX_RANK in the environment). Without one, dsv3 runs as a plain single process and never initialises MPI.
+bool launched_by_mpi();
+
+// The MPI library for the life of this object: MPI_Init_thread (FUNNELED) on construction, MPI_Finalize on
+// destruction (after every Comm made from world() is gone). At most one per process.
+class MpiSession {
+ public:
+  MpiSession(int* argc, char*** argv);
+  ~MpiSession();
+  MpiSession(const MpiSession&) = delete;
+  MpiSession& operator=(const MpiSession&) = delete;
+  Comm& world() { return *world_; }
+
+ private:
+  std::unique_ptr<Comm> world_;
+};
+
+// MpiSession when launched_by_mpi(), otherwise a SingleComm world; what `dsv3 train` runs on.
+class Runtime {
+ public:
+  Runtime(int* argc, char*** argv);
+  ~Runtime();
+  Comm& world() { return mpi_ ? mpi_->world() : single_; }
+
+ private:
+  std::unique_ptr<MpiSession> mpi_;
+  SingleComm single_;
+};
+
+// One communicator per group of `pg` that this rank belongs to, made by splitting `world` (collective: every rank
+// of the world must build its GroupComms with the same layout). Groups that span the same ranks share one Comm.
+class GroupComms {
+ public:
+  GroupComms(const ProcessGroups& pg, Comm& world);
+  Comm& operator[](Group g) { return *by_group_.at(g); }
+  Comm& world() { return world_; }
+  // True when two groups of this rank are the same ranks (so a collective over both is one collective).
+  bool same(Group a, Group b) const { return by_group_.at(a) == by_group_.at(b); }
+
+ private:
+  Comm& world_;
+  std::vector<std::unique_ptr<Comm>> owned_;
+  std::map<Group, Comm*> by_group_;
+};
+
+}  // namespace dsv3

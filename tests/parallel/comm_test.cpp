@@ -1,0 +1,136 @@
+// The MPI Comm under mpirun: this test binary re-launches itself with `mpirun -np 4` (DSV3_MPI_CHILD set), and
+// each rank checks every collective, the per-group communicators of a tp 2 layout, and the data-parallel
+// gradient reduction of the demo model's buffer against the mean computed locally. Skipped without mpirun.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <numeric>
+
+#include "model/config.h"
+#include "model/param_store.h"
+#include "model/param_table.h"
+#include "parallel/comm.h"
+#include "parallel/data_parallel.h"
+#include "parallel/process_groups.h"
+#include "train_util.h"
+
+namespace dsv3 {
+namespace {
+
+std::string self_exe() {
+  char buf[4096];
+  const ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
+  return n > 0 ? std::string(buf, n) : std::string();
+}
+
+void run_children(const std::string& test, int np) {
+  if (!testing::have_mpirun()) GTEST_SKIP() << "mpirun is not installed (apt-get install openmpi-bin)";
+  const auto dir = testing::scratch_dir();
+  auto r = testing::run_shell(testing::mpirun_prefix(np) + "-x DSV3_MPI_CHILD=1 " + self_exe() +
+                                  " --gtest_color=no --gtest_filter=" + test,
+                              dir);
+  EXPECT_EQ(r.rc, 0) << r.out;
+  size_t passed = 0;
+  for (size_t p = r.out.find("[  PASSED  ] 1 test"); p != std::string::npos; p = r.out.find("[  PASSED  ] 1 test", p + 1))
+    ++passed;
+  EXPECT_EQ(passed, static_cast<size_t>(np)) << r.out;
+}
+
+bool is_child() { return std::getenv("DSV3_MPI_CHILD") != nullptr; }
+
+TEST(CommMpi, CollectivesOnFourRanks) {
+  if (!is_child()) return run_children("CommMpi.CollectivesOnFourRanks", 4);
+  MpiSession mpi(nullptr, nullptr);
+  Comm& w = mpi.world();
+  ASSERT_EQ(w.size(), 4);
+  const int r = w.rank(), n = w.size();
+
+  std::vector<float> f{float(r), 1.f, float(-r)};
+  w.allreduce(f.data(), 3);
+  EXPECT_EQ(f, (std::vector<float>{6.f, 4.f, -6.f}));
+  std::vector<double> d{double(r) + 0.5};
+  w.allreduce(d.data(), 1, ReduceOp::kMax);
+  EXPECT_EQ(d[0], 3.5);
+  std::vector<int64_t> i{int64_t(r) << 40};
+  w.allreduce(i.data(), 1, ReduceOp::kMin);
+  EXPECT_EQ(i[0], 0);
+  i[0] = int64_t(r + 1) << 40;
+  w.allreduce(i.data(), 1, ReduceOp::kSum);
+  EXPECT_EQ(i[0], int64_t(10) << 40);
+
+  std::vector<int64_t> mine{r, 10 * r}, all(2 * n);
+  w.allgather(mine.data(), 2, all.data());
+  for (int q = 0; q < n; ++q) {
+    EXPECT_EQ(all[2 * q], q);
+    EXPECT_EQ(all[2 * q + 1], 10 * q);
+  }
+
+  // alltoallv: rank r sends q+1 copies of 100·r+q to rank q, so it receives r+1 values from each rank.
+  std::vector<int64_t> sc(n), rc(n, r + 1);
+  std::vector<float> send, recv((r + 1) * n);
+  for (int q = 0; q < n; ++q) {
+    sc[q] = q + 1;
+    for (int k = 0; k <= q; ++k) send.push_back(float(100 * r + q));
+  }
+  w.alltoallv(send.data(), sc.data(), recv.data(), rc.data());
+  for (int q = 0; q < n; ++q)
+    for (int k = 0; k <= r; ++k) EXPECT_EQ(recv[q * (r + 1) + k], float(100 * q + r));
+
+  std::vector<uint8_t> bytes(5, uint8_t(r));
+  w.broadcast(bytes.data(), 5, 2);
+  EXPECT_EQ(bytes, std::vector<uint8_t>(5, 2));
+  w.barrier();
+
+  // Per-group communicators of a tp 2 × dp 2 layout: a sum over each group counts only its members.
+  ParallelSizes s;
+  s.tp = 2;
+  const auto pg = ProcessGroups::build(n, r, s);
+  GroupComms gc(pg, w);
+  for (Group g : {Group::kTp, Group::kDp, Group::kDpCp, Group::kEdp, Group::kWorld, Group::kTpDpCp}) {
+    const auto members = pg.members(g);
+    Comm& c = gc[g];
+    ASSERT_EQ(c.size(), static_cast<int>(members.size())) << group_name(g);
+    EXPECT_EQ(members[c.rank()], r) << group_name(g);
+    int64_t v = r;
+    c.allreduce(&v, 1);
+    EXPECT_EQ(v, std::accumulate(members.begin(), members.end(), int64_t{0})) << group_name(g);
+  }
+  EXPECT_TRUE(gc.same(Group::kDp, Group::kDpCp));
+  EXPECT_TRUE(gc.same(Group::kDpCp, Group::kEdp));  // ep 1: the expert-DP group is the DP group
+
+  // Data-parallel gradient reduction over 4 ranks, small buckets: every element becomes the mean over ranks.
+  const auto cfg = ModelConfig::from_json_file((testing::source_dir() / "examples/deepseek/configs/demo-cpu.json").string());
+  ParamTable table(cfg);
+  ParamStore store(table);
+  const auto pg4 = ProcessGroups::build(n, r, ParallelSizes{});
+  GroupComms gc4(pg4, w);
+  DataParallelGrads ddp(table, store, pg4, gc4, 4096);
+  EXPECT_TRUE(ddp.active());
+  EXPECT_GT(ddp.buckets().size(), 10u);
+  std::vector<float> g(store.size());
+  for (int64_t k = 0; k < store.size(); ++k) g[k] = float((k % 97) * (r + 1));
+  ddp.reduce(g.data());
+  std::vector<bool> trainable(store.size(), false);
+  for (const auto& p : table.params())
+    if (p.tied_to.empty() && p.trainable)
+      for (int64_t k = 0; k < p.numel; ++k) trainable[store.offset(p.name) + k] = true;
+  int64_t bad = 0;
+  for (int64_t k = 0; k < store.size(); ++k) {
+    const float want = trainable[k] ? float(k % 97) * 10.f / 4.f : float((k % 97) * (r + 1));
+    bad += std::fabs(g[k] - want) > 1e-6f * std::fabs(want);
+  }
+  EXPECT_EQ(bad, 0);
+  // Identical on every rank (replicated parameters stay replicated).
+  double sum = 0;
+  for (int64_t k = 0; k < store.size(); ++k)
+    if (trainable[k]) sum += g[k];
+  double mx = sum, mn = sum;
+  w.allreduce(&mx, 1, ReduceOp::kMax);
+  w.allreduce(&mn, 1, ReduceOp::kMin);
+  EXPECT_EQ(mx, mn);
+}
+
+}  // namespace
+}  // namespace dsv3
