@@ -4,6 +4,8 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <string>
 
 namespace dsv3::testing {
@@ -15,6 +17,12 @@ inline std::filesystem::path dsv3_binary() { return DSV3_BINARY; }
 inline std::filesystem::path shared_data_dir() {
   if (const char* env = std::getenv("DSV3_SHARED_DATA")) return env;
   return source_dir().parent_path() / "shared" / "data";
+}
+
+// The whole file as bytes (empty when it cannot be read).
+inline std::string slurp(const std::filesystem::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  return {std::istreambuf_iterator<char>(f), {}};
 }
 
 // A fresh empty directory under the build tree, unique per test.

@@ -21,11 +21,6 @@
 
 namespace dsv3::testing {
 
-inline std::string slurp_file(const std::filesystem::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(f), {}};
-}
-
 struct CmdResult {
   int rc = -1;
   std::string out;  // stdout and stderr together
@@ -36,7 +31,7 @@ inline CmdResult run_shell(const std::string& cmd, const std::filesystem::path& 
   static int counter = 0;
   const auto log = dir / ("cmd-" + std::to_string(::getpid()) + "-" + std::to_string(counter++) + ".log");
   const int rc = std::system((cmd + " >" + log.string() + " 2>&1").c_str());
-  return {WIFEXITED(rc) ? WEXITSTATUS(rc) : 128, slurp_file(log)};
+  return {WIFEXITED(rc) ? WEXITSTATUS(rc) : 128, slurp(log)};
 }
 
 // `dsv3 ARGS`, one plain process (one OpenMP thread, so that its arithmetic is the per-rank arithmetic of the

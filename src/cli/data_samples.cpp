@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cli/commands.h"
+#include "core/atomic_file.h"
 #include "core/error.h"
 #include "data/blended_dataset.h"
 #include "data/gpt_dataset.h"
@@ -67,34 +68,19 @@ int data_samples_main(int argc, char** argv) {
   DSV3_CHECK(ds->size() >= num_samples, "the ", index_split, " dataset has only ", ds->size(),
              " samples, fewer than --num-samples ", num_samples);
 
-  std::string tmp =
-      output + ".tmp" + std::to_string(::getpid()) + "." + std::to_string(std::random_device{}());
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    DSV3_CHECK(out.good(), "cannot create ", tmp);
-    std::string line;
-    for (int64_t i = 0; i < num_samples; ++i) {
-      auto s = ds->sample(i);
-      line.clear();
-      for (size_t k = 0; k < s.size(); ++k) {
-        if (k) line += ' ';
-        line += std::to_string(s[k]);
-      }
-      line += '\n';
-      out << line;
+  AtomicFile out(output);
+  std::string line;
+  for (int64_t i = 0; i < num_samples; ++i) {
+    auto s = ds->sample(i);
+    line.clear();
+    for (size_t k = 0; k < s.size(); ++k) {
+      if (k) line += ' ';
+      line += std::to_string(s[k]);
     }
-    out.flush();
-    if (!out.good()) {
-      std::remove(tmp.c_str());
-      fail("cannot write ", output);
-    }
+    line += '\n';
+    out.write(line);
   }
-  std::error_code ec;
-  std::filesystem::rename(tmp, output, ec);
-  if (ec) {
-    std::remove(tmp.c_str());
-    fail("cannot rename ", tmp, " to ", output, ": ", ec.message());
-  }
+  out.commit();
   return 0;
 }
 

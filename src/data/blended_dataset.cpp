@@ -11,6 +11,7 @@
 #include <fstream>
 #include <random>
 
+#include "core/atomic_file.h"
 #include "core/error.h"
 #include "core/sha256.h"
 #include "data/npy.h"
@@ -38,22 +39,6 @@ std::optional<double> parse_python_float(const std::string& s) {
   return v;
 }
 
-void write_text_atomic(const std::string& path, const std::string& text) {
-  std::string tmp = path + ".tmp" + std::to_string(::getpid()) + "." + std::to_string(std::random_device{}());
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    DSV3_CHECK(f.good(), "cannot create ", tmp);
-    f << text;
-    f.flush();
-    DSV3_CHECK(f.good(), "cannot write ", tmp);
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) {
-    fs::remove(tmp, ec);
-    fail("cannot rename ", tmp, " to ", path);
-  }
-}
 
 }  // namespace
 
@@ -163,7 +148,7 @@ BlendedDataset::BlendedDataset(std::vector<std::unique_ptr<GptDataset>> datasets
       DSV3_CHECK(!ec, "cannot create directory ", *config_.path_to_cache, ": ", ec.message());
       write_npy(p_di, dataset_index_, {size});
       write_npy(p_dsi, dataset_sample_index_, {size});
-      write_text_atomic(p_desc, description_);
+      write_file_atomically(p_desc, description_);
     } catch (const Error& e) {
       fail("cannot write the blended dataset index cache (", e.what(),
            "); pass --data-cache-path with a writable directory");

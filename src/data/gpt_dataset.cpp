@@ -15,6 +15,7 @@
 #include <random>
 #include <regex>
 
+#include "core/atomic_file.h"
 #include "core/error.h"
 #include "core/sha256.h"
 #include "data/megatron_random.h"
@@ -247,22 +248,6 @@ double pairwise_sum(const double* a, size_t n) {
   return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
 }
 
-void write_text_atomic(const std::string& path, const std::string& text) {
-  std::string tmp = path + ".tmp" + std::to_string(::getpid()) + "." + std::to_string(std::random_device{}());
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    DSV3_CHECK(f.good(), "cannot create ", tmp);
-    f << text;
-    f.flush();
-    DSV3_CHECK(f.good(), "cannot write ", tmp);
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) {
-    fs::remove(tmp, ec);
-    fail("cannot rename ", tmp, " to ", path);
-  }
-}
 
 }  // namespace
 
@@ -503,7 +488,7 @@ void GptDataset::save() const {
       write_npy(cache_path("shuffle_index.npy"), shuffle_index32_, {rows - 1});
     else
       write_npy(cache_path("shuffle_index.npy"), shuffle_index64_, {rows - 1});
-    write_text_atomic(cache_path("description.txt"), description_);
+    write_file_atomically(cache_path("description.txt"), description_);
   } catch (const Error& e) {
     fail("cannot write the GPT dataset index cache (", e.what(),
          "); pass --data-cache-path with a writable directory");

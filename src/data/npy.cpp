@@ -1,6 +1,8 @@
 // numpy .npy reader/writer (see npy.h for the layout).
 #include "data/npy.h"
 
+#include "core/atomic_file.h"
+
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -88,36 +90,10 @@ void write_npy(const std::string& path, const std::string& descr, const std::vec
   DSV3_CHECK(static_cast<size_t>(numel) * descr_itemsize(descr, path) == nbytes, path,
              ": data size does not match shape ", shape_repr(shape));
   std::string header = npy_header(descr, shape);
-  std::string tmp = path + ".tmp" + std::to_string(::getpid()) + "." + std::to_string(std::random_device{}());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  DSV3_CHECK(fd >= 0, "cannot create ", tmp, ": ", std::strerror(errno));
-  auto write_all = [&](const void* p, size_t n) {
-    const char* c = static_cast<const char*>(p);
-    while (n > 0) {
-      ssize_t w = ::write(fd, c, n);
-      if (w < 0 && errno == EINTR) continue;
-      if (w <= 0) {
-        int err = errno;
-        ::close(fd);
-        std::remove(tmp.c_str());
-        fail("cannot write ", tmp, ": ", std::strerror(err));
-      }
-      c += w;
-      n -= static_cast<size_t>(w);
-    }
-  };
-  write_all(header.data(), header.size());
-  write_all(data, nbytes);
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
-    std::remove(tmp.c_str());
-    fail("cannot flush ", tmp, ": ", std::strerror(errno));
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    std::remove(tmp.c_str());
-    fail("cannot rename ", tmp, " to ", path, ": ", ec.message());
-  }
+  AtomicFile f(path);
+  f.write(header);
+  f.write(data, nbytes);
+  f.commit();
 }
 
 int64_t NpyArray::numel() const {

@@ -15,6 +15,7 @@
 #include <random>
 
 #include "core/bf16.h"
+#include "core/atomic_file.h"
 #include "core/error.h"
 
 namespace dsv3 {
@@ -306,25 +307,8 @@ void SafetensorsWriter::write(const std::string& path) const {
   std::string header = h.dump();
   header.resize((header.size() + 7) / 8 * 8, ' ');
 
-  const std::string tmp =
-      path + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(std::random_device{}());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  DSV3_CHECK(fd >= 0, "cannot create ", tmp, ": ", std::strerror(errno));
-  auto write_all = [&](const void* p, size_t n) {
-    const char* c = static_cast<const char*>(p);
-    while (n > 0) {
-      ssize_t w = ::write(fd, c, n);
-      if (w < 0 && errno == EINTR) continue;
-      if (w <= 0) {
-        int err = errno;
-        ::close(fd);
-        std::remove(tmp.c_str());
-        fail("cannot write ", tmp, ": ", std::strerror(err));
-      }
-      c += w;
-      n -= static_cast<size_t>(w);
-    }
-  };
+  AtomicFile f(path);
+  auto write_all = [&](const void* p, size_t n) { f.write(p, n); };
   const uint64_t n = header.size();
   write_all(&n, 8);
   write_all(header.data(), header.size());
@@ -344,18 +328,7 @@ void SafetensorsWriter::write(const std::string& path) const {
       }
     }
   }
-  const bool synced = ::fsync(fd) == 0;
-  const int sync_err = errno;
-  if (::close(fd) != 0 || !synced) {
-    std::remove(tmp.c_str());
-    fail("cannot flush ", tmp, ": ", std::strerror(synced ? errno : sync_err));
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    std::remove(tmp.c_str());
-    fail("cannot rename ", tmp, " to ", path, ": ", ec.message());
-  }
+  f.commit();
 }
 
 }  // namespace dsv3

@@ -12,10 +12,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(f), {}};
-}
+using testing::slurp;
 
 const fs::path kGolden = testing::source_dir() / "tests/golden/preprocess";
 
