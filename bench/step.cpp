@@ -22,7 +22,9 @@
 // are printed; MFU is reported with Megatron's formula (DESIGN.md, Performance), against the measured bf16 GEMM
 // roofline.
 #include <omp.h>
+#include <sys/resource.h>
 
+#include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -30,8 +32,6 @@
 #include <random>
 #include <string>
 #include <vector>
-
-#include <CLI/CLI.hpp>
 
 #include "core/profile.h"
 #include "kernels/cpu/gemm.h"
@@ -44,6 +44,14 @@ namespace {
 
 double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Process CPU seconds (user + system, all threads): on a shared machine this moves much less than wall time
+// when other processes steal cores (with OMP_WAIT_POLICY=passive it is the work itself, not spinning).
+double cpu_s() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return u.ru_utime.tv_sec + u.ru_stime.tv_sec + 1e-6 * (u.ru_utime.tv_usec + u.ru_stime.tv_usec);
 }
 
 double median(std::vector<double> v) {
@@ -192,18 +200,21 @@ int main(int argc, char** argv) {
     };
     double loss = 0;
     for (int i = 0; i < warmup; ++i) loss = step();
-    std::vector<double> times;
+    std::vector<double> times, cpus;
     for (int i = 0; i < steps; ++i) {
-      const double t0 = now_s();
+      const double t0 = now_s(), c0 = cpu_s();
       loss = step();
       times.push_back(now_s() - t0);
+      cpus.push_back(cpu_s() - c0);
     }
     const double step_s = median(times);
     const double tps = T / step_s, gflops = fpt.megatron * T / step_s / 1e9;
-    std::printf("ours: precision=%s tokens_per_s=%.1f step_s=%.3f gflops=%.1f mfu=%.3f (vs %s roofline %.1f: "
-                "%.3f) loss=%.4f\n",
-                prec.c_str(), tps, step_s, gflops, gflops / roof_bf16, prec.c_str(),
-                prec == "bf16" ? roof_bf16 : roof_f32, gflops / (prec == "bf16" ? roof_bf16 : roof_f32), loss);
+    std::printf(
+        "ours: precision=%s tokens_per_s=%.1f step_s=%.3f gflops=%.1f mfu=%.3f (vs %s roofline %.1f: "
+        "%.3f) loss=%.4f step_cpu_s=%.3f\n",
+        prec.c_str(), tps, step_s, gflops, gflops / roof_bf16, prec.c_str(),
+        prec == "bf16" ? roof_bf16 : roof_f32, gflops / (prec == "bf16" ? roof_bf16 : roof_f32), loss,
+        median(cpus));
     if (!no_profile) {
       profile::reset();
       profile::set_enabled(true);

@@ -43,12 +43,8 @@ void block_forward(const BlockDims& d, const BlockParams& p, const float* x, int
     moe_forward(d.moe, p.moe, a.xn2_TD.data(), T, B, training, a.moe, a.tmp_TD.data());
   } else {
     DSV3_PROFILE("fwd.dense_ffn");
-    const int64_t F = d.F;
-    grow(a.a_TF, T * F), grow(a.b_TF, T * F), grow(a.h_TF, T * F);
-    linear_forward(a.xn2_TD.data(), p.gate_FD, a.a_TF.data(), T, D, F, prec, s.lin);
-    linear_forward(a.xn2_TD.data(), p.up_FD, a.b_TF.data(), T, D, F, prec, s.lin);
-    swiglu_forward(a.a_TF.data(), a.b_TF.data(), a.h_TF.data(), T, F);
-    linear_forward(a.h_TF.data(), p.down_DF, a.tmp_TD.data(), T, F, D, prec, s.lin);
+    const MlpParams mp{p.gate_FD, p.up_FD, p.down_DF, p.bf16_weights};
+    mlp_forward(mp, a.xn2_TD.data(), T, D, d.F, a.tmp_TD.data(), 0.f, a.mlp, s.mlp, prec);
   }
   add_into(out, a.h_mid_TD.data(), a.tmp_TD.data(), T * D);
 }
@@ -64,15 +60,9 @@ void block_backward(const BlockDims& d, const BlockParams& p, BlockActs& a, cons
     moe_backward(d.moe, p.moe, a.moe, dout, aux_grad, g.moe, dxn, 0.f);
   } else {
     DSV3_PROFILE("bwd.dense_ffn");
-    const int64_t F = d.F;
-    grow(s.dh_TF, T * F), grow(s.da_TF, T * F), grow(s.db_TF, T * F);
-    linear_backward_input(dout, p.down_DF, s.dh_TF.data(), T, F, D, prec, s.lin);
-    linear_backward_weight(dout, a.h_TF.data(), g.down_DF, T, F, D, prec, s.lin);
-    swiglu_backward(s.dh_TF.data(), a.a_TF.data(), a.b_TF.data(), s.da_TF.data(), s.db_TF.data(), T, F);
-    linear_backward_input(s.da_TF.data(), p.gate_FD, dxn, T, D, F, prec, s.lin);
-    linear_backward_input(s.db_TF.data(), p.up_FD, dxn, T, D, F, prec, s.lin, 1.f);
-    linear_backward_weight(s.da_TF.data(), a.xn2_TD.data(), g.gate_FD, T, D, F, prec, s.lin);
-    linear_backward_weight(s.db_TF.data(), a.xn2_TD.data(), g.up_FD, T, D, F, prec, s.lin);
+    const MlpParams mp{p.gate_FD, p.up_FD, p.down_DF, p.bf16_weights};
+    MlpGrads mg{g.gate_FD, g.up_FD, g.down_DF};
+    mlp_backward(mp, a.mlp, dout, D, d.F, dxn, 0.f, mg, s.mlp, prec);
   }
   // The residual carries dout straight to h_mid; the post-attention norm adds its input gradient on top.
   {

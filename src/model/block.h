@@ -20,6 +20,7 @@ struct BlockParams {
   const float* up_FD = nullptr;
   const float* down_DF = nullptr;
   MoeParams moe;
+  const Bf16Weights* bf16_weights = nullptr;  // bf16 copies for the dense FFN (mla and moe carry their own)
 };
 
 struct BlockGrads {
@@ -45,15 +46,16 @@ struct BlockActs {
   int64_t B = 0, S = 0;
   std::vector<float> xn1_TD, rstd1_T, h_mid_TD, xn2_TD, rstd2_T, tmp_TD;
   MlaActs mla;
-  std::vector<float> a_TF, b_TF, h_TF;  // dense FFN
+  MlpActs mlp;  // dense FFN
   MoeActs moe;
 };
 
 // Backward temporaries shared by all blocks of a model (one block runs at a time).
 struct BlockScratch {
   MlaScratch mla;
+  MlpScratch mlp;
   LinearScratch lin;
-  std::vector<float> dxn_TD, dh_mid_TD, dh_TF, da_TF, db_TF;
+  std::vector<float> dxn_TD, dh_mid_TD, dh_TF;  // dh_TF: free for the caller between blocks
 };
 
 void block_forward(const BlockDims& d, const BlockParams& p, const float* x_TD, int64_t B, int64_t S,

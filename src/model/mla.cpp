@@ -55,26 +55,31 @@ void mla_forward(const MlaDims& d, const MlaParams& p, const float* x, int64_t B
   const int64_t T = B * S, H = d.H, K = d.qk_dim(), E = d.kv_b_dim(), C = d.kv_a_dim(), L = d.kv_lora;
   a.B = B, a.S = S, a.x_TD = x;
 
-  // Queries: [T, H·K], per head [nope | rope].
+  // Queries: [T, H·K], per head [nope | rope]. Each projection input becomes a GEMM operand once (kept for
+  // the weight gradients); weights come from the step's bf16 copies when the caller has them.
+  auto W = [&](const float* w, int64_t n) { return weight_operand(w, n, prec, p.bf16_weights, sc.lin.b); };
+  const void* xo = linear_operand(x, T * d.D, prec, a.x_bf);
   float* q = grow(a.q_THK, T * H * K);
   DSV3_PROFILE_BEGIN(qkv, "fwd.attn.qkv_proj");
   if (qlora) {
     float* cq = grow(a.cq_TLq, T * d.q_lora);
     float* cqn = grow(a.cqn_TLq, T * d.q_lora);
-    linear_forward(x, p.q_a_proj_w, cq, T, d.D, d.q_lora, prec, sc.lin);
+    linear_forward_op(xo, W(p.q_a_proj_w, d.q_lora * d.D), cq, T, d.D, d.q_lora, prec);
     rmsnorm_forward(cq, p.q_a_norm_w, cqn, grow(a.rstd_q_T, T), T, d.q_lora, d.norm_eps);
-    linear_forward(cqn, p.q_b_proj_w, q, T, d.q_lora, H * K, prec, sc.lin);
+    const void* cqno = linear_operand(cqn, T * d.q_lora, prec, a.cqn_bf);
+    linear_forward_op(cqno, W(p.q_b_proj_w, H * K * d.q_lora), q, T, d.q_lora, H * K, prec);
   } else {
-    linear_forward(x, p.q_proj_w, q, T, d.D, H * K, prec, sc.lin);
+    linear_forward_op(xo, W(p.q_proj_w, H * K * d.D), q, T, d.D, H * K, prec);
   }
 
   // Latent kv: [T, C] = [ckv | k_pe]; only ckv is normed.
   float* ckv = grow(a.ckv_TC, T * C);
   float* ckvn = grow(a.ckvn_TLkv, T * L);
   float* kv = grow(a.kv_THE, T * H * E);
-  linear_forward(x, p.kv_a_proj_w, ckv, T, d.D, C, prec, sc.lin);
+  linear_forward_op(xo, W(p.kv_a_proj_w, C * d.D), ckv, T, d.D, C, prec);
   rmsnorm_forward_strided(ckv, C, p.kv_a_norm_w, ckvn, L, grow(a.rstd_kv_T, T), T, L, d.norm_eps);
-  linear_forward(ckvn, p.kv_b_proj_w, kv, T, L, H * E, prec, sc.lin);
+  const void* ckvno = linear_operand(ckvn, T * L, prec, a.ckvn_bf);
+  linear_forward_op(ckvno, W(p.kv_b_proj_w, H * E * L), kv, T, L, H * E, prec);
   DSV3_PROFILE_END(qkv);
 
   // RoPE on q_pe (every head, in place) and k_pe (once, into head 0's key, then broadcast to the other heads).
@@ -97,7 +102,8 @@ void mla_forward(const MlaDims& d, const MlaParams& p, const float* x, int64_t B
                       grow(a.lse_BHS, B * H * S), prec, sc.attn);
   }
   DSV3_PROFILE("fwd.attn.o_proj");
-  linear_forward(o, p.o_proj_w, y, T, H * d.dv, d.D, prec, sc.lin);
+  const void* oo = linear_operand(o, T * H * d.dv, prec, a.o_bf);
+  linear_forward_op(oo, W(p.o_proj_w, d.D * H * d.dv), y, T, H * d.dv, d.D, prec);
 }
 
 void mla_backward(const MlaDims& d, const MlaParams& p, const MlaActs& a, const float* dy, float* dx, MlaGrads& g,
@@ -110,14 +116,20 @@ void mla_backward(const MlaDims& d, const MlaParams& p, const MlaActs& a, const 
              "MLA backward: a gradient buffer is missing");
   const int64_t B = a.B, S = a.S, T = B * S, H = d.H, K = d.qk_dim(), E = d.kv_b_dim(), C = d.kv_a_dim(),
                 L = d.kv_lora;
-  const float* x = a.x_TD;
+  // Each output gradient becomes a GEMM operand once (sc.lin.a) and feeds both the weight and input
+  // gradients.
+  auto W = [&](const float* w, int64_t n) { return weight_operand(w, n, prec, p.bf16_weights, sc.lin.b); };
+  auto G = [&](const float* dy_, int64_t n) { return linear_operand(dy_, n, prec, sc.lin.a); };
+  const void* xo = saved_operand(a.x_TD, a.x_bf, prec);
 
   // o_proj.
   float* dout = grow(sc.do_THV, T * H * d.dv);
   {
   DSV3_PROFILE("bwd.attn.o_proj");
-  linear_backward_weight(dy, a.o_THV.data(), g.o_proj_w, T, H * d.dv, d.D, prec, sc.lin);
-  linear_backward_input(dy, p.o_proj_w, dout, T, H * d.dv, d.D, prec, sc.lin);
+  const void* dyo = G(dy, T * d.D);
+  linear_backward_weight_op(dyo, saved_operand(a.o_THV.data(), a.o_bf, prec), g.o_proj_w, T, H * d.dv, d.D,
+                            prec);
+  linear_backward_input_op(dyo, W(p.o_proj_w, d.D * H * d.dv), dout, T, H * d.dv, d.D, prec);
   }
 
   // Attention: dv lands directly in the v columns of dkv; dk is split below.
@@ -153,25 +165,31 @@ void mla_backward(const MlaDims& d, const MlaParams& p, const MlaActs& a, const 
 
   // kv_b_proj, kv_a_layernorm (its gradient goes into the ckv columns of dckv), kv_a_proj_with_mqa.
   float* dckvn = grow(sc.dckvn_TLkv, T * L);
-  linear_backward_weight(dkv, a.ckvn_TLkv.data(), g.kv_b_proj_w, T, L, H * E, prec, sc.lin);
-  linear_backward_input(dkv, p.kv_b_proj_w, dckvn, T, L, H * E, prec, sc.lin);
+  const void* dkvo = G(dkv, T * H * E);
+  linear_backward_weight_op(dkvo, saved_operand(a.ckvn_TLkv.data(), a.ckvn_bf, prec), g.kv_b_proj_w, T, L,
+                            H * E, prec);
+  linear_backward_input_op(dkvo, W(p.kv_b_proj_w, H * E * L), dckvn, T, L, H * E, prec);
   rmsnorm_backward_strided(dckvn, L, a.ckv_TC.data(), C, p.kv_a_norm_w, a.rstd_kv_T.data(), dckv, C, g.kv_a_norm_w,
                            T, L);
-  linear_backward_weight(dckv, x, g.kv_a_proj_w, T, d.D, C, prec, sc.lin);
-  linear_backward_input(dckv, p.kv_a_proj_w, dx, T, d.D, C, prec, sc.lin);
+  const void* dckvo = G(dckv, T * C);
+  linear_backward_weight_op(dckvo, xo, g.kv_a_proj_w, T, d.D, C, prec);
+  linear_backward_input_op(dckvo, W(p.kv_a_proj_w, C * d.D), dx, T, d.D, C, prec);
 
   // Query path, accumulating into dx.
+  const void* dqo = G(dq, T * H * K);
   if (qlora) {
     float* dcqn = grow(sc.dcqn_TLq, T * d.q_lora);
     float* dcq = grow(sc.dcq_TLq, T * d.q_lora);
-    linear_backward_weight(dq, a.cqn_TLq.data(), g.q_b_proj_w, T, d.q_lora, H * K, prec, sc.lin);
-    linear_backward_input(dq, p.q_b_proj_w, dcqn, T, d.q_lora, H * K, prec, sc.lin);
+    linear_backward_weight_op(dqo, saved_operand(a.cqn_TLq.data(), a.cqn_bf, prec), g.q_b_proj_w, T, d.q_lora,
+                              H * K, prec);
+    linear_backward_input_op(dqo, W(p.q_b_proj_w, H * K * d.q_lora), dcqn, T, d.q_lora, H * K, prec);
     rmsnorm_backward(dcqn, a.cq_TLq.data(), p.q_a_norm_w, a.rstd_q_T.data(), dcq, g.q_a_norm_w, T, d.q_lora);
-    linear_backward_weight(dcq, x, g.q_a_proj_w, T, d.D, d.q_lora, prec, sc.lin);
-    linear_backward_input(dcq, p.q_a_proj_w, dx, T, d.D, d.q_lora, prec, sc.lin, 1.f);
+    const void* dcqo = G(dcq, T * d.q_lora);
+    linear_backward_weight_op(dcqo, xo, g.q_a_proj_w, T, d.D, d.q_lora, prec);
+    linear_backward_input_op(dcqo, W(p.q_a_proj_w, d.q_lora * d.D), dx, T, d.D, d.q_lora, prec, 1.f);
   } else {
-    linear_backward_weight(dq, x, g.q_proj_w, T, d.D, H * K, prec, sc.lin);
-    linear_backward_input(dq, p.q_proj_w, dx, T, d.D, H * K, prec, sc.lin, 1.f);
+    linear_backward_weight_op(dqo, xo, g.q_proj_w, T, d.D, H * K, prec);
+    linear_backward_input_op(dqo, W(p.q_proj_w, H * K * d.D), dx, T, d.D, H * K, prec, 1.f);
   }
 }
 

@@ -41,6 +41,7 @@ struct MlaParams {
   const float* kv_a_norm_w = nullptr;  // [Lkv]          self_attn.kv_a_layernorm.weight
   const float* kv_b_proj_w = nullptr;  // [H·E, Lkv]     self_attn.kv_b_proj.weight
   const float* o_proj_w = nullptr;     // [D, H·dv]      self_attn.o_proj.weight
+  const Bf16Weights* bf16_weights = nullptr;  // bf16 copies of the projections (nullable: convert per GEMM)
 };
 
 // Parameter gradients, same shapes as MlaParams; accumulated (+=). Unused ones (by q_lora) may be null.
@@ -71,6 +72,9 @@ struct MlaActs {
   std::vector<float> k_THK;      // keys: [k_nope_h | rotated k_pe] (k_pe broadcast over heads)
   std::vector<float> o_THV;      // attention output (o_proj input)
   std::vector<float> lse_BHS;    // attention logsumexp per row
+  // bf16 mode: the projection inputs as GEMM operands, made once in forward and reused by the weight
+  // gradients.
+  std::vector<bf16> x_bf, cqn_bf, ckvn_bf, o_bf;
 };
 
 // Backward temporaries and kernel scratch; grown on first use, reused afterwards.

@@ -76,6 +76,12 @@ Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
     dims_.push_back(d);
   }
   acts_.resize(opt_.recompute ? 1 : cfg_.num_hidden_layers);
+  // Routed experts are converted by the MoE layer itself (stacked gate|up per expert); the router stays fp32.
+  if (opt_.precision == Precision::kBF16)
+    for (const auto& p : table_.params())
+      if (p.tied_to.empty() && !p.is_expert &&
+          (p.role == ParamRole::kLinear || p.role == ParamRole::kOutputLinear || p.role == ParamRole::kHead))
+        bf16_weights_.add(param(p.name), p.numel);
   for (int64_t k = 0; k < depths; ++k) depths_.push_back(std::make_unique<Depth>());
 }
 
@@ -100,7 +106,12 @@ void Model::load_safetensors(const std::string& path) {
   }
 }
 
-void Model::zero_grads() { std::fill(grads_.begin(), grads_.end(), 0.f); }
+void Model::zero_grads() {
+  float* g = grads_.data();
+  const int64_t n = static_cast<int64_t>(grads_.size());
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) g[i] = 0.f;
+}
 
 BlockParams Model::block_params(int64_t i) {
   const std::string L = layer_prefix(i), A = L + "self_attn.", M = L + "mlp.";
@@ -134,6 +145,7 @@ BlockParams Model::block_params(int64_t i) {
     p.up_FD = param(M + "up_proj.weight");
     p.down_DF = param(M + "down_proj.weight");
   }
+  p.bf16_weights = p.mla.bf16_weights = p.moe.bf16_weights = &bf16_weights_;
   return p;
 }
 
@@ -151,6 +163,10 @@ BlockGrads Model::block_grads(int64_t i) {
   return out;
 }
 
+const bf16* Model::head_bf16() {
+  return bf16_weights_.find(param("lm_head.weight"), cfg_.vocab_size * cfg_.hidden_size);
+}
+
 void Model::run_block(int64_t i, const float* x, float* out, BlockActs& acts, bool training) {
   block_forward(dims_[i], block_params(i), x, B_, S_, training, out, acts, scratch_, opt_.precision);
 }
@@ -162,6 +178,11 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
   const int64_t T = B * S, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
   B_ = B, S_ = S, training_ = training;
   ids_.assign(ids, ids + T);
+  if (opt_.precision == Precision::kBF16) {
+    // Parameters may have changed since the last forward (optimizer step, checkpoint load, params() writes).
+    DSV3_PROFILE("fwd.bf16_weights");
+    bf16_weights_.refresh();
+  }
   labels_.assign(labels, labels + T);
   ForwardStats st;
   auto collect_moe = [&](const BlockDims& d, const BlockActs& a) {
@@ -188,7 +209,7 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
                   static_cast<float>(cfg_.rms_norm_eps));
   const float* head = param("lm_head.weight");
   auto r = head_cross_entropy_forward(hf_TD_.data(), head, labels, loss_T_.data(), lse_T_.data(), T, D, V,
-                                      opt_.precision, head_scratch_, 0, logits_out);
+                                      opt_.precision, head_scratch_, 0, logits_out, head_bf16());
   st.lm_loss_sum = r.loss_sum, st.lm_tokens = r.n_valid;
   DSV3_PROFILE_END(head);
 
@@ -217,8 +238,9 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
     collect_moe(dims_[layer], dp.acts);
     rmsnorm_forward(dp.zout_TD.data(), param(P + "shared_head.norm.weight"), dp.h_TD.data(), dp.rstd_o_T.data(), T,
                     D, eps);
-    auto m = head_cross_entropy_forward(dp.h_TD.data(), head, dp.labels.data(), dp.loss_T.data(), dp.lse_T.data(),
-                                        T, D, V, opt_.precision, head_scratch_);
+    auto m =
+        head_cross_entropy_forward(dp.h_TD.data(), head, dp.labels.data(), dp.loss_T.data(), dp.lse_T.data(),
+                                   T, D, V, opt_.precision, head_scratch_, 0, nullptr, head_bf16());
     st.mtp_loss_sum.push_back(m.loss_sum);
     st.mtp_tokens.push_back(m.n_valid);
     h_prev = dp.h_TD.data();
@@ -247,7 +269,7 @@ void Model::backward(float lm_scale, float aux_scale, const std::vector<float>& 
     // dH = head gradient + what the next depth sent back through its hnorm.
     const float mtp_scale = k < static_cast<int64_t>(mtp_scales.size()) ? mtp_scales[k] : 0.f;
     head_cross_entropy_backward(dp.h_TD.data(), head, dp.labels.data(), dp.lse_T.data(), mtp_scale, nullptr,
-                                dA_TD_.data(), dhead, T, D, V, prec, head_scratch_);
+                                dA_TD_.data(), dhead, T, D, V, prec, head_scratch_, 0, head_bf16());
     for (int64_t i = 0; i < T * D; ++i) dA_TD_[i] += dhf_TD_[i];
     rmsnorm_backward(dA_TD_.data(), dp.zout_TD.data(), param(P + "shared_head.norm.weight"), dp.rstd_o_T.data(),
                      dB_TD_.data(), grad(P + "shared_head.norm.weight"), T, D);
@@ -269,8 +291,8 @@ void Model::backward(float lm_scale, float aux_scale, const std::vector<float>& 
 
   // Main head and final norm.
   DSV3_PROFILE_BEGIN(head, "bwd.head_ce");
-  head_cross_entropy_backward(hf_TD_.data(), head, labels_.data(), lse_T_.data(), lm_scale, nullptr, dA_TD_.data(),
-                              dhead, T, D, V, prec, head_scratch_);
+  head_cross_entropy_backward(hf_TD_.data(), head, labels_.data(), lse_T_.data(), lm_scale, nullptr,
+                              dA_TD_.data(), dhead, T, D, V, prec, head_scratch_, 0, head_bf16());
   if (!depths_.empty())
     for (int64_t i = 0; i < T * D; ++i) dA_TD_[i] += dhf_TD_[i];
   rmsnorm_backward(dA_TD_.data(), resid_[L].data(), param("model.norm.weight"), rstd_f_T_.data(), dB_TD_.data(),

@@ -75,6 +75,7 @@ class Model {
   BlockDims block_dims(int64_t layer) const;
   BlockParams block_params(int64_t layer);
   BlockGrads block_grads(int64_t layer);
+  const bf16* head_bf16();  // lm_head's bf16 copy (nullptr in fp32)
   void run_block(int64_t layer, const float* x, float* out, BlockActs& acts, bool training);
 
   ModelConfig cfg_;
@@ -82,6 +83,8 @@ class Model {
   ParamTable table_;
   ParamStore store_;
   std::vector<float> params_, grads_;
+  Bf16Weights
+      bf16_weights_;  // bf16 mode: copies of the dense projections and the head, refreshed per forward
   std::vector<BlockDims> dims_;  // per layer incl. MTP
 
   // activations of the last forward

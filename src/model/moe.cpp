@@ -1,6 +1,8 @@
-// DeepSeek-V3 MoE layer forward/backward (see moe.h). Experts run one after another over their contiguous
-// rows; the parallelism is inside each GEMM (oneDNN) and in the element-wise kernels (swiglu.h,
-// moe_permute.h).
+// DeepSeek-V3 MoE layer forward/backward (see moe.h). Experts run in parallel over the threads, each GEMM on
+// one thread (oneDNN runs single-threaded inside a parallel region): per-expert GEMMs are small, and one
+// fork/join per expert loop instead of one per GEMM keeps the threads busy (and a descheduled thread on a
+// shared machine stalls the others once per loop, not once per GEMM). Element-wise kernels (swiglu.h,
+// moe_permute.h) parallelise themselves.
 #include "model/moe.h"
 
 #include "core/error.h"
@@ -26,6 +28,7 @@ void experts_forward_bf16(const MoeConfig& c, const MoeParams& p, MoeActs& a) {
   }
   a.a_RF.resize(r_n * 2 * f);
   const bf16* x = static_cast<const bf16*>(linear_operand(a.x_RD.data(), r_n * d, bf, a.x_bf));
+#pragma omp parallel for schedule(dynamic, 1)
   for (int64_t e = 0; e < e_n; ++e) {
     const int64_t n = a.perm.count(e), o = a.perm.offsets_E1[e];
     if (n == 0) continue;
@@ -33,6 +36,7 @@ void experts_forward_bf16(const MoeConfig& c, const MoeParams& p, MoeActs& a) {
   }
   swiglu_forward_general(a.a_RF.data(), a.a_RF.data() + f, 2 * f, a.prob_R.data(), a.z_RF.data(), r_n, f);
   const bf16* z = static_cast<const bf16*>(linear_operand(a.z_RF.data(), r_n * f, bf, a.z_bf));
+#pragma omp parallel for schedule(dynamic, 1)
   for (int64_t e = 0; e < e_n; ++e) {
     const int64_t n = a.perm.count(e), o = a.perm.offsets_E1[e];
     if (n == 0) continue;
@@ -46,6 +50,7 @@ void experts_backward_bf16(const MoeConfig& c, MoeGrads& g, MoeActs& a) {
   const bf16* dy = static_cast<const bf16*>(linear_operand(a.dy_RD.data(), r_n * d, bf, a.dy_bf));
   const bf16* z = a.z_bf.data();
   const bf16* x = a.x_bf.data();
+#pragma omp parallel for schedule(dynamic, 1)
   for (int64_t e = 0; e < e_n; ++e) {
     const int64_t n = a.perm.count(e), o = a.perm.offsets_E1[e];
     if (n == 0) continue;
@@ -56,6 +61,7 @@ void experts_backward_bf16(const MoeConfig& c, MoeGrads& g, MoeActs& a) {
   swiglu_backward_general(a.dz_RF.data(), a.a_RF.data(), a.a_RF.data() + f, 2 * f, a.prob_R.data(),
                           a.da_RF.data(), a.da_RF.data() + f, 2 * f, a.dprob_R.data(), r_n, f);
   const bf16* dab = static_cast<const bf16*>(linear_operand(a.da_RF.data(), r_n * 2 * f, bf, a.dab_bf));
+#pragma omp parallel for schedule(dynamic, 1)
   for (int64_t e = 0; e < e_n; ++e) {
     const int64_t n = a.perm.count(e), o = a.perm.offsets_E1[e];
     if (n == 0) continue;
@@ -66,6 +72,54 @@ void experts_backward_bf16(const MoeConfig& c, MoeGrads& g, MoeActs& a) {
 }
 
 }  // namespace
+
+void mlp_forward(const MlpParams& p, const float* x, int64_t t, int64_t d, int64_t f, float* y, float beta,
+                 MlpActs& a, MlpScratch& s, Precision prec) {
+  a.x_TD = x, a.t = t;
+  if (static_cast<int64_t>(a.ab_T2F.size()) < t * 2 * f) a.ab_T2F.resize(t * 2 * f);
+  if (static_cast<int64_t>(a.h_TF.size()) < t * f) a.h_TF.resize(t * f);
+  auto W = [&](const float* w, int64_t n) { return weight_operand(w, n, prec, p.bf16_weights, s.lin.b); };
+  const void* xo = linear_operand(x, t * d, prec, a.x_bf);
+  float* ab = a.ab_T2F.data();
+  if (p.up_FD == p.gate_FD + f * d) {
+    linear_forward_op(xo, W(p.gate_FD, 2 * f * d), ab, t, d, 2 * f, prec);
+  } else {
+    linear_forward_op(xo, W(p.gate_FD, f * d), ab, t, d, f, prec, 0.f, 0, 2 * f);
+    linear_forward_op(xo, W(p.up_FD, f * d), ab + f, t, d, f, prec, 0.f, 0, 2 * f);
+  }
+  swiglu_forward_general(ab, ab + f, 2 * f, nullptr, a.h_TF.data(), t, f);
+  const void* ho = linear_operand(a.h_TF.data(), t * f, prec, a.h_bf);
+  linear_forward_op(ho, W(p.down_DF, d * f), y, t, f, d, prec, beta);
+}
+
+void mlp_backward(const MlpParams& p, const MlpActs& a, const float* dy, int64_t d, int64_t f, float* dx,
+                  float beta, MlpGrads& g, MlpScratch& s, Precision prec) {
+  const int64_t t = a.t;
+  if (static_cast<int64_t>(s.dh_TF.size()) < t * f) s.dh_TF.resize(t * f);
+  if (static_cast<int64_t>(s.dab_T2F.size()) < t * 2 * f) s.dab_T2F.resize(t * 2 * f);
+  auto W = [&](const float* w, int64_t n) { return weight_operand(w, n, prec, p.bf16_weights, s.lin.b); };
+  const void* dyo = linear_operand(dy, t * d, prec, s.lin.a);
+  linear_backward_weight_op(dyo, saved_operand(a.h_TF.data(), a.h_bf, prec), g.down_DF, t, f, d, prec);
+  linear_backward_input_op(dyo, W(p.down_DF, d * f), s.dh_TF.data(), t, f, d, prec);
+  const float* ab = a.ab_T2F.data();
+  float* dab = s.dab_T2F.data();
+  swiglu_backward_general(s.dh_TF.data(), ab, ab + f, 2 * f, nullptr, dab, dab + f, 2 * f, nullptr, t, f);
+  const void* dabo = linear_operand(dab, t * 2 * f, prec, s.lin.a);
+  const void* dbo = linear_operand_at(dabo, f, prec);
+  const void* xo = saved_operand(a.x_TD, a.x_bf, prec);
+  if (p.up_FD == p.gate_FD + f * d) {
+    linear_backward_input_op(dabo, W(p.gate_FD, 2 * f * d), dx, t, d, 2 * f, prec, beta);
+  } else {
+    linear_backward_input_op(dabo, W(p.gate_FD, f * d), dx, t, d, f, prec, beta, 2 * f);
+    linear_backward_input_op(dbo, W(p.up_FD, f * d), dx, t, d, f, prec, 1.f, 2 * f);
+  }
+  if (g.up_FD == g.gate_FD + f * d) {
+    linear_backward_weight_op(dabo, xo, g.gate_FD, t, d, 2 * f, prec);
+  } else {
+    linear_backward_weight_op(dabo, xo, g.gate_FD, t, d, f, prec, 2 * f);
+    linear_backward_weight_op(dbo, xo, g.up_FD, t, d, f, prec, 2 * f);
+  }
+}
 
 void MoeConfig::validate() const {
   DSV3_CHECK(hidden > 0 && ffn > 0, "moe: hidden and ffn must be > 0, got ", hidden, ", ", ffn);
@@ -121,18 +175,22 @@ void moe_forward(const MoeConfig& c, const MoeParams& p, const float* x, int64_t
   if (c.precision == Precision::kBF16) {
     experts_forward_bf16(c, p, a);
   } else {
-  for (int64_t e = 0; e < e_n; ++e) {
-    const int64_t n = a.perm.count(e), o = a.perm.offsets_E1[e];
-    if (n == 0) continue;
-    linear_forward(&a.x_RD[o * d], p.gate_proj_EFD + e * f * d, &a.a_RF[o * f], n, d, f, c.precision, a.lin);
-    linear_forward(&a.x_RD[o * d], p.up_proj_EFD + e * f * d, &a.b_RF[o * f], n, d, f, c.precision, a.lin);
-  }
-  swiglu_scaled_forward(a.a_RF.data(), a.b_RF.data(), a.prob_R.data(), a.z_RF.data(), r_n, f);
-  for (int64_t e = 0; e < e_n; ++e) {
-    const int64_t n = a.perm.count(e), o = a.perm.offsets_E1[e];
-    if (n == 0) continue;
-    linear_forward(&a.z_RF[o * f], p.down_proj_EDF + e * d * f, &a.y_RD[o * d], n, f, d, c.precision, a.lin);
-  }
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t e = 0; e < e_n; ++e) {
+      const int64_t n = a.perm.count(e), o = a.perm.offsets_E1[e];
+      if (n == 0) continue;
+      linear_forward(&a.x_RD[o * d], p.gate_proj_EFD + e * f * d, &a.a_RF[o * f], n, d, f, c.precision,
+                     a.lin);
+      linear_forward(&a.x_RD[o * d], p.up_proj_EFD + e * f * d, &a.b_RF[o * f], n, d, f, c.precision, a.lin);
+    }
+    swiglu_scaled_forward(a.a_RF.data(), a.b_RF.data(), a.prob_R.data(), a.z_RF.data(), r_n, f);
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t e = 0; e < e_n; ++e) {
+      const int64_t n = a.perm.count(e), o = a.perm.offsets_E1[e];
+      if (n == 0) continue;
+      linear_forward(&a.z_RF[o * f], p.down_proj_EDF + e * d * f, &a.y_RD[o * d], n, f, d, c.precision,
+                     a.lin);
+    }
   }
   DSV3_PROFILE_END(fwd_experts);
   // Routed sum first, then the shared expert added on top (HF's order).
@@ -142,14 +200,8 @@ void moe_forward(const MoeConfig& c, const MoeParams& p, const float* x, int64_t
   }
   if (c.n_shared > 0 && t > 0) {
     DSV3_PROFILE("fwd.moe.shared");
-    const int64_t s = c.shared_ffn();
-    a.sa_TS.resize(t * s);
-    a.sb_TS.resize(t * s);
-    a.sh_TS.resize(t * s);
-    linear_forward(x, p.shared_gate_SD, a.sa_TS.data(), t, d, s, c.precision, a.lin);
-    linear_forward(x, p.shared_up_SD, a.sb_TS.data(), t, d, s, c.precision, a.lin);
-    swiglu_forward(a.sa_TS.data(), a.sb_TS.data(), a.sh_TS.data(), t, s);
-    linear_forward(a.sh_TS.data(), p.shared_down_DS, out, t, s, d, c.precision, a.lin, 1.f);
+    const MlpParams mp{p.shared_gate_SD, p.shared_up_SD, p.shared_down_DS, p.bf16_weights};
+    mlp_forward(mp, x, t, d, c.shared_ffn(), out, 1.f, a.shared, a.shared_scratch, c.precision);
   }
 }
 
@@ -164,17 +216,9 @@ void moe_backward(const MoeConfig& c, const MoeParams& p, MoeActs& a, const floa
   float dx_beta = beta;
   if (c.n_shared > 0 && t > 0) {
     DSV3_PROFILE("bwd.moe.shared");
-    const int64_t s = c.shared_ffn();
-    a.dsh_TS.resize(t * s);
-    a.dsa_TS.resize(t * s);
-    a.dsb_TS.resize(t * s);
-    linear_backward_weight(dout, a.sh_TS.data(), g.shared_down_DS, t, s, d, c.precision, a.lin);
-    linear_backward_input(dout, p.shared_down_DS, a.dsh_TS.data(), t, s, d, c.precision, a.lin);
-    swiglu_backward(a.dsh_TS.data(), a.sa_TS.data(), a.sb_TS.data(), a.dsa_TS.data(), a.dsb_TS.data(), t, s);
-    linear_backward_weight(a.dsa_TS.data(), x, g.shared_gate_SD, t, d, s, c.precision, a.lin);
-    linear_backward_weight(a.dsb_TS.data(), x, g.shared_up_SD, t, d, s, c.precision, a.lin);
-    linear_backward_input(a.dsa_TS.data(), p.shared_gate_SD, dx, t, d, s, c.precision, a.lin, beta);
-    linear_backward_input(a.dsb_TS.data(), p.shared_up_SD, dx, t, d, s, c.precision, a.lin, 1.f);
+    const MlpParams mp{p.shared_gate_SD, p.shared_up_SD, p.shared_down_DS, p.bf16_weights};
+    MlpGrads mg{g.shared_gate_SD, g.shared_up_SD, g.shared_down_DS};
+    mlp_backward(mp, a.shared, dout, d, c.shared_ffn(), dx, beta, mg, a.shared_scratch, c.precision);
     dx_beta = 1.f;
   }
 
@@ -193,28 +237,30 @@ void moe_backward(const MoeConfig& c, const MoeParams& p, MoeActs& a, const floa
   if (c.precision == Precision::kBF16) {
     experts_backward_bf16(c, g, a);
   } else {
-  for (int64_t e = 0; e < e_n; ++e) {
-    const int64_t n = a.perm.count(e), o = a.perm.offsets_E1[e];
-    if (n == 0) continue;
-    linear_backward_weight(&a.dy_RD[o * d], &a.z_RF[o * f], g.down_proj_EDF + e * d * f, n, f, d, c.precision,
-                           a.lin);
-    linear_backward_input(&a.dy_RD[o * d], p.down_proj_EDF + e * d * f, &a.dz_RF[o * f], n, f, d, c.precision,
-                          a.lin);
-  }
-  // z = silu(a)⊙b·w: the gate weight w of each row gets dw = Σ_f dz·silu(a)·b here.
-  swiglu_scaled_backward(a.dz_RF.data(), a.a_RF.data(), a.b_RF.data(), a.prob_R.data(), a.da_RF.data(),
-                         a.db_RF.data(), a.dprob_R.data(), r_n, f);
-  for (int64_t e = 0; e < e_n; ++e) {
-    const int64_t n = a.perm.count(e), o = a.perm.offsets_E1[e];
-    if (n == 0) continue;
-    const float* xe = &a.x_RD[o * d];
-    linear_backward_weight(&a.da_RF[o * f], xe, g.gate_proj_EFD + e * f * d, n, d, f, c.precision, a.lin);
-    linear_backward_weight(&a.db_RF[o * f], xe, g.up_proj_EFD + e * f * d, n, d, f, c.precision, a.lin);
-    linear_backward_input(&a.da_RF[o * f], p.gate_proj_EFD + e * f * d, &a.dx_RD[o * d], n, d, f, c.precision,
-                          a.lin);
-    linear_backward_input(&a.db_RF[o * f], p.up_proj_EFD + e * f * d, &a.dx_RD[o * d], n, d, f, c.precision,
-                          a.lin, 1.f);
-  }
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t e = 0; e < e_n; ++e) {
+      const int64_t n = a.perm.count(e), o = a.perm.offsets_E1[e];
+      if (n == 0) continue;
+      linear_backward_weight(&a.dy_RD[o * d], &a.z_RF[o * f], g.down_proj_EDF + e * d * f, n, f, d,
+                             c.precision, a.lin);
+      linear_backward_input(&a.dy_RD[o * d], p.down_proj_EDF + e * d * f, &a.dz_RF[o * f], n, f, d,
+                            c.precision, a.lin);
+    }
+    // z = silu(a)⊙b·w: the gate weight w of each row gets dw = Σ_f dz·silu(a)·b here.
+    swiglu_scaled_backward(a.dz_RF.data(), a.a_RF.data(), a.b_RF.data(), a.prob_R.data(), a.da_RF.data(),
+                           a.db_RF.data(), a.dprob_R.data(), r_n, f);
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t e = 0; e < e_n; ++e) {
+      const int64_t n = a.perm.count(e), o = a.perm.offsets_E1[e];
+      if (n == 0) continue;
+      const float* xe = &a.x_RD[o * d];
+      linear_backward_weight(&a.da_RF[o * f], xe, g.gate_proj_EFD + e * f * d, n, d, f, c.precision, a.lin);
+      linear_backward_weight(&a.db_RF[o * f], xe, g.up_proj_EFD + e * f * d, n, d, f, c.precision, a.lin);
+      linear_backward_input(&a.da_RF[o * f], p.gate_proj_EFD + e * f * d, &a.dx_RD[o * d], n, d, f,
+                            c.precision, a.lin);
+      linear_backward_input(&a.db_RF[o * f], p.up_proj_EFD + e * f * d, &a.dx_RD[o * d], n, d, f, c.precision,
+                            a.lin, 1.f);
+    }
   }
   DSV3_PROFILE_END(bwd_experts);
   DSV3_PROFILE_BEGIN(bwd_unpermute, "bwd.moe.permute");

@@ -36,6 +36,38 @@ namespace dsv3 {
 
 struct ModelConfig;
 
+// A SwiGLU MLP y (+)= down(silu(gate·x) ⊙ up·x): the dense FFN and the shared expert. Legend: T tokens, D
+// hidden, F width. gate and up run as one [2F, D] GEMM when their weights are adjacent in memory (the
+// parameter store lays them out so), likewise their gradients; otherwise as two GEMMs over the same [T, 2F]
+// buffer.
+struct MlpParams {
+  const float* gate_FD = nullptr;
+  const float* up_FD = nullptr;
+  const float* down_DF = nullptr;
+  const Bf16Weights* bf16_weights = nullptr;  // nullable
+};
+struct MlpGrads {
+  float* gate_FD = nullptr;
+  float* up_FD = nullptr;
+  float* down_DF = nullptr;
+};
+struct MlpActs {
+  const float* x_TD = nullptr;  // not owned; kept alive by the caller until backward
+  int64_t t = 0;
+  std::vector<float> ab_T2F;     // per row [gate pre-activation (F) | up (F)]
+  std::vector<float> h_TF;       // down_proj input
+  std::vector<bf16> x_bf, h_bf;  // bf16 mode: the GEMM operands, reused by the weight gradients
+};
+struct MlpScratch {
+  std::vector<float> dh_TF, dab_T2F;
+  LinearScratch lin;  // a: output-gradient operands, b: weights without a bf16 copy
+};
+void mlp_forward(const MlpParams& p, const float* x_TD, int64_t t, int64_t d, int64_t f, float* y_TD,
+                 float beta, MlpActs& a, MlpScratch& s, Precision prec);
+// dx (beta 0: assign, 1: accumulate); parameter gradients accumulate.
+void mlp_backward(const MlpParams& p, const MlpActs& a, const float* dy_TD, int64_t d, int64_t f,
+                  float* dx_TD, float beta, MlpGrads& g, MlpScratch& s, Precision prec);
+
 struct MoeConfig {
   int64_t hidden = 0;    // D
   int64_t ffn = 0;       // F = moe_intermediate_size
@@ -59,6 +91,7 @@ struct MoeParams {
   const float* shared_gate_SD = nullptr;
   const float* shared_up_SD = nullptr;
   const float* shared_down_DS = nullptr;
+  const Bf16Weights* bf16_weights = nullptr;  // bf16 copies of the shared expert (nullable)
 };
 
 struct MoeGrads {
@@ -81,10 +114,10 @@ struct MoeActs {
   std::vector<float> z_RF;                 // silu(a)⊙b·w: the down_proj input
   std::vector<float> prob_R;               // gate weight per row
   std::vector<float> y_RD;                 // expert outputs (already weighted)
-  std::vector<float> sa_TS, sb_TS, sh_TS;  // shared expert
+  MlpActs shared;                          // shared expert
   // backward scratch
   std::vector<float> dy_RD, dz_RF, da_RF, db_RF, dx_RD, dprob_R, dweight_TK;
-  std::vector<float> dsh_TS, dsa_TS, dsb_TS;
+  MlpScratch shared_scratch;
   LinearScratch lin;
   // bf16 fast path (MoeConfig::precision == kBF16): every operand converted once per step and shared by the
   // expert GEMMs. a_RF then holds the fused [R, 2F] gate|up output (b_RF unused), da_RF its gradient.

@@ -46,12 +46,19 @@ GemmType gemm_type(Precision p) {
 }
 
 // logits[T, c] (row stride ldc) = h · W[j0 : j0 + c]^T.
-void chunk_logits(const void* h_op, const float* w_VD, int64_t j0, int64_t c, float* logits, int64_t ldc,
-                  int64_t t, int64_t d, Precision p, HeadLossScratch& s) {
+// W rows [j0, j0 + c) as a GEMM operand: fp32 W, the caller's bf16 copy, or converted into s.w_bf.
+const void* w_chunk(const float* w_VD, const bf16* w_bf_VD, int64_t j0, int64_t c, int64_t d, Precision p,
+                    HeadLossScratch& s) {
+  if (p == Precision::kBF16 && w_bf_VD) return w_bf_VD + j0 * d;
+  return operand(w_VD + j0 * d, c * d, p, s.w_bf);
+}
+
+void chunk_logits(const void* h_op, const void* w_op, int64_t c, float* logits, int64_t ldc, int64_t t,
+                  int64_t d, Precision p) {
   GemmArgs g;
   g.m = t, g.n = c, g.k = d;
   g.a = h_op, g.lda = d;
-  g.b = operand(w_VD + j0 * d, c * d, p, s.w_bf), g.ldb = d, g.trans_b = true;
+  g.b = w_op, g.ldb = d, g.trans_b = true;
   g.c = logits, g.ldc = ldc, g.ab_type = gemm_type(p);
   gemm(g);
 }
@@ -60,7 +67,8 @@ void chunk_logits(const void* h_op, const float* w_VD, int64_t j0, int64_t c, fl
 
 HeadLossResult head_cross_entropy_forward(const float* h, const float* w, const int32_t* labels, float* loss,
                                           float* lse, int64_t t, int64_t d, int64_t v, Precision p,
-                                          HeadLossScratch& s, int64_t chunk_v, float* logits_TV) {
+                                          HeadLossScratch& s, int64_t chunk_v, float* logits_TV,
+                                          const bf16* w_bf) {
   check_args(labels, t, d, v, "head_cross_entropy_forward");
   HeadLossResult res;
   if (t == 0) return res;
@@ -78,7 +86,7 @@ HeadLossResult head_cross_entropy_forward(const float* h, const float* w, const 
     // With logits_TV the GEMM writes straight into the requested output; it doubles as the chunk buffer.
     float* lg = logits_TV ? logits_TV + j0 : buf;
     const int64_t ld = logits_TV ? v : c;
-    chunk_logits(h_op, w, j0, c, lg, ld, t, d, p, s);
+    chunk_logits(h_op, w_chunk(w, w_bf, j0, c, d, p, s), c, lg, ld, t, d, p);
 #pragma omp parallel for schedule(static) if (t * c >= kParallelMin)
     for (int64_t i = 0; i < t; ++i) {
       using simd::v8;
@@ -120,7 +128,8 @@ HeadLossResult head_cross_entropy_forward(const float* h, const float* w, const 
 
 void head_cross_entropy_backward(const float* h, const float* w, const int32_t* labels, const float* lse,
                                  float dloss, const float* dloss_T, float* dh, float* dw, int64_t t,
-                                 int64_t d, int64_t v, Precision p, HeadLossScratch& s, int64_t chunk_v) {
+                                 int64_t d, int64_t v, Precision p, HeadLossScratch& s, int64_t chunk_v,
+                                 const bf16* w_bf) {
   check_args(labels, t, d, v, "head_cross_entropy_backward");
   if (t == 0) return;
   const int64_t cv = pick_chunk(chunk_v, t, v);
@@ -128,14 +137,17 @@ void head_cross_entropy_backward(const float* h, const float* w, const int32_t* 
   float* buf = grow(s.logits_TC, t * cv);
   for (int64_t j0 = 0; j0 < v; j0 += cv) {
     const int64_t c = std::min(cv, v - j0);
-    chunk_logits(h_op, w, j0, c, buf, c, t, d, p, s);
-    // chunk_logits left W's rows [j0, j0+c) in s.w_bf (bf16 mode); reused by the dh GEMM below.
+    const void* w_op = w_chunk(w, w_bf, j0, c, d, p, s);  // also the dh GEMM's operand below
+    chunk_logits(h_op, w_op, c, buf, c, t, d, p);
+    // bf16 mode: each dlogits row is rounded to bf16 while it is still in cache (the GEMM operand below).
+    bf16* d_bf = p == Precision::kBF16 ? grow(s.d_bf, t * c) : nullptr;
 #pragma omp parallel for schedule(static) if (t * c >= kParallelMin)
     for (int64_t i = 0; i < t; ++i) {
       float* row = buf + i * c;
       const int32_t y = labels[i];
       if (y == kIgnoreLabel) {
         std::fill(row, row + c, 0.f);
+        if (d_bf) std::fill(d_bf + i * c, d_bf + (i + 1) * c, bf16{0});
         continue;
       }
       const float g = dloss * (dloss_T ? dloss_T[i] : 1.f), l = lse[i];
@@ -143,9 +155,9 @@ void head_cross_entropy_backward(const float* h, const float* w, const int32_t* 
       for (int64_t j = 0; j < c8; j += 8) simd::st(row + j, g * simd::exp8(simd::ld(row + j) - l));
       for (int64_t j = c8; j < c; ++j) row[j] = g * std::exp(row[j] - l);
       if (y >= j0 && y < j0 + c) row[y - j0] -= g;
+      if (d_bf) to_bf16(row, d_bf + i * c, c);
     }
-    const void* d_op = operand(buf, t * c, p, s.d_bf);
-    const void* w_op = p == Precision::kF32 ? static_cast<const void*>(w + j0 * d) : s.w_bf.data();
+    const void* d_op = d_bf ? static_cast<const void*>(d_bf) : buf;
     GemmArgs gh;  // dh[T, D] (+)= dlogits[T, c] · W_chunk[c, D]
     gh.m = t, gh.n = d, gh.k = c;
     gh.a = d_op, gh.lda = c;

@@ -31,13 +31,14 @@ struct HeadLossResult {
   int64_t n_valid = 0;  // number of non-ignored tokens (HF's mean divides by this)
 };
 
+// w_bf_VD (nullable, bf16 mode): a bf16 copy of w_VD the caller already holds; used instead of converting W.
 // chunk_v = 0 picks a chunk so that the [T, C] buffer stays ~32 MiB. logits_TV (nullable) receives the full
 // logits (tests and HF golden comparisons). loss_T gets 0 for ignored tokens; lse_T is needed by the
 // backward.
 HeadLossResult head_cross_entropy_forward(const float* h_TD, const float* w_VD, const int32_t* labels_T,
                                           float* loss_T, float* lse_T, int64_t t, int64_t d, int64_t v,
                                           Precision p, HeadLossScratch& s, int64_t chunk_v = 0,
-                                          float* logits_TV = nullptr);
+                                          float* logits_TV = nullptr, const bf16* w_bf_VD = nullptr);
 
 // dloss: gradient of the objective w.r.t. each token's loss (1/n_valid for a mean, 1 for a sum), times
 // dloss_T[t] when dloss_T is non-null (per-token weights such as a loss mask). dh_TD is assigned, dw_VD
@@ -45,7 +46,7 @@ HeadLossResult head_cross_entropy_forward(const float* h_TD, const float* w_VD, 
 void head_cross_entropy_backward(const float* h_TD, const float* w_VD, const int32_t* labels_T,
                                  const float* lse_T, float dloss, const float* dloss_T, float* dh_TD,
                                  float* dw_VD, int64_t t, int64_t d, int64_t v, Precision p,
-                                 HeadLossScratch& s, int64_t chunk_v = 0);
+                                 HeadLossScratch& s, int64_t chunk_v = 0, const bf16* w_bf_VD = nullptr);
 
 // Test oracle: full logits in double, same outputs (logits_TV nullable); dh assigned, dw accumulated.
 HeadLossResult head_cross_entropy_reference(const float* h_TD, const float* w_VD, const int32_t* labels_T,

@@ -1,11 +1,12 @@
 // oneDNN matmul behind a small shape-keyed primitive cache. Transposes are expressed through strides, so no
-// operand is copied. Thread safety: the cache is guarded; each call owns its execution.
+// operand is copied. Thread safety: each thread has its own cache (primitive, memory objects and stream), so
+// a call takes no lock and creates nothing once its shape has been seen; only the data handles are rebound.
 #include "kernels/cpu/gemm.h"
 
 #include <map>
-#include <mutex>
 #include <oneapi/dnnl/dnnl.hpp>
 #include <tuple>
+#include <unordered_map>
 
 #include "core/error.h"
 
@@ -23,11 +24,13 @@ struct Key {
   float alpha, beta;
   auto tie() const { return std::tie(m, n, k, lda, ldb, ldc, ta, tb, ab, c, alpha, beta); }
   bool operator<(const Key& o) const { return tie() < o.tie(); }
+  bool operator==(const Key& o) const { return tie() == o.tie(); }
 };
 
 struct Prim {
   dnnl::matmul matmul;
-  dnnl::memory::desc a, b, c;
+  dnnl::memory a, b, c;  // bound to the caller's pointers on every call
+  std::unordered_map<int, dnnl::memory> args;
 };
 
 dnnl::engine& engine() {
@@ -35,12 +38,7 @@ dnnl::engine& engine() {
   return e;
 }
 
-const Prim& get_prim(const Key& key) {
-  static std::mutex mu;
-  static std::map<Key, Prim> cache;
-  std::lock_guard lk(mu);
-  auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
+Prim make_prim(const Key& key) {
   using dims = dnnl::memory::dims;
   // Row-major A[M,K]: strides {lda, 1}; stored transposed ([K,M]): strides {1, lda}.
   dnnl::memory::desc a({key.m, key.k}, to_dnnl(key.ab), key.ta ? dims{1, key.lda} : dims{key.lda, 1});
@@ -54,7 +52,33 @@ const Prim& get_prim(const Key& key) {
     attr.set_post_ops(po);
   }
   dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, c), attr, engine());
-  return cache.emplace(key, Prim{dnnl::matmul(pd), a, b, c}).first->second;
+  Prim p{dnnl::matmul(pd),
+         dnnl::memory(a, engine(), DNNL_MEMORY_NONE),
+         dnnl::memory(b, engine(), DNNL_MEMORY_NONE),
+         dnnl::memory(c, engine(), DNNL_MEMORY_NONE),
+         {}};
+  p.args = {{DNNL_ARG_SRC, p.a}, {DNNL_ARG_WEIGHTS, p.b}, {DNNL_ARG_DST, p.c}};
+  return p;
+}
+
+// Per-thread: the last shape hit (consecutive calls often repeat it) in front of an ordered map.
+struct ThreadCache {
+  std::map<Key, Prim> prims;
+  const Key* last_key = nullptr;
+  Prim* last = nullptr;
+  dnnl::stream stream{engine()};
+  Prim& get(const Key& key) {
+    if (last && *last_key == key) return *last;
+    auto it = prims.find(key);
+    if (it == prims.end()) it = prims.emplace(key, make_prim(key)).first;
+    last_key = &it->first, last = &it->second;
+    return it->second;
+  }
+};
+
+ThreadCache& thread_cache() {
+  thread_local ThreadCache tc;
+  return tc;
 }
 
 template <typename T>
@@ -73,15 +97,14 @@ void gemm(const GemmArgs& g) {
     return;
   }
   const Key key{g.m, g.n, g.k, g.lda, g.ldb, g.ldc, g.trans_a, g.trans_b, g.ab_type, g.c_type, g.alpha, g.beta};
-  const Prim& p = get_prim(key);
-  dnnl::memory a(p.a, engine(), const_cast<void*>(g.a));
-  dnnl::memory b(p.b, engine(), const_cast<void*>(g.b));
-  dnnl::memory c(p.c, engine(), g.c);
-  dnnl::stream s(engine());
-  p.matmul.execute(s, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
-  s.wait();
+  ThreadCache& tc = thread_cache();
+  Prim& p = tc.get(key);
+  p.a.set_data_handle(const_cast<void*>(g.a));
+  p.b.set_data_handle(const_cast<void*>(g.b));
+  p.c.set_data_handle(g.c);
+  p.matmul.execute(tc.stream, p.args);
+  tc.stream.wait();
 }
-
 void gemm_reference(const GemmArgs& g) {
   for (int64_t i = 0; i < g.m; ++i) {
     for (int64_t j = 0; j < g.n; ++j) {

@@ -2,6 +2,9 @@
 // fp32 accumulation and fp32 output (what torch.autocast does for matmuls on CPU).
 #include "kernels/cpu/linear.h"
 
+#include <algorithm>
+
+#include "core/error.h"
 #include "kernels/cpu/gemm.h"
 
 namespace dsv3 {
@@ -11,6 +14,61 @@ const void* linear_operand(const float* x, int64_t n, Precision p, std::vector<b
   if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
   to_bf16(x, buf.data(), n);
   return buf.data();
+}
+
+void Bf16Weights::clear() {
+  ranges_.clear();
+  data_.clear();
+}
+
+void Bf16Weights::add(const float* w, int64_t n) {
+  Range r{w, n, 0};
+  auto it = std::upper_bound(ranges_.begin(), ranges_.end(), w,
+                             [](const float* a, const Range& b) { return a < b.w; });
+  DSV3_CHECK(it == ranges_.end() || w + n <= it->w, "Bf16Weights: overlapping tensors");
+  DSV3_CHECK(it == ranges_.begin() || std::prev(it)->w + std::prev(it)->n <= w,
+             "Bf16Weights: overlapping tensors");
+  ranges_.insert(it, r);
+  int64_t o = 0;
+  for (Range& x : ranges_) x.off = o, o += x.n;
+  data_.resize(o);
+}
+
+void Bf16Weights::refresh() {
+  // Fixed-size pieces over all tensors, so that threads share big and small tensors evenly.
+  constexpr int64_t kPiece = int64_t{1} << 16;
+  const int64_t total = static_cast<int64_t>(data_.size()), pieces = (total + kPiece - 1) / kPiece;
+#pragma omp parallel for schedule(dynamic, 4)
+  for (int64_t q = 0; q < pieces; ++q) {
+    const int64_t b = q * kPiece, e = std::min(total, b + kPiece);
+    // The ranges overlapping bf16 offsets [b, e).
+    auto it = std::upper_bound(ranges_.begin(), ranges_.end(), b,
+                               [](int64_t o, const Range& r) { return o < r.off; });
+    for (--it; it != ranges_.end() && it->off < e; ++it) {
+      const int64_t lo = std::max(b, it->off), hi = std::min(e, it->off + it->n);
+      if (hi > lo) to_bf16(it->w + (lo - it->off), data_.data() + lo, hi - lo);
+    }
+  }
+}
+
+const bf16* Bf16Weights::find(const float* w, int64_t n) const {
+  auto it = std::upper_bound(ranges_.begin(), ranges_.end(), w,
+                             [](const float* a, const Range& b) { return a < b.w; });
+  if (it == ranges_.begin()) return nullptr;
+  --it;
+  if (w >= it->w + it->n) return nullptr;
+  // Adjacent tensors (gate_proj then up_proj) have adjacent copies: one operand may span them.
+  for (auto r = it; r->w + r->n < w + n; ++r)
+    if (r + 1 == ranges_.end() || (r + 1)->w != r->w + r->n) return nullptr;
+  return data_.data() + it->off + (w - it->w);
+}
+
+const void* weight_operand(const float* w, int64_t n, Precision p, const Bf16Weights* cache,
+                           std::vector<bf16>& buf) {
+  if (p == Precision::kF32) return w;
+  if (cache)
+    if (const bf16* c = cache->find(w, n)) return c;
+  return linear_operand(w, n, p, buf);
 }
 
 namespace {

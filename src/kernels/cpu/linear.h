@@ -42,4 +42,34 @@ void linear_backward_input_op(const void* dy, const void* w, float* dx, int64_t 
 void linear_backward_weight_op(const void* dy, const void* x, float* dw, int64_t t, int64_t in, int64_t out,
                                Precision p, int64_t ld_dy = 0);
 
+// bf16 copies of a set of fp32 weight tensors, refreshed by their owner whenever the weights may have changed
+// (Model: at the start of every forward, so an optimizer step or a checkpoint load can never leave a stale
+// copy), and read by every linear in that forward and its backward instead of converting each weight per
+// GEMM.
+class Bf16Weights {
+ public:
+  void clear();
+  void add(const float* w, int64_t n);  // registers w[0, n); registration order is irrelevant
+  void refresh();                       // converts every registered tensor (in parallel)
+  // The copy of w[0, n) when registered tensors without gaps cover it (w may point inside one), else nullptr.
+  const bf16* find(const float* w, int64_t n) const;
+
+ private:
+  struct Range {
+    const float* w;
+    int64_t n, off;
+  };
+  std::vector<Range> ranges_;  // sorted by w; off: position in data_ (also increasing)
+  std::vector<bf16> data_;
+};
+
+// GEMM operand for the weight w[0, n): fp32 → w itself; bf16 → its copy in `cache` when registered there,
+// else converted into buf.
+const void* weight_operand(const float* w, int64_t n, Precision p, const Bf16Weights* cache,
+                           std::vector<bf16>& buf);
+// The operand a forward saved: fp32 → the activation itself; bf16 → its bf16 copy.
+inline const void* saved_operand(const float* x, const std::vector<bf16>& x_bf, Precision p) {
+  return p == Precision::kF32 ? static_cast<const void*>(x) : static_cast<const void*>(x_bf.data());
+}
+
 }  // namespace dsv3

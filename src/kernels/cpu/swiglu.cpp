@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "kernels/cpu/simd_exp.h"
 
 namespace dsv3 {
 namespace {
@@ -14,6 +15,11 @@ constexpr int64_t kParallelMin = 1 << 14;
 // 1/(1+e^{-a}) saturates cleanly: e^{-a} = inf gives 0, never NaN.
 inline float sigmoid(float a) {
   return 1.f / (1.f + std::exp(-a));
+}
+
+// 8 lanes of sigmoid through simd::exp8 (clamped, so it saturates to 0 or 1 like the scalar form).
+inline simd::v8 sigmoid8(simd::v8 a) {
+  return 1.f / (1.f + simd::exp8(-a));
 }
 
 void check(int64_t t, int64_t f, int64_t ld_ab, const char* what) {
@@ -31,12 +37,13 @@ void swiglu_forward_general(const float* a, const float* b, int64_t ld_ab, const
     const float* ar = a + i * ld_ab;
     const float* br = b + i * ld_ab;
     float* hr = h + i * f;
-    if (p) {
-      const float pi = p[i];
-      for (int64_t j = 0; j < f; ++j) hr[j] = (ar[j] * sigmoid(ar[j]) * br[j]) * pi;
-    } else {
-      for (int64_t j = 0; j < f; ++j) hr[j] = ar[j] * sigmoid(ar[j]) * br[j];
+    const float pi = p ? p[i] : 1.f;
+    const int64_t f8 = f / 8 * 8;
+    for (int64_t j = 0; j < f8; j += 8) {
+      const simd::v8 av = simd::ld(ar + j);
+      simd::st(hr + j, (av * sigmoid8(av) * simd::ld(br + j)) * pi);
     }
+    for (int64_t j = f8; j < f; ++j) hr[j] = (ar[j] * sigmoid(ar[j]) * br[j]) * pi;
   }
 }
 
@@ -53,8 +60,18 @@ void swiglu_backward_general(const float* dh, const float* a, const float* b, in
     float* dar = da + i * ld_dab;
     float* dbr = db + i * ld_dab;
     const float pi = p ? p[i] : 1.f;
-    float dpi = 0.f;
-    for (int64_t j = 0; j < f; ++j) {
+    const int64_t f8 = f / 8 * 8;
+    simd::v8 dpv = simd::v8{};
+    for (int64_t j = 0; j < f8; j += 8) {
+      const simd::v8 av = simd::ld(ar + j), bv = simd::ld(br + j), g = simd::ld(dhr + j);
+      const simd::v8 s = sigmoid8(av), silu = av * s;
+      dpv += g * silu * bv;
+      const simd::v8 gp = g * pi;
+      simd::st(dar + j, gp * bv * s * (1.f + av * (1.f - s)));
+      simd::st(dbr + j, gp * silu);
+    }
+    float dpi = simd::hsum(dpv);
+    for (int64_t j = f8; j < f; ++j) {
       const float av = ar[j], bv = br[j], g = dhr[j];
       const float s = sigmoid(av), silu = av * s;
       dpi += g * silu * bv;
