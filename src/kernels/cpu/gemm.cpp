@@ -70,7 +70,13 @@ struct ThreadCache {
   Prim& get(const Key& key) {
     if (last && *last_key == key) return *last;
     auto it = prims.find(key);
-    if (it == prims.end()) it = prims.emplace(key, make_prim(key)).first;
+    if (it == prims.end()) {
+      // MoE expert GEMMs see a new row count almost every step; bound the cache so a long run neither grows
+      // without limit nor keeps stale JIT kernels (a full clear is rare and costs one re-creation per shape).
+      constexpr size_t kMaxPrims = 2048;
+      if (prims.size() >= kMaxPrims) prims.clear(), last = nullptr, last_key = nullptr;
+      it = prims.emplace(key, make_prim(key)).first;
+    }
     last_key = &it->first, last = &it->second;
     return it->second;
   }
