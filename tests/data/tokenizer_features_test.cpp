@@ -15,6 +15,7 @@
 #include "data/tokenizer/byte_level.h"
 #include "data/tokenizer/tokenizer.h"
 #include "test_util.h"
+#include "tokenizer_case.h"
 
 namespace dsv3 {
 namespace {
@@ -75,19 +76,8 @@ const std::string kByteLevelOnly =
 const std::string kGpt2Style =
     R"({"type":"ByteLevel","add_prefix_space":false,"trim_offsets":true,"use_regex":true})";
 
-struct Case {
-  std::string name;
-  json tokenizer;
-  std::string text;
-  std::vector<int32_t> want;
-};
-
-Tokenizer load(const std::filesystem::path& dir, const json& tokenizer, const std::string& text) {
-  std::filesystem::create_directories(dir);
-  std::ofstream(dir / "tokenizer.json") << tokenizer.dump();
-  std::ofstream(dir / "text.txt", std::ios::binary) << text;
-  return Tokenizer::from_directory(dir);
-}
+using Case = testing::TokenizerCase;
+constexpr auto load = testing::load_tokenizer_case;
 
 TEST(TokenizerFeatures, MatchesHf) {
   const std::string t1 = "ab-c--abc d-";

@@ -19,6 +19,7 @@
 #include "data/tokenizer/normalizers.h"
 #include "data/tokenizer/tokenizer.h"
 #include "test_util.h"
+#include "tokenizer_case.h"
 
 namespace dsv3 {
 namespace {
@@ -82,19 +83,8 @@ const std::string kText =
     "\u338F \u0130stanbul \u0399\u03A3\u0391 \u039F\u0394\u039F\u03A3 \u03C3\u03C2 x\u0301\u1DF9 "
     "\U0001FBF0 \uA7CB \u1E9E \u01C4";
 
-struct Case {
-  std::string name;
-  json tokenizer;
-  std::string text;
-  std::vector<int32_t> want;
-};
-
-Tokenizer load(const std::filesystem::path& dir, const json& tokenizer, const std::string& text) {
-  std::filesystem::create_directories(dir);
-  std::ofstream(dir / "tokenizer.json") << tokenizer.dump();
-  std::ofstream(dir / "text.txt", std::ios::binary) << text;
-  return Tokenizer::from_directory(dir);
-}
+using Case = testing::TokenizerCase;
+constexpr auto load = testing::load_tokenizer_case;
 
 TEST(TokenizerNormalizers, MatchesHf) {
   const std::string added_text = "HELLO hello Hello hellO <RAW> <raw> \uFB01x  fix \uFB01X \u0130 i\u0307 ";
