@@ -55,7 +55,12 @@ struct Model::Depth {
 };
 
 Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
-    : cfg_(cfg), opt_(opt), table_(cfg), store_(table_), params_(store_.size()), grads_(store_.size()) {
+    : cfg_(cfg),
+      opt_(opt),
+      table_(cfg),
+      store_(table_, opt.ep.size(), opt.ep.rank()),
+      params_(store_.size()),
+      grads_(store_.size()) {
   cfg_.validate();
   const int64_t depths = opt_.mtp ? cfg_.num_nextn_predict_layers : 0;
   for (int64_t i = 0; i < cfg_.num_hidden_layers + depths; ++i) {
@@ -71,6 +76,7 @@ Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
       d.moe.router.drop_policy = opt_.drop_policy;
       d.moe.router.pad_to_capacity = opt_.pad_to_capacity;
       d.moe.router.seq_aux_coeff = opt_.seq_aux_coeff;
+      d.moe.ep = opt_.ep;
       d.moe.validate();
     }
     dims_.push_back(d);
@@ -89,13 +95,13 @@ Model::~Model() = default;
 
 void Model::init(uint64_t seed) {
   for (const auto& p : table_.params())
-    if (p.tied_to.empty()) init_param(p, seed, cfg_, param(p.name));
+    if (p.tied_to.empty() && store_.contains(p.name)) init_param(p, seed, cfg_, param(p.name));
 }
 
 void Model::load_safetensors(const std::string& path) {
   SafetensorsReader r(path);
   for (const auto& p : table_.params()) {
-    if (!p.tied_to.empty()) continue;
+    if (!p.tied_to.empty() || !store_.contains(p.name)) continue;
     if (!r.contains(p.name)) {
       DSV3_CHECK(p.is_mtp, path, ": tensor ", p.name, " is missing");
       continue;

@@ -30,6 +30,7 @@ struct ModelOptions {
   bool pad_to_capacity = false;
   float seq_aux_coeff = 0.f;        // sequence-wise balance loss coefficient (0: off)
   bool mtp = true;                  // run the config's num_nextn_predict_layers depths
+  ExpertParallel ep;                // expert parallelism: this rank holds and runs E/EP experts per MoE layer
 };
 
 struct ForwardStats {
@@ -54,7 +55,7 @@ class Model {
 
   // Megatron-style initialisation from (seed, name, index).
   void init(uint64_t seed);
-  // Loads every tensor of the table from a safetensors file (HF names). MTP tensors may be absent (HF's
+  // Loads every tensor this rank holds from a safetensors file (HF names). MTP tensors may be absent (HF's
   // DeepseekV3ForCausalLM drops them); then they keep their current values. Shapes must match.
   void load_safetensors(const std::string& path);
 

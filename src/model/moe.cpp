@@ -16,7 +16,7 @@ namespace {
 // bf16 experts: the weights (gate and up stacked per expert, so one GEMM gives both) and the activations are
 // converted to bf16 once per layer and step, and reused by the backward; results equal the per-GEMM conversions.
 void experts_forward_bf16(const MoeConfig& c, const MoeParams& p, MoeActs& a) {
-  const int64_t d = c.hidden, f = c.ffn, e_n = c.router.num_experts, r_n = a.perm.rows();
+  const int64_t d = c.hidden, f = c.ffn, e_n = c.local_experts(), r_n = a.dispatch.offsets_L1.back();
   const Precision bf = Precision::kBF16;
   a.w_gu_bf.resize(e_n * 2 * f * d);
   a.w_down_bf.resize(e_n * d * f);
@@ -30,7 +30,7 @@ void experts_forward_bf16(const MoeConfig& c, const MoeParams& p, MoeActs& a) {
   const bf16* x = static_cast<const bf16*>(linear_operand(a.x_RD.data(), r_n * d, bf, a.x_bf));
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t e = 0; e < e_n; ++e) {
-    const int64_t n = a.perm.count(e), o = a.perm.offsets_E1[e];
+    const int64_t o = a.dispatch.offsets_L1[e], n = a.dispatch.offsets_L1[e + 1] - o;
     if (n == 0) continue;
     linear_forward_op(x + o * d, &a.w_gu_bf[e * 2 * f * d], &a.a_RF[o * 2 * f], n, d, 2 * f, bf);
   }
@@ -38,21 +38,21 @@ void experts_forward_bf16(const MoeConfig& c, const MoeParams& p, MoeActs& a) {
   const bf16* z = static_cast<const bf16*>(linear_operand(a.z_RF.data(), r_n * f, bf, a.z_bf));
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t e = 0; e < e_n; ++e) {
-    const int64_t n = a.perm.count(e), o = a.perm.offsets_E1[e];
+    const int64_t o = a.dispatch.offsets_L1[e], n = a.dispatch.offsets_L1[e + 1] - o;
     if (n == 0) continue;
     linear_forward_op(z + o * f, &a.w_down_bf[e * d * f], &a.y_RD[o * d], n, f, d, bf);
   }
 }
 
 void experts_backward_bf16(const MoeConfig& c, MoeGrads& g, MoeActs& a) {
-  const int64_t d = c.hidden, f = c.ffn, e_n = c.router.num_experts, r_n = a.perm.rows();
+  const int64_t d = c.hidden, f = c.ffn, e_n = c.local_experts(), r_n = a.dispatch.offsets_L1.back();
   const Precision bf = Precision::kBF16;
   const bf16* dy = static_cast<const bf16*>(linear_operand(a.dy_RD.data(), r_n * d, bf, a.dy_bf));
   const bf16* z = a.z_bf.data();
   const bf16* x = a.x_bf.data();
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t e = 0; e < e_n; ++e) {
-    const int64_t n = a.perm.count(e), o = a.perm.offsets_E1[e];
+    const int64_t o = a.dispatch.offsets_L1[e], n = a.dispatch.offsets_L1[e + 1] - o;
     if (n == 0) continue;
     linear_backward_weight_op(dy + o * d, z + o * f, g.down_proj_EDF + e * d * f, n, f, d, bf);
     linear_backward_input_op(dy + o * d, &a.w_down_bf[e * d * f], &a.dz_RF[o * f], n, f, d, bf);
@@ -63,7 +63,7 @@ void experts_backward_bf16(const MoeConfig& c, MoeGrads& g, MoeActs& a) {
   const bf16* dab = static_cast<const bf16*>(linear_operand(a.da_RF.data(), r_n * 2 * f, bf, a.dab_bf));
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t e = 0; e < e_n; ++e) {
-    const int64_t n = a.perm.count(e), o = a.perm.offsets_E1[e];
+    const int64_t o = a.dispatch.offsets_L1[e], n = a.dispatch.offsets_L1[e + 1] - o;
     if (n == 0) continue;
     linear_backward_weight_op(dab + o * 2 * f, x + o * d, g.gate_proj_EFD + e * f * d, n, d, f, bf, 2 * f);
     linear_backward_weight_op(dab + o * 2 * f + f, x + o * d, g.up_proj_EFD + e * f * d, n, d, f, bf, 2 * f);
@@ -151,25 +151,22 @@ void moe_forward(const MoeConfig& c, const MoeParams& p, const float* x, int64_t
   DSV3_CHECK(p.gate_proj_EFD && p.up_proj_EFD && p.down_proj_EDF, "moe_forward: expert weights are null");
   DSV3_CHECK(c.n_shared == 0 || (p.shared_gate_SD && p.shared_up_SD && p.shared_down_DS),
              "moe_forward: shared expert weights are null");
-  const int64_t d = c.hidden, f = c.ffn, e_n = c.router.num_experts, k_n = c.router.topk;
+  const int64_t d = c.hidden, f = c.ffn, k_n = c.router.topk;
   a.x_TD = x;
   a.t = t;
   {
     DSV3_PROFILE("fwd.moe.router");
     router_forward(c.router, {p.gate_w_ED, p.expert_bias_E}, x, t, d, batch, training, a.router);
   }
-  DSV3_PROFILE_BEGIN(fwd_permute, "fwd.moe.permute");
-  build_permutation(a.router.idx_TK.data(), a.router.kept_TK.data(), t, k_n, e_n, a.perm);
-  const int64_t r_n = a.perm.rows();
-  a.x_RD.resize(r_n * d);
+  const bool padded = c.router.pad_to_capacity && c.ep.size() > 1 && c.ep.type == DispatcherType::kAllToAll;
+  const Routing routing{a.router.idx_TK.data(), a.router.kept_TK.data(), a.router.weight_TK.data(),
+                        padded ? a.router.tokens_per_expert_E.data() : nullptr, t, k_n, c.router.num_experts};
+  ep_dispatch(c.ep, routing, x, d, a.dispatch, a.x_RD, a.prob_R);
+  const int64_t r_n = a.dispatch.offsets_L1.back(), e_n = c.local_experts();
   a.a_RF.resize(r_n * f);
   a.b_RF.resize(r_n * f);
   a.z_RF.resize(r_n * f);
-  a.prob_R.resize(r_n);
   a.y_RD.resize(r_n * d);
-  permute_rows(x, a.perm, d, a.x_RD.data());
-  permute_pairs(a.router.weight_TK.data(), a.perm, a.prob_R.data());
-  DSV3_PROFILE_END(fwd_permute);
 
   DSV3_PROFILE_BEGIN(fwd_experts, "fwd.moe.experts");
   if (c.precision == Precision::kBF16) {
@@ -177,7 +174,7 @@ void moe_forward(const MoeConfig& c, const MoeParams& p, const float* x, int64_t
   } else {
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t e = 0; e < e_n; ++e) {
-      const int64_t n = a.perm.count(e), o = a.perm.offsets_E1[e];
+      const int64_t o = a.dispatch.offsets_L1[e], n = a.dispatch.offsets_L1[e + 1] - o;
       if (n == 0) continue;
       linear_forward(&a.x_RD[o * d], p.gate_proj_EFD + e * f * d, &a.a_RF[o * f], n, d, f, c.precision,
                      a.lin);
@@ -186,7 +183,7 @@ void moe_forward(const MoeConfig& c, const MoeParams& p, const float* x, int64_t
     swiglu_scaled_forward(a.a_RF.data(), a.b_RF.data(), a.prob_R.data(), a.z_RF.data(), r_n, f);
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t e = 0; e < e_n; ++e) {
-      const int64_t n = a.perm.count(e), o = a.perm.offsets_E1[e];
+      const int64_t o = a.dispatch.offsets_L1[e], n = a.dispatch.offsets_L1[e + 1] - o;
       if (n == 0) continue;
       linear_forward(&a.z_RF[o * f], p.down_proj_EDF + e * d * f, &a.y_RD[o * d], n, f, d, c.precision,
                      a.lin);
@@ -194,10 +191,7 @@ void moe_forward(const MoeConfig& c, const MoeParams& p, const float* x, int64_t
   }
   DSV3_PROFILE_END(fwd_experts);
   // Routed sum first, then the shared expert added on top (HF's order).
-  {
-    DSV3_PROFILE("fwd.moe.permute");
-    unpermute_sum(a.y_RD.data(), a.perm, d, out, 0.f);
-  }
+  ep_combine(c.ep, a.dispatch, a.y_RD.data(), out);
   if (c.n_shared > 0 && t > 0) {
     DSV3_PROFILE("fwd.moe.shared");
     const MlpParams mp{p.shared_gate_SD, p.shared_up_SD, p.shared_down_DS, p.bf16_weights};
@@ -211,7 +205,7 @@ void moe_backward(const MoeConfig& c, const MoeParams& p, MoeActs& a, const floa
              "moe_backward: null gradients");
   DSV3_CHECK(c.n_shared == 0 || (g.shared_gate_SD && g.shared_up_SD && g.shared_down_DS),
              "moe_backward: null shared expert gradients");
-  const int64_t d = c.hidden, f = c.ffn, e_n = c.router.num_experts, k_n = c.router.topk, t = a.t;
+  const int64_t d = c.hidden, f = c.ffn, e_n = c.local_experts(), k_n = c.router.topk, t = a.t;
   const float* x = a.x_TD;
   float dx_beta = beta;
   if (c.n_shared > 0 && t > 0) {
@@ -222,24 +216,21 @@ void moe_backward(const MoeConfig& c, const MoeParams& p, MoeActs& a, const floa
     dx_beta = 1.f;
   }
 
-  const int64_t r_n = a.perm.rows();
-  a.dy_RD.resize(r_n * d);
+  ep_dispatch_grad(c.ep, a.dispatch, dout, a.dy_RD);
+  const int64_t r_n = a.dispatch.offsets_L1.back();
   a.dz_RF.resize(r_n * f);
   a.da_RF.resize(r_n * f);
   a.db_RF.resize(r_n * f);
   a.dx_RD.resize(r_n * d);
   a.dprob_R.resize(r_n);
   a.dweight_TK.resize(t * k_n);
-  DSV3_PROFILE_BEGIN(bwd_permute, "bwd.moe.permute");
-  permute_rows(dout, a.perm, d, a.dy_RD.data());
-  DSV3_PROFILE_END(bwd_permute);
   DSV3_PROFILE_BEGIN(bwd_experts, "bwd.moe.experts");
   if (c.precision == Precision::kBF16) {
     experts_backward_bf16(c, g, a);
   } else {
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t e = 0; e < e_n; ++e) {
-      const int64_t n = a.perm.count(e), o = a.perm.offsets_E1[e];
+      const int64_t o = a.dispatch.offsets_L1[e], n = a.dispatch.offsets_L1[e + 1] - o;
       if (n == 0) continue;
       linear_backward_weight(&a.dy_RD[o * d], &a.z_RF[o * f], g.down_proj_EDF + e * d * f, n, f, d,
                              c.precision, a.lin);
@@ -251,7 +242,7 @@ void moe_backward(const MoeConfig& c, const MoeParams& p, MoeActs& a, const floa
                            a.db_RF.data(), a.dprob_R.data(), r_n, f);
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t e = 0; e < e_n; ++e) {
-      const int64_t n = a.perm.count(e), o = a.perm.offsets_E1[e];
+      const int64_t o = a.dispatch.offsets_L1[e], n = a.dispatch.offsets_L1[e + 1] - o;
       if (n == 0) continue;
       const float* xe = &a.x_RD[o * d];
       linear_backward_weight(&a.da_RF[o * f], xe, g.gate_proj_EFD + e * f * d, n, d, f, c.precision, a.lin);
@@ -263,10 +254,7 @@ void moe_backward(const MoeConfig& c, const MoeParams& p, MoeActs& a, const floa
     }
   }
   DSV3_PROFILE_END(bwd_experts);
-  DSV3_PROFILE_BEGIN(bwd_unpermute, "bwd.moe.permute");
-  unpermute_sum(a.dx_RD.data(), a.perm, d, dx, dx_beta);
-  unpermute_pairs(a.dprob_R.data(), a.perm, a.dweight_TK.data());
-  DSV3_PROFILE_END(bwd_unpermute);
+  ep_combine_grad(c.ep, a.dispatch, a.dx_RD.data(), a.dprob_R.data(), dx, dx_beta, a.dweight_TK.data());
   DSV3_PROFILE("bwd.moe.router");
   RouterGrads rg{g.gate_w_ED};
   router_backward(c.router, {p.gate_w_ED, p.expert_bias_E}, x, d, a.router, a.dweight_TK.data(), aux_grad, rg,

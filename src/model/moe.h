@@ -15,8 +15,9 @@
 //   mlp.gate.weight [E, D]; expert_bias_E = mlp.gate.e_score_correction_bias [E] (fp32, no gradient)
 //   shared_{gate,up}_SD = mlp.shared_experts.{gate,up}_proj.weight [Fs, D]; shared_down_DS [D, Fs], Fs =
 //   n_shared·F
-// Expert parallelism will hand a rank a contiguous slice of experts; the stacked layout makes that slice a
-// pointer.
+// Expert parallelism (MoeConfig::ep) hands a rank the contiguous slice of experts ExpertParallel::first_local..;
+// the expert pointers then point at that slice ([L, F, D] etc.) and the dispatcher (parallel/ep_dispatcher.h)
+// brings the rows of every rank's tokens routed to them.
 //
 // Backward: parameter grads accumulate (+=); dx is assigned (beta 0) or accumulated (beta 1). The router
 // receives dL/dw per (token, k) = ⟨d(down input), silu(gate)⊙up⟩ and adds its own gradient into dx. Padding
@@ -31,6 +32,7 @@
 #include "kernels/cpu/linear.h"
 #include "kernels/cpu/moe_permute.h"
 #include "kernels/cpu/router.h"
+#include "parallel/ep_dispatcher.h"
 
 namespace dsv3 {
 
@@ -74,6 +76,8 @@ struct MoeConfig {
   int64_t n_shared = 0;  // shared experts; the shared MLP has width n_shared·F (0: none)
   RouterConfig router;
   Precision precision = Precision::kF32;  // expert GEMM operands; the router is always fp32
+  ExpertParallel ep;                      // default: one rank, every expert local
+  int64_t local_experts() const { return ep.local_count(router.num_experts); }
   int64_t shared_ffn() const { return n_shared * ffn; }
   void validate() const;
 };
@@ -85,7 +89,7 @@ MoeConfig moe_config_from_model(const ModelConfig& m, Precision p);
 struct MoeParams {
   const float* gate_w_ED = nullptr;
   const float* expert_bias_E = nullptr;  // nullptr = zeros
-  const float* gate_proj_EFD = nullptr;
+  const float* gate_proj_EFD = nullptr;  // the local experts: [L, F, D]
   const float* up_proj_EFD = nullptr;
   const float* down_proj_EDF = nullptr;
   const float* shared_gate_SD = nullptr;
@@ -96,7 +100,7 @@ struct MoeParams {
 
 struct MoeGrads {
   float* gate_w_ED = nullptr;
-  float* gate_proj_EFD = nullptr;
+  float* gate_proj_EFD = nullptr;  // the local experts, as MoeParams
   float* up_proj_EFD = nullptr;
   float* down_proj_EDF = nullptr;
   float* shared_gate_SD = nullptr;
@@ -108,7 +112,7 @@ struct MoeActs {
   const float* x_TD = nullptr;  // the layer input (not owned; must stay alive until backward)
   int64_t t = 0;
   RouterActs router;
-  MoePermutation perm;
+  DispatchState dispatch;                  // rows of the local experts (from every EP rank)
   std::vector<float> x_RD;                 // gathered inputs
   std::vector<float> a_RF, b_RF;           // gate / up pre-activations
   std::vector<float> z_RF;                 // silu(a)⊙b·w: the down_proj input
@@ -121,7 +125,7 @@ struct MoeActs {
   LinearScratch lin;
   // bf16 fast path (MoeConfig::precision == kBF16): every operand converted once per step and shared by the
   // expert GEMMs. a_RF then holds the fused [R, 2F] gate|up output (b_RF unused), da_RF its gradient.
-  std::vector<bf16> w_gu_bf, w_down_bf;  // [E, 2F, D] gate rows then up rows per expert; [E, D, F]
+  std::vector<bf16> w_gu_bf, w_down_bf;  // [L, 2F, D] gate rows then up rows per expert; [L, D, F]
   std::vector<bf16> x_bf, z_bf, dy_bf, dab_bf;
 };
 

@@ -17,18 +17,24 @@ std::string block_key(int64_t layer, const std::string& proj) { return std::to_s
 
 }  // namespace
 
-ParamStore::ParamStore(const ParamTable& table) {
+ParamStore::ParamStore(const ParamTable& table, int ep, int ep_rank) : ep_(ep) {
   const int64_t n_experts = table.config().n_routed_experts;
+  DSV3_CHECK(ep >= 1 && ep_rank >= 0 && ep_rank < ep, "ParamStore: EP rank ", ep_rank, " of ", ep);
+  DSV3_CHECK(n_experts % ep == 0, "num_experts (", n_experts, ") must be divisible by the expert parallel size (",
+             ep, ")");
+  local_experts_ = n_experts / ep;
+  first_expert_ = ep_rank * local_experts_;
   for (const auto& p : table.params()) {
     if (!p.tied_to.empty()) continue;
     if (p.is_expert) {
+      if (p.expert < first_expert_ || p.expert >= first_expert_ + local_experts_) continue;
       const std::string key = block_key(p.layer, expert_proj(p.name));
       auto it = expert_blocks_.find(key);
       if (it == expert_blocks_.end()) {
         it = expert_blocks_.emplace(key, size_).first;
-        size_ += n_experts * p.numel;
+        size_ += local_experts_ * p.numel;
       }
-      offsets_[p.name] = it->second + p.expert * p.numel;
+      offsets_[p.name] = it->second + (p.expert - first_expert_) * p.numel;
     } else {
       offsets_[p.name] = size_;
       size_ += p.numel;

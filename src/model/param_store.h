@@ -1,7 +1,8 @@
 // Storage for one rank's parameters (and, with the same layout, their gradients): one fp32 buffer, each HF name
 // mapped to its slice. Routed experts of one layer are stacked ([E,F,D] per projection) so the MoE layer sees each
 // projection as one contiguous block; tied names (the MTP layer's embed_tokens / shared_head.head) map onto the
-// tensor they copy.
+// tensor they copy. Under expert parallelism (ep > 1) the store holds only this EP rank's experts
+// [ep_rank·E/ep, (ep_rank+1)·E/ep) of every MoE layer; the other experts' names are not in it.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -14,19 +15,25 @@ namespace dsv3 {
 
 class ParamStore {
  public:
-  explicit ParamStore(const ParamTable& table);
+  explicit ParamStore(const ParamTable& table, int ep = 1, int ep_rank = 0);
 
   int64_t size() const { return size_; }
+  int ep() const { return ep_; }
+  // The local routed experts: [first_expert(), first_expert() + local_experts()).
+  int64_t first_expert() const { return first_expert_; }
+  int64_t local_experts() const { return local_experts_; }
   // Offset of a parameter's first element; throws naming an unknown parameter.
   int64_t offset(const std::string& name) const;
   bool contains(const std::string& name) const { return offsets_.count(name) != 0; }
-  // Offset of expert 0 of `layer.mlp.experts.*.<proj>.weight` (the stacked block).
+  // Offset of the first local expert of `layer.mlp.experts.*.<proj>.weight` (the stacked block).
   int64_t expert_block(int64_t layer, const std::string& proj) const;
 
  private:
   std::unordered_map<std::string, int64_t> offsets_;
   std::unordered_map<std::string, int64_t> expert_blocks_;  // "layer:proj" -> offset of expert 0
   int64_t size_ = 0;
+  int ep_ = 1;
+  int64_t first_expert_ = 0, local_experts_ = 0;
 };
 
 }  // namespace dsv3

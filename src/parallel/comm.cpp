@@ -19,6 +19,7 @@ size_t type_bytes(CommType t) {
   switch (t) {
     case CommType::kF32: return 4;
     case CommType::kF64: return 8;
+    case CommType::kI32: return 4;
     case CommType::kI64: return 8;
     case CommType::kU8: return 1;
   }
@@ -29,6 +30,7 @@ MPI_Datatype mpi_type(CommType t) {
   switch (t) {
     case CommType::kF32: return MPI_FLOAT;
     case CommType::kF64: return MPI_DOUBLE;
+    case CommType::kI32: return MPI_INT32_T;
     case CommType::kI64: return MPI_INT64_T;
     case CommType::kU8: return MPI_UINT8_T;
   }
@@ -106,6 +108,11 @@ class MpiComm final : public Comm {
     check_mpi(MPI_Alltoallv(send, sc.data(), sd.data(), mpi_type(t), recv, rc.data(), rd.data(), mpi_type(t), comm_),
               "MPI_Alltoallv");
   }
+  void reduce_scatter_raw(const void* send, void* recv, int64_t n, CommType t) override {
+    DSV3_CHECK(n * size_ <= INT_MAX, "reduce_scatter of ", n, " elements × ", size_, " ranks exceeds MPI's int counts");
+    check_mpi(MPI_Reduce_scatter_block(send, recv, static_cast<int>(n), mpi_type(t), MPI_SUM, comm_),
+              "MPI_Reduce_scatter_block");
+  }
   void broadcast_raw(void* buf, int64_t n, CommType t, int root) override {
     auto* p = static_cast<char*>(buf);
     for (int64_t i = 0; i < n; i += kMaxChunk) {
@@ -138,6 +145,10 @@ void SingleComm::alltoallv_raw(const void* send, const int64_t* send_counts, voi
   DSV3_CHECK(send_counts[0] == recv_counts[0], "alltoallv on one rank: sending ", send_counts[0],
              " elements but receiving ", recv_counts[0]);
   if (send != recv) std::memmove(recv, send, send_counts[0] * type_bytes(t));
+}
+
+void SingleComm::reduce_scatter_raw(const void* send, void* recv, int64_t n, CommType t) {
+  if (send != recv) std::memmove(recv, send, n * type_bytes(t));
 }
 
 bool launched_by_mpi() {

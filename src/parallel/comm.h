@@ -3,7 +3,7 @@
 // and a single-process implementation, and `GroupComms`: one Comm per group of a ProcessGroups.
 //
 // Collectives are blocking and in place where that makes sense; counts are elements, not bytes, and may exceed
-// INT_MAX (the MPI implementation splits them). Element types: float, double, int64_t (and uint8_t for broadcast).
+// INT_MAX (the MPI implementation splits them). Element types: float, double, int32_t, int64_t, uint8_t.
 #pragma once
 #include <cstdint>
 #include <map>
@@ -16,15 +16,16 @@
 namespace dsv3 {
 
 enum class ReduceOp { kSum, kMax, kMin };
-enum class CommType { kF32, kF64, kI64, kU8 };
+enum class CommType { kF32, kF64, kI32, kI64, kU8 };
 
 template <typename T>
 constexpr CommType comm_type() {
   if constexpr (std::is_same_v<T, float>) return CommType::kF32;
   else if constexpr (std::is_same_v<T, double>) return CommType::kF64;
+  else if constexpr (std::is_same_v<T, int32_t>) return CommType::kI32;
   else if constexpr (std::is_same_v<T, int64_t>) return CommType::kI64;
   else {
-    static_assert(std::is_same_v<T, uint8_t>, "Comm supports float, double, int64_t and uint8_t");
+    static_assert(std::is_same_v<T, uint8_t>, "Comm supports float, double, int32_t, int64_t and uint8_t");
     return CommType::kU8;
   }
 }
@@ -51,6 +52,11 @@ class Comm {
   void alltoallv(const T* send, const int64_t* send_counts, T* recv, const int64_t* recv_counts) {
     alltoallv_raw(send, send_counts, recv, recv_counts, comm_type<T>());
   }
+  // recv[0..n) ← Σ over ranks of their send[rank·n .. (rank+1)·n) (the reverse of allgather; send holds size()·n).
+  template <typename T>
+  void reduce_scatter(const T* send, T* recv, int64_t n) {
+    reduce_scatter_raw(send, recv, n, comm_type<T>());
+  }
   // buf[0..n) ← root's buf[0..n).
   template <typename T>
   void broadcast(T* buf, int64_t n, int root) {
@@ -69,6 +75,7 @@ class Comm {
   virtual void alltoallv_raw(const void* send, const int64_t* send_counts, void* recv, const int64_t* recv_counts,
                              CommType t) = 0;
   virtual void broadcast_raw(void* buf, int64_t n, CommType t, int root) = 0;
+  virtual void reduce_scatter_raw(const void* send, void* recv, int64_t n, CommType t) = 0;
 };
 
 // One process, no MPI: collectives are identities (alltoallv and allgather copy).
@@ -86,6 +93,7 @@ class SingleComm final : public Comm {
   void alltoallv_raw(const void* send, const int64_t* send_counts, void* recv, const int64_t* recv_counts,
                      CommType t) override;
   void broadcast_raw(void*, int64_t, CommType, int) override {}
+  void reduce_scatter_raw(const void* send, void* recv, int64_t n, CommType t) override;
 };
 
 // True when this process was started by an MPI launcher (mpirun / srun: OMPI_COMM_WORLD_SIZE, PMI_SIZE or

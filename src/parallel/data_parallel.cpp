@@ -13,7 +13,7 @@ std::vector<GradBucket> plan_grad_buckets(const ParamTable& table, const ParamSt
   DSV3_CHECK(bucket_numel >= 1, "gradient bucket size must be >= 1, got ", bucket_numel);
   std::vector<GradBucket> ranges;
   for (const auto& p : table.params()) {
-    if (!p.tied_to.empty() || !p.trainable) continue;
+    if (!p.tied_to.empty() || !p.trainable || !store.contains(p.name)) continue;  // other EP ranks' experts
     ranges.push_back({store.offset(p.name), p.numel, p.is_expert});
   }
   std::sort(ranges.begin(), ranges.end(), [](const GradBucket& a, const GradBucket& b) { return a.offset < b.offset; });

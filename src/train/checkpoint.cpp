@@ -565,7 +565,7 @@ std::optional<TrainProgress> load_checkpoint(const std::string& dir, const LoadT
     const std::string path = in_dir(kModelFile);
     SafetensorsReader rd(path);
     for (const auto& pi : t.table->params()) {
-      if (!pi.tied_to.empty()) continue;
+      if (!pi.tied_to.empty() || !t.store->contains(pi.name)) continue;  // other EP ranks' experts
       DSV3_CHECK(rd.contains(pi.name), path, ": tensor ", pi.name, " is missing");
       const auto& info = rd.info(pi.name);
       DSV3_CHECK(info.dtype == StDtype::kF32 && info.shape == pi.shape, path, ": tensor ", pi.name, " is ",
@@ -583,7 +583,7 @@ std::optional<TrainProgress> load_checkpoint(const std::string& dir, const LoadT
     const std::string path = in_dir(kOptimFile);
     SafetensorsReader rd(path);
     for (const auto& pi : t.table->params()) {
-      if (!pi.trainable || !pi.tied_to.empty()) continue;
+      if (!pi.trainable || !pi.tied_to.empty() || !t.store->contains(pi.name)) continue;
       const int64_t off = t.store->offset(pi.name);
       for (auto [prefix, dst] : {std::pair{"exp_avg.", t.exp_avg}, std::pair{"exp_avg_sq.", t.exp_avg_sq}}) {
         const std::string n = prefix + pi.name;

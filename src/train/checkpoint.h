@@ -26,9 +26,10 @@
 //         "tensors": { tensor name: { "file": f, "global_shape": [..],
 //                                     "slice": { "offsets": [..], "lengths": [..] },   this rank's block
 //                                     "tied_to": name (copies only) } } }
-//     With one rank, and under data parallelism alone (replicated state: rank 0 writes, "world" records the
-//     job's size), every slice is the whole tensor, so any layout loads it. Sharded saves (one file set per rank,
-//     slices by TP/EP/PP) come with expert parallelism; the loader refuses a slice it cannot place.
+//     With one rank, under data parallelism (replicated state) and under expert parallelism (the experts are
+//     first gathered over the EP group, parallel/expert_state.h), rank 0 writes the whole state and "world"
+//     records the job's size; every slice is the whole tensor, so any layout loads it, each rank reading only
+//     the tensors its ParamStore holds (its own experts). The loader refuses a slice it cannot place.
 //
 // Crash safety: everything is written into DIR/iter_XXXXXXX.tmp.<pid>/, each file fsynced, the directory
 // fsynced; then it takes the final name (an existing directory of the same iteration is swapped out
@@ -54,8 +55,8 @@ inline constexpr int kCheckpointFormatVersion = 1;
 
 struct RankInfo {
   int rank = 0, world = 1;  // later: tp, ep, dp, pp ranks
-  // Every rank holds the whole model and optimizer state (data parallelism only): rank 0 writes the one file set
-  // of a world-size-1 checkpoint, every rank loads it.
+  // Rank 0 holds the whole model and optimizer state (replicated by data parallelism, or gathered from the EP
+  // ranks) and writes the one file set of a world-size-1 checkpoint; every rank loads its part of it.
   bool replicated = false;
 };
 

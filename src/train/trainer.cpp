@@ -33,6 +33,8 @@
 #include "train/model_from_args.h"
 #include "parallel/comm.h"
 #include "parallel/data_parallel.h"
+#include "parallel/ep_dispatcher.h"
+#include "parallel/expert_state.h"
 #include "parallel/process_groups.h"
 #include "train/tensorboard.h"
 
@@ -104,6 +106,7 @@ class Trainer {
   std::vector<std::pair<std::string, double>> losses_of(const IterStats& s) const;
   void reduce_stats(IterStats& s);
   std::string timers_block(int64_t iterations);
+  double grad_norm();
   // An exit condition seen by any rank, as every rank's decision.
   bool any_rank(bool local) {
     int64_t v = local ? 1 : 0;
@@ -155,12 +158,11 @@ void Trainer::setup() {
     const char *dest, *flag, *what;
   } unimplemented[] = {{"tensor_model_parallel_size", "--tensor-model-parallel-size", "tensor"},
                        {"pipeline_model_parallel_size", "--pipeline-model-parallel-size", "pipeline"},
-                       {"expert_model_parallel_size", "--expert-model-parallel-size", "expert"},
                        {"context_parallel_size", "--context-parallel-size", "context"}};
   for (const auto& u : unimplemented)
     DSV3_CHECK(args_.i(u.dest) == 1, u.flag, " ", args_.i(u.dest), ": ", u.what, " parallelism is not implemented "
-               "yet in dsv3's distributed runtime; data parallelism is (start the ranks with mpirun and leave the "
-               "other parallel sizes at 1)");
+               "yet in dsv3's distributed runtime; data and expert parallelism are (start the ranks with mpirun and "
+               "leave the other parallel sizes at 1)");
   comms_ = std::make_unique<GroupComms>(pg_, world_);
 
   S_ = args_.i("seq_length"), mbs_ = args_.i("micro_batch_size"), train_iters_ = args_.i("train_iters");
@@ -178,6 +180,8 @@ void Trainer::setup() {
 
   ModelOptions mo;
   mo.precision = args_.b("bf16") ? Precision::kBF16 : Precision::kF32;
+  mo.ep.type = parse_dispatcher_type(args_.s("moe_token_dispatcher_type"));
+  if (pg_.ep > 1) mo.ep.comm = &(*comms_)[Group::kEp];
   if (args_.given("recompute_granularity")) {
     DSV3_CHECK(args_.s("recompute_granularity") == "full", "--recompute-granularity ",
                args_.s("recompute_granularity"), " is not supported (dsv3 implements full)");
@@ -287,15 +291,14 @@ IterStats Trainer::train_step() {
   bool nan_here = false;
   double nan_value = 0;
   const auto t0 = Clock::now();
+  ep_dispatch_seconds_reset();
   for (int64_t m = 0; m < num_micro_; ++m) {
     // MegatronPretrainingSampler: this rank's slice of the chunk of mbs·DP samples.
     const int64_t first = prog_.consumed_train_samples + m * mbs_ * pg_.dp + pg_.dp_rank * mbs_;
     fill_batch(*train_ds_, first, mbs_);
     ForwardStats st = model_->forward(ids_.data(), labels_.data(), mbs_, S_, true);
-    if (check_nan && !std::isfinite(st.lm_loss_sum)) {
-      nan_here = true, nan_value = st.lm_loss_sum;
-      break;
-    }
+    // No early exit: under expert parallelism the other ranks wait for this one in the backward's collectives.
+    if (check_nan && !nan_here && !std::isfinite(st.lm_loss_sum)) nan_here = true, nan_value = st.lm_loss_sum;
     std::vector<float> mtp_scales;
     for (int64_t k = 0; k < depths; ++k)
       mtp_scales.push_back(st.mtp_tokens[k] ? static_cast<float>(mtp_factor / depths / st.mtp_tokens[k] / num_micro_)
@@ -305,6 +308,7 @@ IterStats Trainer::train_step() {
     it.add(st);
   }
   timers_.add("forward-backward", seconds_since(t0));
+  if (pg_.ep > 1) timers_.add("moe-dispatch-combine", ep_dispatch_seconds());  // part of forward-backward
   if (check_nan) {
     int64_t worst = nan_here ? pg_.world - pg_.rank : 0;  // the max names the lowest rank that saw NaN
     world_.allreduce(&worst, 1, ReduceOp::kMax);
@@ -348,6 +352,21 @@ void Trainer::reduce_stats(IterStats& s) {
     for (auto& c : s.counts)
       for (auto& v : c) v = flat[k++];
   }
+}
+
+// The global L2 norm of the gradient. After the data-parallel reduce the dense gradients are the same on every
+// rank and each EP rank holds its own experts' (identical across expert-DP): dense squares once, expert squares
+// summed over the EP group.
+double Trainer::grad_norm() {
+  const auto& g = model_->grads();
+  if (pg_.ep == 1) return l2_norm(g.data(), static_cast<int64_t>(g.size()));
+  double sq[2] = {0, 0};  // dense, expert
+  const auto& store = model_->store();
+  for (const auto& p : model_->table().params())
+    if (p.tied_to.empty() && p.trainable && store.contains(p.name))
+      sq[p.is_expert] += sum_of_squares(g.data() + store.offset(p.name), p.numel);
+  (*comms_)[Group::kEp].allreduce(&sq[1], 1, ReduceOp::kSum);
+  return std::sqrt(sq[0] + sq[1]);
 }
 
 // Megatron's Timers.log with --timing-log-option minmax: each timer's per-iteration mean over the interval, its
@@ -419,12 +438,25 @@ void Trainer::save(int64_t iteration) {
   if (!args_.given("save") || last_saved_ == iteration) return;
   prog_.optimizer_step = opt_->step();
   prog_.scheduler_num_steps = sched_->num_steps();
+  const auto t0 = Clock::now();
   CheckpointTensors t{&model_->table(), &model_->store(), model_->params().data(), opt_->exp_avg().data(),
                       opt_->exp_avg_sq().data()};
-  // Data parallelism alone: the state is replicated and rank 0 writes it; the others wait so that no rank runs
-  // ahead (or exits) before the checkpoint is complete.
-  RankInfo r{pg_.rank, pg_.world, pg_.data_parallel_only()};
-  const auto t0 = Clock::now();
+  // Under expert parallelism the experts are first gathered into one whole state (parallel/expert_state.h).
+  std::unique_ptr<ParamStore> full;
+  std::vector<float> full_params, full_m, full_v;
+  if (pg_.ep > 1) {
+    full = std::make_unique<ParamStore>(model_->table());
+    Comm& ep = (*comms_)[Group::kEp];
+    for (auto [src, dst] : {std::pair{t.params, &full_params}, std::pair{t.exp_avg, &full_m},
+                            std::pair{t.exp_avg_sq, &full_v}}) {
+      dst->resize(full->size());
+      gather_experts(model_->table(), model_->store(), *full, ep, src, dst->data());
+    }
+    t = {&model_->table(), full.get(), full_params.data(), full_m.data(), full_v.data()};
+  }
+  // Rank 0 writes the whole (replicated or gathered) state; the others wait so that no rank runs ahead (or
+  // exits) before the checkpoint is complete.
+  RankInfo r{pg_.rank, pg_.world, true};
   if (pg_.is_first_rank()) save_checkpoint(args_.s("save"), prog_, t, args_.all_map(), cfg_, r);
   world_.barrier();
   last_saved_ = iteration;
@@ -503,7 +535,7 @@ int Trainer::run() {
     // After the all-reduce every rank holds the whole global gradient, so this norm (and the NaN check on it)
     // is the global one and the same on every rank.
     auto& grads = model_->grads();
-    const double norm = l2_norm(grads.data(), static_cast<int64_t>(grads.size()));
+    const double norm = grad_norm();
     if (args_.b("check_for_nan_in_loss_and_grad") && !std::isfinite(norm))
       fail("Rank ", pg_.rank, ", iteration ", prog_.iteration + 1, ": found NaN/Inf in the gradient (grad norm ",
            norm, ") before the optimizer step; the last checkpoint is left as it was");
@@ -514,7 +546,7 @@ int Trainer::run() {
     opt_->begin_step();
     float* params = model_->params().data();
     for (const auto& p : table.params()) {
-      if (!p.tied_to.empty() || !p.trainable) continue;
+      if (!p.tied_to.empty() || !p.trainable || !store.contains(p.name)) continue;  // other EP ranks' experts
       opt_->update(params, grads.data(), store.offset(p.name), p.numel, lr, p.weight_decay ? wd : 0.0);
     }
     if (bias_update)

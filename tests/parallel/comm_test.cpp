@@ -78,6 +78,13 @@ TEST(CommMpi, CollectivesOnFourRanks) {
   for (int q = 0; q < n; ++q)
     for (int k = 0; k <= r; ++k) EXPECT_EQ(recv[q * (r + 1) + k], float(100 * q + r));
 
+  // reduce_scatter: rank r contributes (r+1)·(10·q + j) to element j of rank q's block of 3 int32 values.
+  std::vector<int32_t> contrib(3 * n), mine_sum(3);
+  for (int q = 0; q < n; ++q)
+    for (int j = 0; j < 3; ++j) contrib[q * 3 + j] = (r + 1) * (10 * q + j);
+  w.reduce_scatter(contrib.data(), mine_sum.data(), 3);
+  for (int j = 0; j < 3; ++j) EXPECT_EQ(mine_sum[j], 10 * (10 * r + j)) << j;  // Σ_{r'} (r'+1) = 10 on 4 ranks
+
   std::vector<uint8_t> bytes(5, uint8_t(r));
   w.broadcast(bytes.data(), 5, 2);
   EXPECT_EQ(bytes, std::vector<uint8_t>(5, 2));

@@ -8,7 +8,7 @@
 namespace dsv3 {
 
 void build_permutation(const int32_t* idx, const uint8_t* kept, int64_t t, int64_t k, int64_t e,
-                       MoePermutation& p) {
+                       MoePermutation& p, const int64_t* padded) {
   p.t = t, p.k = k, p.e = e;
   p.offsets_E1.assign(e + 1, 0);
   for (int64_t i = 0; i < t * k; ++i) {
@@ -16,13 +16,19 @@ void build_permutation(const int32_t* idx, const uint8_t* kept, int64_t t, int64
                ")");
     if (!kept || kept[i]) ++p.offsets_E1[idx[i] + 1];
   }
+  if (padded)
+    for (int64_t x = 0; x < e; ++x) {
+      DSV3_CHECK(padded[x] >= p.offsets_E1[x + 1], "build_permutation: expert ", x, " has ", p.offsets_E1[x + 1],
+                 " routed pairs but only ", padded[x], " padded rows");
+      p.offsets_E1[x + 1] = padded[x];
+    }
   for (int64_t x = 0; x < e; ++x) p.offsets_E1[x + 1] += p.offsets_E1[x];
   const int64_t r_n = p.offsets_E1[e];
-  p.token_R.resize(r_n);
-  p.slot_R.resize(r_n);
+  p.token_R.assign(r_n, -1);
+  p.slot_R.assign(r_n, -1);
   p.row_TK.resize(t * k);
   // Walking pairs in (t, k) order and appending keeps each expert's rows sorted by token: a stable order.
-  std::vector<int64_t>& next = p.offsets_E1;  // advanced as rows are placed, restored below
+  std::vector<int64_t> next(p.offsets_E1.begin(), p.offsets_E1.end() - 1);
   for (int64_t i = 0; i < t * k; ++i) {
     if (kept && !kept[i]) {
       p.row_TK[i] = -1;
@@ -33,15 +39,15 @@ void build_permutation(const int32_t* idx, const uint8_t* kept, int64_t t, int64
     p.slot_R[r] = static_cast<int32_t>(i);
     p.row_TK[i] = static_cast<int32_t>(r);
   }
-  // next[x] now equals the old offsets[x+1]; shift back.
-  for (int64_t x = e; x > 0; --x) next[x] = next[x - 1];
-  next[0] = 0;
 }
 
 void permute_rows(const float* x, const MoePermutation& p, int64_t d, float* y) {
   const int64_t r_n = p.rows();
 #pragma omp parallel for schedule(static) if (r_n * d > 65536)
-  for (int64_t r = 0; r < r_n; ++r) std::copy_n(x + static_cast<int64_t>(p.token_R[r]) * d, d, y + r * d);
+  for (int64_t r = 0; r < r_n; ++r) {
+    if (p.token_R[r] < 0) std::fill_n(y + r * d, d, 0.f);
+    else std::copy_n(x + static_cast<int64_t>(p.token_R[r]) * d, d, y + r * d);
+  }
 }
 
 void unpermute_sum(const float* y, const MoePermutation& p, int64_t d, float* out, float beta) {
@@ -60,7 +66,7 @@ void unpermute_sum(const float* y, const MoePermutation& p, int64_t d, float* ou
 }
 
 void permute_pairs(const float* v_TK, const MoePermutation& p, float* v_R) {
-  for (int64_t r = 0; r < p.rows(); ++r) v_R[r] = v_TK[p.slot_R[r]];
+  for (int64_t r = 0; r < p.rows(); ++r) v_R[r] = p.slot_R[r] < 0 ? 0.f : v_TK[p.slot_R[r]];
 }
 
 void unpermute_pairs(const float* v_R, const MoePermutation& p, float* v_TK) {
