@@ -453,37 +453,40 @@ TEST(Launcher, SeedChecksAndMessages) {
   EXPECT_FALSE(fs::exists(dir / "out"));
 }
 
-// A few real iterations through the script: world 1, tiny data, demo-cpu config, seq 32.
-TEST(Launcher, SingleProcessRunPrintsMegatronIterationLines) {
-  const auto dir = testing::scratch_dir();
+// Preprocesses the tiny corpus into dir/tiny_text_document; the environment for a short real run on it (demo-cpu
+// config, seq 32, GBS 4 in micro-batches of 2, 3 iterations, token drop with the alltoall dispatcher).
+Env tiny_run_env(const fs::path& dir) {
   const std::string tok = (testing::source_dir() / "data/tiny-4k").string();
   const std::string pre = testing::dsv3_binary().string() + " preprocess --input " +
                           sq((testing::source_dir() / "tests/golden/preprocess/input.jsonl").string()) +
                           " --output-prefix " + sq((dir / "tiny").string()) +
                           " --tokenizer-type HuggingFaceTokenizer --tokenizer-model " + sq(tok) +
                           " --workers 1 --append-eod >/dev/null 2>&1";
-  ASSERT_EQ(std::system(pre.c_str()), 0);
-  const Env env =
-      with(kWorld1,
-           {{"HL_MODEL_CONFIG", (testing::source_dir() / "examples/deepseek/configs/demo-cpu.json").string()},
-            {"HL_DATA_DIR_ROOT", dir.string()},
-            {"HL_DATA_FILE_PREFIX", "tiny_text_document"},
-            {"HL_TOKENIZER_MODEL", tok},
-            {"HL_DATA_CACHE_DIR", (dir / "cache").string()},
-            {"HL_SPLIT", "90,10,0"},
-            {"HL_SEQ_LEN", "32"},
-            {"HL_GBS", "4"},
-            {"HL_MICRO_BATCH", "2"},
-            {"HL_TRAIN_ITERS", "3"},
-            {"HL_LOG_INTERVAL", "1"},
-            {"HL_EVAL_INTERVAL", "2"},
-            {"HL_EVAL_ITERS", "1"},
-            {"HL_SAVE_INTERVAL", "2"},
-            {"HL_TOKEN_DROP", "1"},
-            {"HL_TOKEN_DISPATCHER_TYPE", "alltoall"},
-            {"HL_KILL_SWITCH", (dir / "kill").string()},
-            {"HL_RESULTS_DIR_PREFIX", dir.string()},
-            {"OMP_NUM_THREADS", "1"}});
+  EXPECT_EQ(std::system(pre.c_str()), 0);
+  return {{"HL_MODEL_CONFIG", (testing::source_dir() / "examples/deepseek/configs/demo-cpu.json").string()},
+          {"HL_DATA_DIR_ROOT", dir.string()},
+          {"HL_DATA_FILE_PREFIX", "tiny_text_document"},
+          {"HL_TOKENIZER_MODEL", tok},
+          {"HL_DATA_CACHE_DIR", (dir / "cache").string()},
+          {"HL_SPLIT", "90,10,0"},
+          {"HL_SEQ_LEN", "32"},
+          {"HL_GBS", "4"},
+          {"HL_MICRO_BATCH", "2"},
+          {"HL_TRAIN_ITERS", "3"},
+          {"HL_LOG_INTERVAL", "1"},
+          {"HL_EVAL_INTERVAL", "2"},
+          {"HL_EVAL_ITERS", "1"},
+          {"HL_SAVE_INTERVAL", "2"},
+          {"HL_TOKEN_DROP", "1"},
+          {"HL_TOKEN_DISPATCHER_TYPE", "alltoall"},
+          {"HL_RESULTS_DIR_PREFIX", dir.string()},
+          {"OMP_NUM_THREADS", "1"}};
+}
+
+// A few real iterations through the script: world 1.
+TEST(Launcher, SingleProcessRunPrintsMegatronIterationLines) {
+  const auto dir = testing::scratch_dir();
+  const Env env = with(with(kWorld1, tiny_run_env(dir)), {{"HL_KILL_SWITCH", (dir / "kill").string()}});
   Result r = run_script(env, dir, /*dry=*/false);
   ASSERT_EQ(r.rc, 0) << r.out << r.err;
   for (const char* line :
@@ -508,6 +511,26 @@ TEST(Launcher, SingleProcessRunPrintsMegatronIterationLines) {
   EXPECT_NE(r.out.find("Detected kill switch at " + (dir / "kill").string() + ". Exiting"), std::string::npos)
       << r.out;
   EXPECT_EQ(r.out.find(" iteration        1/"), std::string::npos);
+}
+
+// The seed's basic example layout for real: 8 ranks (oversubscribed), DP 8 × EP 8 with one expert per rank, token
+// drop with the alltoall dispatcher, micro-batches of 1 — through mpirun as the script builds it.
+TEST(Launcher, SeedEightRankExpertParallelRun) {
+  if (std::system("command -v mpirun >/dev/null 2>&1") != 0) GTEST_SKIP() << "mpirun is not installed";
+  const auto dir = testing::scratch_dir();
+  const Env env = with(tiny_run_env(dir), {{"HL_NUM_NODES", "1"}, {"HL_DEVICES_PER_NODE", "8"}, {"HL_DP", "8"},
+                                           {"HL_TP", "1"}, {"HL_PP", "1"}, {"HL_EP", "8"}, {"HL_GBS", "8"},
+                                           {"HL_MICRO_BATCH", "1"}, {"HL_TRAIN_ITERS", "2"}});
+  Result r = run_script(env, dir, /*dry=*/false);
+  ASSERT_EQ(r.rc, 0) << r.out << r.err;
+  EXPECT_NE(r.err.find("+ mpirun "), std::string::npos) << r.err;
+  for (const char* line : {"  expert_model_parallel_size ...................... 8", " iteration        2/       2 |",
+                           "| lm loss: ", "validation loss at iteration 2", "successfully saved checkpoint from iteration 2"})
+    EXPECT_NE(r.out.find(line), std::string::npos) << line << "\n" << r.out;
+  // One set of lines: only the last rank logs.
+  size_t n = 0;
+  for (size_t p = r.out.find(" iteration        2/"); p != std::string::npos; p = r.out.find(" iteration        2/", p + 1)) ++n;
+  EXPECT_EQ(n, 1u) << r.out;
 }
 
 }  // namespace
