@@ -44,32 +44,29 @@ void scatter_rows(const float* src, const std::vector<int64_t>& map, int64_t w, 
   for (int64_t r = 0; r < n; ++r) std::copy_n(src + r * w, w, dst + map[r] * w);
 }
 
-std::vector<int64_t> times(const std::vector<int64_t>& v, int64_t w) {
-  std::vector<int64_t> out(v);
-  for (auto& x : out) x *= w;
-  return out;
-}
-
 void alltoall_dispatch(const ExpertParallel& ep, const Routing& r, const float* x, DispatchState& s,
                        std::vector<float>& x_RD, std::vector<float>& prob_R) {
   const int P = ep.size();
   const int64_t L = s.local_experts, d = s.d, first = ep.first_local(r.e);
   build_permutation(r.idx_TK, r.kept_TK, r.t, r.k, r.e, s.perm, r.padded_rows_E);
   // Rows to (q, l) = this rank's rows of global expert q·L + l; rows from (p, l): exchanged, or with padding known.
-  std::vector<int64_t> send_PL(P * L);
+  std::vector<int64_t>& send_PL = s.send_PL;
+  send_PL.resize(P * L);
   s.recv_rows_PL.assign(P * L, 0);
   for (int64_t e = 0; e < r.e; ++e) send_PL[e] = s.perm.count(e);
   if (r.padded_rows_E) {
     for (int p = 0; p < P; ++p)
       for (int64_t l = 0; l < L; ++l) s.recv_rows_PL[p * L + l] = r.padded_rows_E[first + l];
   } else {
-    const std::vector<int64_t> per_peer(P, L);
-    ep.comm->alltoallv(send_PL.data(), per_peer.data(), s.recv_rows_PL.data(), per_peer.data());
+    s.per_peer.assign(P, L);
+    ep.comm->alltoallv(send_PL.data(), s.per_peer.data(), s.recv_rows_PL.data(), s.per_peer.data());
   }
   s.send_rows_P.assign(P, 0);
   s.recv_rows_P.assign(P, 0);
   for (int p = 0; p < P; ++p)
     for (int64_t l = 0; l < L; ++l) s.send_rows_P[p] += send_PL[p * L + l], s.recv_rows_P[p] += s.recv_rows_PL[p * L + l];
+  s.send_el_P.resize(P), s.recv_el_P.resize(P);
+  for (int p = 0; p < P; ++p) s.send_el_P[p] = s.send_rows_P[p] * d, s.recv_el_P[p] = s.recv_rows_P[p] * d;
 
   const int64_t sent = s.perm.rows();
   grow(s.send_RD, sent * d), grow(s.send_R, sent);
@@ -78,12 +75,12 @@ void alltoall_dispatch(const ExpertParallel& ep, const Routing& r, const float* 
   int64_t received = 0;
   for (int64_t n : s.recv_rows_P) received += n;
   grow(s.recv_RD, received * d), grow(s.recv_R, received);
-  ep.comm->alltoallv(s.send_RD.data(), times(s.send_rows_P, d).data(), s.recv_RD.data(),
-                     times(s.recv_rows_P, d).data());
+  ep.comm->alltoallv(s.send_RD.data(), s.send_el_P.data(), s.recv_RD.data(), s.recv_el_P.data());
   ep.comm->alltoallv(s.send_R.data(), s.send_rows_P.data(), s.recv_R.data(), s.recv_rows_P.data());
 
   // Received block (p, l) starts at start[p·L + l]; expert rows take them in (l, p) order.
-  std::vector<int64_t> start(P * L);
+  std::vector<int64_t>& start = s.start_PL;
+  start.resize(P * L);
   for (int64_t i = 0, o = 0; i < P * L; ++i) start[i] = o, o += s.recv_rows_PL[i];
   s.offsets_L1.assign(L + 1, 0);
   s.recv_of_R.resize(received);
@@ -102,7 +99,8 @@ void allgather_dispatch(const ExpertParallel& ep, const Routing& r, const float*
   DSV3_CHECK(!r.padded_rows_E, "pad-to-capacity needs the alltoall token dispatcher");
   const int P = ep.size();
   const int64_t t = r.t, k = r.k, d = s.d, L = s.local_experts, first = ep.first_local(r.e);
-  std::vector<uint8_t> kept(t * k, 1);
+  std::vector<uint8_t>& kept = s.kept_mine;
+  kept.assign(t * k, 1);
   if (r.kept_TK) std::copy_n(r.kept_TK, t * k, kept.begin());
   s.idx_all.resize(P * t * k), s.kept_all.resize(P * t * k), s.weight_all.resize(P * t * k);
   grow(s.x_all, P * t * d);
@@ -161,8 +159,8 @@ void ep_combine(const ExpertParallel& ep, DispatchState& s, const float* y_RD, f
     unpermute_sum(y_RD, s.perm, d, out, 0.f);
   } else if (ep.type == DispatcherType::kAllToAll) {
     scatter_rows(y_RD, s.recv_of_R, d, s.recv_RD.data());
-    ep.comm->alltoallv(s.recv_RD.data(), times(s.recv_rows_P, d).data(), s.send_RD.data(),
-                       times(s.send_rows_P, d).data());
+    ep.comm->alltoallv(s.recv_RD.data(), s.recv_el_P.data(), s.send_RD.data(),
+                       s.send_el_P.data());
     unpermute_sum(s.send_RD.data(), s.perm, d, out, 0.f);
   } else {
     grow(s.sum_all, ep.size() * s.t * d);
@@ -181,8 +179,8 @@ void ep_dispatch_grad(const ExpertParallel& ep, DispatchState& s, const float* d
     permute_rows(dout, s.perm, d, dy_RD.data());
   } else if (ep.type == DispatcherType::kAllToAll) {
     permute_rows(dout, s.perm, d, s.send_RD.data());
-    ep.comm->alltoallv(s.send_RD.data(), times(s.send_rows_P, d).data(), s.recv_RD.data(),
-                       times(s.recv_rows_P, d).data());
+    ep.comm->alltoallv(s.send_RD.data(), s.send_el_P.data(), s.recv_RD.data(),
+                       s.recv_el_P.data());
     gather_rows(s.recv_RD.data(), s.recv_of_R, d, dy_RD.data());
   } else {
     grow(s.sum_all, ep.size() * s.t * d);
@@ -202,8 +200,8 @@ void ep_combine_grad(const ExpertParallel& ep, DispatchState& s, const float* dx
   } else if (ep.type == DispatcherType::kAllToAll) {
     scatter_rows(dx_RD, s.recv_of_R, d, s.recv_RD.data());
     scatter_rows(dprob_R, s.recv_of_R, 1, s.recv_R.data());
-    ep.comm->alltoallv(s.recv_RD.data(), times(s.recv_rows_P, d).data(), s.send_RD.data(),
-                       times(s.send_rows_P, d).data());
+    ep.comm->alltoallv(s.recv_RD.data(), s.recv_el_P.data(), s.send_RD.data(),
+                       s.send_el_P.data());
     ep.comm->alltoallv(s.recv_R.data(), s.recv_rows_P.data(), s.send_R.data(), s.send_rows_P.data());
     unpermute_sum(s.send_RD.data(), s.perm, d, dx, beta);
     unpermute_pairs(s.send_R.data(), s.perm, dweight_TK);

@@ -69,10 +69,12 @@ struct DispatchState {
   std::vector<int64_t> send_rows_P, recv_rows_P;  // rows sent to / received from each EP rank
   std::vector<int64_t> recv_rows_PL;              // rows received from rank p for local expert l
   std::vector<int64_t> recv_of_R;                 // expert row r is received row recv_of_R[r]
+  std::vector<int64_t> send_el_P, recv_el_P;      // the same row counts in floats (·D)
+  std::vector<int64_t> send_PL, start_PL, per_peer;  // scratch
   std::vector<float> send_RD, recv_RD, send_R, recv_R;  // staging
   // allgather
   std::vector<int32_t> idx_all;
-  std::vector<uint8_t> kept_all;
+  std::vector<uint8_t> kept_mine, kept_all;
   std::vector<float> weight_all, x_all, sum_all, pair_all;
 };
 

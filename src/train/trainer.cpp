@@ -307,8 +307,12 @@ IterStats Trainer::train_step() {
     model_->backward(lm_scale, 1.f / static_cast<float>(num_micro_), mtp_scales);
     it.add(st);
   }
-  timers_.add("forward-backward", seconds_since(t0));
-  if (pg_.ep > 1) timers_.add("moe-dispatch-combine", ep_dispatch_seconds());  // part of forward-backward
+  const double fb = seconds_since(t0);
+  timers_.add("forward-backward", fb);
+  if (pg_.ep > 1) {  // forward-backward split into the MoE token exchange (with its waits) and the rest, per rank
+    timers_.add("moe-dispatch-combine", ep_dispatch_seconds());
+    timers_.add("forward-backward-compute", fb - ep_dispatch_seconds());
+  }
   if (check_nan) {
     int64_t worst = nan_here ? pg_.world - pg_.rank : 0;  // the max names the lowest rank that saw NaN
     world_.allreduce(&worst, 1, ReduceOp::kMax);
