@@ -1,6 +1,6 @@
 // Expert parallelism end to end: `mpirun -np 2|4 dsv3 train --expert-model-parallel-size N` on the demo model
 // (8 experts) in fp32 reproduces the single-process run — per-iteration losses and grad norms, evaluation losses
-// and final weights within 1e-6 relative — for EP2 with each dispatcher, DP2×EP2 (expert-DP 2) and EP4; token
+// and final weights within 1e-6 relative — for EP2 with each dispatcher (and under recompute), DP2×EP2 (expert-DP 2) and EP4; token
 // dropping (capacity computed per rank's micro-batch, so a single process with the same micro-batch size applies
 // the same capacity) with and without pad-to-capacity; and checkpoints move between EP layouts and one process.
 // Skipped without mpirun.
@@ -15,8 +15,12 @@ const std::string kAllToAll = " --moe-token-dispatcher-type alltoall";
 const std::string kAllGather = " --moe-token-dispatcher-type allgather";
 std::string ep(int n) { return "--expert-model-parallel-size " + std::to_string(n); }
 
-// 2 ranks: DP 2, EP 2, expert-DP 1 (each rank owns 4 experts); two micro-batches per rank.
-TEST_F(ExpertParallel, Ep2AllToAllReproducesSingleProcess) { expect_parity("ep2_a2a", 2, 1, 4, 4, ep(2) + kAllToAll); }
+// 2 ranks: DP 2, EP 2, expert-DP 1 (each rank owns 4 experts); two micro-batches per rank. Also under full
+// recompute, whose second forward dispatches again.
+TEST_F(ExpertParallel, Ep2AllToAllReproducesSingleProcess) {
+  expect_parity("ep2_a2a", 2, 1, 4, 4, ep(2) + kAllToAll);
+  expect_parity("ep2_recompute", 2, 1, 4, 3, ep(2) + kAllToAll, "--recompute-granularity full", "single_recompute");
+}
 TEST_F(ExpertParallel, Ep2AllGatherReproducesSingleProcess) {
   expect_parity("ep2_ag", 2, 1, 4, 4, ep(2) + kAllGather);
 }
