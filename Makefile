@@ -1,7 +1,7 @@
 # Thin wrapper: the real build is CMake. `make test` is what CI runs.
 BUILD ?= build
 JOBS ?= $(shell nproc)
-.PHONY: setup build test demo bench bench-preprocess bench-step clean format
+.PHONY: setup build test demo bench bench-preprocess bench-step bench-alltoall bench-parallel clean format
 
 setup:
 	bash scripts/setup.sh
@@ -18,7 +18,7 @@ test: setup build
 demo: setup build
 	bash scripts/demo.sh
 
-bench: bench-preprocess bench-step
+bench: bench-preprocess bench-step bench-alltoall bench-parallel
 
 bench-preprocess: setup build
 	bash bench/preprocess/run.sh
@@ -27,8 +27,16 @@ bench-preprocess: setup build
 bench-step: setup build
 	BUILD=$(BUILD) bash bench/step.sh
 
+# Comm::alltoallv against a plain MPI_Alltoallv on MoE-dispatch-shaped messages, 2 and 4 ranks.
+bench-alltoall: setup build
+	BUILD=$(BUILD) bash bench/alltoall.sh
+
 format:
 	clang-format -i $$(git ls-files '*.cpp' '*.h')
+
+# 1/2/4-rank data- and expert-parallel steps split into compute, dispatch/combine, gradient sync and optimizer.
+bench-parallel: setup build
+	BUILD=$(BUILD) bash bench/parallel_step.sh
 
 clean:
 	rm -rf $(BUILD)

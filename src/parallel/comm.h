@@ -2,8 +2,9 @@
 // call MPI, DESIGN principle 3), its MPI implementation (one MPI communicator per group, made with MPI_Comm_split)
 // and a single-process implementation, and `GroupComms`: one Comm per group of a ProcessGroups.
 //
-// Collectives are blocking and in place where that makes sense; counts are elements, not bytes, and may exceed
-// INT_MAX (the MPI implementation splits them). Element types: float, double, int32_t, int64_t, uint8_t.
+// Collectives are blocking and in place where that makes sense; counts are elements, not bytes. allreduce and
+// broadcast split counts beyond INT_MAX; allgather, alltoallv and reduce_scatter refuse totals beyond INT_MAX with
+// an error (MPI's int counts and displacements). Element types: float, double, int32_t, int64_t, uint8_t.
 #pragma once
 #include <cstdint>
 #include <map>
