@@ -106,10 +106,18 @@ inline double rel_diff(double a, double b) {
   return m == 0 ? d : d / m;
 }
 
-inline std::map<std::string, std::vector<float>> read_weights(const std::filesystem::path& safetensors) {
+// Every tensor of a checkpoint iteration directory's model file(s): model.safetensors, or the shards
+// model-*-of-*.safetensors of an expert-parallel save.
+inline std::map<std::string, std::vector<float>> read_weights(const std::filesystem::path& iter_dir) {
   std::map<std::string, std::vector<float>> t;
-  SafetensorsReader rd(safetensors.string());
-  for (const auto& n : rd.names()) t[n] = rd.read_f32(n);
+  for (const auto& e : std::filesystem::directory_iterator(iter_dir)) {
+    const std::string f = e.path().filename().string();
+    if (f != "model.safetensors" && !(f.rfind("model-", 0) == 0 && f.size() > 12 &&
+                                      f.compare(f.size() - 12, 12, ".safetensors") == 0))
+      continue;
+    SafetensorsReader rd(e.path().string());
+    for (const auto& n : rd.names()) t[n] = rd.read_f32(n);
+  }
   return t;
 }
 

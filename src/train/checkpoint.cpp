@@ -29,8 +29,7 @@ using ojson = nlohmann::ordered_json;
 
 constexpr const char* kFormatName = "dsv3-checkpoint";
 constexpr const char* kTracker = "latest_checkpointed_iteration.txt";
-constexpr const char* kModelFile = "model.safetensors";
-constexpr const char* kOptimFile = "optimizer.safetensors";
+constexpr const char* kModelIndexFile = "model.safetensors.index.json";
 constexpr const char* kConfigFile = "config.json";
 constexpr const char* kStateFile = "state.json";
 constexpr double kMegatronCheckpointVersion = 3.1;
@@ -320,106 +319,153 @@ std::string first_config_math_difference(const ModelConfig& a, const ModelConfig
   return out;
 }
 
-void save_checkpoint(const std::string& dir, const TrainProgress& p, const CheckpointTensors& t,
-                     const std::map<std::string, std::string>& args, const ModelConfig& cfg,
-                     const RankInfo& r) {
-  DSV3_CHECK(t.table && t.store && t.params, "save_checkpoint: table, store and params are required");
-  DSV3_CHECK((t.exp_avg == nullptr) == (t.exp_avg_sq == nullptr),
-             "save_checkpoint: exp_avg and exp_avg_sq must be given together");
-  DSV3_CHECK(r.rank == 0 && (r.world == 1 || r.replicated), "save_checkpoint: rank ", r.rank, " of ", r.world,
-             ": sharded multi-rank checkpoints are not implemented yet (one rank, or rank 0 of a data-parallel "
-             "job with replicated state)");
-  DSV3_CHECK(p.iteration >= 0, "save_checkpoint: negative iteration ", p.iteration);
-  const std::string mismatch = first_config_math_difference(t.table->config(), cfg);
-  DSV3_CHECK(mismatch.empty(), "save_checkpoint: the parameter table was built for another config (",
-             mismatch, ")");
+namespace {
 
-  std::error_code ec;
-  fs::create_directories(dir, ec);
-  DSV3_CHECK(!ec && fs::is_directory(dir), "cannot create checkpoint directory ", dir,
-             ec ? ": " + ec.message() : std::string());
-  cleanup_stale(dir);
+// File names: one file of each kind, or HF's sharded names with shard s of n ("model-00001-of-00004.safetensors").
+std::string shard_file(const char* kind, int shard, int shards) {
+  if (shards == 1) return std::string(kind) + ".safetensors";
+  char b[96];
+  std::snprintf(b, sizeof b, "%s-%05d-of-%05d.safetensors", kind, shard + 1, shards);
+  return b;
+}
 
-  const std::string final_dir = checkpoint_iter_dir(dir, p.iteration);
-  const std::string tmp = final_dir + ".tmp." + std::to_string(::getpid());
-  fs::remove_all(tmp, ec);
-  DSV3_CHECK(fs::create_directory(tmp, ec) && !ec, "cannot create ", tmp, ": ", ec.message());
+// The shard that holds a tensor: routed experts by their EP rank (contiguous blocks of E/shards), the rest in 0.
+int shard_of(const ParamInfo& pi, int shards, int64_t experts) {
+  return shards == 1 || !pi.is_expert ? 0 : static_cast<int>(pi.expert / (experts / shards));
+}
 
-  try {
-    ojson tensors = ojson::object();
-    auto record = [&](const std::string& name, const std::string& file, const std::vector<int64_t>& shape,
-                      const std::string& tied_to) {
-      ojson e;
-      e["file"] = file;
-      e["global_shape"] = shape;
-      e["slice"] = {{"offsets", std::vector<int64_t>(shape.size(), 0)}, {"lengths", shape}};
-      if (!tied_to.empty()) e["tied_to"] = tied_to;
-      tensors[name] = std::move(e);
-    };
-
-    SafetensorsWriter model;
-    model.set_metadata("format", "pt");
+// Writes this shard's model file (and optimizer file) into tmp and returns their digests, in that order.
+std::vector<std::pair<std::string, FileDigest>> write_shard(const std::string& tmp, const CheckpointTensors& t,
+                                                            int shard, int shards) {
+  const int64_t experts = t.table->config().n_routed_experts;
+  std::vector<std::pair<std::string, FileDigest>> out;
+  SafetensorsWriter model;
+  model.set_metadata("format", "pt");
+  for (const auto& pi : t.table->params())
+    if (shard_of(pi, shards, experts) == shard) model.add(pi.name, pi.shape, t.params + t.store->offset(pi.name));
+  const std::string mf = shard_file("model", shard, shards);
+  model.write((fs::path(tmp) / mf).string());
+  out.emplace_back(mf, digest_file((fs::path(tmp) / mf).string()));
+  stage("model_written");
+  if (t.exp_avg) {
+    SafetensorsWriter optim;
+    optim.set_metadata("format", "pt");
     for (const auto& pi : t.table->params()) {
-      model.add(pi.name, pi.shape, t.params + t.store->offset(pi.name));
-      record(pi.name, kModelFile, pi.shape, pi.tied_to);
+      if (!pi.trainable || !pi.tied_to.empty() || shard_of(pi, shards, experts) != shard) continue;
+      const int64_t off = t.store->offset(pi.name);
+      optim.add("exp_avg." + pi.name, pi.shape, t.exp_avg + off);
+      optim.add("exp_avg_sq." + pi.name, pi.shape, t.exp_avg_sq + off);
     }
-    model.write((fs::path(tmp) / kModelFile).string());
-    stage("model_written");
-
-    const bool has_optim = t.exp_avg != nullptr;
-    if (has_optim) {
-      SafetensorsWriter optim;
-      optim.set_metadata("format", "pt");
-      for (const auto& pi : t.table->params()) {
-        if (!pi.trainable || !pi.tied_to.empty()) continue;
-        const int64_t off = t.store->offset(pi.name);
-        optim.add("exp_avg." + pi.name, pi.shape, t.exp_avg + off);
-        optim.add("exp_avg_sq." + pi.name, pi.shape, t.exp_avg_sq + off);
-        record("exp_avg." + pi.name, kOptimFile, pi.shape, "");
-        record("exp_avg_sq." + pi.name, kOptimFile, pi.shape, "");
-      }
-      optim.write((fs::path(tmp) / kOptimFile).string());
-      stage("optimizer_written");
-    }
-
-    write_file_synced((fs::path(tmp) / kConfigFile).string(), cfg.to_hf_json("float32"));
-    stage("config_written");
-
-    ojson files = ojson::object();
-    for (const char* f : {kModelFile, kOptimFile, kConfigFile}) {
-      if (std::string_view(f) == kOptimFile && !has_optim) continue;
-      const FileDigest d = digest_file((fs::path(tmp) / f).string());
-      files[f] = {{"bytes", d.bytes}, {"sha256", d.sha256}};
-    }
-
-    ojson st;
-    st["format"] = kFormatName;
-    st["version"] = kCheckpointFormatVersion;
-    st["megatron_checkpoint_version"] = kMegatronCheckpointVersion;
-    st["rank"] = r.rank;
-    st["world"] = r.world;
-    st["progress"] = {{"iteration", p.iteration},
-                      {"consumed_train_samples", p.consumed_train_samples},
-                      {"consumed_valid_samples", p.consumed_valid_samples},
-                      {"skipped_train_samples", p.skipped_train_samples},
-                      {"optimizer_step", p.optimizer_step},
-                      {"scheduler_num_steps", p.scheduler_num_steps},
-                      {"flops_so_far", p.flops_so_far},
-                      {"seed", p.seed}};
-    st["args"] = args;
-    st["has_optimizer"] = has_optim;
-    st["files"] = std::move(files);
-    st["tensors"] = std::move(tensors);
-    write_file_synced((fs::path(tmp) / kStateFile).string(), st.dump(1) + "\n");
-    stage("tmp_dir_written");
-
-    fsync_path(tmp, true);
-    stage("dir_synced");
-    replace_dir(tmp, final_dir);
-  } catch (...) {
-    fs::remove_all(tmp, ec);
-    throw;
+    const std::string of = shard_file("optimizer", shard, shards);
+    optim.write((fs::path(tmp) / of).string());
+    out.emplace_back(of, digest_file((fs::path(tmp) / of).string()));
+    stage("optimizer_written");
   }
+  return out;
+}
+
+// What one rank tells rank 0 after writing (one fixed-size record per rank, for an allgather): whether it
+// succeeded, which shard it wrote (-1: none), and its files' sizes and sha256 (model, then optimizer).
+struct ShardReport {
+  static constexpr int64_t kBytes = 1 + 4 + 2 * (8 + 64);
+  bool ok = false;
+  int32_t shard = -1;
+  FileDigest digest[2];
+  void pack(uint8_t* out) const {
+    std::memset(out, 0, kBytes);
+    out[0] = ok;
+    std::memcpy(out + 1, &shard, 4);
+    for (int f = 0; f < 2; ++f) {
+      uint8_t* d = out + 5 + f * 72;
+      std::memcpy(d, &digest[f].bytes, 8);
+      std::memcpy(d + 8, digest[f].sha256.data(), std::min<size_t>(64, digest[f].sha256.size()));
+    }
+  }
+  static ShardReport unpack(const uint8_t* in) {
+    ShardReport r;
+    r.ok = in[0] != 0;
+    std::memcpy(&r.shard, in + 1, 4);
+    for (int f = 0; f < 2; ++f) {
+      const uint8_t* d = in + 5 + f * 72;
+      std::memcpy(&r.digest[f].bytes, d, 8);
+      r.digest[f].sha256.assign(reinterpret_cast<const char*>(d + 8), 64);
+    }
+    return r;
+  }
+};
+
+// Rank 0's part after every file is written: config.json, the HF shard index, state.json (last inside the
+// directory), then the directory takes its final name and the tracker is replaced.
+void commit_checkpoint(const std::string& dir, const std::string& tmp, const std::string& final_dir,
+                       const TrainProgress& p, const CheckpointTensors& t,
+                       const std::map<std::string, std::string>& args, const ModelConfig& cfg, const RankInfo& r,
+                       const std::vector<std::pair<std::string, FileDigest>>& written) {
+  const int shards = std::max(1, r.shards);
+  const int64_t experts = t.table->config().n_routed_experts;
+  const bool has_optim = t.exp_avg != nullptr;
+  ojson tensors = ojson::object();
+  auto record = [&](const std::string& name, const std::string& file, const std::vector<int64_t>& shape,
+                    const std::string& tied_to) {
+    ojson e;
+    e["file"] = file;
+    e["global_shape"] = shape;
+    e["slice"] = {{"offsets", std::vector<int64_t>(shape.size(), 0)}, {"lengths", shape}};
+    if (!tied_to.empty()) e["tied_to"] = tied_to;
+    tensors[name] = std::move(e);
+  };
+  ojson weight_map = ojson::object();
+  int64_t total_bytes = 0;
+  for (const auto& pi : t.table->params()) {
+    const int sh = shard_of(pi, shards, experts);
+    record(pi.name, shard_file("model", sh, shards), pi.shape, pi.tied_to);
+    weight_map[pi.name] = shard_file("model", sh, shards);
+    total_bytes += pi.numel * 4;
+  }
+  if (has_optim)
+    for (const auto& pi : t.table->params()) {
+      if (!pi.trainable || !pi.tied_to.empty()) continue;
+      const std::string f = shard_file("optimizer", shard_of(pi, shards, experts), shards);
+      record("exp_avg." + pi.name, f, pi.shape, "");
+      record("exp_avg_sq." + pi.name, f, pi.shape, "");
+    }
+
+  write_file_synced((fs::path(tmp) / kConfigFile).string(), cfg.to_hf_json("float32"));
+  stage("config_written");
+  std::vector<std::pair<std::string, FileDigest>> files = written;
+  if (shards > 1) {  // transformers' sharded-checkpoint index
+    const ojson index = {{"metadata", {{"total_size", total_bytes}}}, {"weight_map", std::move(weight_map)}};
+    write_file_synced((fs::path(tmp) / kModelIndexFile).string(), index.dump(2) + "\n");
+    files.emplace_back(kModelIndexFile, digest_file((fs::path(tmp) / kModelIndexFile).string()));
+  }
+  files.emplace_back(kConfigFile, digest_file((fs::path(tmp) / kConfigFile).string()));
+  ojson fj = ojson::object();
+  for (const auto& [name, d] : files) fj[name] = {{"bytes", d.bytes}, {"sha256", d.sha256}};
+
+  ojson st;
+  st["format"] = kFormatName;
+  st["version"] = kCheckpointFormatVersion;
+  st["megatron_checkpoint_version"] = kMegatronCheckpointVersion;
+  st["rank"] = r.rank;
+  st["world"] = r.world;
+  st["shards"] = shards;
+  st["progress"] = {{"iteration", p.iteration},
+                    {"consumed_train_samples", p.consumed_train_samples},
+                    {"consumed_valid_samples", p.consumed_valid_samples},
+                    {"skipped_train_samples", p.skipped_train_samples},
+                    {"optimizer_step", p.optimizer_step},
+                    {"scheduler_num_steps", p.scheduler_num_steps},
+                    {"flops_so_far", p.flops_so_far},
+                    {"seed", p.seed}};
+  st["args"] = args;
+  st["has_optimizer"] = has_optim;
+  st["files"] = std::move(fj);
+  st["tensors"] = std::move(tensors);
+  write_file_synced((fs::path(tmp) / kStateFile).string(), st.dump(1) + "\n");
+  stage("tmp_dir_written");
+
+  fsync_path(tmp, true);
+  stage("dir_synced");
+  replace_dir(tmp, final_dir);
   fsync_path(dir, true);
   stage("dir_parent_synced");
 
@@ -434,6 +480,91 @@ void save_checkpoint(const std::string& dir, const TrainProgress& p, const Check
   }
   stage("tracker_renamed");
   fsync_path(dir, true);
+}
+
+}  // namespace
+
+void save_checkpoint(const std::string& dir, const TrainProgress& p, const CheckpointTensors& t,
+                     const std::map<std::string, std::string>& args, const ModelConfig& cfg,
+                     const RankInfo& r) {
+  DSV3_CHECK(t.table && t.store && t.params, "save_checkpoint: table, store and params are required");
+  DSV3_CHECK((t.exp_avg == nullptr) == (t.exp_avg_sq == nullptr),
+             "save_checkpoint: exp_avg and exp_avg_sq must be given together");
+  const bool sharded = r.shards > 1;
+  DSV3_CHECK(sharded ? r.comm != nullptr : (r.rank == 0 && (r.world == 1 || r.replicated)), "save_checkpoint: rank ",
+             r.rank, " of ", r.world, ": a multi-rank save is either rank 0's of replicated state or sharded");
+  DSV3_CHECK(!sharded || t.table->config().n_routed_experts % r.shards == 0, "save_checkpoint: ",
+             t.table->config().n_routed_experts, " experts do not split into ", r.shards, " shards");
+  DSV3_CHECK(p.iteration >= 0, "save_checkpoint: negative iteration ", p.iteration);
+  const std::string mismatch = first_config_math_difference(t.table->config(), cfg);
+  DSV3_CHECK(mismatch.empty(), "save_checkpoint: the parameter table was built for another config (",
+             mismatch, ")");
+  const bool lead = r.rank == 0;
+  const std::string final_dir = checkpoint_iter_dir(dir, p.iteration);
+
+  // Rank 0 prepares DIR and the temporary directory, named by its pid, which the writers learn by broadcast (a
+  // negative pid tells them rank 0 failed).
+  int64_t pid = ::getpid();
+  std::error_code ec;
+  std::string failure;
+  if (lead) {
+    try {
+      fs::create_directories(dir, ec);
+      DSV3_CHECK(!ec && fs::is_directory(dir), "cannot create checkpoint directory ", dir,
+                 ec ? ": " + ec.message() : std::string());
+      cleanup_stale(dir);
+      const std::string tmp = final_dir + ".tmp." + std::to_string(pid);
+      fs::remove_all(tmp, ec);
+      DSV3_CHECK(fs::create_directory(tmp, ec) && !ec, "cannot create ", tmp, ": ", ec.message());
+    } catch (const Error& e) {
+      if (!sharded) throw;
+      failure = e.what(), pid = -1;
+    }
+  }
+  if (sharded) r.comm->broadcast(&pid, 1, 0);
+  if (pid < 0) fail(lead ? failure : "checkpoint save to " + dir + " failed on rank 0");
+  const std::string tmp = final_dir + ".tmp." + std::to_string(pid);
+
+  try {
+    std::vector<std::pair<std::string, FileDigest>> written;
+    if (!sharded) {
+      written = write_shard(tmp, t, 0, 1);
+    } else {
+      // Each writer writes its shard; every rank then learns whether all of them succeeded before anything is
+      // renamed, and rank 0 their files' digests.
+      ShardReport mine;
+      try {
+        if (r.shard >= 0) {
+          const auto f = write_shard(tmp, t, r.shard, r.shards);
+          mine.shard = r.shard;
+          for (size_t i = 0; i < f.size(); ++i) mine.digest[i] = f[i].second;
+        }
+        mine.ok = true;
+      } catch (const Error& e) {
+        failure = e.what();
+      }
+      std::vector<uint8_t> bytes(ShardReport::kBytes), all(ShardReport::kBytes * r.comm->size());
+      mine.pack(bytes.data());
+      r.comm->allgather(bytes.data(), ShardReport::kBytes, all.data());
+      std::vector<bool> seen(r.shards, false);
+      for (int q = 0; q < r.comm->size(); ++q) {
+        const ShardReport rep = ShardReport::unpack(&all[q * ShardReport::kBytes]);
+        if (!rep.ok)
+          fail(q == r.rank ? failure : "checkpoint save to " + dir + " failed on rank " + std::to_string(q));
+        if (rep.shard < 0 || seen.at(rep.shard)) continue;
+        seen[rep.shard] = true;
+        written.emplace_back(shard_file("model", rep.shard, r.shards), rep.digest[0]);
+        if (t.exp_avg) written.emplace_back(shard_file("optimizer", rep.shard, r.shards), rep.digest[1]);
+      }
+      for (int sh = 0; sh < r.shards; ++sh)
+        DSV3_CHECK(seen[sh], "save_checkpoint: no rank wrote shard ", sh, " of ", r.shards);
+      if (!lead) return;
+    }
+    commit_checkpoint(dir, tmp, final_dir, p, t, args, cfg, r, written);
+  } catch (...) {
+    if (lead) fs::remove_all(tmp, ec);
+    throw;
+  }
 }
 
 std::optional<TrainProgress> load_checkpoint(const std::string& dir, const LoadTargets& t,
@@ -545,55 +676,59 @@ std::optional<TrainProgress> load_checkpoint(const std::string& dir, const LoadT
                base);
   }
 
-  // Every file exactly as written (size first, so truncation says so).
-  for (auto it = st["files"].begin(); it != st["files"].end(); ++it) {
-    const std::string path = in_dir(it.key().c_str());
+  // The files this rank reads (its tensors' files and config.json), each exactly as written (size first, so
+  // truncation says so) unless its entry was removed from "files" (a file replaced on purpose).
+  const bool load_optim = t.exp_avg && !release;
+  DSV3_CHECK(!load_optim || has_optim, "checkpoint ", iter_dir,
+             " holds no optimizer state (it was saved without one); load it without optimizer state "
+             "(--no-load-optim or --finetune)");
+  auto file_of = [&](const std::string& name) {
+    const json& te = tensors[name];
+    DSV3_CHECK(te.contains("file") && te["file"].is_string(), state_path, ": tensor ", name, " names no file");
+    const std::string f = te["file"].get<std::string>();
+    DSV3_CHECK(!f.empty() && f.find('/') == std::string::npos, state_path, ": tensor ", name, " is in '", f,
+               "', which is not a file name");
+    return f;
+  };
+  std::map<std::string, std::vector<std::pair<std::string, float*>>> reads;  // file -> (tensor, destination)
+  for (const auto& pi : t.table->params()) {
+    if (!pi.tied_to.empty() || !t.store->contains(pi.name)) continue;  // copies; other EP ranks' experts
+    float* at = t.params + t.store->offset(pi.name);
+    reads[file_of(pi.name)].emplace_back(pi.name, at);
+    if (load_optim && pi.trainable)
+      for (auto [prefix, dst] : {std::pair{"exp_avg.", t.exp_avg}, std::pair{"exp_avg_sq.", t.exp_avg_sq}})
+        reads[file_of(prefix + pi.name)].emplace_back(prefix + pi.name, dst + t.store->offset(pi.name));
+  }
+  std::vector<std::string> check{kConfigFile};
+  for (const auto& [f, _] : reads) check.push_back(f);
+  for (const std::string& f : check) {
+    const std::string path = in_dir(f.c_str());
     DSV3_CHECK(fs::is_regular_file(path, ec), "checkpoint ", iter_dir, " is incomplete: ", path,
                " is missing");
-    const uint64_t want = it.value().value("bytes", uint64_t(0));
+    if (!st["files"].contains(f)) continue;
+    const json& rec = st["files"][f];
+    const uint64_t want = rec.value("bytes", uint64_t(0));
     const uint64_t have = fs::file_size(path, ec);
     DSV3_CHECK(have == want, path, ": truncated or corrupt: ", have, " bytes, but ", state_path, " records ",
                want);
     const FileDigest d = digest_file(path);
-    DSV3_CHECK(d.sha256 == it.value().value("sha256", ""), path, ": corrupt: its sha256 ", d.sha256,
+    DSV3_CHECK(d.sha256 == rec.value("sha256", ""), path, ": corrupt: its sha256 ", d.sha256,
                " differs from the one recorded in ", state_path,
                " (if the file was replaced on purpose, delete its entry under \"files\" there)");
   }
 
-  // Weights. Tied copies (the MTP layer's embed_tokens / shared_head.head) alias their source in the store.
-  {
-    const std::string path = in_dir(kModelFile);
+  // Weights and moments (tied copies alias their source in the store and are not read).
+  for (const auto& [f, list] : reads) {
+    const std::string path = in_dir(f.c_str());
     SafetensorsReader rd(path);
-    for (const auto& pi : t.table->params()) {
-      if (!pi.tied_to.empty() || !t.store->contains(pi.name)) continue;  // other EP ranks' experts
-      DSV3_CHECK(rd.contains(pi.name), path, ": tensor ", pi.name, " is missing");
-      const auto& info = rd.info(pi.name);
-      DSV3_CHECK(info.dtype == StDtype::kF32 && info.shape == pi.shape, path, ": tensor ", pi.name, " is ",
-                 st_dtype_name(info.dtype), " ", shape_str(info.shape), ", expected F32 ",
-                 shape_str(pi.shape));
-      rd.read_f32(pi.name, t.params + t.store->offset(pi.name), pi.numel);
-    }
-  }
-
-  // Adam moments (Megatron skips them for a release checkpoint; the caller skips them with null targets).
-  if (t.exp_avg && !release) {
-    DSV3_CHECK(has_optim, "checkpoint ", iter_dir,
-               " holds no optimizer state (it was saved without one); load it without optimizer state "
-               "(--no-load-optim or --finetune)");
-    const std::string path = in_dir(kOptimFile);
-    SafetensorsReader rd(path);
-    for (const auto& pi : t.table->params()) {
-      if (!pi.trainable || !pi.tied_to.empty() || !t.store->contains(pi.name)) continue;
-      const int64_t off = t.store->offset(pi.name);
-      for (auto [prefix, dst] : {std::pair{"exp_avg.", t.exp_avg}, std::pair{"exp_avg_sq.", t.exp_avg_sq}}) {
-        const std::string n = prefix + pi.name;
-        DSV3_CHECK(rd.contains(n), path, ": tensor ", n, " is missing");
-        const auto& info = rd.info(n);
-        DSV3_CHECK(info.dtype == StDtype::kF32 && info.shape == pi.shape, path, ": tensor ", n, " is ",
-                   st_dtype_name(info.dtype), " ", shape_str(info.shape), ", expected F32 ",
-                   shape_str(pi.shape));
-        rd.read_f32(n, dst + off, pi.numel);
-      }
+    for (const auto& [name, dst] : list) {
+      DSV3_CHECK(rd.contains(name), path, ": tensor ", name, " is missing");
+      const auto& info = rd.info(name);
+      const std::string base = name.substr(name.rfind("exp_avg", 0) == 0 ? name.find('.') + 1 : 0);
+      const ParamInfo& pi = t.table->at(base);
+      DSV3_CHECK(info.dtype == StDtype::kF32 && info.shape == pi.shape, path, ": tensor ", name, " is ",
+                 st_dtype_name(info.dtype), " ", shape_str(info.shape), ", expected F32 ", shape_str(pi.shape));
+      rd.read_f32(name, dst, pi.numel);
     }
   }
 

@@ -16,7 +16,7 @@
 //                            (absent when the run had no optimizer state).
 //     state.json             written last inside the directory:
 //       { "format": "dsv3-checkpoint", "version": 1, "megatron_checkpoint_version": 3.1,
-//         "rank": r, "world": w,
+//         "rank": r, "world": w, "shards": n,
 //         "progress": { "iteration", "consumed_train_samples", "consumed_valid_samples",
 //                       "skipped_train_samples", "optimizer_step", "scheduler_num_steps",
 //                       "flops_so_far" (double, round-trip exact), "seed" (uint64) },
@@ -26,10 +26,12 @@
 //         "tensors": { tensor name: { "file": f, "global_shape": [..],
 //                                     "slice": { "offsets": [..], "lengths": [..] },   this rank's block
 //                                     "tied_to": name (copies only) } } }
-//     With one rank, under data parallelism (replicated state) and under expert parallelism (the experts are
-//     first gathered over the EP group, parallel/expert_state.h), rank 0 writes the whole state and "world"
-//     records the job's size; every slice is the whole tensor, so any layout loads it, each rank reading only
-//     the tensors its ParamStore holds (its own experts). The loader refuses a slice it cannot place.
+//     Sharded (expert parallelism, EP ranks N > 1): model-0000k-of-0000N.safetensors and
+//     optimizer-0000k-of-0000N.safetensors, file k holding EP rank k-1's routed experts (file 1 also every other
+//     tensor), written by those ranks themselves, plus transformers' model.safetensors.index.json ("weight_map":
+//     tensor name -> file), so transformers loads the directory as any sharded checkpoint. Every tensor is whole
+//     in one file ("slice" is the whole tensor), so any layout loads any checkpoint: each rank reads only the
+//     tensors its ParamStore holds, from the files state.json names, and checks those files' digests.
 //
 // Crash safety: everything is written into DIR/iter_XXXXXXX.tmp.<pid>/, each file fsynced, the directory
 // fsynced; then it takes the final name (an existing directory of the same iteration is swapped out
@@ -48,16 +50,22 @@
 #include "model/config.h"
 #include "model/param_store.h"
 #include "model/param_table.h"
+#include "parallel/comm.h"
 
 namespace dsv3 {
 
 inline constexpr int kCheckpointFormatVersion = 1;
 
 struct RankInfo {
-  int rank = 0, world = 1;  // later: tp, ep, dp, pp ranks
-  // Rank 0 holds the whole model and optimizer state (replicated by data parallelism, or gathered from the EP
-  // ranks) and writes the one file set of a world-size-1 checkpoint; every rank loads its part of it.
+  int rank = 0, world = 1;
+  // Every rank holds the whole model and optimizer state (data parallelism alone): rank 0 alone calls
+  // save_checkpoint and writes the one file set of a world-size-1 checkpoint.
   bool replicated = false;
+  // Sharded save (expert parallelism): every rank of `comm` (the job's world) calls save_checkpoint; the ranks
+  // with shard >= 0 (one per EP rank) write shard `shard` of `shards` — the experts their store holds, shard 0
+  // also every other tensor — and rank 0 commits the directory.
+  Comm* comm = nullptr;
+  int shard = -1, shards = 1;
 };
 
 struct TrainProgress {

@@ -34,7 +34,6 @@
 #include "parallel/comm.h"
 #include "parallel/data_parallel.h"
 #include "parallel/ep_dispatcher.h"
-#include "parallel/expert_state.h"
 #include "parallel/process_groups.h"
 #include "train/tensorboard.h"
 
@@ -443,25 +442,17 @@ void Trainer::save(int64_t iteration) {
   prog_.optimizer_step = opt_->step();
   prog_.scheduler_num_steps = sched_->num_steps();
   const auto t0 = Clock::now();
-  CheckpointTensors t{&model_->table(), &model_->store(), model_->params().data(), opt_->exp_avg().data(),
-                      opt_->exp_avg_sq().data()};
-  // Under expert parallelism the experts are first gathered into one whole state (parallel/expert_state.h).
-  std::unique_ptr<ParamStore> full;
-  std::vector<float> full_params, full_m, full_v;
-  if (pg_.ep > 1) {
-    full = std::make_unique<ParamStore>(model_->table());
-    Comm& ep = (*comms_)[Group::kEp];
-    for (auto [src, dst] : {std::pair{t.params, &full_params}, std::pair{t.exp_avg, &full_m},
-                            std::pair{t.exp_avg_sq, &full_v}}) {
-      dst->resize(full->size());
-      gather_experts(model_->table(), model_->store(), *full, ep, src, dst->data());
-    }
-    t = {&model_->table(), full.get(), full_params.data(), full_m.data(), full_v.data()};
+  const CheckpointTensors t{&model_->table(), &model_->store(), model_->params().data(), opt_->exp_avg().data(),
+                            opt_->exp_avg_sq().data()};
+  if (pg_.ep == 1) {
+    // Replicated state: rank 0 writes it; the others wait (below) so that no rank runs ahead (or exits) before
+    // the checkpoint is complete.
+    if (pg_.is_first_rank()) save_checkpoint(args_.s("save"), prog_, t, args_.all_map(), cfg_, {pg_.rank, pg_.world, true});
+  } else {
+    // One shard per EP rank, written by its expert-DP rank 0 (the other replicas hold the same experts).
+    RankInfo r{pg_.rank, pg_.world, false, &world_, pg_.edp_rank == 0 ? pg_.ep_rank : -1, pg_.ep};
+    save_checkpoint(args_.s("save"), prog_, t, args_.all_map(), cfg_, r);
   }
-  // Rank 0 writes the whole (replicated or gathered) state; the others wait so that no rank runs ahead (or
-  // exits) before the checkpoint is complete.
-  RankInfo r{pg_.rank, pg_.world, true};
-  if (pg_.is_first_rank()) save_checkpoint(args_.s("save"), prog_, t, args_.all_map(), cfg_, r);
   world_.barrier();
   last_saved_ = iteration;
   print_line(pg_, "  successfully saved checkpoint from iteration " + std::to_string(iteration) + " to " +

@@ -2,12 +2,15 @@
 // (8 experts) in fp32 reproduces the single-process run — per-iteration losses and grad norms, evaluation losses
 // and final weights within 1e-6 relative — for EP2 with each dispatcher (and under recompute), DP2×EP2 (expert-DP 2) and EP4; token
 // dropping (capacity computed per rank's micro-batch, so a single process with the same micro-batch size applies
-// the same capacity) with and without pad-to-capacity; and checkpoints move between EP layouts and one process.
+// the same capacity) with and without pad-to-capacity; and sharded checkpoints (one file per EP rank, transformers'
+// index) move between EP layouts and one process.
 // Skipped without mpirun.
 #include "parallel/parity_util.h"
 
 namespace dsv3 {
 namespace {
+
+namespace fs = std::filesystem;
 
 class ExpertParallel : public testing::LayoutParity {};
 
@@ -45,6 +48,13 @@ TEST_F(ExpertParallel, TokenDropMatchesSingleProcessWithSameCapacity) {
 TEST_F(ExpertParallel, CheckpointsMoveBetweenLayouts) {
   auto ep2 = train("ep2", 2, 1, 4, 6, ep(2) + kAllToAll + " --save-interval 3");
   ASSERT_EQ(ep2.rc, 0) << ep2.out;
+  // Sharded as transformers shards: one model and one optimizer file per EP rank, and the index.
+  const auto it6 = final_weights("ep2", 6);
+  for (const char* f : {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                        "optimizer-00001-of-00002.safetensors", "optimizer-00002-of-00002.safetensors",
+                        "model.safetensors.index.json", "config.json", "state.json"})
+    EXPECT_TRUE(fs::exists(it6 / f)) << f;
+  EXPECT_FALSE(fs::exists(it6 / "model.safetensors"));
   const std::string load3 = "--load " + checkpoint_at("ep2", 3, "ep2_at3").string();
   auto ep4 = train("ep4", 4, 1, 4, 6, ep(4) + kAllGather + " " + load3);
   ASSERT_EQ(ep4.rc, 0) << ep4.out;
@@ -61,6 +71,10 @@ TEST_F(ExpertParallel, CheckpointsMoveBetweenLayouts) {
   EXPECT_NE(ep4.out.find("successfully loaded checkpoint from " + (dir_ / "ep2_at3").string() + " at iteration 3"),
             std::string::npos)
       << ep4.out;
+  // transformers loads the sharded directory (tests/reference/ckpt_load_hf.py; exit 77: no torch here, as in CI).
+  const auto hf = testing::run_shell(
+      "python3 " + (testing::source_dir() / "tests/reference/ckpt_load_hf.py").string() + " " + it6.string(), dir_);
+  if (hf.rc != 77) EXPECT_EQ(hf.rc, 0) << hf.out;
   // One process's checkpoint (iteration 6) continued to 8 by EP2 and by one process.
   const std::string cont = "--load " + (dir_ / "one/ckpt").string();
   auto one_cont = train("one_cont", 1, 1, 4, 8, cont);

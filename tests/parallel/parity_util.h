@@ -64,7 +64,7 @@ class LayoutParity : public ::testing::Test {
   std::filesystem::path final_weights(const std::string& name, int iters) {
     char it[32];
     std::snprintf(it, sizeof it, "iter_%07d", iters);
-    return dir_ / name / "ckpt" / it / "model.safetensors";
+    return dir_ / name / "ckpt" / it;
   }
   // Runs `name` on np ranks with `layout` flags, and (once) "single" on one rank, both with `common` flags; then
   // expects the same per-iteration scalars, evaluation losses and final weights within kParityTol.

@@ -3,8 +3,9 @@
 
     python3 tests/reference/ckpt_load_hf.py DIR/iter_0000042
 
-Loads the directory with DeepseekV3ForCausalLM.from_pretrained (its config.json and model.safetensors, fp32) and
-checks, exiting non-zero with a message on the first failure:
+Loads the directory with DeepseekV3ForCausalLM.from_pretrained (its config.json and model.safetensors, or the
+shards model-*-of-*.safetensors named by model.safetensors.index.json of an expert-parallel save; fp32) and checks,
+exiting non-zero with a message on the first failure:
   - transformers reports no missing and no mismatched keys; the only unexpected keys are the MTP layer's
     (model.layers.{num_hidden_layers + k}.*), which transformers' class does not have;
   - every parameter and persistent buffer of the loaded model (mlp.gate.e_score_correction_bias included) equals
@@ -29,6 +30,19 @@ try:
 except ImportError as e:  # python3 -c 'import transformers, torch' would fail: skip
     print(f"SKIP: {e}")
     sys.exit(77)
+
+
+def read_stored(d: Path) -> dict:
+    """Every tensor of the directory's model file(s), through the shard index when there is one."""
+    index = d / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
+        "model.safetensors"]
+    out = {}
+    for name in files:
+        with safe_open(str(d / name), framework="pt") as f:
+            for k in f.keys():
+                out[k] = f.get_tensor(k)
+    return out
 
 
 def main() -> int:
@@ -57,28 +71,28 @@ def main() -> int:
 
     loaded = dict(model.named_parameters())
     loaded.update({n: b for n, b in model.named_buffers() if n in model.state_dict()})
-    with safe_open(str(d / "model.safetensors"), framework="pt") as f:
-        names = set(f.keys())
-        for n, t in sorted(loaded.items()):
-            if n not in names:
-                problems.append(f"{n}: in the loaded model but not in model.safetensors")
-                continue
-            ref = f.get_tensor(n)
-            if ref.dtype != torch.float32 or tuple(ref.shape) != tuple(t.shape):
-                problems.append(f"{n}: stored {ref.dtype} {tuple(ref.shape)}, model has {tuple(t.shape)}")
-            elif not torch.equal(ref, t.detach()):
-                problems.append(f"{n}: values differ (max |diff| {(ref - t.detach()).abs().max().item()})")
-        extra = sorted(n for n in names if n not in loaded and not is_mtp(n))
-        if extra:
-            problems.append(f"tensors in model.safetensors that transformers did not load: {extra[:10]}")
-        n_mtp = sum(1 for n in names if is_mtp(n))
-        for k in range(cfg.get("num_nextn_predict_layers", 0)):
-            for copy, src in ((f"model.layers.{L + k}.embed_tokens.weight", "model.embed_tokens.weight"),
-                              (f"model.layers.{L + k}.shared_head.head.weight", "lm_head.weight")):
-                if copy not in names:
-                    problems.append(f"{copy}: missing")
-                elif not torch.equal(f.get_tensor(copy), f.get_tensor(src)):
-                    problems.append(f"{copy}: differs from {src}")
+    stored = read_stored(d)
+    names = set(stored)
+    for n, t in sorted(loaded.items()):
+        if n not in names:
+            problems.append(f"{n}: in the loaded model but not in the checkpoint's model file(s)")
+            continue
+        ref = stored[n]
+        if ref.dtype != torch.float32 or tuple(ref.shape) != tuple(t.shape):
+            problems.append(f"{n}: stored {ref.dtype} {tuple(ref.shape)}, model has {tuple(t.shape)}")
+        elif not torch.equal(ref, t.detach()):
+            problems.append(f"{n}: values differ (max |diff| {(ref - t.detach()).abs().max().item()})")
+    extra = sorted(n for n in names if n not in loaded and not is_mtp(n))
+    if extra:
+        problems.append(f"stored tensors that transformers did not load: {extra[:10]}")
+    n_mtp = sum(1 for n in names if is_mtp(n))
+    for k in range(cfg.get("num_nextn_predict_layers", 0)):
+        for copy, src in ((f"model.layers.{L + k}.embed_tokens.weight", "model.embed_tokens.weight"),
+                          (f"model.layers.{L + k}.shared_head.head.weight", "lm_head.weight")):
+            if copy not in names:
+                problems.append(f"{copy}: missing")
+            elif not torch.equal(stored[copy], stored[src]):
+                problems.append(f"{copy}: differs from {src}")
     biases = [n for n in loaded if n.endswith("mlp.gate.e_score_correction_bias")]
     if not biases:
         problems.append("no e_score_correction_bias was loaded")
@@ -96,7 +110,7 @@ def main() -> int:
             print("  " + p)
         return 1
     print(f"OK {d}: transformers loaded {len(loaded)} tensors ({len(biases)} e_score_correction_bias buffers) "
-          f"bit-identical to model.safetensors; {n_mtp} MTP tensors ignored by transformers as expected; "
+          f"bit-identical to the stored tensors; {n_mtp} MTP tensors ignored by transformers as expected; "
           f"logits {tuple(logits.shape)} finite")
     return 0
 
