@@ -1,7 +1,7 @@
-// Expert-parallel dispatch and combine (see ep_dispatcher.h). The alltoall path keeps everything in the sender's
-// permutation order (grouped by global expert, hence by owner rank then local expert), so the only reordering
-// is on the owner: received blocks [source][local expert] ↔ expert rows [local expert][source], one index map
-// (recv_of_R) used both ways.
+// Expert-parallel dispatch and combine (see ep_dispatcher.h). The alltoall path keeps everything in the
+// sender's permutation order (grouped by global expert, hence by owner rank then local expert), so the only
+// reordering is on the owner: received blocks [source][local expert] ↔ expert rows [local expert][source],
+// one index map (recv_of_R) used both ways.
 #include "parallel/ep_dispatcher.h"
 
 #include <algorithm>
@@ -25,7 +25,9 @@ class Timed {
   std::chrono::steady_clock::time_point t0_;
 };
 
-bool distributed(const ExpertParallel& ep) { return ep.comm && ep.comm->size() > 1; }
+bool distributed(const ExpertParallel& ep) {
+  return ep.comm && ep.comm->size() > 1;
+}
 
 template <typename T>
 void grow(std::vector<T>& v, int64_t n) {
@@ -49,7 +51,8 @@ void alltoall_dispatch(const ExpertParallel& ep, const Routing& r, const float* 
   const int P = ep.size();
   const int64_t L = s.local_experts, d = s.d, first = ep.first_local(r.e);
   build_permutation(r.idx_TK, r.kept_TK, r.t, r.k, r.e, s.perm, r.padded_rows_E);
-  // Rows to (q, l) = this rank's rows of global expert q·L + l; rows from (p, l): exchanged, or with padding known.
+  // Rows to (q, l) = this rank's rows of global expert q·L + l; rows from (p, l): exchanged, or with padding
+  // known.
   std::vector<int64_t>& send_PL = s.send_PL;
   send_PL.resize(P * L);
   s.recv_rows_PL.assign(P * L, 0);
@@ -64,7 +67,8 @@ void alltoall_dispatch(const ExpertParallel& ep, const Routing& r, const float* 
   s.send_rows_P.assign(P, 0);
   s.recv_rows_P.assign(P, 0);
   for (int p = 0; p < P; ++p)
-    for (int64_t l = 0; l < L; ++l) s.send_rows_P[p] += send_PL[p * L + l], s.recv_rows_P[p] += s.recv_rows_PL[p * L + l];
+    for (int64_t l = 0; l < L; ++l)
+      s.send_rows_P[p] += send_PL[p * L + l], s.recv_rows_P[p] += s.recv_rows_PL[p * L + l];
   s.send_el_P.resize(P), s.recv_el_P.resize(P);
   for (int p = 0; p < P; ++p) s.send_el_P[p] = s.send_rows_P[p] * d, s.recv_el_P[p] = s.recv_rows_P[p] * d;
 
@@ -159,8 +163,7 @@ void ep_combine(const ExpertParallel& ep, DispatchState& s, const float* y_RD, f
     unpermute_sum(y_RD, s.perm, d, out, 0.f);
   } else if (ep.type == DispatcherType::kAllToAll) {
     scatter_rows(y_RD, s.recv_of_R, d, s.recv_RD.data());
-    ep.comm->alltoallv(s.recv_RD.data(), s.recv_el_P.data(), s.send_RD.data(),
-                       s.send_el_P.data());
+    ep.comm->alltoallv(s.recv_RD.data(), s.recv_el_P.data(), s.send_RD.data(), s.send_el_P.data());
     unpermute_sum(s.send_RD.data(), s.perm, d, out, 0.f);
   } else {
     grow(s.sum_all, ep.size() * s.t * d);
@@ -169,7 +172,8 @@ void ep_combine(const ExpertParallel& ep, DispatchState& s, const float* y_RD, f
   }
 }
 
-void ep_dispatch_grad(const ExpertParallel& ep, DispatchState& s, const float* dout, std::vector<float>& dy_RD) {
+void ep_dispatch_grad(const ExpertParallel& ep, DispatchState& s, const float* dout,
+                      std::vector<float>& dy_RD) {
   DSV3_PROFILE("moe.dispatch");
   Timed timed;
   const int64_t d = s.d;
@@ -179,8 +183,7 @@ void ep_dispatch_grad(const ExpertParallel& ep, DispatchState& s, const float* d
     permute_rows(dout, s.perm, d, dy_RD.data());
   } else if (ep.type == DispatcherType::kAllToAll) {
     permute_rows(dout, s.perm, d, s.send_RD.data());
-    ep.comm->alltoallv(s.send_RD.data(), s.send_el_P.data(), s.recv_RD.data(),
-                       s.recv_el_P.data());
+    ep.comm->alltoallv(s.send_RD.data(), s.send_el_P.data(), s.recv_RD.data(), s.recv_el_P.data());
     gather_rows(s.recv_RD.data(), s.recv_of_R, d, dy_RD.data());
   } else {
     grow(s.sum_all, ep.size() * s.t * d);
@@ -189,8 +192,8 @@ void ep_dispatch_grad(const ExpertParallel& ep, DispatchState& s, const float* d
   }
 }
 
-void ep_combine_grad(const ExpertParallel& ep, DispatchState& s, const float* dx_RD, const float* dprob_R, float* dx,
-                     float beta, float* dweight_TK) {
+void ep_combine_grad(const ExpertParallel& ep, DispatchState& s, const float* dx_RD, const float* dprob_R,
+                     float* dx, float beta, float* dweight_TK) {
   DSV3_PROFILE("moe.combine");
   Timed timed;
   const int64_t d = s.d, t = s.t, k = s.k;
@@ -200,8 +203,7 @@ void ep_combine_grad(const ExpertParallel& ep, DispatchState& s, const float* dx
   } else if (ep.type == DispatcherType::kAllToAll) {
     scatter_rows(dx_RD, s.recv_of_R, d, s.recv_RD.data());
     scatter_rows(dprob_R, s.recv_of_R, 1, s.recv_R.data());
-    ep.comm->alltoallv(s.recv_RD.data(), s.recv_el_P.data(), s.send_RD.data(),
-                       s.send_el_P.data());
+    ep.comm->alltoallv(s.recv_RD.data(), s.recv_el_P.data(), s.send_RD.data(), s.send_el_P.data());
     ep.comm->alltoallv(s.recv_R.data(), s.recv_rows_P.data(), s.send_R.data(), s.send_rows_P.data());
     unpermute_sum(s.send_RD.data(), s.perm, d, dx, beta);
     unpermute_pairs(s.send_R.data(), s.perm, dweight_TK);
@@ -221,7 +223,11 @@ void ep_combine_grad(const ExpertParallel& ep, DispatchState& s, const float* dx
   }
 }
 
-double ep_dispatch_seconds() { return g_seconds; }
-void ep_dispatch_seconds_reset() { g_seconds = 0; }
+double ep_dispatch_seconds() {
+  return g_seconds;
+}
+void ep_dispatch_seconds_reset() {
+  g_seconds = 0;
+}
 
 }  // namespace dsv3

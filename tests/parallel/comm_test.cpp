@@ -14,34 +14,16 @@
 #include "parallel/comm.h"
 #include "parallel/data_parallel.h"
 #include "parallel/process_groups.h"
-#include "train_util.h"
+#include "parallel/mpi_children.h"
 
 namespace dsv3 {
 namespace {
 
-std::string self_exe() {
-  char buf[4096];
-  const ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
-  return n > 0 ? std::string(buf, n) : std::string();
-}
-
-void run_children(const std::string& test, int np) {
-  if (!testing::have_mpirun()) GTEST_SKIP() << "mpirun is not installed (apt-get install openmpi-bin)";
-  const auto dir = testing::scratch_dir();
-  auto r = testing::run_shell(testing::mpirun_prefix(np) + "-x DSV3_MPI_CHILD=1 " + self_exe() +
-                                  " --gtest_color=no --gtest_filter=" + test,
-                              dir);
-  EXPECT_EQ(r.rc, 0) << r.out;
-  size_t passed = 0;
-  for (size_t p = r.out.find("[  PASSED  ] 1 test"); p != std::string::npos; p = r.out.find("[  PASSED  ] 1 test", p + 1))
-    ++passed;
-  EXPECT_EQ(passed, static_cast<size_t>(np)) << r.out;
-}
-
-bool is_child() { return std::getenv("DSV3_MPI_CHILD") != nullptr; }
+using testing::is_mpi_child;
+using testing::run_mpi_children;
 
 TEST(CommMpi, CollectivesOnFourRanks) {
-  if (!is_child()) return run_children("CommMpi.CollectivesOnFourRanks", 4);
+  if (!is_mpi_child()) return run_mpi_children("CommMpi.CollectivesOnFourRanks", 4);
   MpiSession mpi(nullptr, nullptr);
   Comm& w = mpi.world();
   ASSERT_EQ(w.size(), 4);

@@ -1,13 +1,17 @@
-// The expert-parallel token dispatcher against a reference dispatcher written here from the header's contract alone:
-// gather every rank's tokens and routing, then for each local expert, each source rank, each token, each k append
-// the kept pairs routed to that expert. Both dispatchers (alltoall, allgather), forward and backward, on 4 ranks
-// (this binary re-launches itself under `mpirun -np 4`, as comm_test does; skipped without mpirun), including
-// dropped pairs, a case where every token picks the same experts (ranks with zero rows), one expert per rank, and
-// alltoall pad-to-capacity; plus EP = 1 in the plain process and parse_dispatcher_type.
+// The expert-parallel token dispatcher against a reference dispatcher written here from the header's contract
+// alone: gather every rank's tokens and routing, then for each local expert, each source rank, each token,
+// each k append the kept pairs routed to that expert. Both dispatchers (alltoall, allgather), forward and
+// backward, on 4 ranks (this binary re-launches itself under `mpirun -np 4`, as comm_test does; skipped
+// without mpirun), including dropped pairs, a case where every token picks the same experts (ranks with zero
+// rows), one expert per rank, and alltoall pad-to-capacity; plus EP = 1 in the plain process and
+// parse_dispatcher_type.
 //
-// The values fed to combine and the backward are functions of the pair (source rank, token, k) on a 2^-15 grid in
-// [-1, 1): any sum of a few of them is exact in fp32, so every result is compared bit for bit whatever order the
-// dispatcher sums in, and each rank can compute its expected outputs without gathering the expert rows.
+// The values fed to combine and the backward are functions of the pair (source rank, token, k) on a 2^-15
+// grid in
+// [-1, 1): any sum of a few of them is exact in fp32, so every result is compared bit for bit whatever order
+// the dispatcher sums in, and each rank can compute its expected outputs without gathering the expert rows.
+#include "parallel/ep_dispatcher.h"
+
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -20,36 +24,18 @@
 
 #include "core/error.h"
 #include "parallel/comm.h"
-#include "parallel/ep_dispatcher.h"
-#include "train_util.h"
+#include "parallel/mpi_children.h"
 
 namespace dsv3 {
 namespace {
 
-std::string self_exe() {
-  char buf[4096];
-  const ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
-  return n > 0 ? std::string(buf, n) : std::string();
-}
-
-void run_children(const std::string& test, int np) {
-  if (!testing::have_mpirun()) GTEST_SKIP() << "mpirun is not installed (apt-get install openmpi-bin)";
-  const auto dir = testing::scratch_dir();
-  auto r = testing::run_shell(testing::mpirun_prefix(np) + "-x DSV3_MPI_CHILD=1 " + self_exe() +
-                                  " --gtest_color=no --gtest_filter=" + test,
-                              dir);
-  EXPECT_EQ(r.rc, 0) << r.out;
-  size_t passed = 0;
-  for (size_t p = r.out.find("[  PASSED  ] 1 test"); p != std::string::npos; p = r.out.find("[  PASSED  ] 1 test", p + 1))
-    ++passed;
-  EXPECT_EQ(passed, static_cast<size_t>(np)) << r.out;
-}
-
-bool is_child() { return std::getenv("DSV3_MPI_CHILD") != nullptr; }
+using testing::is_mpi_child;
+using testing::run_mpi_children;
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
-// One rank's tokens and routing. Every rank builds the same shapes (the dispatcher is collective with equal T).
+// One rank's tokens and routing. Every rank builds the same shapes (the dispatcher is collective with equal
+// T).
 struct Case {
   std::string name;
   int64_t t = 13, k = 3, e = 8, d = 5;
@@ -64,7 +50,8 @@ struct Case {
 Case make_case(const std::string& name, int rank, int64_t e, double drop, bool same) {
   Case c;
   c.name = name, c.e = e, c.dropless = drop == 0;
-  std::mt19937 rng(rank + 1000 * static_cast<unsigned>(e + 10 * drop + 100 * same));  // deterministic per rank
+  std::mt19937 rng(rank +
+                   1000 * static_cast<unsigned>(e + 10 * drop + 100 * same));  // deterministic per rank
   std::uniform_real_distribution<float> u(-1.f, 1.f), wd(0.05f, 1.f), coin(0.f, 1.f);
   std::vector<int32_t> all(e);
   for (int64_t t = 0; t < c.t; ++t) {
@@ -83,7 +70,8 @@ Case make_case(const std::string& name, int rank, int64_t e, double drop, bool s
 
 // A value for (salt, source rank, token, k, column) on the 2^-15 grid in [-1, 1), so that sums are exact.
 float grid_val(uint64_t salt, int64_t p, int64_t t, int64_t k, int64_t j) {
-  uint64_t z = salt * 0x9E3779B97F4A7C15ull + uint64_t(p) * 1000003 + uint64_t(t) * 1009 + uint64_t(k) * 31 + j;
+  uint64_t z =
+      salt * 0x9E3779B97F4A7C15ull + uint64_t(p) * 1000003 + uint64_t(t) * 1009 + uint64_t(k) * 31 + j;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   z ^= z >> 31;
@@ -99,7 +87,8 @@ struct Reference {
   std::vector<int64_t> offsets_L1;
 };
 
-// The reference dispatcher: the simplest code that meets the header's order (local expert, source rank, token).
+// The reference dispatcher: the simplest code that meets the header's order (local expert, source rank,
+// token).
 Reference reference_dispatch(Comm* comm, const Case& c) {
   const int64_t P = comm ? comm->size() : 1, me = comm ? comm->rank() : 0;
   auto gather = [&](const auto& v) {
@@ -121,7 +110,8 @@ Reference reference_dispatch(Comm* comm, const Case& c) {
           const int64_t pair = (p * c.t + t) * c.k + k;
           if (!kept[pair] || idx[pair] != first + l) continue;
           ref.rows.push_back({p, t, k, l});
-          ref.x_RD.insert(ref.x_RD.end(), x.begin() + (p * c.t + t) * c.d, x.begin() + (p * c.t + t + 1) * c.d);
+          ref.x_RD.insert(ref.x_RD.end(), x.begin() + (p * c.t + t) * c.d,
+                          x.begin() + (p * c.t + t + 1) * c.d);
           ref.prob_R.push_back(w[pair]);
         }
     ref.offsets_L1.push_back(static_cast<int64_t>(ref.rows.size()));
@@ -129,9 +119,9 @@ Reference reference_dispatch(Comm* comm, const Case& c) {
   return ref;
 }
 
-// What the router's pad-to-capacity hands every rank: one count per expert, at least each rank's kept pairs of that
-// expert and at most T (the header's "T when the capacity exceeds T"): here the maximum over ranks, +1 on odd
-// experts so that some blocks are pure padding.
+// What the router's pad-to-capacity hands every rank: one count per expert, at least each rank's kept pairs
+// of that expert and at most T (the header's "T when the capacity exceeds T"): here the maximum over ranks,
+// +1 on odd experts so that some blocks are pure padding.
 std::vector<int64_t> padded_counts(Comm& comm, const Case& c) {
   std::vector<int64_t> n(c.e, 0);
   for (int64_t i = 0; i < c.t * c.k; ++i) n[c.idx[i]] += c.kept[i];
@@ -144,8 +134,8 @@ std::vector<int64_t> padded_counts(Comm& comm, const Case& c) {
 void check(const ExpertParallel& ep, const Case& c, const std::vector<int64_t>* pad, DispatchState& s) {
   const int64_t P = ep.size(), me = ep.rank(), D = c.d, T = c.t, K = c.k;
   const Reference ref = reference_dispatch(ep.comm, c);
-  const Routing rt{c.idx.data(), c.dropless ? nullptr : c.kept.data(), c.w.data(), pad ? pad->data() : nullptr,
-                   T, K, c.e};
+  const Routing rt{
+      c.idx.data(), c.dropless ? nullptr : c.kept.data(), c.w.data(), pad ? pad->data() : nullptr, T, K, c.e};
   std::vector<float> x_RD{7.f}, prob_R{7.f};  // stale contents must be replaced
   ep_dispatch(ep, rt, c.x.data(), D, s, x_RD, prob_R);
 
@@ -157,8 +147,9 @@ void check(const ExpertParallel& ep, const Case& c, const std::vector<int64_t>* 
     src.resize(ref.rows.size());
     std::iota(src.begin(), src.end(), 0);
   } else {
-    // Every (local expert, source rank) block holds exactly the expert's padded count: its real rows in token order
-    // (the reference's), the rest zero rows with prob 0 (real rows have prob >= 0.05, so prob 0 marks padding).
+    // Every (local expert, source rank) block holds exactly the expert's padded count: its real rows in token
+    // order (the reference's), the rest zero rows with prob 0 (real rows have prob >= 0.05, so prob 0 marks
+    // padding).
     const int64_t L = c.e / P;
     std::vector<int64_t> want_off{0};
     for (int64_t l = 0; l < L; ++l) want_off.push_back(want_off.back() + P * (*pad)[me * L + l]);
@@ -212,8 +203,8 @@ void check(const ExpertParallel& ep, const Case& c, const std::vector<int64_t>* 
   ep_dispatch_grad(ep, s, dout.data(), dy);
   EXPECT_EQ(dy, want_dy) << "dispatch_grad";
 
-  // combine_grad: dx[t] = beta·dx[t] + Σ the token's rows; dweight = the pair's dprob, 0 for dropped pairs. NaN
-  // prefill checks that beta 0 and dweight assign.
+  // combine_grad: dx[t] = beta·dx[t] + Σ the token's rows; dweight = the pair's dprob, 0 for dropped pairs.
+  // NaN prefill checks that beta 0 and dweight assign.
   std::vector<float> dx_RD(R * D), dprob_R(R);
   for (int64_t r = 0; r < R; ++r) {
     for (int64_t j = 0; j < D; ++j) dx_RD[r * D + j] = row_val(3, r, j);
@@ -236,7 +227,9 @@ void check(const ExpertParallel& ep, const Case& c, const std::vector<int64_t>* 
   }
 }
 
-const char* type_name(DispatcherType t) { return t == DispatcherType::kAllToAll ? "alltoall" : "allgather"; }
+const char* type_name(DispatcherType t) {
+  return t == DispatcherType::kAllToAll ? "alltoall" : "allgather";
+}
 
 TEST(EpDispatch, ParseDispatcherType) {
   EXPECT_EQ(parse_dispatcher_type("alltoall"), DispatcherType::kAllToAll);
@@ -252,8 +245,9 @@ TEST(EpDispatch, SingleProcess) {
   for (Comm* comm : {static_cast<Comm*>(nullptr), static_cast<Comm*>(&one)})
     for (auto type : {DispatcherType::kAllToAll, DispatcherType::kAllGather}) {
       DispatchState s;  // reused across the cases below, as across steps
-      for (const Case& c : {make_case("random-dropless", 0, 8, 0, false), make_case("random-dropped", 0, 8, 0.3, false),
-                            make_case("same-experts", 0, 8, 0, true), make_case("four-experts", 0, 4, 0.25, false)}) {
+      for (const Case& c :
+           {make_case("random-dropless", 0, 8, 0, false), make_case("random-dropped", 0, 8, 0.3, false),
+            make_case("same-experts", 0, 8, 0, true), make_case("four-experts", 0, 4, 0.25, false)}) {
         SCOPED_TRACE(c.name + " " + type_name(type) + (comm ? " SingleComm" : " no comm"));
         check(ExpertParallel{comm, type}, c, nullptr, s);
       }
@@ -262,17 +256,16 @@ TEST(EpDispatch, SingleProcess) {
 }
 
 TEST(EpDispatchMpi, FourRanks) {
-  if (!is_child()) return run_children("EpDispatchMpi.FourRanks", 4);
+  if (!is_mpi_child()) return run_mpi_children("EpDispatchMpi.FourRanks", 4);
   MpiSession mpi(nullptr, nullptr);
   Comm& w = mpi.world();
   ASSERT_EQ(w.size(), 4);
   const int me = w.rank();
-  // E = 8: 2 experts per rank; "same-experts" routes every token to {5, 1, 4}, so ranks 1 and 3 receive no rows;
-  // E = 4: one expert per rank.
-  const std::vector<Case> cases = {make_case("random-dropless", me, 8, 0, false),
-                                   make_case("random-dropped", me, 8, 0.3, false),
-                                   make_case("same-experts", me, 8, 0, true),
-                                   make_case("one-expert-per-rank", me, 4, 0.25, false)};
+  // E = 8: 2 experts per rank; "same-experts" routes every token to {5, 1, 4}, so ranks 1 and 3 receive no
+  // rows; E = 4: one expert per rank.
+  const std::vector<Case> cases = {
+      make_case("random-dropless", me, 8, 0, false), make_case("random-dropped", me, 8, 0.3, false),
+      make_case("same-experts", me, 8, 0, true), make_case("one-expert-per-rank", me, 4, 0.25, false)};
   for (auto type : {DispatcherType::kAllToAll, DispatcherType::kAllGather}) {
     DispatchState s;  // one state through every case: reuse across shapes must not leave stale data
     for (const Case& c : cases) {

@@ -1,10 +1,10 @@
 // Expert parallelism end to end: `mpirun -np 2|4 dsv3 train --expert-model-parallel-size N` on the demo model
-// (8 experts) in fp32 reproduces the single-process run — per-iteration losses and grad norms, evaluation losses
-// and final weights within 1e-6 relative — for EP2 with each dispatcher (and under recompute), DP2×EP2 (expert-DP 2) and EP4; token
-// dropping (capacity computed per rank's micro-batch, so a single process with the same micro-batch size applies
-// the same capacity) with and without pad-to-capacity; and sharded checkpoints (one file per EP rank, transformers'
-// index) move between EP layouts and one process.
-// Skipped without mpirun.
+// (8 experts) in fp32 reproduces the single-process run — per-iteration losses and grad norms, evaluation
+// losses and final weights within 1e-6 relative — for EP2 with each dispatcher (and under recompute), DP2×EP2
+// (expert-DP 2) and EP4; token dropping (capacity computed per rank's micro-batch, so a single process with
+// the same micro-batch size applies the same capacity) with and without pad-to-capacity; and sharded
+// checkpoints (one file per EP rank, transformers' index) move between EP layouts and one process. Skipped
+// without mpirun.
 #include "parallel/parity_util.h"
 
 namespace dsv3 {
@@ -16,35 +16,40 @@ class ExpertParallel : public testing::LayoutParity {};
 
 const std::string kAllToAll = " --moe-token-dispatcher-type alltoall";
 const std::string kAllGather = " --moe-token-dispatcher-type allgather";
-std::string ep(int n) { return "--expert-model-parallel-size " + std::to_string(n); }
+std::string ep(int n) {
+  return "--expert-model-parallel-size " + std::to_string(n);
+}
 
 // 2 ranks: DP 2, EP 2, expert-DP 1 (each rank owns 4 experts); two micro-batches per rank. Also under full
 // recompute, whose second forward dispatches again.
 TEST_F(ExpertParallel, Ep2AllToAllReproducesSingleProcess) {
   expect_parity("ep2_a2a", 2, 1, 4, 4, ep(2) + kAllToAll);
-  expect_parity("ep2_recompute", 2, 1, 4, 3, ep(2) + kAllToAll, "--recompute-granularity full", "single_recompute");
+  expect_parity("ep2_recompute", 2, 1, 4, 3, ep(2) + kAllToAll, "--recompute-granularity full",
+                "single_recompute");
 }
 TEST_F(ExpertParallel, Ep2AllGatherReproducesSingleProcess) {
   expect_parity("ep2_ag", 2, 1, 4, 4, ep(2) + kAllGather);
 }
 // 4 ranks: DP 4, EP 2, expert-DP 2 (expert gradients also all-reduced over expert-DP).
-TEST_F(ExpertParallel, Dp2xEp2ReproducesSingleProcess) { expect_parity("dp2ep2", 4, 1, 4, 3, ep(2) + kAllToAll); }
+TEST_F(ExpertParallel, Dp2xEp2ReproducesSingleProcess) {
+  expect_parity("dp2ep2", 4, 1, 4, 3, ep(2) + kAllToAll);
+}
 // 4 ranks: EP 4 (2 experts per rank), the most the machine's oversubscription allows.
 TEST_F(ExpertParallel, Ep4ReproducesSingleProcess) {
   expect_parity("ep4_a2a", 4, 1, 4, 3, ep(4) + kAllToAll);
   expect_parity("ep4_ag", 4, 1, 4, 3, ep(4) + kAllGather);
 }
 
-// Token dropping as the seed runs it (capacity factor 1, drop by probability, pad to capacity: fixed splits) and
-// without padding (variable splits), against one process applying the same per-micro-batch capacity.
+// Token dropping as the seed runs it (capacity factor 1, drop by probability, pad to capacity: fixed splits)
+// and without padding (variable splits), against one process applying the same per-micro-batch capacity.
 TEST_F(ExpertParallel, TokenDropMatchesSingleProcessWithSameCapacity) {
   const std::string drop = kAllToAll + " --moe-expert-capacity-factor 1.0";
   expect_parity("ep2_pad", 2, 2, 8, 3, ep(2), drop + " --moe-pad-expert-input-to-capacity", "single_pad");
   expect_parity("ep2_drop", 2, 2, 8, 3, ep(2), drop + " --moe-token-drop-policy position", "single_drop");
 }
 
-// An EP2 checkpoint (iteration 3 of 6) continues under EP4 with the allgather dispatcher and in one process, each
-// with EP2's losses; a single-process checkpoint continues under EP2.
+// An EP2 checkpoint (iteration 3 of 6) continues under EP4 with the allgather dispatcher and in one process,
+// each with EP2's losses; a single-process checkpoint continues under EP2.
 TEST_F(ExpertParallel, CheckpointsMoveBetweenLayouts) {
   auto ep2 = train("ep2", 2, 1, 4, 6, ep(2) + kAllToAll + " --save-interval 3");
   ASSERT_EQ(ep2.rc, 0) << ep2.out;
@@ -62,18 +67,22 @@ TEST_F(ExpertParallel, CheckpointsMoveBetweenLayouts) {
   ASSERT_EQ(one.rc, 0) << one.out;
   for (const char* run : {"ep4", "one"}) {
     std::string where;
-    EXPECT_LE(testing::scalars_rel_diff(dir_ / "ep2/tb", dir_ / run / "tb", 4, 6, &where), testing::kParityTol)
+    EXPECT_LE(testing::scalars_rel_diff(dir_ / "ep2/tb", dir_ / run / "tb", 4, 6, &where),
+              testing::kParityTol)
         << run << ": " << where;
     const auto w = testing::weights_diff(testing::read_weights(final_weights("ep2", 6)),
                                          testing::read_weights(final_weights(run, 6)));
     EXPECT_LE(w.l2_rel, testing::kParityTol) << run << ": " << w.l2_worst;
   }
-  EXPECT_NE(ep4.out.find("successfully loaded checkpoint from " + (dir_ / "ep2_at3").string() + " at iteration 3"),
-            std::string::npos)
+  EXPECT_NE(
+      ep4.out.find("successfully loaded checkpoint from " + (dir_ / "ep2_at3").string() + " at iteration 3"),
+      std::string::npos)
       << ep4.out;
-  // transformers loads the sharded directory (tests/reference/ckpt_load_hf.py; exit 77: no torch here, as in CI).
+  // transformers loads the sharded directory (tests/reference/ckpt_load_hf.py; exit 77: no torch here, as in
+  // CI).
   const auto hf = testing::run_shell(
-      "python3 " + (testing::source_dir() / "tests/reference/ckpt_load_hf.py").string() + " " + it6.string(), dir_);
+      "python3 " + (testing::source_dir() / "tests/reference/ckpt_load_hf.py").string() + " " + it6.string(),
+      dir_);
   if (hf.rc != 77) EXPECT_EQ(hf.rc, 0) << hf.out;
   // One process's checkpoint (iteration 6) continued to 8 by EP2 and by one process.
   const std::string cont = "--load " + (dir_ / "one/ckpt").string();
@@ -82,7 +91,8 @@ TEST_F(ExpertParallel, CheckpointsMoveBetweenLayouts) {
   auto ep2_cont = train("ep2_cont", 2, 1, 4, 8, ep(2) + kAllToAll + " " + cont);
   ASSERT_EQ(ep2_cont.rc, 0) << ep2_cont.out;
   std::string where;
-  EXPECT_LE(testing::scalars_rel_diff(dir_ / "one_cont/tb", dir_ / "ep2_cont/tb", 7, 8, &where), testing::kParityTol)
+  EXPECT_LE(testing::scalars_rel_diff(dir_ / "one_cont/tb", dir_ / "ep2_cont/tb", 7, 8, &where),
+            testing::kParityTol)
       << where;
 }
 
@@ -94,7 +104,8 @@ TEST_F(ExpertParallel, RefusesWhatMegatronRefuses) {
   EXPECT_NE(drop.out.find("needs --moe-token-dispatcher-type alltoall"), std::string::npos) << drop.out;
   auto flex = testing::run_dsv3_mpi(2, b + " --moe-token-dispatcher-type flex", dir_);
   EXPECT_NE(flex.rc, 0);
-  EXPECT_NE(flex.out.find("--moe-token-dispatcher-type flex is not supported"), std::string::npos) << flex.out;
+  EXPECT_NE(flex.out.find("--moe-token-dispatcher-type flex is not supported"), std::string::npos)
+      << flex.out;
 }
 
 }  // namespace

@@ -1,7 +1,7 @@
-// Layout parity for `dsv3 train` under mpirun: a fixture that runs the demo model in fp32 on the tiny dataset with
-// one layout or another (TensorBoard in dir/<name>/tb, checkpoint in dir/<name>/ckpt) and compares two runs — the
-// losses and grad norms of every iteration, the evaluation losses and the final weights. Used by the data- and
-// expert-parallel tests. Skipped without mpirun.
+// Layout parity for `dsv3 train` under mpirun: a fixture that runs the demo model in fp32 on the tiny dataset
+// with one layout or another (TensorBoard in dir/<name>/tb, checkpoint in dir/<name>/ckpt) and compares two
+// runs — the losses and grad norms of every iteration, the evaluation losses and the final weights. Used by
+// the data- and expert-parallel tests. Skipped without mpirun.
 #pragma once
 #include <cstdio>
 #include <iostream>
@@ -14,8 +14,8 @@ namespace dsv3::testing {
 inline constexpr double kParityTol = 1e-6;
 
 // Max relative difference of the per-iteration scalars of steps [from, to] between two TensorBoard dirs.
-inline double scalars_rel_diff(const std::filesystem::path& a_dir, const std::filesystem::path& b_dir, int64_t from,
-                               int64_t to, std::string* where) {
+inline double scalars_rel_diff(const std::filesystem::path& a_dir, const std::filesystem::path& b_dir,
+                               int64_t from, int64_t to, std::string* where) {
   static const char* const kTags[] = {"lm loss", "load_balancing_loss", "mtp_1 loss", "grad-norm"};
   const auto a = read_scalars(a_dir), b = read_scalars(b_dir);
   double worst = 0;
@@ -29,8 +29,8 @@ inline double scalars_rel_diff(const std::filesystem::path& a_dir, const std::fi
       const double d = rel_diff(ia->second.at(step), ib->second.at(step));
       if (d >= worst) {
         worst = d;
-        *where = std::string(tag) + " step " + std::to_string(step) + ": " + std::to_string(ia->second.at(step)) +
-                 " vs " + std::to_string(ib->second.at(step));
+        *where = std::string(tag) + " step " + std::to_string(step) + ": " +
+                 std::to_string(ia->second.at(step)) + " vs " + std::to_string(ib->second.at(step));
       }
     }
   }
@@ -41,7 +41,8 @@ inline double scalars_rel_diff(const std::filesystem::path& a_dir, const std::fi
 inline std::vector<double> eval_losses(const std::string& out) {
   std::vector<double> v;
   std::regex re(R"(lm loss value: ([0-9.E+-]+))");
-  for (std::sregex_iterator it(out.begin(), out.end(), re), end; it != end; ++it) v.push_back(std::stod((*it)[1]));
+  for (std::sregex_iterator it(out.begin(), out.end(), re), end; it != end; ++it)
+    v.push_back(std::stod((*it)[1]));
   return v;
 }
 
@@ -53,12 +54,13 @@ class LayoutParity : public ::testing::Test {
     data_ = make_tiny_data(dir_);
   }
   // A run of `iters` iterations on np ranks (1: no mpirun).
-  CmdResult train(const std::string& name, int np, int mbs, int gbs, int iters, const std::string& extra = "") {
+  CmdResult train(const std::string& name, int np, int mbs, int gbs, int iters,
+                  const std::string& extra = "") {
     const auto d = dir_ / name;
     std::filesystem::create_directories(d);
-    const std::string args = tiny_train_args(dir_, data_, mbs, gbs) + " --train-iters " + std::to_string(iters) +
-                             " --tensorboard-dir " + (d / "tb").string() + " --save " + (d / "ckpt").string() +
-                             " " + extra;
+    const std::string args = tiny_train_args(dir_, data_, mbs, gbs) + " --train-iters " +
+                             std::to_string(iters) + " --tensorboard-dir " + (d / "tb").string() +
+                             " --save " + (d / "ckpt").string() + " " + extra;
     return np == 1 ? run_dsv3_single(args, dir_) : run_dsv3_mpi(np, args, dir_);
   }
   std::filesystem::path final_weights(const std::string& name, int iters) {
@@ -66,8 +68,8 @@ class LayoutParity : public ::testing::Test {
     std::snprintf(it, sizeof it, "iter_%07d", iters);
     return dir_ / name / "ckpt" / it;
   }
-  // Runs `name` on np ranks with `layout` flags, and (once) "single" on one rank, both with `common` flags; then
-  // expects the same per-iteration scalars, evaluation losses and final weights within kParityTol.
+  // Runs `name` on np ranks with `layout` flags, and (once) "single" on one rank, both with `common` flags;
+  // then expects the same per-iteration scalars, evaluation losses and final weights within kParityTol.
   void expect_parity(const std::string& name, int np, int mbs, int gbs, int iters, const std::string& layout,
                      const std::string& common = "", const std::string& single = "single") {
     if (!std::filesystem::exists(dir_ / single / "tb")) {
@@ -88,12 +90,14 @@ class LayoutParity : public ::testing::Test {
     double eval_diff = 0;
     for (size_t k = 0; k < ea.size(); ++k) eval_diff = std::max(eval_diff, rel_diff(ea[k], eb[k]));
     EXPECT_LE(eval_diff, 2e-6);  // printed with 7 significant digits
-    const auto w = weights_diff(read_weights(final_weights(single, iters)), read_weights(final_weights(name, iters)));
+    const auto w =
+        weights_diff(read_weights(final_weights(single, iters)), read_weights(final_weights(name, iters)));
     EXPECT_LE(w.l2_rel, kParityTol) << w.l2_worst;
-    std::cout << "[ parity  ] " << name << " (np " << np << ", " << layout << ") mbs " << mbs << " GBS " << gbs
-              << ", " << iters << " iterations: max rel diff losses/grad norm " << loss_diff << " (" << where
-              << "), eval " << eval_diff << "; final weights per-tensor L2 " << w.l2_rel << " (" << w.l2_worst
-              << "), max elementwise " << w.max_rel << " of the tensor's max (" << w.max_worst << ")\n";
+    std::cout << "[ parity  ] " << name << " (np " << np << ", " << layout << ") mbs " << mbs << " GBS "
+              << gbs << ", " << iters << " iterations: max rel diff losses/grad norm " << loss_diff << " ("
+              << where << "), eval " << eval_diff << "; final weights per-tensor L2 " << w.l2_rel << " ("
+              << w.l2_worst << "), max elementwise " << w.max_rel << " of the tensor's max (" << w.max_worst
+              << ")\n";
   }
   // Keeps only iteration `iter` of run `name`'s checkpoint, in dir/<to> (the tracker then names it).
   std::filesystem::path checkpoint_at(const std::string& name, int iter, const std::string& to) {
