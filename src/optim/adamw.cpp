@@ -73,6 +73,10 @@ constexpr int64_t kChunk = 1 << 14;
 }  // namespace
 
 void AdamW::update(float* params, const float* grads, int64_t begin, int64_t n, double lr, double wd) {
+  update_range(params + begin, grads + begin, begin, n, lr, wd);
+}
+
+void AdamW::update_range(float* p, const float* g, int64_t begin, int64_t n, double lr, double wd) {
   DSV3_CHECK(step_ > 0, "AdamW::update called before begin_step()");
   DSV3_CHECK(begin >= 0 && n >= 0 && begin + n <= numel_, "AdamW::update: range [", begin, ", ", begin + n,
              ") outside the ", numel_, " optimizer elements");
@@ -89,8 +93,6 @@ void AdamW::update(float* params, const float* grads, int64_t begin, int64_t n, 
   k.step_size = static_cast<float>(lr / bc1);          // param.addcdiv_(exp_avg, denom, value=-lr/bc1)
   k.bc2_sqrt = static_cast<float>(std::sqrt(bc2));     // denom = exp_avg_sq.sqrt() / bc2**0.5 + eps
   k.eps = static_cast<float>(cfg_.eps);
-  float* p = params + begin;
-  const float* g = grads + begin;
   float* m = m_.data() + begin;
   float* v = v_.data() + begin;
   const int64_t chunks = (n + kChunk - 1) / kChunk;

@@ -29,6 +29,9 @@ class AdamW {
   // Updates elements [begin, begin+n) of params (and of the moments) with grads[begin, begin+n), with this range's
   // lr and weight decay. `params`/`grads` point at element 0 of the full buffers.
   void update(float* params, const float* grads, int64_t begin, int64_t n, double lr, double wd);
+  // The same for n parameters at p (gradients at g) whose moments are elements [begin, begin+n): the distributed
+  // optimizer keeps moments for its shards only, packed.
+  void update_range(float* p, const float* g, int64_t begin, int64_t n, double lr, double wd);
 
   int64_t step() const { return step_; }
   void set_step(int64_t s);

@@ -48,8 +48,8 @@ DataParallelGrads::DataParallelGrads(const ParamTable& table, const ParamStore& 
 void DataParallelGrads::reduce(float* grads) {
   if (!active_) return;
   for (const auto& b : buckets_) {
-    Comm& c = b.expert ? *expert_ : *dense_;
-    const float s = b.expert ? expert_scale_ : dense_scale_;
+    Comm& c = comm(b);
+    const float s = scale(b);
     if (s != 1.f) scale_inplace(grads + b.offset, b.numel, s);
     if (c.size() > 1) c.allreduce(grads + b.offset, b.numel, ReduceOp::kSum);
   }

@@ -38,6 +38,9 @@ class DataParallelGrads {
   void reduce(float* grads);
   const std::vector<GradBucket>& buckets() const { return buckets_; }
   bool active() const { return active_; }
+  // The group a bucket is reduced over, and the factor it is scaled by first.
+  Comm& comm(const GradBucket& b) const { return b.expert ? *expert_ : *dense_; }
+  float scale(const GradBucket& b) const { return b.expert ? expert_scale_ : dense_scale_; }
 
  private:
   std::vector<GradBucket> buckets_;

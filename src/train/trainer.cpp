@@ -1,11 +1,13 @@
 // The training loop. Per iteration (Megatron's train_step): num_micro = GBS / (mbs · DP) micro-batches on each
 // data-parallel rank (its slice of the global sample order, spec §4.8), each forward + backward with the loss
 // scaled as Megatron scales it (Σ(loss·mask)/Σmask / num_micro, aux and MTP gradients / num_micro), then the
-// data-parallel gradient all-reduce (parallel/data_parallel.h: the result is the global batch's gradient on every
-// rank), the loss sums and expert counts all-reduced, NaN checks, grad-norm (before clipping) and clipping, AdamW
-// at the scheduler's current lr (identical on every rank: parameters are replicated), the expert-bias update from
-// the global expert counts, and the scheduler stepped by GBS samples. Every decision that ends or changes the loop
-// (NaN, SIGTERM, duration, kill switch) is agreed by an all-reduce, so no rank is left waiting in a collective.
+// data-parallel gradient reduction (parallel/data_parallel.h: all-reduce, so every rank holds the global batch's
+// gradient; or, with --use-distributed-optimizer, reduce-scatter to shards: parallel/distributed_optimizer.h), the
+// loss sums and expert counts all-reduced, NaN checks, the global grad-norm (before clipping) and clipping, AdamW at
+// the scheduler's current lr (replicated state, or sharded and then all-gathered), the expert-bias update from the
+// global expert counts, and the scheduler stepped by GBS samples. Under expert parallelism each rank holds and
+// updates only its experts (model/param_store.h, parallel/ep_dispatcher.h). Every decision that ends or changes the
+// loop (NaN, SIGTERM, duration, kill switch) is agreed by an all-reduce, so no rank is left waiting in a collective.
 #include "train/trainer.h"
 
 #include <omp.h>
@@ -33,6 +35,7 @@
 #include "train/model_from_args.h"
 #include "parallel/comm.h"
 #include "parallel/data_parallel.h"
+#include "parallel/distributed_optimizer.h"
 #include "parallel/ep_dispatcher.h"
 #include "parallel/process_groups.h"
 #include "train/tensorboard.h"
@@ -121,7 +124,9 @@ class Trainer {
   Timers timers_;
   ModelConfig cfg_;
   std::unique_ptr<Model> model_;
-  std::unique_ptr<AdamW> opt_;
+  std::unique_ptr<AdamW> opt_;                  // replicated optimizer state, or
+  std::unique_ptr<DistributedOptimizer> dopt_;  // --use-distributed-optimizer: sharded over DP
+  AdamW& adam() { return dopt_ ? dopt_->adam() : *opt_; }
   std::unique_ptr<LrScheduler> sched_;
   std::unique_ptr<EventWriter> tb_;
   std::unique_ptr<SampleDataset> train_ds_, valid_ds_, test_ds_;
@@ -214,8 +219,11 @@ void Trainer::setup() {
   for (int64_t i = 0; i < cfg_.num_hidden_layers + cfg_.num_nextn_predict_layers; ++i)
     if (cfg_.is_moe_layer(i)) moe_layer_ids_.push_back(i);
 
-  opt_ = std::make_unique<AdamW>(static_cast<int64_t>(model_->params().size()),
-                                 AdamWConfig{args_.f("adam_beta1"), args_.f("adam_beta2"), args_.f("adam_eps")});
+  const AdamWConfig ac{args_.f("adam_beta1"), args_.f("adam_beta2"), args_.f("adam_eps")};
+  if (args_.b("use_distributed_optimizer"))
+    dopt_ = std::make_unique<DistributedOptimizer>(model_->table(), model_->store(), *ddp_, ac);
+  else
+    opt_ = std::make_unique<AdamW>(static_cast<int64_t>(model_->params().size()), ac);
   LrScheduleConfig lc;
   lc.max_lr = args_.f("lr"), lc.min_lr = args_.f("min_lr"), lc.init_lr = 0;
   lc.warmup_steps = args_.i("lr_warmup_iters") * gbs_;
@@ -323,7 +331,8 @@ IterStats Trainer::train_step() {
            " found NaN in its local forward loss");
   }
   const auto t1 = Clock::now();
-  ddp_->reduce(model_->grads().data());
+  if (dopt_) dopt_->reduce_scatter(model_->grads().data());
+  else ddp_->reduce(model_->grads().data());
   reduce_stats(it);
   timers_.add("all-grads-sync", seconds_since(t1));
   return it;
@@ -362,6 +371,11 @@ void Trainer::reduce_stats(IterStats& s) {
 // summed over the EP group.
 double Trainer::grad_norm() {
   const auto& g = model_->grads();
+  if (dopt_) {  // each rank holds the reduced gradient of its shards only; together they cover every element once
+    double sq = dopt_->shard_sum_of_squares(g.data());
+    world_.allreduce(&sq, 1, ReduceOp::kSum);
+    return std::sqrt(sq);
+  }
   if (pg_.ep == 1) return l2_norm(g.data(), static_cast<int64_t>(g.size()));
   double sq[2] = {0, 0};  // dense, expert
   const auto& store = model_->store();
@@ -439,11 +453,13 @@ double Trainer::evaluate(const SampleDataset& ds, int64_t& consumed, const std::
 
 void Trainer::save(int64_t iteration) {
   if (!args_.given("save") || last_saved_ == iteration) return;
-  prog_.optimizer_step = opt_->step();
+  prog_.optimizer_step = adam().step();
   prog_.scheduler_num_steps = sched_->num_steps();
   const auto t0 = Clock::now();
-  const CheckpointTensors t{&model_->table(), &model_->store(), model_->params().data(), opt_->exp_avg().data(),
-                            opt_->exp_avg_sq().data()};
+  std::vector<float> m, v;  // the distributed optimizer's moments, gathered into the store layout
+  if (dopt_) dopt_->gather_moments(m, v);
+  const CheckpointTensors t{&model_->table(), &model_->store(), model_->params().data(),
+                            dopt_ ? m.data() : opt_->exp_avg().data(), dopt_ ? v.data() : opt_->exp_avg_sq().data()};
   if (pg_.ep == 1) {
     // Replicated state: rank 0 writes it; the others wait (below) so that no rank runs ahead (or exits) before
     // the checkpoint is complete.
@@ -473,9 +489,12 @@ int Trainer::run() {
 
   if (args_.given("load")) {
     std::string msg;
+    const bool optim = !args_.b("no_load_optim");
+    std::vector<float> m, v;  // the distributed optimizer loads whole moments, then keeps its shards
+    if (optim && dopt_) m.assign(model_->params().size(), 0.f), v.assign(model_->params().size(), 0.f);
     LoadTargets lt{&model_->table(), &model_->store(), model_->params().data(),
-                   args_.b("no_load_optim") ? nullptr : opt_->exp_avg().data(),
-                   args_.b("no_load_optim") ? nullptr : opt_->exp_avg_sq().data()};
+                   !optim ? nullptr : dopt_ ? m.data() : opt_->exp_avg().data(),
+                   !optim ? nullptr : dopt_ ? v.data() : opt_->exp_avg_sq().data()};
     // Rank 0 first (it may recover a directory left by an interrupted save), then the others.
     if (!pg_.is_first_rank()) world_.barrier();
     auto p = load_checkpoint(args_.s("load"), lt, cfg_, RankInfo{pg_.rank, pg_.world, pg_.data_parallel_only()},
@@ -484,8 +503,9 @@ int Trainer::run() {
     if (!msg.empty()) print_line(pg_, msg);
     if (p) {
       prog_ = *p;
-      if (!args_.b("no_load_optim")) {
-        opt_->set_step(prog_.optimizer_step);
+      if (optim) {
+        if (dopt_) dopt_->scatter_moments(m.data(), v.data());
+        adam().set_step(prog_.optimizer_step);
         sched_->set_num_steps(prog_.scheduler_num_steps);
       }
       last_saved_ = prog_.iteration;
@@ -527,22 +547,26 @@ int Trainer::run() {
            "; the last checkpoint is left as it was");
     }
     const auto t_opt = Clock::now();
-    // After the all-reduce every rank holds the whole global gradient, so this norm (and the NaN check on it)
-    // is the global one and the same on every rank.
+    // The global norm, the same on every rank (so is the NaN check on it).
     auto& grads = model_->grads();
     const double norm = grad_norm();
     if (args_.b("check_for_nan_in_loss_and_grad") && !std::isfinite(norm))
       fail("Rank ", pg_.rank, ", iteration ", prog_.iteration + 1, ": found NaN/Inf in the gradient (grad norm ",
            norm, ") before the optimizer step; the last checkpoint is left as it was");
     const double coeff = max_norm > 0 ? clip_coefficient(norm, max_norm) : 1.0;
-    if (coeff < 1.0) scale_inplace(grads.data(), static_cast<int64_t>(grads.size()), static_cast<float>(coeff));
     const double lr = sched_->lr();
     const double wd = args_.f("weight_decay");
-    opt_->begin_step();
     float* params = model_->params().data();
-    for (const auto& p : table.params()) {
-      if (!p.tied_to.empty() || !p.trainable || !store.contains(p.name)) continue;  // other EP ranks' experts
-      opt_->update(params, grads.data(), store.offset(p.name), p.numel, lr, p.weight_decay ? wd : 0.0);
+    if (dopt_) {
+      if (coeff < 1.0) dopt_->scale_shards(grads.data(), static_cast<float>(coeff));
+      dopt_->step(params, grads.data(), lr, wd);
+    } else {
+      if (coeff < 1.0) scale_inplace(grads.data(), static_cast<int64_t>(grads.size()), static_cast<float>(coeff));
+      opt_->begin_step();
+      for (const auto& p : table.params()) {
+        if (!p.tied_to.empty() || !p.trainable || !store.contains(p.name)) continue;  // other EP ranks' experts
+        opt_->update(params, grads.data(), store.offset(p.name), p.numel, lr, p.weight_decay ? wd : 0.0);
+      }
     }
     if (bias_update)
       for (size_t l = 0; l < st.counts.size() && l < moe_layer_ids_.size(); ++l)

@@ -19,6 +19,33 @@ TEST_F(DataParallel, Dp2ReproducesSingleProcess) { expect_parity("dp", 2, 2, 8, 
 // DP4 (oversubscribed): one micro-batch of 1 per rank.
 TEST_F(DataParallel, Dp4ReproducesSingleProcess) { expect_parity("dp", 4, 1, 4, 4, ""); }
 
+// Megatron's distributed optimizer (ZeRO-1: reduce-scatter, sharded Adam moments, all-gather) is the same
+// arithmetic as the replicated one.
+TEST_F(DataParallel, DistributedOptimizerReproducesSingleProcess) {
+  expect_parity("dp2_distopt", 2, 2, 8, 5, "--use-distributed-optimizer");
+}
+
+// Its sharded moments are gathered into the usual checkpoint: a DP2 distributed-optimizer checkpoint (iteration 3
+// of 6) continues in one process with the same losses and weights, and that process's checkpoint continues under
+// the distributed optimizer on 4 ranks with the losses of one process.
+TEST_F(DataParallel, DistributedOptimizerCheckpointsMoveBetweenLayouts) {
+  auto dp = train("dp", 2, 1, 4, 6, "--use-distributed-optimizer --save-interval 3");
+  ASSERT_EQ(dp.rc, 0) << dp.out;
+  auto one = train("one", 1, 1, 4, 6, "--load " + checkpoint_at("dp", 3, "dp3").string());
+  ASSERT_EQ(one.rc, 0) << one.out;
+  std::string where;
+  EXPECT_LE(scalars_rel_diff(dir_ / "dp/tb", dir_ / "one/tb", 4, 6, &where), kParityTol) << where;
+  const auto w = testing::weights_diff(testing::read_weights(final_weights("dp", 6)),
+                                       testing::read_weights(final_weights("one", 6)));
+  EXPECT_LE(w.l2_rel, kParityTol) << w.l2_worst;
+  const std::string cont = "--load " + (dir_ / "one/ckpt").string();
+  auto one_cont = train("one_cont", 1, 1, 4, 8, cont);
+  ASSERT_EQ(one_cont.rc, 0) << one_cont.out;
+  auto dp4 = train("dp4_cont", 4, 1, 4, 8, "--use-distributed-optimizer " + cont);
+  ASSERT_EQ(dp4.rc, 0) << dp4.out;
+  EXPECT_LE(scalars_rel_diff(dir_ / "one_cont/tb", dir_ / "dp4_cont/tb", 7, 8, &where), kParityTol) << where;
+}
+
 // A DP2 checkpoint (iteration 3 of 6) loads in one process, which continues with DP2's losses and ends at its
 // weights; and a single-process checkpoint loads under DP2.
 TEST_F(DataParallel, CheckpointsMoveBetweenLayouts) {

@@ -31,8 +31,10 @@ TEST_F(ExpertParallel, Ep2AllGatherReproducesSingleProcess) {
   expect_parity("ep2_ag", 2, 1, 4, 4, ep(2) + kAllGather);
 }
 // 4 ranks: DP 4, EP 2, expert-DP 2 (expert gradients also all-reduced over expert-DP).
+// And with the distributed optimizer, which shards dense moments over DP 4 and expert moments over expert-DP 2.
 TEST_F(ExpertParallel, Dp2xEp2ReproducesSingleProcess) {
   expect_parity("dp2ep2", 4, 1, 4, 3, ep(2) + kAllToAll);
+  expect_parity("dp2ep2_distopt", 4, 1, 4, 3, ep(2) + kAllToAll + " --use-distributed-optimizer");
 }
 // 4 ranks: EP 4 (2 experts per rank), the most the machine's oversubscription allows.
 TEST_F(ExpertParallel, Ep4ReproducesSingleProcess) {

@@ -1,0 +1,94 @@
+// The distributed optimizer (see distributed_optimizer.h).
+#include "parallel/distributed_optimizer.h"
+
+#include <algorithm>
+
+#include "core/error.h"
+#include "optim/grad_clip.h"
+
+namespace dsv3 {
+
+DistributedOptimizer::DistributedOptimizer(const ParamTable& table, const ParamStore& store,
+                                           const DataParallelGrads& ddp, AdamWConfig cfg)
+    : ddp_(ddp), store_numel_(store.size()) {
+  int64_t moments = 0;
+  for (const auto& b : ddp.buckets()) {
+    const Comm& c = ddp.comm(b);
+    const int64_t g = c.size(), chunk = (b.numel + g - 1) / g;
+    const int64_t lo = std::min(b.numel, c.rank() * chunk), hi = std::min(b.numel, lo + chunk);
+    shards_.push_back({&b, chunk, b.offset + lo, hi - lo, moments});
+    moments += hi - lo;
+  }
+  for (const auto& p : table.params()) {
+    if (!p.tied_to.empty() || !p.trainable || !store.contains(p.name)) continue;
+    const int64_t p0 = store.offset(p.name), p1 = p0 + p.numel;
+    for (const auto& s : shards_) {
+      const int64_t a = std::max(p0, s.lo), z = std::min(p1, s.lo + s.n);
+      if (a < z) segments_.push_back({a, z - a, s.moment + (a - s.lo), p.weight_decay});
+    }
+  }
+  adam_ = std::make_unique<AdamW>(moments, cfg);
+}
+
+void DistributedOptimizer::reduce_scatter(float* grads) {
+  for (const auto& s : shards_) {
+    const GradBucket& b = *s.bucket;
+    Comm& c = ddp_.comm(b);
+    if (ddp_.scale(b) != 1.f) scale_inplace(grads + b.offset, b.numel, ddp_.scale(b));
+    if (c.size() == 1) continue;
+    stage_.assign(s.chunk * c.size(), 0.f);
+    std::copy_n(grads + b.offset, b.numel, stage_.begin());
+    part_.resize(s.chunk);
+    c.reduce_scatter(stage_.data(), part_.data(), s.chunk);
+    std::copy_n(part_.begin(), s.n, grads + s.lo);
+  }
+}
+
+double DistributedOptimizer::shard_sum_of_squares(const float* grads) const {
+  double sq = 0;
+  for (const auto& s : shards_) sq += sum_of_squares(grads + s.lo, s.n);
+  return sq;
+}
+
+void DistributedOptimizer::scale_shards(float* grads, float f) const {
+  for (const auto& s : shards_) scale_inplace(grads + s.lo, s.n, f);
+}
+
+void DistributedOptimizer::gather_bucket(const Shard& s, const float* mine, float* full) {
+  const GradBucket& b = *s.bucket;
+  Comm& c = ddp_.comm(b);
+  if (c.size() == 1) {
+    std::copy_n(mine, s.n, full + s.lo);
+    return;
+  }
+  part_.assign(s.chunk, 0.f);
+  std::copy_n(mine, s.n, part_.begin());
+  stage_.resize(s.chunk * c.size());
+  c.allgather(part_.data(), s.chunk, stage_.data());
+  std::copy_n(stage_.begin(), b.numel, full + b.offset);
+}
+
+void DistributedOptimizer::step(float* params, const float* grads, double lr, double wd) {
+  adam_->begin_step();
+  for (const auto& g : segments_)
+    adam_->update_range(params + g.offset, grads + g.offset, g.moment, g.n, lr, g.decay ? wd : 0.0);
+  for (const auto& s : shards_) gather_bucket(s, params + s.lo, params);
+}
+
+void DistributedOptimizer::gather_moments(std::vector<float>& exp_avg, std::vector<float>& exp_avg_sq) {
+  exp_avg.assign(store_numel_, 0.f);
+  exp_avg_sq.assign(store_numel_, 0.f);
+  for (const auto& s : shards_) {
+    gather_bucket(s, adam_->exp_avg().data() + s.moment, exp_avg.data());
+    gather_bucket(s, adam_->exp_avg_sq().data() + s.moment, exp_avg_sq.data());
+  }
+}
+
+void DistributedOptimizer::scatter_moments(const float* exp_avg, const float* exp_avg_sq) {
+  for (const auto& s : shards_) {
+    std::copy_n(exp_avg + s.lo, s.n, adam_->exp_avg().begin() + s.moment);
+    std::copy_n(exp_avg_sq + s.lo, s.n, adam_->exp_avg_sq().begin() + s.moment);
+  }
+}
+
+}  // namespace dsv3
