@@ -1,9 +1,10 @@
-// Tiled causal attention on the CPU. Each tile product is a register-blocked micro-kernel (6 rows × 16 columns,
-// GCC vector extensions, so the compiler emits FMAs for whatever -march gives). Small oneDNN calls per tile were
-// avoided on purpose: gemm() takes a global lock per call, which serialises the OpenMP threads on 64×64 tiles.
+// Tiled causal attention on the CPU, flash-attention style: every tile product is one oneDNN GEMM (bf16
+// operands with fp32 accumulation on AMX/AVX-512 BF16 in bf16 mode, fp32 otherwise) over blocks of up to 256
+// query × 256 key rows, with the online softmax in fp32 between them. One (batch, head) per task, each GEMM
+// single-threaded inside the parallel loop (as the MoE experts run); B·H tasks keep the threads busy.
 //
-// Tile legend: Bq query rows × Bk key columns (both kBlock), Dp = Dqk and Dvp = Dv rounded up to 16 with zero
-// padding, so every micro-kernel column count is a multiple of 16 and padded entries contribute exact zeros.
+// bf16 mode: q, k, v (and dO) are rounded to bf16 once per head, and so are the probabilities (and dS) before
+// their products — the same roundings an autocast eager attention makes; softmax statistics stay fp32.
 #include "kernels/cpu/attention.h"
 
 #include <omp.h>
@@ -12,99 +13,25 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 
 #include "core/bf16.h"
 #include "core/error.h"
+#include "kernels/cpu/gemm.h"
 #include "kernels/cpu/simd_exp.h"
 
 namespace dsv3 {
 namespace {
 
-constexpr int64_t kBlock = 64;
-constexpr int kRows = 6;  // micro-kernel rows
+constexpr int64_t kBlock = 256;
 
 using simd::exp8;
 using simd::ld;
 using simd::st;
 using simd::v8;
 
-int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
-
-// C[R,16] (+)= A[R,k]·B[k,16] with A(i,p) = a[i*ars + p*acs] and B(p,j) = b[p*ldb + j].
-template <int R>
-inline void panel(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb, float* c, int64_t ldc,
-                  int64_t k, bool accumulate) {
-  v8 c0[R], c1[R];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) c0[r] = c1[r] = v8{};
-  for (int64_t p = 0; p < k; ++p) {
-    const v8 b0 = ld(b + p * ldb), b1 = ld(b + p * ldb + 8);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const float av = a[r * ars + p * acs];
-      c0[r] += av * b0;
-      c1[r] += av * b1;
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    float* cr = c + r * ldc;
-    if (accumulate) {
-      c0[r] += ld(cr);
-      c1[r] += ld(cr + 8);
-    }
-    st(cr, c0[r]);
-    st(cr + 8, c1[r]);
-  }
-}
-
-// C[m,n] (+)= A[m,k]·B[k,n], n a multiple of 16. A strided (transposed access is acs = lda, ars = 1).
-void tile_mm(int64_t m, int64_t n, int64_t k, const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb,
-             float* c, int64_t ldc, bool accumulate) {
-  for (int64_t i = 0; i < m; i += kRows) {
-    const int64_t r = std::min<int64_t>(kRows, m - i);
-    for (int64_t j = 0; j < n; j += 16) {
-      const float* ai = a + i * ars;
-      float* ci = c + i * ldc + j;
-      switch (r) {
-        case 6: panel<6>(ai, ars, acs, b + j, ldb, ci, ldc, k, accumulate); break;
-        case 5: panel<5>(ai, ars, acs, b + j, ldb, ci, ldc, k, accumulate); break;
-        case 4: panel<4>(ai, ars, acs, b + j, ldb, ci, ldc, k, accumulate); break;
-        case 3: panel<3>(ai, ars, acs, b + j, ldb, ci, ldc, k, accumulate); break;
-        case 2: panel<2>(ai, ars, acs, b + j, ldb, ci, ldc, k, accumulate); break;
-        default: panel<1>(ai, ars, acs, b + j, ldb, ci, ldc, k, accumulate); break;
-      }
-    }
-  }
-}
-
-// Copies rows [r0, r0+n) of one head into a zero-padded row-major [rows_out, ld] buffer (optionally bf16-rounded).
-void pack_rows(const float* src, int64_t ld_token, int64_t n, int64_t d, int64_t rows_out, int64_t ld, bool bf,
-               float* dst) {
-  for (int64_t r = 0; r < rows_out; ++r) {
-    float* o = dst + r * ld;
-    if (r < n) {
-      const float* s = src + r * ld_token;
-      for (int64_t c = 0; c < d; ++c) o[c] = bf ? round_bf16(s[c]) : s[c];
-      std::fill(o + d, o + ld, 0.f);
-    } else {
-      std::fill(o, o + ld, 0.f);
-    }
-  }
-}
-
-// Transposed copy: dst[c, r] for r < n of rows, padded to [dpad, cols_out].
-void pack_cols(const float* src, int64_t ld_token, int64_t n, int64_t d, int64_t dpad, int64_t cols_out, bool bf,
-               float* dst) {
-  std::fill(dst, dst + dpad * cols_out, 0.f);
-  for (int64_t r = 0; r < n; ++r) {
-    const float* s = src + r * ld_token;
-    for (int64_t c = 0; c < d; ++c) dst[c * cols_out + r] = bf ? round_bf16(s[c]) : s[c];
-  }
-}
-
-void round_inplace(float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = round_bf16(x[i]);
+int64_t round8(int64_t n) {
+  return (n + 7) / 8 * 8;
 }
 
 void check_shape(const AttentionShape& s) {
@@ -122,13 +49,56 @@ void check_view(const V& v, const AttentionShape& s, int64_t d, const char* name
 
 // Below ~1 MFLOP a thread team costs more than it saves (and, on a loaded machine, far more).
 bool parallel_worth_it(const AttentionShape& s) {
-  return s.batch * s.heads * s.seq * std::min<int64_t>(s.seq, kBlock) * (s.d_qk + s.d_v) >= (int64_t{1} << 20);
+  return s.batch * s.heads * s.seq * std::min<int64_t>(s.seq, kBlock) * (s.d_qk + s.d_v) >=
+         (int64_t{1} << 20);
 }
 
-float* thread_buffer(AttentionScratch& sc, int64_t n) {
+// A thread's scratch, carved from its float vector: `floats` fp32 elements, then `halves` bf16 elements (both
+// counted as the sums of round8(piece), as take() and take_bf16() carve them).
+struct Carver {
+  float* f;
+  bf16* h;
+  float* take(int64_t n) { return std::exchange(f, f + round8(n)); }
+  bf16* take_bf16(int64_t n) { return std::exchange(h, h + round8(n)); }
+};
+Carver thread_scratch(AttentionScratch& sc, int64_t floats, int64_t halves) {
   auto& b = sc.thread[omp_get_thread_num()];
+  const int64_t n = floats + (halves + 1) / 2 + 16;
   if (static_cast<int64_t>(b.size()) < n) b.resize(n);
-  return b.data();
+  return {b.data(), reinterpret_cast<bf16*>(b.data() + floats)};
+}
+
+// One operand of the tile products: a head's rows either in place (fp32: the strided view itself) or copied
+// to a packed bf16 [S, d] buffer (bf16 mode).
+struct Operand {
+  const void* p;
+  int64_t ld;
+  const void* row(int64_t r, bool bf) const {
+    return bf ? static_cast<const void*>(static_cast<const bf16*>(p) + r * ld)
+              : static_cast<const void*>(static_cast<const float*>(p) + r * ld);
+  }
+};
+Operand head_operand(const float* src, int64_t ld_token, int64_t n, int64_t d, bool bf, bf16* buf) {
+  if (!bf) return {src, ld_token};
+  for (int64_t r = 0; r < n; ++r) to_bf16(src + r * ld_token, buf + r * d, d);
+  return {buf, d};
+}
+
+// C[m,n] (beta 0: =, 1: +=) op(A)[m,k]·op(B)[k,n] on one thread's operands.
+void mm(int64_t m, int64_t n, int64_t k, const void* a, int64_t lda, bool ta, const void* b, int64_t ldb,
+        bool tb, float* c, int64_t ldc, float beta, bool bf) {
+  GemmArgs g;
+  g.m = m, g.n = n, g.k = k, g.a = a, g.lda = lda, g.trans_a = ta, g.b = b, g.ldb = ldb, g.trans_b = tb;
+  g.c = c, g.ldc = ldc, g.beta = beta;
+  g.ab_type = bf ? GemmType::kBF16 : GemmType::kF32;
+  gemm(g);
+}
+
+// The probabilities (or dS) as the next product's operand: fp32 in place, or rounded into a bf16 copy.
+const void* tile_operand(const float* x, int64_t n, bool bf, bf16* buf) {
+  if (!bf) return x;
+  to_bf16(x, buf, n);
+  return buf;
 }
 
 }  // namespace
@@ -141,75 +111,86 @@ void attention_forward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsV
   check_view(v, s, s.d_v, "v");
   check_view(o, s, s.d_v, "o");
   DSV3_CHECK(lse_BHS != nullptr, "attention: lse is null");
-  const int64_t S = s.seq, H = s.heads, Dqk = s.d_qk, Dv = s.d_v;
-  const int64_t Dp = round16(Dqk), Dvp = round16(Dv), nb = (S + kBlock - 1) / kBlock;
+  const int64_t S = s.seq, H = s.heads, Dqk = s.d_qk, Dv = s.d_v, Bq = std::min(S, kBlock);
   const bool bf = prec == Precision::kBF16;
-  const int64_t per_thread = kBlock * Dp + Dp * kBlock + kBlock * Dvp + kBlock * kBlock + kBlock * Dvp + 2 * kBlock;
+  const int64_t nkp = round8(Bq);  // score rows padded to whole 8-lane vectors
+  const int64_t floats = round8(Bq * nkp) + round8(Bq * Dv) + 2 * round8(Bq);
+  const int64_t halves = bf ? 2 * round8(S * Dqk) + round8(S * Dv) + round8(Bq * nkp) : 0;
   scratch.thread.resize(std::max<size_t>(scratch.thread.size(), omp_get_max_threads()));
   const float ninf = -std::numeric_limits<float>::infinity();
 
-  // Tasks ordered with the longest (last query blocks) first so dynamic scheduling balances the causal triangle.
-  const int64_t ntask = s.batch * H * nb;
+  const int64_t nb = (S + Bq - 1) / Bq, ntask = s.batch * H;
 #pragma omp parallel for schedule(dynamic, 1) if (parallel_worth_it(s))
-  for (int64_t task = 0; task < ntask; ++task) {
-    const int64_t qi = nb - 1 - task % nb, bh = task / nb, b = bh / H, h = bh % H;
-    float* buf = thread_buffer(scratch, per_thread);
-    float *Qt = buf, *Kt = Qt + kBlock * Dp, *Vt = Kt + Dp * kBlock, *Sb = Vt + kBlock * Dvp;
-    float *Ob = Sb + kBlock * kBlock, *mrow = Ob + kBlock * Dvp, *lrow = mrow + kBlock;
-    const int64_t i0 = qi * kBlock, m = std::min(kBlock, S - i0), tok0 = b * S;
-    pack_rows(q.p + (tok0 + i0) * q.ld_token + h * q.ld_head, q.ld_token, m, Dqk, m, Dp, bf, Qt);
-    std::fill(Ob, Ob + m * Dvp, 0.f);
-    std::fill(mrow, mrow + m, ninf);
-    std::fill(lrow, lrow + m, 0.f);
-    for (int64_t kj = 0; kj <= qi; ++kj) {
-      const int64_t j0 = kj * kBlock, nk = std::min(kBlock, S - j0);
-      pack_cols(k.p + (tok0 + j0) * k.ld_token + h * k.ld_head, k.ld_token, nk, Dqk, Dp, kBlock, bf, Kt);
-      pack_rows(v.p + (tok0 + j0) * v.ld_token + h * v.ld_head, v.ld_token, nk, Dv, kBlock, Dvp, bf, Vt);
-      tile_mm(m, kBlock, Dp, Qt, Dp, 1, Kt, kBlock, Sb, kBlock, false);
-      for (int64_t r = 0; r < m; ++r) {
-        float* sr = Sb + r * kBlock;
-        // Valid keys: j < nk and, on the diagonal block, j0 + j <= i0 + r.
-        const int64_t nvalid = kj == qi ? r + 1 : nk;
-        float mx = mrow[r];
-        for (int64_t j = 0; j < nvalid; ++j) {
-          sr[j] *= s.scale;
-          mx = std::max(mx, sr[j]);
+  for (int64_t bh = 0; bh < ntask; ++bh) {
+    const int64_t b = bh / H, h = bh % H, tok0 = b * S;
+    Carver c = thread_scratch(scratch, floats, halves);
+    float *Sb = c.take(Bq * nkp), *Ob = c.take(Bq * Dv), *mrow = c.take(Bq), *lrow = c.take(Bq);
+    bf16* qb = bf ? c.take_bf16(S * Dqk) : nullptr;
+    bf16* kb = bf ? c.take_bf16(S * Dqk) : nullptr;
+    bf16* vb = bf ? c.take_bf16(S * Dv) : nullptr;
+    bf16* pb = bf ? c.take_bf16(Bq * nkp) : nullptr;
+    const Operand Q = head_operand(q.p + tok0 * q.ld_token + h * q.ld_head, q.ld_token, S, Dqk, bf, qb);
+    const Operand K = head_operand(k.p + tok0 * k.ld_token + h * k.ld_head, k.ld_token, S, Dqk, bf, kb);
+    const Operand V = head_operand(v.p + tok0 * v.ld_token + h * v.ld_head, v.ld_token, S, Dv, bf, vb);
+    for (int64_t qi = 0; qi < nb; ++qi) {
+      const int64_t i0 = qi * Bq, m = std::min(Bq, S - i0);
+      std::fill(Ob, Ob + m * Dv, 0.f);
+      std::fill(mrow, mrow + m, ninf);
+      std::fill(lrow, lrow + m, 0.f);
+      for (int64_t j0 = 0; j0 < i0 + m; j0 += Bq) {  // key blocks up to the causal diagonal
+        const int64_t nk = std::min(Bq, S - j0);
+        mm(m, nk, Dqk, Q.row(i0, bf), Q.ld, false, K.row(j0, bf), K.ld, true, Sb, nkp, 0.f, bf);
+        for (int64_t r = 0; r < m; ++r) {
+          float* sr = Sb + r * nkp;
+          // Valid keys of row i0 + r: j0 + j <= i0 + r.
+          const int64_t nvalid = std::clamp<int64_t>(i0 + r - j0 + 1, 0, nk);
+          v8 mxv = v8{} + mrow[r];
+          int64_t j = 0;
+          for (; j + 8 <= nvalid; j += 8) {
+            const v8 x = ld(sr + j) * s.scale;
+            st(sr + j, x);
+            mxv = x > mxv ? x : mxv;
+          }
+          float mx = simd::hmax(mxv);
+          for (; j < nvalid; ++j) {
+            sr[j] *= s.scale;
+            mx = std::max(mx, sr[j]);
+          }
+          for (j = nvalid; j < nkp; ++j) sr[j] = ninf;
+          if (mx == ninf) continue;  // nothing visible yet: the row stays empty
+          const v8 mv = v8{} + mx;
+          v8 sum = v8{};
+          for (int64_t j = 0; j < nkp; j += 8) {
+            const v8 x = ld(sr + j);
+            v8 e = exp8(x - mv);
+            e = x == v8{} + ninf ? v8{} : e;
+            st(sr + j, e);
+            sum += e;
+          }
+          const float alpha = mrow[r] == ninf ? 0.f : std::exp(mrow[r] - mx);
+          lrow[r] = lrow[r] * alpha + simd::hsum(sum);
+          mrow[r] = mx;
+          if (alpha != 1.f)
+            for (int64_t d = 0; d < Dv; ++d) Ob[r * Dv + d] *= alpha;
         }
-        for (int64_t j = nvalid; j < kBlock; ++j) sr[j] = ninf;
-        const v8 mv = v8{} + mx;
-        v8 sum = v8{};
-        for (int64_t j = 0; j < kBlock; j += 8) {
-          const v8 x = ld(sr + j);
-          v8 e = exp8(x - mv);
-          e = x == v8{} + ninf ? v8{} : e;
-          st(sr + j, e);
-          sum += e;
-        }
-        float l = 0.f;
-        for (int c = 0; c < 8; ++c) l += sum[c];
-        const float alpha = mrow[r] == ninf ? 0.f : std::exp(mrow[r] - mx);
-        lrow[r] = lrow[r] * alpha + l;
-        mrow[r] = mx;
-        if (alpha != 1.f) {
-          float* orow = Ob + r * Dvp;
-          for (int64_t c = 0; c < Dvp; ++c) orow[c] *= alpha;
-        }
+        for (int64_t r = 0; r < m; ++r)  // rows with no visible key in this block contribute nothing
+          if (i0 + r < j0) std::fill(Sb + r * nkp, Sb + (r + 1) * nkp, 0.f);
+        mm(m, Dv, nk, tile_operand(Sb, m * nkp, bf, pb), nkp, false, V.row(j0, bf), V.ld, false, Ob, Dv, 1.f,
+           bf);
       }
-      if (bf) round_inplace(Sb, m * kBlock);
-      tile_mm(m, Dvp, kBlock, Sb, kBlock, 1, Vt, Dvp, Ob, Dvp, true);
-    }
-    for (int64_t r = 0; r < m; ++r) {
-      const float inv = 1.f / lrow[r];
-      float* orow = o.p + (tok0 + i0 + r) * o.ld_token + h * o.ld_head;
-      for (int64_t c = 0; c < Dv; ++c) orow[c] = Ob[r * Dvp + c] * inv;
-      lse_BHS[(b * H + h) * S + i0 + r] = mrow[r] + std::log(lrow[r]);
+      for (int64_t r = 0; r < m; ++r) {
+        const float inv = 1.f / lrow[r];
+        float* orow = o.p + (tok0 + i0 + r) * o.ld_token + h * o.ld_head;
+        for (int64_t d = 0; d < Dv; ++d) orow[d] = Ob[r * Dv + d] * inv;
+        lse_BHS[(b * H + h) * S + i0 + r] = mrow[r] + std::log(lrow[r]);
+      }
     }
   }
 }
 
 void attention_backward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v, HeadsView o,
-                        const float* lse_BHS, HeadsView do_, HeadsViewMut dq, HeadsViewMut dk, HeadsViewMut dv,
-                        Precision prec, AttentionScratch& scratch) {
+                        const float* lse_BHS, HeadsView do_, HeadsViewMut dq, HeadsViewMut dk,
+                        HeadsViewMut dv, Precision prec, AttentionScratch& scratch) {
   check_shape(s);
   check_view(q, s, s.d_qk, "q");
   check_view(k, s, s.d_qk, "k");
@@ -220,85 +201,90 @@ void attention_backward(const AttentionShape& s, HeadsView q, HeadsView k, Heads
   check_view(dk, s, s.d_qk, "dk");
   check_view(dv, s, s.d_v, "dv");
   DSV3_CHECK(lse_BHS != nullptr, "attention: lse is null");
-  const int64_t S = s.seq, H = s.heads, Dqk = s.d_qk, Dv = s.d_v;
-  const int64_t Dp = round16(Dqk), Dvp = round16(Dv), nb = (S + kBlock - 1) / kBlock, Sp = nb * kBlock;
+  const int64_t S = s.seq, H = s.heads, Dqk = s.d_qk, Dv = s.d_v, Bq = std::min(S, kBlock);
   const bool bf = prec == Precision::kBF16;
-  // Whole-head packed q, k, dO and the dq accumulator (linear in S), plus per-key-block tiles.
-  const int64_t per_thread = 3 * Sp * Dp + Sp * Dvp + Sp + Dp * kBlock + Dvp * kBlock + kBlock * Dp +
-                             kBlock * Dvp + 2 * kBlock * kBlock;
+  const int64_t nkp = round8(Bq);
+  // fp32: P and dS tiles, the dQ accumulator (linear in S), dK/dV block accumulators, D_i. bf16: the head's
+  // q, k, v, dO copies and the P/dS operands.
+  const int64_t floats =
+      2 * round8(Bq * nkp) + round8(S * Dqk) + round8(Bq * Dqk) + round8(Bq * Dv) + round8(S);
+  const int64_t halves = bf ? 2 * round8(S * Dqk) + 2 * round8(S * Dv) + 2 * round8(Bq * nkp) : 0;
   scratch.thread.resize(std::max<size_t>(scratch.thread.size(), omp_get_max_threads()));
 
-  // One task per (batch, head): the key-block loop accumulates dk/dv in registers-sized tiles and dq in a
-  // per-head buffer, so no two threads write the same gradient row. Parallelism is B·H (128 heads per sequence
-  // for DeepSeek-V3), which is enough for CPU thread counts.
-  const int64_t ntask = s.batch * H;
+  // One task per (batch, head): dK/dV accumulate per key block and dQ per head, so no two threads write the
+  // same gradient row.
+  const int64_t nb = (S + Bq - 1) / Bq, ntask = s.batch * H;
 #pragma omp parallel for schedule(dynamic, 1) if (parallel_worth_it(s))
   for (int64_t bh = 0; bh < ntask; ++bh) {
     const int64_t b = bh / H, h = bh % H, tok0 = b * S;
-    float* buf = thread_buffer(scratch, per_thread);
-    float *Qh = buf, *Kh = Qh + Sp * Dp, *dQh = Kh + Sp * Dp, *dOh = dQh + Sp * Dp, *Drow = dOh + Sp * Dvp;
-    float *Kt = Drow + Sp, *Vt = Kt + Dp * kBlock, *dKb = Vt + Dvp * kBlock, *dVb = dKb + kBlock * Dp;
-    float *P = dVb + kBlock * Dvp, *dP = P + kBlock * kBlock;
-    pack_rows(q.p + tok0 * q.ld_token + h * q.ld_head, q.ld_token, S, Dqk, Sp, Dp, bf, Qh);
-    pack_rows(k.p + tok0 * k.ld_token + h * k.ld_head, k.ld_token, S, Dqk, Sp, Dp, bf, Kh);
+    Carver c = thread_scratch(scratch, floats, halves);
+    float *P = c.take(Bq * nkp), *dS = c.take(Bq * nkp), *dQh = c.take(S * Dqk), *dKb = c.take(Bq * Dqk);
+    float *dVb = c.take(Bq * Dv), *Drow = c.take(S);
+    bf16* qb = bf ? c.take_bf16(S * Dqk) : nullptr;
+    bf16* kb = bf ? c.take_bf16(S * Dqk) : nullptr;
+    bf16* vb = bf ? c.take_bf16(S * Dv) : nullptr;
+    bf16* dob = bf ? c.take_bf16(S * Dv) : nullptr;
+    bf16* pb = bf ? c.take_bf16(Bq * nkp) : nullptr;
+    bf16* dsb = bf ? c.take_bf16(Bq * nkp) : nullptr;
+    const Operand Q = head_operand(q.p + tok0 * q.ld_token + h * q.ld_head, q.ld_token, S, Dqk, bf, qb);
+    const Operand K = head_operand(k.p + tok0 * k.ld_token + h * k.ld_head, k.ld_token, S, Dqk, bf, kb);
+    const Operand V = head_operand(v.p + tok0 * v.ld_token + h * v.ld_head, v.ld_token, S, Dv, bf, vb);
+    const Operand dO =
+        head_operand(do_.p + tok0 * do_.ld_token + h * do_.ld_head, do_.ld_token, S, Dv, bf, dob);
     // D_i = rowsum(dO ⊙ O) uses the unrounded dO: it is a softmax-backward term, not a matmul operand.
     for (int64_t i = 0; i < S; ++i) {
       const float* dor = do_.p + (tok0 + i) * do_.ld_token + h * do_.ld_head;
       const float* orow = o.p + (tok0 + i) * o.ld_token + h * o.ld_head;
       float acc = 0.f;
-      for (int64_t c = 0; c < Dv; ++c) acc += dor[c] * orow[c];
+      for (int64_t d = 0; d < Dv; ++d) acc += dor[d] * orow[d];
       Drow[i] = acc;
     }
-    pack_rows(do_.p + tok0 * do_.ld_token + h * do_.ld_head, do_.ld_token, S, Dv, Sp, Dvp, bf, dOh);
-    std::fill(dQh, dQh + Sp * Dp, 0.f);
+    std::fill(dQh, dQh + S * Dqk, 0.f);
     const float* lse = lse_BHS + (b * H + h) * S;
 
     for (int64_t kj = 0; kj < nb; ++kj) {
-      const int64_t j0 = kj * kBlock, nk = std::min(kBlock, S - j0);
-      pack_cols(Kh + j0 * Dp, Dp, nk, Dp, Dp, kBlock, false, Kt);  // already rounded in Kh
-      pack_cols(v.p + (tok0 + j0) * v.ld_token + h * v.ld_head, v.ld_token, nk, Dv, Dvp, kBlock, bf, Vt);
-      std::fill(dKb, dKb + kBlock * Dp, 0.f);
-      std::fill(dVb, dVb + kBlock * Dvp, 0.f);
-      for (int64_t qi = kj; qi < nb; ++qi) {
-        const int64_t i0 = qi * kBlock, m = std::min(kBlock, S - i0);
-        const float* Qi = Qh + i0 * Dp;
-        const float* dOi = dOh + i0 * Dvp;
-        tile_mm(m, kBlock, Dp, Qi, Dp, 1, Kt, kBlock, P, kBlock, false);
-        tile_mm(m, kBlock, Dvp, dOi, Dvp, 1, Vt, kBlock, dP, kBlock, false);
+      const int64_t j0 = kj * Bq, nk = std::min(Bq, S - j0);
+      std::fill(dKb, dKb + nk * Dqk, 0.f);
+      std::fill(dVb, dVb + nk * Dv, 0.f);
+      for (int64_t i0 = j0; i0 < S; i0 += Bq) {  // query blocks from the diagonal on (blocks are aligned)
+        const int64_t m = std::min(Bq, S - i0);
+        mm(m, nk, Dqk, Q.row(i0, bf), Q.ld, false, K.row(j0, bf), K.ld, true, P, nkp, 0.f, bf);
+        mm(m, nk, Dv, dO.row(i0, bf), dO.ld, false, V.row(j0, bf), V.ld, true, dS, nkp, 0.f, bf);
         for (int64_t r = 0; r < m; ++r) {
-          float* pr = P + r * kBlock;
-          float* dpr = dP + r * kBlock;
-          const int64_t nvalid = kj == qi ? r + 1 : nk;
+          float* pr = P + r * nkp;
+          float* dsr = dS + r * nkp;
+          const int64_t nvalid = std::clamp<int64_t>(i0 + r - j0 + 1, 0, nk);
           const v8 lv = v8{} + lse[i0 + r], dv8 = v8{} + Drow[i0 + r];
-          for (int64_t j = 0; j < kBlock; j += 8) {
+          for (int64_t j = 0; j + 8 <= nvalid; j += 8) {
             const v8 pe = exp8(ld(pr + j) * s.scale - lv);
             st(pr + j, pe);
-            st(dpr + j, pe * (ld(dpr + j) - dv8));  // dS / scale
+            st(dsr + j, pe * (ld(dsr + j) - dv8));  // dS / scale
           }
-          for (int64_t j = nvalid; j < kBlock; ++j) pr[j] = dpr[j] = 0.f;
+          for (int64_t j = nvalid / 8 * 8; j < nvalid; ++j) {
+            const float pe = std::exp(pr[j] * s.scale - lse[i0 + r]);
+            pr[j] = pe;
+            dsr[j] = pe * (dsr[j] - Drow[i0 + r]);
+          }
+          std::fill(pr + nvalid, pr + nkp, 0.f);
+          std::fill(dsr + nvalid, dsr + nkp, 0.f);
         }
-        for (int64_t r = m; r < kBlock; ++r) {  // rows past the sequence end contribute nothing
-          std::fill(P + r * kBlock, P + (r + 1) * kBlock, 0.f);
-          std::fill(dP + r * kBlock, dP + (r + 1) * kBlock, 0.f);
-        }
-        if (bf) {
-          round_inplace(P, m * kBlock);
-          round_inplace(dP, m * kBlock);
-        }
-        tile_mm(kBlock, Dvp, m, P, 1, kBlock, dOi, Dvp, dVb, Dvp, true);      // dV += Pᵀ dO
-        tile_mm(kBlock, Dp, m, dP, 1, kBlock, Qi, Dp, dKb, Dp, true);         // dK += dSᵀ Q
-        tile_mm(m, Dp, kBlock, dP, kBlock, 1, Kh + j0 * Dp, Dp, dQh + i0 * Dp, Dp, true);  // dQ += dS K
+        const void* Pop = tile_operand(P, m * nkp, bf, pb);
+        const void* dSop = tile_operand(dS, m * nkp, bf, dsb);
+        mm(nk, Dv, m, Pop, nkp, true, dO.row(i0, bf), dO.ld, false, dVb, Dv, 1.f, bf);   // dV += Pᵀ dO
+        mm(nk, Dqk, m, dSop, nkp, true, Q.row(i0, bf), Q.ld, false, dKb, Dqk, 1.f, bf);  // dK += dSᵀ Q
+        mm(m, Dqk, nk, dSop, nkp, false, K.row(j0, bf), K.ld, false, dQh + i0 * Dqk, Dqk, 1.f,
+           bf);  // dQ += dS K
       }
       for (int64_t r = 0; r < nk; ++r) {
         float* dkr = dk.p + (tok0 + j0 + r) * dk.ld_token + h * dk.ld_head;
         float* dvr = dv.p + (tok0 + j0 + r) * dv.ld_token + h * dv.ld_head;
-        for (int64_t c = 0; c < Dqk; ++c) dkr[c] = dKb[r * Dp + c] * s.scale;
-        for (int64_t c = 0; c < Dv; ++c) dvr[c] = dVb[r * Dvp + c];
+        for (int64_t d = 0; d < Dqk; ++d) dkr[d] = dKb[r * Dqk + d] * s.scale;
+        for (int64_t d = 0; d < Dv; ++d) dvr[d] = dVb[r * Dv + d];
       }
     }
     for (int64_t i = 0; i < S; ++i) {
       float* dqr = dq.p + (tok0 + i) * dq.ld_token + h * dq.ld_head;
-      for (int64_t c = 0; c < Dqk; ++c) dqr[c] = dQh[i * Dp + c] * s.scale;
+      for (int64_t d = 0; d < Dqk; ++d) dqr[d] = dQh[i * Dqk + d] * s.scale;
     }
   }
 }
@@ -339,7 +325,9 @@ void attention_backward_reference(const AttentionShape& s, const double* q, cons
   std::fill(dq, dq + s.batch * S * H * Dqk, 0.0);
   std::fill(dk, dk + s.batch * S * H * Dqk, 0.0);
   std::fill(dv, dv + s.batch * S * H * Dv, 0.0);
-  auto at = [&](auto* x, int64_t b, int64_t t, int64_t h, int64_t d) { return x + ((b * S + t) * H + h) * d; };
+  auto at = [&](auto* x, int64_t b, int64_t t, int64_t h, int64_t d) {
+    return x + ((b * S + t) * H + h) * d;
+  };
   for (int64_t b = 0; b < s.batch; ++b)
     for (int64_t h = 0; h < H; ++h) {
       for (int64_t i = 0; i < S; ++i) {  // full probability matrix (causal zeros above the diagonal)
