@@ -53,6 +53,7 @@ AG="--moe-token-dispatcher-type allgather"
 run "1 rank x 1 thread" env OMP_NUM_THREADS=1 "$BIN" $ARGS
 run "1 rank x 2 threads" env OMP_NUM_THREADS=2 "$BIN" $ARGS
 run "2 ranks DP2" $MPIRUN -np 2 -x OMP_NUM_THREADS=1 "$BIN" $ARGS
+run "2 ranks DP2 distributed optimizer" $MPIRUN -np 2 -x OMP_NUM_THREADS=1 "$BIN" $ARGS --use-distributed-optimizer
 run "2 ranks DP2 x EP2 alltoall" $MPIRUN -np 2 -x OMP_NUM_THREADS=1 "$BIN" $ARGS $EP 2 $A2A
 run "2 ranks DP2 x EP2 allgather" $MPIRUN -np 2 -x OMP_NUM_THREADS=1 "$BIN" $ARGS $EP 2 $AG
 run "4 ranks DP4 x EP4 alltoall" $MPIRUN -np 4 -x OMP_NUM_THREADS=1 "$BIN" $ARGS $EP 4 $A2A

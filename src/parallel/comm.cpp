@@ -113,6 +113,28 @@ class MpiComm final : public Comm {
     check_mpi(MPI_Reduce_scatter_block(send, recv, static_cast<int>(n), mpi_type(t), MPI_SUM, comm_),
               "MPI_Reduce_scatter_block");
   }
+  // MPI's int counts and displacements of uneven blocks.
+  void int_blocks(const int64_t* counts, std::vector<int>& c, std::vector<int>& displ) const {
+    c.resize(size_), displ.resize(size_);
+    int64_t o = 0;
+    for (int r = 0; r < size_; ++r) {
+      DSV3_CHECK(counts[r] >= 0, "uneven collective: negative count");
+      c[r] = static_cast<int>(counts[r]), displ[r] = static_cast<int>(o);
+      o += counts[r];
+    }
+    DSV3_CHECK(o <= INT_MAX, "uneven collective of ", o, " elements exceeds MPI's int counts");
+  }
+  void reduce_scatter_v_raw(void* buf, const int64_t* counts, void* recv, CommType t) override {
+    std::vector<int> c, displ;
+    int_blocks(counts, c, displ);
+    check_mpi(MPI_Reduce_scatter(buf, recv, c.data(), mpi_type(t), MPI_SUM, comm_), "MPI_Reduce_scatter");
+  }
+  void allgather_v_raw(void* buf, const int64_t* counts, CommType t) override {
+    std::vector<int> c, displ;
+    int_blocks(counts, c, displ);
+    check_mpi(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, c.data(), displ.data(), mpi_type(t), comm_),
+              "MPI_Allgatherv");
+  }
   void broadcast_raw(void* buf, int64_t n, CommType t, int root) override {
     auto* p = static_cast<char*>(buf);
     for (int64_t i = 0; i < n; i += kMaxChunk) {
@@ -149,6 +171,10 @@ void SingleComm::alltoallv_raw(const void* send, const int64_t* send_counts, voi
 
 void SingleComm::reduce_scatter_raw(const void* send, void* recv, int64_t n, CommType t) {
   if (send != recv) std::memmove(recv, send, n * type_bytes(t));
+}
+
+void SingleComm::reduce_scatter_v_raw(void* buf, const int64_t* counts, void* recv, CommType t) {
+  if (buf != recv) std::memmove(recv, buf, counts[0] * type_bytes(t));
 }
 
 bool launched_by_mpi() {

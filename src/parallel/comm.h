@@ -3,7 +3,7 @@
 // and a single-process implementation, and `GroupComms`: one Comm per group of a ProcessGroups.
 //
 // Collectives are blocking and in place where that makes sense; counts are elements, not bytes. allreduce and
-// broadcast split counts beyond INT_MAX; allgather, alltoallv and reduce_scatter refuse totals beyond INT_MAX with
+// broadcast split counts beyond INT_MAX; the gathers, scatters and alltoallv refuse totals beyond INT_MAX with
 // an error (MPI's int counts and displacements). Element types: float, double, int32_t, int64_t, uint8_t.
 #pragma once
 #include <cstdint>
@@ -58,6 +58,17 @@ class Comm {
   void reduce_scatter(const T* send, T* recv, int64_t n) {
     reduce_scatter_raw(send, recv, n, comm_type<T>());
   }
+  // Uneven blocks, in place: buf holds Σ counts elements, rank r's block at offset Σ_{q<r} counts[q].
+  // reduce_scatter_v: recv[0..counts[rank]) ← Σ over ranks of their block `rank` of buf (buf is left undefined);
+  // allgather_v: every rank's block of buf ← that rank's own block of buf.
+  template <typename T>
+  void reduce_scatter_v(T* buf, const int64_t* counts, T* recv) {
+    reduce_scatter_v_raw(buf, counts, recv, comm_type<T>());
+  }
+  template <typename T>
+  void allgather_v(T* buf, const int64_t* counts) {
+    allgather_v_raw(buf, counts, comm_type<T>());
+  }
   // buf[0..n) ← root's buf[0..n).
   template <typename T>
   void broadcast(T* buf, int64_t n, int root) {
@@ -77,6 +88,8 @@ class Comm {
                              CommType t) = 0;
   virtual void broadcast_raw(void* buf, int64_t n, CommType t, int root) = 0;
   virtual void reduce_scatter_raw(const void* send, void* recv, int64_t n, CommType t) = 0;
+  virtual void reduce_scatter_v_raw(void* buf, const int64_t* counts, void* recv, CommType t) = 0;
+  virtual void allgather_v_raw(void* buf, const int64_t* counts, CommType t) = 0;
 };
 
 // One process, no MPI: collectives are identities (alltoallv and allgather copy).
@@ -95,6 +108,8 @@ class SingleComm final : public Comm {
                      CommType t) override;
   void broadcast_raw(void*, int64_t, CommType, int) override {}
   void reduce_scatter_raw(const void* send, void* recv, int64_t n, CommType t) override;
+  void reduce_scatter_v_raw(void* buf, const int64_t* counts, void* recv, CommType t) override;
+  void allgather_v_raw(void*, const int64_t*, CommType) override {}
 };
 
 // True when this process was started by an MPI launcher (mpirun / srun: OMPI_COMM_WORLD_SIZE, PMI_SIZE or

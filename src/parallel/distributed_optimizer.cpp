@@ -15,9 +15,11 @@ DistributedOptimizer::DistributedOptimizer(const ParamTable& table, const ParamS
   for (const auto& b : ddp.buckets()) {
     const Comm& c = ddp.comm(b);
     const int64_t g = c.size(), chunk = (b.numel + g - 1) / g;
-    const int64_t lo = std::min(b.numel, c.rank() * chunk), hi = std::min(b.numel, lo + chunk);
-    shards_.push_back({&b, chunk, b.offset + lo, hi - lo, moments});
-    moments += hi - lo;
+    std::vector<int64_t> counts(g);  // rank r's block: [r·chunk, min(numel, (r+1)·chunk))
+    for (int64_t r = 0; r < g; ++r) counts[r] = std::clamp<int64_t>(b.numel - r * chunk, 0, chunk);
+    const int64_t lo = std::min(b.numel, c.rank() * chunk), n = counts[c.rank()];
+    shards_.push_back({&b, std::move(counts), b.offset + lo, n, moments});
+    moments += n;
   }
   for (const auto& p : table.params()) {
     if (!p.tied_to.empty() || !p.trainable || !store.contains(p.name)) continue;
@@ -36,10 +38,8 @@ void DistributedOptimizer::reduce_scatter(float* grads) {
     Comm& c = ddp_.comm(b);
     if (ddp_.scale(b) != 1.f) scale_inplace(grads + b.offset, b.numel, ddp_.scale(b));
     if (c.size() == 1) continue;
-    stage_.assign(s.chunk * c.size(), 0.f);
-    std::copy_n(grads + b.offset, b.numel, stage_.begin());
-    part_.resize(s.chunk);
-    c.reduce_scatter(stage_.data(), part_.data(), s.chunk);
+    part_.resize(s.n);
+    c.reduce_scatter_v(grads + b.offset, s.counts.data(), part_.data());
     std::copy_n(part_.begin(), s.n, grads + s.lo);
   }
 }
@@ -56,16 +56,9 @@ void DistributedOptimizer::scale_shards(float* grads, float f) const {
 
 void DistributedOptimizer::gather_bucket(const Shard& s, const float* mine, float* full) {
   const GradBucket& b = *s.bucket;
+  if (mine != full + s.lo) std::copy_n(mine, s.n, full + s.lo);
   Comm& c = ddp_.comm(b);
-  if (c.size() == 1) {
-    std::copy_n(mine, s.n, full + s.lo);
-    return;
-  }
-  part_.assign(s.chunk, 0.f);
-  std::copy_n(mine, s.n, part_.begin());
-  stage_.resize(s.chunk * c.size());
-  c.allgather(part_.data(), s.chunk, stage_.data());
-  std::copy_n(stage_.begin(), b.numel, full + b.offset);
+  if (c.size() > 1) c.allgather_v(full + b.offset, s.counts.data());
 }
 
 void DistributedOptimizer::step(float* params, const float* grads, double lr, double wd) {

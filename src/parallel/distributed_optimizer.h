@@ -1,10 +1,10 @@
 // Megatron's distributed optimizer (--use-distributed-optimizer, ZeRO-1; spec §8): each gradient bucket is
 // reduce-scattered over its group instead of all-reduced, so every rank holds the global gradient of one
-// contiguous 1/G shard of it (G = DP×CP for dense buckets, expert-DP for expert buckets; buckets padded to a
-// multiple of G); the rank keeps Adam moments for its shards only and updates only them; the updated shards
-// are then all-gathered so every rank again holds the whole (local-experts) parameter buffer. The arithmetic
-// per element is the replicated optimizer's, so runs agree with it to summation order (the reduce and the
-// norm).
+// contiguous 1/G shard of it (G = DP×CP for dense buckets, expert-DP for expert buckets; blocks of ceil(n/G),
+// the last ones shorter, so nothing is padded or staged); the rank keeps Adam moments for its shards only and
+// updates only them; the updated shards are then all-gathered so every rank again holds the whole
+// (local-experts) parameter buffer. The arithmetic per element is the replicated optimizer's, so runs agree
+// with it to summation order (the reduce and the norm).
 //
 // What is sharded here is the Adam state (exp_avg, exp_avg_sq): 2/3 of the fp32 optimizer memory of
 // Megatron's bf16 setup. The fp32 parameters stay whole on every rank, because they are what dsv3's layers
@@ -46,9 +46,9 @@ class DistributedOptimizer {
  private:
   struct Shard {
     const GradBucket* bucket;
-    int64_t chunk;   // ceil(bucket numel / G): the padded shard size
-    int64_t lo, n;   // this rank's real elements: [lo, lo + n) of the buffer
-    int64_t moment;  // first moment element of this shard
+    std::vector<int64_t> counts;  // every group rank's block: ceil(numel / G) elements, the last ones fewer
+    int64_t lo, n;                // this rank's elements: [lo, lo + n) of the buffer
+    int64_t moment;               // first moment element of this shard
   };
   struct Segment {  // a shard ∩ a parameter: one weight-decay setting
     int64_t offset, n, moment;
@@ -63,7 +63,7 @@ class DistributedOptimizer {
   std::vector<Shard> shards_;
   std::vector<Segment> segments_;
   std::unique_ptr<AdamW> adam_;
-  std::vector<float> stage_, part_;  // a padded bucket and one shard, for the collectives
+  std::vector<float> part_;  // one shard: reduce-scatter's receive buffer
 };
 
 }  // namespace dsv3

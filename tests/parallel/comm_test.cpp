@@ -67,6 +67,19 @@ TEST(CommMpi, CollectivesOnFourRanks) {
   w.reduce_scatter(contrib.data(), mine_sum.data(), 3);
   for (int j = 0; j < 3; ++j) EXPECT_EQ(mine_sum[j], 10 * (10 * r + j)) << j;  // Σ_{r'} (r'+1) = 10 on 4 ranks
 
+  // Uneven blocks of 3, 2, 1, 0 elements: rank r's block of the sum holds (its value) × 4 ranks, and the in-place
+  // allgather_v brings every rank's block back.
+  const std::vector<int64_t> counts{3, 2, 1, 0};
+  std::vector<double> buf(6), part(counts[r]);
+  for (int i = 0; i < 6; ++i) buf[i] = 100.0 * i + r;
+  w.reduce_scatter_v(buf.data(), counts.data(), part.data());
+  const int first = r == 0 ? 0 : r == 1 ? 3 : r == 2 ? 5 : 6;
+  for (int64_t i = 0; i < counts[r]; ++i) EXPECT_EQ(part[i], 4 * 100.0 * (first + i) + 6) << i;  // Σ r' = 6
+  for (int i = 0; i < 6; ++i) buf[i] = -1;
+  for (int64_t i = 0; i < counts[r]; ++i) buf[first + i] = 10.0 * r + i;
+  w.allgather_v(buf.data(), counts.data());
+  EXPECT_EQ(buf, (std::vector<double>{0, 1, 2, 10, 11, 20}));
+
   std::vector<uint8_t> bytes(5, uint8_t(r));
   w.broadcast(bytes.data(), 5, 2);
   EXPECT_EQ(bytes, std::vector<uint8_t>(5, 2));
