@@ -58,11 +58,18 @@ Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
     : cfg_(cfg),
       opt_(opt),
       table_(cfg),
-      store_(table_, opt.ep.size(), opt.ep.rank()),
+      store_(table_, opt.ep.size(), opt.ep.rank(), opt.stage),
       params_(store_.size()),
       grads_(store_.size()) {
   cfg_.validate();
   const int64_t depths = opt_.mtp ? cfg_.num_nextn_predict_layers : 0;
+  const int64_t L = cfg_.num_hidden_layers, first = opt_.stage.first_layer, end = opt_.stage.end(L);
+  DSV3_CHECK(first >= 0 && first < end && end <= L && opt_.stage.pre_process == (first == 0) &&
+                 opt_.stage.post_process == (end == L),
+             "pipeline stage: layers [", first, ", ", end, ") of ", L, " with pre_process ", opt_.stage.pre_process,
+             " and post_process ", opt_.stage.post_process, " do not form a stage");
+  DSV3_CHECK(depths == 0 || opt_.stage.whole(L), "MTP layers with pipeline parallelism are not implemented yet (the "
+             "last stage would need the embedding); use --mtp-num-layers 0 with --pipeline-model-parallel-size > 1");
   for (int64_t i = 0; i < cfg_.num_hidden_layers + depths; ++i) {
     BlockDims d;
     d.D = cfg_.hidden_size, d.F = cfg_.intermediate_size;
@@ -85,7 +92,7 @@ Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
   // Routed experts are converted by the MoE layer itself (stacked gate|up per expert); the router stays fp32.
   if (opt_.precision == Precision::kBF16)
     for (const auto& p : table_.params())
-      if (p.tied_to.empty() && !p.is_expert &&
+      if (p.tied_to.empty() && !p.is_expert && store_.contains(p.name) &&
           (p.role == ParamRole::kLinear || p.role == ParamRole::kOutputLinear || p.role == ParamRole::kHead))
         bf16_weights_.add(param(p.name), p.numel);
   for (int64_t k = 0; k < depths; ++k) depths_.push_back(std::make_unique<Depth>());
@@ -178,10 +185,12 @@ void Model::run_block(int64_t i, const float* x, float* out, BlockActs& acts, bo
 }
 
 ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B, int64_t S, bool training,
-                            float* logits_out) {
+                            float* logits_out, const float* stage_input) {
   DSV3_CHECK(B > 0 && S > 0, "forward: empty batch");
+  DSV3_CHECK(opt_.stage.pre_process || stage_input, "forward: a pipeline stage after the first needs its input");
   DSV3_PROFILE("fwd.other");
   const int64_t T = B * S, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
+  const int64_t first = opt_.stage.first_layer, end = opt_.stage.end(L);
   B_ = B, S_ = S, training_ = training;
   ids_.assign(ids, ids + T);
   if (opt_.precision == Precision::kBF16) {
@@ -199,16 +208,19 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
   };
 
   resid_.resize(L + 1);
-  for (auto& r : resid_) grow(r, T * D);
-  {
+  for (int64_t i = first; i <= end; ++i) grow(resid_[i], T * D);
+  if (opt_.stage.pre_process) {
     DSV3_PROFILE("fwd.embedding");
     embedding_forward(ids, param("model.embed_tokens.weight"), resid_[0].data(), T, V, D);
+  } else {
+    std::copy_n(stage_input, T * D, resid_[first].data());
   }
-  for (int64_t i = 0; i < L; ++i) {
+  for (int64_t i = first; i < end; ++i) {
     BlockActs& a = acts_[opt_.recompute ? 0 : i];
     run_block(i, resid_[i].data(), resid_[i + 1].data(), a, training);
     collect_moe(dims_[i], a);
   }
+  if (!opt_.stage.post_process) return st;
   grow(hf_TD_, T * D), grow(rstd_f_T_, T), grow(loss_T_, T), grow(lse_T_, T);
   DSV3_PROFILE_BEGIN(head, "fwd.head_ce");
   rmsnorm_forward(resid_[L].data(), param("model.norm.weight"), hf_TD_.data(), rstd_f_T_.data(), T, D,
@@ -254,15 +266,42 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
   return st;
 }
 
-void Model::backward(float lm_scale, float aux_scale, const std::vector<float>& mtp_scales) {
+const float* Model::stage_output() const { return resid_.at(opt_.stage.end(cfg_.num_hidden_layers)).data(); }
+
+const float* Model::stage_input_grad() const { return dB_TD_.data(); }
+
+void Model::backward(float lm_scale, float aux_scale, const std::vector<float>& mtp_scales, const float* doutput) {
   const int64_t T = B_ * S_, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
   DSV3_CHECK(T > 0, "backward without forward");
+  DSV3_CHECK(opt_.stage.post_process || doutput, "backward: a pipeline stage before the last needs its output's "
+             "gradient");
   DSV3_PROFILE("bwd.other");
   const Precision prec = opt_.precision;
+  const int64_t first = opt_.stage.first_layer, end = opt_.stage.end(L);
   grow(dA_TD_, T * D), grow(dB_TD_, T * D), grow(dhf_TD_, T * D);
+  if (opt_.stage.post_process) head_backward(lm_scale, aux_scale, mtp_scales);
+  else std::copy_n(doutput, T * D, dB_TD_.data());
+
+  // Layers in reverse; dB holds d(layer output), dA receives d(layer input).
+  for (int64_t i = end - 1; i >= first; --i) {
+    BlockActs& a = acts_[opt_.recompute ? 0 : i];
+    if (opt_.recompute) run_block(i, resid_[i].data(), dA_TD_.data(), a, training_);  // dA is free here
+    BlockGrads g = block_grads(i);
+    block_backward(dims_[i], block_params(i), a, dB_TD_.data(), aux_scale, dA_TD_.data(), g, scratch_, prec);
+    std::swap(dA_TD_, dB_TD_);
+  }
+  if (opt_.stage.pre_process) {
+    DSV3_PROFILE("bwd.embedding");
+    embedding_backward(dB_TD_.data(), ids_.data(), grad("model.embed_tokens.weight"), T, V, D);
+  }
+}
+
+// The last stage's part of the backward: MTP depths, the head and the final norm; leaves d(final hidden) in dB.
+void Model::head_backward(float lm_scale, float aux_scale, const std::vector<float>& mtp_scales) {
+  const int64_t T = B_ * S_, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
+  const Precision prec = opt_.precision;
   const float* head = param("lm_head.weight");
   float* dhead = grad("lm_head.weight");
-  float* demb = grad("model.embed_tokens.weight");
 
   // MTP depths, last to first. dhf_TD_ carries the gradient into the previous depth's output (finally hf).
   std::fill(dhf_TD_.begin(), dhf_TD_.begin() + T * D, 0.f);
@@ -290,7 +329,7 @@ void Model::backward(float lm_scale, float aux_scale, const std::vector<float>& 
     linear_backward_input(dA_TD_.data(), param(P + "eh_proj.weight"), dcat.data(), T, 2 * D, D, prec, scratch_.lin);
     rmsnorm_backward_strided(dcat.data(), 2 * D, dp.e_TD.data(), D, param(P + "enorm.weight"), dp.rstd_e_T.data(),
                              dB_TD_.data(), D, grad(P + "enorm.weight"), T, D);
-    embedding_backward(dB_TD_.data(), dp.ids.data(), demb, T, V, D);
+    embedding_backward(dB_TD_.data(), dp.ids.data(), grad("model.embed_tokens.weight"), T, V, D);
     rmsnorm_backward_strided(dcat.data() + D, 2 * D, h_prev, D, param(P + "hnorm.weight"), dp.rstd_h_T.data(),
                              dhf_TD_.data(), D, grad(P + "hnorm.weight"), T, D, 0.f);
   }
@@ -304,17 +343,6 @@ void Model::backward(float lm_scale, float aux_scale, const std::vector<float>& 
   rmsnorm_backward(dA_TD_.data(), resid_[L].data(), param("model.norm.weight"), rstd_f_T_.data(), dB_TD_.data(),
                    grad("model.norm.weight"), T, D);
   DSV3_PROFILE_END(head);
-
-  // Layers in reverse; dB holds d(layer output), dA receives d(layer input).
-  for (int64_t i = L - 1; i >= 0; --i) {
-    BlockActs& a = acts_[opt_.recompute ? 0 : i];
-    if (opt_.recompute) run_block(i, resid_[i].data(), dA_TD_.data(), a, training_);  // dA is free here
-    BlockGrads g = block_grads(i);
-    block_backward(dims_[i], block_params(i), a, dB_TD_.data(), aux_scale, dA_TD_.data(), g, scratch_, prec);
-    std::swap(dA_TD_, dB_TD_);
-  }
-  DSV3_PROFILE("bwd.embedding");
-  embedding_backward(dB_TD_.data(), ids_.data(), demb, T, V, D);
 }
 
 }  // namespace dsv3

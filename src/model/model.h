@@ -31,6 +31,7 @@ struct ModelOptions {
   float seq_aux_coeff = 0.f;        // sequence-wise balance loss coefficient (0: off)
   bool mtp = true;                  // run the config's num_nextn_predict_layers depths
   ExpertParallel ep;                // expert parallelism: this rank holds and runs E/EP experts per MoE layer
+  PipelineStage stage;              // pipeline parallelism: the layers (and ends) this rank holds and runs
 };
 
 struct ForwardStats {
@@ -66,10 +67,17 @@ class Model {
   void zero_grads();
 
   // ids/labels [B,S] (labels: next token per position, -100 ignored). logits_out (nullable): [B·S, vocab].
+  // A pipeline stage without the embedding takes the previous stage's output as stage_input_TD [B·S, D]; one
+  // without the head returns empty stats and leaves its output in stage_output().
   ForwardStats forward(const int32_t* ids_BS, const int32_t* labels_BS, int64_t B, int64_t S, bool training = true,
-                       float* logits_out = nullptr);
-  // mtp_scales: one per MTP depth (missing entries count as 0).
-  void backward(float lm_scale, float aux_scale, const std::vector<float>& mtp_scales = {});
+                       float* logits_out = nullptr, const float* stage_input_TD = nullptr);
+  // mtp_scales: one per MTP depth (missing entries count as 0). A stage without the head takes the gradient of
+  // its output (from the next stage) as doutput_TD; one without the embedding leaves the gradient of its input
+  // in stage_input_grad().
+  void backward(float lm_scale, float aux_scale, const std::vector<float>& mtp_scales = {},
+                const float* doutput_TD = nullptr);
+  const float* stage_output() const;      // [B·S, D], after forward (not the last stage)
+  const float* stage_input_grad() const;  // [B·S, D], after backward (not the first stage)
 
  private:
   struct Depth;  // one MTP depth's state
@@ -78,6 +86,7 @@ class Model {
   BlockGrads block_grads(int64_t layer);
   const bf16* head_bf16();  // lm_head's bf16 copy (nullptr in fp32)
   void run_block(int64_t layer, const float* x, float* out, BlockActs& acts, bool training);
+  void head_backward(float lm_scale, float aux_scale, const std::vector<float>& mtp_scales);
 
   ModelConfig cfg_;
   ModelOptions opt_;

@@ -17,7 +17,14 @@ std::string block_key(int64_t layer, const std::string& proj) { return std::to_s
 
 }  // namespace
 
-ParamStore::ParamStore(const ParamTable& table, int ep, int ep_rank) : ep_(ep) {
+bool PipelineStage::holds(const ParamInfo& p, int64_t num_layers) const {
+  if (p.layer >= num_layers) return post_process;  // MTP layers sit on the last stage
+  if (p.layer >= 0) return p.layer >= first_layer && p.layer < end(num_layers);
+  return p.name == "model.embed_tokens.weight" ? pre_process : post_process;  // final norm, lm_head
+}
+
+ParamStore::ParamStore(const ParamTable& table, int ep, int ep_rank, PipelineStage stage) : ep_(ep) {
+  const int64_t L = table.config().num_hidden_layers;
   const int64_t n_experts = table.config().n_routed_experts;
   DSV3_CHECK(ep >= 1 && ep_rank >= 0 && ep_rank < ep, "ParamStore: EP rank ", ep_rank, " of ", ep);
   DSV3_CHECK(n_experts % ep == 0, "num_experts (", n_experts, ") must be divisible by the expert parallel size (",
@@ -25,7 +32,7 @@ ParamStore::ParamStore(const ParamTable& table, int ep, int ep_rank) : ep_(ep) {
   local_experts_ = n_experts / ep;
   first_expert_ = ep_rank * local_experts_;
   for (const auto& p : table.params()) {
-    if (!p.tied_to.empty()) continue;
+    if (!p.tied_to.empty() || !stage.holds(p, L)) continue;
     if (p.is_expert) {
       if (p.expert < first_expert_ || p.expert >= first_expert_ + local_experts_) continue;
       const std::string key = block_key(p.layer, expert_proj(p.name));
@@ -41,7 +48,7 @@ ParamStore::ParamStore(const ParamTable& table, int ep, int ep_rank) : ep_(ep) {
     }
   }
   for (const auto& p : table.params())
-    if (!p.tied_to.empty()) offsets_[p.name] = offset(p.tied_to);
+    if (!p.tied_to.empty() && stage.holds(p, L) && contains(p.tied_to)) offsets_[p.name] = offset(p.tied_to);
 }
 
 int64_t ParamStore::offset(const std::string& name) const {

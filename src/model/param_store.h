@@ -2,7 +2,8 @@
 // mapped to its slice. Routed experts of one layer are stacked ([E,F,D] per projection) so the MoE layer sees each
 // projection as one contiguous block; tied names (the MTP layer's embed_tokens / shared_head.head) map onto the
 // tensor they copy. Under expert parallelism (ep > 1) the store holds only this EP rank's experts
-// [ep_rank·E/ep, (ep_rank+1)·E/ep) of every MoE layer; the other experts' names are not in it.
+// [ep_rank·E/ep, (ep_rank+1)·E/ep) of every MoE layer, and under pipeline parallelism only its stage's
+// parameters; the other names are not in it.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -13,9 +14,22 @@
 
 namespace dsv3 {
 
+// The part of the model one pipeline stage holds (Megatron --pipeline-model-parallel-size): decoder layers
+// [first_layer, last_layer) (-1: to the end), the embedding on the first stage (pre_process), the final norm,
+// lm_head and MTP layers on the last (post_process).
+struct PipelineStage {
+  int64_t first_layer = 0, last_layer = -1;
+  bool pre_process = true, post_process = true;
+  int64_t end(int64_t num_layers) const { return last_layer < 0 ? num_layers : last_layer; }
+  bool whole(int64_t num_layers) const {
+    return first_layer == 0 && end(num_layers) == num_layers && pre_process && post_process;
+  }
+  bool holds(const ParamInfo& p, int64_t num_layers) const;
+};
+
 class ParamStore {
  public:
-  explicit ParamStore(const ParamTable& table, int ep = 1, int ep_rank = 0);
+  explicit ParamStore(const ParamTable& table, int ep = 1, int ep_rank = 0, PipelineStage stage = {});
 
   int64_t size() const { return size_; }
   int ep() const { return ep_; }

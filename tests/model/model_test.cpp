@@ -177,3 +177,56 @@ TEST(ModelAux, SeqAuxGradientMatchesFiniteDifferences) {
 
 }  // namespace
 }  // namespace dsv3
+
+namespace dsv3 {
+namespace {
+
+// Pipeline stages: the tiny model cut after layer 1 into a first stage (embedding, layers 0–1) and a last stage
+// (layer 2, final norm, head), chained by hand as the pipeline schedule chains them, gives the whole model's loss
+// and every parameter gradient bit for bit (each stage holds only its parameters), with and without recompute.
+TEST(ModelPipeline, StagesReproduceTheWholeModel) {
+  const Golden g;
+  for (bool recompute : {false, true}) {
+    ModelOptions opt;
+    opt.mtp = false;
+    opt.recompute = recompute;
+    opt.seq_aux_coeff = 0.01f;
+    Model whole(g.cfg, opt);
+    whole.load_safetensors((kGolden / "model.safetensors").string());
+    ModelOptions o1 = opt, o2 = opt;
+    o1.stage = {0, 2, true, false};
+    o2.stage = {2, -1, false, true};
+    Model first(g.cfg, o1), last(g.cfg, o2);
+    first.load_safetensors((kGolden / "model.safetensors").string());
+    last.load_safetensors((kGolden / "model.safetensors").string());
+    EXPECT_FALSE(first.store().contains("lm_head.weight"));
+    EXPECT_FALSE(last.store().contains("model.embed_tokens.weight"));
+    EXPECT_FALSE(first.store().contains("model.layers.2.self_attn.o_proj.weight"));
+
+    const auto ws = whole.forward(g.ids.data(), g.labels.data(), g.B, g.S, true);
+    const auto s1 = first.forward(g.ids.data(), g.labels.data(), g.B, g.S, true);
+    const auto s2 = last.forward(g.ids.data(), g.labels.data(), g.B, g.S, true, nullptr, first.stage_output());
+    EXPECT_EQ(s2.lm_loss_sum, ws.lm_loss_sum);
+    EXPECT_EQ(s1.aux_loss_sum + s2.aux_loss_sum, ws.aux_loss_sum);
+    EXPECT_EQ(s1.moe_layers + s2.moe_layers, ws.moe_layers);
+    whole.zero_grads(), first.zero_grads(), last.zero_grads();
+    const float lm = 1.f / static_cast<float>(ws.lm_tokens);
+    whole.backward(lm, 0.5f);
+    last.backward(lm, 0.5f);
+    first.backward(lm, 0.5f, {}, last.stage_input_grad());
+    int64_t compared = 0;
+    for (const auto& p : whole.table().params()) {
+      if (!p.tied_to.empty() || p.is_mtp) continue;
+      Model& m = first.store().contains(p.name) ? first : last;
+      ASSERT_TRUE(m.store().contains(p.name)) << p.name;
+      const float* a = whole.grad(p.name);
+      const float* b = m.grad(p.name);
+      for (int64_t i = 0; i < p.numel; ++i) ASSERT_EQ(a[i], b[i]) << p.name << "[" << i << "] recompute " << recompute;
+      ++compared;
+    }
+    EXPECT_GT(compared, 20);
+  }
+}
+
+}  // namespace
+}  // namespace dsv3
