@@ -266,6 +266,13 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
   return st;
 }
 
+void Model::swap_activations(Activations& a) {
+  if (a.acts.size() != acts_.size()) a.acts.resize(acts_.size());  // a fresh set
+  std::swap(a.B, B_), std::swap(a.S, S_), std::swap(a.training, training_);
+  a.ids.swap(ids_), a.labels.swap(labels_), a.resid.swap(resid_), a.acts.swap(acts_);
+  a.hf_TD.swap(hf_TD_), a.rstd_f_T.swap(rstd_f_T_), a.loss_T.swap(loss_T_), a.lse_T.swap(lse_T_);
+}
+
 const float* Model::stage_output() const { return resid_.at(opt_.stage.end(cfg_.num_hidden_layers)).data(); }
 
 const float* Model::stage_input_grad() const { return dB_TD_.data(); }

@@ -76,6 +76,18 @@ class Model {
   // in stage_input_grad().
   void backward(float lm_scale, float aux_scale, const std::vector<float>& mtp_scales = {},
                 const float* doutput_TD = nullptr);
+  // One micro-batch's saved forward state. The pipeline schedule keeps several micro-batches in flight: it swaps
+  // a micro-batch's set in before its forward or backward and out afterwards (O(1): buffers are exchanged, not
+  // copied). MTP depths are not part of it (pipeline stages run without MTP).
+  struct Activations {
+    int64_t B = 0, S = 0;
+    bool training = true;
+    std::vector<int32_t> ids, labels;
+    std::vector<std::vector<float>> resid;
+    std::vector<BlockActs> acts;
+    std::vector<float> hf_TD, rstd_f_T, loss_T, lse_T;
+  };
+  void swap_activations(Activations& a);
   const float* stage_output() const;      // [B·S, D], after forward (not the last stage)
   const float* stage_input_grad() const;  // [B·S, D], after backward (not the first stage)
 

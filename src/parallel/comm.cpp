@@ -69,6 +69,14 @@ class MpiComm final : public Comm {
   int size() const override { return size_; }
   int rank() const override { return rank_; }
   void barrier() override { check_mpi(MPI_Barrier(comm_), "MPI_Barrier"); }
+  void sendrecv(const float* send, int64_t send_n, int dest, float* recv, int64_t recv_n, int src) override {
+    DSV3_CHECK(send_n <= INT_MAX && recv_n <= INT_MAX, "point-to-point message of ", std::max(send_n, recv_n),
+               " elements exceeds MPI's int counts");
+    const int d = dest < 0 ? MPI_PROC_NULL : dest, s = src < 0 ? MPI_PROC_NULL : src;
+    check_mpi(MPI_Sendrecv(send, static_cast<int>(send_n), MPI_FLOAT, d, 0, recv, static_cast<int>(recv_n), MPI_FLOAT,
+                           s, 0, comm_, MPI_STATUS_IGNORE),
+              "MPI_Sendrecv");
+  }
   std::unique_ptr<Comm> split(int color, int key) override {
     MPI_Comm c;
     check_mpi(MPI_Comm_split(comm_, color, key, &c), "MPI_Comm_split");
@@ -171,6 +179,11 @@ void SingleComm::alltoallv_raw(const void* send, const int64_t* send_counts, voi
 
 void SingleComm::reduce_scatter_raw(const void* send, void* recv, int64_t n, CommType t) {
   if (send != recv) std::memmove(recv, send, n * type_bytes(t));
+}
+
+void SingleComm::sendrecv(const float*, int64_t send_n, int dest, float*, int64_t recv_n, int src) {
+  DSV3_CHECK((send_n == 0 || dest < 0) && (recv_n == 0 || src < 0),
+             "point-to-point communication in a single-process run");
 }
 
 void SingleComm::reduce_scatter_v_raw(void* buf, const int64_t* counts, void* recv, CommType t) {

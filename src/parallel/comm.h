@@ -74,6 +74,11 @@ class Comm {
   void broadcast(T* buf, int64_t n, int root) {
     broadcast_raw(buf, n, comm_type<T>(), root);
   }
+  // Point to point (pipeline stages): blocking, tag 0. sendrecv sends to `dest` and receives from `src` at once,
+  // so two ranks exchanging in opposite directions cannot deadlock.
+  void send(const float* buf, int64_t n, int dest) { sendrecv(buf, n, dest, nullptr, 0, -1); }
+  void recv(float* buf, int64_t n, int src) { sendrecv(nullptr, 0, -1, buf, n, src); }
+  virtual void sendrecv(const float* send, int64_t send_n, int dest, float* recv, int64_t recv_n, int src) = 0;
   virtual void barrier() = 0;
   // The ranks of this communicator with the same color, ordered by key (MPI_Comm_split); collective.
   virtual std::unique_ptr<Comm> split(int color, int key) = 0;
@@ -97,6 +102,7 @@ class SingleComm final : public Comm {
  public:
   int size() const override { return 1; }
   int rank() const override { return 0; }
+  void sendrecv(const float*, int64_t, int, float*, int64_t, int) override;
   void barrier() override {}
   std::unique_ptr<Comm> split(int color, int key) override;
   [[noreturn]] void abort(int code) override;

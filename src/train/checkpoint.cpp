@@ -329,20 +329,25 @@ std::string shard_file(const char* kind, int shard, int shards) {
   return b;
 }
 
-// The shard that holds a tensor: routed experts by their EP rank (contiguous blocks of E/shards), the rest in 0.
-int shard_of(const ParamInfo& pi, int shards, int64_t experts) {
-  return shards == 1 || !pi.is_expert ? 0 : static_cast<int>(pi.expert / (experts / shards));
+// The shard that holds a tensor: its pipeline stage's, and within it routed experts by their EP rank (contiguous
+// blocks of E/EP), the stage's other tensors in EP rank 0's.
+int shard_of(const ParamInfo& pi, const ParamTable& table, const RankInfo& r) {
+  const int stages = std::max<int>(1, static_cast<int>(r.stages.size())), ep = std::max(1, r.shards) / stages;
+  int stage = 0;
+  for (int q = 0; q < static_cast<int>(r.stages.size()); ++q)
+    if (r.stages[q].holds(pi, table.config().num_hidden_layers)) stage = q;
+  const int64_t experts = table.config().n_routed_experts;
+  return stage * ep + (ep == 1 || !pi.is_expert ? 0 : static_cast<int>(pi.expert / (experts / ep)));
 }
 
 // Writes this shard's model file (and optimizer file) into tmp and returns their digests, in that order.
 std::vector<std::pair<std::string, FileDigest>> write_shard(const std::string& tmp, const CheckpointTensors& t,
-                                                            int shard, int shards) {
-  const int64_t experts = t.table->config().n_routed_experts;
+                                                            const RankInfo& r, int shard, int shards) {
   std::vector<std::pair<std::string, FileDigest>> out;
   SafetensorsWriter model;
   model.set_metadata("format", "pt");
   for (const auto& pi : t.table->params())
-    if (shard_of(pi, shards, experts) == shard) model.add(pi.name, pi.shape, t.params + t.store->offset(pi.name));
+    if (shard_of(pi, *t.table, r) == shard) model.add(pi.name, pi.shape, t.params + t.store->offset(pi.name));
   const std::string mf = shard_file("model", shard, shards);
   model.write((fs::path(tmp) / mf).string());
   out.emplace_back(mf, digest_file((fs::path(tmp) / mf).string()));
@@ -351,7 +356,7 @@ std::vector<std::pair<std::string, FileDigest>> write_shard(const std::string& t
     SafetensorsWriter optim;
     optim.set_metadata("format", "pt");
     for (const auto& pi : t.table->params()) {
-      if (!pi.trainable || !pi.tied_to.empty() || shard_of(pi, shards, experts) != shard) continue;
+      if (!pi.trainable || !pi.tied_to.empty() || shard_of(pi, *t.table, r) != shard) continue;
       const int64_t off = t.store->offset(pi.name);
       optim.add("exp_avg." + pi.name, pi.shape, t.exp_avg + off);
       optim.add("exp_avg_sq." + pi.name, pi.shape, t.exp_avg_sq + off);
@@ -401,7 +406,6 @@ void commit_checkpoint(const std::string& dir, const std::string& tmp, const std
                        const std::map<std::string, std::string>& args, const ModelConfig& cfg, const RankInfo& r,
                        const std::vector<std::pair<std::string, FileDigest>>& written) {
   const int shards = std::max(1, r.shards);
-  const int64_t experts = t.table->config().n_routed_experts;
   const bool has_optim = t.exp_avg != nullptr;
   ojson tensors = ojson::object();
   auto record = [&](const std::string& name, const std::string& file, const std::vector<int64_t>& shape,
@@ -416,7 +420,7 @@ void commit_checkpoint(const std::string& dir, const std::string& tmp, const std
   ojson weight_map = ojson::object();
   int64_t total_bytes = 0;
   for (const auto& pi : t.table->params()) {
-    const int sh = shard_of(pi, shards, experts);
+    const int sh = shard_of(pi, *t.table, r);
     record(pi.name, shard_file("model", sh, shards), pi.shape, pi.tied_to);
     weight_map[pi.name] = shard_file("model", sh, shards);
     total_bytes += pi.numel * 4;
@@ -424,7 +428,7 @@ void commit_checkpoint(const std::string& dir, const std::string& tmp, const std
   if (has_optim)
     for (const auto& pi : t.table->params()) {
       if (!pi.trainable || !pi.tied_to.empty()) continue;
-      const std::string f = shard_file("optimizer", shard_of(pi, shards, experts), shards);
+      const std::string f = shard_file("optimizer", shard_of(pi, *t.table, r), shards);
       record("exp_avg." + pi.name, f, pi.shape, "");
       record("exp_avg_sq." + pi.name, f, pi.shape, "");
     }
@@ -493,8 +497,10 @@ void save_checkpoint(const std::string& dir, const TrainProgress& p, const Check
   const bool sharded = r.shards > 1;
   DSV3_CHECK(sharded ? r.comm != nullptr : (r.rank == 0 && (r.world == 1 || r.replicated)), "save_checkpoint: rank ",
              r.rank, " of ", r.world, ": a multi-rank save is either rank 0's of replicated state or sharded");
-  DSV3_CHECK(!sharded || t.table->config().n_routed_experts % r.shards == 0, "save_checkpoint: ",
-             t.table->config().n_routed_experts, " experts do not split into ", r.shards, " shards");
+  const int ep_shards = std::max(1, r.shards) / std::max<int>(1, static_cast<int>(r.stages.size()));
+  DSV3_CHECK(!sharded || (ep_shards >= 1 && t.table->config().n_routed_experts % ep_shards == 0),
+             "save_checkpoint: ", t.table->config().n_routed_experts, " experts do not split into ", ep_shards,
+             " EP shards");
   DSV3_CHECK(p.iteration >= 0, "save_checkpoint: negative iteration ", p.iteration);
   const std::string mismatch = first_config_math_difference(t.table->config(), cfg);
   DSV3_CHECK(mismatch.empty(), "save_checkpoint: the parameter table was built for another config (",
@@ -528,14 +534,14 @@ void save_checkpoint(const std::string& dir, const TrainProgress& p, const Check
   try {
     std::vector<std::pair<std::string, FileDigest>> written;
     if (!sharded) {
-      written = write_shard(tmp, t, 0, 1);
+      written = write_shard(tmp, t, r, 0, 1);
     } else {
       // Each writer writes its shard; every rank then learns whether all of them succeeded before anything is
       // renamed, and rank 0 their files' digests.
       ShardReport mine;
       try {
         if (r.shard >= 0) {
-          const auto f = write_shard(tmp, t, r.shard, r.shards);
+          const auto f = write_shard(tmp, t, r, r.shard, r.shards);
           mine.shard = r.shard;
           for (size_t i = 0; i < f.size(); ++i) mine.digest[i] = f[i].second;
         }

@@ -26,9 +26,9 @@
 //         "tensors": { tensor name: { "file": f, "global_shape": [..],
 //                                     "slice": { "offsets": [..], "lengths": [..] },   this rank's block
 //                                     "tied_to": name (copies only) } } }
-//     Sharded (expert parallelism, EP ranks N > 1): model-0000k-of-0000N.safetensors and
-//     optimizer-0000k-of-0000N.safetensors, file k holding EP rank k-1's routed experts (file 1 also every other
-//     tensor), written by those ranks themselves, plus transformers' model.safetensors.index.json ("weight_map":
+//     Sharded (expert or pipeline parallelism, N = PP·EP > 1): model-0000k-of-0000N.safetensors and
+//     optimizer-0000k-of-0000N.safetensors, file k = stage·EP + EP rank + 1 holding that stage's routed experts of
+//     that EP rank (and, for EP rank 0, the stage's other tensors), written by those ranks themselves, plus transformers' model.safetensors.index.json ("weight_map":
 //     tensor name -> file), so transformers loads the directory as any sharded checkpoint. Every tensor is whole
 //     in one file ("slice" is the whole tensor), so any layout loads any checkpoint: each rank reads only the
 //     tensors its ParamStore holds, from the files state.json names, and checks those files' digests.
@@ -66,6 +66,9 @@ struct RankInfo {
   // also every other tensor — and rank 0 commits the directory.
   Comm* comm = nullptr;
   int shard = -1, shards = 1;
+  // Pipeline parallelism: every stage's part of the model; shard = stage · (shards / stages) + EP rank, each
+  // stage's shard of EP rank 0 also holding that stage's other tensors. Empty: one stage.
+  std::vector<PipelineStage> stages;
 };
 
 struct TrainProgress {

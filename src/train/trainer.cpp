@@ -37,6 +37,7 @@
 #include "parallel/data_parallel.h"
 #include "parallel/distributed_optimizer.h"
 #include "parallel/ep_dispatcher.h"
+#include "parallel/pipeline.h"
 #include "parallel/process_groups.h"
 #include "train/tensorboard.h"
 
@@ -135,6 +136,10 @@ class Trainer {
   double coeff_ = 0;
   std::vector<int32_t> ids_, labels_;
   std::vector<int64_t> moe_layer_ids_;
+  std::vector<PipelineStage> stages_;              // every pipeline stage's layers
+  std::vector<Model::Activations> in_flight_;      // pipeline: micro-batch m's saved state in slot m % PP
+  std::vector<int64_t> in_flight_tokens_;          // and its lm token count (the last stage's loss scaling)
+  void pipeline_step(IterStats& it, bool& nan_here, double& nan_value);
   int64_t last_saved_ = -1;
 };
 
@@ -161,12 +166,11 @@ void Trainer::setup() {
   const struct {
     const char *dest, *flag, *what;
   } unimplemented[] = {{"tensor_model_parallel_size", "--tensor-model-parallel-size", "tensor"},
-                       {"pipeline_model_parallel_size", "--pipeline-model-parallel-size", "pipeline"},
                        {"context_parallel_size", "--context-parallel-size", "context"}};
   for (const auto& u : unimplemented)
     DSV3_CHECK(args_.i(u.dest) == 1, u.flag, " ", args_.i(u.dest), ": ", u.what, " parallelism is not implemented "
-               "yet in dsv3's distributed runtime; data and expert parallelism are (start the ranks with mpirun and "
-               "leave the other parallel sizes at 1)");
+               "yet in dsv3's distributed runtime; data, expert and pipeline parallelism are (start the ranks with "
+               "mpirun and leave the other parallel sizes at 1)");
   comms_ = std::make_unique<GroupComms>(pg_, world_);
 
   S_ = args_.i("seq_length"), mbs_ = args_.i("micro_batch_size"), train_iters_ = args_.i("train_iters");
@@ -186,6 +190,15 @@ void Trainer::setup() {
   mo.precision = args_.b("bf16") ? Precision::kBF16 : Precision::kF32;
   mo.ep.type = parse_dispatcher_type(args_.s("moe_token_dispatcher_type"));
   if (pg_.ep > 1) mo.ep.comm = &(*comms_)[Group::kEp];
+  // Pipeline stages: the decoder layers split evenly (Megatron without --decoder-first/last-pipeline-num-layers).
+  const int64_t L = cfg_.num_hidden_layers;
+  DSV3_CHECK(L % pg_.pp == 0, "--num-layers (", L, ") is not divisible by --pipeline-model-parallel-size (", pg_.pp,
+             ")");
+  for (int q = 0; q < pg_.pp; ++q)
+    stages_.push_back({q * L / pg_.pp, (q + 1) * L / pg_.pp, q == 0, q == pg_.pp - 1});
+  mo.stage = stages_[pg_.pp_rank];
+  DSV3_CHECK(pg_.pp == 1 || cfg_.num_nextn_predict_layers == 0, "MTP layers (", cfg_.num_nextn_predict_layers,
+             ") with pipeline parallelism are not implemented yet; add --mtp-num-layers 0");
   if (args_.given("recompute_granularity")) {
     DSV3_CHECK(args_.s("recompute_granularity") == "full", "--recompute-granularity ",
                args_.s("recompute_granularity"), " is not supported (dsv3 implements full)");
@@ -217,7 +230,8 @@ void Trainer::setup() {
   ddp_ = std::make_unique<DataParallelGrads>(model_->table(), model_->store(), pg_, *comms_,
                                              DataParallelGrads::default_bucket_numel(pg_.dp));
   for (int64_t i = 0; i < cfg_.num_hidden_layers + cfg_.num_nextn_predict_layers; ++i)
-    if (cfg_.is_moe_layer(i)) moe_layer_ids_.push_back(i);
+    if (cfg_.is_moe_layer(i) && model_->store().contains("model.layers." + std::to_string(i) + ".mlp.gate.weight"))
+      moe_layer_ids_.push_back(i);  // this stage's MoE layers, in forward order
 
   const AdamWConfig ac{args_.f("adam_beta1"), args_.f("adam_beta2"), args_.f("adam_eps")};
   if (args_.b("use_distributed_optimizer"))
@@ -289,6 +303,35 @@ void Trainer::fill_batch(const SampleDataset& ds, int64_t first, int64_t count) 
   }
 }
 
+// One iteration's micro-batches through the pipeline (parallel/pipeline.h: 1F1B). Each micro-batch's forward
+// state waits in its own slot until its backward; the loss scaling is the single-stage loop's.
+void Trainer::pipeline_step(IterStats& it, bool& nan_here, double& nan_value) {
+  const bool check_nan = args_.b("check_for_nan_in_loss_and_grad");
+  in_flight_.resize(pg_.pp), in_flight_tokens_.assign(pg_.pp, 0);
+  PipelineSteps steps;
+  steps.forward = [&](int64_t m, const float* input) -> const float* {
+    fill_batch(*train_ds_, prog_.consumed_train_samples + m * mbs_ * pg_.dp + pg_.dp_rank * mbs_, mbs_);
+    Model::Activations& slot = in_flight_[m % pg_.pp];
+    model_->swap_activations(slot);
+    const ForwardStats st = model_->forward(ids_.data(), labels_.data(), mbs_, S_, true, nullptr, input);
+    const float* out = model_->options().stage.post_process ? nullptr : model_->stage_output();
+    model_->swap_activations(slot);  // `out` stays valid: the slot now owns that buffer
+    if (check_nan && !nan_here && !std::isfinite(st.lm_loss_sum)) nan_here = true, nan_value = st.lm_loss_sum;
+    in_flight_tokens_[m % pg_.pp] = st.lm_tokens;
+    it.add(st);
+    return out;
+  };
+  steps.backward = [&](int64_t m, const float* output_grad) -> const float* {
+    const int64_t tokens = in_flight_tokens_[m % pg_.pp];
+    const float lm_scale = tokens ? 1.f / static_cast<float>(tokens * num_micro_) : 0.f;
+    model_->swap_activations(in_flight_[m % pg_.pp]);
+    model_->backward(lm_scale, 1.f / static_cast<float>(num_micro_), {}, output_grad);
+    model_->swap_activations(in_flight_[m % pg_.pp]);
+    return model_->stage_input_grad();
+  };
+  run_1f1b((*comms_)[Group::kPp], num_micro_, mbs_ * S_ * cfg_.hidden_size, steps);
+}
+
 IterStats Trainer::train_step() {
   IterStats it;
   model_->zero_grads();
@@ -299,7 +342,8 @@ IterStats Trainer::train_step() {
   double nan_value = 0;
   const auto t0 = Clock::now();
   ep_dispatch_seconds_reset();
-  for (int64_t m = 0; m < num_micro_; ++m) {
+  if (pg_.pp > 1) pipeline_step(it, nan_here, nan_value);
+  for (int64_t m = 0; m < num_micro_ && pg_.pp == 1; ++m) {
     // MegatronPretrainingSampler: this rank's slice of the chunk of mbs·DP samples.
     const int64_t first = prog_.consumed_train_samples + m * mbs_ * pg_.dp + pg_.dp_rank * mbs_;
     fill_batch(*train_ds_, first, mbs_);
@@ -355,6 +399,15 @@ void Trainer::reduce_stats(IterStats& s) {
     s.lm_tokens = n[0];
     std::copy(n.begin() + 1, n.end(), s.mtp_tokens.begin());
   }
+  // Pipeline stages: the loss lives on the last stage, aux losses and MoE layer counts on every stage.
+  if (Comm& pp = (*comms_)[Group::kPp]; pp.size() > 1) {
+    std::vector<double> d{s.lm_loss_sum, s.aux_sum};
+    pp.allreduce(d.data(), 2, ReduceOp::kSum);
+    s.lm_loss_sum = d[0], s.aux_sum = d[1];
+    int64_t n[2] = {s.lm_tokens, s.moe_layers};
+    pp.allreduce(n, 2, ReduceOp::kSum);
+    s.lm_tokens = n[0], s.moe_layers = n[1];
+  }
   Comm& cnt = (*comms_)[Group::kTpDpCp];
   if (cnt.size() > 1 && !s.counts.empty()) {
     std::vector<int64_t> flat;
@@ -367,8 +420,8 @@ void Trainer::reduce_stats(IterStats& s) {
 }
 
 // The global L2 norm of the gradient. After the data-parallel reduce the dense gradients are the same on every
-// rank and each EP rank holds its own experts' (identical across expert-DP): dense squares once, expert squares
-// summed over the EP group.
+// rank of a stage and each EP rank holds its own experts' (identical across expert-DP): dense squares summed over
+// the stages, expert squares over the stages and EP ranks.
 double Trainer::grad_norm() {
   const auto& g = model_->grads();
   if (dopt_) {  // each rank holds the reduced gradient of its shards only; together they cover every element once
@@ -376,13 +429,14 @@ double Trainer::grad_norm() {
     world_.allreduce(&sq, 1, ReduceOp::kSum);
     return std::sqrt(sq);
   }
-  if (pg_.ep == 1) return l2_norm(g.data(), static_cast<int64_t>(g.size()));
+  if (pg_.ep == 1 && pg_.pp == 1) return l2_norm(g.data(), static_cast<int64_t>(g.size()));
   double sq[2] = {0, 0};  // dense, expert
   const auto& store = model_->store();
   for (const auto& p : model_->table().params())
     if (p.tied_to.empty() && p.trainable && store.contains(p.name))
       sq[p.is_expert] += sum_of_squares(g.data() + store.offset(p.name), p.numel);
-  (*comms_)[Group::kEp].allreduce(&sq[1], 1, ReduceOp::kSum);
+  (*comms_)[Group::kPp].allreduce(&sq[0], 1, ReduceOp::kSum);        // each stage's dense parameters
+  (*comms_)[Group::kEtpEpPp].allreduce(&sq[1], 1, ReduceOp::kSum);   // each (stage, EP rank)'s experts
   return std::sqrt(sq[0] + sq[1]);
 }
 
@@ -418,20 +472,24 @@ std::vector<std::pair<std::string, double>> Trainer::losses_of(const IterStats& 
 double Trainer::evaluate(const SampleDataset& ds, int64_t& consumed, const std::string& label, int64_t iteration) {
   double sum = 0;
   int64_t tokens = 0;
+  PipelineSteps steps;  // forward only; on one stage, each micro-batch in turn
+  steps.forward = [&](int64_t m, const float* input) -> const float* {
+    const int64_t first = consumed + m * mbs_ * pg_.dp + pg_.dp_rank * mbs_;
+    DSV3_CHECK(first + mbs_ <= ds.size(), "the ", label, " split ran out of samples");
+    fill_batch(ds, first, mbs_);
+    auto st = model_->forward(ids_.data(), labels_.data(), mbs_, S_, false, nullptr, input);
+    sum += st.lm_loss_sum, tokens += st.lm_tokens;
+    return model_->options().stage.post_process ? nullptr : model_->stage_output();
+  };
   for (int64_t e = 0; e < args_.i("eval_iters"); ++e) {
-    for (int64_t m = 0; m < num_micro_; ++m) {
-      const int64_t first = consumed + m * mbs_ * pg_.dp + pg_.dp_rank * mbs_;
-      DSV3_CHECK(first + mbs_ <= ds.size(), "the ", label, " split ran out of samples");
-      fill_batch(ds, first, mbs_);
-      auto st = model_->forward(ids_.data(), labels_.data(), mbs_, S_, false);
-      sum += st.lm_loss_sum, tokens += st.lm_tokens;
-    }
+    run_forward_only((*comms_)[Group::kPp], num_micro_, mbs_ * S_ * cfg_.hidden_size, steps);
     consumed += gbs_;
   }
-  if (Comm& dp = (*comms_)[Group::kDpCp]; dp.size() > 1) {
-    dp.allreduce(&sum, 1, ReduceOp::kSum);
-    dp.allreduce(&tokens, 1, ReduceOp::kSum);
-  }
+  for (Group g : {Group::kDpCp, Group::kPp})  // the loss lives on the last stage
+    if (Comm& c = (*comms_)[g]; c.size() > 1) {
+      c.allreduce(&sum, 1, ReduceOp::kSum);
+      c.allreduce(&tokens, 1, ReduceOp::kSum);
+    }
   const double loss = tokens ? sum / tokens : 0.0;
   const bool test = label == "test";
   // Megatron's evaluate_and_print_results: the test set reuses the validation wording with "on test set".
@@ -460,13 +518,14 @@ void Trainer::save(int64_t iteration) {
   if (dopt_) dopt_->gather_moments(m, v);
   const CheckpointTensors t{&model_->table(), &model_->store(), model_->params().data(),
                             dopt_ ? m.data() : opt_->exp_avg().data(), dopt_ ? v.data() : opt_->exp_avg_sq().data()};
-  if (pg_.ep == 1) {
+  if (pg_.ep == 1 && pg_.pp == 1) {
     // Replicated state: rank 0 writes it; the others wait (below) so that no rank runs ahead (or exits) before
     // the checkpoint is complete.
     if (pg_.is_first_rank()) save_checkpoint(args_.s("save"), prog_, t, args_.all_map(), cfg_, {pg_.rank, pg_.world, true});
   } else {
-    // One shard per EP rank, written by its expert-DP rank 0 (the other replicas hold the same experts).
-    RankInfo r{pg_.rank, pg_.world, false, &world_, pg_.edp_rank == 0 ? pg_.ep_rank : -1, pg_.ep};
+    // One shard per (stage, EP rank), written by its expert-DP rank 0 (the other replicas hold the same state).
+    RankInfo r{pg_.rank, pg_.world, false, &world_, pg_.edp_rank == 0 ? pg_.pp_rank * pg_.ep + pg_.ep_rank : -1,
+               pg_.pp * pg_.ep, stages_};
     save_checkpoint(args_.s("save"), prog_, t, args_.all_map(), cfg_, r);
   }
   world_.barrier();
