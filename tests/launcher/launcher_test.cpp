@@ -533,5 +533,21 @@ TEST(Launcher, SeedEightRankExpertParallelRun) {
   EXPECT_EQ(n, 1u) << r.out;
 }
 
+// The seed's multi-node layout, scaled to 4 ranks: PP 2 × DP 2 × EP 2 with full recompute (HL_CKP_ACT=1); the demo
+// config's MTP layer is switched off through HL_EXTRA_ARGS (MTP under pipeline parallelism is refused).
+TEST(Launcher, PipelineExpertDataParallelRun) {
+  if (std::system("command -v mpirun >/dev/null 2>&1") != 0) GTEST_SKIP() << "mpirun is not installed";
+  const auto dir = testing::scratch_dir();
+  const Env env = with(tiny_run_env(dir), {{"HL_NUM_NODES", "1"}, {"HL_DEVICES_PER_NODE", "4"}, {"HL_DP", "2"},
+                                           {"HL_TP", "1"}, {"HL_PP", "2"}, {"HL_EP", "2"}, {"HL_CKP_ACT", "1"},
+                                           {"HL_MICRO_BATCH", "1"}, {"HL_TRAIN_ITERS", "2"},
+                                           {"HL_EXTRA_ARGS", "--mtp-num-layers 0"}});
+  Result r = run_script(env, dir, /*dry=*/false);
+  ASSERT_EQ(r.rc, 0) << r.out << r.err;
+  for (const char* line : {"  pipeline_model_parallel_size .................... 2", " iteration        2/       2 |",
+                           "validation loss at iteration 2", "successfully saved checkpoint from iteration 2"})
+    EXPECT_NE(r.out.find(line), std::string::npos) << line << "\n" << r.out;
+}
+
 }  // namespace
 }  // namespace dsv3
