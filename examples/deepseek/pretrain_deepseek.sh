@@ -246,8 +246,6 @@ NOT_PASSED+=" --log-validation-ppl-to-tensorboard --log-timers-to-tensorboard"
 [[ "${HL_ENABLE_GRAD_REDUCE_OVERLAP:-0}" -eq 1 ]] && NOT_PASSED+=" --overlap-grad-reduce"
 [[ "${HL_DETERMINISTIC_MODE:-0}" -eq 1 ]] && NOT_PASSED+=" --deterministic-mode"
 [[ -n "${PROFILE_TYPE}" ]] && NOT_PASSED+=" --profile-type ${PROFILE_TYPE} --profile-step-start ${HL_PROFILE_STEP_START:-3} --profile-step-end ${HL_PROFILE_STEP_END:-4}${HL_PROFILE_RANKS:+ --profile-ranks ${HL_PROFILE_RANKS}}"
-[[ ${FISRT_PP_STAGE_LAYERS} -gt 0 ]] && NOT_PASSED+=" --decoder-first-pipeline-num-layers ${FISRT_PP_STAGE_LAYERS}"
-[[ ${LAST_PP_STAGE_LAYERS} -gt 0 ]] && NOT_PASSED+=" --decoder-last-pipeline-num-layers ${LAST_PP_STAGE_LAYERS}"
 note "implied by dsv3's DeepSeek-V3 model, not passed: ${IMPLIED}"
 note "seed flags dsv3 train does not take (Gaudi/PyTorch-specific, or dsv3 writes its own checkpoint format), not passed: ${NOT_PASSED}"
 if [[ ${MOE_LAYER_RECOMPUTE} -eq 1 && ${CKP_ACT} -ne 1 ]]; then
@@ -284,6 +282,8 @@ add_shape() {  # add_shape HL_VAR: pass the flag when the shape table gives a va
 
 [[ -n "${MODEL_CONFIG}" ]] && add --model-config "${MODEL_CONFIG}"
 add --tensor-model-parallel-size "${TP}" --pipeline-model-parallel-size "${PP}"
+[[ ${FISRT_PP_STAGE_LAYERS} -gt 0 ]] && add --decoder-first-pipeline-num-layers "${FISRT_PP_STAGE_LAYERS}"
+[[ ${LAST_PP_STAGE_LAYERS} -gt 0 ]] && add --decoder-last-pipeline-num-layers "${LAST_PP_STAGE_LAYERS}"
 add --seq-length "${SEQ_LEN}"
 if [[ -n "${MODEL_CONFIG}" ]]; then
   is_set HL_NUM_LAYERS && add --num-layers "${NUM_LAYERS}"

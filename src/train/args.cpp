@@ -104,6 +104,8 @@ const Spec kSpecs[] = {
     {"--pipeline-model-parallel-size", Kind::kInt, "1"},
     {"--expert-model-parallel-size", Kind::kInt, "1"},
     {"--context-parallel-size", Kind::kInt, "1"},
+    {"--decoder-first-pipeline-num-layers", Kind::kInt, nullptr},
+    {"--decoder-last-pipeline-num-layers", Kind::kInt, nullptr},
     {"--sequence-parallel", Kind::kFlag, nullptr},
     {"--use-distributed-optimizer", Kind::kFlag, nullptr},
     // timers: level >= 1 prints Megatron's "(min, max) time across ranks (ms):" block after each log line

@@ -190,12 +190,32 @@ void Trainer::setup() {
   mo.precision = args_.b("bf16") ? Precision::kBF16 : Precision::kF32;
   mo.ep.type = parse_dispatcher_type(args_.s("moe_token_dispatcher_type"));
   if (pg_.ep > 1) mo.ep.comm = &(*comms_)[Group::kEp];
-  // Pipeline stages: the decoder layers split evenly (Megatron without --decoder-first/last-pipeline-num-layers).
+  // Pipeline stages (spec §1.3): --decoder-first/last-pipeline-num-layers fix the first and last stage's layer
+  // counts; the other stages share the rest evenly.
   const int64_t L = cfg_.num_hidden_layers;
-  DSV3_CHECK(L % pg_.pp == 0, "--num-layers (", L, ") is not divisible by --pipeline-model-parallel-size (", pg_.pp,
-             ")");
-  for (int q = 0; q < pg_.pp; ++q)
-    stages_.push_back({q * L / pg_.pp, (q + 1) * L / pg_.pp, q == 0, q == pg_.pp - 1});
+  std::vector<int64_t> per_stage(pg_.pp, -1);
+  const struct {
+    const char *dest, *flag;
+    int index;
+  } ends[] = {{"decoder_first_pipeline_num_layers", "--decoder-first-pipeline-num-layers", 0},
+              {"decoder_last_pipeline_num_layers", "--decoder-last-pipeline-num-layers", pg_.pp - 1}};
+  int64_t fixed = 0, free_stages = pg_.pp;
+  for (const auto& e : ends) {
+    if (!args_.given(e.dest)) continue;
+    DSV3_CHECK(pg_.pp > 1, e.flag, " needs --pipeline-model-parallel-size > 1");
+    DSV3_CHECK(args_.i(e.dest) >= 1, e.flag, " must be >= 1, got ", args_.i(e.dest));
+    per_stage[e.index] = args_.i(e.dest), fixed += args_.i(e.dest), --free_stages;
+  }
+  DSV3_CHECK(fixed <= L && (free_stages == 0 ? fixed == L : (L - fixed) % free_stages == 0 && L - fixed > 0),
+             free_stages == pg_.pp
+                 ? "--num-layers (" + std::to_string(L) + ") is not divisible by --pipeline-model-parallel-size (" +
+                       std::to_string(pg_.pp) + ")"
+                 : "the " + std::to_string(L - fixed) + " layers left by --decoder-first/last-pipeline-num-layers do "
+                   "not split evenly over the other " + std::to_string(free_stages) + " pipeline stages");
+  for (auto& n : per_stage)
+    if (n < 0) n = (L - fixed) / free_stages;
+  for (int q = 0, first = 0; q < pg_.pp; first += per_stage[q++])
+    stages_.push_back({first, first + per_stage[q], q == 0, q == pg_.pp - 1});
   mo.stage = stages_[pg_.pp_rank];
   DSV3_CHECK(pg_.pp == 1 || cfg_.num_nextn_predict_layers == 0, "MTP layers (", cfg_.num_nextn_predict_layers,
              ") with pipeline parallelism are not implemented yet; add --mtp-num-layers 0");

@@ -542,9 +542,11 @@ TEST(Launcher, PipelineExpertDataParallelRun) {
                                            {"HL_TP", "1"}, {"HL_PP", "2"}, {"HL_EP", "2"}, {"HL_CKP_ACT", "1"},
                                            {"HL_MICRO_BATCH", "1"}, {"HL_TRAIN_ITERS", "2"},
                                            {"HL_EXTRA_ARGS", "--mtp-num-layers 0"}});
-  Result r = run_script(env, dir, /*dry=*/false);
+  // HL_FISRT_PP_STAGE_LAYERS (sic) becomes --decoder-first-pipeline-num-layers: here 1 of the 4 layers on stage 0.
+  Result r = run_script(with(env, {{"HL_FISRT_PP_STAGE_LAYERS", "1"}}), dir, /*dry=*/false);
   ASSERT_EQ(r.rc, 0) << r.out << r.err;
-  for (const char* line : {"  pipeline_model_parallel_size .................... 2", " iteration        2/       2 |",
+  for (const char* line : {"  decoder_first_pipeline_num_layers ............... 1",
+                           "  pipeline_model_parallel_size .................... 2", " iteration        2/       2 |",
                            "validation loss at iteration 2", "successfully saved checkpoint from iteration 2"})
     EXPECT_NE(r.out.find(line), std::string::npos) << line << "\n" << r.out;
 }

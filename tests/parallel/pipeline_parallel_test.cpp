@@ -1,7 +1,8 @@
 // Pipeline parallelism end to end: `mpirun -np 2|4 dsv3 train --pipeline-model-parallel-size N` on the demo
 // model (4 layers, without its MTP layer) in fp32 reproduces the single-process run — per-iteration losses
 // and grad norms, evaluation losses and final weights within 1e-6 relative — for PP2 (1F1B over 4
-// micro-batches), PP4 (one layer per stage), PP2 × DP2 (with the distributed optimizer and full recompute)
+// micro-batches; even and uneven split), PP4 (one layer per stage), PP2 × DP2 (with the distributed optimizer
+// and full recompute)
 // and PP2 × EP2; checkpoints sharded by stage move between PP layouts and one process. Skipped without
 // mpirun.
 #include "parallel/parity_util.h"
@@ -16,8 +17,10 @@ std::string pp(int n) {
   return "--pipeline-model-parallel-size " + std::to_string(n);
 }
 
+// Also with an uneven split: --decoder-first-pipeline-num-layers 1 leaves 3 layers to the last stage.
 TEST_F(PipelineParallel, Pp2ReproducesSingleProcess) {
   expect_parity("pp2", 2, 1, 4, 4, pp(2), kNoMtp);
+  expect_parity("pp2_uneven", 2, 1, 4, 4, pp(2) + " --decoder-first-pipeline-num-layers 1", kNoMtp);
 }
 
 TEST_F(PipelineParallel, Pp4ReproducesSingleProcess) {
@@ -70,6 +73,12 @@ TEST_F(PipelineParallel, RefusesWhatIsNotImplemented) {
   EXPECT_NE(uneven.out.find("--num-layers (4) is not divisible by --pipeline-model-parallel-size (3)"),
             std::string::npos)
       << uneven.out;
+  auto split = testing::run_dsv3_mpi(3, b + pp(3) + " --decoder-last-pipeline-num-layers 1 " + kNoMtp, dir_);
+  EXPECT_NE(split.rc, 0);
+  EXPECT_NE(split.out.find("the 3 layers left by --decoder-first/last-pipeline-num-layers do not split evenly over "
+                           "the other 2 pipeline stages"),
+            std::string::npos)
+      << split.out;
 }
 
 }  // namespace
