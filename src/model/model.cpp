@@ -68,8 +68,8 @@ Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
                  opt_.stage.post_process == (end == L),
              "pipeline stage: layers [", first, ", ", end, ") of ", L, " with pre_process ", opt_.stage.pre_process,
              " and post_process ", opt_.stage.post_process, " do not form a stage");
-  DSV3_CHECK(depths == 0 || opt_.stage.whole(L), "MTP layers with pipeline parallelism are not implemented yet (the "
-             "last stage would need the embedding); use --mtp-num-layers 0 with --pipeline-model-parallel-size > 1");
+  DSV3_CHECK(depths == 0 || !opt_.stage.post_process || opt_.stage.pre_process || opt_.stage.shared_embedding,
+             "pipeline stage: the last stage runs MTP layers and needs the shared embedding");
   for (int64_t i = 0; i < cfg_.num_hidden_layers + depths; ++i) {
     BlockDims d;
     d.D = cfg_.hidden_size, d.F = cfg_.intermediate_size;

@@ -20,7 +20,8 @@ std::string block_key(int64_t layer, const std::string& proj) { return std::to_s
 bool PipelineStage::holds(const ParamInfo& p, int64_t num_layers) const {
   if (p.layer >= num_layers) return post_process;  // MTP layers sit on the last stage
   if (p.layer >= 0) return p.layer >= first_layer && p.layer < end(num_layers);
-  return p.name == "model.embed_tokens.weight" ? pre_process : post_process;  // final norm, lm_head
+  if (p.name == "model.embed_tokens.weight") return pre_process || shared_embedding;
+  return post_process;  // final norm, lm_head
 }
 
 ParamStore::ParamStore(const ParamTable& table, int ep, int ep_rank, PipelineStage stage) : ep_(ep) {

@@ -17,9 +17,12 @@ namespace dsv3 {
 // The part of the model one pipeline stage holds (Megatron --pipeline-model-parallel-size): decoder layers
 // [first_layer, last_layer) (-1: to the end), the embedding on the first stage (pre_process), the final norm,
 // lm_head and MTP layers on the last (post_process).
+// With MTP on several stages, the last stage also holds a copy of the embedding (shared_embedding; its gradient
+// is summed with the first stage's, so the copies stay equal), as Megatron-Core shares it.
 struct PipelineStage {
   int64_t first_layer = 0, last_layer = -1;
   bool pre_process = true, post_process = true;
+  bool shared_embedding = false;
   int64_t end(int64_t num_layers) const { return last_layer < 0 ? num_layers : last_layer; }
   bool whole(int64_t num_layers) const {
     return first_layer == 0 && end(num_layers) == num_layers && pre_process && post_process;

@@ -44,9 +44,13 @@ void DistributedOptimizer::reduce_scatter(float* grads) {
   }
 }
 
-double DistributedOptimizer::shard_sum_of_squares(const float* grads) const {
+double DistributedOptimizer::shard_sum_of_squares(const float* grads, int64_t skip_begin, int64_t skip_end) const {
   double sq = 0;
-  for (const auto& s : shards_) sq += sum_of_squares(grads + s.lo, s.n);
+  for (const auto& s : shards_) {
+    const int64_t a = s.lo, z = s.lo + s.n;  // [a, z) minus [skip_begin, skip_end)
+    const int64_t cut0 = std::clamp(skip_begin, a, z), cut1 = std::clamp(skip_end, cut0, z);
+    sq += sum_of_squares(grads + a, cut0 - a) + sum_of_squares(grads + cut1, z - cut1);
+  }
   return sq;
 }
 

@@ -29,8 +29,9 @@ class DistributedOptimizer {
   // grads: the whole buffer after the backward. Scales each bucket (1/DP) and reduce-scatters it: afterwards
   // this rank's shards hold the global batch's gradient; the rest of the buffer is stale.
   void reduce_scatter(float* grads);
-  // Σ g² over this rank's shards (sum it over the world for the global norm).
-  double shard_sum_of_squares(const float* grads) const;
+  // Σ g² over this rank's shards (sum it over the world for the global norm), leaving out elements [skip_begin,
+  // skip_end) of the buffer (a copy of a tensor another rank counts).
+  double shard_sum_of_squares(const float* grads, int64_t skip_begin = 0, int64_t skip_end = 0) const;
   void scale_shards(float* grads, float s) const;
   // One AdamW step on this rank's shards (weight decay wd, 0 for 1-D parameters), then the all-gather.
   void step(float* params, const float* grads, double lr, double wd);

@@ -334,8 +334,8 @@ std::string shard_file(const char* kind, int shard, int shards) {
 int shard_of(const ParamInfo& pi, const ParamTable& table, const RankInfo& r) {
   const int stages = std::max<int>(1, static_cast<int>(r.stages.size())), ep = std::max(1, r.shards) / stages;
   int stage = 0;
-  for (int q = 0; q < static_cast<int>(r.stages.size()); ++q)
-    if (r.stages[q].holds(pi, table.config().num_hidden_layers)) stage = q;
+  for (int q = static_cast<int>(r.stages.size()) - 1; q >= 0; --q)  // the first holder: a shared embedding's
+    if (r.stages[q].holds(pi, table.config().num_hidden_layers)) stage = q;  // first stage writes it
   const int64_t experts = table.config().n_routed_experts;
   return stage * ep + (ep == 1 || !pi.is_expert ? 0 : static_cast<int>(pi.expert / (experts / ep)));
 }

@@ -137,9 +137,20 @@ class Trainer {
   std::vector<int32_t> ids_, labels_;
   std::vector<int64_t> moe_layer_ids_;
   std::vector<PipelineStage> stages_;              // every pipeline stage's layers
+  std::unique_ptr<Comm> embedding_group_;          // MTP under PP: the first and last stage's embedding copies
+  std::vector<std::vector<int64_t>> in_flight_mtp_tokens_;
   std::vector<Model::Activations> in_flight_;      // pipeline: micro-batch m's saved state in slot m % PP
   std::vector<int64_t> in_flight_tokens_;          // and its lm token count (the last stage's loss scaling)
   void pipeline_step(IterStats& it, bool& nan_here, double& nan_value);
+  // Megatron's MTP loss weight per depth k: mtp_loss_scaling_factor / D / tokens_k / num_micro.
+  std::vector<float> mtp_scales(const std::vector<int64_t>& tokens) const {
+    const int64_t depths = static_cast<int64_t>(tokens.size());
+    std::vector<float> out;
+    for (int64_t k = 0; k < depths; ++k)
+      out.push_back(tokens[k] ? static_cast<float>(args_.f("mtp_loss_scaling_factor") / depths / tokens[k] / num_micro_)
+                              : 0.f);
+    return out;
+  }
   int64_t last_saved_ = -1;
 };
 
@@ -216,9 +227,15 @@ void Trainer::setup() {
     if (n < 0) n = (L - fixed) / free_stages;
   for (int q = 0, first = 0; q < pg_.pp; first += per_stage[q++])
     stages_.push_back({first, first + per_stage[q], q == 0, q == pg_.pp - 1});
+  // MTP on the last of several stages embeds tokens too: that stage keeps a copy of the embedding whose gradient
+  // is summed with the first stage's over the embedding group (first and last stage of one DP/TP position).
+  const bool shared_embedding = pg_.pp > 1 && cfg_.num_nextn_predict_layers > 0;
+  stages_.back().shared_embedding = shared_embedding;
   mo.stage = stages_[pg_.pp_rank];
-  DSV3_CHECK(pg_.pp == 1 || cfg_.num_nextn_predict_layers == 0, "MTP layers (", cfg_.num_nextn_predict_layers,
-             ") with pipeline parallelism are not implemented yet; add --mtp-num-layers 0");
+  if (shared_embedding) {
+    const bool member = pg_.pp_rank == 0 || pg_.pp_rank == pg_.pp - 1;
+    embedding_group_ = world_.split(member ? pg_.rank % (pg_.world / pg_.pp) : pg_.world + pg_.rank, pg_.pp_rank);
+  }
   if (args_.given("recompute_granularity")) {
     DSV3_CHECK(args_.s("recompute_granularity") == "full", "--recompute-granularity ",
                args_.s("recompute_granularity"), " is not supported (dsv3 implements full)");
@@ -327,7 +344,7 @@ void Trainer::fill_batch(const SampleDataset& ds, int64_t first, int64_t count) 
 // state waits in its own slot until its backward; the loss scaling is the single-stage loop's.
 void Trainer::pipeline_step(IterStats& it, bool& nan_here, double& nan_value) {
   const bool check_nan = args_.b("check_for_nan_in_loss_and_grad");
-  in_flight_.resize(pg_.pp), in_flight_tokens_.assign(pg_.pp, 0);
+  in_flight_.resize(pg_.pp), in_flight_tokens_.assign(pg_.pp, 0), in_flight_mtp_tokens_.assign(pg_.pp, {});
   PipelineSteps steps;
   steps.forward = [&](int64_t m, const float* input) -> const float* {
     fill_batch(*train_ds_, prog_.consumed_train_samples + m * mbs_ * pg_.dp + pg_.dp_rank * mbs_, mbs_);
@@ -338,6 +355,7 @@ void Trainer::pipeline_step(IterStats& it, bool& nan_here, double& nan_value) {
     model_->swap_activations(slot);  // `out` stays valid: the slot now owns that buffer
     if (check_nan && !nan_here && !std::isfinite(st.lm_loss_sum)) nan_here = true, nan_value = st.lm_loss_sum;
     in_flight_tokens_[m % pg_.pp] = st.lm_tokens;
+    in_flight_mtp_tokens_[m % pg_.pp] = st.mtp_tokens;
     it.add(st);
     return out;
   };
@@ -345,7 +363,8 @@ void Trainer::pipeline_step(IterStats& it, bool& nan_here, double& nan_value) {
     const int64_t tokens = in_flight_tokens_[m % pg_.pp];
     const float lm_scale = tokens ? 1.f / static_cast<float>(tokens * num_micro_) : 0.f;
     model_->swap_activations(in_flight_[m % pg_.pp]);
-    model_->backward(lm_scale, 1.f / static_cast<float>(num_micro_), {}, output_grad);
+    model_->backward(lm_scale, 1.f / static_cast<float>(num_micro_), mtp_scales(in_flight_mtp_tokens_[m % pg_.pp]),
+                     output_grad);
     model_->swap_activations(in_flight_[m % pg_.pp]);
     return model_->stage_input_grad();
   };
@@ -370,12 +389,8 @@ IterStats Trainer::train_step() {
     ForwardStats st = model_->forward(ids_.data(), labels_.data(), mbs_, S_, true);
     // No early exit: under expert parallelism the other ranks wait for this one in the backward's collectives.
     if (check_nan && !nan_here && !std::isfinite(st.lm_loss_sum)) nan_here = true, nan_value = st.lm_loss_sum;
-    std::vector<float> mtp_scales;
-    for (int64_t k = 0; k < depths; ++k)
-      mtp_scales.push_back(st.mtp_tokens[k] ? static_cast<float>(mtp_factor / depths / st.mtp_tokens[k] / num_micro_)
-                                            : 0.f);
     const float lm_scale = st.lm_tokens ? 1.f / static_cast<float>(st.lm_tokens * num_micro_) : 0.f;
-    model_->backward(lm_scale, 1.f / static_cast<float>(num_micro_), mtp_scales);
+    model_->backward(lm_scale, 1.f / static_cast<float>(num_micro_), mtp_scales(st.mtp_tokens));
     it.add(st);
   }
   const double fb = seconds_since(t0);
@@ -395,6 +410,8 @@ IterStats Trainer::train_step() {
            " found NaN in its local forward loss");
   }
   const auto t1 = Clock::now();
+  if (embedding_group_ && embedding_group_->size() > 1)
+    embedding_group_->allreduce(model_->grad("model.embed_tokens.weight"), cfg_.vocab_size * cfg_.hidden_size);
   if (dopt_) dopt_->reduce_scatter(model_->grads().data());
   else ddp_->reduce(model_->grads().data());
   reduce_stats(it);
@@ -421,12 +438,18 @@ void Trainer::reduce_stats(IterStats& s) {
   }
   // Pipeline stages: the loss lives on the last stage, aux losses and MoE layer counts on every stage.
   if (Comm& pp = (*comms_)[Group::kPp]; pp.size() > 1) {
+    const size_t depths = model_->options().mtp ? cfg_.num_nextn_predict_layers : 0;
+    s.mtp_sum.resize(depths), s.mtp_tokens.resize(depths);  // only the last stage ran them
     std::vector<double> d{s.lm_loss_sum, s.aux_sum};
-    pp.allreduce(d.data(), 2, ReduceOp::kSum);
+    d.insert(d.end(), s.mtp_sum.begin(), s.mtp_sum.end());
+    pp.allreduce(d.data(), static_cast<int64_t>(d.size()), ReduceOp::kSum);
     s.lm_loss_sum = d[0], s.aux_sum = d[1];
-    int64_t n[2] = {s.lm_tokens, s.moe_layers};
-    pp.allreduce(n, 2, ReduceOp::kSum);
+    std::copy(d.begin() + 2, d.end(), s.mtp_sum.begin());
+    std::vector<int64_t> n{s.lm_tokens, s.moe_layers};
+    n.insert(n.end(), s.mtp_tokens.begin(), s.mtp_tokens.end());
+    pp.allreduce(n.data(), static_cast<int64_t>(n.size()), ReduceOp::kSum);
     s.lm_tokens = n[0], s.moe_layers = n[1];
+    std::copy(n.begin() + 2, n.end(), s.mtp_tokens.begin());
   }
   Comm& cnt = (*comms_)[Group::kTpDpCp];
   if (cnt.size() > 1 && !s.counts.empty()) {
@@ -444,16 +467,20 @@ void Trainer::reduce_stats(IterStats& s) {
 // the stages, expert squares over the stages and EP ranks.
 double Trainer::grad_norm() {
   const auto& g = model_->grads();
+  // The last stage's copy of a shared embedding is not counted (the first stage's is the same gradient).
+  const auto& store = model_->store();
+  const bool skip_embedding = !model_->options().stage.pre_process && store.contains("model.embed_tokens.weight");
+  const int64_t skip0 = skip_embedding ? store.offset("model.embed_tokens.weight") : 0;
+  const int64_t skip1 = skip_embedding ? skip0 + cfg_.vocab_size * cfg_.hidden_size : 0;
   if (dopt_) {  // each rank holds the reduced gradient of its shards only; together they cover every element once
-    double sq = dopt_->shard_sum_of_squares(g.data());
+    double sq = dopt_->shard_sum_of_squares(g.data(), skip0, skip1);
     world_.allreduce(&sq, 1, ReduceOp::kSum);
     return std::sqrt(sq);
   }
   if (pg_.ep == 1 && pg_.pp == 1) return l2_norm(g.data(), static_cast<int64_t>(g.size()));
   double sq[2] = {0, 0};  // dense, expert
-  const auto& store = model_->store();
   for (const auto& p : model_->table().params())
-    if (p.tied_to.empty() && p.trainable && store.contains(p.name))
+    if (p.tied_to.empty() && p.trainable && store.contains(p.name) && !(skip_embedding && store.offset(p.name) == skip0))
       sq[p.is_expert] += sum_of_squares(g.data() + store.offset(p.name), p.numel);
   (*comms_)[Group::kPp].allreduce(&sq[0], 1, ReduceOp::kSum);        // each stage's dense parameters
   (*comms_)[Group::kEtpEpPp].allreduce(&sq[1], 1, ReduceOp::kSum);   // each (stage, EP rank)'s experts

@@ -533,21 +533,21 @@ TEST(Launcher, SeedEightRankExpertParallelRun) {
   EXPECT_EQ(n, 1u) << r.out;
 }
 
-// The seed's multi-node layout, scaled to 4 ranks: PP 2 × DP 2 × EP 2 with full recompute (HL_CKP_ACT=1); the demo
-// config's MTP layer is switched off through HL_EXTRA_ARGS (MTP under pipeline parallelism is refused).
+// The seed's multi-node layout, scaled to 4 ranks: PP 2 × DP 2 × EP 2 with full recompute (HL_CKP_ACT=1), and the
+// demo config's MTP layer on the last stage.
 TEST(Launcher, PipelineExpertDataParallelRun) {
   if (std::system("command -v mpirun >/dev/null 2>&1") != 0) GTEST_SKIP() << "mpirun is not installed";
   const auto dir = testing::scratch_dir();
   const Env env = with(tiny_run_env(dir), {{"HL_NUM_NODES", "1"}, {"HL_DEVICES_PER_NODE", "4"}, {"HL_DP", "2"},
                                            {"HL_TP", "1"}, {"HL_PP", "2"}, {"HL_EP", "2"}, {"HL_CKP_ACT", "1"},
-                                           {"HL_MICRO_BATCH", "1"}, {"HL_TRAIN_ITERS", "2"},
-                                           {"HL_EXTRA_ARGS", "--mtp-num-layers 0"}});
+                                           {"HL_MICRO_BATCH", "1"}, {"HL_TRAIN_ITERS", "2"}});
   // HL_FISRT_PP_STAGE_LAYERS (sic) becomes --decoder-first-pipeline-num-layers: here 1 of the 4 layers on stage 0.
   Result r = run_script(with(env, {{"HL_FISRT_PP_STAGE_LAYERS", "1"}}), dir, /*dry=*/false);
   ASSERT_EQ(r.rc, 0) << r.out << r.err;
   for (const char* line : {"  decoder_first_pipeline_num_layers ............... 1",
                            "  pipeline_model_parallel_size .................... 2", " iteration        2/       2 |",
-                           "validation loss at iteration 2", "successfully saved checkpoint from iteration 2"})
+                           "| mtp_1 loss: ", "validation loss at iteration 2",
+                           "successfully saved checkpoint from iteration 2"})
     EXPECT_NE(r.out.find(line), std::string::npos) << line << "\n" << r.out;
 }
 

@@ -1,10 +1,9 @@
 // Pipeline parallelism end to end: `mpirun -np 2|4 dsv3 train --pipeline-model-parallel-size N` on the demo
-// model (4 layers, without its MTP layer) in fp32 reproduces the single-process run — per-iteration losses
-// and grad norms, evaluation losses and final weights within 1e-6 relative — for PP2 (1F1B over 4
+// model (4 layers; with and without its MTP layer) in fp32 reproduces the single-process run — per-iteration
+// losses and grad norms, evaluation losses and final weights within 1e-6 relative — for PP2 (1F1B over 4
 // micro-batches; even and uneven split), PP4 (one layer per stage), PP2 × DP2 (with the distributed optimizer
-// and full recompute)
-// and PP2 × EP2; checkpoints sharded by stage move between PP layouts and one process. Skipped without
-// mpirun.
+// and full recompute) and PP2 × EP2; checkpoints sharded by stage move between PP layouts and one process.
+// Skipped without mpirun.
 #include "parallel/parity_util.h"
 
 namespace dsv3 {
@@ -21,15 +20,17 @@ std::string pp(int n) {
 TEST_F(PipelineParallel, Pp2ReproducesSingleProcess) {
   expect_parity("pp2", 2, 1, 4, 4, pp(2), kNoMtp);
   expect_parity("pp2_uneven", 2, 1, 4, 4, pp(2) + " --decoder-first-pipeline-num-layers 1", kNoMtp);
+  // With the demo model's MTP layer: the last stage runs it on its copy of the embedding.
+  expect_parity("pp2_mtp", 2, 1, 4, 4, pp(2), "", "single_mtp");
 }
 
 TEST_F(PipelineParallel, Pp4ReproducesSingleProcess) {
   expect_parity("pp4", 4, 1, 4, 3, pp(4), kNoMtp);
 }
 
+// With MTP as well: the shared embedding's copy is left out of the distributed optimizer's grad norm.
 TEST_F(PipelineParallel, Pp2xDp2ReproducesSingleProcess) {
-  expect_parity("pp2dp2", 4, 1, 4, 3, pp(2) + " --use-distributed-optimizer --recompute-granularity full",
-                kNoMtp);
+  expect_parity("pp2dp2", 4, 1, 4, 3, pp(2) + " --use-distributed-optimizer --recompute-granularity full");
 }
 
 TEST_F(PipelineParallel, Pp2xEp2ReproducesSingleProcess) {
@@ -37,13 +38,14 @@ TEST_F(PipelineParallel, Pp2xEp2ReproducesSingleProcess) {
                 pp(2) + " --expert-model-parallel-size 2 --moe-token-dispatcher-type alltoall", kNoMtp);
 }
 
-// A PP2 checkpoint (iteration 3 of 6; one file per stage) continues in one process with PP2's losses and
+// With MTP (the last stage's embedding copy is not written; it loads the first stage's): a PP2 checkpoint
+// (iteration 3 of 6; one file per stage) continues in one process with PP2's losses and
 // weights; that process's checkpoint continues under PP2 × EP2.
 TEST_F(PipelineParallel, CheckpointsMoveBetweenLayouts) {
-  auto p2 = train("pp2", 2, 1, 4, 6, pp(2) + " --save-interval 3 " + kNoMtp);
+  auto p2 = train("pp2", 2, 1, 4, 6, pp(2) + " --save-interval 3");
   ASSERT_EQ(p2.rc, 0) << p2.out;
   EXPECT_TRUE(std::filesystem::exists(final_weights("pp2", 6) / "model-00002-of-00002.safetensors"));
-  auto one = train("one", 1, 1, 4, 6, "--load " + checkpoint_at("pp2", 3, "pp2_at3").string() + " " + kNoMtp);
+  auto one = train("one", 1, 1, 4, 6, "--load " + checkpoint_at("pp2", 3, "pp2_at3").string());
   ASSERT_EQ(one.rc, 0) << one.out;
   std::string where;
   EXPECT_LE(testing::scalars_rel_diff(dir_ / "pp2/tb", dir_ / "one/tb", 4, 6, &where), testing::kParityTol)
@@ -51,7 +53,7 @@ TEST_F(PipelineParallel, CheckpointsMoveBetweenLayouts) {
   const auto w = testing::weights_diff(testing::read_weights(final_weights("pp2", 6)),
                                        testing::read_weights(final_weights("one", 6)));
   EXPECT_LE(w.l2_rel, testing::kParityTol) << w.l2_worst;
-  const std::string cont = "--load " + (dir_ / "one/ckpt").string() + " " + kNoMtp;
+  const std::string cont = "--load " + (dir_ / "one/ckpt").string();
   auto one_cont = train("one_cont", 1, 1, 4, 8, cont);
   ASSERT_EQ(one_cont.rc, 0) << one_cont.out;
   auto pe = train("pp2ep2_cont", 4, 1, 4, 8, pp(2) + " --expert-model-parallel-size 2 " + cont);
@@ -61,13 +63,8 @@ TEST_F(PipelineParallel, CheckpointsMoveBetweenLayouts) {
       << where;
 }
 
-TEST_F(PipelineParallel, RefusesWhatIsNotImplemented) {
+TEST_F(PipelineParallel, RefusesSplitsThatDoNotDivide) {
   const std::string b = testing::tiny_train_args(dir_, data_, 1, 4) + " --train-iters 1 ";
-  auto mtp = testing::run_dsv3_mpi(2, b + pp(2), dir_);
-  EXPECT_NE(mtp.rc, 0);
-  EXPECT_NE(mtp.out.find("with pipeline parallelism are not implemented yet; add --mtp-num-layers 0"),
-            std::string::npos)
-      << mtp.out;
   auto uneven = testing::run_dsv3_mpi(3, b + pp(3) + " " + kNoMtp, dir_);
   EXPECT_NE(uneven.rc, 0);
   EXPECT_NE(uneven.out.find("--num-layers (4) is not divisible by --pipeline-model-parallel-size (3)"),
@@ -75,9 +72,10 @@ TEST_F(PipelineParallel, RefusesWhatIsNotImplemented) {
       << uneven.out;
   auto split = testing::run_dsv3_mpi(3, b + pp(3) + " --decoder-last-pipeline-num-layers 1 " + kNoMtp, dir_);
   EXPECT_NE(split.rc, 0);
-  EXPECT_NE(split.out.find("the 3 layers left by --decoder-first/last-pipeline-num-layers do not split evenly over "
-                           "the other 2 pipeline stages"),
-            std::string::npos)
+  EXPECT_NE(
+      split.out.find("the 3 layers left by --decoder-first/last-pipeline-num-layers do not split evenly over "
+                     "the other 2 pipeline stages"),
+      std::string::npos)
       << split.out;
 }
 
