@@ -84,6 +84,12 @@ Operand head_operand(const float* src, int64_t ld_token, int64_t n, int64_t d, b
   return {buf, d};
 }
 
+// Head h of sequence b (its first token tok0) of a view as an operand, its bf16 copy carved from c.
+Operand head_of(const HeadsView& v, int64_t tok0, int64_t h, int64_t n, int64_t d, bool bf, Carver& c) {
+  return head_operand(v.p + tok0 * v.ld_token + h * v.ld_head, v.ld_token, n, d, bf,
+                      bf ? c.take_bf16(n * d) : nullptr);
+}
+
 // C[m,n] (beta 0: =, 1: +=) op(A)[m,k]·op(B)[k,n] on one thread's operands.
 void mm(int64_t m, int64_t n, int64_t k, const void* a, int64_t lda, bool ta, const void* b, int64_t ldb,
         bool tb, float* c, int64_t ldc, float beta, bool bf) {
@@ -125,13 +131,9 @@ void attention_forward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsV
     const int64_t b = bh / H, h = bh % H, tok0 = b * S;
     Carver c = thread_scratch(scratch, floats, halves);
     float *Sb = c.take(Bq * nkp), *Ob = c.take(Bq * Dv), *mrow = c.take(Bq), *lrow = c.take(Bq);
-    bf16* qb = bf ? c.take_bf16(S * Dqk) : nullptr;
-    bf16* kb = bf ? c.take_bf16(S * Dqk) : nullptr;
-    bf16* vb = bf ? c.take_bf16(S * Dv) : nullptr;
+    const Operand Q = head_of(q, tok0, h, S, Dqk, bf, c), K = head_of(k, tok0, h, S, Dqk, bf, c);
+    const Operand V = head_of(v, tok0, h, S, Dv, bf, c);
     bf16* pb = bf ? c.take_bf16(Bq * nkp) : nullptr;
-    const Operand Q = head_operand(q.p + tok0 * q.ld_token + h * q.ld_head, q.ld_token, S, Dqk, bf, qb);
-    const Operand K = head_operand(k.p + tok0 * k.ld_token + h * k.ld_head, k.ld_token, S, Dqk, bf, kb);
-    const Operand V = head_operand(v.p + tok0 * v.ld_token + h * v.ld_head, v.ld_token, S, Dv, bf, vb);
     for (int64_t qi = 0; qi < nb; ++qi) {
       const int64_t i0 = qi * Bq, m = std::min(Bq, S - i0);
       std::fill(Ob, Ob + m * Dv, 0.f);
@@ -220,17 +222,10 @@ void attention_backward(const AttentionShape& s, HeadsView q, HeadsView k, Heads
     Carver c = thread_scratch(scratch, floats, halves);
     float *P = c.take(Bq * nkp), *dS = c.take(Bq * nkp), *dQh = c.take(S * Dqk), *dKb = c.take(Bq * Dqk);
     float *dVb = c.take(Bq * Dv), *Drow = c.take(S);
-    bf16* qb = bf ? c.take_bf16(S * Dqk) : nullptr;
-    bf16* kb = bf ? c.take_bf16(S * Dqk) : nullptr;
-    bf16* vb = bf ? c.take_bf16(S * Dv) : nullptr;
-    bf16* dob = bf ? c.take_bf16(S * Dv) : nullptr;
+    const Operand Q = head_of(q, tok0, h, S, Dqk, bf, c), K = head_of(k, tok0, h, S, Dqk, bf, c);
+    const Operand V = head_of(v, tok0, h, S, Dv, bf, c), dO = head_of(do_, tok0, h, S, Dv, bf, c);
     bf16* pb = bf ? c.take_bf16(Bq * nkp) : nullptr;
     bf16* dsb = bf ? c.take_bf16(Bq * nkp) : nullptr;
-    const Operand Q = head_operand(q.p + tok0 * q.ld_token + h * q.ld_head, q.ld_token, S, Dqk, bf, qb);
-    const Operand K = head_operand(k.p + tok0 * k.ld_token + h * k.ld_head, k.ld_token, S, Dqk, bf, kb);
-    const Operand V = head_operand(v.p + tok0 * v.ld_token + h * v.ld_head, v.ld_token, S, Dv, bf, vb);
-    const Operand dO =
-        head_operand(do_.p + tok0 * do_.ld_token + h * do_.ld_head, do_.ld_token, S, Dv, bf, dob);
     // D_i = rowsum(dO ⊙ O) uses the unrounded dO: it is a softmax-backward term, not a matmul operand.
     for (int64_t i = 0; i < S; ++i) {
       const float* dor = do_.p + (tok0 + i) * do_.ld_token + h * do_.ld_head;
