@@ -6,7 +6,7 @@ pkgs=(build-essential cmake pkg-config git libgtest-dev libgmock-dev libbenchmar
       libdnnl-dev libopenmpi-dev openmpi-bin libicu-dev python3)
 missing=()
 for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  [[ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)" == *'install ok installed'* ]] || missing+=("$p")
 done
 if [ ${#missing[@]} -eq 0 ]; then
   echo "setup: all ${#pkgs[@]} packages present"

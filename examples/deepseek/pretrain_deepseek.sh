@@ -446,7 +446,9 @@ fi
 if [[ ${NUM_DEVICES} -gt 1 ]]; then
   command -v mpirun >/dev/null || fail "mpirun not found; install OpenMPI (apt-get install openmpi-bin)"
   # A dsv3 without the MPI runtime would run NUM_DEVICES independent single-process trainings.
-  if ! ldd "${DSV3_BIN}" 2>/dev/null | grep -q 'libmpi'; then
+  # (ldd's whole output first: `ldd | grep -q` under pipefail fails whenever grep exits before ldd has written all.)
+  DSV3_LIBS=$(ldd "${DSV3_BIN}" 2>/dev/null || true)
+  if [[ "${DSV3_LIBS}" != *libmpi* ]]; then
     fail "world size ${NUM_DEVICES} needs dsv3's distributed runtime, and ${DSV3_BIN} is not built with MPI;" \
          "run with one process (HL_NUM_NODES=1 HL_DEVICES_PER_NODE=1 HL_DP=1 HL_TP=1 HL_PP=1 HL_EP=1)," \
          "or HL_DRY_RUN=1 to see the mpirun command"

@@ -374,8 +374,6 @@ void Trainer::pipeline_step(IterStats& it, bool& nan_here, double& nan_value) {
 IterStats Trainer::train_step() {
   IterStats it;
   model_->zero_grads();
-  const int64_t depths = cfg_.num_nextn_predict_layers;
-  const double mtp_factor = args_.f("mtp_loss_scaling_factor");
   const bool check_nan = args_.b("check_for_nan_in_loss_and_grad");
   bool nan_here = false;
   double nan_value = 0;
@@ -568,11 +566,14 @@ void Trainer::save(int64_t iteration) {
   if (pg_.ep == 1 && pg_.pp == 1) {
     // Replicated state: rank 0 writes it; the others wait (below) so that no rank runs ahead (or exits) before
     // the checkpoint is complete.
-    if (pg_.is_first_rank()) save_checkpoint(args_.s("save"), prog_, t, args_.all_map(), cfg_, {pg_.rank, pg_.world, true});
+    RankInfo r;
+    r.rank = pg_.rank, r.world = pg_.world, r.replicated = true;
+    if (pg_.is_first_rank()) save_checkpoint(args_.s("save"), prog_, t, args_.all_map(), cfg_, r);
   } else {
     // One shard per (stage, EP rank), written by its expert-DP rank 0 (the other replicas hold the same state).
-    RankInfo r{pg_.rank, pg_.world, false, &world_, pg_.edp_rank == 0 ? pg_.pp_rank * pg_.ep + pg_.ep_rank : -1,
-               pg_.pp * pg_.ep, stages_};
+    RankInfo r;
+    r.rank = pg_.rank, r.world = pg_.world, r.comm = &world_, r.shards = pg_.pp * pg_.ep, r.stages = stages_;
+    r.shard = pg_.edp_rank == 0 ? pg_.pp_rank * pg_.ep + pg_.ep_rank : -1;
     save_checkpoint(args_.s("save"), prog_, t, args_.all_map(), cfg_, r);
   }
   world_.barrier();
@@ -603,7 +604,9 @@ int Trainer::run() {
                    !optim ? nullptr : dopt_ ? v.data() : opt_->exp_avg_sq().data()};
     // Rank 0 first (it may recover a directory left by an interrupted save), then the others.
     if (!pg_.is_first_rank()) world_.barrier();
-    auto p = load_checkpoint(args_.s("load"), lt, cfg_, RankInfo{pg_.rank, pg_.world, pg_.data_parallel_only()},
+    RankInfo r;
+    r.rank = pg_.rank, r.world = pg_.world;
+    auto p = load_checkpoint(args_.s("load"), lt, cfg_, r,
                              nullptr, &msg);
     if (pg_.is_first_rank()) world_.barrier();
     if (!msg.empty()) print_line(pg_, msg);
