@@ -5,6 +5,8 @@
 // the same micro-batch size applies the same capacity) with and without pad-to-capacity; and sharded
 // checkpoints (one file per EP rank, transformers' index) move between EP layouts and one process. Skipped
 // without mpirun.
+#include <fstream>
+
 #include "parallel/parity_util.h"
 
 namespace dsv3 {
@@ -96,6 +98,23 @@ TEST_F(ExpertParallel, CheckpointsMoveBetweenLayouts) {
   EXPECT_LE(testing::scalars_rel_diff(dir_ / "one_cont/tb", dir_ / "ep2_cont/tb", 7, 8, &where),
             testing::kParityTol)
       << where;
+}
+
+// A corrupt shard that only EP rank 1 reads: that rank stops with the file named and ends the job (MPI_Abort)
+// instead of leaving rank 0 waiting in a collective; the run exits non-zero and nothing is trained.
+TEST_F(ExpertParallel, CorruptShardStopsEveryRank) {
+  auto ep2 = train("ep2", 2, 1, 4, 2, ep(2) + kAllToAll);
+  ASSERT_EQ(ep2.rc, 0) << ep2.out;
+  const auto shard = dir_ / "ep2/ckpt/iter_0000002/model-00002-of-00002.safetensors";
+  {
+    std::fstream f(shard, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(-4, std::ios::end);
+    f.write("\x7f\x7f\x7f\x7f", 4);
+  }
+  auto bad = train("bad", 2, 1, 4, 4, ep(2) + kAllToAll + " --load " + (dir_ / "ep2/ckpt").string());
+  EXPECT_NE(bad.rc, 0) << bad.out;
+  EXPECT_NE(bad.out.find(shard.string() + ": corrupt"), std::string::npos) << bad.out;
+  EXPECT_TRUE(testing::iteration_log_lines(bad.out).empty()) << bad.out;
 }
 
 // Megatron's rules: token dropping needs the alltoall dispatcher; unknown dispatchers are refused by name.
