@@ -33,9 +33,14 @@ TEST_F(PipelineParallel, Pp2xDp2ReproducesSingleProcess) {
   expect_parity("pp2dp2", 4, 1, 4, 3, pp(2) + " --use-distributed-optimizer --recompute-granularity full");
 }
 
+// And everything at once: PP2 × EP2 with MTP, the allgather dispatcher and the distributed optimizer.
 TEST_F(PipelineParallel, Pp2xEp2ReproducesSingleProcess) {
   expect_parity("pp2ep2", 4, 1, 4, 3,
                 pp(2) + " --expert-model-parallel-size 2 --moe-token-dispatcher-type alltoall", kNoMtp);
+  expect_parity("pp2ep2_all", 4, 1, 4, 3,
+                pp(2) + " --expert-model-parallel-size 2 --moe-token-dispatcher-type allgather"
+                        " --use-distributed-optimizer",
+                "", "single_mtp");
 }
 
 // With MTP (the last stage's embedding copy is not written; it loads the first stage's): a PP2 checkpoint
