@@ -202,7 +202,9 @@ void Trainer::setup() {
   mo.ep.type = parse_dispatcher_type(args_.s("moe_token_dispatcher_type"));
   if (pg_.ep > 1) mo.ep.comm = &(*comms_)[Group::kEp];
   // Pipeline stages (spec §1.3): --decoder-first/last-pipeline-num-layers fix the first and last stage's layer
-  // counts; the other stages share the rest evenly.
+  // counts; the other stages share the rest evenly (Megatron's rule when either is given). Without them a layer
+  // count that does not divide is still accepted (Megatron refuses it): the first L % PP stages get one layer more,
+  // so the last stage, which also runs the head and MTP, is never the larger one.
   const int64_t L = cfg_.num_hidden_layers;
   std::vector<int64_t> per_stage(pg_.pp, -1);
   const struct {
@@ -217,14 +219,16 @@ void Trainer::setup() {
     DSV3_CHECK(args_.i(e.dest) >= 1, e.flag, " must be >= 1, got ", args_.i(e.dest));
     per_stage[e.index] = args_.i(e.dest), fixed += args_.i(e.dest), --free_stages;
   }
-  DSV3_CHECK(fixed <= L && (free_stages == 0 ? fixed == L : (L - fixed) % free_stages == 0 && L - fixed > 0),
-             free_stages == pg_.pp
-                 ? "--num-layers (" + std::to_string(L) + ") is not divisible by --pipeline-model-parallel-size (" +
-                       std::to_string(pg_.pp) + ")"
-                 : "the " + std::to_string(L - fixed) + " layers left by --decoder-first/last-pipeline-num-layers do "
-                   "not split evenly over the other " + std::to_string(free_stages) + " pipeline stages");
-  for (auto& n : per_stage)
-    if (n < 0) n = (L - fixed) / free_stages;
+  DSV3_CHECK(L >= pg_.pp, "--num-layers (", L, ") is smaller than --pipeline-model-parallel-size (", pg_.pp, ")");
+  if (free_stages == pg_.pp) {
+    for (int q = 0; q < pg_.pp; ++q) per_stage[q] = L / pg_.pp + (q < L % pg_.pp ? 1 : 0);
+  } else {
+    DSV3_CHECK(fixed <= L && (free_stages == 0 ? fixed == L : (L - fixed) % free_stages == 0 && L - fixed > 0),
+               "the ", L - fixed, " layers left by --decoder-first/last-pipeline-num-layers do not split evenly over "
+               "the other ", free_stages, " pipeline stages");
+    for (auto& n : per_stage)
+      if (n < 0) n = (L - fixed) / free_stages;
+  }
   for (int q = 0, first = 0; q < pg_.pp; first += per_stage[q++])
     stages_.push_back({first, first + per_stage[q], q == 0, q == pg_.pp - 1});
   // MTP on the last of several stages embeds tokens too: that stage keeps a copy of the embedding whose gradient
@@ -592,6 +596,12 @@ int Trainer::run() {
   }
   setup();
   print_line(pg_, format_arguments_block(args_.all()));
+  if (pg_.pp > 1) {
+    std::string layout = "pipeline stages (decoder layers):";
+    for (const auto& st : stages_)
+      layout += " [" + std::to_string(st.first_layer) + ", " + std::to_string(st.last_layer) + ")";
+    print_line(pg_, layout);
+  }
   if (args_.b("exit_signal_handler")) std::signal(SIGTERM, on_sigterm);
 
   if (args_.given("load")) {

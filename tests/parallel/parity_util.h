@@ -80,6 +80,7 @@ class LayoutParity : public ::testing::Test {
       single_out_[single] = s.out;
     }
     auto p = train(name, np, mbs, gbs, iters, layout + " " + common);
+    last_out_ = p.out;
     ASSERT_EQ(p.rc, 0) << p.out;
     // One set of log lines (the last rank's), the same count as the single run's.
     EXPECT_EQ(iteration_log_lines(p.out).size(), static_cast<size_t>(iters)) << p.out;
@@ -115,6 +116,7 @@ class LayoutParity : public ::testing::Test {
   std::filesystem::path dir_;
   std::string data_;
   std::map<std::string, std::string> single_out_;
+  std::string last_out_;  // the layout run's output of the last expect_parity
 };
 
 }  // namespace dsv3::testing
