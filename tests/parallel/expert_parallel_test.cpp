@@ -33,7 +33,8 @@ TEST_F(ExpertParallel, Ep2AllGatherReproducesSingleProcess) {
   expect_parity("ep2_ag", 2, 1, 4, 4, ep(2) + kAllGather);
 }
 // 4 ranks: DP 4, EP 2, expert-DP 2 (expert gradients also all-reduced over expert-DP).
-// And with the distributed optimizer, which shards dense moments over DP 4 and expert moments over expert-DP 2.
+// And with the distributed optimizer, which shards dense moments over DP 4 and expert moments over
+// expert-DP 2.
 TEST_F(ExpertParallel, Dp2xEp2ReproducesSingleProcess) {
   expect_parity("dp2ep2", 4, 1, 4, 3, ep(2) + kAllToAll);
   expect_parity("dp2ep2_distopt", 4, 1, 4, 3, ep(2) + kAllToAll + " --use-distributed-optimizer");
@@ -115,6 +116,22 @@ TEST_F(ExpertParallel, CorruptShardStopsEveryRank) {
   EXPECT_NE(bad.rc, 0) << bad.out;
   EXPECT_NE(bad.out.find(shard.string() + ": corrupt"), std::string::npos) << bad.out;
   EXPECT_TRUE(testing::iteration_log_lines(bad.out).empty()) << bad.out;
+}
+
+// Fault injection: rank 1 is killed (SIGKILL) a few seconds into a long EP2 run, while rank 0 is inside or
+// about to enter an alltoall with it. The job must end, non-zero and naming the dead rank, instead of rank 0
+// waiting in the collective (`timeout` turns a hang into exit 124, which fails the test).
+TEST_F(ExpertParallel, KilledRankEndsTheJob) {
+  const std::string args = testing::tiny_train_args(dir_, data_, 1, 4) +
+                           " --train-iters 1000000 --log-interval 1000 " + ep(2) + kAllToAll;
+  const std::string cmd =
+      "timeout 300 " + testing::mpirun_prefix(2) +
+      "sh -c 'if [ \"$OMPI_COMM_WORLD_RANK\" = 1 ]; then (sleep 3; kill -9 $$) & fi; exec " +
+      testing::dsv3_binary().string() + " " + args + "'";
+  const auto r = testing::run_shell(cmd, dir_);
+  EXPECT_NE(r.rc, 0) << r.out;
+  EXPECT_NE(r.rc, 124) << "the job hung after a rank died:\n" << r.out;
+  EXPECT_NE(r.out.find("rank 1"), std::string::npos) << r.out;
 }
 
 // Megatron's rules: token dropping needs the alltoall dispatcher; unknown dispatchers are refused by name.
