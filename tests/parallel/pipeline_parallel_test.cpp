@@ -3,7 +3,8 @@
 // losses and grad norms, evaluation losses and final weights within 1e-6 relative — for PP2 (1F1B over 4
 // micro-batches; even and uneven split), PP3 on 4 layers (auto layout), PP4 (one layer per stage), PP2 × DP2
 // (with the distributed optimizer and full recompute) and PP2 × EP2; checkpoints sharded by stage move
-// between PP layouts and one process. Skipped without mpirun.
+// between PP layouts and one process, and a PP2 × EP2 run resumed in its own layout is bit-identical. Skipped
+// without mpirun.
 #include "parallel/parity_util.h"
 
 namespace dsv3 {
@@ -67,6 +68,19 @@ TEST_F(PipelineParallel, CheckpointsMoveBetweenLayouts) {
   const auto w = testing::weights_diff(testing::read_weights(final_weights("pp2", 6)),
                                        testing::read_weights(final_weights("one", 6)));
   EXPECT_LE(w.l2_rel, testing::kParityTol) << w.l2_worst;
+  // Resumed in the same layout (PP2 × EP2 here: experts sharded too), the run is the uninterrupted one bit
+  // for bit.
+  const std::string layout = pp(2) + " --expert-model-parallel-size 2 --moe-token-dispatcher-type alltoall";
+  auto whole = train("pe_whole", 4, 1, 4, 4, layout + " --save-interval 2");
+  ASSERT_EQ(whole.rc, 0) << whole.out;
+  auto resumed =
+      train("pe_resumed", 4, 1, 4, 4, layout + " --load " + checkpoint_at("pe_whole", 2, "pe_at2").string());
+  ASSERT_EQ(resumed.rc, 0) << resumed.out;
+  EXPECT_EQ(testing::scalars_rel_diff(dir_ / "pe_whole/tb", dir_ / "pe_resumed/tb", 3, 4, &where), 0.0)
+      << where;
+  const auto wr = testing::weights_diff(testing::read_weights(final_weights("pe_whole", 4)),
+                                        testing::read_weights(final_weights("pe_resumed", 4)));
+  EXPECT_EQ(wr.max_rel, 0.0) << wr.max_worst;
   const std::string cont = "--load " + (dir_ / "one/ckpt").string();
   auto one_cont = train("one_cont", 1, 1, 4, 8, cont);
   ASSERT_EQ(one_cont.rc, 0) << one_cont.out;
