@@ -13,7 +13,7 @@ struct P2p {
   Comm& pp;
   int stage, stages;
   int64_t n;
-  std::vector<float> in, grad;  // received input / received output gradient
+  std::vector<float>&in, &grad;  // received input / received output gradient (the caller's buffers)
   bool first() const { return stage == 0; }
   bool last() const { return stage == stages - 1; }
   const float* recv_forward() {
@@ -44,17 +44,16 @@ struct P2p {
   }
 };
 
-P2p make_p2p(Comm& pp, int64_t numel) {
-  P2p p{pp, pp.rank(), pp.size(), numel, {}, {}};
-  p.in.resize(numel), p.grad.resize(numel);
-  return p;
+P2p make_p2p(Comm& pp, int64_t numel, PipelineBuffers& buf) {
+  if (static_cast<int64_t>(buf.input.size()) < numel) buf.input.resize(numel), buf.output_grad.resize(numel);
+  return P2p{pp, pp.rank(), pp.size(), numel, buf.input, buf.output_grad};
 }
 
 }  // namespace
 
-void run_1f1b(Comm& pp, int64_t micro, int64_t numel, const PipelineSteps& steps) {
+void run_1f1b(Comm& pp, int64_t micro, int64_t numel, const PipelineSteps& steps, PipelineBuffers& buf) {
   DSV3_CHECK(micro >= 1, "pipeline schedule: no micro-batches");
-  P2p p = make_p2p(pp, numel);
+  P2p p = make_p2p(pp, numel, buf);
   const int64_t warmup = std::min<int64_t>(p.stages - p.stage - 1, micro), remaining = micro - warmup;
   int64_t fwd = 0, bwd = 0;
   for (int64_t i = 0; i < warmup; ++i) p.send_forward(steps.forward(fwd++, p.recv_forward()));
@@ -70,8 +69,9 @@ void run_1f1b(Comm& pp, int64_t micro, int64_t numel, const PipelineSteps& steps
   for (int64_t i = 0; i < warmup; ++i) p.send_backward(steps.backward(bwd++, p.recv_backward()));
 }
 
-void run_forward_only(Comm& pp, int64_t micro, int64_t numel, const PipelineSteps& steps) {
-  P2p p = make_p2p(pp, numel);
+void run_forward_only(Comm& pp, int64_t micro, int64_t numel, const PipelineSteps& steps,
+                      PipelineBuffers& buf) {
+  P2p p = make_p2p(pp, numel, buf);
   for (int64_t m = 0; m < micro; ++m) p.send_forward(steps.forward(m, p.recv_forward()));
 }
 

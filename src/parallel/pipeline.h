@@ -22,11 +22,17 @@ struct PipelineSteps {
   std::function<const float*(int64_t m, const float* output_grad)> backward;
 };
 
+// The receive buffers (kept by the caller, so that a training step allocates nothing).
+struct PipelineBuffers {
+  std::vector<float> input, output_grad;
+};
+
 // Runs `micro` micro-batches through the stages of `pp` (this rank is stage pp.rank()); numel: the elements
 // of one stage output (B·S·D). Collective over the PP group.
-void run_1f1b(Comm& pp, int64_t micro, int64_t numel, const PipelineSteps& steps);
+void run_1f1b(Comm& pp, int64_t micro, int64_t numel, const PipelineSteps& steps, PipelineBuffers& buf);
 
 // Forward only (evaluation): each micro-batch through the stages in turn.
-void run_forward_only(Comm& pp, int64_t micro, int64_t numel, const PipelineSteps& steps);
+void run_forward_only(Comm& pp, int64_t micro, int64_t numel, const PipelineSteps& steps,
+                      PipelineBuffers& buf);
 
 }  // namespace dsv3

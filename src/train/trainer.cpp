@@ -139,6 +139,7 @@ class Trainer {
   std::vector<PipelineStage> stages_;              // every pipeline stage's layers
   std::unique_ptr<Comm> embedding_group_;          // MTP under PP: the first and last stage's embedding copies
   std::vector<std::vector<int64_t>> in_flight_mtp_tokens_;
+  PipelineBuffers pipeline_buffers_;
   std::vector<Model::Activations> in_flight_;      // pipeline: micro-batch m's saved state in slot m % PP
   std::vector<int64_t> in_flight_tokens_;          // and its lm token count (the last stage's loss scaling)
   void pipeline_step(IterStats& it, bool& nan_here, double& nan_value);
@@ -372,7 +373,7 @@ void Trainer::pipeline_step(IterStats& it, bool& nan_here, double& nan_value) {
     model_->swap_activations(in_flight_[m % pg_.pp]);
     return model_->stage_input_grad();
   };
-  run_1f1b((*comms_)[Group::kPp], num_micro_, mbs_ * S_ * cfg_.hidden_size, steps);
+  run_1f1b((*comms_)[Group::kPp], num_micro_, mbs_ * S_ * cfg_.hidden_size, steps, pipeline_buffers_);
 }
 
 IterStats Trainer::train_step() {
@@ -531,7 +532,7 @@ double Trainer::evaluate(const SampleDataset& ds, int64_t& consumed, const std::
     return model_->options().stage.post_process ? nullptr : model_->stage_output();
   };
   for (int64_t e = 0; e < args_.i("eval_iters"); ++e) {
-    run_forward_only((*comms_)[Group::kPp], num_micro_, mbs_ * S_ * cfg_.hidden_size, steps);
+    run_forward_only((*comms_)[Group::kPp], num_micro_, mbs_ * S_ * cfg_.hidden_size, steps, pipeline_buffers_);
     consumed += gbs_;
   }
   for (Group g : {Group::kDpCp, Group::kPp})  // the loss lives on the last stage
