@@ -24,6 +24,32 @@ bool PipelineStage::holds(const ParamInfo& p, int64_t num_layers) const {
   return post_process;  // final norm, lm_head
 }
 
+std::vector<PipelineStage> plan_pipeline_stages(int64_t L, int pp, int64_t first_layers, int64_t last_layers,
+                                                bool shared_embedding) {
+  DSV3_CHECK(pp >= 1, "pipeline: --pipeline-model-parallel-size must be >= 1, got ", pp);
+  DSV3_CHECK(L >= pp, "--num-layers (", L, ") is smaller than --pipeline-model-parallel-size (", pp, ")");
+  DSV3_CHECK(first_layers >= 0 && last_layers >= 0, "pipeline: negative end-stage layer counts");
+  DSV3_CHECK(pp > 1 || (first_layers == 0 && last_layers == 0),
+             "--decoder-first/last-pipeline-num-layers need --pipeline-model-parallel-size > 1");
+  std::vector<int64_t> per(pp, -1);
+  int64_t fixed = 0, free_stages = pp;
+  if (first_layers > 0) per[0] = first_layers, fixed += first_layers, --free_stages;
+  if (last_layers > 0) per[pp - 1] = last_layers, fixed += last_layers, --free_stages;
+  if (free_stages == pp) {
+    for (int q = 0; q < pp; ++q) per[q] = L / pp + (q < L % pp ? 1 : 0);
+  } else {
+    DSV3_CHECK(fixed <= L && (free_stages == 0 ? fixed == L : (L - fixed) % free_stages == 0 && L - fixed > 0),
+               "the ", L - fixed, " layers left by --decoder-first/last-pipeline-num-layers do not split evenly "
+               "over the other ", free_stages, " pipeline stages");
+    for (auto& n : per)
+      if (n < 0) n = (L - fixed) / free_stages;
+  }
+  std::vector<PipelineStage> stages;
+  for (int q = 0, first = 0; q < pp; first += static_cast<int>(per[q++]))
+    stages.push_back({first, first + per[q], q == 0, q == pp - 1, q == pp - 1 && pp > 1 && shared_embedding});
+  return stages;
+}
+
 ParamStore::ParamStore(const ParamTable& table, int ep, int ep_rank, PipelineStage stage) : ep_(ep) {
   const int64_t L = table.config().num_hidden_layers;
   const int64_t n_experts = table.config().n_routed_experts;

@@ -30,6 +30,14 @@ struct PipelineStage {
   bool holds(const ParamInfo& p, int64_t num_layers) const;
 };
 
+// The stages of a pipeline of `pp` over num_layers decoder layers (spec §1.3). first_layers / last_layers (> 0)
+// fix the first and last stage's counts (Megatron's --decoder-first/last-pipeline-num-layers) and the other stages
+// share the rest evenly, which must divide (throws with Megatron's rule). Without them any count is accepted: the
+// first num_layers % pp stages take one layer more (never the last stage, which also runs the head and MTP).
+// shared_embedding marks the last stage's embedding copy (MTP on several stages).
+std::vector<PipelineStage> plan_pipeline_stages(int64_t num_layers, int pp, int64_t first_layers = 0,
+                                                int64_t last_layers = 0, bool shared_embedding = false);
+
 class ParamStore {
  public:
   explicit ParamStore(const ParamTable& table, int ep = 1, int ep_rank = 0, PipelineStage stage = {});

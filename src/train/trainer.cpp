@@ -202,40 +202,19 @@ void Trainer::setup() {
   mo.precision = args_.b("bf16") ? Precision::kBF16 : Precision::kF32;
   mo.ep.type = parse_dispatcher_type(args_.s("moe_token_dispatcher_type"));
   if (pg_.ep > 1) mo.ep.comm = &(*comms_)[Group::kEp];
-  // Pipeline stages (spec §1.3): --decoder-first/last-pipeline-num-layers fix the first and last stage's layer
-  // counts; the other stages share the rest evenly (Megatron's rule when either is given). Without them a layer
-  // count that does not divide is still accepted (Megatron refuses it): the first L % PP stages get one layer more,
-  // so the last stage, which also runs the head and MTP, is never the larger one.
-  const int64_t L = cfg_.num_hidden_layers;
-  std::vector<int64_t> per_stage(pg_.pp, -1);
-  const struct {
-    const char *dest, *flag;
-    int index;
-  } ends[] = {{"decoder_first_pipeline_num_layers", "--decoder-first-pipeline-num-layers", 0},
-              {"decoder_last_pipeline_num_layers", "--decoder-last-pipeline-num-layers", pg_.pp - 1}};
-  int64_t fixed = 0, free_stages = pg_.pp;
-  for (const auto& e : ends) {
-    if (!args_.given(e.dest)) continue;
-    DSV3_CHECK(pg_.pp > 1, e.flag, " needs --pipeline-model-parallel-size > 1");
-    DSV3_CHECK(args_.i(e.dest) >= 1, e.flag, " must be >= 1, got ", args_.i(e.dest));
-    per_stage[e.index] = args_.i(e.dest), fixed += args_.i(e.dest), --free_stages;
-  }
-  DSV3_CHECK(L >= pg_.pp, "--num-layers (", L, ") is smaller than --pipeline-model-parallel-size (", pg_.pp, ")");
-  if (free_stages == pg_.pp) {
-    for (int q = 0; q < pg_.pp; ++q) per_stage[q] = L / pg_.pp + (q < L % pg_.pp ? 1 : 0);
-  } else {
-    DSV3_CHECK(fixed <= L && (free_stages == 0 ? fixed == L : (L - fixed) % free_stages == 0 && L - fixed > 0),
-               "the ", L - fixed, " layers left by --decoder-first/last-pipeline-num-layers do not split evenly over "
-               "the other ", free_stages, " pipeline stages");
-    for (auto& n : per_stage)
-      if (n < 0) n = (L - fixed) / free_stages;
-  }
-  for (int q = 0, first = 0; q < pg_.pp; first += per_stage[q++])
-    stages_.push_back({first, first + per_stage[q], q == 0, q == pg_.pp - 1});
-  // MTP on the last of several stages embeds tokens too: that stage keeps a copy of the embedding whose gradient
-  // is summed with the first stage's over the embedding group (first and last stage of one DP/TP position).
+  // Pipeline stages (model/param_store.h). MTP on the last of several stages embeds tokens too: that stage keeps
+  // a copy of the embedding whose gradient is summed with the first stage's over the embedding group (first and
+  // last stage of one DP/TP position).
   const bool shared_embedding = pg_.pp > 1 && cfg_.num_nextn_predict_layers > 0;
-  stages_.back().shared_embedding = shared_embedding;
+  auto end_stage_layers = [&](const char* dest, const char* flag) -> int64_t {
+    if (!args_.given(dest)) return 0;
+    DSV3_CHECK(args_.i(dest) >= 1, flag, " must be >= 1, got ", args_.i(dest));
+    return args_.i(dest);
+  };
+  stages_ = plan_pipeline_stages(
+      cfg_.num_hidden_layers, pg_.pp,
+      end_stage_layers("decoder_first_pipeline_num_layers", "--decoder-first-pipeline-num-layers"),
+      end_stage_layers("decoder_last_pipeline_num_layers", "--decoder-last-pipeline-num-layers"), shared_embedding);
   mo.stage = stages_[pg_.pp_rank];
   if (shared_embedding) {
     const bool member = pg_.pp_rank == 0 || pg_.pp_rank == pg_.pp - 1;
