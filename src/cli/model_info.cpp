@@ -1,12 +1,16 @@
 // `dsv3 model-info`: loads a HF config.json, prints its layer plan, the Megatron/HF semantic fields and the
-// parameter counts from the parameter table (optionally the whole table).
+// parameter counts from the parameter table (optionally the whole table), and, for a parallel layout, what
+// each rank of each pipeline stage holds: its parameters (the ParamStore a training rank builds) and their
+// static memory (fp32 weights and gradients, Adam moments, bf16 copies). Activations are not counted.
 #include "cli/model_info.h"
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <string>
 
+#include "core/error.h"
 #include "model/config.h"
+#include "model/param_store.h"
 #include "model/param_table.h"
 
 namespace dsv3::cli {
@@ -28,6 +32,48 @@ std::string range(int64_t a, int64_t b) {
   return a == b ? "layer  " + std::to_string(a) : "layers " + std::to_string(a) + "-" + std::to_string(b);
 }
 
+std::string gib(double bytes) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.2f GiB", bytes / (1024.0 * 1024.0 * 1024.0));
+  return b;
+}
+
+// Per pipeline stage, one rank's share (EP rank 0; every EP rank holds as many experts).
+void print_layout(const ParamTable& table, int pp, int ep, int dp, int64_t first_layers, int64_t last_layers,
+                  bool dist_opt, bool bf16) {
+  const ModelConfig& cfg = table.config();
+  DSV3_CHECK(pp >= 1 && ep >= 1 && dp >= 1, "model-info: parallel sizes must be >= 1");
+  DSV3_CHECK(dp % ep == 0, "model-info: --data-parallel-size (", dp, ") must be a multiple of ",
+             "--expert-model-parallel-size (", ep, "): EP ranks are data-parallel ranks");
+  const int edp = dp / ep;
+  const auto stages = plan_pipeline_stages(cfg.num_hidden_layers, pp, first_layers, last_layers,
+                                           cfg.num_nextn_predict_layers > 0);
+  std::printf(
+      "layout: PP %d x DP %d (EP %d, expert-DP %d) = %d ranks%s%s; per rank, activations not counted:\n", pp,
+      dp, ep, edp, pp * dp, dist_opt ? ", distributed optimizer" : "", bf16 ? ", bf16" : "");
+  std::printf("  %-7s %-11s %19s %11s %11s %11s %11s\n", "stage", "layers", "parameters", "fp32 w+g", "Adam",
+              "bf16 copies", "total");
+  for (size_t q = 0; q < stages.size(); ++q) {
+    const ParamStore store(table, ep, 0, stages[q]);
+    int64_t dense = 0, expert = 0, bf16_dense = 0;  // trainable, held by this rank
+    for (const auto& p : table.params()) {
+      if (!p.tied_to.empty() || !p.trainable || !store.contains(p.name)) continue;
+      (p.is_expert ? expert : dense) += p.numel;
+      if (!p.is_expert &&
+          (p.role == ParamRole::kLinear || p.role == ParamRole::kOutputLinear || p.role == ParamRole::kHead))
+        bf16_dense += p.numel;
+    }
+    const double wg = 8.0 * static_cast<double>(store.size());
+    const double adam = 8.0 * (dist_opt ? static_cast<double>(dense) / dp + static_cast<double>(expert) / edp
+                                        : static_cast<double>(dense + expert));
+    const double copies = bf16 ? 2.0 * static_cast<double>(bf16_dense + expert) : 0.0;
+    const std::string layers =
+        std::to_string(stages[q].first_layer) + "-" + std::to_string(stages[q].last_layer - 1);
+    std::printf("  %-7zu %-11s %19s %11s %11s %11s %11s\n", q, layers.c_str(), grouped(store.size()).c_str(),
+                gib(wg).c_str(), gib(adam).c_str(), gib(copies).c_str(), gib(wg + adam + copies).c_str());
+  }
+}
+
 }  // namespace
 
 int model_info_main(int argc, char** argv) {
@@ -37,6 +83,17 @@ int model_info_main(int argc, char** argv) {
   bool list_params = false;
   app.add_option("--model-config", config_path, "HuggingFace config.json of the model")->required();
   app.add_flag("--params", list_params, "Also list every parameter (HF name, shape, role, init)");
+  int pp = 1, ep = 1, dp = 1;
+  int64_t first_layers = 0, last_layers = 0;
+  bool dist_opt = false, bf16 = false;
+  app.add_option("--pipeline-model-parallel-size", pp, "Pipeline stages of the layout to size");
+  app.add_option("--expert-model-parallel-size", ep, "Expert-parallel ranks of the layout");
+  app.add_option("--data-parallel-size", dp, "Data-parallel ranks (world = DP x PP)");
+  app.add_option("--decoder-first-pipeline-num-layers", first_layers, "Layers of the first stage");
+  app.add_option("--decoder-last-pipeline-num-layers", last_layers, "Layers of the last stage");
+  app.add_flag("--use-distributed-optimizer", dist_opt,
+               "Adam moments sharded over DP (experts over expert-DP)");
+  app.add_flag("--bf16", bf16, "Count the bf16 weight copies bf16 training keeps");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -106,6 +163,7 @@ int model_info_main(int argc, char** argv) {
                 grouped(table.total_trainable_storage()).c_str());
     std::printf("  as the hub stores it (MTP embed/head copies):  %s\n", grouped(table.hub_total()).c_str());
   }
+  print_layout(table, pp, ep, dp, first_layers, last_layers, dist_opt, bf16);
   if (list_params) {
     std::printf("parameter table (%zu entries):\n", table.size());
     for (const auto& p : table.params()) {

@@ -1,5 +1,5 @@
 // ModelConfig: loading the presets and transformers-written config.json, rejections by name, HF/Megatron
-// semantic fields, to_hf_json round trips, and `dsv3 model-info` output.
+// semantic fields, to_hf_json round trips, and `dsv3 model-info` output (counts, and what each rank of a layout holds).
 #include "model/config.h"
 
 #include <gtest/gtest.h>
@@ -9,9 +9,11 @@
 #include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <regex>
 
 #include "cli/model_info.h"
 #include "core/error.h"
+#include "model/param_table.h"
 #include "model/safetensors.h"
 #include "test_util.h"
 
@@ -303,6 +305,46 @@ TEST(ModelInfo, ListsParamsAndShowsSemantics) {
   EXPECT_NE(out.find("differs from transformers: latent_norm_eps"), std::string::npos) << out;
   EXPECT_NE(out.find("model.layers.3.mlp.experts.255.down_proj.weight"), std::string::npos);
   EXPECT_NE(out.find("model.layers.0.mlp.down_proj.weight"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace dsv3
+
+namespace dsv3 {
+namespace {
+
+// The layout section: per stage, the parameters one rank holds, counted here straight from the table (layers of the
+// printed range, half the routed experts with EP 2, embedding on the first stage and — for MTP — a copy on the last,
+// norm/head/MTP on the last), and 8 bytes of fp32 weight + gradient each.
+TEST(ModelInfo, LayoutCountsWhatEachStageHolds) {
+  const std::string cfg_path = preset("demo-cpu.json");
+  const std::string out = run_model_info({"model-info", "--model-config", cfg_path, "--pipeline-model-parallel-size",
+                                          "2", "--expert-model-parallel-size", "2", "--data-parallel-size", "2"});
+  const ModelConfig cfg = ModelConfig::from_json_file(cfg_path);
+  const ParamTable table(cfg);
+  const int64_t L = cfg.num_hidden_layers, half = L / 2, E = cfg.n_routed_experts;
+  ASSERT_GT(cfg.num_nextn_predict_layers, 0);
+  for (int q = 0; q < 2; ++q) {
+    const int64_t first = q * half, last = (q + 1) * half;
+    int64_t n = 0;
+    for (const auto& p : table.params()) {
+      if (!p.tied_to.empty() || (p.is_expert && p.expert >= E / 2)) continue;
+      const bool mine = p.layer >= L                          ? q == 1
+                        : p.layer >= 0                        ? p.layer >= first && p.layer < last
+                        : p.name == "model.embed_tokens.weight" ? true  // stage 0, and the MTP copy on stage 1
+                                                                : q == 1;
+      if (mine) n += p.numel;
+    }
+    char layers[32];
+    std::snprintf(layers, sizeof layers, "%d-%d", static_cast<int>(first), static_cast<int>(last - 1));
+    std::string grouped = std::to_string(n);
+    for (int i = static_cast<int>(grouped.size()) - 3; i > 0; i -= 3) grouped.insert(static_cast<size_t>(i), ",");
+    const std::regex row("\n  " + std::to_string(q) + " +" + layers + " +" + grouped + " +([0-9.]+) GiB");
+    std::smatch m;
+    ASSERT_TRUE(std::regex_search(out, m, row)) << "stage " << q << " should hold " << grouped << ":\n" << out;
+    EXPECT_NEAR(std::stod(m[1]), 8.0 * n / (1 << 30), 0.006) << out;
+  }
+  EXPECT_NE(out.find("layout: PP 2 x DP 2 (EP 2, expert-DP 1) = 4 ranks"), std::string::npos) << out;
 }
 
 }  // namespace
