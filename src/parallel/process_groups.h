@@ -84,7 +84,6 @@ struct ProcessGroups {
   // Every group of kind g (the whole partition of the ranks), as RankGrid::groups.
   std::vector<std::vector<int>> all_groups(Group g) const;
 
-  bool data_parallel_only() const { return tp == 1 && cp == 1 && ep == 1 && pp == 1; }
   bool is_last_rank() const { return rank == world - 1; }  // Megatron's print_rank_last / TensorBoard writer
   bool is_first_rank() const { return rank == 0; }         // tracker file, dataset index builds
   // "world 8: tp 1, cp 1, dp 8, pp 1; expert grid etp 1, ep 8, edp 1"
