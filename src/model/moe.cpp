@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "core/profile.h"
+#include "kernels/cpu/gemm.h"
 #include "kernels/cpu/swiglu.h"
 #include "model/config.h"
 
@@ -15,6 +16,10 @@ namespace {
 
 // bf16 experts: the weights (gate and up stacked per expert, so one GEMM gives both) and the activations are
 // converted to bf16 once per layer and step, and reused by the backward; results equal the per-GEMM conversions.
+// Their GEMMs run with oneDNN runtime dimensions (GemmVaryingRows): an expert's row count changes every step and
+// an exact-shape primitive would be re-created each time (in real training 1.27x slower steps on proxy-cpu).
+// The fp32 path, dsv3's verification mode, keeps exact-shape primitives: their rows do not depend on the row
+// count of the GEMM, so parallel layouts reproduce the serial run to ~1e-7 (runtime-dimension GEMMs reach 1e-6).
 void experts_forward_bf16(const MoeConfig& c, const MoeParams& p, MoeActs& a) {
   const int64_t d = c.hidden, f = c.ffn, e_n = c.local_experts(), r_n = a.dispatch.offsets_L1.back();
   const Precision bf = Precision::kBF16;
@@ -32,6 +37,7 @@ void experts_forward_bf16(const MoeConfig& c, const MoeParams& p, MoeActs& a) {
   for (int64_t e = 0; e < e_n; ++e) {
     const int64_t o = a.dispatch.offsets_L1[e], n = a.dispatch.offsets_L1[e + 1] - o;
     if (n == 0) continue;
+    const GemmVaryingRows varying_rows;  // n changes every step (see the top of this file)
     linear_forward_op(x + o * d, &a.w_gu_bf[e * 2 * f * d], &a.a_RF[o * 2 * f], n, d, 2 * f, bf);
   }
   swiglu_forward_general(a.a_RF.data(), a.a_RF.data() + f, 2 * f, a.prob_R.data(), a.z_RF.data(), r_n, f);
@@ -40,6 +46,7 @@ void experts_forward_bf16(const MoeConfig& c, const MoeParams& p, MoeActs& a) {
   for (int64_t e = 0; e < e_n; ++e) {
     const int64_t o = a.dispatch.offsets_L1[e], n = a.dispatch.offsets_L1[e + 1] - o;
     if (n == 0) continue;
+    const GemmVaryingRows varying_rows;  // n changes every step (see the top of this file)
     linear_forward_op(z + o * f, &a.w_down_bf[e * d * f], &a.y_RD[o * d], n, f, d, bf);
   }
 }
@@ -54,6 +61,7 @@ void experts_backward_bf16(const MoeConfig& c, MoeGrads& g, MoeActs& a) {
   for (int64_t e = 0; e < e_n; ++e) {
     const int64_t o = a.dispatch.offsets_L1[e], n = a.dispatch.offsets_L1[e + 1] - o;
     if (n == 0) continue;
+    const GemmVaryingRows varying_rows;  // n changes every step (see the top of this file)
     linear_backward_weight_op(dy + o * d, z + o * f, g.down_proj_EDF + e * d * f, n, f, d, bf);
     linear_backward_input_op(dy + o * d, &a.w_down_bf[e * d * f], &a.dz_RF[o * f], n, f, d, bf);
   }
@@ -65,6 +73,7 @@ void experts_backward_bf16(const MoeConfig& c, MoeGrads& g, MoeActs& a) {
   for (int64_t e = 0; e < e_n; ++e) {
     const int64_t o = a.dispatch.offsets_L1[e], n = a.dispatch.offsets_L1[e + 1] - o;
     if (n == 0) continue;
+    const GemmVaryingRows varying_rows;  // n changes every step (see the top of this file)
     linear_backward_weight_op(dab + o * 2 * f, x + o * d, g.gate_proj_EFD + e * f * d, n, d, f, bf, 2 * f);
     linear_backward_weight_op(dab + o * 2 * f + f, x + o * d, g.up_proj_EFD + e * f * d, n, d, f, bf, 2 * f);
     linear_backward_input_op(dab + o * 2 * f, &a.w_gu_bf[e * 2 * f * d], &a.dx_RD[o * d], n, d, 2 * f, bf);

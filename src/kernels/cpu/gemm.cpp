@@ -15,7 +15,9 @@ namespace {
 
 using dt = dnnl::memory::data_type;
 
-dt to_dnnl(GemmType t) { return t == GemmType::kF32 ? dt::f32 : dt::bf16; }
+dt to_dnnl(GemmType t) {
+  return t == GemmType::kF32 ? dt::f32 : dt::bf16;
+}
 
 struct Key {
   int64_t m, n, k, lda, ldb, ldc;
@@ -38,12 +40,24 @@ dnnl::engine& engine() {
   return e;
 }
 
+thread_local bool t_varying_rows = false;
+
+using dims = dnnl::memory::dims;
+
+// Row-major A[M,K]: strides {lda, 1}; stored transposed ([K,M]): strides {1, lda}. m or k may be
+// DNNL_RUNTIME_DIM_VAL (a primitive for every size).
+dnnl::memory::desc a_desc(const Key& key, int64_t m, int64_t k) {
+  return dnnl::memory::desc({m, k}, to_dnnl(key.ab), key.ta ? dims{1, key.lda} : dims{key.lda, 1});
+}
+dnnl::memory::desc b_desc(const Key& key, int64_t k) {
+  return dnnl::memory::desc({k, key.n}, to_dnnl(key.ab), key.tb ? dims{1, key.ldb} : dims{key.ldb, 1});
+}
+dnnl::memory::desc c_desc(const Key& key, int64_t m) {
+  return dnnl::memory::desc({m, key.n}, to_dnnl(key.c), dims{key.ldc, 1});
+}
+
 Prim make_prim(const Key& key) {
-  using dims = dnnl::memory::dims;
-  // Row-major A[M,K]: strides {lda, 1}; stored transposed ([K,M]): strides {1, lda}.
-  dnnl::memory::desc a({key.m, key.k}, to_dnnl(key.ab), key.ta ? dims{1, key.lda} : dims{key.lda, 1});
-  dnnl::memory::desc b({key.k, key.n}, to_dnnl(key.ab), key.tb ? dims{1, key.ldb} : dims{key.ldb, 1});
-  dnnl::memory::desc c({key.m, key.n}, to_dnnl(key.c), dims{key.ldc, 1});
+  const dnnl::memory::desc a = a_desc(key, key.m, key.k), b = b_desc(key, key.k), c = c_desc(key, key.m);
   dnnl::primitive_attr attr;
   if (key.alpha != 1.f) attr.set_output_scales(0, {key.alpha});
   if (key.beta != 0.f) {
@@ -52,12 +66,13 @@ Prim make_prim(const Key& key) {
     attr.set_post_ops(po);
   }
   dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, c), attr, engine());
-  Prim p{dnnl::matmul(pd),
-         dnnl::memory(a, engine(), DNNL_MEMORY_NONE),
-         dnnl::memory(b, engine(), DNNL_MEMORY_NONE),
-         dnnl::memory(c, engine(), DNNL_MEMORY_NONE),
-         {}};
-  p.args = {{DNNL_ARG_SRC, p.a}, {DNNL_ARG_WEIGHTS, p.b}, {DNNL_ARG_DST, p.c}};
+  Prim p{dnnl::matmul(pd), {}, {}, {}, {}};
+  if (key.m != DNNL_RUNTIME_DIM_VAL) {  // exact shape: memory objects made once, rebound per call
+    p.a = dnnl::memory(a, engine(), DNNL_MEMORY_NONE);
+    p.b = dnnl::memory(b, engine(), DNNL_MEMORY_NONE);
+    p.c = dnnl::memory(c, engine(), DNNL_MEMORY_NONE);
+    p.args = {{DNNL_ARG_SRC, p.a}, {DNNL_ARG_WEIGHTS, p.b}, {DNNL_ARG_DST, p.c}};
+  }
   return p;
 }
 
@@ -89,8 +104,10 @@ ThreadCache& thread_cache() {
 
 template <typename T>
 float load(const void* p, int64_t i) {
-  if constexpr (std::is_same_v<T, float>) return static_cast<const float*>(p)[i];
-  else return to_float(static_cast<const bf16*>(p)[i]);
+  if constexpr (std::is_same_v<T, float>)
+    return static_cast<const float*>(p)[i];
+  else
+    return to_float(static_cast<const bf16*>(p)[i]);
 }
 
 }  // namespace
@@ -102,14 +119,37 @@ void gemm(const GemmArgs& g) {
     gemm_reference(g);
     return;
   }
-  const Key key{g.m, g.n, g.k, g.lda, g.ldb, g.ldc, g.trans_a, g.trans_b, g.ab_type, g.c_type, g.alpha, g.beta};
   ThreadCache& tc = thread_cache();
+  if (t_varying_rows) {
+    // One primitive for every M and K of this class; the memory objects carry this call's sizes.
+    const int64_t rt = DNNL_RUNTIME_DIM_VAL;
+    const Key key{rt,        g.n,       rt,        g.lda,    g.ldb,   g.ldc,
+                  g.trans_a, g.trans_b, g.ab_type, g.c_type, g.alpha, g.beta};
+    Prim& p = tc.get(key);
+    const Key sized{g.m,       g.n,       g.k,       g.lda,    g.ldb,   g.ldc,
+                    g.trans_a, g.trans_b, g.ab_type, g.c_type, g.alpha, g.beta};
+    dnnl::memory a(a_desc(sized, g.m, g.k), engine(), const_cast<void*>(g.a));
+    dnnl::memory b(b_desc(sized, g.k), engine(), const_cast<void*>(g.b));
+    dnnl::memory c(c_desc(sized, g.m), engine(), g.c);
+    p.matmul.execute(tc.stream, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
+    tc.stream.wait();
+    return;
+  }
+  const Key key{g.m,       g.n,       g.k,       g.lda,    g.ldb,   g.ldc,
+                g.trans_a, g.trans_b, g.ab_type, g.c_type, g.alpha, g.beta};
   Prim& p = tc.get(key);
   p.a.set_data_handle(const_cast<void*>(g.a));
   p.b.set_data_handle(const_cast<void*>(g.b));
   p.c.set_data_handle(g.c);
   p.matmul.execute(tc.stream, p.args);
   tc.stream.wait();
+}
+
+GemmVaryingRows::GemmVaryingRows() : was_(t_varying_rows) {
+  t_varying_rows = true;
+}
+GemmVaryingRows::~GemmVaryingRows() {
+  t_varying_rows = was_;
 }
 void gemm_reference(const GemmArgs& g) {
   for (int64_t i = 0; i < g.m; ++i) {

@@ -1,6 +1,7 @@
 // Matrix multiply for every linear layer: C[M,N] = alpha * op(A)[M,K] * op(B)[K,N] + beta * C, row-major with
-// leading dimensions. op(X) is X or X^T. A and B share a dtype (fp32, or bf16 with fp32 accumulation); C is fp32
-// or bf16. The fast path is oneDNN's matmul (primitives cached by shape); gemm_reference is the test oracle.
+// leading dimensions. op(X) is X or X^T. A and B share a dtype (fp32, or bf16 with fp32 accumulation); C is
+// fp32 or bf16. The fast path is oneDNN's matmul (primitives cached by shape); gemm_reference is the test
+// oracle.
 #pragma once
 #include <cstdint>
 
@@ -27,6 +28,23 @@ struct GemmArgs {
 };
 
 void gemm(const GemmArgs& g);
+
+// While an instance is alive on a thread, that thread's gemm() calls use one oneDNN primitive per shape class
+// with M and K left to run time (oneDNN's runtime dimensions) instead of one primitive per exact shape. For
+// the MoE experts, whose row counts (M of the forward GEMMs, K of the weight-gradient GEMMs) change every
+// step: creating a primitive costs about as much as running it (~0.5 ms for a 512×512×512 bf16 GEMM here),
+// and a step would pay that for every expert GEMM. Measured: the runtime-dimension primitive runs as fast as
+// the exact-shape one there.
+class GemmVaryingRows {
+ public:
+  GemmVaryingRows();
+  ~GemmVaryingRows();
+  GemmVaryingRows(const GemmVaryingRows&) = delete;
+  GemmVaryingRows& operator=(const GemmVaryingRows&) = delete;
+
+ private:
+  bool was_;
+};
 void gemm_reference(const GemmArgs& g);
 
 // Common shapes: y[M,N] (+)= x[M,K] * w[N,K]^T (a linear layer with weight [out,in]) in fp32.
