@@ -32,11 +32,12 @@ def main():
     cfg.pop("dsv3_semantics", None)
     model = DeepseekV3ForCausalLM(DeepseekV3Config(**cfg)).float().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if a.optimizer else None
-    ids = torch.randint(0, cfg["vocab_size"], (a.batch, a.seq + 1))
-    x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+    # A fresh batch every step, as in training: the routing (so every expert's row count) changes each step.
+    batches = [torch.randint(0, cfg["vocab_size"], (a.batch, a.seq + 1)) for _ in range(a.warmup + a.steps)]
     for prec in a.precisions.split(","):
         times = []
         for i in range(a.warmup + a.steps):
+            x, y = batches[i][:, :-1].contiguous(), batches[i][:, 1:].contiguous()
             t0 = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=(prec == "bf16")):
                 logits = model(input_ids=x).logits

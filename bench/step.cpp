@@ -1,5 +1,6 @@
 // bench_step: one DeepSeek-V3 training step (zero_grads + forward + backward) on the CPU, timed, with the
-// model's training FLOPs, the measured oneDNN GEMM roofline of this machine, MFU and a per-operator breakdown.
+// model's training FLOPs, the measured oneDNN GEMM roofline of this machine, MFU and a per-operator
+// breakdown.
 //
 //   ./build/bench_step [--config examples/deepseek/configs/proxy-cpu.json] [--batch 8] [--seq 256]
 //                      [--threads 2] [--warmup 1] [--steps 3] [--precisions bf16,fp32] [--no-profile]
@@ -10,17 +11,20 @@
 // FLOPs per token (spec deepseek-v3-architecture §6; a multiply-add is 2 FLOPs, backward = 2× forward):
 //   A     = d·q_lora + q_lora·H·(dn+dr) + d·(kv_lora+dr) + kv_lora·H·(dn+dv) + H·dv·d        (MLA matmuls;
 //           q_lora = 0: d·H·(dn+dr) instead of the first two)
-//   N_mm  = L·A + n_dense·3·d·F + n_moe·(K·3·d·Fm + N_s·3·d·Fm + E·d) + V·d            (router and head included,
+//   N_mm  = L·A + n_dense·3·d·F + n_moe·(K·3·d·Fm + N_s·3·d·Fm + E·d) + V·d            (router and head
+//   included,
 //           embedding lookup excluded)
-//   F_att = L·(2·H·(dn+dr) + 2·H·dv)·S_eff, S_eff = (S+1)/2: QKᵀ and PV counted causally (the exact mean number
+//   F_att = L·(2·H·(dn+dr) + 2·H·dv)·S_eff, S_eff = (S+1)/2: QKᵀ and PV counted causally (the exact mean
+//   number
 //           of keys a query sees), not the full S² square
-//   MTP (D depths, each: eh_proj 2d·d, one MoE/dense layer, the shared head): D·(2d² + layer + V·d) more matmul
+//   MTP (D depths, each: eh_proj 2d·d, one MoE/dense layer, the shared head): D·(2d² + layer + V·d) more
+//   matmul
 //           params and D more attention layers.
 //   train = 6·N_mm + 3·F_att.
-// Megatron's num_floating_point_operations (megatron-deepseek-system §5.1) differs only in small terms: it adds
-// the RMSNorm weights (the "+1"s), leaves the router out, and counts attention as S/2 instead of (S+1)/2. Both
-// are printed; MFU is reported with Megatron's formula (DESIGN.md, Performance), against the measured bf16 GEMM
-// roofline.
+// Megatron's num_floating_point_operations (megatron-deepseek-system §5.1) differs only in small terms: it
+// adds the RMSNorm weights (the "+1"s), leaves the router out, and counts attention as S/2 instead of
+// (S+1)/2. Both are printed; MFU is reported with Megatron's formula (DESIGN.md, Performance), against the
+// measured bf16 GEMM roofline.
 #include <omp.h>
 #include <sys/resource.h>
 
@@ -70,8 +74,8 @@ Flops flops_per_token(const ModelConfig& c, int64_t S, bool mtp) {
                Fm = c.moe_intermediate_size, K = c.num_experts_per_tok, E = c.n_routed_experts,
                Ns = c.n_shared_experts, V = c.vocab_size;
   const int64_t D = mtp ? c.num_nextn_predict_layers : 0;
-  const double A = (ql > 0 ? d * ql + ql * H * (dn + dr) : d * H * (dn + dr)) + d * (kvl + dr) + kvl * H * (dn + dv) +
-                   H * dv * d;
+  const double A = (ql > 0 ? d * ql + ql * H * (dn + dr) : d * H * (dn + dr)) + d * (kvl + dr) +
+                   kvl * H * (dn + dv) + H * dv * d;
   const double moe_mm = K * 3 * d * Fm + Ns * 3 * d * Fm + E * d, dense_mm = 3 * d * F;
   double n_mm = V * d, layers = 0;
   for (int64_t i = 0; i < c.num_hidden_layers + D; ++i) {
@@ -91,10 +95,12 @@ Flops flops_per_token(const ModelConfig& c, int64_t S, bool mtp) {
   const double shared = Ns * Fm;
   const double qk = dn, qkpe = dr, v = dv;
   const double q_term = ql > 0 ? ql * (d + H * (qk + qkpe) + 1) : d * H * (qk + qkpe);
-  f.megatron = 12 * L * d * (F * 1.5 * (l_dense / L) + Fm * K * 1.5 * (l_moe / L) + shared * 1.5 * (l_moe / L)) +
-               6 * L * (q_term + kvl * (d + H * (qk + v) + 1) + d * qkpe + H * v * d + s * H * (qk + qkpe) / 2 +
-                        s * H * v / 2) +
-               6 * D * (3 * d + 2 * d * d) + 6 * d * V * (D + 1);
+  f.megatron =
+      12 * L * d * (F * 1.5 * (l_dense / L) + Fm * K * 1.5 * (l_moe / L) + shared * 1.5 * (l_moe / L)) +
+      6 * L *
+          (q_term + kvl * (d + H * (qk + v) + 1) + d * qkpe + H * v * d + s * H * (qk + qkpe) / 2 +
+           s * H * v / 2) +
+      6 * D * (3 * d + 2 * d * d) + 6 * d * V * (D + 1);
   return f;
 }
 
@@ -108,8 +114,10 @@ double gemm_roofline(GemmType t, int64_t m, int64_t n, int64_t k, int reps) {
   auto fill = [&](std::vector<uint8_t>& buf, int64_t cnt) {
     for (int64_t i = 0; i < cnt; ++i) {
       const float x = u(rng);
-      if (t == GemmType::kF32) reinterpret_cast<float*>(buf.data())[i] = x;
-      else reinterpret_cast<bf16*>(buf.data())[i] = to_bf16(x);
+      if (t == GemmType::kF32)
+        reinterpret_cast<float*>(buf.data())[i] = x;
+      else
+        reinterpret_cast<bf16*>(buf.data())[i] = to_bf16(x);
     }
   };
   fill(a, m * k), fill(b, n * k);
@@ -154,23 +162,29 @@ int main(int argc, char** argv) {
               static_cast<long long>(cfg.num_hidden_layers), static_cast<long long>(cfg.num_moe_layers()),
               static_cast<long long>(cfg.num_nextn_predict_layers), static_cast<long long>(batch),
               static_cast<long long>(seq), threads);
-  std::printf("flops: per_token ours=%.4g (causal attention, (S+1)/2 keys) megatron=%.4g (S/2)  diff=%+.2f%%"
-              "  per_step megatron=%.4g\n",
-              fpt.ours, fpt.megatron, 100.0 * (fpt.ours - fpt.megatron) / fpt.megatron, fpt.megatron * T);
+  std::printf(
+      "flops: per_token ours=%.4g (causal attention, (S+1)/2 keys) megatron=%.4g (S/2)  diff=%+.2f%%"
+      "  per_step megatron=%.4g\n",
+      fpt.ours, fpt.megatron, 100.0 * (fpt.ours - fpt.megatron) / fpt.megatron, fpt.megatron * T);
 
   const double roof_bf16 = gemm_roofline(GemmType::kBF16, 2048, 2048, 2048, 5);
   const double roof_f32 = gemm_roofline(GemmType::kF32, 2048, 2048, 2048, 3);
   std::printf("roofline: onednn_gemm_2048^3 bf16_gflops=%.1f fp32_gflops=%.1f\n", roof_bf16, roof_f32);
 
+  // A fresh batch for every step, as in training: the routing, so every expert's row count, changes each step
+  // (a repeated batch would hide the cost of shapes the GEMMs have not seen).
   std::mt19937 rng(1234);
   std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(cfg.vocab_size) - 1);
-  std::vector<int32_t> ids(T), labels(T);
-  for (int64_t b = 0; b < batch; ++b) {
-    std::vector<int32_t> row(seq + 1);
-    for (auto& x : row) x = tok(rng);
-    std::copy(row.begin(), row.end() - 1, ids.begin() + b * seq);
-    std::copy(row.begin() + 1, row.end(), labels.begin() + b * seq);
-  }
+  const int n_batches = warmup + steps + 1;
+  std::vector<std::vector<int32_t>> ids(n_batches, std::vector<int32_t>(T)),
+      labels(n_batches, std::vector<int32_t>(T));
+  for (int i = 0; i < n_batches; ++i)
+    for (int64_t b = 0; b < batch; ++b) {
+      std::vector<int32_t> row(seq + 1);
+      for (auto& x : row) x = tok(rng);
+      std::copy(row.begin(), row.end() - 1, ids[i].begin() + b * seq);
+      std::copy(row.begin() + 1, row.end(), labels[i].begin() + b * seq);
+    }
 
   size_t pos = 0;
   while (pos <= precisions.size()) {
@@ -187,12 +201,14 @@ int main(int argc, char** argv) {
     opt.precision = prec == "bf16" ? Precision::kBF16 : Precision::kF32;
     Model model(cfg, opt);
     model.init(1234);
+    int next = 0;
     auto step = [&] {
       {
         DSV3_PROFILE("zero_grads");
         model.zero_grads();
       }
-      const ForwardStats st = model.forward(ids.data(), labels.data(), batch, seq, true);
+      const int i = next++ % n_batches;
+      const ForwardStats st = model.forward(ids[i].data(), labels[i].data(), batch, seq, true);
       std::vector<float> mtp_scales;
       for (int64_t n : st.mtp_tokens) mtp_scales.push_back(n > 0 ? 0.1f / n : 0.f);
       model.backward(1.f / static_cast<float>(st.lm_tokens), 0.f, mtp_scales);
