@@ -1,9 +1,10 @@
-// RMSNorm fast path: rows in parallel for the forward and dx; dw in parallel over column blocks, each block
-// summing all tokens in order (deterministic for any thread count, no scratch).
+// RMSNorm fast path: rows in parallel; the backward reads dy and x once, dw summed from fixed row-block
+// partials in block order (deterministic for any thread count).
 #include "kernels/cpu/rmsnorm.h"
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "core/error.h"
 
@@ -12,7 +13,7 @@ namespace {
 
 // Below this many elements the OpenMP fork costs more than the loop.
 constexpr int64_t kParallelMin = 1 << 15;
-constexpr int64_t kColBlock = 64;
+constexpr int64_t kRowBlock = 32;  // rows per partial dw in the backward
 
 void check_args(int64_t t, int64_t d, const char* what) {
   DSV3_CHECK(t >= 0 && d > 0, what, ": bad shape t=", t, " d=", d);
@@ -47,40 +48,50 @@ void rmsnorm_backward_strided(const float* dy, int64_t ld_dy, const float* x, in
   DSV3_CHECK(ld_dy >= d && ld_x >= d && ld_dx >= d, "rmsnorm_backward: row stride smaller than d=", d);
   DSV3_CHECK(beta == 0.f || beta == 1.f, "rmsnorm_backward: beta must be 0 or 1, got ", beta);
   const bool par = t * d >= kParallelMin;
-  // dw first: dx may alias dy.
-  if (dw) {
-    const int64_t nblk = (d + kColBlock - 1) / kColBlock;
-#pragma omp parallel for schedule(static) if (par)
-    for (int64_t b = 0; b < nblk; ++b) {
-      const int64_t j0 = b * kColBlock, n = std::min(kColBlock, d - j0);
-      float acc[kColBlock] = {};
-      for (int64_t i = 0; i < t; ++i) {
-        const float* dyr = dy + i * ld_dy + j0;
-        const float* xr = x + i * ld_x + j0;
-        const float r = rstd[i];
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) acc[j] += dyr[j] * (xr[j] * r);
-      }
-      for (int64_t j = 0; j < n; ++j) dw[j0 + j] += acc[j];
-    }
-  }
+  // One pass over dy and x: blocks of kRowBlock rows, each writing its rows' dx and its own partial dw; the
+  // partials are then summed in block order. The block boundaries do not depend on the thread count, so
+  // neither does the result.
+  const int64_t nblk = (t + kRowBlock - 1) / kRowBlock;
+  thread_local std::vector<float> partial;
+  if (dw && static_cast<int64_t>(partial.size()) < nblk * d) partial.resize(nblk * d);
+  float* part = dw ? partial.data() : nullptr;
   const float inv_d = 1.f / static_cast<float>(d);
 #pragma omp parallel for schedule(static) if (par)
-  for (int64_t i = 0; i < t; ++i) {
-    const float* dyr = dy + i * ld_dy;
-    const float* xr = x + i * ld_x;
-    float* dxr = dx + i * ld_dx;
-    const float r = rstd[i];
-    float s = 0.f;
+  for (int64_t blk = 0; blk < nblk; ++blk) {
+    float* pw = part ? part + blk * d : nullptr;
+    if (pw) std::fill(pw, pw + d, 0.f);
+    for (int64_t i = blk * kRowBlock; i < std::min(t, (blk + 1) * kRowBlock); ++i) {
+      const float* dyr = dy + i * ld_dy;
+      const float* xr = x + i * ld_x;
+      float* dxr = dx + i * ld_dx;
+      const float r = rstd[i];
+      float s = 0.f;
+      if (pw) {  // dw before dx: dx may alias dy
 #pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < d; ++j) s += w[j] * dyr[j] * xr[j];
-    const float c = r * r * r * s * inv_d;
-    if (beta == 0.f) {
+        for (int64_t j = 0; j < d; ++j) {
+          pw[j] += dyr[j] * (xr[j] * r);
+          s += w[j] * dyr[j] * xr[j];
+        }
+      } else {
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < d; ++j) s += w[j] * dyr[j] * xr[j];
+      }
+      const float c = r * r * r * s * inv_d;
+      if (beta == 0.f) {
 #pragma omp simd
-      for (int64_t j = 0; j < d; ++j) dxr[j] = r * (w[j] * dyr[j]) - xr[j] * c;
-    } else {
+        for (int64_t j = 0; j < d; ++j) dxr[j] = r * (w[j] * dyr[j]) - xr[j] * c;
+      } else {
 #pragma omp simd
-      for (int64_t j = 0; j < d; ++j) dxr[j] += r * (w[j] * dyr[j]) - xr[j] * c;
+        for (int64_t j = 0; j < d; ++j) dxr[j] += r * (w[j] * dyr[j]) - xr[j] * c;
+      }
+    }
+  }
+  if (dw) {
+#pragma omp parallel for schedule(static) if (par)
+    for (int64_t j = 0; j < d; ++j) {
+      float acc = 0.f;
+      for (int64_t blk = 0; blk < nblk; ++blk) acc += part[blk * d + j];
+      dw[j] += acc;
     }
   }
 }
