@@ -263,7 +263,19 @@ void moe_backward(const MoeConfig& c, const MoeParams& p, MoeActs& a, const floa
     }
   }
   DSV3_PROFILE_END(bwd_experts);
-  ep_combine_grad(c.ep, a.dispatch, a.dx_RD.data(), a.dprob_R.data(), dx, dx_beta, a.dweight_TK.data());
+  if (dx_beta == 0.f) {
+    ep_combine_grad(c.ep, a.dispatch, a.dx_RD.data(), a.dprob_R.data(), dx, 0.f, a.dweight_TK.data());
+  } else {
+    // The routed rows are summed per token first, then added to what is already in dx (the shared expert's part):
+    // the order the allgather dispatcher's reduce-scatter imposes, so every dispatcher and layout adds the same
+    // terms in the same order (exactly, for top-2 routing).
+    a.dx_routed_TD.resize(t * d);
+    ep_combine_grad(c.ep, a.dispatch, a.dx_RD.data(), a.dprob_R.data(), a.dx_routed_TD.data(), 0.f,
+                    a.dweight_TK.data());
+    const float* r = a.dx_routed_TD.data();
+#pragma omp parallel for simd schedule(static) if (t * d > 65536)
+    for (int64_t i = 0; i < t * d; ++i) dx[i] += r[i];
+  }
   DSV3_PROFILE("bwd.moe.router");
   RouterGrads rg{g.gate_w_ED};
   router_backward(c.router, {p.gate_w_ED, p.expert_bias_E}, x, d, a.router, a.dweight_TK.data(), aux_grad, rg,

@@ -120,7 +120,7 @@ struct MoeActs {
   std::vector<float> y_RD;                 // expert outputs (already weighted)
   MlpActs shared;                          // shared expert
   // backward scratch
-  std::vector<float> dy_RD, dz_RF, da_RF, db_RF, dx_RD, dprob_R, dweight_TK;
+  std::vector<float> dy_RD, dz_RF, da_RF, db_RF, dx_RD, dprob_R, dweight_TK, dx_routed_TD;
   MlpScratch shared_scratch;
   LinearScratch lin;
   // bf16 fast path (MoeConfig::precision == kBF16): every operand converted once per step and shared by the
