@@ -5,6 +5,8 @@
 // moe_permute.h) parallelise themselves.
 #include "model/moe.h"
 
+#include <optional>
+
 #include "core/error.h"
 #include "core/profile.h"
 #include "kernels/cpu/gemm.h"
@@ -14,12 +16,29 @@
 namespace dsv3 {
 namespace {
 
+// f(e, o, n) for each local expert e that has rows (its rows are [o, o + n)), experts spread over the
+// threads, each GEMM on one thread (see the top of this file). varying_rows: the bf16 GEMMs' runtime
+// dimensions (below).
+template <typename F>
+void for_each_expert(const DispatchState& s, bool varying_rows, F&& f) {
+  const int64_t e_n = static_cast<int64_t>(s.offsets_L1.size()) - 1;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t e = 0; e < e_n; ++e) {
+    const int64_t o = s.offsets_L1[e], n = s.offsets_L1[e + 1] - o;
+    if (n == 0) continue;
+    std::optional<GemmVaryingRows> rows;  // n changes every step
+    if (varying_rows) rows.emplace();
+    f(e, o, n);
+  }
+}
+
 // bf16 experts: the weights (gate and up stacked per expert, so one GEMM gives both) and the activations are
-// converted to bf16 once per layer and step, and reused by the backward; results equal the per-GEMM conversions.
-// Their GEMMs run with oneDNN runtime dimensions (GemmVaryingRows): an expert's row count changes every step and
-// an exact-shape primitive would be re-created each time (in real training 1.27x slower steps on proxy-cpu).
-// The fp32 path, dsv3's verification mode, keeps exact-shape primitives: their rows do not depend on the row
-// count of the GEMM, so parallel layouts reproduce the serial run to ~1e-7 (runtime-dimension GEMMs reach 1e-6).
+// converted to bf16 once per layer and step, and reused by the backward; results equal the per-GEMM
+// conversions. Their GEMMs run with oneDNN runtime dimensions (GemmVaryingRows): an expert's row count
+// changes every step and an exact-shape primitive would be re-created each time (in real training 1.27x
+// slower steps on proxy-cpu). The fp32 path, dsv3's verification mode, keeps exact-shape primitives: their
+// rows do not depend on the row count of the GEMM, so parallel layouts reproduce the serial run to ~1e-7
+// (runtime-dimension GEMMs reach 1e-6).
 void experts_forward_bf16(const MoeConfig& c, const MoeParams& p, MoeActs& a) {
   const int64_t d = c.hidden, f = c.ffn, e_n = c.local_experts(), r_n = a.dispatch.offsets_L1.back();
   const Precision bf = Precision::kBF16;
@@ -33,51 +52,35 @@ void experts_forward_bf16(const MoeConfig& c, const MoeParams& p, MoeActs& a) {
   }
   a.a_RF.resize(r_n * 2 * f);
   const bf16* x = static_cast<const bf16*>(linear_operand(a.x_RD.data(), r_n * d, bf, a.x_bf));
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t e = 0; e < e_n; ++e) {
-    const int64_t o = a.dispatch.offsets_L1[e], n = a.dispatch.offsets_L1[e + 1] - o;
-    if (n == 0) continue;
-    const GemmVaryingRows varying_rows;  // n changes every step (see the top of this file)
+  for_each_expert(a.dispatch, true, [&](int64_t e, int64_t o, int64_t n) {
     linear_forward_op(x + o * d, &a.w_gu_bf[e * 2 * f * d], &a.a_RF[o * 2 * f], n, d, 2 * f, bf);
-  }
+  });
   swiglu_forward_general(a.a_RF.data(), a.a_RF.data() + f, 2 * f, a.prob_R.data(), a.z_RF.data(), r_n, f);
   const bf16* z = static_cast<const bf16*>(linear_operand(a.z_RF.data(), r_n * f, bf, a.z_bf));
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t e = 0; e < e_n; ++e) {
-    const int64_t o = a.dispatch.offsets_L1[e], n = a.dispatch.offsets_L1[e + 1] - o;
-    if (n == 0) continue;
-    const GemmVaryingRows varying_rows;  // n changes every step (see the top of this file)
+  for_each_expert(a.dispatch, true, [&](int64_t e, int64_t o, int64_t n) {
     linear_forward_op(z + o * f, &a.w_down_bf[e * d * f], &a.y_RD[o * d], n, f, d, bf);
-  }
+  });
 }
 
 void experts_backward_bf16(const MoeConfig& c, MoeGrads& g, MoeActs& a) {
-  const int64_t d = c.hidden, f = c.ffn, e_n = c.local_experts(), r_n = a.dispatch.offsets_L1.back();
+  const int64_t d = c.hidden, f = c.ffn, r_n = a.dispatch.offsets_L1.back();
   const Precision bf = Precision::kBF16;
   const bf16* dy = static_cast<const bf16*>(linear_operand(a.dy_RD.data(), r_n * d, bf, a.dy_bf));
   const bf16* z = a.z_bf.data();
   const bf16* x = a.x_bf.data();
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t e = 0; e < e_n; ++e) {
-    const int64_t o = a.dispatch.offsets_L1[e], n = a.dispatch.offsets_L1[e + 1] - o;
-    if (n == 0) continue;
-    const GemmVaryingRows varying_rows;  // n changes every step (see the top of this file)
+  for_each_expert(a.dispatch, true, [&](int64_t e, int64_t o, int64_t n) {
     linear_backward_weight_op(dy + o * d, z + o * f, g.down_proj_EDF + e * d * f, n, f, d, bf);
     linear_backward_input_op(dy + o * d, &a.w_down_bf[e * d * f], &a.dz_RF[o * f], n, f, d, bf);
-  }
+  });
   a.da_RF.resize(r_n * 2 * f);
   swiglu_backward_general(a.dz_RF.data(), a.a_RF.data(), a.a_RF.data() + f, 2 * f, a.prob_R.data(),
                           a.da_RF.data(), a.da_RF.data() + f, 2 * f, a.dprob_R.data(), r_n, f);
   const bf16* dab = static_cast<const bf16*>(linear_operand(a.da_RF.data(), r_n * 2 * f, bf, a.dab_bf));
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t e = 0; e < e_n; ++e) {
-    const int64_t o = a.dispatch.offsets_L1[e], n = a.dispatch.offsets_L1[e + 1] - o;
-    if (n == 0) continue;
-    const GemmVaryingRows varying_rows;  // n changes every step (see the top of this file)
+  for_each_expert(a.dispatch, true, [&](int64_t e, int64_t o, int64_t n) {
     linear_backward_weight_op(dab + o * 2 * f, x + o * d, g.gate_proj_EFD + e * f * d, n, d, f, bf, 2 * f);
     linear_backward_weight_op(dab + o * 2 * f + f, x + o * d, g.up_proj_EFD + e * f * d, n, d, f, bf, 2 * f);
     linear_backward_input_op(dab + o * 2 * f, &a.w_gu_bf[e * 2 * f * d], &a.dx_RD[o * d], n, d, 2 * f, bf);
-  }
+  });
 }
 
 }  // namespace
@@ -168,10 +171,15 @@ void moe_forward(const MoeConfig& c, const MoeParams& p, const float* x, int64_t
     router_forward(c.router, {p.gate_w_ED, p.expert_bias_E}, x, t, d, batch, training, a.router);
   }
   const bool padded = c.router.pad_to_capacity && c.ep.size() > 1 && c.ep.type == DispatcherType::kAllToAll;
-  const Routing routing{a.router.idx_TK.data(), a.router.kept_TK.data(), a.router.weight_TK.data(),
-                        padded ? a.router.tokens_per_expert_E.data() : nullptr, t, k_n, c.router.num_experts};
+  const Routing routing{a.router.idx_TK.data(),
+                        a.router.kept_TK.data(),
+                        a.router.weight_TK.data(),
+                        padded ? a.router.tokens_per_expert_E.data() : nullptr,
+                        t,
+                        k_n,
+                        c.router.num_experts};
   ep_dispatch(c.ep, routing, x, d, a.dispatch, a.x_RD, a.prob_R);
-  const int64_t r_n = a.dispatch.offsets_L1.back(), e_n = c.local_experts();
+  const int64_t r_n = a.dispatch.offsets_L1.back();
   a.a_RF.resize(r_n * f);
   a.b_RF.resize(r_n * f);
   a.z_RF.resize(r_n * f);
@@ -181,22 +189,16 @@ void moe_forward(const MoeConfig& c, const MoeParams& p, const float* x, int64_t
   if (c.precision == Precision::kBF16) {
     experts_forward_bf16(c, p, a);
   } else {
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t e = 0; e < e_n; ++e) {
-      const int64_t o = a.dispatch.offsets_L1[e], n = a.dispatch.offsets_L1[e + 1] - o;
-      if (n == 0) continue;
+    for_each_expert(a.dispatch, false, [&](int64_t e, int64_t o, int64_t n) {
       linear_forward(&a.x_RD[o * d], p.gate_proj_EFD + e * f * d, &a.a_RF[o * f], n, d, f, c.precision,
                      a.lin);
       linear_forward(&a.x_RD[o * d], p.up_proj_EFD + e * f * d, &a.b_RF[o * f], n, d, f, c.precision, a.lin);
-    }
+    });
     swiglu_scaled_forward(a.a_RF.data(), a.b_RF.data(), a.prob_R.data(), a.z_RF.data(), r_n, f);
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t e = 0; e < e_n; ++e) {
-      const int64_t o = a.dispatch.offsets_L1[e], n = a.dispatch.offsets_L1[e + 1] - o;
-      if (n == 0) continue;
+    for_each_expert(a.dispatch, false, [&](int64_t e, int64_t o, int64_t n) {
       linear_forward(&a.z_RF[o * f], p.down_proj_EDF + e * d * f, &a.y_RD[o * d], n, f, d, c.precision,
                      a.lin);
-    }
+    });
   }
   DSV3_PROFILE_END(fwd_experts);
   // Routed sum first, then the shared expert added on top (HF's order).
@@ -214,7 +216,7 @@ void moe_backward(const MoeConfig& c, const MoeParams& p, MoeActs& a, const floa
              "moe_backward: null gradients");
   DSV3_CHECK(c.n_shared == 0 || (g.shared_gate_SD && g.shared_up_SD && g.shared_down_DS),
              "moe_backward: null shared expert gradients");
-  const int64_t d = c.hidden, f = c.ffn, e_n = c.local_experts(), k_n = c.router.topk, t = a.t;
+  const int64_t d = c.hidden, f = c.ffn, k_n = c.router.topk, t = a.t;
   const float* x = a.x_TD;
   float dx_beta = beta;
   if (c.n_shared > 0 && t > 0) {
@@ -237,22 +239,16 @@ void moe_backward(const MoeConfig& c, const MoeParams& p, MoeActs& a, const floa
   if (c.precision == Precision::kBF16) {
     experts_backward_bf16(c, g, a);
   } else {
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t e = 0; e < e_n; ++e) {
-      const int64_t o = a.dispatch.offsets_L1[e], n = a.dispatch.offsets_L1[e + 1] - o;
-      if (n == 0) continue;
+    for_each_expert(a.dispatch, false, [&](int64_t e, int64_t o, int64_t n) {
       linear_backward_weight(&a.dy_RD[o * d], &a.z_RF[o * f], g.down_proj_EDF + e * d * f, n, f, d,
                              c.precision, a.lin);
       linear_backward_input(&a.dy_RD[o * d], p.down_proj_EDF + e * d * f, &a.dz_RF[o * f], n, f, d,
                             c.precision, a.lin);
-    }
+    });
     // z = silu(a)⊙b·w: the gate weight w of each row gets dw = Σ_f dz·silu(a)·b here.
     swiglu_scaled_backward(a.dz_RF.data(), a.a_RF.data(), a.b_RF.data(), a.prob_R.data(), a.da_RF.data(),
                            a.db_RF.data(), a.dprob_R.data(), r_n, f);
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t e = 0; e < e_n; ++e) {
-      const int64_t o = a.dispatch.offsets_L1[e], n = a.dispatch.offsets_L1[e + 1] - o;
-      if (n == 0) continue;
+    for_each_expert(a.dispatch, false, [&](int64_t e, int64_t o, int64_t n) {
       const float* xe = &a.x_RD[o * d];
       linear_backward_weight(&a.da_RF[o * f], xe, g.gate_proj_EFD + e * f * d, n, d, f, c.precision, a.lin);
       linear_backward_weight(&a.db_RF[o * f], xe, g.up_proj_EFD + e * f * d, n, d, f, c.precision, a.lin);
@@ -260,15 +256,15 @@ void moe_backward(const MoeConfig& c, const MoeParams& p, MoeActs& a, const floa
                             c.precision, a.lin);
       linear_backward_input(&a.db_RF[o * f], p.up_proj_EFD + e * f * d, &a.dx_RD[o * d], n, d, f, c.precision,
                             a.lin, 1.f);
-    }
+    });
   }
   DSV3_PROFILE_END(bwd_experts);
   if (dx_beta == 0.f) {
     ep_combine_grad(c.ep, a.dispatch, a.dx_RD.data(), a.dprob_R.data(), dx, 0.f, a.dweight_TK.data());
   } else {
-    // The routed rows are summed per token first, then added to what is already in dx (the shared expert's part):
-    // the order the allgather dispatcher's reduce-scatter imposes, so every dispatcher and layout adds the same
-    // terms in the same order (exactly, for top-2 routing).
+    // The routed rows are summed per token first, then added to what is already in dx (the shared expert's
+    // part): the order the allgather dispatcher's reduce-scatter imposes, so every dispatcher and layout adds
+    // the same terms in the same order (exactly, for top-2 routing).
     a.dx_routed_TD.resize(t * d);
     ep_combine_grad(c.ep, a.dispatch, a.dx_RD.data(), a.dprob_R.data(), a.dx_routed_TD.data(), 0.f,
                     a.dweight_TK.data());

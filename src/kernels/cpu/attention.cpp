@@ -53,19 +53,29 @@ bool parallel_worth_it(const AttentionShape& s) {
          (int64_t{1} << 20);
 }
 
-// A thread's scratch, carved from its float vector: `floats` fp32 elements, then `halves` bf16 elements (both
-// counted as the sums of round8(piece), as take() and take_bf16() carve them).
+// A thread's scratch, carved from its float vector: fp32 pieces first, then bf16 ones. A Carver without base
+// pointers only counts: each kernel runs its carving once that way to size the buffers, so the sizes cannot
+// drift from the carving.
 struct Carver {
-  float* f;
-  bf16* h;
-  float* take(int64_t n) { return std::exchange(f, f + round8(n)); }
-  bf16* take_bf16(int64_t n) { return std::exchange(h, h + round8(n)); }
+  float* f = nullptr;
+  bf16* h = nullptr;
+  int64_t floats = 0, halves = 0;
+  float* take(int64_t n) {
+    float* p = f ? f + floats : nullptr;
+    floats += round8(n);
+    return p;
+  }
+  bf16* take_bf16(int64_t n) {
+    bf16* p = h ? h + halves : nullptr;
+    halves += round8(n);
+    return p;
+  }
 };
-Carver thread_scratch(AttentionScratch& sc, int64_t floats, int64_t halves) {
+Carver thread_scratch(AttentionScratch& sc, const Carver& sizes) {
   auto& b = sc.thread[omp_get_thread_num()];
-  const int64_t n = floats + (halves + 1) / 2 + 16;
+  const int64_t n = sizes.floats + (sizes.halves + 1) / 2 + 16;
   if (static_cast<int64_t>(b.size()) < n) b.resize(n);
-  return {b.data(), reinterpret_cast<bf16*>(b.data() + floats)};
+  return {b.data(), reinterpret_cast<bf16*>(b.data() + sizes.floats)};
 }
 
 // One operand of the tile products: a head's rows either in place (fp32: the strided view itself) or copied
@@ -84,10 +94,20 @@ Operand head_operand(const float* src, int64_t ld_token, int64_t n, int64_t d, b
   return {buf, d};
 }
 
-// Head h of sequence b (its first token tok0) of a view as an operand, its bf16 copy carved from c.
-Operand head_of(const HeadsView& v, int64_t tok0, int64_t h, int64_t n, int64_t d, bool bf, Carver& c) {
-  return head_operand(v.p + tok0 * v.ld_token + h * v.ld_head, v.ld_token, n, d, bf,
-                      bf ? c.take_bf16(n * d) : nullptr);
+// Head h of sequence b (its first token tok0) of a view as an operand (bf16 mode: copied into buf).
+Operand head_of(const HeadsView& v, int64_t tok0, int64_t h, int64_t n, int64_t d, bool bf, bf16* buf) {
+  return head_operand(v.p + tok0 * v.ld_token + h * v.ld_head, v.ld_token, n, d, bf, buf);
+}
+
+// q, k, v and o views and the lse pointer, as both kernels take them.
+void check_qkvo(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v, const float* o_p,
+                int64_t o_ld_token, int64_t o_ld_head, const void* lse) {
+  check_shape(s);
+  check_view(q, s, s.d_qk, "q");
+  check_view(k, s, s.d_qk, "k");
+  check_view(v, s, s.d_v, "v");
+  check_view(HeadsView{o_p, o_ld_token, o_ld_head}, s, s.d_v, "o");
+  DSV3_CHECK(lse != nullptr, "attention: lse is null");
 }
 
 // C[m,n] (beta 0: =, 1: +=) op(A)[m,k]·op(B)[k,n] on one thread's operands.
@@ -111,17 +131,23 @@ const void* tile_operand(const float* x, int64_t n, bool bf, bf16* buf) {
 
 void attention_forward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v, HeadsViewMut o,
                        float* lse_BHS, Precision prec, AttentionScratch& scratch) {
-  check_shape(s);
-  check_view(q, s, s.d_qk, "q");
-  check_view(k, s, s.d_qk, "k");
-  check_view(v, s, s.d_v, "v");
-  check_view(o, s, s.d_v, "o");
-  DSV3_CHECK(lse_BHS != nullptr, "attention: lse is null");
+  check_qkvo(s, q, k, v, o.p, o.ld_token, o.ld_head, lse_BHS);
   const int64_t S = s.seq, H = s.heads, Dqk = s.d_qk, Dv = s.d_v, Bq = std::min(S, kBlock);
   const bool bf = prec == Precision::kBF16;
   const int64_t nkp = round8(Bq);  // score rows padded to whole 8-lane vectors
-  const int64_t floats = round8(Bq * nkp) + round8(Bq * Dv) + 2 * round8(Bq);
-  const int64_t halves = bf ? 2 * round8(S * Dqk) + round8(S * Dv) + round8(Bq * nkp) : 0;
+  struct Buffers {
+    float *Sb, *Ob, *mrow, *lrow;
+    bf16 *qb, *kb, *vb, *pb;  // bf16 mode only
+  };
+  auto carve = [&](Carver& c) {
+    Buffers b{c.take(Bq * nkp), c.take(Bq * Dv), c.take(Bq), c.take(Bq), nullptr, nullptr, nullptr, nullptr};
+    if (bf)
+      b.qb = c.take_bf16(S * Dqk), b.kb = c.take_bf16(S * Dqk), b.vb = c.take_bf16(S * Dv),
+      b.pb = c.take_bf16(Bq * nkp);
+    return b;
+  };
+  Carver sizes;
+  carve(sizes);
   scratch.thread.resize(std::max<size_t>(scratch.thread.size(), omp_get_max_threads()));
   const float ninf = -std::numeric_limits<float>::infinity();
 
@@ -129,11 +155,12 @@ void attention_forward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsV
 #pragma omp parallel for schedule(dynamic, 1) if (parallel_worth_it(s))
   for (int64_t bh = 0; bh < ntask; ++bh) {
     const int64_t b = bh / H, h = bh % H, tok0 = b * S;
-    Carver c = thread_scratch(scratch, floats, halves);
-    float *Sb = c.take(Bq * nkp), *Ob = c.take(Bq * Dv), *mrow = c.take(Bq), *lrow = c.take(Bq);
-    const Operand Q = head_of(q, tok0, h, S, Dqk, bf, c), K = head_of(k, tok0, h, S, Dqk, bf, c);
-    const Operand V = head_of(v, tok0, h, S, Dv, bf, c);
-    bf16* pb = bf ? c.take_bf16(Bq * nkp) : nullptr;
+    Carver c = thread_scratch(scratch, sizes);
+    const Buffers buf = carve(c);
+    float *Sb = buf.Sb, *Ob = buf.Ob, *mrow = buf.mrow, *lrow = buf.lrow;
+    const Operand Q = head_of(q, tok0, h, S, Dqk, bf, buf.qb), K = head_of(k, tok0, h, S, Dqk, bf, buf.kb);
+    const Operand V = head_of(v, tok0, h, S, Dv, bf, buf.vb);
+    bf16* pb = buf.pb;
     for (int64_t qi = 0; qi < nb; ++qi) {
       const int64_t i0 = qi * Bq, m = std::min(Bq, S - i0);
       std::fill(Ob, Ob + m * Dv, 0.f);
@@ -193,24 +220,32 @@ void attention_forward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsV
 void attention_backward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v, HeadsView o,
                         const float* lse_BHS, HeadsView do_, HeadsViewMut dq, HeadsViewMut dk,
                         HeadsViewMut dv, Precision prec, AttentionScratch& scratch) {
-  check_shape(s);
-  check_view(q, s, s.d_qk, "q");
-  check_view(k, s, s.d_qk, "k");
-  check_view(v, s, s.d_v, "v");
-  check_view(o, s, s.d_v, "o");
+  check_qkvo(s, q, k, v, o.p, o.ld_token, o.ld_head, lse_BHS);
   check_view(do_, s, s.d_v, "do");
   check_view(dq, s, s.d_qk, "dq");
   check_view(dk, s, s.d_qk, "dk");
   check_view(dv, s, s.d_v, "dv");
-  DSV3_CHECK(lse_BHS != nullptr, "attention: lse is null");
   const int64_t S = s.seq, H = s.heads, Dqk = s.d_qk, Dv = s.d_v, Bq = std::min(S, kBlock);
   const bool bf = prec == Precision::kBF16;
   const int64_t nkp = round8(Bq);
   // fp32: P and dS tiles, the dQ accumulator (linear in S), dK/dV block accumulators, D_i. bf16: the head's
   // q, k, v, dO copies and the P/dS operands.
-  const int64_t floats =
-      2 * round8(Bq * nkp) + round8(S * Dqk) + round8(Bq * Dqk) + round8(Bq * Dv) + round8(S);
-  const int64_t halves = bf ? 2 * round8(S * Dqk) + 2 * round8(S * Dv) + 2 * round8(Bq * nkp) : 0;
+  struct Buffers {
+    float *P, *dS, *dQh, *dKb, *dVb, *Drow;
+    bf16 *qb, *kb, *vb, *dob, *pb, *dsb;  // bf16 mode only
+  };
+  auto carve = [&](Carver& c) {
+    Buffers b{c.take(Bq * nkp), c.take(Bq * nkp), c.take(S * Dqk), c.take(Bq * Dqk),
+              c.take(Bq * Dv),  c.take(S),        nullptr,         nullptr,
+              nullptr,          nullptr,          nullptr,         nullptr};
+    if (bf) {
+      b.qb = c.take_bf16(S * Dqk), b.kb = c.take_bf16(S * Dqk), b.vb = c.take_bf16(S * Dv);
+      b.dob = c.take_bf16(S * Dv), b.pb = c.take_bf16(Bq * nkp), b.dsb = c.take_bf16(Bq * nkp);
+    }
+    return b;
+  };
+  Carver sizes;
+  carve(sizes);
   scratch.thread.resize(std::max<size_t>(scratch.thread.size(), omp_get_max_threads()));
 
   // One task per (batch, head): dK/dV accumulate per key block and dQ per head, so no two threads write the
@@ -219,13 +254,12 @@ void attention_backward(const AttentionShape& s, HeadsView q, HeadsView k, Heads
 #pragma omp parallel for schedule(dynamic, 1) if (parallel_worth_it(s))
   for (int64_t bh = 0; bh < ntask; ++bh) {
     const int64_t b = bh / H, h = bh % H, tok0 = b * S;
-    Carver c = thread_scratch(scratch, floats, halves);
-    float *P = c.take(Bq * nkp), *dS = c.take(Bq * nkp), *dQh = c.take(S * Dqk), *dKb = c.take(Bq * Dqk);
-    float *dVb = c.take(Bq * Dv), *Drow = c.take(S);
-    const Operand Q = head_of(q, tok0, h, S, Dqk, bf, c), K = head_of(k, tok0, h, S, Dqk, bf, c);
-    const Operand V = head_of(v, tok0, h, S, Dv, bf, c), dO = head_of(do_, tok0, h, S, Dv, bf, c);
-    bf16* pb = bf ? c.take_bf16(Bq * nkp) : nullptr;
-    bf16* dsb = bf ? c.take_bf16(Bq * nkp) : nullptr;
+    Carver c = thread_scratch(scratch, sizes);
+    const Buffers buf = carve(c);
+    float *P = buf.P, *dS = buf.dS, *dQh = buf.dQh, *dKb = buf.dKb, *dVb = buf.dVb, *Drow = buf.Drow;
+    const Operand Q = head_of(q, tok0, h, S, Dqk, bf, buf.qb), K = head_of(k, tok0, h, S, Dqk, bf, buf.kb);
+    const Operand V = head_of(v, tok0, h, S, Dv, bf, buf.vb), dO = head_of(do_, tok0, h, S, Dv, bf, buf.dob);
+    bf16 *pb = buf.pb, *dsb = buf.dsb;
     // D_i = rowsum(dO ⊙ O) uses the unrounded dO: it is a softmax-backward term, not a matmul operand.
     for (int64_t i = 0; i < S; ++i) {
       const float* dor = do_.p + (tok0 + i) * do_.ld_token + h * do_.ld_head;
