@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "core/philox.h"
+#include "kernels/kernel_test_util.h"
 #include "test_util.h"
 
 namespace dsv3 {
@@ -16,9 +17,7 @@ namespace {
 constexpr int64_t kT = 37, kD = 24, kV = 1000;
 
 std::vector<float> randn(int64_t n, uint64_t stream, float scale = 1.f) {
-  std::vector<float> v(n);
-  for (int64_t i = 0; i < n; ++i) v[i] = scale * philox_normal(17, stream, i);
-  return v;
+  return testing::philox_normals(17, n, stream, scale);
 }
 
 std::vector<int32_t> make_labels(int64_t t, int64_t v) {
@@ -29,14 +28,7 @@ std::vector<int32_t> make_labels(int64_t t, int64_t v) {
   return y;
 }
 
-double max_rel(const std::vector<float>& a, const std::vector<float>& b) {
-  double err = 0, mag = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    err = std::max(err, std::fabs((double)a[i] - b[i]));
-    mag = std::max(mag, std::fabs((double)b[i]));
-  }
-  return err / std::max(mag, 1e-30);
-}
+using testing::max_rel;
 
 struct Case {
   std::vector<float> h = randn(kT * kD, 1, 1.f), w = randn(kV * kD, 2, 0.5f), wt = randn(kT, 3);

@@ -7,25 +7,17 @@
 
 #include "core/error.h"
 #include "core/philox.h"
+#include "kernels/kernel_test_util.h"
 #include "test_util.h"
 
 namespace dsv3 {
 namespace {
 
 std::vector<float> randn(int64_t n, uint64_t stream, float scale = 1.f) {
-  std::vector<float> v(n);
-  for (int64_t i = 0; i < n; ++i) v[i] = scale * philox_normal(9, stream, i);
-  return v;
+  return testing::philox_normals(9, n, stream, scale);
 }
 
-double max_rel(const std::vector<float>& a, const std::vector<float>& b) {
-  double err = 0, mag = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    err = std::max(err, std::fabs((double)a[i] - b[i]));
-    mag = std::max(mag, std::fabs((double)b[i]));
-  }
-  return err / std::max(mag, 1e-30);
-}
+using testing::max_rel;
 
 TEST(SwiGlu, FastMatchesReference) {
   const int64_t t = 45, f = 77;
