@@ -138,20 +138,16 @@ class Trainer {
   std::vector<int64_t> moe_layer_ids_;
   std::vector<PipelineStage> stages_;              // every pipeline stage's layers
   std::unique_ptr<Comm> embedding_group_;          // MTP under PP: the first and last stage's embedding copies
-  std::vector<std::vector<int64_t>> in_flight_mtp_tokens_;
   PipelineBuffers pipeline_buffers_;
-  std::vector<Model::Activations> in_flight_;      // pipeline: micro-batch m's saved state in slot m % PP
-  std::vector<int64_t> in_flight_tokens_;          // and its lm token count (the last stage's loss scaling)
+  struct InFlight {  // pipeline: micro-batch m's saved forward state and token counts, in slot m % PP
+    Model::Activations acts;
+    int64_t lm_tokens = 0;
+    std::vector<int64_t> mtp_tokens;
+  };
+  std::vector<InFlight> in_flight_;
+  std::vector<float> mtp_scales_;  // backward_micro's scratch
   void pipeline_step(IterStats& it, bool& nan_here, double& nan_value);
-  // Megatron's MTP loss weight per depth k: mtp_loss_scaling_factor / D / tokens_k / num_micro.
-  std::vector<float> mtp_scales(const std::vector<int64_t>& tokens) const {
-    const int64_t depths = static_cast<int64_t>(tokens.size());
-    std::vector<float> out;
-    for (int64_t k = 0; k < depths; ++k)
-      out.push_back(tokens[k] ? static_cast<float>(args_.f("mtp_loss_scaling_factor") / depths / tokens[k] / num_micro_)
-                              : 0.f);
-    return out;
-  }
+  void backward_micro(int64_t lm_tokens, const std::vector<int64_t>& mtp_tokens, const float* output_grad);
   int64_t last_saved_ = -1;
 };
 
@@ -324,32 +320,43 @@ void Trainer::fill_batch(const SampleDataset& ds, int64_t first, int64_t count) 
   }
 }
 
+// One micro-batch's backward with Megatron's loss scaling: lm loss 1/(tokens·num_micro), aux losses 1/num_micro,
+// MTP depth k mtp_loss_scaling_factor / D / tokens_k / num_micro.
+void Trainer::backward_micro(int64_t lm_tokens, const std::vector<int64_t>& mtp_tokens, const float* output_grad) {
+  const int64_t depths = static_cast<int64_t>(mtp_tokens.size());
+  mtp_scales_.resize(depths);
+  for (int64_t k = 0; k < depths; ++k)
+    mtp_scales_[k] =
+        mtp_tokens[k] ? static_cast<float>(args_.f("mtp_loss_scaling_factor") / depths / mtp_tokens[k] / num_micro_)
+                      : 0.f;
+  const float lm_scale = lm_tokens ? 1.f / static_cast<float>(lm_tokens * num_micro_) : 0.f;
+  model_->backward(lm_scale, 1.f / static_cast<float>(num_micro_), mtp_scales_, output_grad);
+}
+
 // One iteration's micro-batches through the pipeline (parallel/pipeline.h: 1F1B). Each micro-batch's forward
 // state waits in its own slot until its backward; the loss scaling is the single-stage loop's.
 void Trainer::pipeline_step(IterStats& it, bool& nan_here, double& nan_value) {
   const bool check_nan = args_.b("check_for_nan_in_loss_and_grad");
-  in_flight_.resize(pg_.pp), in_flight_tokens_.assign(pg_.pp, 0), in_flight_mtp_tokens_.assign(pg_.pp, {});
+  in_flight_.resize(pg_.pp);
   PipelineSteps steps;
   steps.forward = [&](int64_t m, const float* input) -> const float* {
     fill_batch(*train_ds_, prog_.consumed_train_samples + m * mbs_ * pg_.dp + pg_.dp_rank * mbs_, mbs_);
-    Model::Activations& slot = in_flight_[m % pg_.pp];
-    model_->swap_activations(slot);
+    InFlight& slot = in_flight_[m % pg_.pp];
+    model_->swap_activations(slot.acts);
     const ForwardStats st = model_->forward(ids_.data(), labels_.data(), mbs_, S_, true, nullptr, input);
     const float* out = model_->options().stage.post_process ? nullptr : model_->stage_output();
-    model_->swap_activations(slot);  // `out` stays valid: the slot now owns that buffer
+    model_->swap_activations(slot.acts);  // `out` stays valid: the slot now owns that buffer
     if (check_nan && !nan_here && !std::isfinite(st.lm_loss_sum)) nan_here = true, nan_value = st.lm_loss_sum;
-    in_flight_tokens_[m % pg_.pp] = st.lm_tokens;
-    in_flight_mtp_tokens_[m % pg_.pp] = st.mtp_tokens;
+    slot.lm_tokens = st.lm_tokens;
+    slot.mtp_tokens = st.mtp_tokens;
     it.add(st);
     return out;
   };
   steps.backward = [&](int64_t m, const float* output_grad) -> const float* {
-    const int64_t tokens = in_flight_tokens_[m % pg_.pp];
-    const float lm_scale = tokens ? 1.f / static_cast<float>(tokens * num_micro_) : 0.f;
-    model_->swap_activations(in_flight_[m % pg_.pp]);
-    model_->backward(lm_scale, 1.f / static_cast<float>(num_micro_), mtp_scales(in_flight_mtp_tokens_[m % pg_.pp]),
-                     output_grad);
-    model_->swap_activations(in_flight_[m % pg_.pp]);
+    InFlight& slot = in_flight_[m % pg_.pp];
+    model_->swap_activations(slot.acts);
+    backward_micro(slot.lm_tokens, slot.mtp_tokens, output_grad);
+    model_->swap_activations(slot.acts);
     return model_->stage_input_grad();
   };
   run_1f1b((*comms_)[Group::kPp], num_micro_, mbs_ * S_ * cfg_.hidden_size, steps, pipeline_buffers_);
@@ -371,8 +378,7 @@ IterStats Trainer::train_step() {
     ForwardStats st = model_->forward(ids_.data(), labels_.data(), mbs_, S_, true);
     // No early exit: under expert parallelism the other ranks wait for this one in the backward's collectives.
     if (check_nan && !nan_here && !std::isfinite(st.lm_loss_sum)) nan_here = true, nan_value = st.lm_loss_sum;
-    const float lm_scale = st.lm_tokens ? 1.f / static_cast<float>(st.lm_tokens * num_micro_) : 0.f;
-    model_->backward(lm_scale, 1.f / static_cast<float>(num_micro_), mtp_scales(st.mtp_tokens));
+    backward_micro(st.lm_tokens, st.mtp_tokens, nullptr);
     it.add(st);
   }
   const double fb = seconds_since(t0);
