@@ -333,16 +333,16 @@ std::string shard_file(const char* kind, int shard, int shards) {
 // blocks of E/EP), the stage's other tensors in EP rank 0's.
 int shard_of(const ParamInfo& pi, const ParamTable& table, const RankInfo& r) {
   const int stages = std::max<int>(1, static_cast<int>(r.stages.size())), ep = std::max(1, r.shards) / stages;
-  int stage = 0;
-  for (int q = static_cast<int>(r.stages.size()) - 1; q >= 0; --q)  // the first holder: a shared embedding's
-    if (r.stages[q].holds(pi, table.config().num_hidden_layers)) stage = q;  // first stage writes it
+  int stage = 0;  // the first stage that holds it (a shared embedding is written by the first stage only)
+  while (stage + 1 < stages && !r.stages[stage].holds(pi, table.config().num_hidden_layers)) ++stage;
   const int64_t experts = table.config().n_routed_experts;
   return stage * ep + (ep == 1 || !pi.is_expert ? 0 : static_cast<int>(pi.expert / (experts / ep)));
 }
 
 // Writes this shard's model file (and optimizer file) into tmp and returns their digests, in that order.
 std::vector<std::pair<std::string, FileDigest>> write_shard(const std::string& tmp, const CheckpointTensors& t,
-                                                            const RankInfo& r, int shard, int shards) {
+                                                            const RankInfo& r, int shard) {
+  const int shards = std::max(1, r.shards);
   std::vector<std::pair<std::string, FileDigest>> out;
   SafetensorsWriter model;
   model.set_metadata("format", "pt");
@@ -534,14 +534,14 @@ void save_checkpoint(const std::string& dir, const TrainProgress& p, const Check
   try {
     std::vector<std::pair<std::string, FileDigest>> written;
     if (!sharded) {
-      written = write_shard(tmp, t, r, 0, 1);
+      written = write_shard(tmp, t, r, 0);
     } else {
       // Each writer writes its shard; every rank then learns whether all of them succeeded before anything is
       // renamed, and rank 0 their files' digests.
       ShardReport mine;
       try {
         if (r.shard >= 0) {
-          const auto f = write_shard(tmp, t, r, r.shard, r.shards);
+          const auto f = write_shard(tmp, t, r, r.shard);
           mine.shard = r.shard;
           for (size_t i = 0; i < f.size(); ++i) mine.digest[i] = f[i].second;
         }
