@@ -214,7 +214,9 @@ void Trainer::setup() {
   mo.stage = stages_[pg_.pp_rank];
   if (shared_embedding) {
     const bool member = pg_.pp_rank == 0 || pg_.pp_rank == pg_.pp - 1;
-    embedding_group_ = world_.split(member ? pg_.rank % (pg_.world / pg_.pp) : pg_.world + pg_.rank, pg_.pp_rank);
+    // One group per (tp, cp, dp) position, from the layout's coordinates rather than an assumed rank order.
+    const int position = pg_.tp_rank + pg_.tp * (pg_.cp_rank + pg_.cp * pg_.dp_rank);
+    embedding_group_ = world_.split(member ? position : pg_.world + pg_.rank, pg_.pp_rank);
   }
   if (args_.given("recompute_granularity")) {
     DSV3_CHECK(args_.s("recompute_granularity") == "full", "--recompute-granularity ",
