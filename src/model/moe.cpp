@@ -170,11 +170,12 @@ void moe_forward(const MoeConfig& c, const MoeParams& p, const float* x, int64_t
     DSV3_PROFILE("fwd.moe.router");
     router_forward(c.router, {p.gate_w_ED, p.expert_bias_E}, x, t, d, batch, training, a.router);
   }
-  const bool padded = c.router.pad_to_capacity && c.ep.size() > 1 && c.ep.type == DispatcherType::kAllToAll;
+  // With pad-to-capacity the router's counts are the padded ones; the dispatcher decides what padding it
+  // needs.
   const Routing routing{a.router.idx_TK.data(),
                         a.router.kept_TK.data(),
                         a.router.weight_TK.data(),
-                        padded ? a.router.tokens_per_expert_E.data() : nullptr,
+                        c.router.pad_to_capacity ? a.router.tokens_per_expert_E.data() : nullptr,
                         t,
                         k_n,
                         c.router.num_experts};

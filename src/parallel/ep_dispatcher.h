@@ -63,8 +63,9 @@ struct Routing {
   const int32_t* idx_TK = nullptr;   // global expert ids
   const uint8_t* kept_TK = nullptr;  // 1 = routed; nullptr: all
   const float* weight_TK = nullptr;  // gate weights (0 is fine for dropped pairs: they are not moved)
-  const int64_t* padded_rows_E =
-      nullptr;  // pad-to-capacity: rows per expert incl. padding (alltoall only); or null
+  // Pad-to-capacity: rows per expert including padding (the same on every rank), or null. Used by alltoall's
+  // fixed splits; one rank needs no padding; allgather refuses it (Megatron: capacity needs alltoall).
+  const int64_t* padded_rows_E = nullptr;
   int64_t t = 0, k = 0, e = 0;
 };
 
