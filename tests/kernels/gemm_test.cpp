@@ -47,25 +47,30 @@ TEST(Gemm, MatchesReference) {
     GemmArgs r = g;
     g.c = out_bf ? (void*)cb_fast.data() : (void*)cf_fast.data();
     r.c = out_bf ? (void*)cb_ref.data() : (void*)cf_ref.data();
-    gemm(g);
     gemm_reference(r);
-    double max_err = 0, max_ref = 0;
-    for (int64_t i = 0; i < cs.m; ++i)
-      for (int64_t j = 0; j < cs.n; ++j) {
-        const float f = out_bf ? to_float(cb_fast[i * ldc + j]) : cf_fast[i * ldc + j];
-        const float rr = out_bf ? to_float(cb_ref[i * ldc + j]) : cf_ref[i * ldc + j];
-        max_err = std::max(max_err, (double)std::fabs(f - rr));
-        max_ref = std::max(max_ref, (double)std::fabs(rr));
-      }
-    // fp32 accumulation order differs from the double reference; a bf16 output adds one rounding.
-    const double tol = out_bf ? 8e-3 : 1e-5;
-    EXPECT_LE(max_err, tol * std::max(1.0, max_ref)) << cs.m << "x" << cs.n << "x" << cs.k;
-    // Padding columns of C are untouched.
-    for (int64_t i = 0; i < cs.m; ++i)
-      for (int64_t j = cs.n; j < ldc; ++j) {
-        if (out_bf) EXPECT_EQ(cb_fast[i * ldc + j].bits, cb0[i * ldc + j].bits);
-        else EXPECT_EQ(cf_fast[i * ldc + j], c0[i * ldc + j]);
-      }
+    // gemm() and, for bf16 operands, the widening path it takes on CPUs without oneDNN bf16 matmul.
+    for (bool via_f32 : {false, true}) {
+      if (via_f32 && !in_bf) continue;
+      cf_fast = c0, cb_fast = cb0;
+      via_f32 ? gemm_bf16_via_f32(g) : gemm(g);
+      double max_err = 0, max_ref = 0;
+      for (int64_t i = 0; i < cs.m; ++i)
+        for (int64_t j = 0; j < cs.n; ++j) {
+          const float f = out_bf ? to_float(cb_fast[i * ldc + j]) : cf_fast[i * ldc + j];
+          const float rr = out_bf ? to_float(cb_ref[i * ldc + j]) : cf_ref[i * ldc + j];
+          max_err = std::max(max_err, (double)std::fabs(f - rr));
+          max_ref = std::max(max_ref, (double)std::fabs(rr));
+        }
+      // fp32 accumulation order differs from the double reference; a bf16 output adds one rounding.
+      const double tol = out_bf ? 8e-3 : 1e-5;
+      EXPECT_LE(max_err, tol * std::max(1.0, max_ref)) << cs.m << "x" << cs.n << "x" << cs.k << " via_f32=" << via_f32;
+      // Padding columns of C are untouched.
+      for (int64_t i = 0; i < cs.m; ++i)
+        for (int64_t j = cs.n; j < ldc; ++j) {
+          if (out_bf) EXPECT_EQ(cb_fast[i * ldc + j].bits, cb0[i * ldc + j].bits);
+          else EXPECT_EQ(cf_fast[i * ldc + j], c0[i * ldc + j]);
+        }
+    }
   }
 }
 

@@ -3,7 +3,10 @@
 // a call takes no lock and creates nothing once its shape has been seen; only the data handles are rebound.
 #include "kernels/cpu/gemm.h"
 
+#include <cstdlib>
 #include <map>
+#include <string>
+#include <vector>
 #include <oneapi/dnnl/dnnl.hpp>
 #include <tuple>
 #include <unordered_map>
@@ -110,13 +113,67 @@ float load(const void* p, int64_t i) {
     return to_float(static_cast<const bf16*>(p)[i]);
 }
 
+// oneDNN 2.6 has bf16 matmul only on AVX-512 (avx512_core and up); on an AVX2-only CPU primitive creation
+// fails. Asked once per process with a tiny primitive.
+bool bf16_matmul_native() {
+  static const bool ok = [] {
+    if (const char* e = std::getenv("DSV3_GEMM_BF16_VIA_F32"); e && std::string(e) == "1") return false;
+    try {
+      const Key key{16, 16, 16, 16, 16, 16, false, false, GemmType::kBF16, GemmType::kF32, 1.f, 0.f};
+      make_prim(key);
+      return true;
+    } catch (const dnnl::error&) {
+      return false;
+    }
+  }();
+  return ok;
+}
+
+// Copies a stored rows x cols operand (leading dimension ld) to a dense fp32 buffer.
+void widen(const bf16* src, int64_t rows, int64_t cols, int64_t ld, std::vector<float>& dst) {
+  dst.resize(static_cast<size_t>(rows * cols));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[static_cast<size_t>(r * cols + c)] = to_float(src[r * ld + c]);
+}
+
 }  // namespace
+
+void gemm_bf16_via_f32(const GemmArgs& g) {
+  DSV3_CHECK(g.ab_type == GemmType::kBF16, "gemm_bf16_via_f32: operands must be bf16");
+  thread_local std::vector<float> a32, b32, c32;  // grow-only per thread
+  GemmArgs f = g;
+  f.ab_type = GemmType::kF32;
+  const int64_t a_rows = g.trans_a ? g.k : g.m, a_cols = g.trans_a ? g.m : g.k;
+  const int64_t b_rows = g.trans_b ? g.n : g.k, b_cols = g.trans_b ? g.k : g.n;
+  widen(static_cast<const bf16*>(g.a), a_rows, a_cols, g.lda, a32);
+  widen(static_cast<const bf16*>(g.b), b_rows, b_cols, g.ldb, b32);
+  f.a = a32.data(), f.lda = a_cols;
+  f.b = b32.data(), f.ldb = b_cols;
+  if (g.c_type == GemmType::kF32) {
+    gemm(f);
+    return;
+  }
+  // bf16 output: accumulate in fp32 (beta reads the old bf16 C), round once at the end as oneDNN does.
+  bf16* c = static_cast<bf16*>(g.c);
+  c32.resize(static_cast<size_t>(g.m * g.n));
+  if (g.beta != 0.f)
+    for (int64_t i = 0; i < g.m; ++i)
+      for (int64_t j = 0; j < g.n; ++j) c32[static_cast<size_t>(i * g.n + j)] = to_float(c[i * g.ldc + j]);
+  f.c = c32.data(), f.ldc = g.n, f.c_type = GemmType::kF32;
+  gemm(f);
+  for (int64_t i = 0; i < g.m; ++i)
+    for (int64_t j = 0; j < g.n; ++j) c[i * g.ldc + j] = to_bf16(c32[static_cast<size_t>(i * g.n + j)]);
+}
 
 void gemm(const GemmArgs& g) {
   DSV3_CHECK(g.m >= 0 && g.n >= 0 && g.k >= 0, "gemm: negative size");
   if (g.m == 0 || g.n == 0) return;
   if (g.k == 0) {  // oneDNN rejects K = 0; the product is empty, so C = beta * C
     gemm_reference(g);
+    return;
+  }
+  if (g.ab_type == GemmType::kBF16 && !bf16_matmul_native()) {
+    gemm_bf16_via_f32(g);
     return;
   }
   ThreadCache& tc = thread_cache();

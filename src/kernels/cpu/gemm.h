@@ -47,6 +47,11 @@ class GemmVaryingRows {
 };
 void gemm_reference(const GemmArgs& g);
 
+// bf16 operands widened to fp32 (exact) and multiplied by the fp32 path: the same maths as a bf16 GEMM with
+// fp32 accumulation. gemm() takes it where oneDNN has no bf16 matmul for this CPU (AVX2-only machines), or
+// everywhere when DSV3_GEMM_BF16_VIA_F32=1.
+void gemm_bf16_via_f32(const GemmArgs& g);
+
 // Common shapes: y[M,N] (+)= x[M,K] * w[N,K]^T (a linear layer with weight [out,in]) in fp32.
 void linear_f32(const float* x, const float* w, float* y, int64_t m, int64_t n, int64_t k, float beta = 0.f);
 
