@@ -7,5 +7,6 @@ int preprocess_main(int argc, char** argv);
 int data_inspect_main(int argc, char** argv);
 int data_samples_main(int argc, char** argv);
 int train_main(int argc, char** argv);
+int device_info_main(int argc, char** argv);
 
 }  // namespace dsv3::cli

@@ -18,6 +18,7 @@ constexpr const char* kUsage =
     "  data samples    write Megatron's GPT dataset samples in order\n"
     "  train           pretrain DeepSeek-V3 with Megatron-LM's flags (pretrain_gpt.py)\n"
     "  model-info      layer plan and parameter counts of a model config.json\n"
+    "  device-info     the backends this binary has (cpu, cuda) and the GPU it sees\n"
     "Run `dsv3 <command> --help` for its flags.\n";
 
 }  // namespace
@@ -33,6 +34,7 @@ int main(int argc, char** argv) {
     if (cmd == "preprocess") return preprocess_main(argc - 1, argv + 1);
     if (cmd == "model-info") return model_info_main(argc - 1, argv + 1);
     if (cmd == "train") return train_main(argc - 1, argv + 1);
+    if (cmd == "device-info") return device_info_main(argc - 1, argv + 1);
     if (cmd == "data" && argc >= 3) {
       const std::string sub = argv[2];
       if (sub == "inspect") return data_inspect_main(argc - 2, argv + 2);

@@ -98,7 +98,7 @@ namespace {
 // kForward: the rotation; otherwise its transpose (the backward).
 template <bool kForward>
 void rope_apply(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t hs_y, int64_t t,
-                int64_t heads, int64_t seq_len, const RopeTable& tab, bool interleave) {
+                int64_t heads, int64_t seq_len, const RopeTableView& tab, bool interleave) {
   const char* what = kForward ? "rope_forward" : "rope_backward";
   const int64_t half = tab.half, dim = 2 * half;
   DSV3_CHECK(half > 0 && dim <= kMaxRopeDim, what, ": empty or oversized table (half=", half, ")");
@@ -110,8 +110,8 @@ void rope_apply(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld
 #pragma omp parallel for schedule(static) if (t * heads * dim >= kParallelMin)
   for (int64_t i = 0; i < t; ++i) {
     const int64_t p = i % seq_len;
-    const float* c = tab.cos_PH.data() + p * half;
-    const float* s = tab.sin_PH.data() + p * half;
+    const float* c = tab.cos_PH + p * half;
+    const float* s = tab.sin_PH + p * half;
     float lo[kMaxRopeDim / 2], hi[kMaxRopeDim / 2];
     for (int64_t h = 0; h < heads; ++h) {
       const float* xr = x + i * ld_x + h * hs_x;
@@ -146,13 +146,23 @@ void rope_apply(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld
 }  // namespace
 
 void rope_forward(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t hs_y, int64_t t,
-                  int64_t heads, int64_t seq_len, const RopeTable& table, bool interleave) {
+                  int64_t heads, int64_t seq_len, const RopeTableView& table, bool interleave) {
   rope_apply<true>(x, ld_x, hs_x, y, ld_y, hs_y, t, heads, seq_len, table, interleave);
 }
 
 void rope_backward(const float* dy, int64_t ld_dy, int64_t hs_dy, float* dx, int64_t ld_dx, int64_t hs_dx,
-                   int64_t t, int64_t heads, int64_t seq_len, const RopeTable& table, bool interleave) {
+                   int64_t t, int64_t heads, int64_t seq_len, const RopeTableView& table, bool interleave) {
   rope_apply<false>(dy, ld_dy, hs_dy, dx, ld_dx, hs_dx, t, heads, seq_len, table, interleave);
+}
+
+void rope_forward(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t hs_y, int64_t t,
+                  int64_t heads, int64_t seq_len, const RopeTable& table, bool interleave) {
+  rope_apply<true>(x, ld_x, hs_x, y, ld_y, hs_y, t, heads, seq_len, view_of(table), interleave);
+}
+
+void rope_backward(const float* dy, int64_t ld_dy, int64_t hs_dy, float* dx, int64_t ld_dx, int64_t hs_dx,
+                   int64_t t, int64_t heads, int64_t seq_len, const RopeTable& table, bool interleave) {
+  rope_apply<false>(dy, ld_dy, hs_dy, dx, ld_dx, hs_dx, t, heads, seq_len, view_of(table), interleave);
 }
 
 void rope_reference(const float* x, float* y, int64_t t, int64_t heads, int64_t seq_len, const RopeFreqs& f,

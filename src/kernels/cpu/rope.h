@@ -52,6 +52,14 @@ struct RopeTable {
 };
 void rope_build_table(const RopeFreqs& f, int64_t max_pos, RopeTable& out);
 
+// The table's arrays wherever they live (host here; a backend's memory once uploaded).
+struct RopeTableView {
+  const float* cos_PH = nullptr;
+  const float* sin_PH = nullptr;
+  int64_t max_pos = 0, half = 0;
+};
+inline RopeTableView view_of(const RopeTable& t) { return {t.cos_PH.data(), t.sin_PH.data(), t.max_pos, t.half}; }
+
 // Element (t, h, i) of x lives at x[t*ld_x + h*hs_x + i], i < dr = 2*table.half; likewise y. y may alias x
 // (in place, same strides): e.g. q_pe inside q[T, H*192] is (q + 128, ld 192H, hs 192), k_pe is (kv_a + 512,
 // ld 576, H = 1).
@@ -60,6 +68,10 @@ void rope_forward(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t 
 // dx from dy (same addressing); dx may alias dy.
 void rope_backward(const float* dy, int64_t ld_dy, int64_t hs_dy, float* dx, int64_t ld_dx, int64_t hs_dx,
                    int64_t t, int64_t heads, int64_t seq_len, const RopeTable& table, bool interleave = true);
+void rope_forward(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t hs_y, int64_t t,
+                  int64_t heads, int64_t seq_len, const RopeTableView& table, bool interleave);
+void rope_backward(const float* dy, int64_t ld_dy, int64_t hs_dy, float* dx, int64_t ld_dx, int64_t hs_dx,
+                   int64_t t, int64_t heads, int64_t seq_len, const RopeTableView& table, bool interleave);
 
 // Test oracle: contiguous [T, H, dr], angles and trig in double from the fp32 inv_freq; backward = true
 // applies the inverse (transposed) map.

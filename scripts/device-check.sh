@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU check, in two halves (the GPU machine has no compiler for our Debian libraries and no network):
+#
+#   here:          scripts/device-check.sh pack     builds, then packs dsv3, the test binaries and mpirun into
+#                                                   .devpack/ with ../shared/tools/device-pack.sh
+#   on the GPU:    scripts/device-check.sh          (through the device tool, carry: [".devpack"]) prints what
+#                                                   the machine has, runs every CUDA test and writes a summary
+#
+# Results go to $OUT (the device tool brings it back), or ./device-check-out when OUT is unset. Budget: under 8
+# minutes in all; each step has its own timeout so one hang cannot eat the rest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = pack ]; then
+  set -e
+  make build
+  bash ../shared/tools/device-pack.sh build/dsv3 build/dsv3_tests build/dsv3_cuda_tests "$(command -v mpirun)"
+  grep -qx '/.devpack/' .git/info/exclude 2>/dev/null || echo '/.devpack/' >> .git/info/exclude
+  echo "packed: $(du -h .devpack/pack.tar.gz | cut -f1); run on the GPU machine: scripts/device-check.sh (carry .devpack)"
+  exit 0
+fi
+
+out=${OUT:-device-check-out}
+mkdir -p "$out"
+summary="$out/summary.txt"
+: > "$summary"
+say() { echo "$*" | tee -a "$summary"; }
+[ -f .devpack/run.sh ] || { say "no .devpack/: run 'scripts/device-check.sh pack' here first and carry .devpack"; exit 2; }
+run() { bash .devpack/run.sh "$@"; }
+export DSV3_SOURCE_DIR=$PWD OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+
+say "== machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | tee -a "$summary"
+python3 - <<'PY' 2>&1 | tee -a "$summary"
+import glob, site
+for d in sorted(glob.glob(site.getsitepackages()[0] + "/nvidia/*/lib")): print("wheel libs:", d)
+try:
+    import torch, transformers
+    print("torch", torch.__version__, "cuda", torch.version.cuda, "| transformers", transformers.__version__)
+except Exception as e:
+    print("torch/transformers:", e)
+PY
+timeout 60 bash .devpack/run.sh dsv3 device-info 2>&1 | tee -a "$summary"
+
+say "== CUDA op tests (each CUDA op against the CPU op)"
+timeout 300 bash .devpack/run.sh dsv3_cuda_tests --gtest_output="xml:$out/cuda_tests.xml" > "$out/cuda_tests.log" 2>&1
+rc=$?
+grep -E '^\[  (PASSED|FAILED) |^\[==========\]|FAILED  \]|Failure|error' "$out/cuda_tests.log" | head -60 | tee -a "$summary"
+say "cuda tests exit code: $rc"
+exit $rc

@@ -1,0 +1,157 @@
+// The op table: every operation the model and the optimizer run on tensor data, device-neutral. One binary holds
+// the CPU backend (the kernels in cpu/, the exact reference) and, where built, the CUDA backend (cuda/); the
+// backend is chosen at run time (`dsv3 train --device`), so every CUDA op is tested in-process against the CPU op.
+//
+// Every pointer argument is memory of this backend (alloc()), except where a parameter says "host". Ops are
+// ordered on one stream: a later op sees an earlier op's results; the host sees them after synchronize() or a
+// copy_to_host(). Semantics (shapes, what is assigned and what accumulates, what may alias) are the CPU kernels'
+// (named beside each op); the CPU backend is those kernels called as they are.
+//
+// Legend: T tokens, D features, F ffn width, V vocab rows, H heads, P rope table positions, N elements.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/bf16.h"
+#include "kernels/cpu/attention.h"
+#include "kernels/cpu/gemm.h"
+#include "kernels/cpu/linear.h"
+#include "kernels/cpu/rope.h"
+
+namespace dsv3 {
+
+enum class DeviceKind : uint8_t { kCpu, kCuda };
+
+// AdamW's per-step fp32 constants, formed in double as torch forms them (optim/adamw.h adamw_step_consts).
+struct AdamWStepConsts {
+  float decay = 1, w1 = 0, b2 = 0, w2 = 0, step_size = 0, bc2_sqrt = 1, eps = 0;
+};
+// One AdamW range of the flat parameter buffer (its own lr and weight decay, hence its own constants): the whole
+// update of a step is one call over all segments.
+struct AdamWSegment {
+  int64_t begin = 0, n = 0;  // elements [begin, begin + n) of params, grads and moments
+  AdamWStepConsts k;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual DeviceKind kind() const = 0;
+  virtual std::string name() const = 0;  // "cpu", or "cuda:0 NVIDIA H200"
+
+  // ---- memory
+  virtual void* alloc(size_t bytes) = 0;  // zero-filled; bytes may be 0
+  virtual void free(void* p) = 0;
+  virtual void copy_to_device(void* dst, const void* host_src, size_t bytes) = 0;
+  virtual void copy_to_host(void* host_dst, const void* src, size_t bytes) = 0;  // waits for the stream
+  virtual void copy(void* dst, const void* src, size_t bytes) = 0;               // within this backend
+  virtual void fill_zero(void* p, size_t bytes) = 0;
+  virtual void synchronize() = 0;
+  // Allocations made so far (tests count them around a training step: 0 expected).
+  virtual int64_t allocations() const = 0;
+
+  // ---- elementwise helpers
+  virtual void to_bf16(const float* x_N, bf16* y_N, int64_t n) = 0;  // round to nearest even (core/bf16.h)
+  virtual void scale(float* x_N, int64_t n, float s) = 0;            // x *= s (grad_clip.h scale_inplace)
+  // Σ x² over the segments (begin, n) of x, in double, deterministic: the result does not depend on launch
+  // sizes or thread counts. Reads the result back (one sync).
+  virtual double sum_of_squares(const float* x, const std::vector<std::pair<int64_t, int64_t>>& segments) = 0;
+  // Σ x over n elements in double; with accumulate, added to *out_1 (backend memory, one double).
+  virtual void sum(const float* x_N, int64_t n, double* out_1, bool accumulate) = 0;
+
+  // ---- GEMM (cpu/gemm.h)
+  virtual void gemm(const GemmArgs& g) = 0;
+
+  // ---- layer ops
+  // cpu/rmsnorm.h rmsnorm_forward_strided / rmsnorm_backward_strided (dw_D accumulates, deterministic).
+  virtual void rmsnorm_forward(const float* x, int64_t ld_x, const float* w_D, float* y, int64_t ld_y,
+                               float* rstd_T, int64_t t, int64_t d, float eps) = 0;
+  virtual void rmsnorm_backward(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, const float* w_D,
+                                const float* rstd_T, float* dx, int64_t ld_dx, float* dw_D, int64_t t, int64_t d,
+                                float beta) = 0;
+  // cpu/swiglu.h swiglu_forward_general / swiglu_backward_general.
+  virtual void swiglu_forward(const float* a, const float* b, int64_t ld_ab, const float* p_T, float* h_TF,
+                              int64_t t, int64_t f) = 0;
+  virtual void swiglu_backward(const float* dh_TF, const float* a, const float* b, int64_t ld_ab, const float* p_T,
+                               float* da, float* db, int64_t ld_dab, float* dp_T, int64_t t, int64_t f) = 0;
+  // cpu/embedding.h (ids are checked: an id outside [0, vocab) is an error naming it; dtable accumulates,
+  // deterministically).
+  virtual void embedding_forward(const int32_t* ids_T, const float* table_VD, float* out_TD, int64_t t,
+                                 int64_t vocab, int64_t d) = 0;
+  virtual void embedding_backward(const float* dout_TD, const int32_t* ids_T, float* dtable_VD, int64_t t,
+                                  int64_t vocab, int64_t d) = 0;
+  // cpu/rope.h rope_forward / rope_backward over a cos/sin table in this backend's memory.
+  virtual void rope_forward(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t hs_y,
+                            int64_t t, int64_t heads, int64_t seq_len, const RopeTableView& table,
+                            bool interleave) = 0;
+  virtual void rope_backward(const float* dy, int64_t ld_dy, int64_t hs_dy, float* dx, int64_t ld_dx,
+                             int64_t hs_dx, int64_t t, int64_t heads, int64_t seq_len, const RopeTableView& table,
+                             bool interleave) = 0;
+  // cpu/attention.h (causal; lse_BHS saved for the backward; dq, dk, dv assigned). A shape the backend cannot
+  // run is refused by name (an error), never computed wrongly.
+  virtual void attention_forward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v, HeadsViewMut o,
+                                 float* lse_BHS, Precision p) = 0;
+  virtual void attention_backward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v, HeadsView o,
+                                  const float* lse_BHS, HeadsView do_, HeadsViewMut dq, HeadsViewMut dk,
+                                  HeadsViewMut dv, Precision p) = 0;
+  // cpu/cross_entropy.h: output head fused with cross-entropy, in vocab chunks (the [T, V] probabilities never
+  // exist). loss_T (0 for ignored labels) and lse_T are written; the loss sum is sum(loss_T). w_bf_VD: the
+  // head's bf16 copy in bf16 mode (nullable). Backward: dh assigned, dw accumulated.
+  virtual void head_cross_entropy_forward(const float* h_TD, const float* w_VD, const bf16* w_bf_VD,
+                                          const int32_t* labels_T, float* loss_T, float* lse_T, int64_t t,
+                                          int64_t d, int64_t v, Precision p) = 0;
+  virtual void head_cross_entropy_backward(const float* h_TD, const float* w_VD, const bf16* w_bf_VD,
+                                           const int32_t* labels_T, const float* lse_T, float dloss,
+                                           const float* dloss_T, float* dh_TD, float* dw_VD, int64_t t, int64_t d,
+                                           int64_t v, Precision p) = 0;
+
+  // ---- optimizer (optim/adamw.h arithmetic, bit-identical to the CPU update for the same inputs)
+  virtual void adamw(float* params, const float* grads, float* exp_avg, float* exp_avg_sq,
+                     const std::vector<AdamWSegment>& segments) = 0;
+};
+
+// The CPU backend (process-wide; stateless apart from per-thread scratch).
+Backend& cpu_backend();
+
+// The CUDA backend on GPU `device`, or nullptr with *why_not set ("this build has no CUDA backend", "no CUDA GPU
+// visible: <driver's message>").
+std::unique_ptr<Backend> make_cuda_backend(int device, std::string* why_not);
+
+// Owning handle for backend memory (grow-only when reused through ensure()).
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(Backend& be, size_t bytes) : be_(&be), p_(be.alloc(bytes)), bytes_(bytes) {}
+  ~DeviceBuffer() { reset(); }
+  DeviceBuffer(DeviceBuffer&& o) noexcept { *this = std::move(o); }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    if (this != &o) reset(), be_ = o.be_, p_ = o.p_, bytes_ = o.bytes_, o.p_ = nullptr, o.bytes_ = 0;
+    return *this;
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  // At least `bytes` (contents not kept when it grows).
+  void ensure(Backend& be, size_t bytes) {
+    if (be_ == &be && bytes <= bytes_) return;
+    reset();
+    be_ = &be, p_ = be.alloc(bytes), bytes_ = bytes;
+  }
+  void reset() {
+    if (p_) be_->free(p_);
+    p_ = nullptr, bytes_ = 0;
+  }
+  template <typename T>
+  T* as() const { return static_cast<T*>(p_); }
+  void* data() const { return p_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  Backend* be_ = nullptr;
+  void* p_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+}  // namespace dsv3

@@ -1,0 +1,366 @@
+// Every CUDA backend op against the CPU backend's op on the same inputs, in one process (DESIGN principle 2).
+// Inputs are Philox normals; shapes include odd sizes, strided views and partial tiles. Tolerances:
+//  - fp32: max|gpu − cpu| / max|cpu| ≤ 1e-5 (only the accumulation order differs);
+//  - bf16 GEMM operands: the products of bf16 values are exact in fp32, so fp32 outputs also meet 1e-5; a bf16
+//    output adds one rounding (≤ 2^-8 relative);
+//  - AdamW and the sum of squares: bit-identical (same operations, same order).
+// These tests need a GPU: `make test` runs this binary (label `cuda`) only where one is visible.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+#include "core/bf16.h"
+#include "core/error.h"
+#include "kernels/backend.h"
+#include "kernels/cpu/adamw.h"
+#include "kernels/cpu/rope.h"
+#include "kernels/kernel_test_util.h"
+
+namespace dsv3 {
+namespace {
+
+using testing::max_rel;
+using testing::philox_normals;
+
+class CudaOps : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string why;
+    gpu_ = make_cuda_backend(0, &why);
+    if (!gpu_) GTEST_SKIP() << "CUDA tests need a GPU: " << why;
+  }
+  template <typename T>
+  DeviceBuffer up(const std::vector<T>& v) {
+    DeviceBuffer b(*gpu_, v.size() * sizeof(T));
+    gpu_->copy_to_device(b.data(), v.data(), v.size() * sizeof(T));
+    return b;
+  }
+  template <typename T>
+  std::vector<T> down(const DeviceBuffer& b, size_t n) {
+    std::vector<T> v(n);
+    gpu_->copy_to_host(v.data(), b.data(), n * sizeof(T));
+    return v;
+  }
+  Backend& cpu() { return cpu_backend(); }
+  std::unique_ptr<Backend> gpu_;
+};
+
+std::vector<bf16> rounded(const std::vector<float>& x) {
+  std::vector<bf16> y(x.size());
+  to_bf16(x.data(), y.data(), static_cast<int64_t>(x.size()));
+  return y;
+}
+std::vector<float> widened(const std::vector<bf16>& x) {
+  std::vector<float> y(x.size());
+  for (size_t i = 0; i < x.size(); ++i) y[i] = to_float(x[i]);
+  return y;
+}
+
+TEST_F(CudaOps, BackendNamesTheGpu) { EXPECT_EQ(gpu_->name().rfind("cuda:0 ", 0), 0u) << gpu_->name(); }
+
+TEST_F(CudaOps, GemmMatchesCpuForEveryLayoutAndType) {
+  struct Case {
+    int64_t m, n, k;
+    bool ta, tb;
+    GemmType ab, c;
+    float beta;
+  };
+  const Case cases[] = {
+      {7, 5, 3, false, false, GemmType::kF32, GemmType::kF32, 0.f},
+      {33, 17, 65, false, true, GemmType::kF32, GemmType::kF32, 1.f},
+      {16, 40, 24, true, false, GemmType::kF32, GemmType::kF32, 0.f},
+      {9, 12, 31, true, true, GemmType::kF32, GemmType::kF32, 1.f},
+      {256, 192, 512, false, true, GemmType::kF32, GemmType::kF32, 0.f},
+      {64, 48, 96, false, true, GemmType::kBF16, GemmType::kF32, 0.f},
+      {20, 30, 50, true, false, GemmType::kBF16, GemmType::kF32, 1.f},
+      {21, 19, 40, false, false, GemmType::kBF16, GemmType::kBF16, 0.f},
+      {130, 70, 200, true, true, GemmType::kBF16, GemmType::kF32, 1.f},
+      {4, 6, 0, false, true, GemmType::kF32, GemmType::kF32, 0.f},
+  };
+  for (const auto& cs : cases) {
+    SCOPED_TRACE(::testing::Message() << cs.m << "x" << cs.n << "x" << cs.k << " ta=" << cs.ta << " tb=" << cs.tb
+                                    << " bf16=" << (cs.ab == GemmType::kBF16) << " beta=" << cs.beta);
+    const int64_t lda = (cs.ta ? cs.m : cs.k) + 8, ldb = (cs.tb ? cs.k : cs.n) + 8, ldc = cs.n + 8;
+    const auto a = philox_normals(11, (cs.ta ? cs.k : cs.m) * lda, 1), b = philox_normals(11, (cs.tb ? cs.n : cs.k) * ldb, 2);
+    const auto c0 = philox_normals(11, cs.m * ldc, 3);
+    const bool in_bf = cs.ab == GemmType::kBF16, out_bf = cs.c == GemmType::kBF16;
+    const auto ab = rounded(a), bb = rounded(b), cb0 = rounded(c0);
+    DeviceBuffer da = in_bf ? up(ab) : up(a), db = in_bf ? up(bb) : up(b), dc = out_bf ? up(cb0) : up(c0);
+    std::vector<float> cf = c0;
+    std::vector<bf16> cbf = cb0;
+    GemmArgs g{cs.m, cs.n, cs.k, nullptr, lda, cs.ta, nullptr, ldb, cs.tb, nullptr, ldc, cs.ab, cs.c, 1.f, cs.beta};
+    GemmArgs h = g;
+    g.a = in_bf ? (const void*)ab.data() : a.data(), g.b = in_bf ? (const void*)bb.data() : b.data();
+    g.c = out_bf ? (void*)cbf.data() : cf.data();
+    cpu().gemm(g);
+    h.a = da.data(), h.b = db.data(), h.c = dc.data();
+    gpu_->gemm(h);
+    const std::vector<float> want = out_bf ? widened(cbf) : cf;
+    const std::vector<float> got = out_bf ? widened(down<bf16>(dc, cb0.size())) : down<float>(dc, c0.size());
+    EXPECT_LE(max_rel(got, want), out_bf ? 8e-3 : 1e-5);
+    for (int64_t i = 0; i < cs.m; ++i)  // padding columns untouched
+      for (int64_t j = cs.n; j < ldc; ++j) ASSERT_EQ(got[i * ldc + j], want[i * ldc + j]);
+  }
+}
+
+TEST_F(CudaOps, RmsNormForwardBackwardMatchCpu) {
+  for (auto [t, d, ld] : {std::tuple<int64_t, int64_t, int64_t>{1, 7, 7}, {37, 64, 80}, {100, 576, 576}, {65, 2048, 2048}}) {
+    SCOPED_TRACE(::testing::Message() << "t=" << t << " d=" << d << " ld=" << ld);
+    const auto x = philox_normals(3, t * ld, 1), w = philox_normals(3, d, 2, 0.1f, 1.f), dy = philox_normals(3, t * ld, 3);
+    const auto dx0 = philox_normals(3, t * ld, 4), dw0 = philox_normals(3, d, 5);
+    std::vector<float> y(t * ld), rstd(t), dx = dx0, dw = dw0;
+    cpu().rmsnorm_forward(x.data(), ld, w.data(), y.data(), ld, rstd.data(), t, d, 1e-6f);
+    cpu().rmsnorm_backward(dy.data(), ld, x.data(), ld, w.data(), rstd.data(), dx.data(), ld, dw.data(), t, d, 1.f);
+    DeviceBuffer gx = up(x), gw = up(w), gy = up(std::vector<float>(t * ld)), gr = up(std::vector<float>(t));
+    DeviceBuffer gdy = up(dy), gdx = up(dx0), gdw = up(dw0);
+    gpu_->rmsnorm_forward(gx.as<float>(), ld, gw.as<float>(), gy.as<float>(), ld, gr.as<float>(), t, d, 1e-6f);
+    gpu_->rmsnorm_backward(gdy.as<float>(), ld, gx.as<float>(), ld, gw.as<float>(), gr.as<float>(), gdx.as<float>(), ld,
+                           gdw.as<float>(), t, d, 1.f);
+    EXPECT_LE(max_rel(down<float>(gy, y.size()), y), 1e-5);
+    EXPECT_LE(max_rel(down<float>(gr, t), rstd), 1e-5);
+    EXPECT_LE(max_rel(down<float>(gdx, dx.size()), dx), 1e-5);
+    EXPECT_LE(max_rel(down<float>(gdw, d), dw), 1e-5);
+  }
+}
+
+TEST_F(CudaOps, SwigluForwardBackwardMatchCpuScaledAndFused) {
+  for (bool scaled : {false, true}) {
+    const int64_t t = 45, f = 1408, ld = 2 * f;  // fused [T, 2F]: gate then up
+    const auto ab = philox_normals(4, t * ld, 1, 2.f), dh = philox_normals(4, t * f, 2), p = philox_normals(4, t, 3);
+    std::vector<float> h(t * f), dab(t * ld), dp(t);
+    const float* pp = scaled ? p.data() : nullptr;
+    cpu().swiglu_forward(ab.data(), ab.data() + f, ld, pp, h.data(), t, f);
+    cpu().swiglu_backward(dh.data(), ab.data(), ab.data() + f, ld, pp, dab.data(), dab.data() + f, ld,
+                          scaled ? dp.data() : nullptr, t, f);
+    DeviceBuffer gab = up(ab), gdh = up(dh), gp = up(p), gh = up(std::vector<float>(t * f));
+    DeviceBuffer gdab = up(std::vector<float>(t * ld)), gdp = up(std::vector<float>(t));
+    const float* gpp = scaled ? gp.as<float>() : nullptr;
+    gpu_->swiglu_forward(gab.as<float>(), gab.as<float>() + f, ld, gpp, gh.as<float>(), t, f);
+    gpu_->swiglu_backward(gdh.as<float>(), gab.as<float>(), gab.as<float>() + f, ld, gpp, gdab.as<float>(),
+                          gdab.as<float>() + f, ld, scaled ? gdp.as<float>() : nullptr, t, f);
+    EXPECT_LE(max_rel(down<float>(gh, h.size()), h), 1e-5) << "scaled=" << scaled;
+    EXPECT_LE(max_rel(down<float>(gdab, dab.size()), dab), 1e-5) << "scaled=" << scaled;
+    if (scaled) {
+      EXPECT_LE(max_rel(down<float>(gdp, t), dp), 1e-5);
+    }
+  }
+}
+
+TEST_F(CudaOps, EmbeddingMatchesCpuAndIsDeterministic) {
+  const int64_t t = 300, vocab = 50, d = 40;
+  std::vector<int32_t> ids(t);
+  for (int64_t i = 0; i < t; ++i) ids[i] = static_cast<int32_t>((i * 7 + i / 13) % 11);  // heavy repeats
+  ids[5] = 49;
+  const auto table = philox_normals(5, vocab * d, 1), dout = philox_normals(5, t * d, 2), dt0 = philox_normals(5, vocab * d, 3);
+  std::vector<float> out(t * d), dtab = dt0;
+  cpu().embedding_forward(ids.data(), table.data(), out.data(), t, vocab, d);
+  cpu().embedding_backward(dout.data(), ids.data(), dtab.data(), t, vocab, d);
+  DeviceBuffer gids = up(ids), gtab = up(table), gout = up(std::vector<float>(t * d)), gdout = up(dout);
+  DeviceBuffer gdt = up(dt0);
+  gpu_->embedding_forward(gids.as<int32_t>(), gtab.as<float>(), gout.as<float>(), t, vocab, d);
+  gpu_->embedding_backward(gdout.as<float>(), gids.as<int32_t>(), gdt.as<float>(), t, vocab, d);
+  EXPECT_EQ(down<float>(gout, out.size()), out);  // a gather: exact
+  const auto first = down<float>(gdt, dtab.size());
+  EXPECT_LE(max_rel(first, dtab), 1e-6);
+  gpu_->copy_to_device(gdt.data(), dt0.data(), dt0.size() * sizeof(float));
+  gpu_->embedding_backward(gdout.as<float>(), gids.as<int32_t>(), gdt.as<float>(), t, vocab, d);
+  EXPECT_EQ(down<float>(gdt, dtab.size()), first);  // bit-identical on a rerun
+}
+
+TEST_F(CudaOps, EmbeddingReportsAnIdOutsideTheVocabulary) {
+  const std::vector<int32_t> ids = {1, 2, 77, 3};
+  DeviceBuffer gids = up(ids), gtab = up(std::vector<float>(10 * 4)), gout = up(std::vector<float>(4 * 4));
+  gpu_->embedding_forward(gids.as<int32_t>(), gtab.as<float>(), gout.as<float>(), 4, 10, 4);
+  try {
+    gpu_->synchronize();
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("token id 77 at token index 2"), std::string::npos) << e.what();
+  }
+  gpu_->synchronize();  // reported once, then cleared
+}
+
+TEST_F(CudaOps, YarnRopeMatchesCpuInPlaceAndStrided) {
+  YarnParams y;
+  y.factor = 40, y.original_max_position_embeddings = 64, y.beta_fast = 32, y.beta_slow = 1, y.mscale = 1,
+  y.mscale_all_dim = 1;
+  RopeTable tab;
+  rope_build_table(rope_inv_freq(64, 10000.0, &y, 2560), 256, tab);
+  DeviceBuffer gcos = up(tab.cos_PH), gsin = up(tab.sin_PH);
+  const RopeTableView gtab{gcos.as<float>(), gsin.as<float>(), tab.max_pos, tab.half};
+  const int64_t t = 2 * 100, heads = 3, ld = heads * 192, hs = 192;  // q_pe inside q [T, H·192] at column 128
+  for (bool interleave : {true, false}) {
+    const auto x = philox_normals(6, t * ld, 1);
+    std::vector<float> y1 = x, y2;
+    cpu().rope_forward(x.data() + 128, ld, hs, y1.data() + 128, ld, hs, t, heads, 100, view_of(tab), interleave);
+    y2 = y1;
+    cpu().rope_backward(y1.data() + 128, ld, hs, y2.data() + 128, ld, hs, t, heads, 100, view_of(tab), interleave);
+    DeviceBuffer g = up(x);
+    gpu_->rope_forward(g.as<float>() + 128, ld, hs, g.as<float>() + 128, ld, hs, t, heads, 100, gtab, interleave);
+    EXPECT_LE(max_rel(down<float>(g, x.size()), y1), 1e-6) << "interleave=" << interleave;
+    gpu_->rope_backward(g.as<float>() + 128, ld, hs, g.as<float>() + 128, ld, hs, t, heads, 100, gtab, interleave);
+    EXPECT_LE(max_rel(down<float>(g, x.size()), y2), 1e-6) << "interleave=" << interleave;
+  }
+}
+
+// Attention: MLA's head sizes and small odd ones; sequences that end inside a tile.
+TEST_F(CudaOps, AttentionForwardBackwardMatchCpu) {
+  struct Case {
+    int64_t b, s, h, dqk, dv;
+  };
+  for (const Case c : {Case{1, 5, 2, 12, 8}, Case{2, 67, 3, 24, 16}, Case{1, 130, 2, 192, 128}, Case{2, 256, 1, 192, 128}}) {
+    for (Precision p : {Precision::kF32, Precision::kBF16}) {
+      SCOPED_TRACE(::testing::Message() << "b=" << c.b << " s=" << c.s << " h=" << c.h << " dqk=" << c.dqk
+                                      << " dv=" << c.dv << " bf16=" << (p == Precision::kBF16));
+      const AttentionShape sh{c.b, c.s, c.h, c.dqk, c.dv, 1.f / std::sqrt(static_cast<float>(c.dqk))};
+      const int64_t T = c.b * c.s, ldq = c.h * c.dqk, ldv = c.h * c.dv;
+      const auto q = philox_normals(7, T * ldq, 1), k = philox_normals(7, T * ldq, 2), v = philox_normals(7, T * ldv, 3);
+      const auto dout = philox_normals(7, T * ldv, 4);
+      std::vector<float> o(T * ldv), lse(c.b * c.h * c.s), dq(T * ldq), dk(T * ldq), dv(T * ldv);
+      auto hv = [&](const float* x, int64_t d) { return HeadsView{x, c.h * d, d}; };
+      auto hm = [&](float* x, int64_t d) { return HeadsViewMut{x, c.h * d, d}; };
+      cpu().attention_forward(sh, hv(q.data(), c.dqk), hv(k.data(), c.dqk), hv(v.data(), c.dv), hm(o.data(), c.dv),
+                              lse.data(), p);
+      cpu().attention_backward(sh, hv(q.data(), c.dqk), hv(k.data(), c.dqk), hv(v.data(), c.dv), hv(o.data(), c.dv),
+                               lse.data(), hv(dout.data(), c.dv), hm(dq.data(), c.dqk), hm(dk.data(), c.dqk),
+                               hm(dv.data(), c.dv), p);
+      DeviceBuffer gq = up(q), gk = up(k), gv = up(v), gdo = up(dout), go = up(std::vector<float>(o.size()));
+      DeviceBuffer gl = up(std::vector<float>(lse.size())), gdq = up(std::vector<float>(dq.size()));
+      DeviceBuffer gdk = up(std::vector<float>(dk.size())), gdv = up(std::vector<float>(dv.size()));
+      gpu_->attention_forward(sh, hv(gq.as<float>(), c.dqk), hv(gk.as<float>(), c.dqk), hv(gv.as<float>(), c.dv),
+                              hm(go.as<float>(), c.dv), gl.as<float>(), p);
+      gpu_->attention_backward(sh, hv(gq.as<float>(), c.dqk), hv(gk.as<float>(), c.dqk), hv(gv.as<float>(), c.dv),
+                               hv(go.as<float>(), c.dv), gl.as<float>(), hv(gdo.as<float>(), c.dv),
+                               hm(gdq.as<float>(), c.dqk), hm(gdk.as<float>(), c.dqk), hm(gdv.as<float>(), c.dv), p);
+      // bf16: both round the same operands at the same places; what differs is fp32 accumulation order, which
+      // can move a probability across a bf16 rounding boundary (2^-8 relative) now and then.
+      const double tol = p == Precision::kF32 ? 1e-5 : 1e-2;
+      EXPECT_LE(max_rel(down<float>(go, o.size()), o), tol);
+      EXPECT_LE(max_rel(down<float>(gl, lse.size()), lse), p == Precision::kF32 ? 1e-5 : 1e-3);
+      const auto gdq1 = down<float>(gdq, dq.size());
+      EXPECT_LE(max_rel(gdq1, dq), tol);
+      EXPECT_LE(max_rel(down<float>(gdk, dk.size()), dk), tol);
+      EXPECT_LE(max_rel(down<float>(gdv, dv.size()), dv), tol);
+      gpu_->attention_backward(sh, hv(gq.as<float>(), c.dqk), hv(gk.as<float>(), c.dqk), hv(gv.as<float>(), c.dv),
+                               hv(go.as<float>(), c.dv), gl.as<float>(), hv(gdo.as<float>(), c.dv),
+                               hm(gdq.as<float>(), c.dqk), hm(gdk.as<float>(), c.dqk), hm(gdv.as<float>(), c.dv), p);
+      EXPECT_EQ(down<float>(gdq, dq.size()), gdq1) << "attention backward is not deterministic";
+    }
+  }
+}
+
+TEST_F(CudaOps, AttentionRefusesHeadSizesItCannotRun) {
+  const AttentionShape sh{1, 4, 1, 512, 128, 1.f};
+  DeviceBuffer q = up(std::vector<float>(4 * 512)), v = up(std::vector<float>(4 * 128)), l = up(std::vector<float>(4));
+  EXPECT_THROW(gpu_->attention_forward(sh, {q.as<float>(), 512, 512}, {q.as<float>(), 512, 512},
+                                       {v.as<float>(), 128, 128}, {v.as<float>(), 128, 128}, l.as<float>(),
+                                       Precision::kF32),
+               Error);
+}
+
+TEST_F(CudaOps, HeadCrossEntropyMatchesCpuWithIgnoredLabels) {
+  const int64_t t = 70, d = 96, v = 1000;  // v not a multiple of any chunk size
+  for (Precision p : {Precision::kF32, Precision::kBF16}) {
+    const auto h = philox_normals(8, t * d, 1), w = philox_normals(8, v * d, 2, 0.05f), dloss_T = philox_normals(8, t, 4);
+    std::vector<int32_t> labels(t);
+    for (int64_t i = 0; i < t; ++i) labels[i] = i % 9 == 4 ? -100 : static_cast<int32_t>((i * 37) % v);
+    const auto wb = rounded(w);
+    const bf16* wbp = p == Precision::kBF16 ? wb.data() : nullptr;
+    const auto dw0 = philox_normals(8, v * d, 3);
+    std::vector<float> loss(t), lse(t), dh(t * d), dw = dw0;
+    cpu().head_cross_entropy_forward(h.data(), w.data(), wbp, labels.data(), loss.data(), lse.data(), t, d, v, p);
+    cpu().head_cross_entropy_backward(h.data(), w.data(), wbp, labels.data(), lse.data(), 0.5f, dloss_T.data(),
+                                      dh.data(), dw.data(), t, d, v, p);
+    DeviceBuffer gh = up(h), gw = up(w), gwb = up(wb), gl = up(labels), gloss = up(std::vector<float>(t));
+    DeviceBuffer glse = up(std::vector<float>(t)), gdh = up(std::vector<float>(t * d)), gdw = up(dw0), gdl = up(dloss_T);
+    const bf16* gwbp = p == Precision::kBF16 ? gwb.as<bf16>() : nullptr;
+    gpu_->head_cross_entropy_forward(gh.as<float>(), gw.as<float>(), gwbp, gl.as<int32_t>(), gloss.as<float>(),
+                                     glse.as<float>(), t, d, v, p);
+    gpu_->head_cross_entropy_backward(gh.as<float>(), gw.as<float>(), gwbp, gl.as<int32_t>(), glse.as<float>(), 0.5f,
+                                      gdl.as<float>(), gdh.as<float>(), gdw.as<float>(), t, d, v, p);
+    const double tol = p == Precision::kF32 ? 1e-5 : 1e-2;  // bf16: dlogits rounded to bf16 on both sides
+    EXPECT_LE(max_rel(down<float>(gloss, t), loss), 1e-5) << "bf16=" << (p == Precision::kBF16);
+    EXPECT_LE(max_rel(down<float>(glse, t), lse), 1e-5);
+    EXPECT_LE(max_rel(down<float>(gdh, dh.size()), dh), tol);
+    EXPECT_LE(max_rel(down<float>(gdw, dw.size()), dw), tol);
+    const auto gl_host = down<float>(gloss, t);
+    for (int64_t i = 0; i < t; ++i) {
+      if (labels[i] == -100) {
+        EXPECT_EQ(gl_host[i], 0.f);
+      }
+    }
+  }
+}
+
+TEST_F(CudaOps, AdamWIsBitIdenticalToCpuOverSegments) {
+  const int64_t n = 100003;
+  auto p = philox_normals(9, n, 1), g = philox_normals(9, n, 2, 1e-2f);
+  std::vector<float> m(n), v(n);
+  DeviceBuffer gp = up(p), gg = up(g), gm = up(m), gv = up(v);
+  for (int64_t step = 1; step <= 3; ++step) {
+    const std::vector<AdamWSegment> segs = {
+        {0, 40000, adamw_step_consts(0.9, 0.95, 1e-8, step, 3e-4, 0.1)},
+        {40000, 17, adamw_step_consts(0.9, 0.95, 1e-8, step, 3e-4, 0.0)},
+        {40017, n - 40017, adamw_step_consts(0.9, 0.95, 1e-8, step, 1e-3, 0.1)},
+    };
+    cpu().adamw(p.data(), g.data(), m.data(), v.data(), segs);
+    gpu_->adamw(gp.as<float>(), gg.as<float>(), gm.as<float>(), gv.as<float>(), segs);
+  }
+  auto bits_equal = [](const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
+  };
+  EXPECT_TRUE(bits_equal(down<float>(gp, n), p));
+  EXPECT_TRUE(bits_equal(down<float>(gm, n), m));
+  EXPECT_TRUE(bits_equal(down<float>(gv, n), v));
+}
+
+TEST_F(CudaOps, SumOfSquaresIsBitIdenticalToCpu) {
+  const auto x = philox_normals(10, 70001, 1);
+  DeviceBuffer gx = up(x);
+  const std::vector<std::pair<int64_t, int64_t>> segs = {{0, 5}, {5, 16384}, {16389, 50000}, {66389, 3612}};
+  const double want = cpu().sum_of_squares(x.data(), segs), got = gpu_->sum_of_squares(gx.as<float>(), segs);
+  EXPECT_EQ(got, want);
+}
+
+TEST_F(CudaOps, ScaleAndBf16RoundingMatchCpu) {
+  const auto x = philox_normals(12, 1001, 1);
+  std::vector<float> xs = x;
+  std::vector<bf16> xb(x.size());
+  cpu().scale(xs.data(), static_cast<int64_t>(xs.size()), 0.37f);
+  cpu().to_bf16(x.data(), xb.data(), static_cast<int64_t>(x.size()));
+  DeviceBuffer g = up(x), gb = up(std::vector<bf16>(x.size()));
+  gpu_->to_bf16(g.as<float>(), gb.as<bf16>(), static_cast<int64_t>(x.size()));
+  gpu_->scale(g.as<float>(), static_cast<int64_t>(x.size()), 0.37f);
+  EXPECT_EQ(down<float>(g, x.size()), xs);
+  const auto gbh = down<bf16>(gb, x.size());
+  for (size_t i = 0; i < x.size(); ++i) ASSERT_EQ(gbh[i].bits, xb[i].bits) << i;
+}
+
+// Once its scratch has grown, repeating the same ops allocates nothing.
+TEST_F(CudaOps, RepeatedOpsAllocateNothing) {
+  const int64_t t = 64, d = 128, v = 500;
+  DeviceBuffer x = up(philox_normals(13, t * d, 1)), w = up(philox_normals(13, v * d, 2)), y = up(std::vector<float>(t * d));
+  DeviceBuffer r = up(std::vector<float>(t)), dw = up(std::vector<float>(v * d)), l = up(std::vector<float>(t));
+  std::vector<int32_t> lab(t, 3);
+  DeviceBuffer labels = up(lab);
+  auto step = [&] {
+    gpu_->rmsnorm_forward(x.as<float>(), d, w.as<float>(), y.as<float>(), d, r.as<float>(), t, d, 1e-6f);
+    gpu_->rmsnorm_backward(x.as<float>(), d, x.as<float>(), d, w.as<float>(), r.as<float>(), y.as<float>(), d,
+                           dw.as<float>(), t, d, 0.f);
+    gpu_->head_cross_entropy_forward(x.as<float>(), w.as<float>(), nullptr, labels.as<int32_t>(), l.as<float>(),
+                                     r.as<float>(), t, d, v, Precision::kF32);
+    gpu_->head_cross_entropy_backward(x.as<float>(), w.as<float>(), nullptr, labels.as<int32_t>(), r.as<float>(), 1.f,
+                                      nullptr, y.as<float>(), dw.as<float>(), t, d, v, Precision::kF32);
+    gpu_->synchronize();
+  };
+  step();
+  const int64_t before = gpu_->allocations();
+  step();
+  step();
+  EXPECT_EQ(gpu_->allocations(), before);
+}
+
+}  // namespace
+}  // namespace dsv3

@@ -1,0 +1,73 @@
+// The op table on the CPU: the segment-list forms the step uses (one AdamW call, one norm call for the whole flat
+// buffer) against the per-range forms the optimizer has always used, memory accounting, and what a binary says
+// about its CUDA backend on this machine.
+#include <gtest/gtest.h>
+
+#include <cstring>
+
+#include "kernels/backend.h"
+#include "kernels/cpu/adamw.h"
+#include "kernels/kernel_test_util.h"
+#include "optim/adamw.h"
+#include "optim/grad_clip.h"
+
+namespace dsv3 {
+namespace {
+
+using testing::philox_normals;
+
+TEST(Backend, CpuAdamWOverSegmentsIsBitIdenticalToThePerRangeOptimizer) {
+  const int64_t n = 50021;
+  const AdamWConfig cfg{0.9, 0.95, 1e-8};
+  auto p1 = philox_normals(1, n, 1), p2 = p1;
+  AdamW opt(n, cfg);
+  std::vector<float> m(n), v(n);
+  for (int64_t step = 1; step <= 3; ++step) {
+    const auto g = philox_normals(1, n, 10 + step, 1e-2f);
+    opt.begin_step();
+    opt.update(p1.data(), g.data(), 0, 30000, 1e-3 * step, 0.1);
+    opt.update(p1.data(), g.data(), 30000, n - 30000, 1e-3 * step, 0.0);
+    cpu_backend().adamw(p2.data(), g.data(), m.data(), v.data(),
+                        {{0, 30000, adamw_step_consts(cfg.beta1, cfg.beta2, cfg.eps, step, 1e-3 * step, 0.1)},
+                         {30000, n - 30000, adamw_step_consts(cfg.beta1, cfg.beta2, cfg.eps, step, 1e-3 * step, 0.0)}});
+  }
+  EXPECT_EQ(std::memcmp(p1.data(), p2.data(), n * sizeof(float)), 0);
+  EXPECT_EQ(std::memcmp(opt.exp_avg().data(), m.data(), n * sizeof(float)), 0);
+  EXPECT_EQ(std::memcmp(opt.exp_avg_sq().data(), v.data(), n * sizeof(float)), 0);
+}
+
+TEST(Backend, CpuSumOfSquaresOverSegmentsAddsThePerSegmentSums) {
+  const auto x = philox_normals(2, 40000, 1);
+  const double want = sum_of_squares(x.data() + 3, 20000) + sum_of_squares(x.data() + 25000, 15000);
+  EXPECT_EQ(cpu_backend().sum_of_squares(x.data(), {{3, 20000}, {25000, 15000}}), want);
+}
+
+TEST(Backend, DeviceBufferGrowsOnlyAndCountsAllocations) {
+  Backend& be = cpu_backend();
+  const int64_t before = be.allocations();
+  DeviceBuffer b;
+  b.ensure(be, 100);
+  const void* first = b.data();
+  for (int i = 0; i < 100; ++i) EXPECT_EQ(b.as<unsigned char>()[i], 0) << "alloc() must zero-fill";
+  b.ensure(be, 64);  // fits: no new allocation
+  EXPECT_EQ(b.data(), first);
+  EXPECT_EQ(be.allocations(), before + 1);
+  b.ensure(be, 1000);
+  EXPECT_EQ(be.allocations(), before + 2);
+  EXPECT_GE(b.bytes(), 1000u);
+}
+
+// Without a GPU (or without the CUDA build) the factory says why in one line; with one it names the GPU.
+TEST(Backend, CudaBackendIsNamedOrRefusedWithAReason) {
+  std::string why;
+  const auto gpu = make_cuda_backend(0, &why);
+  if (gpu) {
+    EXPECT_EQ(gpu->name().rfind("cuda:0 ", 0), 0u) << gpu->name();
+  } else {
+    EXPECT_FALSE(why.empty());
+    EXPECT_EQ(why.find('\n'), std::string::npos) << why;
+  }
+}
+
+}  // namespace
+}  // namespace dsv3
