@@ -1,7 +1,7 @@
 # Thin wrapper: the real build is CMake. `make test` is what CI runs.
 BUILD ?= build
 JOBS ?= $(shell nproc)
-.PHONY: setup build test demo bench bench-preprocess bench-step bench-alltoall bench-parallel clean format
+.PHONY: setup build test demo bench bench-preprocess bench-step bench-alltoall bench-parallel bench-gpu clean format
 
 setup:
 	bash scripts/setup.sh
@@ -37,6 +37,10 @@ format:
 # 1/2/4-rank data- and expert-parallel steps split into compute, dispatch/combine, gradient sync and optimizer.
 bench-parallel: setup build
 	BUILD=$(BUILD) bash bench/parallel_step.sh
+
+# GPU proxies (one H200): PyTorch eager/compile beside dsv3, TFLOP/s and MFU against the measured cuBLASLt roofline.
+bench-gpu: setup build
+	BUILD=$(BUILD) bash bench/gpu.sh
 
 clean:
 	rm -rf $(BUILD)

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = pack ]; then
   set -e
   make build
-  bash ../shared/tools/device-pack.sh build/dsv3 build/dsv3_tests build/dsv3_cuda_tests "$(command -v mpirun)"
+  bash ../shared/tools/device-pack.sh build/dsv3 build/dsv3_tests build/dsv3_cuda_tests build/bench_gpu "$(command -v mpirun)"
   grep -qx '/.devpack/' .git/info/exclude 2>/dev/null || echo '/.devpack/' >> .git/info/exclude
   echo "packed: $(du -h .devpack/pack.tar.gz | cut -f1); run on the GPU machine: scripts/device-check.sh (carry .devpack)"
   exit 0
@@ -47,4 +47,7 @@ timeout 300 bash .devpack/run.sh dsv3_cuda_tests --gtest_output="xml:$out/cuda_t
 rc=$?
 grep -E '^\[  (PASSED|FAILED) |^\[==========\]|FAILED  \]|Failure|error' "$out/cuda_tests.log" | head -60 | tee -a "$summary"
 say "cuda tests exit code: $rc"
+
+say "== bench-gpu (PyTorch peer and the measured roofline)"
+RUN="bash .devpack/run.sh" timeout 300 bash bench/gpu.sh 2>&1 | tee "$out/bench_gpu.log" | grep -vE '^\s*$' | tee -a "$summary"
 exit $rc

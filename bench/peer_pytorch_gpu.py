@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Peer for `make bench-gpu`: one DeepSeek-V3 training step (forward, backward, AdamW) in PyTorch on the GPU, with
+HF transformers' DeepseekV3ForCausalLM: fp32 master weights under bf16 autocast (the precision dsv3 trains in),
+fused AdamW, a fresh batch every step; eager and torch.compile.
+
+  python3 bench/peer_pytorch_gpu.py --config examples/deepseek/configs/proxy-gpu-dense.json --batch 1 --seq 4096
+
+Prints one line per mode: `pytorch: mode=<eager|compile> tokens_per_s=<x> step_s=<median> peak_gib=<y>`.
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+
+def run(model, opt, batches, warmup, steps):
+    times = []
+    for i in range(warmup + steps):
+        x, y = batches[i][:, :-1].contiguous(), batches[i][:, 1:].contiguous()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--modes", default="eager,compile")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    cfg = json.load(open(a.config))
+    cfg.pop("dsv3_semantics", None)
+    hf = DeepseekV3Config(**cfg)
+    hf._attn_implementation = "sdpa"  # PyTorch's fused attention (flash / memory-efficient kernels)
+    batches = [torch.randint(0, cfg["vocab_size"], (a.batch, a.seq + 1), device="cuda") for _ in range(a.warmup + a.steps)]
+    for mode in a.modes.split(","):
+        model = DeepseekV3ForCausalLM(hf).float().cuda().train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        if mode == "compile":
+            model = torch.compile(model)
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            step = run(model, opt, batches, a.warmup, a.steps)
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            print(f"pytorch: mode={mode} tokens_per_s={a.batch * a.seq / step:.1f} step_s={step:.4f} "
+                  f"peak_gib={peak:.1f}", flush=True)
+        except Exception as e:  # e.g. out of memory, or a compile failure: report it, keep the other mode
+            print(f"pytorch: mode={mode} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+        del model, opt
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
