@@ -43,9 +43,12 @@ int main(int argc, char** argv) {
   std::string config = "examples/deepseek/configs/proxy-gpu-dense.json";
   int64_t batch = 1, seq = 4096;
   for (int i = 1; i + 1 < argc; i += 2) {
-    if (!std::strcmp(argv[i], "--config")) config = argv[i + 1];
-    else if (!std::strcmp(argv[i], "--batch")) batch = std::atoll(argv[i + 1]);
-    else if (!std::strcmp(argv[i], "--seq")) seq = std::atoll(argv[i + 1]);
+    if (!std::strcmp(argv[i], "--config"))
+      config = argv[i + 1];
+    else if (!std::strcmp(argv[i], "--batch"))
+      batch = std::atoll(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--seq"))
+      seq = std::atoll(argv[i + 1]);
   }
   const ModelConfig cfg = ModelConfig::from_json_file(config);
   const int64_t padded_vocab = (cfg.vocab_size + 127) / 128 * 128;
@@ -64,10 +67,12 @@ int main(int argc, char** argv) {
     int64_t m, n, k;
   };
   // The square peak, then the proxy's own largest shapes (FFN up/down, head) at its token count.
-  for (const Shape s : {Shape{8192, 8192, 8192}, Shape{t, cfg.intermediate_size, cfg.hidden_size},
-                        Shape{t, cfg.hidden_size, cfg.intermediate_size}, Shape{t, padded_vocab, cfg.hidden_size}})
+  for (const Shape s :
+       {Shape{8192, 8192, 8192}, Shape{t, cfg.intermediate_size, cfg.hidden_size},
+        Shape{t, cfg.hidden_size, cfg.intermediate_size}, Shape{t, padded_vocab, cfg.hidden_size}})
     std::printf("roofline: cublaslt_bf16 m=%lld n=%lld k=%lld tflops=%.1f\n", static_cast<long long>(s.m),
-                static_cast<long long>(s.n), static_cast<long long>(s.k), roofline_tflops(*gpu, s.m, s.n, s.k, 20));
+                static_cast<long long>(s.n), static_cast<long long>(s.k),
+                roofline_tflops(*gpu, s.m, s.n, s.k, 20));
   std::printf("ours: unavailable (the model does not run on the CUDA backend yet)\n");
   return 0;
 }

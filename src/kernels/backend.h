@@ -69,14 +69,15 @@ class Backend {
   // cpu/rmsnorm.h rmsnorm_forward_strided / rmsnorm_backward_strided (dw_D accumulates, deterministic).
   virtual void rmsnorm_forward(const float* x, int64_t ld_x, const float* w_D, float* y, int64_t ld_y,
                                float* rstd_T, int64_t t, int64_t d, float eps) = 0;
-  virtual void rmsnorm_backward(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, const float* w_D,
-                                const float* rstd_T, float* dx, int64_t ld_dx, float* dw_D, int64_t t, int64_t d,
-                                float beta) = 0;
+  virtual void rmsnorm_backward(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x,
+                                const float* w_D, const float* rstd_T, float* dx, int64_t ld_dx, float* dw_D,
+                                int64_t t, int64_t d, float beta) = 0;
   // cpu/swiglu.h swiglu_forward_general / swiglu_backward_general.
   virtual void swiglu_forward(const float* a, const float* b, int64_t ld_ab, const float* p_T, float* h_TF,
                               int64_t t, int64_t f) = 0;
-  virtual void swiglu_backward(const float* dh_TF, const float* a, const float* b, int64_t ld_ab, const float* p_T,
-                               float* da, float* db, int64_t ld_dab, float* dp_T, int64_t t, int64_t f) = 0;
+  virtual void swiglu_backward(const float* dh_TF, const float* a, const float* b, int64_t ld_ab,
+                               const float* p_T, float* da, float* db, int64_t ld_dab, float* dp_T, int64_t t,
+                               int64_t f) = 0;
   // cpu/embedding.h (ids are checked: an id outside [0, vocab) is an error naming it; dtable accumulates,
   // deterministically).
   virtual void embedding_forward(const int32_t* ids_T, const float* table_VD, float* out_TD, int64_t t,
@@ -88,12 +89,12 @@ class Backend {
                             int64_t t, int64_t heads, int64_t seq_len, const RopeTableView& table,
                             bool interleave) = 0;
   virtual void rope_backward(const float* dy, int64_t ld_dy, int64_t hs_dy, float* dx, int64_t ld_dx,
-                             int64_t hs_dx, int64_t t, int64_t heads, int64_t seq_len, const RopeTableView& table,
-                             bool interleave) = 0;
+                             int64_t hs_dx, int64_t t, int64_t heads, int64_t seq_len,
+                             const RopeTableView& table, bool interleave) = 0;
   // cpu/attention.h (causal; lse_BHS saved for the backward; dq, dk, dv assigned). A shape the backend cannot
   // run is refused by name (an error), never computed wrongly.
-  virtual void attention_forward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v, HeadsViewMut o,
-                                 float* lse_BHS, Precision p) = 0;
+  virtual void attention_forward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v,
+                                 HeadsViewMut o, float* lse_BHS, Precision p) = 0;
   virtual void attention_backward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v, HeadsView o,
                                   const float* lse_BHS, HeadsView do_, HeadsViewMut dq, HeadsViewMut dk,
                                   HeadsViewMut dv, Precision p) = 0;
@@ -105,8 +106,8 @@ class Backend {
                                           int64_t d, int64_t v, Precision p) = 0;
   virtual void head_cross_entropy_backward(const float* h_TD, const float* w_VD, const bf16* w_bf_VD,
                                            const int32_t* labels_T, const float* lse_T, float dloss,
-                                           const float* dloss_T, float* dh_TD, float* dw_VD, int64_t t, int64_t d,
-                                           int64_t v, Precision p) = 0;
+                                           const float* dloss_T, float* dh_TD, float* dw_VD, int64_t t,
+                                           int64_t d, int64_t v, Precision p) = 0;
 
   // ---- optimizer (optim/adamw.h arithmetic, bit-identical to the CPU update for the same inputs)
   virtual void adamw(float* params, const float* grads, float* exp_avg, float* exp_avg_sq,
@@ -144,7 +145,9 @@ class DeviceBuffer {
     p_ = nullptr, bytes_ = 0;
   }
   template <typename T>
-  T* as() const { return static_cast<T*>(p_); }
+  T* as() const {
+    return static_cast<T*>(p_);
+  }
   void* data() const { return p_; }
   size_t bytes() const { return bytes_; }
 

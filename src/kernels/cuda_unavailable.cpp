@@ -5,7 +5,9 @@
 namespace dsv3 {
 
 std::unique_ptr<Backend> make_cuda_backend(int, std::string* why_not) {
-  if (why_not) *why_not = "this build of dsv3 has no CUDA backend (nvcc was not found at build time, or -DDSV3_CUDA=OFF)";
+  if (why_not)
+    *why_not =
+        "this build of dsv3 has no CUDA backend (nvcc was not found at build time, or -DDSV3_CUDA=OFF)";
   return nullptr;
 }
 

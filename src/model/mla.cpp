@@ -35,12 +35,13 @@ const RopeTable& rope_table(const MlaDims& d, int64_t S, MlaScratch& sc) {
 
 void MlaDims::validate() const {
   DSV3_CHECK(D > 0 && H > 0, "MLA: hidden size and heads must be positive (D=", D, " H=", H, ")");
-  DSV3_CHECK(q_lora >= 0 && kv_lora > 0, "MLA: q_lora_rank must be >= 0 and kv_lora_rank > 0 (got ", q_lora, ", ",
-             kv_lora, ")");
-  DSV3_CHECK(dn >= 0 && dv > 0 && dr > 0 && dr % 2 == 0, "MLA: need qk_nope >= 0, v > 0 and an even positive "
-             "qk_rope_head_dim (got dn=", dn, " dr=", dr, " dv=", dv, ")");
-  DSV3_CHECK(static_cast<int64_t>(rope.inv_freq.size()) == dr / 2, "MLA: rope.inv_freq has ", rope.inv_freq.size(),
-             " entries, qk_rope_head_dim/2 = ", dr / 2);
+  DSV3_CHECK(q_lora >= 0 && kv_lora > 0, "MLA: q_lora_rank must be >= 0 and kv_lora_rank > 0 (got ", q_lora,
+             ", ", kv_lora, ")");
+  DSV3_CHECK(dn >= 0 && dv > 0 && dr > 0 && dr % 2 == 0,
+             "MLA: need qk_nope >= 0, v > 0 and an even positive qk_rope_head_dim (got dn=", dn, " dr=", dr,
+             " dv=", dv, ")");
+  DSV3_CHECK(static_cast<int64_t>(rope.inv_freq.size()) == dr / 2, "MLA: rope.inv_freq has ",
+             rope.inv_freq.size(), " entries, qk_rope_head_dim/2 = ", dr / 2);
   DSV3_CHECK(softmax_scale > 0.f, "MLA: softmax_scale must be positive (got ", softmax_scale, ")");
 }
 
@@ -49,8 +50,9 @@ void mla_forward(const MlaDims& d, const MlaParams& p, const float* x, int64_t B
   d.validate();
   DSV3_CHECK(B > 0 && S > 0, "MLA: batch and sequence length must be positive (B=", B, " S=", S, ")");
   const bool qlora = d.q_lora > 0;
-  DSV3_CHECK(qlora ? (p.q_a_proj_w && p.q_a_norm_w && p.q_b_proj_w) : p.q_proj_w != nullptr,
-             qlora ? "MLA: q_a_proj / q_a_layernorm / q_b_proj weights missing" : "MLA: q_proj weight missing");
+  DSV3_CHECK(
+      qlora ? (p.q_a_proj_w && p.q_a_norm_w && p.q_b_proj_w) : p.q_proj_w != nullptr,
+      qlora ? "MLA: q_a_proj / q_a_layernorm / q_b_proj weights missing" : "MLA: q_proj weight missing");
   DSV3_CHECK(p.kv_a_proj_w && p.kv_a_norm_w && p.kv_b_proj_w && p.o_proj_w, "MLA: kv/o weights missing");
   const int64_t T = B * S, H = d.H, K = d.qk_dim(), E = d.kv_b_dim(), C = d.kv_a_dim(), L = d.kv_lora;
   a.B = B, a.S = S, a.x_TD = x;
@@ -92,7 +94,8 @@ void mla_forward(const MlaDims& d, const MlaParams& p, const float* x, int64_t B
   rope_forward(q + d.dn, H * K, K, q + d.dn, H * K, K, T, H, S, tab);
   rope_forward(ckv + L, C, 0, k + d.dn, H * K, 0, T, 1, S, tab);
   for (int64_t t = 0; t < T; ++t)
-    for (int64_t h = 1; h < H; ++h) std::copy(k + t * H * K + d.dn, k + t * H * K + K, k + (t * H + h) * K + d.dn);
+    for (int64_t h = 1; h < H; ++h)
+      std::copy(k + t * H * K + d.dn, k + t * H * K + K, k + (t * H + h) * K + d.dn);
 
   AttentionShape as{B, S, H, K, d.dv, d.softmax_scale};
   float* o = grow(a.o_THV, T * H * d.dv);
@@ -106,8 +109,8 @@ void mla_forward(const MlaDims& d, const MlaParams& p, const float* x, int64_t B
   linear_forward_op(oo, W(p.o_proj_w, d.D * H * d.dv), y, T, H * d.dv, d.D, prec);
 }
 
-void mla_backward(const MlaDims& d, const MlaParams& p, const MlaActs& a, const float* dy, float* dx, MlaGrads& g,
-                  Precision prec, MlaScratch& sc) {
+void mla_backward(const MlaDims& d, const MlaParams& p, const MlaActs& a, const float* dy, float* dx,
+                  MlaGrads& g, Precision prec, MlaScratch& sc) {
   d.validate();
   DSV3_CHECK(a.x_TD != nullptr && a.B > 0 && a.S > 0, "MLA backward: no saved forward activations");
   const bool qlora = d.q_lora > 0;
@@ -125,11 +128,11 @@ void mla_backward(const MlaDims& d, const MlaParams& p, const MlaActs& a, const 
   // o_proj.
   float* dout = grow(sc.do_THV, T * H * d.dv);
   {
-  DSV3_PROFILE("bwd.attn.o_proj");
-  const void* dyo = G(dy, T * d.D);
-  linear_backward_weight_op(dyo, saved_operand(a.o_THV.data(), a.o_bf, prec), g.o_proj_w, T, H * d.dv, d.D,
-                            prec);
-  linear_backward_input_op(dyo, W(p.o_proj_w, d.D * H * d.dv), dout, T, H * d.dv, d.D, prec);
+    DSV3_PROFILE("bwd.attn.o_proj");
+    const void* dyo = G(dy, T * d.D);
+    linear_backward_weight_op(dyo, saved_operand(a.o_THV.data(), a.o_bf, prec), g.o_proj_w, T, H * d.dv, d.D,
+                              prec);
+    linear_backward_input_op(dyo, W(p.o_proj_w, d.D * H * d.dv), dout, T, H * d.dv, d.D, prec);
   }
 
   // Attention: dv lands directly in the v columns of dkv; dk is split below.
@@ -138,28 +141,29 @@ void mla_backward(const MlaDims& d, const MlaParams& p, const MlaActs& a, const 
   float* dkv = grow(sc.dkv_THE, T * H * E);
   AttentionShape as{B, S, H, K, d.dv, d.softmax_scale};
   {
-  DSV3_PROFILE("bwd.attn.kernel");
-  attention_backward(as, {a.q_THK.data(), H * K, K}, {a.k_THK.data(), H * K, K}, {a.kv_THE.data() + d.dn, H * E, E},
-                     {a.o_THV.data(), H * d.dv, d.dv}, a.lse_BHS.data(), {dout, H * d.dv, d.dv}, {dq, H * K, K},
-                     {dk, H * K, K}, {dkv + d.dn, H * E, E}, prec, sc.attn);
+    DSV3_PROFILE("bwd.attn.kernel");
+    attention_backward(as, {a.q_THK.data(), H * K, K}, {a.k_THK.data(), H * K, K},
+                       {a.kv_THE.data() + d.dn, H * E, E}, {a.o_THV.data(), H * d.dv, d.dv}, a.lse_BHS.data(),
+                       {dout, H * d.dv, d.dv}, {dq, H * K, K}, {dk, H * K, K}, {dkv + d.dn, H * E, E}, prec,
+                       sc.attn);
   }
 
   // Undo RoPE; k_pe was shared by all heads, so its gradient is the sum over heads (into dckv's k_pe columns).
   float* dckv = grow(sc.dckv_TC, T * C);
   {
-  DSV3_PROFILE("bwd.attn.rope");
-  const RopeTable& tab = rope_table(d, S, sc);
-  for (int64_t t = 0; t < T; ++t) {
-    float* dkpe = dckv + t * C + L;
-    std::fill(dkpe, dkpe + d.dr, 0.f);
-    for (int64_t h = 0; h < H; ++h) {
-      const float* dkh = dk + (t * H + h) * K;
-      std::copy(dkh, dkh + d.dn, dkv + (t * H + h) * E);
-      for (int64_t i = 0; i < d.dr; ++i) dkpe[i] += dkh[d.dn + i];
+    DSV3_PROFILE("bwd.attn.rope");
+    const RopeTable& tab = rope_table(d, S, sc);
+    for (int64_t t = 0; t < T; ++t) {
+      float* dkpe = dckv + t * C + L;
+      std::fill(dkpe, dkpe + d.dr, 0.f);
+      for (int64_t h = 0; h < H; ++h) {
+        const float* dkh = dk + (t * H + h) * K;
+        std::copy(dkh, dkh + d.dn, dkv + (t * H + h) * E);
+        for (int64_t i = 0; i < d.dr; ++i) dkpe[i] += dkh[d.dn + i];
+      }
     }
-  }
-  rope_backward(dq + d.dn, H * K, K, dq + d.dn, H * K, K, T, H, S, tab);
-  rope_backward(dckv + L, C, 0, dckv + L, C, 0, T, 1, S, tab);
+    rope_backward(dq + d.dn, H * K, K, dq + d.dn, H * K, K, T, H, S, tab);
+    rope_backward(dckv + L, C, 0, dckv + L, C, 0, T, 1, S, tab);
   }
   DSV3_PROFILE("bwd.attn.qkv_proj");
 
@@ -169,8 +173,8 @@ void mla_backward(const MlaDims& d, const MlaParams& p, const MlaActs& a, const 
   linear_backward_weight_op(dkvo, saved_operand(a.ckvn_TLkv.data(), a.ckvn_bf, prec), g.kv_b_proj_w, T, L,
                             H * E, prec);
   linear_backward_input_op(dkvo, W(p.kv_b_proj_w, H * E * L), dckvn, T, L, H * E, prec);
-  rmsnorm_backward_strided(dckvn, L, a.ckv_TC.data(), C, p.kv_a_norm_w, a.rstd_kv_T.data(), dckv, C, g.kv_a_norm_w,
-                           T, L);
+  rmsnorm_backward_strided(dckvn, L, a.ckv_TC.data(), C, p.kv_a_norm_w, a.rstd_kv_T.data(), dckv, C,
+                           g.kv_a_norm_w, T, L);
   const void* dckvo = G(dckv, T * C);
   linear_backward_weight_op(dckvo, xo, g.kv_a_proj_w, T, d.D, C, prec);
   linear_backward_input_op(dckvo, W(p.kv_a_proj_w, C * d.D), dx, T, d.D, C, prec);

@@ -2,19 +2,19 @@
 // SwiGLU experts run over expert-grouped rows, and the shared expert added on top; forward and backward side
 // by side.
 //
-//   out = Σ_k  down_e( silu(gate_e(x)) ⊙ up_e(x) ⊙ w_k )  +  shared(x)          e = idx[t, k], w_k its gate
-//   weight
+//   out = Σ_k  down_e( silu(gate_e(x)) ⊙ up_e(x) ⊙ w_k )  +  shared(x)       e = idx[t, k], w_k its weight
 //
 // The gate weight multiplies the SwiGLU output before down_proj, as Megatron does
 // (moe_apply_probs_on_input=False); HF multiplies after down_proj — the same function, rounding differs at
 // the 1e-7 level.
 //
 // Parameter layout: routed experts stacked contiguously so each expert's GEMMs see one [F,D] / [D,F] block:
-//   gate_proj_EFD[e] = mlp.experts.{e}.gate_proj.weight [F, D]      up_proj_EFD[e] =
-//   mlp.experts.{e}.up_proj.weight down_proj_EDF[e] = mlp.experts.{e}.down_proj.weight [D, F] gate_w_ED =
-//   mlp.gate.weight [E, D]; expert_bias_E = mlp.gate.e_score_correction_bias [E] (fp32, no gradient)
-//   shared_{gate,up}_SD = mlp.shared_experts.{gate,up}_proj.weight [Fs, D]; shared_down_DS [D, Fs], Fs =
-//   n_shared·F
+//   gate_proj_EFD[e] = mlp.experts.{e}.gate_proj.weight   [F, D]
+//   up_proj_EFD[e]   = mlp.experts.{e}.up_proj.weight     [F, D]
+//   down_proj_EDF[e] = mlp.experts.{e}.down_proj.weight   [D, F]
+//   gate_w_ED        = mlp.gate.weight                     [E, D]
+//   expert_bias_E    = mlp.gate.e_score_correction_bias    [E]  (fp32, no gradient)
+//   shared_{gate,up} = mlp.shared_experts.{gate,up}_proj.weight [Fs, D];  shared_down [D, Fs];  Fs = n_shared·F
 // Expert parallelism (MoeConfig::ep) hands a rank the contiguous slice of experts ExpertParallel::first_local..;
 // the expert pointers then point at that slice ([L, F, D] etc.) and the dispatcher (parallel/ep_dispatcher.h)
 // brings the rows of every rank's tokens routed to them.

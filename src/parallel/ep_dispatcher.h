@@ -5,18 +5,16 @@
 //
 //   EP = 1 (no comm):  a local permutation by expert (moe_permute.h); nothing is communicated.
 //   kAllToAll          Megatron's alltoall dispatcher: permute by global expert; exchange the per-expert row
-//   counts
-//                      (one small alltoall); alltoallv the rows and their gate weights; reorder the received
-//                      blocks from [source rank][local expert] to [local expert][source rank]. With
+//                      counts (one small alltoall); alltoallv the rows and their gate weights; reorder the
+//                      received blocks from [source rank][local expert] to [local expert][source rank]. With
 //                      pad-to-capacity every (rank, expert) block is exactly the expert's padded count
 //                      (`capacity`, or T when the capacity exceeds T): fixed splits, no count exchange,
 //                      padding rows are zeros with gate weight 0 (they add exact zeros to every output and
 //                      gradient). combine is the exact reverse.
-//   kAllGather         Megatron's allgather dispatcher: allgather the tokens, their expert ids and gate
-//   weights over
-//                      the EP group; each rank keeps the pairs routed to its own experts; combine sums each
-//                      gathered token's local expert outputs and reduce-scatters the sums back. No capacity
-//                      (as Megatron).
+//   kAllGather         Megatron's allgather dispatcher: allgather the tokens, their expert ids and gate weights
+//                      over the EP group; each rank keeps the pairs routed to its own experts; combine sums
+//                      each gathered token's local expert outputs and reduce-scatters the sums back. No
+//                      capacity (as Megatron).
 //
 // Both dispatchers hand the experts the same rows in the same order: by local expert, then source rank, then
 // token (one token never picks an expert twice), so an expert's GEMMs see identical inputs either way.

@@ -58,7 +58,9 @@ std::vector<float> widened(const std::vector<bf16>& x) {
   return y;
 }
 
-TEST_F(CudaOps, BackendNamesTheGpu) { EXPECT_EQ(gpu_->name().rfind("cuda:0 ", 0), 0u) << gpu_->name(); }
+TEST_F(CudaOps, BackendNamesTheGpu) {
+  EXPECT_EQ(gpu_->name().rfind("cuda:0 ", 0), 0u) << gpu_->name();
+}
 
 TEST_F(CudaOps, GemmMatchesCpuForEveryLayoutAndType) {
   struct Case {
@@ -80,17 +82,20 @@ TEST_F(CudaOps, GemmMatchesCpuForEveryLayoutAndType) {
       {4, 6, 0, false, true, GemmType::kF32, GemmType::kF32, 0.f},
   };
   for (const auto& cs : cases) {
-    SCOPED_TRACE(::testing::Message() << cs.m << "x" << cs.n << "x" << cs.k << " ta=" << cs.ta << " tb=" << cs.tb
-                                    << " bf16=" << (cs.ab == GemmType::kBF16) << " beta=" << cs.beta);
+    SCOPED_TRACE(::testing::Message()
+                 << cs.m << "x" << cs.n << "x" << cs.k << " ta=" << cs.ta << " tb=" << cs.tb
+                 << " bf16=" << (cs.ab == GemmType::kBF16) << " beta=" << cs.beta);
     const int64_t lda = (cs.ta ? cs.m : cs.k) + 8, ldb = (cs.tb ? cs.k : cs.n) + 8, ldc = cs.n + 8;
-    const auto a = philox_normals(11, (cs.ta ? cs.k : cs.m) * lda, 1), b = philox_normals(11, (cs.tb ? cs.n : cs.k) * ldb, 2);
+    const auto a = philox_normals(11, (cs.ta ? cs.k : cs.m) * lda, 1),
+               b = philox_normals(11, (cs.tb ? cs.n : cs.k) * ldb, 2);
     const auto c0 = philox_normals(11, cs.m * ldc, 3);
     const bool in_bf = cs.ab == GemmType::kBF16, out_bf = cs.c == GemmType::kBF16;
     const auto ab = rounded(a), bb = rounded(b), cb0 = rounded(c0);
     DeviceBuffer da = in_bf ? up(ab) : up(a), db = in_bf ? up(bb) : up(b), dc = out_bf ? up(cb0) : up(c0);
     std::vector<float> cf = c0;
     std::vector<bf16> cbf = cb0;
-    GemmArgs g{cs.m, cs.n, cs.k, nullptr, lda, cs.ta, nullptr, ldb, cs.tb, nullptr, ldc, cs.ab, cs.c, 1.f, cs.beta};
+    GemmArgs g{cs.m,  cs.n,    cs.k, nullptr, lda,  cs.ta, nullptr, ldb,
+               cs.tb, nullptr, ldc,  cs.ab,   cs.c, 1.f,   cs.beta};
     GemmArgs h = g;
     g.a = in_bf ? (const void*)ab.data() : a.data(), g.b = in_bf ? (const void*)bb.data() : b.data();
     g.c = out_bf ? (void*)cbf.data() : cf.data();
@@ -106,18 +111,22 @@ TEST_F(CudaOps, GemmMatchesCpuForEveryLayoutAndType) {
 }
 
 TEST_F(CudaOps, RmsNormForwardBackwardMatchCpu) {
-  for (auto [t, d, ld] : {std::tuple<int64_t, int64_t, int64_t>{1, 7, 7}, {37, 64, 80}, {100, 576, 576}, {65, 2048, 2048}}) {
+  for (auto [t, d, ld] :
+       {std::tuple<int64_t, int64_t, int64_t>{1, 7, 7}, {37, 64, 80}, {100, 576, 576}, {65, 2048, 2048}}) {
     SCOPED_TRACE(::testing::Message() << "t=" << t << " d=" << d << " ld=" << ld);
-    const auto x = philox_normals(3, t * ld, 1), w = philox_normals(3, d, 2, 0.1f, 1.f), dy = philox_normals(3, t * ld, 3);
+    const auto x = philox_normals(3, t * ld, 1), w = philox_normals(3, d, 2, 0.1f, 1.f),
+               dy = philox_normals(3, t * ld, 3);
     const auto dx0 = philox_normals(3, t * ld, 4), dw0 = philox_normals(3, d, 5);
     std::vector<float> y(t * ld), rstd(t), dx = dx0, dw = dw0;
     cpu().rmsnorm_forward(x.data(), ld, w.data(), y.data(), ld, rstd.data(), t, d, 1e-6f);
-    cpu().rmsnorm_backward(dy.data(), ld, x.data(), ld, w.data(), rstd.data(), dx.data(), ld, dw.data(), t, d, 1.f);
+    cpu().rmsnorm_backward(dy.data(), ld, x.data(), ld, w.data(), rstd.data(), dx.data(), ld, dw.data(), t, d,
+                           1.f);
     DeviceBuffer gx = up(x), gw = up(w), gy = up(std::vector<float>(t * ld)), gr = up(std::vector<float>(t));
     DeviceBuffer gdy = up(dy), gdx = up(dx0), gdw = up(dw0);
-    gpu_->rmsnorm_forward(gx.as<float>(), ld, gw.as<float>(), gy.as<float>(), ld, gr.as<float>(), t, d, 1e-6f);
-    gpu_->rmsnorm_backward(gdy.as<float>(), ld, gx.as<float>(), ld, gw.as<float>(), gr.as<float>(), gdx.as<float>(), ld,
-                           gdw.as<float>(), t, d, 1.f);
+    gpu_->rmsnorm_forward(gx.as<float>(), ld, gw.as<float>(), gy.as<float>(), ld, gr.as<float>(), t, d,
+                          1e-6f);
+    gpu_->rmsnorm_backward(gdy.as<float>(), ld, gx.as<float>(), ld, gw.as<float>(), gr.as<float>(),
+                           gdx.as<float>(), ld, gdw.as<float>(), t, d, 1.f);
     EXPECT_LE(max_rel(down<float>(gy, y.size()), y), 1e-5);
     EXPECT_LE(max_rel(down<float>(gr, t), rstd), 1e-5);
     EXPECT_LE(max_rel(down<float>(gdx, dx.size()), dx), 1e-5);
@@ -128,7 +137,8 @@ TEST_F(CudaOps, RmsNormForwardBackwardMatchCpu) {
 TEST_F(CudaOps, SwigluForwardBackwardMatchCpuScaledAndFused) {
   for (bool scaled : {false, true}) {
     const int64_t t = 45, f = 1408, ld = 2 * f;  // fused [T, 2F]: gate then up
-    const auto ab = philox_normals(4, t * ld, 1, 2.f), dh = philox_normals(4, t * f, 2), p = philox_normals(4, t, 3);
+    const auto ab = philox_normals(4, t * ld, 1, 2.f), dh = philox_normals(4, t * f, 2),
+               p = philox_normals(4, t, 3);
     std::vector<float> h(t * f), dab(t * ld), dp(t);
     const float* pp = scaled ? p.data() : nullptr;
     cpu().swiglu_forward(ab.data(), ab.data() + f, ld, pp, h.data(), t, f);
@@ -153,7 +163,8 @@ TEST_F(CudaOps, EmbeddingMatchesCpuAndIsDeterministic) {
   std::vector<int32_t> ids(t);
   for (int64_t i = 0; i < t; ++i) ids[i] = static_cast<int32_t>((i * 7 + i / 13) % 11);  // heavy repeats
   ids[5] = 49;
-  const auto table = philox_normals(5, vocab * d, 1), dout = philox_normals(5, t * d, 2), dt0 = philox_normals(5, vocab * d, 3);
+  const auto table = philox_normals(5, vocab * d, 1), dout = philox_normals(5, t * d, 2),
+             dt0 = philox_normals(5, vocab * d, 3);
   std::vector<float> out(t * d), dtab = dt0;
   cpu().embedding_forward(ids.data(), table.data(), out.data(), t, vocab, d);
   cpu().embedding_backward(dout.data(), ids.data(), dtab.data(), t, vocab, d);
@@ -194,13 +205,17 @@ TEST_F(CudaOps, YarnRopeMatchesCpuInPlaceAndStrided) {
   for (bool interleave : {true, false}) {
     const auto x = philox_normals(6, t * ld, 1);
     std::vector<float> y1 = x, y2;
-    cpu().rope_forward(x.data() + 128, ld, hs, y1.data() + 128, ld, hs, t, heads, 100, view_of(tab), interleave);
+    cpu().rope_forward(x.data() + 128, ld, hs, y1.data() + 128, ld, hs, t, heads, 100, view_of(tab),
+                       interleave);
     y2 = y1;
-    cpu().rope_backward(y1.data() + 128, ld, hs, y2.data() + 128, ld, hs, t, heads, 100, view_of(tab), interleave);
+    cpu().rope_backward(y1.data() + 128, ld, hs, y2.data() + 128, ld, hs, t, heads, 100, view_of(tab),
+                        interleave);
     DeviceBuffer g = up(x);
-    gpu_->rope_forward(g.as<float>() + 128, ld, hs, g.as<float>() + 128, ld, hs, t, heads, 100, gtab, interleave);
+    gpu_->rope_forward(g.as<float>() + 128, ld, hs, g.as<float>() + 128, ld, hs, t, heads, 100, gtab,
+                       interleave);
     EXPECT_LE(max_rel(down<float>(g, x.size()), y1), 1e-6) << "interleave=" << interleave;
-    gpu_->rope_backward(g.as<float>() + 128, ld, hs, g.as<float>() + 128, ld, hs, t, heads, 100, gtab, interleave);
+    gpu_->rope_backward(g.as<float>() + 128, ld, hs, g.as<float>() + 128, ld, hs, t, heads, 100, gtab,
+                        interleave);
     EXPECT_LE(max_rel(down<float>(g, x.size()), y2), 1e-6) << "interleave=" << interleave;
   }
 }
@@ -210,30 +225,33 @@ TEST_F(CudaOps, AttentionForwardBackwardMatchCpu) {
   struct Case {
     int64_t b, s, h, dqk, dv;
   };
-  for (const Case c : {Case{1, 5, 2, 12, 8}, Case{2, 67, 3, 24, 16}, Case{1, 130, 2, 192, 128}, Case{2, 256, 1, 192, 128}}) {
+  for (const Case c :
+       {Case{1, 5, 2, 12, 8}, Case{2, 67, 3, 24, 16}, Case{1, 130, 2, 192, 128}, Case{2, 256, 1, 192, 128}}) {
     for (Precision p : {Precision::kF32, Precision::kBF16}) {
       SCOPED_TRACE(::testing::Message() << "b=" << c.b << " s=" << c.s << " h=" << c.h << " dqk=" << c.dqk
-                                      << " dv=" << c.dv << " bf16=" << (p == Precision::kBF16));
+                                        << " dv=" << c.dv << " bf16=" << (p == Precision::kBF16));
       const AttentionShape sh{c.b, c.s, c.h, c.dqk, c.dv, 1.f / std::sqrt(static_cast<float>(c.dqk))};
       const int64_t T = c.b * c.s, ldq = c.h * c.dqk, ldv = c.h * c.dv;
-      const auto q = philox_normals(7, T * ldq, 1), k = philox_normals(7, T * ldq, 2), v = philox_normals(7, T * ldv, 3);
+      const auto q = philox_normals(7, T * ldq, 1), k = philox_normals(7, T * ldq, 2),
+                 v = philox_normals(7, T * ldv, 3);
       const auto dout = philox_normals(7, T * ldv, 4);
       std::vector<float> o(T * ldv), lse(c.b * c.h * c.s), dq(T * ldq), dk(T * ldq), dv(T * ldv);
       auto hv = [&](const float* x, int64_t d) { return HeadsView{x, c.h * d, d}; };
       auto hm = [&](float* x, int64_t d) { return HeadsViewMut{x, c.h * d, d}; };
-      cpu().attention_forward(sh, hv(q.data(), c.dqk), hv(k.data(), c.dqk), hv(v.data(), c.dv), hm(o.data(), c.dv),
-                              lse.data(), p);
-      cpu().attention_backward(sh, hv(q.data(), c.dqk), hv(k.data(), c.dqk), hv(v.data(), c.dv), hv(o.data(), c.dv),
-                               lse.data(), hv(dout.data(), c.dv), hm(dq.data(), c.dqk), hm(dk.data(), c.dqk),
-                               hm(dv.data(), c.dv), p);
+      cpu().attention_forward(sh, hv(q.data(), c.dqk), hv(k.data(), c.dqk), hv(v.data(), c.dv),
+                              hm(o.data(), c.dv), lse.data(), p);
+      cpu().attention_backward(sh, hv(q.data(), c.dqk), hv(k.data(), c.dqk), hv(v.data(), c.dv),
+                               hv(o.data(), c.dv), lse.data(), hv(dout.data(), c.dv), hm(dq.data(), c.dqk),
+                               hm(dk.data(), c.dqk), hm(dv.data(), c.dv), p);
       DeviceBuffer gq = up(q), gk = up(k), gv = up(v), gdo = up(dout), go = up(std::vector<float>(o.size()));
       DeviceBuffer gl = up(std::vector<float>(lse.size())), gdq = up(std::vector<float>(dq.size()));
       DeviceBuffer gdk = up(std::vector<float>(dk.size())), gdv = up(std::vector<float>(dv.size()));
-      gpu_->attention_forward(sh, hv(gq.as<float>(), c.dqk), hv(gk.as<float>(), c.dqk), hv(gv.as<float>(), c.dv),
-                              hm(go.as<float>(), c.dv), gl.as<float>(), p);
-      gpu_->attention_backward(sh, hv(gq.as<float>(), c.dqk), hv(gk.as<float>(), c.dqk), hv(gv.as<float>(), c.dv),
-                               hv(go.as<float>(), c.dv), gl.as<float>(), hv(gdo.as<float>(), c.dv),
-                               hm(gdq.as<float>(), c.dqk), hm(gdk.as<float>(), c.dqk), hm(gdv.as<float>(), c.dv), p);
+      gpu_->attention_forward(sh, hv(gq.as<float>(), c.dqk), hv(gk.as<float>(), c.dqk),
+                              hv(gv.as<float>(), c.dv), hm(go.as<float>(), c.dv), gl.as<float>(), p);
+      gpu_->attention_backward(sh, hv(gq.as<float>(), c.dqk), hv(gk.as<float>(), c.dqk),
+                               hv(gv.as<float>(), c.dv), hv(go.as<float>(), c.dv), gl.as<float>(),
+                               hv(gdo.as<float>(), c.dv), hm(gdq.as<float>(), c.dqk),
+                               hm(gdk.as<float>(), c.dqk), hm(gdv.as<float>(), c.dv), p);
       // bf16: both round the same operands at the same places; what differs is fp32 accumulation order, which
       // can move a probability across a bf16 rounding boundary (2^-8 relative) now and then.
       const double tol = p == Precision::kF32 ? 1e-5 : 1e-2;
@@ -243,9 +261,10 @@ TEST_F(CudaOps, AttentionForwardBackwardMatchCpu) {
       EXPECT_LE(max_rel(gdq1, dq), tol);
       EXPECT_LE(max_rel(down<float>(gdk, dk.size()), dk), tol);
       EXPECT_LE(max_rel(down<float>(gdv, dv.size()), dv), tol);
-      gpu_->attention_backward(sh, hv(gq.as<float>(), c.dqk), hv(gk.as<float>(), c.dqk), hv(gv.as<float>(), c.dv),
-                               hv(go.as<float>(), c.dv), gl.as<float>(), hv(gdo.as<float>(), c.dv),
-                               hm(gdq.as<float>(), c.dqk), hm(gdk.as<float>(), c.dqk), hm(gdv.as<float>(), c.dv), p);
+      gpu_->attention_backward(sh, hv(gq.as<float>(), c.dqk), hv(gk.as<float>(), c.dqk),
+                               hv(gv.as<float>(), c.dv), hv(go.as<float>(), c.dv), gl.as<float>(),
+                               hv(gdo.as<float>(), c.dv), hm(gdq.as<float>(), c.dqk),
+                               hm(gdk.as<float>(), c.dqk), hm(gdv.as<float>(), c.dv), p);
       EXPECT_EQ(down<float>(gdq, dq.size()), gdq1) << "attention backward is not deterministic";
     }
   }
@@ -253,7 +272,8 @@ TEST_F(CudaOps, AttentionForwardBackwardMatchCpu) {
 
 TEST_F(CudaOps, AttentionRefusesHeadSizesItCannotRun) {
   const AttentionShape sh{1, 4, 1, 512, 128, 1.f};
-  DeviceBuffer q = up(std::vector<float>(4 * 512)), v = up(std::vector<float>(4 * 128)), l = up(std::vector<float>(4));
+  DeviceBuffer q = up(std::vector<float>(4 * 512)), v = up(std::vector<float>(4 * 128)),
+               l = up(std::vector<float>(4));
   EXPECT_THROW(gpu_->attention_forward(sh, {q.as<float>(), 512, 512}, {q.as<float>(), 512, 512},
                                        {v.as<float>(), 128, 128}, {v.as<float>(), 128, 128}, l.as<float>(),
                                        Precision::kF32),
@@ -263,23 +283,27 @@ TEST_F(CudaOps, AttentionRefusesHeadSizesItCannotRun) {
 TEST_F(CudaOps, HeadCrossEntropyMatchesCpuWithIgnoredLabels) {
   const int64_t t = 70, d = 96, v = 1000;  // v not a multiple of any chunk size
   for (Precision p : {Precision::kF32, Precision::kBF16}) {
-    const auto h = philox_normals(8, t * d, 1), w = philox_normals(8, v * d, 2, 0.05f), dloss_T = philox_normals(8, t, 4);
+    const auto h = philox_normals(8, t * d, 1), w = philox_normals(8, v * d, 2, 0.05f),
+               dloss_T = philox_normals(8, t, 4);
     std::vector<int32_t> labels(t);
     for (int64_t i = 0; i < t; ++i) labels[i] = i % 9 == 4 ? -100 : static_cast<int32_t>((i * 37) % v);
     const auto wb = rounded(w);
     const bf16* wbp = p == Precision::kBF16 ? wb.data() : nullptr;
     const auto dw0 = philox_normals(8, v * d, 3);
     std::vector<float> loss(t), lse(t), dh(t * d), dw = dw0;
-    cpu().head_cross_entropy_forward(h.data(), w.data(), wbp, labels.data(), loss.data(), lse.data(), t, d, v, p);
-    cpu().head_cross_entropy_backward(h.data(), w.data(), wbp, labels.data(), lse.data(), 0.5f, dloss_T.data(),
-                                      dh.data(), dw.data(), t, d, v, p);
+    cpu().head_cross_entropy_forward(h.data(), w.data(), wbp, labels.data(), loss.data(), lse.data(), t, d, v,
+                                     p);
+    cpu().head_cross_entropy_backward(h.data(), w.data(), wbp, labels.data(), lse.data(), 0.5f,
+                                      dloss_T.data(), dh.data(), dw.data(), t, d, v, p);
     DeviceBuffer gh = up(h), gw = up(w), gwb = up(wb), gl = up(labels), gloss = up(std::vector<float>(t));
-    DeviceBuffer glse = up(std::vector<float>(t)), gdh = up(std::vector<float>(t * d)), gdw = up(dw0), gdl = up(dloss_T);
+    DeviceBuffer glse = up(std::vector<float>(t)), gdh = up(std::vector<float>(t * d)), gdw = up(dw0),
+                 gdl = up(dloss_T);
     const bf16* gwbp = p == Precision::kBF16 ? gwb.as<bf16>() : nullptr;
-    gpu_->head_cross_entropy_forward(gh.as<float>(), gw.as<float>(), gwbp, gl.as<int32_t>(), gloss.as<float>(),
-                                     glse.as<float>(), t, d, v, p);
-    gpu_->head_cross_entropy_backward(gh.as<float>(), gw.as<float>(), gwbp, gl.as<int32_t>(), glse.as<float>(), 0.5f,
-                                      gdl.as<float>(), gdh.as<float>(), gdw.as<float>(), t, d, v, p);
+    gpu_->head_cross_entropy_forward(gh.as<float>(), gw.as<float>(), gwbp, gl.as<int32_t>(),
+                                     gloss.as<float>(), glse.as<float>(), t, d, v, p);
+    gpu_->head_cross_entropy_backward(gh.as<float>(), gw.as<float>(), gwbp, gl.as<int32_t>(),
+                                      glse.as<float>(), 0.5f, gdl.as<float>(), gdh.as<float>(),
+                                      gdw.as<float>(), t, d, v, p);
     const double tol = p == Precision::kF32 ? 1e-5 : 1e-2;  // bf16: dlogits rounded to bf16 on both sides
     EXPECT_LE(max_rel(down<float>(gloss, t), loss), 1e-5) << "bf16=" << (p == Precision::kBF16);
     EXPECT_LE(max_rel(down<float>(glse, t), lse), 1e-5);
@@ -341,18 +365,21 @@ TEST_F(CudaOps, ScaleAndBf16RoundingMatchCpu) {
 // Once its scratch has grown, repeating the same ops allocates nothing.
 TEST_F(CudaOps, RepeatedOpsAllocateNothing) {
   const int64_t t = 64, d = 128, v = 500;
-  DeviceBuffer x = up(philox_normals(13, t * d, 1)), w = up(philox_normals(13, v * d, 2)), y = up(std::vector<float>(t * d));
-  DeviceBuffer r = up(std::vector<float>(t)), dw = up(std::vector<float>(v * d)), l = up(std::vector<float>(t));
+  DeviceBuffer x = up(philox_normals(13, t * d, 1)), w = up(philox_normals(13, v * d, 2)),
+               y = up(std::vector<float>(t * d));
+  DeviceBuffer r = up(std::vector<float>(t)), dw = up(std::vector<float>(v * d)),
+               l = up(std::vector<float>(t));
   std::vector<int32_t> lab(t, 3);
   DeviceBuffer labels = up(lab);
   auto step = [&] {
     gpu_->rmsnorm_forward(x.as<float>(), d, w.as<float>(), y.as<float>(), d, r.as<float>(), t, d, 1e-6f);
     gpu_->rmsnorm_backward(x.as<float>(), d, x.as<float>(), d, w.as<float>(), r.as<float>(), y.as<float>(), d,
                            dw.as<float>(), t, d, 0.f);
-    gpu_->head_cross_entropy_forward(x.as<float>(), w.as<float>(), nullptr, labels.as<int32_t>(), l.as<float>(),
-                                     r.as<float>(), t, d, v, Precision::kF32);
-    gpu_->head_cross_entropy_backward(x.as<float>(), w.as<float>(), nullptr, labels.as<int32_t>(), r.as<float>(), 1.f,
-                                      nullptr, y.as<float>(), dw.as<float>(), t, d, v, Precision::kF32);
+    gpu_->head_cross_entropy_forward(x.as<float>(), w.as<float>(), nullptr, labels.as<int32_t>(),
+                                     l.as<float>(), r.as<float>(), t, d, v, Precision::kF32);
+    gpu_->head_cross_entropy_backward(x.as<float>(), w.as<float>(), nullptr, labels.as<int32_t>(),
+                                      r.as<float>(), 1.f, nullptr, y.as<float>(), dw.as<float>(), t, d, v,
+                                      Precision::kF32);
     gpu_->synchronize();
   };
   step();

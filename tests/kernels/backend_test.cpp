@@ -1,11 +1,12 @@
 // The op table on the CPU: the segment-list forms the step uses (one AdamW call, one norm call for the whole flat
 // buffer) against the per-range forms the optimizer has always used, memory accounting, and what a binary says
 // about its CUDA backend on this machine.
+#include "kernels/backend.h"
+
 #include <gtest/gtest.h>
 
 #include <cstring>
 
-#include "kernels/backend.h"
 #include "kernels/cpu/adamw.h"
 #include "kernels/kernel_test_util.h"
 #include "optim/adamw.h"
@@ -27,9 +28,10 @@ TEST(Backend, CpuAdamWOverSegmentsIsBitIdenticalToThePerRangeOptimizer) {
     opt.begin_step();
     opt.update(p1.data(), g.data(), 0, 30000, 1e-3 * step, 0.1);
     opt.update(p1.data(), g.data(), 30000, n - 30000, 1e-3 * step, 0.0);
-    cpu_backend().adamw(p2.data(), g.data(), m.data(), v.data(),
-                        {{0, 30000, adamw_step_consts(cfg.beta1, cfg.beta2, cfg.eps, step, 1e-3 * step, 0.1)},
-                         {30000, n - 30000, adamw_step_consts(cfg.beta1, cfg.beta2, cfg.eps, step, 1e-3 * step, 0.0)}});
+    cpu_backend().adamw(
+        p2.data(), g.data(), m.data(), v.data(),
+        {{0, 30000, adamw_step_consts(cfg.beta1, cfg.beta2, cfg.eps, step, 1e-3 * step, 0.1)},
+         {30000, n - 30000, adamw_step_consts(cfg.beta1, cfg.beta2, cfg.eps, step, 1e-3 * step, 0.0)}});
   }
   EXPECT_EQ(std::memcmp(p1.data(), p2.data(), n * sizeof(float)), 0);
   EXPECT_EQ(std::memcmp(opt.exp_avg().data(), m.data(), n * sizeof(float)), 0);

@@ -37,13 +37,14 @@ __attribute__((optimize("fp-contract=off"))) inline void adamw8(float* p, const 
 // One contiguous chunk; a ragged tail goes through the same eight-wide code via a padded copy, so every element
 // gets identical arithmetic wherever it falls.
 __attribute__((optimize("fp-contract=off"))) void adamw_chunk(float* p, const float* g, float* m, float* v,
-                                                             int64_t n, const StepConsts& k) {
+                                                              int64_t n, const StepConsts& k) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) adamw8(p + i, g + i, m + i, v + i, k);
   if (i < n) {
     alignas(32) float tp[8] = {}, tg[8] = {}, tm[8] = {}, tv[8] = {};
     const int64_t r = n - i;
-    std::copy_n(p + i, r, tp), std::copy_n(g + i, r, tg), std::copy_n(m + i, r, tm), std::copy_n(v + i, r, tv);
+    std::copy_n(p + i, r, tp), std::copy_n(g + i, r, tg), std::copy_n(m + i, r, tm),
+        std::copy_n(v + i, r, tv);
     adamw8(tp, tg, tm, tv, k);
     std::copy_n(tp, r, p + i), std::copy_n(tm, r, m + i), std::copy_n(tv, r, v + i);
   }
@@ -53,16 +54,17 @@ constexpr int64_t kChunk = 1 << 14;
 
 }  // namespace
 
-AdamWStepConsts adamw_step_consts(double beta1, double beta2, double eps, int64_t step, double lr, double wd) {
+AdamWStepConsts adamw_step_consts(double beta1, double beta2, double eps, int64_t step, double lr,
+                                  double wd) {
   // Scalars as torch.optim.AdamW (_single_tensor_adam) forms them: Python doubles, used by fp32 kernels.
   const double t = static_cast<double>(step);
   const double bc1 = 1.0 - std::pow(beta1, t);
   const double bc2 = 1.0 - std::pow(beta2, t);
   AdamWStepConsts k;
   k.decay = static_cast<float>(1.0 - lr * wd);      // param.mul_(1 - lr*wd)
-  k.w1 = static_cast<float>(1.0 - beta1);       // exp_avg.lerp_(grad, 1 - beta1)
-  k.b2 = static_cast<float>(beta2);             // exp_avg_sq.mul_(beta2)
-  k.w2 = static_cast<float>(1.0 - beta2);       //   .addcmul_(grad, grad, value=1 - beta2)
+  k.w1 = static_cast<float>(1.0 - beta1);           // exp_avg.lerp_(grad, 1 - beta1)
+  k.b2 = static_cast<float>(beta2);                 // exp_avg_sq.mul_(beta2)
+  k.w2 = static_cast<float>(1.0 - beta2);           //   .addcmul_(grad, grad, value=1 - beta2)
   k.step_size = static_cast<float>(lr / bc1);       // param.addcdiv_(exp_avg, denom, value=-lr/bc1)
   k.bc2_sqrt = static_cast<float>(std::sqrt(bc2));  // denom = exp_avg_sq.sqrt() / bc2**0.5 + eps
   k.eps = static_cast<float>(eps);

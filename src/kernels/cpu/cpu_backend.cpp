@@ -70,8 +70,8 @@ class CpuBackend final : public Backend {
                       int64_t f) override {
     swiglu_forward_general(a, b, ld_ab, p, h, t, f);
   }
-  void swiglu_backward(const float* dh, const float* a, const float* b, int64_t ld_ab, const float* p, float* da,
-                       float* db, int64_t ld_dab, float* dp, int64_t t, int64_t f) override {
+  void swiglu_backward(const float* dh, const float* a, const float* b, int64_t ld_ab, const float* p,
+                       float* da, float* db, int64_t ld_dab, float* dp, int64_t t, int64_t f) override {
     swiglu_backward_general(dh, a, b, ld_ab, p, da, db, ld_dab, dp, t, f);
   }
   void embedding_forward(const int32_t* ids, const float* table, float* out, int64_t t, int64_t vocab,
@@ -82,8 +82,9 @@ class CpuBackend final : public Backend {
                           int64_t d) override {
     dsv3::embedding_backward(dout, ids, dtable, t, vocab, d);
   }
-  void rope_forward(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t hs_y, int64_t t,
-                    int64_t heads, int64_t seq_len, const RopeTableView& table, bool interleave) override {
+  void rope_forward(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t hs_y,
+                    int64_t t, int64_t heads, int64_t seq_len, const RopeTableView& table,
+                    bool interleave) override {
     dsv3::rope_forward(x, ld_x, hs_x, y, ld_y, hs_y, t, heads, seq_len, table, interleave);
   }
   void rope_backward(const float* dy, int64_t ld_dy, int64_t hs_dy, float* dx, int64_t ld_dx, int64_t hs_dx,
@@ -103,14 +104,15 @@ class CpuBackend final : public Backend {
     dsv3::attention_backward(s, q, k, v, o, lse, do_, dq, dk, dv, p, scratch);
   }
   void head_cross_entropy_forward(const float* h, const float* w, const bf16* w_bf, const int32_t* labels,
-                                  float* loss, float* lse, int64_t t, int64_t d, int64_t v, Precision p) override {
+                                  float* loss, float* lse, int64_t t, int64_t d, int64_t v,
+                                  Precision p) override {
     dsv3::head_cross_entropy_forward(h, w, labels, loss, lse, t, d, v, p, head_scratch(), 0, nullptr, w_bf);
   }
   void head_cross_entropy_backward(const float* h, const float* w, const bf16* w_bf, const int32_t* labels,
                                    const float* lse, float dloss, const float* dloss_T, float* dh, float* dw,
                                    int64_t t, int64_t d, int64_t v, Precision p) override {
-    dsv3::head_cross_entropy_backward(h, w, labels, lse, dloss, dloss_T, dh, dw, t, d, v, p, head_scratch(), 0,
-                                      w_bf);
+    dsv3::head_cross_entropy_backward(h, w, labels, lse, dloss, dloss_T, dh, dw, t, d, v, p, head_scratch(),
+                                      0, w_bf);
   }
 
   void adamw(float* params, const float* grads, float* m, float* v,

@@ -58,7 +58,9 @@ double sum_of_squares(const float* g, int64_t n) {
   return total;
 }
 
-double l2_norm(const float* g, int64_t n) { return std::sqrt(sum_of_squares(g, n)); }
+double l2_norm(const float* g, int64_t n) {
+  return std::sqrt(sum_of_squares(g, n));
+}
 
 void scale_inplace(float* g, int64_t n, float s) {
 #pragma omp parallel for simd schedule(static) if (n > (1 << 16))

@@ -6,8 +6,8 @@
 // Forward (spec §2.7, megatron-deepseek-system §7.1):
 //   logits = u·W_gᵀ (fp32)      s = sigmoid(logits)      choice = s + b   (b: selection only, no gradient)
 //   group g score = sum of the top `group_score_topk` choice values among experts [g·E/G, (g+1)·E/G)
-//   keep the top `topk_group` groups; the other experts' choice := mask value (−inf, or 0.0 as HF 4.57.6
-//   does) idx = top-k of the masked choice; w = s[idx] (/ (Σ w + 1e-20) if normalise) · scaling_factor
+//   keep the top `topk_group` groups; the other experts' choice := mask value (−inf, or 0.0 as HF 4.57.6 does)
+//   idx = top-k of the masked choice;  w = s[idx] (/ (Σ w + 1e-20) if normalise) · scaling_factor
 //   capacity (Megatron apply_router_token_dropping): cap = ceil(T·k/E · cf); per expert keep the `cap` routed
 //   tokens with the highest w (policy kProbs) or the first `cap` routed tokens (kPosition) in Megatron's
 //   token order, which is [S, B] (position s first, then sequence b; dsv3 stores t = b·S + s); dropped pairs
@@ -29,8 +29,9 @@
 // backward.
 //
 // Backward (spec §3.4): with g_k = dL/dw_k (0 for dropped pairs), Z = Σ s_sel + 1e-20 and r = scaling_factor,
-//   dL/ds_m = r·(g_m/Z − Σ_k g_k s_k/Z²) (normalise) or r·g_m;  dlogits = ds · s(1−s) + aux_grad ·
-//   aux_dlogits; dW_g += dlogitsᵀ u (accumulate);  du = or += dlogits · W_g (beta).
+//   dL/ds_m = r·(g_m/Z − Σ_k g_k s_k/Z²) (normalise) or r·g_m
+//   dlogits = ds · s(1−s) + aux_grad · aux_dlogits
+//   dW_g   += dlogitsᵀ u (accumulate);   du = or += dlogits · W_g (beta)
 //
 // Legend: T tokens, D hidden, E routed experts, K = topk, G groups, B sequences of S tokens (t = b·S + s).
 #pragma once

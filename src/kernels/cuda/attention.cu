@@ -71,7 +71,9 @@ __device__ __forceinline__ float rne_bf16(float f) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return __uint_as_float(u & 0xffff0000u);
 }
-__device__ __forceinline__ float operand(float x, bool bf) { return bf ? rne_bf16(x) : x; }
+__device__ __forceinline__ float operand(float x, bool bf) {
+  return bf ? rne_bf16(x) : x;
+}
 
 // xor shuffles below 16 stay inside a half-warp: the 16 owners of one tile row. The butterfly leaves the same
 // bits in every lane (fp add and max are commutative), so all owners agree on m and l.
@@ -87,8 +89,8 @@ __device__ __forceinline__ float half_warp_sum(float v) {
 // rows × d of one head into dst (row stride ld_dst), rows ≥ valid zero-filled: masked probabilities are 0, and
 // 0 · garbage could be NaN. base points at the tile's first row (a valid row). One warp per row, lanes along d:
 // coalesced for any strides.
-__device__ void load_rows(float* dst, int ld_dst, const float* base, int64_t ld_token, int rows, int valid, int d,
-                          bool bf) {
+__device__ void load_rows(float* dst, int ld_dst, const float* base, int64_t ld_token, int rows, int valid,
+                          int d, bool bf) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int r = warp; r < rows; r += kWarps) {
     float* drow = dst + r * ld_dst;
@@ -128,13 +130,16 @@ struct BwdArgs {
 };
 
 // Row stride of a d-wide shared tile read down its columns: odd, so 16 consecutive rows hit 16 distinct banks.
-int padded(int d) { return d | 1; }
+int padded(int d) {
+  return d | 1;
+}
 
 int64_t fwd_smem_floats(int dqk, int dv) {
   return int64_t{2} * kFwdRows * padded(dqk) + int64_t{kFwdKeys} * dv + int64_t{kFwdRows} * kFwdLdP;
 }
 int64_t dkdv_smem_floats(int dqk, int dv) {
-  return int64_t{kDkvKeys + kDkvRows} * (padded(dqk) + padded(dv)) + int64_t{2} * kDkvKeys * kDkvLdP + 2 * kDkvRows;
+  return int64_t{kDkvKeys + kDkvRows} * (padded(dqk) + padded(dv)) + int64_t{2} * kDkvKeys * kDkvLdP +
+         2 * kDkvRows;
 }
 int64_t dq_smem_floats(int dqk, int dv) {
   return int64_t{kDqRows + kDqKeys} * (padded(dqk) + padded(dv)) + int64_t{kDqRows} * kDqLdP;
@@ -144,10 +149,10 @@ template <int NV>
 __global__ void __launch_bounds__(kThreads, 1) attention_forward_kernel(const FwdArgs a) {
   extern __shared__ float smem[];
   const int S = a.S, dqk = a.dqk, dv = a.dv, ldq = dqk | 1;
-  float* Qs = smem;                  // [64][ldq]
-  float* Ks = Qs + kFwdRows * ldq;   // [64][ldq]
-  float* Vs = Ks + kFwdKeys * ldq;   // [64][dv]: read along rows only
-  float* Ps = Vs + kFwdKeys * dv;    // [64][kFwdLdP]
+  float* Qs = smem;                 // [64][ldq]
+  float* Ks = Qs + kFwdRows * ldq;  // [64][ldq]
+  float* Vs = Ks + kFwdKeys * ldq;  // [64][dv]: read along rows only
+  float* Ps = Vs + kFwdKeys * dv;   // [64][kFwdLdP]
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const int bh = blockIdx.x, b = bh / a.H, h = bh % a.H;
   const int q0 = (gridDim.y - 1 - blockIdx.y) * kFwdRows;
@@ -215,7 +220,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_kernel(const Fw
         alpha = m[i] == ninf ? 0.f : expf(m[i] - mn);
       }
       lt = half_warp_sum(lt);  // l sums the unrounded p; only the P V operand is rounded (as the CPU)
-      l[i] = fmaf(l[i], alpha, lt);  // explicit, so the rounding does not depend on the compiler's contraction
+      l[i] =
+          fmaf(l[i], alpha, lt);  // explicit, so the rounding does not depend on the compiler's contraction
       m[i] = mn;
 #pragma unroll
       for (int j = 0; j < 4; ++j) Ps[(ty + 16 * i) * kFwdLdP + tx + 16 * j] = operand(p[j], a.bf);
@@ -259,7 +265,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_kernel(const Fw
 __global__ void __launch_bounds__(kThreads) attention_rowdot_kernel(const BwdArgs a, int64_t rows) {
   const int lane = threadIdx.x % 32;
   // r = token·H + head; r is warp-uniform, so whole warps stay in the loop together and the shuffles are full.
-  for (int64_t r = int64_t{blockIdx.x} * kWarps + threadIdx.x / 32; r < rows; r += int64_t{gridDim.x} * kWarps) {
+  for (int64_t r = int64_t{blockIdx.x} * kWarps + threadIdx.x / 32; r < rows;
+       r += int64_t{gridDim.x} * kWarps) {
     const int64_t tok = r / a.H;
     const int h = static_cast<int>(r % a.H);
     const float* o = head_row(a.o, tok, h);
@@ -278,11 +285,11 @@ template <int NQK, int NV>
 __global__ void __launch_bounds__(kThreads, 1) attention_dkdv_kernel(const BwdArgs a) {
   extern __shared__ float smem[];
   const int S = a.S, dqk = a.dqk, dv = a.dv, ldk = dqk | 1, ldv = dv | 1;
-  float* Ks = smem;                   // [64][ldk]
-  float* Vs = Ks + kDkvKeys * ldk;    // [64][ldv]
-  float* Qs = Vs + kDkvKeys * ldv;    // [32][ldk]
-  float* dOs = Qs + kDkvRows * ldk;   // [32][ldv]
-  float* Pt = dOs + kDkvRows * ldv;   // [64 keys][kDkvLdP]: Pᵀ
+  float* Ks = smem;                  // [64][ldk]
+  float* Vs = Ks + kDkvKeys * ldk;   // [64][ldv]
+  float* Qs = Vs + kDkvKeys * ldv;   // [32][ldk]
+  float* dOs = Qs + kDkvRows * ldk;  // [32][ldv]
+  float* Pt = dOs + kDkvRows * ldv;  // [64 keys][kDkvLdP]: Pᵀ
   float* dSt = Pt + kDkvKeys * kDkvLdP;
   float* lse_s = dSt + kDkvKeys * kDkvLdP;  // [32]
   float* D_s = lse_s + kDkvRows;            // [32]
@@ -530,10 +537,18 @@ int groups(int64_t d) {
 template <typename F>
 void with_groups(int64_t d, F&& f) {
   switch (groups(d)) {
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    case 12: f(std::integral_constant<int, 12>{}); break;
-    default: f(std::integral_constant<int, 16>{}); break;
+    case 4:
+      f(std::integral_constant<int, 4>{});
+      break;
+    case 8:
+      f(std::integral_constant<int, 8>{});
+      break;
+    case 12:
+      f(std::integral_constant<int, 12>{});
+      break;
+    default:
+      f(std::integral_constant<int, 16>{});
+      break;
   }
 }
 
@@ -552,7 +567,8 @@ void allow_smem(Kernel* kernel, int64_t need_bytes, int64_t instance_max_bytes, 
   if (need_bytes <= 48 * 1024) return;
   const int optin = device_smem_optin();
   if (need_bytes > optin)
-    fail("attention ", what, ": needs ", need_bytes, " bytes of shared memory per block, the device allows ", optin);
+    fail("attention ", what, ": needs ", need_bytes, " bytes of shared memory per block, the device allows ",
+         optin);
   const int64_t limit = instance_max_bytes < optin ? instance_max_bytes : optin;
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(limit)),
         what);
@@ -562,7 +578,7 @@ bool shape_ok(const AttentionShape& s) {
   if (s.batch <= 0 || s.seq <= 0 || s.heads <= 0 || s.d_qk <= 0 || s.d_v <= 0) return false;
   if (s.d_qk > kMaxHead || s.d_v > kMaxHead) return false;
   if ((s.seq + kDkvRows - 1) / kDkvRows > kMaxTilesY) return false;  // the smallest tile sets the longest S
-  if (s.batch > INT_MAX / s.heads) return false;                       // gridDim.x = B·H
+  if (s.batch > INT_MAX / s.heads) return false;                     // gridDim.x = B·H
   return true;
 }
 
@@ -591,16 +607,27 @@ bool attention_supported(const AttentionShape& s) {
     return true;
   }
   const int dqk = static_cast<int>(s.d_qk), dv = static_cast<int>(s.d_v);
-  const int64_t most = 4 * std::max({fwd_smem_floats(dqk, dv), dkdv_smem_floats(dqk, dv), dq_smem_floats(dqk, dv)});
+  const int64_t most =
+      4 * std::max({fwd_smem_floats(dqk, dv), dkdv_smem_floats(dqk, dv), dq_smem_floats(dqk, dv)});
   return most <= optin;
 }
 
 void launch_attention_forward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v, HeadsViewMut o,
                               float* lse_BHS, bool bf16_operands, cudaStream_t st) {
   require_supported(s, "forward");
-  FwdArgs a{q, k, v, o, lse_BHS, static_cast<int>(s.seq), static_cast<int>(s.heads), static_cast<int>(s.d_qk),
-            static_cast<int>(s.d_v), s.scale, bf16_operands};
-  const dim3 grid(static_cast<unsigned>(s.batch * s.heads), static_cast<unsigned>((s.seq + kFwdRows - 1) / kFwdRows));
+  FwdArgs a{q,
+            k,
+            v,
+            o,
+            lse_BHS,
+            static_cast<int>(s.seq),
+            static_cast<int>(s.heads),
+            static_cast<int>(s.d_qk),
+            static_cast<int>(s.d_v),
+            s.scale,
+            bf16_operands};
+  const dim3 grid(static_cast<unsigned>(s.batch * s.heads),
+                  static_cast<unsigned>((s.seq + kFwdRows - 1) / kFwdRows));
   const int64_t bytes = 4 * fwd_smem_floats(a.dqk, a.dv);
   with_groups(s.d_v, [&](auto nv) {
     constexpr int NV = decltype(nv)::value;
@@ -618,10 +645,22 @@ void launch_attention_backward(const AttentionShape& s, HeadsView q, HeadsView k
                                const float* lse_BHS, HeadsView do_, HeadsViewMut dq, HeadsViewMut dk,
                                HeadsViewMut dv, bool bf16_operands, float* scratch, cudaStream_t st) {
   require_supported(s, "backward");
-  BwdArgs a{q,       k,       v,      o,       do_,
-            dq,      dk,      dv,     lse_BHS, scratch,
-            static_cast<int>(s.seq), static_cast<int>(s.heads), static_cast<int>(s.d_qk), static_cast<int>(s.d_v),
-            s.scale, bf16_operands};
+  BwdArgs a{q,
+            k,
+            v,
+            o,
+            do_,
+            dq,
+            dk,
+            dv,
+            lse_BHS,
+            scratch,
+            static_cast<int>(s.seq),
+            static_cast<int>(s.heads),
+            static_cast<int>(s.d_qk),
+            static_cast<int>(s.d_v),
+            s.scale,
+            bf16_operands};
   const int64_t rows = s.batch * s.seq * s.heads;
   const int64_t rowdot_blocks = std::min<int64_t>((rows + kWarps - 1) / kWarps, int64_t{1} << 20);
   attention_rowdot_kernel<<<static_cast<unsigned>(rowdot_blocks), kThreads, 0, st>>>(a, rows);

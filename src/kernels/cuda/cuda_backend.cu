@@ -30,7 +30,9 @@ int alignment_of(const void* p) {
   return al;
 }
 
-cudaDataType_t dtype(GemmType t) { return t == GemmType::kF32 ? CUDA_R_32F : CUDA_R_16BF; }
+cudaDataType_t dtype(GemmType t) {
+  return t == GemmType::kF32 ? CUDA_R_32F : CUDA_R_16BF;
+}
 
 struct GemmKey {
   int64_t m, n, k, lda, ldb, ldc;
@@ -38,7 +40,9 @@ struct GemmKey {
   GemmType ab, c;
   float beta;
   int align_a, align_b, align_c;
-  auto tie() const { return std::tie(m, n, k, lda, ldb, ldc, ta, tb, ab, c, beta, align_a, align_b, align_c); }
+  auto tie() const {
+    return std::tie(m, n, k, lda, ldb, ldc, ta, tb, ab, c, beta, align_a, align_b, align_c);
+  }
   bool operator<(const GemmKey& o) const { return tie() < o.tie(); }
 };
 
@@ -100,7 +104,8 @@ class CudaBackend final : public Backend {
     synchronize();
   }
   void copy(void* dst, const void* src, size_t bytes) override {
-    if (bytes && dst != src) check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), "copy");
+    if (bytes && dst != src)
+      check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), "copy");
   }
   void fill_zero(void* p, size_t bytes) override {
     if (bytes) check(cudaMemsetAsync(p, 0, bytes, stream_), "cudaMemsetAsync");
@@ -114,7 +119,8 @@ class CudaBackend final : public Backend {
     if (word[0] == kBadEmbeddingId)
       fail("embedding: token id ", word[2], " at token index ", word[1], " is outside the vocabulary");
     if (word[0] == kBadLabel)
-      fail("cross-entropy: label ", word[2], " at token index ", word[1], " is outside [0, vocab) and not -100");
+      fail("cross-entropy: label ", word[2], " at token index ", word[1],
+           " is outside [0, vocab) and not -100");
     fail("cuda backend: kernel error code ", word[0]);
   }
   int64_t allocations() const override { return allocations_.load(); }
@@ -165,8 +171,8 @@ class CudaBackend final : public Backend {
     DSV3_CHECK(t >= 0 && f >= 0 && ld_ab >= f, "swiglu_forward: bad shape t=", t, " f=", f, " ld=", ld_ab);
     launch_swiglu_forward(a, b, ld_ab, p, h, t, f, stream_);
   }
-  void swiglu_backward(const float* dh, const float* a, const float* b, int64_t ld_ab, const float* p, float* da,
-                       float* db, int64_t ld_dab, float* dp, int64_t t, int64_t f) override {
+  void swiglu_backward(const float* dh, const float* a, const float* b, int64_t ld_ab, const float* p,
+                       float* da, float* db, int64_t ld_dab, float* dp, int64_t t, int64_t f) override {
     DSV3_CHECK(t >= 0 && f >= 0 && ld_ab >= f && ld_dab >= f, "swiglu_backward: bad shape t=", t, " f=", f);
     DSV3_CHECK(!p || dp, "swiglu_backward: a scaled SwiGLU needs dp_T");
     launch_swiglu_backward(dh, a, b, ld_ab, p, da, db, ld_dab, dp, t, f, stream_);
@@ -178,15 +184,18 @@ class CudaBackend final : public Backend {
   void embedding_backward(const float* dout, const int32_t* ids, float* dtable, int64_t t, int64_t vocab,
                           int64_t d) override {
     const size_t bytes = embedding_backward_scratch_bytes(t);
-    launch_embedding_backward(dout, ids, dtable, t, vocab, d, scratch_as<char>(bytes), bytes, errors_, stream_);
+    launch_embedding_backward(dout, ids, dtable, t, vocab, d, scratch_as<char>(bytes), bytes, errors_,
+                              stream_);
   }
-  void rope_forward(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t hs_y, int64_t t,
-                    int64_t heads, int64_t seq_len, const RopeTableView& tab, bool interleave) override {
+  void rope_forward(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t hs_y,
+                    int64_t t, int64_t heads, int64_t seq_len, const RopeTableView& tab,
+                    bool interleave) override {
     check_rope(t, heads, seq_len, tab, "rope_forward");
     launch_rope(x, ld_x, hs_x, y, ld_y, hs_y, t, heads, seq_len, tab, interleave, true, stream_);
   }
   void rope_backward(const float* dy, int64_t ld_dy, int64_t hs_dy, float* dx, int64_t ld_dx, int64_t hs_dx,
-                     int64_t t, int64_t heads, int64_t seq_len, const RopeTableView& tab, bool interleave) override {
+                     int64_t t, int64_t heads, int64_t seq_len, const RopeTableView& tab,
+                     bool interleave) override {
     check_rope(t, heads, seq_len, tab, "rope_backward");
     launch_rope(dy, ld_dy, hs_dy, dx, ld_dx, hs_dx, t, heads, seq_len, tab, interleave, false, stream_);
   }
@@ -199,11 +208,13 @@ class CudaBackend final : public Backend {
                           const float* lse, HeadsView do_, HeadsViewMut dq, HeadsViewMut dk, HeadsViewMut dv,
                           Precision p) override {
     check_attention(s);
-    float* scratch = scratch_as<float>(static_cast<size_t>(attention_backward_scratch_floats(s)) * sizeof(float));
+    float* scratch =
+        scratch_as<float>(static_cast<size_t>(attention_backward_scratch_floats(s)) * sizeof(float));
     launch_attention_backward(s, q, k, v, o, lse, do_, dq, dk, dv, p == Precision::kBF16, scratch, stream_);
   }
   void head_cross_entropy_forward(const float* h, const float* w, const bf16* w_bf, const int32_t* labels,
-                                  float* loss, float* lse, int64_t t, int64_t d, int64_t v, Precision p) override;
+                                  float* loss, float* lse, int64_t t, int64_t d, int64_t v,
+                                  Precision p) override;
   void head_cross_entropy_backward(const float* h, const float* w, const bf16* w_bf, const int32_t* labels,
                                    const float* lse, float dloss, const float* dloss_T, float* dh, float* dw,
                                    int64_t t, int64_t d, int64_t v, Precision p) override;
@@ -219,7 +230,8 @@ class CudaBackend final : public Backend {
       segments_bytes_ = bytes, ++allocations_;
     }
     // From pageable memory the copy is staged before the call returns, so `segments` may go away after it.
-    check(cudaMemcpyAsync(segments_, segments.data(), bytes, cudaMemcpyHostToDevice, stream_), "adamw segments");
+    check(cudaMemcpyAsync(segments_, segments.data(), bytes, cudaMemcpyHostToDevice, stream_),
+          "adamw segments");
     int64_t max_n = 0;
     for (const auto& s : segments) max_n = std::max(max_n, s.n);
     launch_adamw(params, grads, m, v, static_cast<const AdamWSegment*>(segments_),
@@ -242,8 +254,8 @@ class CudaBackend final : public Backend {
     DSV3_CHECK(tab.half > 0 && tab.half <= 128, what, ": empty or oversized table (half=", tab.half, ")");
     DSV3_CHECK(t >= 0 && heads > 0 && seq_len > 0 && t % seq_len == 0, what, ": bad shape t=", t,
                " heads=", heads, " seq_len=", seq_len);
-    DSV3_CHECK(seq_len <= tab.max_pos, what, ": seq_len ", seq_len, " exceeds the cos/sin table (", tab.max_pos,
-               " positions)");
+    DSV3_CHECK(seq_len <= tab.max_pos, what, ": seq_len ", seq_len, " exceeds the cos/sin table (",
+               tab.max_pos, " positions)");
   }
   void check_attention(const AttentionShape& s) {
     DSV3_CHECK(attention_supported(s), "attention on ", name_, ": head sizes d_qk=", s.d_qk, " d_v=", s.d_v,
@@ -297,8 +309,9 @@ const GemmPlan& CudaBackend::plan(const GemmKey& key) {
   cublasLtMatmulPreference_t pref;
   check_lt(cublasLtMatmulPreferenceCreate(&pref), "preference");
   const uint64_t ws = kWorkspaceBytes;
-  check_lt(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws),
-           "workspace preference");
+  check_lt(
+      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws),
+      "workspace preference");
   const uint32_t al_a = key.align_b, al_b = key.align_a, al_c = key.align_c;  // swapped roles, see above
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, sizeof al_a);
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof al_b);
@@ -309,9 +322,9 @@ const GemmPlan& CudaBackend::plan(const GemmKey& key) {
   const cublasStatus_t st =
       cublasLtMatmulAlgoGetHeuristic(lt_, p.op, p.a, p.b, p.c, p.c, pref, 1, &result, &found);
   cublasLtMatmulPreferenceDestroy(pref);
-  DSV3_CHECK(st == CUBLAS_STATUS_SUCCESS && found > 0, "cuBLASLt has no algorithm for GEMM ", key.m, "x", key.n,
-             "x", key.k, " (", key.ab == GemmType::kBF16 ? "bf16" : "fp32", " operands, alignments ", key.align_a,
-             "/", key.align_b, "/", key.align_c, " bytes)");
+  DSV3_CHECK(st == CUBLAS_STATUS_SUCCESS && found > 0, "cuBLASLt has no algorithm for GEMM ", key.m, "x",
+             key.n, "x", key.k, " (", key.ab == GemmType::kBF16 ? "bf16" : "fp32", " operands, alignments ",
+             key.align_a, "/", key.align_b, "/", key.align_c, " bytes)");
   p.algo = result.algo;
   return plans_.emplace(key, p).first->second;
 }
@@ -327,12 +340,24 @@ void CudaBackend::gemm(const GemmArgs& g) {
     }
     return;
   }
-  const GemmKey key{g.m, g.n, g.k, g.lda, g.ldb, g.ldc, g.trans_a, g.trans_b, g.ab_type, g.c_type, g.beta,
-                    alignment_of(g.a), alignment_of(g.b), alignment_of(g.c)};
+  const GemmKey key{g.m,
+                    g.n,
+                    g.k,
+                    g.lda,
+                    g.ldb,
+                    g.ldc,
+                    g.trans_a,
+                    g.trans_b,
+                    g.ab_type,
+                    g.c_type,
+                    g.beta,
+                    alignment_of(g.a),
+                    alignment_of(g.b),
+                    alignment_of(g.c)};
   const GemmPlan& p = plan(key);
   const float alpha = g.alpha, beta = g.beta;
-  check_lt(cublasLtMatmul(lt_, p.op, &alpha, g.b, p.a, g.a, p.b, &beta, g.c, p.c, g.c, p.c, &p.algo, workspace_,
-                          kWorkspaceBytes, stream_),
+  check_lt(cublasLtMatmul(lt_, p.op, &alpha, g.b, p.a, g.a, p.b, &beta, g.c, p.c, g.c, p.c, &p.algo,
+                          workspace_, kWorkspaceBytes, stream_),
            "cublasLtMatmul");
 }
 
@@ -369,9 +394,9 @@ CeBuffers ce_buffers(CudaBackend& be, void* (CudaBackend::*get)(size_t), int64_t
   return b;
 }
 
-void CudaBackend::head_cross_entropy_forward(const float* h, const float* w, const bf16* w_bf, const int32_t* labels,
-                                             float* loss, float* lse, int64_t t, int64_t d, int64_t v,
-                                             Precision p) {
+void CudaBackend::head_cross_entropy_forward(const float* h, const float* w, const bf16* w_bf,
+                                             const int32_t* labels, float* loss, float* lse, int64_t t,
+                                             int64_t d, int64_t v, Precision p) {
   DSV3_CHECK(t >= 0 && d > 0 && v > 0, "head_cross_entropy_forward: bad shape t=", t, " d=", d, " v=", v);
   if (t == 0) return;
   const bool bf = p == Precision::kBF16;
@@ -396,8 +421,8 @@ void CudaBackend::head_cross_entropy_forward(const float* h, const float* w, con
 
 void CudaBackend::head_cross_entropy_backward(const float* h, const float* w, const bf16* w_bf,
                                               const int32_t* labels, const float* lse, float dloss,
-                                              const float* dloss_T, float* dh, float* dw, int64_t t, int64_t d,
-                                              int64_t v, Precision p) {
+                                              const float* dloss_T, float* dh, float* dw, int64_t t,
+                                              int64_t d, int64_t v, Precision p) {
   DSV3_CHECK(t >= 0 && d > 0 && v > 0, "head_cross_entropy_backward: bad shape t=", t, " d=", d, " v=", v);
   if (t == 0) return;
   const bool bf = p == Precision::kBF16;
@@ -442,12 +467,14 @@ std::unique_ptr<Backend> make_cuda_backend(int device, std::string* why_not) {
   const cudaError_t e = cudaGetDeviceCount(&count);
   if (e != cudaSuccess || count == 0) {
     if (why_not)
-      *why_not = std::string("no CUDA GPU visible (") + (e != cudaSuccess ? cudaGetErrorString(e) : "0 devices") + ")";
+      *why_not = std::string("no CUDA GPU visible (") +
+                 (e != cudaSuccess ? cudaGetErrorString(e) : "0 devices") + ")";
     cudaGetLastError();  // clear the sticky-free error so later queries start clean
     return nullptr;
   }
   if (device < 0 || device >= count) {
-    if (why_not) *why_not = "GPU " + std::to_string(device) + " does not exist (" + std::to_string(count) + " visible)";
+    if (why_not)
+      *why_not = "GPU " + std::to_string(device) + " does not exist (" + std::to_string(count) + " visible)";
     return nullptr;
   }
   cudaDeviceProp prop{};

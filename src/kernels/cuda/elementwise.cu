@@ -34,12 +34,14 @@ __device__ float block_sum(float v) {
 }
 
 __global__ void to_bf16_kernel(const float* x, __nv_bfloat16* y, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x)
     y[i] = __float2bfloat16_rn(x[i]);
 }
 
 __global__ void scale_kernel(float* x, int64_t n, float s) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x)
     x[i] = __fmul_rn(x[i], s);
 }
 
@@ -111,8 +113,9 @@ __global__ void rmsnorm_forward_kernel(const float* x, int64_t ld_x, const float
 // dx per row (one block per row); the row's dw contribution is written to its 32-row block's partial by the
 // second kernel, which owns columns.
 constexpr int64_t kRowBlock = 32;
-__global__ void rmsnorm_dx_kernel(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, const float* w,
-                                  const float* rstd, float* dx, int64_t ld_dx, int64_t d, float beta, float inv_d) {
+__global__ void rmsnorm_dx_kernel(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x,
+                                  const float* w, const float* rstd, float* dx, int64_t ld_dx, int64_t d,
+                                  float beta, float inv_d) {
   const int64_t i = blockIdx.x;
   const float* dyr = dy + i * ld_dy;
   const float* xr = x + i * ld_x;
@@ -147,12 +150,15 @@ __global__ void rmsnorm_dw_sum_kernel(const float* partial, int64_t blocks, floa
   dw[j] += acc;
 }
 
-__device__ __forceinline__ float sigmoidf(float a) { return 1.f / (1.f + expf(-a)); }
+__device__ __forceinline__ float sigmoidf(float a) {
+  return 1.f / (1.f + expf(-a));
+}
 
 __global__ void swiglu_forward_kernel(const float* a, const float* b, int64_t ld_ab, const float* p, float* h,
                                       int64_t t, int64_t f) {
   const int64_t n = t * f;
-  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < n; e += int64_t{gridDim.x} * blockDim.x) {
+  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < n;
+       e += int64_t{gridDim.x} * blockDim.x) {
     const int64_t i = e / f, j = e % f;
     const float av = a[i * ld_ab + j];
     h[e] = (av * sigmoidf(av) * b[i * ld_ab + j]) * (p ? p[i] : 1.f);
@@ -161,7 +167,8 @@ __global__ void swiglu_forward_kernel(const float* a, const float* b, int64_t ld
 
 // One block per row (dp needs the row's sum); da/db may alias a/b: each element is read before it is written.
 __global__ void swiglu_backward_kernel(const float* dh, const float* a, const float* b, int64_t ld_ab,
-                                       const float* p, float* da, float* db, int64_t ld_dab, float* dp, int64_t f) {
+                                       const float* p, float* da, float* db, int64_t ld_dab, float* dp,
+                                       int64_t f) {
   const int64_t i = blockIdx.x;
   const float pi = p ? p[i] : 1.f;
   float dpi = 0.f;
@@ -182,10 +189,11 @@ __global__ void swiglu_backward_kernel(const float* dh, const float* a, const fl
 // One thread per (token, head, rotated pair k): the pair (lo_k, hi_k) is read and written by the same thread,
 // so in-place operation is safe.
 __global__ void rope_kernel(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t hs_y,
-                            int64_t t, int64_t heads, int64_t seq_len, const float* cos_PH, const float* sin_PH,
-                            int64_t half, bool interleave, bool forward) {
+                            int64_t t, int64_t heads, int64_t seq_len, const float* cos_PH,
+                            const float* sin_PH, int64_t half, bool interleave, bool forward) {
   const int64_t n = t * heads * half;
-  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < n; e += int64_t{gridDim.x} * blockDim.x) {
+  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < n;
+       e += int64_t{gridDim.x} * blockDim.x) {
     const int64_t k = e % half, h = (e / half) % heads, i = e / (half * heads);
     const int64_t pos = i % seq_len;
     const float c = cos_PH[pos * half + k], s = sin_PH[pos * half + k];
@@ -210,7 +218,8 @@ __global__ void adamw_kernel(float* params, const float* grads, float* m, float*
                              int64_t num_segments) {
   const AdamWSegment sg = segs[blockIdx.y];
   const AdamWStepConsts k = sg.k;
-  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < sg.n; e += int64_t{gridDim.x} * blockDim.x) {
+  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < sg.n;
+       e += int64_t{gridDim.x} * blockDim.x) {
     const int64_t i = sg.begin + e;
     const float g = grads[i], m0 = m[i];
     const float pi = __fmul_rn(params[i], k.decay);
@@ -237,7 +246,9 @@ void launch_scale(float* x, int64_t n, float s, cudaStream_t st) {
   check_launch("scale");
 }
 
-int64_t sum_of_squares_blocks(int64_t n) { return (n + kSsqBlock - 1) / kSsqBlock; }
+int64_t sum_of_squares_blocks(int64_t n) {
+  return (n + kSsqBlock - 1) / kSsqBlock;
+}
 
 void launch_sum_of_squares(const float* x, int64_t n, double* partial, cudaStream_t st) {
   if (n <= 0) return;
@@ -245,7 +256,8 @@ void launch_sum_of_squares(const float* x, int64_t n, double* partial, cudaStrea
   check_launch("sum_of_squares");
 }
 
-void launch_sum_partials(const double* partial, int64_t blocks, double* out, bool accumulate, cudaStream_t st) {
+void launch_sum_partials(const double* partial, int64_t blocks, double* out, bool accumulate,
+                         cudaStream_t st) {
   sum_partials_kernel<<<1, 1, 0, st>>>(partial, blocks, out, accumulate);
   check_launch("sum_partials");
 }
@@ -263,7 +275,9 @@ void launch_rmsnorm_forward(const float* x, int64_t ld_x, const float* w, float*
   check_launch("rmsnorm_forward");
 }
 
-int64_t rmsnorm_dw_scratch_floats(int64_t t, int64_t d) { return std::max<int64_t>(1, (t + kRowBlock - 1) / kRowBlock) * d; }
+int64_t rmsnorm_dw_scratch_floats(int64_t t, int64_t d) {
+  return std::max<int64_t>(1, (t + kRowBlock - 1) / kRowBlock) * d;
+}
 
 void launch_rmsnorm_backward(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, const float* w,
                              const float* rstd, float* dx, int64_t ld_dx, float* dw, int64_t t, int64_t d,
@@ -274,12 +288,12 @@ void launch_rmsnorm_backward(const float* dy, int64_t ld_dy, const float* x, int
     const dim3 grid(static_cast<unsigned>((d + kThreads - 1) / kThreads), static_cast<unsigned>(blocks));
     rmsnorm_dw_partial_kernel<<<grid, kThreads, 0, st>>>(dy, ld_dy, x, ld_x, rstd, scratch, t, d);
     check_launch("rmsnorm_backward (dw partials)");
-    rmsnorm_dw_sum_kernel<<<static_cast<unsigned>((d + kThreads - 1) / kThreads), kThreads, 0, st>>>(scratch, blocks,
-                                                                                                    dw, d);
+    rmsnorm_dw_sum_kernel<<<static_cast<unsigned>((d + kThreads - 1) / kThreads), kThreads, 0, st>>>(
+        scratch, blocks, dw, d);
     check_launch("rmsnorm_backward (dw)");
   }
-  rmsnorm_dx_kernel<<<static_cast<unsigned>(t), kThreads, 0, st>>>(dy, ld_dy, x, ld_x, w, rstd, dx, ld_dx, d, beta,
-                                                                   1.f / static_cast<float>(d));
+  rmsnorm_dx_kernel<<<static_cast<unsigned>(t), kThreads, 0, st>>>(dy, ld_dy, x, ld_x, w, rstd, dx, ld_dx, d,
+                                                                   beta, 1.f / static_cast<float>(d));
   check_launch("rmsnorm_backward (dx)");
 }
 
@@ -294,7 +308,8 @@ void launch_swiglu_backward(const float* dh, const float* a, const float* b, int
                             float* da, float* db, int64_t ld_dab, float* dp, int64_t t, int64_t f,
                             cudaStream_t st) {
   if (t == 0) return;
-  swiglu_backward_kernel<<<static_cast<unsigned>(t), kThreads, 0, st>>>(dh, a, b, ld_ab, p, da, db, ld_dab, dp, f);
+  swiglu_backward_kernel<<<static_cast<unsigned>(t), kThreads, 0, st>>>(dh, a, b, ld_ab, p, da, db, ld_dab,
+                                                                        dp, f);
   check_launch("swiglu_backward");
 }
 
@@ -303,8 +318,9 @@ void launch_rope(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t l
                  cudaStream_t st) {
   const int64_t n = t * heads * table.half;
   if (n == 0) return;
-  rope_kernel<<<blocks_for(n, 2), kThreads, 0, st>>>(x, ld_x, hs_x, y, ld_y, hs_y, t, heads, seq_len, table.cos_PH,
-                                                     table.sin_PH, table.half, interleave, forward);
+  rope_kernel<<<blocks_for(n, 2), kThreads, 0, st>>>(x, ld_x, hs_x, y, ld_y, hs_y, t, heads, seq_len,
+                                                     table.cos_PH, table.sin_PH, table.half, interleave,
+                                                     forward);
   check_launch(forward ? "rope_forward" : "rope_backward");
 }
 

@@ -32,14 +32,16 @@ __global__ void embedding_forward_kernel(const int32_t* ids, const float* table,
 }
 
 __global__ void iota_kernel(int32_t* v, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x)
     v[i] = static_cast<int32_t>(i);
 }
 
 // After a stable sort of (id, token) by id, the first token of each run of one id owns that row of dtable:
 // per column, the row's gradient is added token by token in token order, as the CPU kernel adds them.
-__global__ void embedding_backward_kernel(const float* dout, const int32_t* ids_sorted, const int32_t* tok_sorted,
-                                          float* dtable, int64_t t, int64_t vocab, int64_t d, DeviceErrors err) {
+__global__ void embedding_backward_kernel(const float* dout, const int32_t* ids_sorted,
+                                          const int32_t* tok_sorted, float* dtable, int64_t t, int64_t vocab,
+                                          int64_t d, DeviceErrors err) {
   const int64_t r = blockIdx.x;
   const int32_t id = ids_sorted[r];
   if (r > 0 && ids_sorted[r - 1] == id) return;  // not the first of its run
@@ -88,9 +90,11 @@ __global__ void ce_chunk_stats_kernel(const float* logits, int64_t c, int64_t c0
   }
 }
 
-__global__ void ce_finish_kernel(const float* max_T, const float* sum_T, const float* label_T, const int32_t* labels,
-                                 int64_t t, int64_t v, float* loss_T, float* lse_T, DeviceErrors err) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < t; i += int64_t{gridDim.x} * blockDim.x) {
+__global__ void ce_finish_kernel(const float* max_T, const float* sum_T, const float* label_T,
+                                 const int32_t* labels, int64_t t, int64_t v, float* loss_T, float* lse_T,
+                                 DeviceErrors err) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < t;
+       i += int64_t{gridDim.x} * blockDim.x) {
     const int32_t lab = labels[i];
     const float lse = max_T[i] + logf(sum_T[i]);
     lse_T[i] = lse;
@@ -109,7 +113,8 @@ __global__ void ce_chunk_grad_kernel(float* logits, int64_t t, int64_t c, int64_
                                      const float* lse_T, float dloss, const float* dloss_T,
                                      __nv_bfloat16* d_bf) {
   const int64_t n = t * c;
-  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < n; e += int64_t{gridDim.x} * blockDim.x) {
+  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < n;
+       e += int64_t{gridDim.x} * blockDim.x) {
     const int64_t i = e / c, j = e % c;
     const int32_t lab = labels[i];
     float g = 0.f;
@@ -124,7 +129,8 @@ __global__ void ce_chunk_grad_kernel(float* logits, int64_t t, int64_t c, int64_
 }
 
 unsigned grid_for(int64_t n) {
-  return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>((n + kThreads - 1) / kThreads, 1), 1 << 20));
+  return static_cast<unsigned>(
+      std::min<int64_t>(std::max<int64_t>((n + kThreads - 1) / kThreads, 1), 1 << 20));
 }
 
 }  // namespace
@@ -139,14 +145,15 @@ void launch_embedding_forward(const int32_t* ids, const float* table, float* out
 // Scratch: sorted ids, the token permutation in and out, and CUB's temporary storage.
 size_t embedding_backward_scratch_bytes(int64_t t) {
   size_t cub_bytes = 0;
-  cub::DeviceRadixSort::SortPairs(nullptr, cub_bytes, static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr),
-                                  static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr),
-                                  static_cast<int>(t));
+  cub::DeviceRadixSort::SortPairs(nullptr, cub_bytes, static_cast<const int32_t*>(nullptr),
+                                  static_cast<int32_t*>(nullptr), static_cast<const int32_t*>(nullptr),
+                                  static_cast<int32_t*>(nullptr), static_cast<int>(t));
   return 3 * ((t * sizeof(int32_t) + 255) / 256 * 256) + cub_bytes;
 }
 
 void launch_embedding_backward(const float* dout, const int32_t* ids, float* dtable, int64_t t, int64_t vocab,
-                               int64_t d, void* scratch, size_t scratch_bytes, DeviceErrors err, cudaStream_t st) {
+                               int64_t d, void* scratch, size_t scratch_bytes, DeviceErrors err,
+                               cudaStream_t st) {
   if (t == 0) return;
   DSV3_CHECK(t < (int64_t{1} << 31), "embedding_backward: ", t, " tokens (at most 2^31 - 1)");
   const size_t arr = (t * sizeof(int32_t) + 255) / 256 * 256;
@@ -159,31 +166,36 @@ void launch_embedding_backward(const float* dout, const int32_t* ids, float* dta
   iota_kernel<<<grid_for(t), kThreads, 0, st>>>(tok_in, t);
   check_launch("embedding_backward (iota)");
   // LSD radix sort is stable: equal ids keep token order, which fixes the summation order.
-  check(cub::DeviceRadixSort::SortPairs(tmp, tmp_bytes, ids, ids_sorted, tok_in, tok_sorted, static_cast<int>(t), 0,
-                                        32, st),
+  check(cub::DeviceRadixSort::SortPairs(tmp, tmp_bytes, ids, ids_sorted, tok_in, tok_sorted,
+                                        static_cast<int>(t), 0, 32, st),
         "embedding_backward (sort)");
-  embedding_backward_kernel<<<static_cast<unsigned>(t), 128, 0, st>>>(dout, ids_sorted, tok_sorted, dtable, t, vocab,
-                                                                      d, err);
+  embedding_backward_kernel<<<static_cast<unsigned>(t), 128, 0, st>>>(dout, ids_sorted, tok_sorted, dtable, t,
+                                                                      vocab, d, err);
   check_launch("embedding_backward");
 }
 
-void launch_ce_chunk_stats(const float* logits_TC, int64_t t, int64_t c, int64_t chunk_begin, const int32_t* labels,
-                           float* max_T, float* sum_T, float* label_logit_T, bool first, cudaStream_t st) {
-  ce_chunk_stats_kernel<<<static_cast<unsigned>(t), kThreads, 0, st>>>(logits_TC, c, chunk_begin, labels, max_T,
-                                                                       sum_T, label_logit_T, first);
+void launch_ce_chunk_stats(const float* logits_TC, int64_t t, int64_t c, int64_t chunk_begin,
+                           const int32_t* labels, float* max_T, float* sum_T, float* label_logit_T,
+                           bool first, cudaStream_t st) {
+  ce_chunk_stats_kernel<<<static_cast<unsigned>(t), kThreads, 0, st>>>(logits_TC, c, chunk_begin, labels,
+                                                                       max_T, sum_T, label_logit_T, first);
   check_launch("cross_entropy (chunk statistics)");
 }
 
-void launch_ce_finish(const float* max_T, const float* sum_T, const float* label_logit_T, const int32_t* labels,
-                      int64_t t, int64_t v, float* loss_T, float* lse_T, DeviceErrors err, cudaStream_t st) {
-  ce_finish_kernel<<<grid_for(t), kThreads, 0, st>>>(max_T, sum_T, label_logit_T, labels, t, v, loss_T, lse_T, err);
+void launch_ce_finish(const float* max_T, const float* sum_T, const float* label_logit_T,
+                      const int32_t* labels, int64_t t, int64_t v, float* loss_T, float* lse_T,
+                      DeviceErrors err, cudaStream_t st) {
+  ce_finish_kernel<<<grid_for(t), kThreads, 0, st>>>(max_T, sum_T, label_logit_T, labels, t, v, loss_T, lse_T,
+                                                     err);
   check_launch("cross_entropy (finish)");
 }
 
 void launch_ce_chunk_grad(float* logits_TC, int64_t t, int64_t c, int64_t chunk_begin, const int32_t* labels,
-                          const float* lse_T, float dloss, const float* dloss_T, bf16* dlogits_bf, cudaStream_t st) {
-  ce_chunk_grad_kernel<<<grid_for(t * c), kThreads, 0, st>>>(logits_TC, t, c, chunk_begin, labels, lse_T, dloss,
-                                                             dloss_T, reinterpret_cast<__nv_bfloat16*>(dlogits_bf));
+                          const float* lse_T, float dloss, const float* dloss_T, bf16* dlogits_bf,
+                          cudaStream_t st) {
+  ce_chunk_grad_kernel<<<grid_for(t * c), kThreads, 0, st>>>(logits_TC, t, c, chunk_begin, labels, lse_T,
+                                                             dloss, dloss_T,
+                                                             reinterpret_cast<__nv_bfloat16*>(dlogits_bf));
   check_launch("cross_entropy (chunk gradient)");
 }
 

@@ -23,7 +23,8 @@ void launch_scale(float* x, int64_t n, float s, cudaStream_t st);
 // in order into *out (device double), added to it when accumulate.
 int64_t sum_of_squares_blocks(int64_t n);
 void launch_sum_of_squares(const float* x, int64_t n, double* partial_B, cudaStream_t st);
-void launch_sum_partials(const double* partial_B, int64_t blocks, double* out, bool accumulate, cudaStream_t st);
+void launch_sum_partials(const double* partial_B, int64_t blocks, double* out, bool accumulate,
+                         cudaStream_t st);
 void launch_sum(const float* x, int64_t n, double* out, bool accumulate, cudaStream_t st);
 
 void launch_rmsnorm_forward(const float* x, int64_t ld_x, const float* w, float* y, int64_t ld_y, float* rstd,
@@ -46,21 +47,25 @@ void launch_embedding_forward(const int32_t* ids, const float* table, float* out
 // embedding_backward_scratch_bytes.
 size_t embedding_backward_scratch_bytes(int64_t t);
 void launch_embedding_backward(const float* dout, const int32_t* ids, float* dtable, int64_t t, int64_t vocab,
-                               int64_t d, void* scratch, size_t scratch_bytes, DeviceErrors err, cudaStream_t st);
+                               int64_t d, void* scratch, size_t scratch_bytes, DeviceErrors err,
+                               cudaStream_t st);
 
 void launch_rope(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t hs_y, int64_t t,
                  int64_t heads, int64_t seq_len, const RopeTableView& table, bool interleave, bool forward,
                  cudaStream_t st);
 
 // Cross-entropy pieces around the head GEMMs (cross_entropy.cu drives the chunks).
-void launch_ce_chunk_stats(const float* logits_TC, int64_t t, int64_t c, int64_t chunk_begin, const int32_t* labels,
-                           float* max_T, float* sum_T, float* label_logit_T, bool first, cudaStream_t st);
-void launch_ce_finish(const float* max_T, const float* sum_T, const float* label_logit_T, const int32_t* labels,
-                      int64_t t, int64_t v, float* loss_T, float* lse_T, DeviceErrors err, cudaStream_t st);
+void launch_ce_chunk_stats(const float* logits_TC, int64_t t, int64_t c, int64_t chunk_begin,
+                           const int32_t* labels, float* max_T, float* sum_T, float* label_logit_T,
+                           bool first, cudaStream_t st);
+void launch_ce_finish(const float* max_T, const float* sum_T, const float* label_logit_T,
+                      const int32_t* labels, int64_t t, int64_t v, float* loss_T, float* lse_T,
+                      DeviceErrors err, cudaStream_t st);
 // logits_TC becomes dlogits in place: dloss·(dloss_T[t])·(softmax − onehot); rows with ignored labels become 0.
 // With bf, also written rounded into dlogits_bf.
 void launch_ce_chunk_grad(float* logits_TC, int64_t t, int64_t c, int64_t chunk_begin, const int32_t* labels,
-                          const float* lse_T, float dloss, const float* dloss_T, bf16* dlogits_bf, cudaStream_t st);
+                          const float* lse_T, float dloss, const float* dloss_T, bf16* dlogits_bf,
+                          cudaStream_t st);
 
 void launch_adamw(float* params, const float* grads, float* m, float* v, const AdamWSegment* segments_dev,
                   int64_t num_segments, int64_t max_segment_n, cudaStream_t st);
