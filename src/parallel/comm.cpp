@@ -22,6 +22,7 @@ size_t type_bytes(CommType t) {
     case CommType::kI32: return 4;
     case CommType::kI64: return 8;
     case CommType::kU8: return 1;
+    case CommType::kBF16: return 2;
   }
   return 1;
 }
@@ -33,6 +34,7 @@ MPI_Datatype mpi_type(CommType t) {
     case CommType::kI32: return MPI_INT32_T;
     case CommType::kI64: return MPI_INT64_T;
     case CommType::kU8: return MPI_UINT8_T;
+    case CommType::kBF16: return MPI_UINT16_T;  // moved as bits; reductions are refused before MPI sees them
   }
   return MPI_BYTE;
 }
@@ -90,6 +92,7 @@ class MpiComm final : public Comm {
 
  protected:
   void allreduce_raw(void* buf, int64_t n, CommType t, ReduceOp op) override {
+    DSV3_CHECK(t != CommType::kBF16, "allreduce of bf16 elements: reduce in fp32 (bf16 sums lose the low bits)");
     auto* p = static_cast<char*>(buf);
     for (int64_t i = 0; i < n; i += kMaxChunk) {
       const int c = static_cast<int>(std::min(kMaxChunk, n - i));
@@ -117,6 +120,7 @@ class MpiComm final : public Comm {
               "MPI_Alltoallv");
   }
   void reduce_scatter_raw(const void* send, void* recv, int64_t n, CommType t) override {
+    DSV3_CHECK(t != CommType::kBF16, "reduce-scatter of bf16 elements: reduce in fp32");
     DSV3_CHECK(n * size_ <= INT_MAX, "reduce_scatter of ", n, " elements × ", size_, " ranks exceeds MPI's int counts");
     check_mpi(MPI_Reduce_scatter_block(send, recv, static_cast<int>(n), mpi_type(t), MPI_SUM, comm_),
               "MPI_Reduce_scatter_block");
@@ -133,6 +137,7 @@ class MpiComm final : public Comm {
     DSV3_CHECK(o <= INT_MAX, "uneven collective of ", o, " elements exceeds MPI's int counts");
   }
   void reduce_scatter_v_raw(void* buf, const int64_t* counts, void* recv, CommType t) override {
+    DSV3_CHECK(t != CommType::kBF16, "reduce-scatter of bf16 elements: reduce in fp32");
     std::vector<int> c, displ;
     int_blocks(counts, c, displ);
     check_mpi(MPI_Reduce_scatter(buf, recv, c.data(), mpi_type(t), MPI_SUM, comm_), "MPI_Reduce_scatter");
@@ -158,6 +163,8 @@ class MpiComm final : public Comm {
 };
 
 }  // namespace
+
+size_t comm_type_bytes(CommType t) { return type_bytes(t); }
 
 std::unique_ptr<Comm> SingleComm::split(int, int) { return std::make_unique<SingleComm>(); }
 

@@ -4,7 +4,8 @@
 //
 // Collectives are blocking and in place where that makes sense; counts are elements, not bytes. allreduce and
 // broadcast split counts beyond INT_MAX; the gathers, scatters and alltoallv refuse totals beyond INT_MAX with
-// an error (MPI's int counts and displacements). Element types: float, double, int32_t, int64_t, uint8_t.
+// an error (MPI's int counts and displacements). Element types: float, double, int32_t, int64_t, uint8_t, and bf16
+// for moves only (gathers, alltoallv, broadcast, point to point): a bf16 reduction is refused (reduce in fp32).
 #pragma once
 #include <cstdint>
 #include <map>
@@ -12,12 +13,14 @@
 #include <type_traits>
 #include <vector>
 
+#include "core/bf16.h"
 #include "parallel/process_groups.h"
 
 namespace dsv3 {
 
 enum class ReduceOp { kSum, kMax, kMin };
-enum class CommType { kF32, kF64, kI32, kI64, kU8 };
+enum class CommType { kF32, kF64, kI32, kI64, kU8, kBF16 };
+size_t comm_type_bytes(CommType t);
 
 template <typename T>
 constexpr CommType comm_type() {
@@ -25,8 +28,9 @@ constexpr CommType comm_type() {
   else if constexpr (std::is_same_v<T, double>) return CommType::kF64;
   else if constexpr (std::is_same_v<T, int32_t>) return CommType::kI32;
   else if constexpr (std::is_same_v<T, int64_t>) return CommType::kI64;
+  else if constexpr (std::is_same_v<T, bf16>) return CommType::kBF16;
   else {
-    static_assert(std::is_same_v<T, uint8_t>, "Comm supports float, double, int32_t, int64_t and uint8_t");
+    static_assert(std::is_same_v<T, uint8_t>, "Comm supports float, double, int32_t, int64_t, uint8_t and bf16");
     return CommType::kU8;
   }
 }
