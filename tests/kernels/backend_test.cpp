@@ -7,10 +7,12 @@
 
 #include <cstring>
 
+#include "core/error.h"
 #include "kernels/cpu/adamw.h"
 #include "kernels/kernel_test_util.h"
 #include "optim/adamw.h"
 #include "optim/grad_clip.h"
+#include "train/device_select.h"
 
 namespace dsv3 {
 namespace {
@@ -69,6 +71,27 @@ TEST(Backend, CudaBackendIsNamedOrRefusedWithAReason) {
     EXPECT_FALSE(why.empty());
     EXPECT_EQ(why.find('\n'), std::string::npos) << why;
   }
+}
+
+}  // namespace
+}  // namespace dsv3
+
+namespace dsv3 {
+namespace {
+
+TEST(DeviceSelect, CpuAutoAndCudaAreDecidedWithAReason) {
+  EXPECT_EQ(choose_device("cpu").kind, DeviceKind::kCpu);
+  const DeviceChoice a = choose_device("auto");
+  EXPECT_EQ(a.kind, DeviceKind::kCpu);  // the model does not run on the CUDA backend yet
+  EXPECT_EQ(a.line.rfind("device: cpu (auto: ", 0), 0u) << a.line;
+  try {
+    choose_device("cuda");
+    FAIL() << "--device cuda must be refused while the model cannot run there";
+  } catch (const Error& e) {
+    EXPECT_EQ(std::string(e.what()).rfind("--device cuda: ", 0), 0u) << e.what();
+    EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos);
+  }
+  EXPECT_THROW(choose_device("tpu"), Error);
 }
 
 }  // namespace
