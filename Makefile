@@ -1,7 +1,7 @@
 # Thin wrapper: the real build is CMake. `make test` is what CI runs.
 BUILD ?= build
 JOBS ?= $(shell nproc)
-.PHONY: setup build test demo bench bench-preprocess bench-step bench-alltoall bench-parallel clean format
+.PHONY: setup build test demo bench bench-preprocess bench-step bench-alltoall bench-parallel clean format check-interop
 
 setup:
 	bash scripts/setup.sh
@@ -37,6 +37,11 @@ format:
 # 1/2/4-rank data- and expert-parallel steps split into compute, dispatch/combine, gradient sync and optimizer.
 bench-parallel: setup build
 	BUILD=$(BUILD) bash bench/parallel_step.sh
+
+# The tests that check our files with transformers and TensorBoard, against each pinned transformers version
+# (virtual environments under $(BUILD), reused); prints the versions tested and a PASS/FAIL line per test.
+check-interop: build
+	BUILD=$(BUILD) bash scripts/check-interop.sh
 
 clean:
 	rm -rf $(BUILD)
