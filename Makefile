@@ -1,7 +1,8 @@
 # Thin wrapper: the real build is CMake. `make test` is what CI runs.
 BUILD ?= build
 JOBS ?= $(shell nproc)
-.PHONY: setup build test demo bench bench-preprocess bench-step bench-alltoall bench-parallel bench-gpu clean format
+.PHONY: setup build test demo bench bench-preprocess bench-step bench-alltoall bench-parallel bench-gpu clean format \
+        check-interop
 
 setup:
 	bash scripts/setup.sh
@@ -41,6 +42,11 @@ bench-parallel: setup build
 # GPU proxies (one H200): PyTorch eager/compile beside dsv3, TFLOP/s and MFU against the measured cuBLASLt roofline.
 bench-gpu: setup build
 	BUILD=$(BUILD) bash bench/gpu.sh
+
+# The tests that check our files with transformers and TensorBoard, against each pinned transformers version
+# (virtual environments under $(BUILD), reused); prints the versions tested and a PASS/FAIL line per test.
+check-interop: build
+	BUILD=$(BUILD) bash scripts/check-interop.sh
 
 clean:
 	rm -rf $(BUILD)
