@@ -157,6 +157,14 @@ void Trainer::setup() {
   DSV3_CHECK(args_.given("lr"), "--lr is required");
   DSV3_CHECK(!args_.list("data_path").empty(), "--data-path is required");
 
+  const std::string opt = args_.s("optimizer");
+  DSV3_CHECK(opt == "adam" || opt == "adamw" || opt == "fusedadamw", "--optimizer ", opt,
+             " is not supported: dsv3 trains with AdamW (adam, adamw, fusedadamw)");
+  const std::string device = args_.s("device");
+  DSV3_CHECK(device == "auto" || device == "cpu" || device == "cuda", "--device ", device,
+             ": expected auto, cpu or cuda");
+  DSV3_CHECK(device != "cuda", "--device cuda: this build has no CUDA backend");
+
   int64_t tok_size = 0;
   if (args_.given("tokenizer_model")) tok_size = Tokenizer::from_directory(args_.s("tokenizer_model")).size();
   cfg_ = model_config_from_args(args_, tok_size);
@@ -219,9 +227,10 @@ void Trainer::setup() {
     embedding_group_ = world_.split(member ? position : pg_.world + pg_.rank, pg_.pp_rank);
   }
   if (args_.given("recompute_granularity")) {
-    DSV3_CHECK(args_.s("recompute_granularity") == "full", "--recompute-granularity ",
-               args_.s("recompute_granularity"), " is not supported (dsv3 implements full)");
-    mo.recompute = true;
+    const std::string g = args_.s("recompute_granularity");  // selective is listed as having no effect
+    DSV3_CHECK(g == "full" || g == "selective", "--recompute-granularity ", g,
+               " is not supported (dsv3 implements full)");
+    mo.recompute = g == "full";
   }
   const std::string lb = args_.s("moe_router_load_balancing_type");
   DSV3_CHECK(lb == "seq_aux_loss" || lb == "none" || lb == "aux_loss", "--moe-router-load-balancing-type ", lb,
@@ -583,6 +592,8 @@ int Trainer::run() {
     return 0;
   }
   setup();
+  if (const std::string line = format_no_effect_line(args_.no_effect()); !line.empty() && pg_.is_first_rank())
+    std::printf("%s\n", line.c_str()), std::fflush(stdout);
   print_line(pg_, format_arguments_block(args_.all()));
   if (pg_.pp > 1) {
     std::string layout = "pipeline stages (decoder layers):";
