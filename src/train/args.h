@@ -2,7 +2,7 @@
 // line runs unchanged. Every flag is declared in a table with its type and default: flags dsv3 applies, flags that
 // only choose an implementation or runtime detail (accepted, reported by no_effect()), and flags asking for other
 // numbers than dsv3 computes (refused by name with the reason); an unknown one is refused as argparse would
-// ("unrecognized arguments"). Values are checked where they are used (model_from_args.cpp, the trainer).
+// ("unrecognized arguments"). Values are checked once, at start-up, by TrainConfig (train_config.h).
 #pragma once
 #include <cstdint>
 #include <map>
