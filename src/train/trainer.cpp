@@ -28,6 +28,7 @@ void on_sigterm(int) {
 
 int Trainer::run() {
   const auto start = Clock::now();
+  pg_ = ProcessGroups::build(world_.size(), world_.rank(), c_.parallel);  // first: it decides who prints
   if (any_rank(kill_switch_present())) {
     print_line("Detected kill switch at " + *c_.kill_switch_file + ". Exiting");
     return 0;
@@ -72,10 +73,9 @@ bool Trainer::kill_switch_present() const {
   return c_.kill_switch_file && std::filesystem::exists(*c_.kill_switch_file);
 }
 
-// This rank's groups, the model with this rank's parameters (the same initial weights on every rank,
+// This rank's communicators, the model with this rank's parameters (the same initial weights on every rank,
 // principle 4), the gradient reduction, the optimizer and the LR schedule.
 void Trainer::setup() {
-  pg_ = ProcessGroups::build(world_.size(), world_.rank(), c_.parallel);
   comms_ = std::make_unique<GroupComms>(pg_, world_);
   ModelOptions mo = c_.model_options;
   if (pg_.ep > 1) mo.ep.comm = &(*comms_)[Group::kEp];

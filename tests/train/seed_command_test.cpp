@@ -117,6 +117,13 @@ TEST(SeedCommand, BasicExampleUnderMpirun) {
   const auto r = testing::run_dsv3_mpi(2, train_command(env), dir);
   expect_trained(r);
   EXPECT_NE(r.out.find("  expert_model_parallel_size ...................... 2"), std::string::npos) << r.out;
+  // With the kill switch present from the start, the job exits before training and says so once.
+  const std::string ks = (dir / "stop").string();
+  std::ofstream(ks) << "";
+  const auto k = testing::run_dsv3_mpi(2, train_command(with_vars(env, {{"HL_KILL_SWITCH_FILE", ks}})), dir);
+  EXPECT_EQ(k.rc, 0) << k.out;
+  EXPECT_EQ(count(k.out, "Detected kill switch at " + ks + ". Exiting"), 1u) << k.out;
+  EXPECT_EQ(testing::iteration_log_lines(k.out).size(), 0u);
 }
 
 // The multi-node example's layout (pipeline stages with full recompute) on 2 ranks: PP 2.
