@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# DeepSeek-V3 pretraining launcher for dsv3: the interface of the Intel Gaudi Megatron-LM script
-# examples/deepseek/pretrain_deepseek.sh (every HL_* variable, its default and its checks), mapped onto
-# `dsv3 train`, which takes Megatron's flags. See examples/deepseek/README.md.
+# DeepSeek-V3 pretraining launcher for dsv3: the Intel Gaudi Megatron-LM script examples/deepseek/pretrain_deepseek.sh
+# (every HL_* variable, its default and its checks), running `dsv3 train` in place of `python pretrain_gpt.py`
+# with the seed's command line unchanged: dsv3 train takes every flag the seed passes (it lists those that have no
+# effect in dsv3 in one start-up line). See examples/deepseek/README.md.
 #
-# Differences from the seed script, all reported on stderr when they apply:
-#   * Gaudi-only variables (lazy mode, fused SDPA/RMSNorm/softmax, torch.compile, HCCL/host NIC, profiling, ...)
-#     are accepted and reported as not applicable.
-#   * Seed flags that dsv3 train does not take are not passed; one note line lists them with the reason.
+# Differences from the seed script:
 #   * HL_AUX_LOSS_COEFF is honoured (the seed hard-codes 1e-4) and HL_KILL_SWITCH is an alias of
 #     HL_KILL_SWITCH_FILE (the seed's README and script disagree on the name).
-#   * Extra variables for small machines: HL_MODEL_CONFIG (an HF config.json; the script's hard-coded shapes are
-#     then not passed, only shape variables the user sets), HL_HIDDEN_SIZE, HL_NUM_EXPERTS, ... (listed below),
-#     HL_LR/HL_MIN_LR/HL_LR_WARMUP_ITERS, HL_SPLIT, HL_SEED, HL_EXTRA_ARGS, HL_DSV3_BIN, HL_DRY_RUN.
-#   * World size 1 runs dsv3 directly (no mpirun). Larger worlds run under OpenMPI's mpirun built as the seed
-#     builds it; torchrun is refused (dsv3 ranks talk over MPI).
+#   * Extra variables for small machines replace the seed's hard-coded values in place: HL_HIDDEN_SIZE,
+#     HL_NUM_EXPERTS, ... and HL_LR/HL_MIN_LR/HL_LR_WARMUP_ITERS (listed below). HL_MODEL_CONFIG adds
+#     --model-config (an HF config.json) and leaves out the hard-coded shapes the file decides. HL_NORM_EPS,
+#     HL_MTP_*, HL_SPLIT, HL_SEED and HL_EXTRA_ARGS append flags after the seed's. HL_DSV3_BIN, HL_DRY_RUN.
+#   * World size 1 runs dsv3 directly (no mpirun). Larger worlds run the seed's mpirun command; the CPU settings
+#     ride on the seed's own mechanisms: OMP_NUM_THREADS as an ENV_FLAGS item, and OpenMPI's oversubscription
+#     (more ranks than cores) as OMPI_MCA_rmaps_base_oversubscribe=1 in mpirun's environment. torchrun is refused
+#     (dsv3 ranks talk over MPI). Gaudi-only environment settings (lazy mode, host NIC) are reported as not
+#     applicable.
 set -euo pipefail
 
 DSV3_ROOT=$(realpath "$(dirname "$0")"/../..)
@@ -88,13 +90,28 @@ OPTIMIZER=${HL_OPTIMIZER:-fusedadamw}
 DROPOUT=${HL_DROPOUT:-0.0}
 EVAL_ITERS=${HL_EVAL_ITERS:-10}
 EVAL_INTERVAL=${HL_EVAL_INTERVAL:-1000}
+USE_FUSED_SDPA=${HL_USE_FUSED_SDPA:-1}
+USE_FUSED_SDPA_WITH_RECOMPUTE=${HL_USE_FUSED_SDPA_WITH_RECOMPUTE:-1}
+USE_FAST_SOFTMAX=${HL_USE_FAST_SOFTMAX:-1}
+USE_LAZY_MODE=${HL_USE_LAZY_MODE:-0}
+USE_TORCH_COMPILE=${HL_USE_TORCH_COMPILE:-0}
+USE_TORCH_COMPILED_AUTOGRAD=${HL_USE_TORCH_COMPILED_AUTOGRAD:-0}
+USE_FUSED_RMSNORM=${HL_USE_FUSED_RMSNORM:-1}
 PROFILE_TYPE=${HL_PROFILE_TYPE:-}
+PROFILE_STEP_START=${HL_PROFILE_STEP_START:-3}
+PROFILE_STEP_END=${HL_PROFILE_STEP_END:-4}
+PROFILE_RANKS=${HL_PROFILE_RANKS:-}
 REDIRECT_LOGS=${HL_REDIRECT_LOGS:-0}
+DETERMINISTIC_MODE=${HL_DETERMINISTIC_MODE:-0}
 TORCHRUN_MULTINODE=${HL_TORCHRUN_MULTINODE:-0}
 NUM_WORKERS=${HL_NUM_WORKERS:-2}
+ENABLE_PARAM_GATHER_OVERLAP=${HL_ENABLE_PARAM_GATHER_OVERLAP:-0}
+ENABLE_GRAD_REDUCE_OVERLAP=${HL_ENABLE_GRAD_REDUCE_OVERLAP:-0}
 TOKEN_DROP=${HL_TOKEN_DROP:-0}  # 0: dropless, 1: drop (capacity factor 1.0, probs policy, padded)
 TOKEN_DISPATCHER_TYPE=${HL_TOKEN_DISPATCHER_TYPE:-allgather}
 MOE_LAYER_RECOMPUTE=${HL_MOE_LAYER_RECOMPUTE:-0}
+MOE_GROUPED_GEMM=${HL_MOE_GROUPED_GEMM:-1}
+ENABLE_SHARED_EXPERT_OVERLAP=${HL_ENABLE_SHARED_EXPERT_OVERLAP:-0}
 MOE_SKIP_FIRST_LAYERS=${HL_MOE_SKIP_FIRST_LAYERS:-3}
 FISRT_PP_STAGE_LAYERS=${HL_FISRT_PP_STAGE_LAYERS:-0}  # sic, the seed's spelling
 LAST_PP_STAGE_LAYERS=${HL_LAST_PP_STAGE_LAYERS:-0}
@@ -102,7 +119,9 @@ AUX_LOSS_COEFF=${HL_AUX_LOSS_COEFF:-1e-4}  # the seed hard-codes 1e-4 and ignore
 EXP_NAME=${EXP_NAME:-default}
 
 for v in NUM_NODES DEVICES_PER_NODE DP TP PP EP MICRO_BATCH_SIZE GLOBAL_BATCH_SIZE SEQ_LEN TRAIN_ITERS \
-         CKP_ACT TOKEN_DROP MOE_SKIP_FIRST_LAYERS FISRT_PP_STAGE_LAYERS LAST_PP_STAGE_LAYERS; do
+         CKP_ACT TOKEN_DROP MOE_SKIP_FIRST_LAYERS FISRT_PP_STAGE_LAYERS LAST_PP_STAGE_LAYERS CHECKPOINT_SAVE \
+         USE_DISTRIBUTED_OPTIMIZER VERIFY_CKPT SEQ_PARALLEL MOE_LAYER_RECOMPUTE MOE_GROUPED_GEMM \
+         ENABLE_SHARED_EXPERT_OVERLAP ENABLE_PARAM_GATHER_OVERLAP ENABLE_GRAD_REDUCE_OVERLAP DETERMINISTIC_MODE; do
   check_int "$v"
 done
 
@@ -119,40 +138,35 @@ if [[ -n "${MODEL_CONFIG}" && ! -f "${MODEL_CONFIG}" ]]; then
   fail "HL_MODEL_CONFIG=${MODEL_CONFIG}: no such file"
 fi
 json_int() { sed -n "s/.*\"$1\"[[:space:]]*:[[:space:]]*\([0-9][0-9]*\).*/\1/p" "$2" | head -n 1; }
+# shape HL_VAR SEED_VALUE: what to pass in place of the seed's hard-coded value — the variable when set, else the
+# seed's value, or nothing (the flag is left out) when HL_MODEL_CONFIG decides.
+shape() { if is_set "$1"; then echo "${!1}"; elif [[ -z "${MODEL_CONFIG}" ]]; then echo "$2"; fi; }
 
-# name  HL variable  dsv3/Megatron flag  seed value
-SHAPE_SPECS=(
-  "HL_HIDDEN_SIZE --hidden-size 7168"
-  "HL_NUM_HEADS --num-attention-heads 128"
-  "HL_FFN_HIDDEN_SIZE --ffn-hidden-size 18432"
-  "HL_ROTARY_BASE --rotary-base 10000"
-  "HL_NORM_EPS --norm-epsilon 1e-5"
-  "HL_NUM_EXPERTS --num-experts 256"
-  "HL_MOE_ROUTER_TOPK --moe-router-topk 8"
-  "HL_MOE_ROUTER_TOPK_SCALING_FACTOR --moe-router-topk-scaling-factor 2.5"
-  "HL_MOE_ROUTER_NUM_GROUPS --moe-router-num-groups 8"
-  "HL_MOE_ROUTER_GROUP_TOPK --moe-router-group-topk 4"
-  "HL_MOE_FFN_HIDDEN_SIZE --moe-ffn-hidden-size 2048"
-  "HL_SHARED_EXPERT_FFN_HIDDEN_SIZE --moe-shared-expert-intermediate-size 2048"
-  "HL_Q_LORA_RANK --q-lora-rank 1536"
-  "HL_KV_LORA_RANK --kv-lora-rank 512"
-  "HL_QK_HEAD_DIM --qk-head-dim 128"
-  "HL_QK_POS_EMB_HEAD_DIM --qk-pos-emb-head-dim 64"
-  "HL_V_HEAD_DIM --v-head-dim 128"
-  "HL_INIT_STD --init-method-std 6e-3"
-  "HL_MTP_NUM_LAYERS --mtp-num-layers -"
-  "HL_MTP_LOSS_SCALING_FACTOR --mtp-loss-scaling-factor -"
-)
-# shape_arg HL_VAR: the value to pass for it, or empty for "not passed".
-shape_arg() {
-  local spec var flag def
-  for spec in "${SHAPE_SPECS[@]}"; do
-    read -r var flag def <<<"${spec}"
-    [[ "${var}" = "$1" ]] || continue
-    if is_set "${var}"; then echo "${!var}"; elif [[ -z "${MODEL_CONFIG}" && "${def}" != "-" ]]; then echo "${def}"; fi
-    return 0
-  done
-}
+HIDDEN_SIZE=$(shape HL_HIDDEN_SIZE 7168)
+FFN_HIDDEN_SIZE=$(shape HL_FFN_HIDDEN_SIZE 18432)
+EXPERT_FFN_HIDDEN_SIZE=$(shape HL_MOE_FFN_HIDDEN_SIZE 2048)
+SHARED_EXPERT_FFN_HIDDEN_SIZE=$(shape HL_SHARED_EXPERT_FFN_HIDDEN_SIZE 2048)
+NUM_HEADS=$(shape HL_NUM_HEADS 128)
+NUM_KV_HEADS=128  # --num-query-groups: ignored without --group-query-attention, as in Megatron
+Q_LORA_RANK=$(shape HL_Q_LORA_RANK 1536)
+KV_LORA_RANK=$(shape HL_KV_LORA_RANK 512)
+QK_HEAD_DIM=$(shape HL_QK_HEAD_DIM 128)
+QK_POS_EMB_HEAD_DIM=$(shape HL_QK_POS_EMB_HEAD_DIM 64)
+V_HEAD_DIM=$(shape HL_V_HEAD_DIM 128)
+NUM_EXPERTS=$(shape HL_NUM_EXPERTS 256)
+TOPK=$(shape HL_MOE_ROUTER_TOPK 8)
+TOPK_SCALING_FACTOR=$(shape HL_MOE_ROUTER_TOPK_SCALING_FACTOR 2.5)
+ROUTER_NUM_GROUPS=$(shape HL_MOE_ROUTER_NUM_GROUPS 8)
+ROUTER_GROUP_TOPK=$(shape HL_MOE_ROUTER_GROUP_TOPK 4)
+KV_CHANNELS=128  # unused by MLA, as in Megatron
+ROTARY_BASE=$(shape HL_ROTARY_BASE 10000)
+INIT_STD=$(shape HL_INIT_STD 6e-3)
+LR=${HL_LR:-2.2e-4}
+MIN_LR=${HL_MIN_LR:-2.2e-5}
+ADAM_BETA1=0.9
+ADAM_BETA2=0.95
+ADAM_EPS=1e-8
+LR_WARMUP_ITERS=${HL_LR_WARMUP_ITERS:-2000}
 
 if [[ -n "${MODEL_CONFIG}" ]]; then
   NUM_LAYERS=${HL_NUM_LAYERS:-$(json_int num_hidden_layers "${MODEL_CONFIG}")}
@@ -214,48 +228,13 @@ TOKENIZER_MODEL=${TOKENIZER_MODEL:-${DATA_DIR}}
 DATA_PATH=${DATA_DIR}/${DATA_FILE_PREFIX}
 
 # ---------------------------------------------------------------------------------------------------------------
-# Notes: variables that have no meaning on dsv3 (CPU), and seed flags that are not passed.
+# Notes: Gaudi settings that reach no flag (dsv3 train itself lists the seed's flags that have no effect in dsv3).
 NA=()
-for v in HL_USE_LAZY_MODE HL_USE_FUSED_SDPA HL_USE_FUSED_SDPA_WITH_RECOMPUTE HL_USE_FAST_SOFTMAX HL_USE_FUSED_RMSNORM \
-         HL_USE_TORCH_COMPILE HL_USE_TORCH_COMPILED_AUTOGRAD HL_TRANSFORMER_IMPL HL_HNIC HL_HCCL_OVER_OFI \
-         HL_HCCL_GAUDI_DIRECT HL_FI_PROVIDER HL_MOE_GROUPED_GEMM HL_PROFILE_TYPE HL_PROFILE_STEP_START \
-         HL_PROFILE_STEP_END HL_PROFILE_RANKS HL_DETERMINISTIC_MODE HL_ENABLE_PARAM_GATHER_OVERLAP \
-         HL_ENABLE_GRAD_REDUCE_OVERLAP HL_ENABLE_SHARED_EXPERT_OVERLAP HL_CKPT_FORMAT HL_VERIFY_CKPT \
-         HL_SAVE_DISTRIB_OPTIMIZER_METHOD HL_LOAD_DISTRIB_OPTIMIZER_METHOD HL_TORCHRUN_NODE_RANK \
+for v in HL_USE_LAZY_MODE HL_HNIC HL_HCCL_OVER_OFI HL_HCCL_GAUDI_DIRECT HL_FI_PROVIDER HL_TORCHRUN_NODE_RANK \
          HL_TORCHRUN_MASTER_ADDR HL_TORCHRUN_MULTINODE; do
   is_set "$v" && NA+=("$v=${!v}")
 done
 [[ ${#NA[@]} -gt 0 ]] && note "not applicable on dsv3 (CPU), ignored: ${NA[*]}"
-
-IMPLIED="--multi-latent-attention --qk-layernorm --position-embedding-type rope --normalization RMSNorm --swiglu"
-IMPLIED+=" --untie-embeddings-and-output-weights --disable-bias-linear --use-mcore-models"
-IMPLIED+=" --num-query-groups 128 --kv-channels 128"
-NOT_PASSED="--transformer-impl ${TRANSFORMER_IMPL} --distributed-backend nccl --distributed-timeout-minutes 60"
-NOT_PASSED+=" --optimizer ${OPTIMIZER} --attention-dropout ${DROPOUT} --hidden-dropout ${DROPOUT}"
-NOT_PASSED+=" --use-fused-sdpa ${HL_USE_FUSED_SDPA:-1} --use-fused-sdpa-with-recompute ${HL_USE_FUSED_SDPA_WITH_RECOMPUTE:-1}"
-NOT_PASSED+=" --use-fused-rmsnorm ${HL_USE_FUSED_RMSNORM:-1} --use-fast-softmax ${HL_USE_FAST_SOFTMAX:-1}"
-NOT_PASSED+=" --use-torch-compile=${HL_USE_TORCH_COMPILE:-0} --use-torch-compiled-autograd=${HL_USE_TORCH_COMPILED_AUTOGRAD:-0}"
-NOT_PASSED+=" --no-gradient-accumulation-fusion --no-masked-softmax-fusion --no-rope-fusion"
-NOT_PASSED+=" --log-validation-ppl-to-tensorboard --log-timers-to-tensorboard"
-[[ "${HL_MOE_GROUPED_GEMM:-1}" -eq 1 ]] && NOT_PASSED+=" --moe-grouped-gemm"
-[[ "${CHECKPOINT_SAVE}" -eq 1 ]] && NOT_PASSED+=" --ckpt-format ${CKPT_FORMAT}"
-[[ "${CHECKPOINT_SAVE}" -eq 1 && "${VERIFY_CKPT}" -eq 1 ]] && NOT_PASSED+=" --verify-checkpoint --verify-checkpoint-model-type DEEPSEEK"
-[[ "${USE_DISTRIBUTED_OPTIMIZER}" -eq 1 ]] && NOT_PASSED+=" --save-distrib-optimizer-method ${SAVE_DISTRIB_OPTIMIZER_METHOD} --load-distrib-optimizer-method ${LOAD_DISTRIB_OPTIMIZER_METHOD}"
-[[ "${TOKEN_DISPATCHER_TYPE}" = "alltoall" && "${HL_ENABLE_SHARED_EXPERT_OVERLAP:-0}" -eq 1 ]] && NOT_PASSED+=" --moe-shared-expert-overlap"
-[[ "${HL_ENABLE_PARAM_GATHER_OVERLAP:-0}" -eq 1 ]] && NOT_PASSED+=" --overlap-param-gather"
-[[ "${HL_ENABLE_GRAD_REDUCE_OVERLAP:-0}" -eq 1 ]] && NOT_PASSED+=" --overlap-grad-reduce"
-[[ "${HL_DETERMINISTIC_MODE:-0}" -eq 1 ]] && NOT_PASSED+=" --deterministic-mode"
-[[ -n "${PROFILE_TYPE}" ]] && NOT_PASSED+=" --profile-type ${PROFILE_TYPE} --profile-step-start ${HL_PROFILE_STEP_START:-3} --profile-step-end ${HL_PROFILE_STEP_END:-4}${HL_PROFILE_RANKS:+ --profile-ranks ${HL_PROFILE_RANKS}}"
-note "implied by dsv3's DeepSeek-V3 model, not passed: ${IMPLIED}"
-note "seed flags dsv3 train does not take (Gaudi/PyTorch-specific, or dsv3 writes its own checkpoint format), not passed: ${NOT_PASSED}"
-if [[ ${MOE_LAYER_RECOMPUTE} -eq 1 && ${CKP_ACT} -ne 1 ]]; then
-  note "HL_MOE_LAYER_RECOMPUTE=1 (--recompute-granularity selective --recompute-modules moe) is not supported by dsv3" \
-       "(it recomputes full layers only; use HL_CKP_ACT=1); running without recompute"
-fi
-if [[ ${CKP_ACT} -eq 2 ]]; then
-  note "HL_CKP_ACT=2 (--recompute-granularity selective) is not supported by dsv3 (it recomputes full layers only;" \
-       "use HL_CKP_ACT=1); running without recompute"
-fi
 if [[ ${TOKEN_DROP} -ge 2 ]]; then
   note "HL_TOKEN_DROP=${TOKEN_DROP} has no code path in the seed script either (only 1 drops tokens); running dropless"
 fi
@@ -266,93 +245,121 @@ if [[ -n "${MODEL_CONFIG}" ]]; then
 fi
 
 # ---------------------------------------------------------------------------------------------------------------
-# dsv3 train arguments, in the seed's order.
+# dsv3 train arguments: the seed's, in its order (its MOE_ARGS and MLA_ARGS in place). add_opt leaves a flag out
+# when its value is empty (a shape HL_MODEL_CONFIG decides).
 ARGS=()
 add() { ARGS+=("$@"); }
-add_shape() {  # add_shape HL_VAR: pass the flag when the shape table gives a value
-  local spec var flag def val
-  val=$(shape_arg "$1")
-  [[ -n "${val}" ]] || return 0
-  for spec in "${SHAPE_SPECS[@]}"; do
-    read -r var flag def <<<"${spec}"
-    [[ "${var}" = "$1" ]] && add "${flag}" "${val}"
-  done
-  return 0
-}
+add_opt() { [[ -z "$2" ]] || ARGS+=("$1" "$2"); }
 
 [[ -n "${MODEL_CONFIG}" ]] && add --model-config "${MODEL_CONFIG}"
+add --transformer-impl "${TRANSFORMER_IMPL}"
 add --tensor-model-parallel-size "${TP}" --pipeline-model-parallel-size "${PP}"
 [[ ${FISRT_PP_STAGE_LAYERS} -gt 0 ]] && add --decoder-first-pipeline-num-layers "${FISRT_PP_STAGE_LAYERS}"
 [[ ${LAST_PP_STAGE_LAYERS} -gt 0 ]] && add --decoder-last-pipeline-num-layers "${LAST_PP_STAGE_LAYERS}"
+add --distributed-backend nccl
 add --seq-length "${SEQ_LEN}"
-if [[ -n "${MODEL_CONFIG}" ]]; then
-  is_set HL_NUM_LAYERS && add --num-layers "${NUM_LAYERS}"
-else
-  add --num-layers "${NUM_LAYERS}"
-fi
-add_shape HL_HIDDEN_SIZE
-add_shape HL_NUM_HEADS
-add_shape HL_FFN_HIDDEN_SIZE
-add_shape HL_ROTARY_BASE
+if [[ -z "${MODEL_CONFIG}" ]] || is_set HL_NUM_LAYERS; then add --num-layers "${NUM_LAYERS}"; fi
+add_opt --hidden-size "${HIDDEN_SIZE}"
+add_opt --num-attention-heads "${NUM_HEADS}"
+add --num-query-groups "${NUM_KV_HEADS}"
+add_opt --ffn-hidden-size "${FFN_HIDDEN_SIZE}"
+add --position-embedding-type rope
+add_opt --rotary-base "${ROTARY_BASE}"
 [[ -z "${MODEL_CONFIG}" ]] && add --max-position-embeddings "${SEQ_LEN}"
-add_shape HL_NORM_EPS
-# MoE
-add_shape HL_NUM_EXPERTS
-add_shape HL_MOE_ROUTER_TOPK
+add --normalization RMSNorm --swiglu --untie-embeddings-and-output-weights
+add --attention-dropout "${DROPOUT}" --hidden-dropout "${DROPOUT}"
+# MOE_ARGS
+add_opt --num-experts "${NUM_EXPERTS}"
+add_opt --moe-router-topk "${TOPK}"
 add --expert-model-parallel-size "${EP}"
 add --moe-router-load-balancing-type seq_aux_loss --moe-router-bias-update-rate 0.001
 add --moe-router-score-function sigmoid
-add_shape HL_MOE_ROUTER_TOPK_SCALING_FACTOR
-add_shape HL_MOE_ROUTER_NUM_GROUPS
-add_shape HL_MOE_ROUTER_GROUP_TOPK
+add_opt --moe-router-topk-scaling-factor "${TOPK_SCALING_FACTOR}"
+add_opt --moe-router-num-groups "${ROUTER_NUM_GROUPS}"
+add_opt --moe-router-group-topk "${ROUTER_GROUP_TOPK}"
 add --moe-router-enable-expert-bias
 add --moe-aux-loss-coeff "${AUX_LOSS_COEFF}"
 add --moe-token-dispatcher-type "${TOKEN_DISPATCHER_TYPE}"
-add_shape HL_MOE_FFN_HIDDEN_SIZE
-add_shape HL_SHARED_EXPERT_FFN_HIDDEN_SIZE
+add_opt --moe-ffn-hidden-size "${EXPERT_FFN_HIDDEN_SIZE}"
+add_opt --moe-shared-expert-intermediate-size "${SHARED_EXPERT_FFN_HIDDEN_SIZE}"
+if [[ "${TOKEN_DISPATCHER_TYPE}" = "alltoall" && ${ENABLE_SHARED_EXPERT_OVERLAP} -eq 1 ]]; then
+  add --moe-shared-expert-overlap
+fi
 if [[ ${TOKEN_DROP} -eq 1 ]]; then
   add --moe-expert-capacity-factor 1.0 --moe-pad-expert-input-to-capacity --moe-token-drop-policy probs
 fi
-# Megatron's list expression, without the seed's outer parentheses (same list).
+[[ ${MOE_LAYER_RECOMPUTE} -eq 1 ]] && add --recompute-granularity selective --recompute-modules moe
+# The seed's list expression, parentheses included (one word here; the seed relies on word splitting).
 if [[ ${MOE_SKIP_FIRST_LAYERS} -gt 0 ]] && { [[ -z "${MODEL_CONFIG}" ]] || is_set HL_MOE_SKIP_FIRST_LAYERS; }; then
-  add --moe-layer-freq "[0]*${MOE_SKIP_FIRST_LAYERS}+[1]*$((NUM_LAYERS - MOE_SKIP_FIRST_LAYERS))"
+  add --moe-layer-freq "([0]*${MOE_SKIP_FIRST_LAYERS}+[1]*$((NUM_LAYERS - MOE_SKIP_FIRST_LAYERS)))"
 elif [[ -n "${MODEL_CONFIG}" ]] && is_set HL_MOE_SKIP_FIRST_LAYERS; then
   add --moe-layer-freq 1  # HL_MOE_SKIP_FIRST_LAYERS=0 over a config: every layer MoE, as Megatron's default
 fi
-# MLA
-add_shape HL_Q_LORA_RANK
-add_shape HL_KV_LORA_RANK
-add_shape HL_QK_HEAD_DIM
-add_shape HL_QK_POS_EMB_HEAD_DIM
-add_shape HL_V_HEAD_DIM
-# MTP: not enabled by the seed; HL_MTP_NUM_LAYERS (or the config's num_nextn_predict_layers) enables it.
-add_shape HL_MTP_NUM_LAYERS
-add_shape HL_MTP_LOSS_SCALING_FACTOR
-# optimizer and schedule
-add --weight-decay 1e-1 --clip-grad 1.0 --adam-beta1 0.9 --adam-beta2 0.95 --adam-eps 1e-8
-add --lr "${HL_LR:-2.2e-4}" --lr-decay-style cosine --lr-warmup-iters "${HL_LR_WARMUP_ITERS:-2000}"
-add --min-lr "${HL_MIN_LR:-2.2e-5}"
+# MLA_ARGS
+add --multi-latent-attention
+add_opt --q-lora-rank "${Q_LORA_RANK}"
+add_opt --kv-lora-rank "${KV_LORA_RANK}"
+add_opt --qk-head-dim "${QK_HEAD_DIM}"
+add --qk-layernorm
+add_opt --qk-pos-emb-head-dim "${QK_POS_EMB_HEAD_DIM}"
+add_opt --v-head-dim "${V_HEAD_DIM}"
+# optimizer, schedule, Gaudi kernels, logging, data
+add --weight-decay 1e-1 --clip-grad 1.0 --adam-beta1 "${ADAM_BETA1}" --adam-beta2 "${ADAM_BETA2}"
+add --adam-eps "${ADAM_EPS}" --lr "${LR}" --lr-decay-style cosine --lr-warmup-iters "${LR_WARMUP_ITERS}"
+add --min-lr "${MIN_LR}"
+add --use-fused-sdpa-with-recompute "${USE_FUSED_SDPA_WITH_RECOMPUTE}" --use-fused-sdpa "${USE_FUSED_SDPA}"
+add --use-fused-rmsnorm "${USE_FUSED_RMSNORM}" --use-fast-softmax "${USE_FAST_SOFTMAX}"
 add --micro-batch-size "${MICRO_BATCH_SIZE}" --global-batch-size "${GLOBAL_BATCH_SIZE}"
 add --train-iters "${TRAIN_ITERS}" --lr-decay-iters "${LR_DECAY_ITER}"
 add --log-interval "${LOG_INTERVAL}" --log-throughput
+add --disable-bias-linear --optimizer "${OPTIMIZER}"
+add --no-gradient-accumulation-fusion --no-masked-softmax-fusion --use-mcore-models
 add --bf16
 add --exit-interval "${EXIT_INTERVAL}"
-add --tensorboard-dir "${TENSORBOARD_DIR}"
+add --tensorboard-dir "${TENSORBOARD_DIR}" --log-validation-ppl-to-tensorboard --log-timers-to-tensorboard
 add --load "${LOAD_DIR}" --use-checkpoint-args
 add --eval-interval "${EVAL_INTERVAL}" --eval-iters "${EVAL_ITERS}"
 add --data-path "${DATA_PATH}"
-add_shape HL_INIT_STD
+add_opt --init-method-std "${INIT_STD}"
 add --num-workers "${NUM_WORKERS}"
-[[ "${SEQ_PARALLEL}" -eq 1 ]] && add --sequence-parallel
-if [[ "${CKP_ACT}" -eq 1 ]]; then
+add --no-rope-fusion
+add --kv-channels "${KV_CHANNELS}"
+add "--use-torch-compile=${USE_TORCH_COMPILE}" "--use-torch-compiled-autograd=${USE_TORCH_COMPILED_AUTOGRAD}"
+add --distributed-timeout-minutes 60
+# the seed's optional flags, in its order
+[[ ${MOE_GROUPED_GEMM} -eq 1 ]] && add --moe-grouped-gemm
+[[ ${ENABLE_PARAM_GATHER_OVERLAP} -eq 1 ]] && add --overlap-param-gather
+[[ ${ENABLE_GRAD_REDUCE_OVERLAP} -eq 1 ]] && add --overlap-grad-reduce
+[[ ${SEQ_PARALLEL} -eq 1 ]] && add --sequence-parallel
+if [[ ${CKP_ACT} -eq 1 ]]; then
   add --recompute-granularity=full --recompute-method uniform --recompute-num-layers "${RECOMPUTE_NUM_LAYERS}"
+elif [[ ${CKP_ACT} -eq 2 ]]; then
+  add --recompute-granularity selective
 fi
-[[ "${USE_DISTRIBUTED_OPTIMIZER}" -eq 1 ]] && add --use-distributed-optimizer
+if [[ ${USE_DISTRIBUTED_OPTIMIZER} -eq 1 ]]; then
+  add --use-distributed-optimizer
+  add_opt --save-distrib-optimizer-method "${SAVE_DISTRIB_OPTIMIZER_METHOD}"
+  add_opt --load-distrib-optimizer-method "${LOAD_DISTRIB_OPTIMIZER_METHOD}"
+fi
+[[ ${DETERMINISTIC_MODE} -eq 1 ]] && add --deterministic-mode
 [[ -n "${KILL_SWITCH_FILE}" ]] && add --kill-switch-file "${KILL_SWITCH_FILE}"
-[[ "${CHECKPOINT_SAVE}" -eq 1 ]] && add --save "${CHECKPOINTS_DIR}" --save-interval "${SAVE_INTERVAL}"
+if [[ -n "${PROFILE_TYPE}" ]]; then
+  add --profile-type "${PROFILE_TYPE}" --profile-step-start "${PROFILE_STEP_START}" --profile-step-end "${PROFILE_STEP_END}"
+  if [[ -n "${PROFILE_RANKS}" ]]; then
+    read -r -a RANKS <<<"${PROFILE_RANKS}"  # the seed passes them word-split
+    add --profile-ranks "${RANKS[@]}"
+  fi
+fi
+if [[ ${CHECKPOINT_SAVE} -eq 1 ]]; then
+  add --save "${CHECKPOINTS_DIR}" --save-interval "${SAVE_INTERVAL}" --ckpt-format "${CKPT_FORMAT}"
+  [[ ${VERIFY_CKPT} -eq 1 ]] && add --verify-checkpoint --verify-checkpoint-model-type DEEPSEEK
+fi
 add --tokenizer-type "${TOKENIZER_TYPE}" --tokenizer-model "${TOKENIZER_MODEL}"
 [[ -n "${DATA_CACHE_DIR}" ]] && add --data-cache-path "${DATA_CACHE_DIR}"
-# Extensions (not in the seed): split, seed, and free-form extra flags.
+# Extensions (not in the seed), after its flags: norm epsilon, MTP, split, seed, and free-form extra flags.
+is_set HL_NORM_EPS && add --norm-epsilon "${HL_NORM_EPS}"
+is_set HL_MTP_NUM_LAYERS && add --mtp-num-layers "${HL_MTP_NUM_LAYERS}"
+is_set HL_MTP_LOSS_SCALING_FACTOR && add --mtp-loss-scaling-factor "${HL_MTP_LOSS_SCALING_FACTOR}"
 is_set HL_SPLIT && add --split "${HL_SPLIT}"
 is_set HL_SEED && add --seed "${HL_SEED}"
 if [[ -n "${HL_EXTRA_ARGS:-}" ]]; then
@@ -364,6 +371,7 @@ fi
 # Launcher.
 IFS=',' read -r -a ENV_FLAGS_ARR <<<"${ENV_FLAGS:-}"
 CMD=()
+MPI_ENV=()  # environment given to mpirun (printed before the command)
 HOSTSFILE_LINES=""
 if [[ ${NUM_DEVICES} -eq 1 ]]; then
   # One process: run dsv3 directly (it needs no launcher); ENV_FLAGS are exported as for torchrun.
@@ -389,9 +397,15 @@ else
     OMP_THREADS=$((CORES / DEVICES_PER_NODE))
     [[ ${OMP_THREADS} -ge 1 ]] || OMP_THREADS=1
   fi
-  CMD=(mpirun)
-  [[ $(id -u) -eq 0 ]] && CMD+=(--allow-run-as-root)
-  CMD+=(--mca plm_rsh_args "-p${SSH_PORT}")
+  # OMP_NUM_THREADS reaches every rank as one more ENV_FLAGS item (the seed's -x mechanism), unless ENV_FLAGS sets it.
+  [[ ",${ENV_FLAGS:-}" == *,OMP_NUM_THREADS=* ]] || ENV_FLAGS_ARR+=("OMP_NUM_THREADS=${OMP_THREADS}")
+  # More ranks than cores on one node: OpenMPI refuses unless oversubscription is allowed, here through its MCA
+  # environment variable so that the command stays the seed's.
+  if [[ "${NUM_NODES}" -eq 1 && ${NUM_DEVICES} -gt ${CORES} ]]; then
+    MPI_ENV+=(OMPI_MCA_rmaps_base_oversubscribe=1)
+  fi
+  # The seed's mpirun command, token for token.
+  CMD=(mpirun --allow-run-as-root --mca plm_rsh_args "-p${SSH_PORT}")
   [[ -n "${MPI_ROOT:-}" ]] && CMD+=(--prefix "${MPI_ROOT}")
   CMD+=(-n "${NUM_DEVICES}")
   MAP_BY=""
@@ -402,15 +416,11 @@ else
   else
     CMD+=(--bind-to none)
   fi
-  # More ranks than cores on this node (single node): OpenMPI refuses without --oversubscribe.
-  if [[ "${NUM_NODES}" -eq 1 && ${NUM_DEVICES} -gt ${CORES} ]]; then
-    CMD+=(--oversubscribe)
-  fi
   if [[ "${HNIC}" -eq 1 ]]; then
     export HCCL_OVER_OFI HCCL_GAUDI_DIRECT FI_PROVIDER
     CMD+=(-x HCCL_OVER_OFI -x HCCL_GAUDI_DIRECT -x FI_PROVIDER -x LD_LIBRARY_PATH)
   fi
-  CMD+=(-x "OMP_NUM_THREADS=${OMP_THREADS}")
+  CMD+=(-x PT_HPU_GPU_MIGRATION=1 -x "PT_HPU_LAZY_MODE=${USE_LAZY_MODE}")
   for f in "${ENV_FLAGS_ARR[@]}"; do [[ -n "$f" ]] && CMD+=(-x "$f"); done
   if [[ "${NUM_NODES}" -ne 1 ]]; then
     if [[ -n "${HOSTSFILE_LINES}" ]]; then
@@ -438,7 +448,7 @@ quote() {
 
 if [[ "${DRY_RUN}" -eq 1 ]]; then
   [[ -n "${HOSTSFILE_LINES}" ]] && note "would write ${HOSTSFILE}: $(tr '\n' ';' <<<"${HOSTSFILE_LINES}")"
-  quote "${CMD[@]}"
+  quote "${MPI_ENV[@]}" "${CMD[@]}"
   exit 0
 fi
 
@@ -456,9 +466,9 @@ if [[ ${NUM_DEVICES} -gt 1 ]]; then
 fi
 mkdir -p "${OUTPUT_DIR}" "${CHECKPOINTS_DIR}" "${TENSORBOARD_DIR}"
 [[ -n "${HOSTSFILE_LINES}" ]] && echo "${HOSTSFILE_LINES}" >"${HOSTSFILE}"
-echo "+ $(quote "${CMD[@]}")" >&2
+echo "+ $(quote "${MPI_ENV[@]}" "${CMD[@]}")" >&2
 if [[ "${REDIRECT_LOGS}" -eq 1 ]]; then
-  "${CMD[@]}" 2>&1 | tee "${OUTPUT_DIR}/log_${EXP_NAME}_${RUNTIME}.txt"
+  env "${MPI_ENV[@]}" "${CMD[@]}" 2>&1 | tee "${OUTPUT_DIR}/log_${EXP_NAME}_${RUNTIME}.txt"
 else
-  "${CMD[@]}"
+  env "${MPI_ENV[@]}" "${CMD[@]}"
 fi

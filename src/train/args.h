@@ -1,6 +1,8 @@
-// `dsv3 train` command line: Megatron-LM's flag names and meanings (spec §1.1–1.2). Every flag is declared in
-// one table with its type and default; a Megatron flag dsv3 does not implement is refused by name, an unknown
-// one as argparse would ("unrecognized arguments").
+// `dsv3 train` command line: Megatron-LM's flag names and meanings (spec §1.1–1.2), so that the seed's own command
+// line runs unchanged. Every flag is declared in a table with its type and default: flags dsv3 applies, flags that
+// only choose an implementation or runtime detail (accepted, reported by no_effect()), and flags asking for other
+// numbers than dsv3 computes (refused by name with the reason); an unknown one is refused as argparse would
+// ("unrecognized arguments"). Values are checked once, at start-up, by TrainConfig (train_config.h).
 #pragma once
 #include <cstdint>
 #include <map>
@@ -33,9 +35,17 @@ class TrainArgs {
   std::vector<std::pair<std::string, std::string>> all() const;
   std::map<std::string, std::string> all_map() const;
 
+  // The flags given that have no effect in dsv3, as written ("--ckpt-format torch_dist"), each with the reason,
+  // in command-line order.
+  const std::vector<std::pair<std::string, std::string>>& no_effect() const { return no_effect_; }
+
  private:
   std::map<std::string, std::vector<std::string>> values_;  // dest -> values (lists keep several)
   std::map<std::string, bool> given_;
+  std::vector<std::pair<std::string, std::string>> no_effect_;
 };
+
+// One line naming every no-effect flag, grouped by reason ("" when there are none).
+std::string format_no_effect_line(const std::vector<std::pair<std::string, std::string>>& flags);
 
 }  // namespace dsv3

@@ -1,11 +1,20 @@
 // Megatron flag → ModelConfig field mapping (names in Megatron's arguments.py, fields in HF's config.json).
 #include "train/model_from_args.h"
 
+#include <algorithm>
 #include <regex>
 
 #include "core/error.h"
 
 namespace dsv3 {
+namespace {
+
+std::string dash_name(std::string dest) {
+  std::replace(dest.begin(), dest.end(), '_', '-');
+  return dest;
+}
+
+}  // namespace
 
 void parse_moe_layer_freq(const std::string& expr_in, int64_t num_layers, int64_t& first_k_dense, int64_t& freq) {
   // Megatron evaluates the string as Python, so the seed's "([0]*3+[1]*58)" is valid too.
@@ -40,8 +49,42 @@ void parse_moe_layer_freq(const std::string& expr_in, int64_t num_layers, int64_
   freq = 1;
 }
 
+void check_architecture_flags(const TrainArgs& a) {
+  // Megatron's defaults (LayerNorm, learned positions, dropout 0.1) matter only for a flag-built model, below.
+  DSV3_CHECK(!a.given("normalization") || a.s("normalization") == "RMSNorm", "--normalization ",
+             a.s("normalization"), " is not supported: DeepSeek-V3 uses RMSNorm");
+  DSV3_CHECK(!a.given("position_embedding_type") || a.s("position_embedding_type") == "rope",
+             "--position-embedding-type ", a.s("position_embedding_type"),
+             " is not supported: DeepSeek-V3's attention uses RoPE");
+  for (const char* dest : {"attention_dropout", "hidden_dropout"})
+    if (a.given(dest))
+      DSV3_CHECK(a.f(dest) == 0.0, "--", dash_name(dest), " ", a.s(dest),
+                 " is not supported: dsv3 has no dropout (DeepSeek-V3 pretrains without it); pass 0");
+  if (a.given("model_config")) return;  // the file describes the architecture
+  // Without these flags Megatron builds another model (standard attention, GELU MLP, LayerNorm, learned positions,
+  // tied embeddings, biases, dropout 0.1, softmax routing), so a flag-built model must name every one.
+  const struct {
+    const char *dest, *flag;
+  } required[] = {{"multi_latent_attention", "--multi-latent-attention"},
+                  {"qk_layernorm", "--qk-layernorm"},
+                  {"swiglu", "--swiglu"},
+                  {"normalization", "--normalization RMSNorm"},
+                  {"position_embedding_type", "--position-embedding-type rope"},
+                  {"untie_embeddings_and_output_weights", "--untie-embeddings-and-output-weights"},
+                  {"disable_bias_linear", "--disable-bias-linear"},
+                  {"attention_dropout", "--attention-dropout 0"},
+                  {"hidden_dropout", "--hidden-dropout 0"},
+                  {"moe_router_score_function", "--moe-router-score-function sigmoid"}};
+  std::string missing;
+  for (const auto& r : required)
+    if (!a.given(r.dest)) missing += std::string(missing.empty() ? "" : " ") + r.flag;
+  DSV3_CHECK(missing.empty(), "a model built from flags (no --model-config) must name DeepSeek-V3's architecture, "
+             "or Megatron would build another model from its defaults; missing: ", missing);
+}
+
 ModelConfig model_config_from_args(const TrainArgs& a, int64_t tokenizer_size) {
   ModelConfig c;
+  check_architecture_flags(a);
   const bool from_file = a.given("model_config");
   if (from_file) {
     c = ModelConfig::from_json_file(a.s("model_config"));

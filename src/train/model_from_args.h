@@ -8,6 +8,10 @@
 
 namespace dsv3 {
 
+// Refuses architecture flags with values other than DeepSeek-V3's (LayerNorm, learned positions, dropout) and, for
+// a flag-built model (no --model-config), lists the architecture flags that are missing.
+void check_architecture_flags(const TrainArgs& a);
+
 // tokenizer_size: len(tokenizer) (0 when unknown); used to pad the vocab like Megatron
 // (--make-vocab-size-divisible-by × TP) when no config gives vocab_size.
 ModelConfig model_config_from_args(const TrainArgs& a, int64_t tokenizer_size);

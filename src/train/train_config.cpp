@@ -1,0 +1,187 @@
+// Flags → TrainConfig, with every start-up check, in the order a run meets them: required flags, the model,
+// the parallel layout, the batch, how the model runs, the optimizer, the data, and the run's controls.
+#include "train/train_config.h"
+
+#include "core/error.h"
+#include "data/tokenizer/tokenizer.h"
+#include "parallel/ep_dispatcher.h"
+#include "train/model_from_args.h"
+
+namespace dsv3 {
+namespace {
+
+std::optional<std::string> string_if_given(const TrainArgs& a, const char* dest) {
+  if (!a.given(dest)) return std::nullopt;
+  return a.s(dest);
+}
+
+void read_required_and_device(const TrainArgs& a, TrainConfig& c) {
+  DSV3_CHECK(a.given("seq_length"), "--seq-length is required");
+  DSV3_CHECK(a.given("train_iters"), "--train-iters is required");
+  DSV3_CHECK(a.given("lr"), "--lr is required");
+  DSV3_CHECK(!a.list("data_path").empty(), "--data-path is required");
+  const std::string opt = a.s("optimizer");
+  DSV3_CHECK(opt == "adam" || opt == "adamw" || opt == "fusedadamw", "--optimizer ", opt,
+             " is not supported: dsv3 trains with AdamW (adam, adamw, fusedadamw)");
+  c.device = a.s("device");
+  DSV3_CHECK(c.device == "auto" || c.device == "cpu" || c.device == "cuda", "--device ", c.device,
+             ": expected auto, cpu or cuda");
+  DSV3_CHECK(c.device != "cuda", "--device cuda: this build has no CUDA backend");
+}
+
+void read_model(const TrainArgs& a, TrainConfig& c) {
+  if (a.given("tokenizer_model")) c.tokenizer_size = Tokenizer::from_directory(a.s("tokenizer_model")).size();
+  c.model = model_config_from_args(a, c.tokenizer_size);
+  c.seed = static_cast<uint64_t>(a.i("seed"));
+  c.mtp_loss_scaling_factor = a.f("mtp_loss_scaling_factor");
+}
+
+// The layout (spec §8): impossible sizes are refused with the rule they break (ProcessGroups::build, which
+// every rank calls again for itself); then the parts of the layout that are not implemented yet are refused
+// by flag.
+void read_layout(const TrainArgs& a, int world_size, TrainConfig& c) {
+  c.parallel.tp = static_cast<int>(a.i("tensor_model_parallel_size"));
+  c.parallel.cp = static_cast<int>(a.i("context_parallel_size"));
+  c.parallel.ep = static_cast<int>(a.i("expert_model_parallel_size"));
+  c.parallel.pp = static_cast<int>(a.i("pipeline_model_parallel_size"));
+  if (c.model.n_routed_experts > 0) c.parallel.num_experts = c.model.n_routed_experts;
+  c.dp = ProcessGroups::build(world_size, 0, c.parallel).dp;
+  const struct {
+    const char *dest, *flag, *what;
+  } unimplemented[] = {{"tensor_model_parallel_size", "--tensor-model-parallel-size", "tensor"},
+                       {"context_parallel_size", "--context-parallel-size", "context"}};
+  for (const auto& u : unimplemented)
+    DSV3_CHECK(
+        a.i(u.dest) == 1, u.flag, " ", a.i(u.dest), ": ", u.what,
+        " parallelism is not implemented "
+        "yet in dsv3's distributed runtime; data, expert and pipeline parallelism are (start the ranks with "
+        "mpirun and leave the other parallel sizes at 1)");
+}
+
+// Megatron's default global batch is one micro-batch per data-parallel rank; it is written back into the
+// flags so that the arguments block and checkpoints show the batch the run used.
+void read_batch(TrainArgs& a, TrainConfig& c) {
+  c.seq_length = a.i("seq_length"), c.micro_batch_size = a.i("micro_batch_size"),
+  c.train_iters = a.i("train_iters");
+  c.global_batch_size = a.given("global_batch_size") ? a.i("global_batch_size") : c.micro_batch_size * c.dp;
+  a.set("global_batch_size", std::to_string(c.global_batch_size));
+  DSV3_CHECK(c.seq_length >= 1 && c.micro_batch_size >= 1 && c.train_iters >= 1,
+             "--seq-length, --micro-batch-size and --train-iters must be >= 1");
+  DSV3_CHECK(c.global_batch_size % (c.micro_batch_size * c.dp) == 0, "--global-batch-size (",
+             c.global_batch_size, ") is not divisible by micro-batch-size (", c.micro_batch_size,
+             ") times data-parallel size (", c.dp, ")");
+  c.num_micro_batches = c.global_batch_size / (c.micro_batch_size * c.dp);
+  DSV3_CHECK(c.tokenizer_size == 0 || c.tokenizer_size <= c.model.vocab_size, "the tokenizer has ",
+             c.tokenizer_size, " ids but the model's vocab_size is ", c.model.vocab_size);
+  DSV3_CHECK(c.seq_length <= c.model.max_position_embeddings, "--seq-length ", c.seq_length,
+             " exceeds max_position_embeddings ", c.model.max_position_embeddings);
+}
+
+// How the model runs: precision, dispatcher, pipeline stages, recompute, the balance loss and token dropping.
+void read_model_options(const TrainArgs& a, TrainConfig& c) {
+  ModelOptions& mo = c.model_options;
+  mo.precision = a.b("bf16") ? Precision::kBF16 : Precision::kF32;
+  mo.ep.type = parse_dispatcher_type(a.s("moe_token_dispatcher_type"));
+  c.shared_embedding = c.parallel.pp > 1 && c.model.num_nextn_predict_layers > 0;
+  auto end_stage_layers = [&](const char* dest, const char* flag) -> int64_t {
+    if (!a.given(dest)) return 0;
+    DSV3_CHECK(a.i(dest) >= 1, flag, " must be >= 1, got ", a.i(dest));
+    return a.i(dest);
+  };
+  c.stages = plan_pipeline_stages(
+      c.model.num_hidden_layers, c.parallel.pp,
+      end_stage_layers("decoder_first_pipeline_num_layers", "--decoder-first-pipeline-num-layers"),
+      end_stage_layers("decoder_last_pipeline_num_layers", "--decoder-last-pipeline-num-layers"),
+      c.shared_embedding);
+  if (a.given("recompute_granularity")) {
+    const std::string g = a.s("recompute_granularity");  // selective is listed as having no effect
+    DSV3_CHECK(g == "full" || g == "selective", "--recompute-granularity ", g,
+               " is not supported (dsv3 implements full)");
+    mo.recompute = g == "full";
+  }
+  const std::string lb = a.s("moe_router_load_balancing_type");
+  DSV3_CHECK(lb == "seq_aux_loss" || lb == "none" || lb == "aux_loss", "--moe-router-load-balancing-type ",
+             lb, " is not supported (seq_aux_loss, none)");
+  c.aux_loss_coeff = lb == "seq_aux_loss" ? a.f("moe_aux_loss_coeff") : 0.0;
+  DSV3_CHECK(lb != "aux_loss" || a.f("moe_aux_loss_coeff") == 0.0,
+             "--moe-router-load-balancing-type aux_loss (Switch/GShard) is not implemented; DeepSeek-V3 uses "
+             "seq_aux_loss");
+  mo.seq_aux_coeff = static_cast<float>(c.aux_loss_coeff);
+  if (a.given("moe_expert_capacity_factor") && a.f("moe_expert_capacity_factor") >= 0) {
+    DSV3_CHECK(
+        a.s("moe_token_dispatcher_type") != "allgather",
+        "token dropping (--moe-expert-capacity-factor) needs --moe-token-dispatcher-type alltoall, as in "
+        "Megatron-Core");
+    mo.capacity_factor = a.f("moe_expert_capacity_factor");
+    const std::string pol = a.s("moe_token_drop_policy");
+    DSV3_CHECK(pol == "probs" || pol == "position", "--moe-token-drop-policy must be probs or position, not ",
+               pol);
+    mo.drop_policy = pol == "probs" ? DropPolicy::kProbs : DropPolicy::kPosition;
+    mo.pad_to_capacity = a.b("moe_pad_expert_input_to_capacity");
+  } else {
+    DSV3_CHECK(!a.b("moe_pad_expert_input_to_capacity"),
+               "--moe-pad-expert-input-to-capacity requires --moe-expert-capacity-factor");
+  }
+}
+
+// AdamW and the sample-based LR schedule (the scheduler counts samples, so iterations are scaled by the
+// batch).
+void read_optimizer(const TrainArgs& a, TrainConfig& c) {
+  c.adam = AdamWConfig{a.f("adam_beta1"), a.f("adam_beta2"), a.f("adam_eps")};
+  c.distributed_optimizer = a.b("use_distributed_optimizer");
+  c.weight_decay = a.f("weight_decay"), c.clip_grad = a.f("clip_grad");
+  LrScheduleConfig& lc = c.lr_schedule;
+  lc.max_lr = a.f("lr"), lc.min_lr = a.f("min_lr"), lc.init_lr = 0;
+  lc.warmup_steps = a.i("lr_warmup_iters") * c.global_batch_size;
+  lc.decay_steps = (a.given("lr_decay_iters") ? a.i("lr_decay_iters") : c.train_iters) * c.global_batch_size;
+  lc.decay_style = a.s("lr_decay_style");
+  LrScheduler check(lc);  // refuses an impossible schedule with Megatron's rule
+  c.expert_bias_update = a.b("moe_router_enable_expert_bias");
+  c.expert_bias_rate = a.f("moe_router_bias_update_rate");
+  c.check_nan = a.b("check_for_nan_in_loss_and_grad");
+}
+
+void read_data(const TrainArgs& a, TrainConfig& c) {
+  c.data = parse_data_path(a.list("data_path"));
+  c.dataset.random_seed = a.i("seed");
+  c.dataset.sequence_length = c.seq_length;
+  c.dataset.split = a.s("split");
+  if (a.given("tokenizer_model")) c.dataset.tokenizer_path = a.s("tokenizer_model");
+  c.dataset.path_to_cache = string_if_given(a, "data_cache_path");
+  c.eval_iters = a.i("eval_iters"), c.eval_interval = a.i("eval_interval");
+  // Megatron sizes the validation split by train_iters / eval_interval (and divides by zero on 0).
+  DSV3_CHECK(c.eval_interval >= 1, "--eval-interval must be >= 1, got ", c.eval_interval);
+}
+
+void read_run_controls(const TrainArgs& a, TrainConfig& c) {
+  c.save = string_if_given(a, "save"), c.load = string_if_given(a, "load");
+  c.tensorboard_dir = string_if_given(a, "tensorboard_dir");
+  c.kill_switch_file = string_if_given(a, "kill_switch_file");
+  c.save_interval = a.given("save_interval") ? a.i("save_interval") : 0;
+  c.load_optim = !a.b("no_load_optim");
+  c.log_interval = a.i("log_interval");
+  DSV3_CHECK(c.log_interval >= 1, "--log-interval must be >= 1, got ", c.log_interval);
+  c.timing_log_level = a.i("timing_log_level");
+  c.exit_interval = a.given("exit_interval") ? a.i("exit_interval") : 0;
+  if (a.given("exit_duration_in_mins")) c.exit_duration_in_mins = a.i("exit_duration_in_mins");
+  c.exit_signal_handler = a.b("exit_signal_handler");
+}
+
+}  // namespace
+
+TrainConfig TrainConfig::from_args(TrainArgs args, int world_size) {
+  TrainConfig c;
+  read_required_and_device(args, c);
+  read_model(args, c);
+  read_layout(args, world_size, c);
+  read_batch(args, c);
+  read_model_options(args, c);
+  read_optimizer(args, c);
+  read_data(args, c);
+  read_run_controls(args, c);
+  c.no_effect_line = format_no_effect_line(args.no_effect());
+  c.args = std::move(args);
+  return c;
+}
+
+}  // namespace dsv3

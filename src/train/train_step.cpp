@@ -1,0 +1,280 @@
+// One training iteration (Megatron's train_step): num_micro = GBS / (mbs · DP) micro-batches on each
+// data-parallel rank (its slice of the global sample order, spec §4.8), each forward + backward with the loss
+// scaled as Megatron scales it (Σ(loss·mask)/Σmask / num_micro, aux and MTP gradients / num_micro), then the
+// data-parallel gradient reduction (parallel/data_parallel.h: all-reduce, so every rank holds the global
+// batch's gradient; or, with --use-distributed-optimizer, reduce-scatter to shards:
+// parallel/distributed_optimizer.h), the loss sums and expert counts all-reduced, NaN checks, the global
+// grad-norm (before clipping) and clipping, AdamW at the scheduler's current lr (replicated state, or sharded
+// and then all-gathered), the expert-bias update from the global expert counts, and the scheduler stepped by
+// GBS samples. Under expert parallelism each rank holds and updates only its experts (model/param_store.h,
+// parallel/ep_dispatcher.h).
+#include <algorithm>
+#include <cmath>
+
+#include "core/error.h"
+#include "optim/expert_bias.h"
+#include "optim/grad_clip.h"
+#include "parallel/ep_dispatcher.h"
+#include "train/trainer_impl.h"
+
+namespace dsv3::train_detail {
+
+void IterStats::add(const ForwardStats& st) {
+  lm_loss_sum += st.lm_loss_sum, lm_tokens += st.lm_tokens, aux_sum += st.aux_loss_sum;
+  moe_layers = st.moe_layers;
+  mtp_sum.resize(st.mtp_loss_sum.size()), mtp_tokens.resize(st.mtp_tokens.size());
+  for (size_t k = 0; k < st.mtp_loss_sum.size(); ++k)
+    mtp_sum[k] += st.mtp_loss_sum[k], mtp_tokens[k] += st.mtp_tokens[k];
+  counts.resize(st.tokens_per_expert.size());
+  for (size_t l = 0; l < st.tokens_per_expert.size(); ++l) {
+    counts[l].resize(st.tokens_per_expert[l].size());
+    for (size_t e = 0; e < counts[l].size(); ++e) counts[l][e] += st.tokens_per_expert[l][e];
+  }
+}
+
+void Timers::add(const std::string& name, double s) {
+  for (auto& [k, v] : t)
+    if (k == name) {
+      v += s;
+      return;
+    }
+  t.emplace_back(name, s);
+}
+
+void Trainer::fill_batch(const SampleDataset& ds, int64_t first, int64_t count) {
+  const int64_t S = c_.seq_length;
+  ids_.resize(count * S), labels_.resize(count * S);
+  for (int64_t b = 0; b < count; ++b) {
+    const auto x = ds.sample(first + b);
+    DSV3_CHECK(static_cast<int64_t>(x.size()) == S + 1, "sample ", first + b, " has ", x.size(), " tokens");
+    for (int64_t s = 0; s < S; ++s) {
+      ids_[b * S + s] = static_cast<int32_t>(x[s]);
+      labels_[b * S + s] = static_cast<int32_t>(x[s + 1]);
+    }
+  }
+}
+
+// One micro-batch's backward with Megatron's loss scaling: lm loss 1/(tokens·num_micro), aux losses
+// 1/num_micro, MTP depth k mtp_loss_scaling_factor / D / tokens_k / num_micro.
+void Trainer::backward_micro(int64_t lm_tokens, const std::vector<int64_t>& mtp_tokens,
+                             const float* output_grad) {
+  const int64_t depths = static_cast<int64_t>(mtp_tokens.size()), num_micro = c_.num_micro_batches;
+  mtp_scales_.resize(depths);
+  for (int64_t k = 0; k < depths; ++k)
+    mtp_scales_[k] = mtp_tokens[k]
+                         ? static_cast<float>(c_.mtp_loss_scaling_factor / depths / mtp_tokens[k] / num_micro)
+                         : 0.f;
+  const float lm_scale = lm_tokens ? 1.f / static_cast<float>(lm_tokens * num_micro) : 0.f;
+  model_->backward(lm_scale, 1.f / static_cast<float>(num_micro), mtp_scales_, output_grad);
+}
+
+// One iteration's micro-batches through the pipeline (parallel/pipeline.h: 1F1B). Each micro-batch's forward
+// state waits in its own slot until its backward; the loss scaling is the single-stage loop's.
+void Trainer::pipeline_step(IterStats& it, bool& nan_here, double& nan_value) {
+  const int64_t mbs = c_.micro_batch_size;
+  in_flight_.resize(pg_.pp);
+  PipelineSteps steps;
+  steps.forward = [&](int64_t m, const float* input) -> const float* {
+    fill_batch(*train_ds_, prog_.consumed_train_samples + m * mbs * pg_.dp + pg_.dp_rank * mbs, mbs);
+    InFlight& slot = in_flight_[m % pg_.pp];
+    model_->swap_activations(slot.acts);
+    const ForwardStats st =
+        model_->forward(ids_.data(), labels_.data(), mbs, c_.seq_length, true, nullptr, input);
+    const float* out = model_->options().stage.post_process ? nullptr : model_->stage_output();
+    model_->swap_activations(slot.acts);  // `out` stays valid: the slot now owns that buffer
+    if (c_.check_nan && !nan_here && !std::isfinite(st.lm_loss_sum))
+      nan_here = true, nan_value = st.lm_loss_sum;
+    slot.lm_tokens = st.lm_tokens;
+    slot.mtp_tokens = st.mtp_tokens;
+    it.add(st);
+    return out;
+  };
+  steps.backward = [&](int64_t m, const float* output_grad) -> const float* {
+    InFlight& slot = in_flight_[m % pg_.pp];
+    model_->swap_activations(slot.acts);
+    backward_micro(slot.lm_tokens, slot.mtp_tokens, output_grad);
+    model_->swap_activations(slot.acts);
+    return model_->stage_input_grad();
+  };
+  run_1f1b((*comms_)[Group::kPp], c_.num_micro_batches, mbs * c_.seq_length * c_.model.hidden_size, steps,
+           pipeline_buffers_);
+}
+
+// An error inside the step names the rank and iteration (unless it already does) and says the checkpoint is
+// intact.
+IterStats Trainer::train_step() {
+  try {
+    return micro_batches();
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    if (what.rfind("Rank ", 0) == 0) throw;  // already names rank and iteration
+    fail("Rank ", pg_.rank, ", iteration ", prog_.iteration + 1, ": ", what,
+         "; the last checkpoint is left as it was");
+  }
+}
+
+// Forward and backward over this rank's micro-batches, then the gradients and statistics reduced over the
+// ranks.
+IterStats Trainer::micro_batches() {
+  IterStats it;
+  model_->zero_grads();
+  const int64_t mbs = c_.micro_batch_size;
+  bool nan_here = false;
+  double nan_value = 0;
+  const auto t0 = Clock::now();
+  ep_dispatch_seconds_reset();
+  if (pg_.pp > 1) pipeline_step(it, nan_here, nan_value);
+  for (int64_t m = 0; m < c_.num_micro_batches && pg_.pp == 1; ++m) {
+    // MegatronPretrainingSampler: this rank's slice of the chunk of mbs·DP samples.
+    const int64_t first = prog_.consumed_train_samples + m * mbs * pg_.dp + pg_.dp_rank * mbs;
+    fill_batch(*train_ds_, first, mbs);
+    ForwardStats st = model_->forward(ids_.data(), labels_.data(), mbs, c_.seq_length, true);
+    // No early exit: under expert parallelism the other ranks wait for this one in the backward's
+    // collectives.
+    if (c_.check_nan && !nan_here && !std::isfinite(st.lm_loss_sum))
+      nan_here = true, nan_value = st.lm_loss_sum;
+    backward_micro(st.lm_tokens, st.mtp_tokens, nullptr);
+    it.add(st);
+  }
+  const double fb = seconds_since(t0);
+  timers_.add("forward-backward", fb);
+  if (pg_.ep >
+      1) {  // forward-backward split into the MoE token exchange (with its waits) and the rest, per rank
+    timers_.add("moe-dispatch-combine", ep_dispatch_seconds());
+    timers_.add("forward-backward-compute", fb - ep_dispatch_seconds());
+  }
+  if (c_.check_nan) {
+    int64_t worst = nan_here ? pg_.world - pg_.rank : 0;  // the max names the lowest rank that saw NaN
+    world_.allreduce(&worst, 1, ReduceOp::kMax);
+    if (nan_here)
+      fail("Rank ", pg_.rank, ", iteration ", prog_.iteration + 1, ": Unexpected result ", nan_value,
+           " (message='found NaN in local forward loss calculation')");
+    if (worst)
+      fail("Rank ", pg_.rank, ", iteration ", prog_.iteration + 1, ": stopping: rank ", pg_.world - worst,
+           " found NaN in its local forward loss");
+  }
+  const auto t1 = Clock::now();
+  if (embedding_group_ && embedding_group_->size() > 1)
+    embedding_group_->allreduce(model_->grad("model.embed_tokens.weight"),
+                                c_.model.vocab_size * c_.model.hidden_size);
+  if (dopt_)
+    dopt_->reduce_scatter(model_->grads().data());
+  else
+    ddp_->reduce(model_->grads().data());
+  reduce_stats(it);
+  timers_.add("all-grads-sync", seconds_since(t1));
+  return it;
+}
+
+// The iteration's sums over the data-parallel ranks (losses and token counts over DP×CP; the router's expert
+// counts over TP×DP×CP, as Megatron sums them for the bias update), so every rank logs and updates from the
+// global batch.
+void Trainer::reduce_stats(IterStats& s) {
+  Comm& dp = (*comms_)[Group::kDpCp];
+  if (dp.size() > 1) {
+    std::vector<double> d{s.lm_loss_sum, s.aux_sum};
+    d.insert(d.end(), s.mtp_sum.begin(), s.mtp_sum.end());
+    dp.allreduce(d.data(), static_cast<int64_t>(d.size()), ReduceOp::kSum);
+    s.lm_loss_sum = d[0], s.aux_sum = d[1];
+    std::copy(d.begin() + 2, d.end(), s.mtp_sum.begin());
+    std::vector<int64_t> n{s.lm_tokens};
+    n.insert(n.end(), s.mtp_tokens.begin(), s.mtp_tokens.end());
+    dp.allreduce(n.data(), static_cast<int64_t>(n.size()), ReduceOp::kSum);
+    s.lm_tokens = n[0];
+    std::copy(n.begin() + 1, n.end(), s.mtp_tokens.begin());
+  }
+  // Pipeline stages: the loss lives on the last stage, aux losses and MoE layer counts on every stage.
+  if (Comm& pp = (*comms_)[Group::kPp]; pp.size() > 1) {
+    const size_t depths = model_->options().mtp ? c_.model.num_nextn_predict_layers : 0;
+    s.mtp_sum.resize(depths), s.mtp_tokens.resize(depths);  // only the last stage ran them
+    std::vector<double> d{s.lm_loss_sum, s.aux_sum};
+    d.insert(d.end(), s.mtp_sum.begin(), s.mtp_sum.end());
+    pp.allreduce(d.data(), static_cast<int64_t>(d.size()), ReduceOp::kSum);
+    s.lm_loss_sum = d[0], s.aux_sum = d[1];
+    std::copy(d.begin() + 2, d.end(), s.mtp_sum.begin());
+    std::vector<int64_t> n{s.lm_tokens, s.moe_layers};
+    n.insert(n.end(), s.mtp_tokens.begin(), s.mtp_tokens.end());
+    pp.allreduce(n.data(), static_cast<int64_t>(n.size()), ReduceOp::kSum);
+    s.lm_tokens = n[0], s.moe_layers = n[1];
+    std::copy(n.begin() + 2, n.end(), s.mtp_tokens.begin());
+  }
+  Comm& cnt = (*comms_)[Group::kTpDpCp];
+  if (cnt.size() > 1 && !s.counts.empty()) {
+    std::vector<int64_t> flat;
+    for (const auto& c : s.counts) flat.insert(flat.end(), c.begin(), c.end());
+    cnt.allreduce(flat.data(), static_cast<int64_t>(flat.size()), ReduceOp::kSum);
+    size_t k = 0;
+    for (auto& c : s.counts)
+      for (auto& v : c) v = flat[k++];
+  }
+}
+
+// The global L2 norm of the gradient. After the data-parallel reduce the dense gradients are the same on
+// every rank of a stage and each EP rank holds its own experts' (identical across expert-DP): dense squares
+// summed over the stages, expert squares over the stages and EP ranks.
+double Trainer::grad_norm() {
+  const auto& g = model_->grads();
+  // The last stage's copy of a shared embedding is not counted (the first stage's is the same gradient).
+  const auto& store = model_->store();
+  const bool skip_embedding =
+      !model_->options().stage.pre_process && store.contains("model.embed_tokens.weight");
+  const int64_t skip0 = skip_embedding ? store.offset("model.embed_tokens.weight") : 0;
+  const int64_t skip1 = skip_embedding ? skip0 + c_.model.vocab_size * c_.model.hidden_size : 0;
+  if (dopt_) {  // each rank holds the reduced gradient of its shards only; together they cover every element
+                // once
+    double sq = dopt_->shard_sum_of_squares(g.data(), skip0, skip1);
+    world_.allreduce(&sq, 1, ReduceOp::kSum);
+    return std::sqrt(sq);
+  }
+  if (pg_.ep == 1 && pg_.pp == 1) return l2_norm(g.data(), static_cast<int64_t>(g.size()));
+  double sq[2] = {0, 0};  // dense, expert
+  for (const auto& p : model_->table().params())
+    if (p.tied_to.empty() && p.trainable && store.contains(p.name) &&
+        !(skip_embedding && store.offset(p.name) == skip0))
+      sq[p.is_expert] += sum_of_squares(g.data() + store.offset(p.name), p.numel);
+  (*comms_)[Group::kPp].allreduce(&sq[0], 1, ReduceOp::kSum);       // each stage's dense parameters
+  (*comms_)[Group::kEtpEpPp].allreduce(&sq[1], 1, ReduceOp::kSum);  // each (stage, EP rank)'s experts
+  return std::sqrt(sq[0] + sq[1]);
+}
+
+// The update that ends the iteration: the global grad norm (the same on every rank, and so is the NaN check
+// on it), clipping, AdamW at the scheduler's lr, the expert-bias update from the global expert counts, then
+// the scheduler and the progress counters advance by one global batch. Returns the grad norm before clipping.
+double Trainer::optimizer_step(const IterStats& st) {
+  const auto t0 = Clock::now();
+  auto& grads = model_->grads();
+  const double norm = grad_norm();
+  if (c_.check_nan && !std::isfinite(norm))
+    fail("Rank ", pg_.rank, ", iteration ", prog_.iteration + 1,
+         ": found NaN/Inf in the gradient (grad norm ", norm,
+         ") before the optimizer step; the last checkpoint is left as it was");
+  const double coeff = c_.clip_grad > 0 ? clip_coefficient(norm, c_.clip_grad) : 1.0;
+  const double lr = sched_->lr(), wd = c_.weight_decay;
+  float* params = model_->params().data();
+  if (dopt_) {
+    if (coeff < 1.0) dopt_->scale_shards(grads.data(), static_cast<float>(coeff));
+    dopt_->step(params, grads.data(), lr, wd);
+  } else {
+    if (coeff < 1.0)
+      scale_inplace(grads.data(), static_cast<int64_t>(grads.size()), static_cast<float>(coeff));
+    opt_->begin_step();
+    const auto& store = model_->store();
+    for (const auto& p : model_->table().params()) {
+      if (!p.tied_to.empty() || !p.trainable || !store.contains(p.name)) continue;  // other EP ranks' experts
+      opt_->update(params, grads.data(), store.offset(p.name), p.numel, lr, p.weight_decay ? wd : 0.0);
+    }
+  }
+  if (c_.expert_bias_update)
+    for (size_t l = 0; l < st.counts.size() && l < moe_layer_ids_.size(); ++l)
+      update_expert_bias(model_->param("model.layers." + std::to_string(moe_layer_ids_[l]) +
+                                       ".mlp.gate.e_score_correction_bias"),
+                         st.counts[l].data(), static_cast<int64_t>(st.counts[l].size()), c_.expert_bias_rate);
+  timers_.add("optimizer", seconds_since(t0));
+  sched_->step(c_.global_batch_size);
+  prog_.iteration++;
+  prog_.consumed_train_samples += c_.global_batch_size;
+  prog_.flops_so_far += flops_per_iteration_;
+  return norm;
+}
+
+}  // namespace dsv3::train_detail

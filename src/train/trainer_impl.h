@@ -1,0 +1,123 @@
+// The Trainer behind run_training (trainer.h), shared by its two files: trainer.cpp (start-up, the loop,
+// logging, evaluation, checkpoints, exits) and train_step.cpp (one iteration: micro-batches forward and
+// backward, the reductions, the optimizer update). Internal to src/train.
+#pragma once
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "data/gpt_dataset.h"
+#include "model/model.h"
+#include "optim/adamw.h"
+#include "optim/lr_schedule.h"
+#include "parallel/comm.h"
+#include "parallel/data_parallel.h"
+#include "parallel/distributed_optimizer.h"
+#include "parallel/pipeline.h"
+#include "parallel/process_groups.h"
+#include "train/checkpoint.h"
+#include "train/tensorboard.h"
+#include "train/train_config.h"
+
+namespace dsv3::train_detail {
+
+using Clock = std::chrono::steady_clock;
+inline double seconds_since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+// Sums of one iteration's micro-batches.
+struct IterStats {
+  double lm_loss_sum = 0;
+  int64_t lm_tokens = 0;
+  double aux_sum = 0;  // Σ layers Σ micro-batches of seq aux loss (already × coeff)
+  int64_t moe_layers = 0;
+  std::vector<double> mtp_sum;
+  std::vector<int64_t> mtp_tokens;
+  std::vector<std::vector<int64_t>> counts;  // per MoE layer, summed over micro-batches
+  void add(const ForwardStats& st);
+};
+
+// Megatron's timers (--timing-log-level >= 1): seconds per name accumulated over the log interval.
+struct Timers {
+  std::vector<std::pair<std::string, double>> t;
+  void add(const std::string& name, double s);
+};
+
+// The log line's averages over the iterations since the last one.
+struct LogInterval {
+  std::vector<std::pair<std::string, double>> losses;  // summed
+  int64_t iterations = 0;
+  double seconds = 0;
+};
+
+class Trainer {
+ public:
+  Trainer(TrainConfig c, Comm& world) : c_(std::move(c)), world_(world) {}
+  int run();
+
+ private:
+  // start-up (trainer.cpp)
+  void setup();
+  void print_start() const;
+  void load();
+  void build_data();
+  void check_data() const;
+  void open_tensorboard();
+  // one iteration (train_step.cpp)
+  IterStats train_step();
+  IterStats micro_batches();
+  void pipeline_step(IterStats& it, bool& nan_here, double& nan_value);
+  void fill_batch(const SampleDataset& ds, int64_t first, int64_t count);
+  void backward_micro(int64_t lm_tokens, const std::vector<int64_t>& mtp_tokens, const float* output_grad);
+  void reduce_stats(IterStats& s);
+  double grad_norm();
+  double optimizer_step(const IterStats& st);
+  // after the step (trainer.cpp)
+  std::vector<std::pair<std::string, double>> losses_of(const IterStats& s) const;
+  void log_iteration(const IterStats& st, double grad_norm, double seconds);
+  std::string timers_block(int64_t iterations);
+  bool validation_due() const;
+  double evaluate(const SampleDataset& ds, int64_t& consumed, const std::string& label, int64_t iteration);
+  void save(int64_t iteration);
+  std::string exit_requested(Clock::time_point start);
+  void finish();
+  bool kill_switch_present() const;
+  void print_line(const std::string& s) const;  // the last rank prints, as Megatron's print_rank_last
+  // An exit condition seen by any rank, as every rank's decision.
+  bool any_rank(bool local);
+
+  const TrainConfig c_;
+  Comm& world_;
+  ProcessGroups pg_;
+  std::unique_ptr<GroupComms> comms_;
+  std::unique_ptr<DataParallelGrads> ddp_;
+  Timers timers_;
+  LogInterval interval_;
+  std::unique_ptr<Model> model_;
+  std::unique_ptr<AdamW> opt_;                  // replicated optimizer state, or
+  std::unique_ptr<DistributedOptimizer> dopt_;  // --use-distributed-optimizer: sharded over DP
+  AdamW& adam() { return dopt_ ? dopt_->adam() : *opt_; }
+  std::unique_ptr<LrScheduler> sched_;
+  std::unique_ptr<EventWriter> tb_;
+  std::unique_ptr<SampleDataset> train_ds_, valid_ds_, test_ds_;
+  TrainProgress prog_;
+  double flops_per_iteration_ = 0;
+  std::vector<int32_t> ids_, labels_;
+  std::vector<int64_t> moe_layer_ids_;
+  std::unique_ptr<Comm> embedding_group_;  // MTP under PP: the first and last stage's embedding copies
+  PipelineBuffers pipeline_buffers_;
+  struct InFlight {  // pipeline: micro-batch m's saved forward state and token counts, in slot m % PP
+    Model::Activations acts;
+    int64_t lm_tokens = 0;
+    std::vector<int64_t> mtp_tokens;
+  };
+  std::vector<InFlight> in_flight_;
+  std::vector<float> mtp_scales_;  // backward_micro's scratch
+  int64_t last_saved_ = -1;
+};
+
+}  // namespace dsv3::train_detail
