@@ -2,6 +2,8 @@
 // the parallel layout, the batch, how the model runs, the optimizer, the data, and the run's controls.
 #include "train/train_config.h"
 
+#include "train/device_select.h"
+
 #include "core/error.h"
 #include "data/tokenizer/tokenizer.h"
 #include "parallel/ep_dispatcher.h"
@@ -24,9 +26,7 @@ void read_required_and_device(const TrainArgs& a, TrainConfig& c) {
   DSV3_CHECK(opt == "adam" || opt == "adamw" || opt == "fusedadamw", "--optimizer ", opt,
              " is not supported: dsv3 trains with AdamW (adam, adamw, fusedadamw)");
   c.device = a.s("device");
-  DSV3_CHECK(c.device == "auto" || c.device == "cpu" || c.device == "cuda", "--device ", c.device,
-             ": expected auto, cpu or cuda");
-  DSV3_CHECK(c.device != "cuda", "--device cuda: this build has no CUDA backend");
+  c.device_line = choose_device(c.device).line;  // refuses cuda (with the reason) and unknown devices
 }
 
 void read_model(const TrainArgs& a, TrainConfig& c) {

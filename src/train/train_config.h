@@ -24,7 +24,8 @@ struct TrainConfig {
   // text and the checkpoint's args print these.
   TrainArgs args;
   std::string no_effect_line;   // the flags that change nothing in dsv3, with the reasons ("" when none)
-  std::string device = "auto";  // auto | cpu (cuda is refused until a CUDA backend is built in)
+  std::string device = "auto";  // auto | cpu | cuda (cuda is refused until the model runs on the CUDA backend)
+  std::string device_line;      // the choice and why, printed at start-up (train/device_select.h)
 
   // Model. model_options lacks what depends on the rank (the EP communicator, the pipeline stage).
   ModelConfig model;

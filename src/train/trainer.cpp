@@ -111,6 +111,7 @@ void Trainer::setup() {
 // The flags that change nothing (rank 0, once), Megatron's arguments block and the pipeline layout (last
 // rank).
 void Trainer::print_start() const {
+  if (pg_.is_first_rank()) std::printf("%s\n", c_.device_line.c_str()), std::fflush(stdout);
   if (!c_.no_effect_line.empty() && pg_.is_first_rank())
     std::printf("%s\n", c_.no_effect_line.c_str()), std::fflush(stdout);
   print_line(format_arguments_block(c_.args.all()));
