@@ -46,7 +46,7 @@ say "== CUDA op tests (each CUDA op against the CPU op)"
 timeout 300 bash .devpack/run.sh dsv3_cuda_tests --gtest_output="xml:$out/cuda_tests.xml" > "$out/cuda_tests.log" 2>&1
 rc=$?
 grep -E '^\[  (PASSED|FAILED) |^\[==========\]|FAILED  \]|Failure|error' "$out/cuda_tests.log" | head -60 | tee -a "$summary"
-say "cuda tests exit code: $rc, skipped: $(grep -c '^\[  SKIPPED \]' "$out/cuda_tests.log") (a skip here means no GPU was visible)"
+say "cuda tests exit code: $rc, skipped: $(grep -oP '^\[  SKIPPED \] \K[0-9]+(?= tests?,)' "$out/cuda_tests.log" || echo 0) (a skip here means no GPU was visible)"
 
 say "== bench-gpu (PyTorch peer and the measured roofline)"
 CONFIGS="examples/deepseek/configs/proxy-gpu-dense.json examples/deepseek/configs/proxy-gpu-moe.json" \
