@@ -205,6 +205,10 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
     st.moe_layers++;
     st.aux_loss_sum += a.moe.router.seq_aux_loss;
     st.tokens_per_expert.push_back(a.moe.router.tokens_per_expert_E);
+    const auto& kept = a.moe.router.kept_TK;
+    st.layer_aux_loss.push_back(a.moe.router.seq_aux_loss);
+    st.routed_pairs.push_back(static_cast<int64_t>(kept.size()));
+    st.kept_pairs.push_back(std::count(kept.begin(), kept.end(), uint8_t{1}));
   };
 
   resid_.resize(L + 1);

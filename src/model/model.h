@@ -42,6 +42,10 @@ struct ForwardStats {
   double aux_loss_sum = 0;           // Σ over MoE layers (main and MTP) of the sequence aux loss
   int64_t moe_layers = 0;
   std::vector<std::vector<int64_t>> tokens_per_expert;  // per MoE layer in order (main, then MTP)
+  // Per MoE layer in the same order: its sequence aux loss (× coeff), and the routed (token, expert) pairs
+  // before and after the capacity rule (equal when dropless), for the health log (train/moe_health.h).
+  std::vector<double> layer_aux_loss;
+  std::vector<int64_t> routed_pairs, kept_pairs;
 };
 
 class Model {

@@ -30,6 +30,10 @@ void IterStats::add(const ForwardStats& st) {
     counts[l].resize(st.tokens_per_expert[l].size());
     for (size_t e = 0; e < counts[l].size(); ++e) counts[l][e] += st.tokens_per_expert[l][e];
   }
+  const size_t layers = st.layer_aux_loss.size();
+  layer_aux.resize(layers), routed.resize(layers), kept.resize(layers);
+  for (size_t l = 0; l < layers; ++l)
+    layer_aux[l] += st.layer_aux_loss[l], routed[l] += st.routed_pairs[l], kept[l] += st.kept_pairs[l];
 }
 
 void Timers::add(const std::string& name, double s) {
@@ -202,11 +206,17 @@ void Trainer::reduce_stats(IterStats& s) {
   if (cnt.size() > 1 && !s.counts.empty()) {
     std::vector<int64_t> flat;
     for (const auto& c : s.counts) flat.insert(flat.end(), c.begin(), c.end());
+    flat.insert(flat.end(), s.routed.begin(), s.routed.end());
+    flat.insert(flat.end(), s.kept.begin(), s.kept.end());
     cnt.allreduce(flat.data(), static_cast<int64_t>(flat.size()), ReduceOp::kSum);
     size_t k = 0;
     for (auto& c : s.counts)
       for (auto& v : c) v = flat[k++];
+    for (auto& v : s.routed) v = flat[k++];
+    for (auto& v : s.kept) v = flat[k++];
   }
+  if (dp.size() > 1 && !s.layer_aux.empty())
+    dp.allreduce(s.layer_aux.data(), static_cast<int64_t>(s.layer_aux.size()), ReduceOp::kSum);
 }
 
 // The global L2 norm of the gradient. After the data-parallel reduce the dense gradients are the same on

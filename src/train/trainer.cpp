@@ -246,6 +246,7 @@ void Trainer::log_iteration(const IterStats& st, double norm, double seconds) {
     for (size_t k = 0; k < losses.size(); ++k) interval_.losses[k].second += losses[k].second;
   interval_.iterations++;
   interval_.seconds += seconds;
+  if (it % c_.log_interval != 0) log_moe_health(st, false);
   if (it % c_.log_interval == 0) {
     IterationLogFields f;
     f.timestamp = timestamp_now();
@@ -260,6 +261,7 @@ void Trainer::log_iteration(const IterStats& st, double norm, double seconds) {
     for (auto& [k, v] : interval_.losses) f.losses.emplace_back(k, v / interval_.iterations);
     f.grad_norm = norm;
     print_line(format_iteration_line(f));
+    log_moe_health(st, true);
     if (c_.timing_log_level >= 1) print_line(timers_block(interval_.iterations));
     if (tb_) {
       tb_->add_scalar("iteration-time", f.elapsed_ms / 1000.0, it);
@@ -268,6 +270,43 @@ void Trainer::log_iteration(const IterStats& st, double norm, double seconds) {
     interval_ = LogInterval{};
   }
   if (tb_) tb_->flush();
+}
+
+void Trainer::log_moe_health(const IterStats& st, bool log_now) {
+  if (moe_layer_ids_.empty() && pg_.pp == 1) return;
+  std::vector<MoeLayerHealth> layers;
+  const double aux_scale =
+      c_.aux_loss_coeff > 0 ? 1.0 / (c_.aux_loss_coeff * static_cast<double>(c_.num_micro_batches * pg_.dp)) : 0.0;
+  const int64_t experts = c_.model.n_routed_experts;
+  for (size_t l = 0; l < st.counts.size() && l < moe_layer_ids_.size(); ++l) {
+    const std::string bias = "model.layers." + std::to_string(moe_layer_ids_[l]) + ".mlp.gate.e_score_correction_bias";
+    layers.push_back(moe_layer_health(moe_layer_ids_[l], st.counts[l], st.kept[l], st.routed[l],
+                                      st.layer_aux[l] * aux_scale,
+                                      model_->store().contains(bias) ? model_->param(bias) : nullptr, experts));
+  }
+  moe_health_.add(layers);
+  if (!log_now) return;
+  std::vector<MoeLayerHealth> all = moe_health_.summary();
+  moe_health_.clear();
+  if (Comm& pp = (*comms_)[Group::kPp]; pp.size() > 1) {  // every stage's layers, on every rank of the group
+    int64_t most = static_cast<int64_t>(all.size());
+    pp.allreduce(&most, 1, ReduceOp::kMax);
+    const std::vector<double> mine = pack_health(all, most);
+    std::vector<double> gathered(mine.size() * static_cast<size_t>(pp.size()));
+    pp.allgather(mine.data(), static_cast<int64_t>(mine.size()), gathered.data());
+    all = unpack_health(gathered);
+  }
+  if (all.empty()) return;
+  print_line(moe_health_line(all));
+  if (!tb_) return;
+  for (const auto& h : all) {
+    const std::string l = "_layer_" + std::to_string(h.layer);
+    tb_->add_scalar("moe/max_over_mean_load" + l, h.max_over_mean, prog_.iteration);
+    tb_->add_scalar("moe/experts_without_tokens" + l, static_cast<double>(h.experts_without_tokens), prog_.iteration);
+    tb_->add_scalar("moe/dropped_fraction" + l, h.dropped_fraction, prog_.iteration);
+    tb_->add_scalar("moe/seq_load_balancing_loss" + l, h.seq_aux_loss, prog_.iteration);
+    tb_->add_scalar("moe/expert_bias_spread" + l, h.bias_spread, prog_.iteration);
+  }
 }
 
 // Megatron's Timers.log with --timing-log-option minmax: each timer's per-iteration mean over the interval,

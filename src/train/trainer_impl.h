@@ -19,6 +19,7 @@
 #include "parallel/pipeline.h"
 #include "parallel/process_groups.h"
 #include "train/checkpoint.h"
+#include "train/moe_health.h"
 #include "train/tensorboard.h"
 #include "train/train_config.h"
 
@@ -38,6 +39,8 @@ struct IterStats {
   std::vector<double> mtp_sum;
   std::vector<int64_t> mtp_tokens;
   std::vector<std::vector<int64_t>> counts;  // per MoE layer, summed over micro-batches
+  std::vector<double> layer_aux;               // per MoE layer: Σ micro-batches of its seq aux loss (× coeff)
+  std::vector<int64_t> routed, kept;           // per MoE layer: routed pairs, and those the capacity rule kept
   void add(const ForwardStats& st);
 };
 
@@ -79,6 +82,9 @@ class Trainer {
   // after the step (trainer.cpp)
   std::vector<std::pair<std::string, double>> losses_of(const IterStats& s) const;
   void log_iteration(const IterStats& st, double grad_norm, double seconds);
+  // This stage's MoE layers' health for the iteration, added to the interval; at a log iteration the stages'
+  // summaries meet on the last rank, which prints the line and writes TensorBoard.
+  void log_moe_health(const IterStats& st, bool log_now);
   std::string timers_block(int64_t iterations);
   bool validation_due() const;
   double evaluate(const SampleDataset& ds, int64_t& consumed, const std::string& label, int64_t iteration);
@@ -97,6 +103,7 @@ class Trainer {
   std::unique_ptr<DataParallelGrads> ddp_;
   Timers timers_;
   LogInterval interval_;
+  MoeHealthInterval moe_health_;
   std::unique_ptr<Model> model_;
   std::unique_ptr<AdamW> opt_;                  // replicated optimizer state, or
   std::unique_ptr<DistributedOptimizer> dopt_;  // --use-distributed-optimizer: sharded over DP

@@ -528,7 +528,7 @@ TEST(Launcher, SingleProcessRunPrintsMegatronIterationLines) {
   for (const char* line :
        {" iteration        1/       3 |", " iteration        2/       3 |", " iteration        3/       3 |",
         "| lm loss: ", "| grad norm: ", "validation loss at iteration 2",
-        "successfully saved checkpoint from iteration 2"})
+        "successfully saved checkpoint from iteration 2", " layers | max/mean load "})
     EXPECT_NE(r.out.find(line), std::string::npos) << line << "\n" << r.out;
   // The run used the seed's output-directory layout.
   fs::path run_dir;
@@ -583,7 +583,7 @@ TEST(Launcher, PipelineExpertDataParallelRun) {
   for (const char* line : {"  decoder_first_pipeline_num_layers ............... 1",
                            "  pipeline_model_parallel_size .................... 2", " iteration        2/       2 |",
                            "| mtp_1 loss: ", "validation loss at iteration 2",
-                           "successfully saved checkpoint from iteration 2"})
+                           "successfully saved checkpoint from iteration 2", " layers | max/mean load "})
     EXPECT_NE(r.out.find(line), std::string::npos) << line << "\n" << r.out;
 }
 
