@@ -14,7 +14,10 @@ build:
 test: setup build
 	# One OpenMP thread per test process: ctest already runs JOBS tests at once, and spinning OpenMP teams on
 	# shared cores slow down by orders of magnitude.
-	cd $(BUILD) && OMP_NUM_THREADS=1 ctest --output-on-failure -j $(JOBS)
+	# The last line counts passed, failed and skipped tests (from ctest's JUnit file); the exit status is ctest's.
+	cd $(BUILD) && rm -f ctest-junit.xml && \
+	  { OMP_NUM_THREADS=1 ctest --output-on-failure -j $(JOBS) --output-junit ctest-junit.xml; rc=$$?; \
+	    bash $(CURDIR)/scripts/test-summary.sh ctest-junit.xml; exit $$rc; }
 
 demo: setup build
 	bash scripts/demo.sh

@@ -1,4 +1,5 @@
-// Test helpers: locating ../shared/data (skip with a message when absent) and scratch directories.
+// Test helpers: the bundled data (data/, tests/golden/), ../shared/data where present, and scratch
+// directories.
 #pragma once
 #include <gtest/gtest.h>
 
@@ -6,17 +7,36 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <optional>
 #include <string>
 
 namespace dsv3::testing {
 
-inline std::filesystem::path source_dir() { return DSV3_SOURCE_DIR; }
-inline std::filesystem::path dsv3_binary() { return DSV3_BINARY; }
+inline std::filesystem::path source_dir() {
+  return DSV3_SOURCE_DIR;
+}
+inline std::filesystem::path dsv3_binary() {
+  return DSV3_BINARY;
+}
+
+// The repository's bundled data (tokenizers, corpus slices; provenance in data/README.md). Tests that must
+// run on a fresh clone read from here, so they never skip.
+inline std::filesystem::path data_dir() {
+  return source_dir() / "data";
+}
 
 // The shared data folder beside the checkout (as CI lays it), or $DSV3_SHARED_DATA.
 inline std::filesystem::path shared_data_dir() {
   if (const char* env = std::getenv("DSV3_SHARED_DATA")) return env;
   return source_dir().parent_path() / "shared" / "data";
+}
+
+// A file under the shared data folder, where it exists: extra coverage (the full corpora) on top of what the
+// bundled data already checks, never a reason to skip.
+inline std::optional<std::filesystem::path> shared_data_file(const std::filesystem::path& relpath) {
+  auto p = shared_data_dir() / relpath;
+  if (!std::filesystem::exists(p)) return std::nullopt;
+  return p;
 }
 
 // The whole file as bytes (empty when it cannot be read).
@@ -36,10 +56,3 @@ inline std::filesystem::path scratch_dir() {
 }
 
 }  // namespace dsv3::testing
-
-// Skips the current test when a file under ../shared/data is missing, naming it.
-#define DSV3_REQUIRE_SHARED(relpath)                                                       \
-  do {                                                                                     \
-    auto _p = ::dsv3::testing::shared_data_dir() / (relpath);                              \
-    if (!std::filesystem::exists(_p)) GTEST_SKIP() << "missing shared data: " << _p;      \
-  } while (0)

@@ -21,7 +21,7 @@ using testing::slurp;
 
 const fs::path kGolden = testing::source_dir() / "tests/golden/preprocess";
 const fs::path kInput = kGolden / "input.jsonl";
-const fs::path kTiny = testing::source_dir() / "data/tiny-4k";
+const fs::path kTiny = testing::data_dir() / "tiny-4k";
 
 PreprocessOptions tiny_options(const fs::path& out_dir) {
   PreprocessOptions o;
@@ -74,10 +74,9 @@ TEST(Preprocess, SequentialPartitionsKeepInputOrder) {
 }
 
 TEST(Preprocess, FullTokenizerTwoKeysInt32) {
-  DSV3_REQUIRE_SHARED("deepseek-v3-tokenizer/tokenizer.json");
   const auto dir = testing::scratch_dir();
   auto o = tiny_options(dir);
-  o.tokenizer_model = (testing::shared_data_dir() / "deepseek-v3-tokenizer").string();
+  o.tokenizer_model = (testing::data_dir() / "deepseek-v3-tokenizer").string();  // tokenizer.json.gz
   o.append_eod = false;
   o.json_keys = {"text", "title"};
   o.workers = 2;

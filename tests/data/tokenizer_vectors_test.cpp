@@ -1,6 +1,7 @@
 // Id-for-id agreement with HF's Rust tokenizers on the reference vectors, plus the DeepSeek-V3 model-input
-// conventions (BOS, sizes, special ids).
+// conventions (BOS, sizes, special ids). Everything read here is bundled under data/.
 #include <gtest/gtest.h>
+#include <zlib.h>
 
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -13,14 +14,13 @@ namespace dsv3 {
 namespace {
 
 const Tokenizer& deepseek() {
-  static const Tokenizer t = Tokenizer::from_directory(testing::shared_data_dir() / "deepseek-v3-tokenizer");
+  static const Tokenizer t = Tokenizer::from_directory(testing::data_dir() / "deepseek-v3-tokenizer");
   return t;
 }
 
-// tiny-4k has no tokenizer_config.json of its own; it shares the full tokenizer's special tokens.
+// tiny-4k's tokenizer_config.json is the full tokenizer's: the same special tokens.
 const Tokenizer& tiny() {
-  static const Tokenizer t =
-      Tokenizer::from_directory(testing::shared_data_dir() / "deepseek-v3-tokenizer/tiny-4k");
+  static const Tokenizer t = Tokenizer::from_directory(testing::data_dir() / "tiny-4k");
   return t;
 }
 
@@ -44,18 +44,15 @@ void check_vectors(const Tokenizer& tok, const std::filesystem::path& file) {
 }
 
 TEST(TokenizerVectors, DeepSeekV3) {
-  DSV3_REQUIRE_SHARED("deepseek-v3-tokenizer/test_vectors.jsonl");
-  check_vectors(deepseek(), testing::shared_data_dir() / "deepseek-v3-tokenizer/test_vectors.jsonl");
+  check_vectors(deepseek(), testing::data_dir() / "deepseek-v3-tokenizer/test_vectors.jsonl");
 }
 
 TEST(TokenizerVectors, Tiny4k) {
-  DSV3_REQUIRE_SHARED("deepseek-v3-tokenizer/tiny-4k/test_vectors.jsonl");
-  check_vectors(tiny(), testing::shared_data_dir() / "deepseek-v3-tokenizer/tiny-4k/test_vectors.jsonl");
+  check_vectors(tiny(), testing::data_dir() / "tiny-4k/test_vectors.jsonl");
 }
 
-// Examples documented in deepseek-v3-tokenizer/README.md (reproduced there with HF's Rust tokenizers).
+// Examples documented in data/deepseek-v3-tokenizer/README.md (reproduced there with HF's Rust tokenizers).
 TEST(TokenizerVectors, DeepSeekReadmeExamples) {
-  DSV3_REQUIRE_SHARED("deepseek-v3-tokenizer/tokenizer.json");
   EXPECT_EQ(deepseek().encode("Hello, world!"), (std::vector<int32_t>{19923, 14, 2058, 3}));
   EXPECT_EQ(
       deepseek().encode("Hello! 毕老师！1 + 1 = 2 ĠÑĤÐ²ÑĬÑĢ"),
@@ -64,7 +61,6 @@ TEST(TokenizerVectors, DeepSeekReadmeExamples) {
 }
 
 TEST(TokenizerVectors, DeepSeekModelConventions) {
-  DSV3_REQUIRE_SHARED("deepseek-v3-tokenizer/tokenizer.json");
   const Tokenizer& t = deepseek();
   EXPECT_EQ(t.size(), 128815);
   EXPECT_EQ(t.bos_id(), 0);
@@ -90,14 +86,42 @@ TEST(TokenizerVectors, DeepSeekModelConventions) {
 }
 
 TEST(TokenizerVectors, Tiny4kSize) {
-  DSV3_REQUIRE_SHARED("deepseek-v3-tokenizer/tiny-4k/tokenizer.json");
   EXPECT_EQ(tiny().size(), 4274);
   EXPECT_EQ(tiny().token_to_id("<｜User｜>"), 4262);
 }
 
 TEST(TokenizerVectors, RejectsInvalidUtf8) {
-  DSV3_REQUIRE_SHARED("deepseek-v3-tokenizer/tiny-4k/tokenizer.json");
   EXPECT_THROW(tiny().encode(std::string("ab\xff")), Error);
+}
+
+// A directory holding tokenizer.json.gz loads as the plain file does; a truncated one is refused by name.
+TEST(TokenizerVectors, LoadsGzipTokenizerJson) {
+  const auto dir = testing::scratch_dir();
+  const std::string plain = testing::slurp(testing::data_dir() / "tiny-4k/tokenizer.json");
+  ASSERT_FALSE(plain.empty());
+  gzFile gz = gzopen((dir / "tokenizer.json.gz").c_str(), "wb");
+  ASSERT_TRUE(gz);
+  ASSERT_EQ(gzwrite(gz, plain.data(), plain.size()), static_cast<int>(plain.size()));
+  ASSERT_EQ(gzclose(gz), Z_OK);
+  std::filesystem::copy_file(testing::data_dir() / "tiny-4k/tokenizer_config.json",
+                             dir / "tokenizer_config.json");
+  const Tokenizer t = Tokenizer::from_directory(dir);
+  EXPECT_EQ(t.size(), tiny().size());
+  EXPECT_EQ(t.bos_id(), tiny().bos_id());
+  check_vectors(t, testing::data_dir() / "tiny-4k/test_vectors.jsonl");
+
+  const std::string packed = testing::slurp(dir / "tokenizer.json.gz");
+  std::ofstream(dir / "tokenizer.json.gz", std::ios::binary | std::ios::trunc)
+      << packed.substr(0, packed.size() / 2);
+  try {
+    Tokenizer::from_directory(dir);
+    ADD_FAILURE() << "a truncated tokenizer.json.gz loaded";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("tokenizer.json.gz is not a complete gzip file"), std::string::npos)
+        << e.what();
+  }
+  std::filesystem::remove(dir / "tokenizer.json.gz");
+  EXPECT_THROW(Tokenizer::from_directory(dir), Error);
 }
 
 }  // namespace

@@ -1,7 +1,10 @@
 #include "data/tokenizer/tokenizer.h"
 
 #include <simdjson.h>
+#include <zlib.h>
 
+#include <cerrno>
+#include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -41,6 +44,22 @@ std::string read_file(const std::filesystem::path& p) {
   std::ostringstream ss;
   ss << f.rdbuf();
   return ss.str();
+}
+
+// A gzip file's decompressed content. gzread alone cannot tell a truncated file from a complete one, so the
+// end is confirmed with gzeof and gzerror.
+std::string read_gzip_file(const std::filesystem::path& p) {
+  gzFile gz = gzopen(p.c_str(), "rb");
+  DSV3_CHECK(gz, "tokenizer: cannot open ", p.string(), ": ", std::strerror(errno));
+  std::string out;
+  char buf[1 << 16];
+  int n, err = Z_OK;
+  while ((n = gzread(gz, buf, sizeof buf)) > 0) out.append(buf, static_cast<size_t>(n));
+  const bool complete = n == 0 && gzeof(gz);
+  const std::string msg = gzerror(gz, &err);
+  gzclose(gz);
+  DSV3_CHECK(complete && err == Z_OK, "tokenizer: ", p.string(), " is not a complete gzip file (", msg, ")");
+  return out;
 }
 
 void check_decoder(const json& d, bool& byte_level) {
@@ -84,12 +103,13 @@ Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 Tokenizer::~Tokenizer() = default;
 
 Tokenizer Tokenizer::from_directory(const std::filesystem::path& dir) {
-  const auto tj = dir / "tokenizer.json";
-  DSV3_CHECK(std::filesystem::exists(tj), "tokenizer: ", tj.string(), " does not exist");
+  const auto tj = dir / "tokenizer.json", tj_gz = dir / "tokenizer.json.gz";
+  DSV3_CHECK(std::filesystem::exists(tj) || std::filesystem::exists(tj_gz), "tokenizer: ", tj.string(),
+             " does not exist (nor does tokenizer.json.gz)");
   const auto cj = dir / "tokenizer_config.json";
   std::string config = std::filesystem::exists(cj) ? read_file(cj) : std::string();
   try {
-    return from_json_strings(read_file(tj), config);
+    return from_json_strings(std::filesystem::exists(tj) ? read_file(tj) : read_gzip_file(tj_gz), config);
   } catch (const Error& e) {
     fail(e.what(), " (in ", dir.string(), ")");
   }

@@ -16,8 +16,9 @@ namespace dsv3 {
 
 class Tokenizer {
  public:
-  // Loads DIR/tokenizer.json and (optional) DIR/tokenizer_config.json. Throws dsv3::Error naming any
-  // unsupported feature.
+  // Loads DIR/tokenizer.json, or DIR/tokenizer.json.gz where there is no plain one (the repository ships the
+  // 7.8 MB DeepSeek-V3 file compressed), and (optional) DIR/tokenizer_config.json. Throws dsv3::Error naming
+  // any unsupported feature.
   static Tokenizer from_directory(const std::filesystem::path& dir);
   // The same from the two files' contents (config_json empty when there is no tokenizer_config.json).
   static Tokenizer from_json_strings(std::string_view tokenizer_json, std::string_view config_json);
