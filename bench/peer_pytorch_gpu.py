@@ -16,19 +16,24 @@ import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 
-def run(model, opt, batches, warmup, steps):
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(model, opt, batches, warmup, steps, device):
     times = []
     for i in range(warmup + steps):
         x, y = batches[i][:, :-1].contiguous(), batches[i][:, 1:].contiguous()
-        torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             logits = model(input_ids=x).logits
         loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -42,28 +47,32 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--modes", default="eager,compile")
+    ap.add_argument("--device", default="cuda")  # cpu: a smoke test of this script on a machine without a GPU
     a = ap.parse_args()
     torch.manual_seed(0)
     cfg = json.load(open(a.config))
     cfg.pop("dsv3_semantics", None)
     hf = DeepseekV3Config(**cfg)
     hf._attn_implementation = "sdpa"  # PyTorch's fused attention (flash / memory-efficient kernels)
-    batches = [torch.randint(0, cfg["vocab_size"], (a.batch, a.seq + 1), device="cuda") for _ in range(a.warmup + a.steps)]
+    dev = a.device
+    batches = [torch.randint(0, cfg["vocab_size"], (a.batch, a.seq + 1), device=dev) for _ in range(a.warmup + a.steps)]
     for mode in a.modes.split(","):
-        model = DeepseekV3ForCausalLM(hf).float().cuda().train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        model = DeepseekV3ForCausalLM(hf).float().to(dev).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
         if mode == "compile":
             model = torch.compile(model)
-        torch.cuda.reset_peak_memory_stats()
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         try:
-            step = run(model, opt, batches, a.warmup, a.steps)
-            peak = torch.cuda.max_memory_allocated() / 2**30
+            step = run(model, opt, batches, a.warmup, a.steps, dev)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
             print(f"pytorch: mode={mode} tokens_per_s={a.batch * a.seq / step:.1f} step_s={step:.4f} "
                   f"peak_gib={peak:.1f}", flush=True)
         except Exception as e:  # e.g. out of memory, or a compile failure: report it, keep the other mode
             print(f"pytorch: mode={mode} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
         del model, opt
-        torch.cuda.empty_cache()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
