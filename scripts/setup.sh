@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs every Debian package dsv3's build and tests need. Idempotent: does nothing when all are present.
+# Installs every Debian package dsv3's build, demo and tests need, checked on a debootstrap minbase Debian 12 root
+# by scripts/check-fresh-machine.sh. Idempotent: does nothing when all are present.
 set -euo pipefail
 pkgs=(build-essential cmake pkg-config git libgtest-dev libgmock-dev libbenchmark-dev
       nlohmann-json3-dev libsimdjson-dev libcli11-dev libonig-dev libssl-dev zlib1g-dev
