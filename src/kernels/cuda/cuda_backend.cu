@@ -55,6 +55,20 @@ struct GemmPlan {
 
 constexpr size_t kWorkspaceBytes = 32u << 20;  // cuBLASLt on Hopper wants 32 MiB
 
+// The head's fused loss in vocab chunks: chunk logits come from cuBLASLt into scratch ([T, C] fp32), the kernels
+// fold them into per-token running (max, sum-exp, label logit), and the [T, V] logits never exist.
+struct CeBuffers {
+  float *logits_TC, *max_T, *sum_T, *label_T;
+  bf16 *h_bf, *w_bf, *d_bf;
+  int64_t chunk;
+};
+
+int64_t ce_chunk(int64_t t, int64_t v) {
+  // ~256 MiB of fp32 chunk logits; whole multiples of 128 rows keep the GEMMs' shapes regular.
+  const int64_t c = std::max<int64_t>(128, (int64_t{64} << 20) / std::max<int64_t>(t, 1) / 128 * 128);
+  return std::min(c, v);
+}
+
 class CudaBackend final : public Backend {
  public:
   CudaBackend(int device, std::string name) : device_(device), name_(std::move(name)) {
@@ -263,6 +277,12 @@ class CudaBackend final : public Backend {
                ") are not supported by the CUDA attention kernel (at most 256 each)");
   }
   const GemmPlan& plan(const GemmKey& key);
+  // The loss's scratch and, in bf16 mode, the operand copies (w_bf is set to the head's bf16 weights).
+  CeBuffers ce_prepare(const float* h, const float* w, const bf16*& w_bf, int64_t t, int64_t d, int64_t v,
+                       bool bf);
+  // logits_TC = h_TD · W[c0 : c0 + c]^T into the chunk buffer.
+  void ce_chunk_logits(const CeBuffers& b, const float* h, const float* w, const bf16* w_bf, int64_t c0,
+                       int64_t c, int64_t t, int64_t d, bool bf);
 
   int device_;
   std::string name_;
@@ -361,37 +381,39 @@ void CudaBackend::gemm(const GemmArgs& g) {
            "cublasLtMatmul");
 }
 
-// The head's fused loss in vocab chunks: chunk logits come from cuBLASLt into scratch ([T, C] fp32), the kernels
-// fold them into per-token running (max, sum-exp, label logit), and the [T, V] logits never exist.
-struct CeBuffers {
-  float *logits_TC, *max_T, *sum_T, *label_T;
-  bf16 *h_bf, *w_bf, *d_bf;
-  int64_t chunk;
-};
-
-int64_t ce_chunk(int64_t t, int64_t v) {
-  // ~256 MiB of fp32 chunk logits; whole multiples of 128 rows keep the GEMMs' shapes regular.
-  const int64_t c = std::max<int64_t>(128, (int64_t{64} << 20) / std::max<int64_t>(t, 1) / 128 * 128);
-  return std::min(c, v);
-}
-
-CeBuffers ce_buffers(CudaBackend& be, void* (CudaBackend::*get)(size_t), int64_t t, int64_t d, int64_t v,
-                     bool bf, bool need_w_bf) {
+CeBuffers CudaBackend::ce_prepare(const float* h, const float* w, const bf16*& w_bf, int64_t t, int64_t d,
+                                  int64_t v, bool bf) {
   CeBuffers b{};
   b.chunk = ce_chunk(t, v);
+  const bool need_w_bf = bf && !w_bf;
   auto up = [](size_t x) { return (x + 255) / 256 * 256; };
   const size_t f_logits = up(t * b.chunk * 4), f_stats = up(t * 4);
-  const size_t h_bf = bf ? up(t * d * 2) : 0, w_bf = bf && need_w_bf ? up(v * d * 2) : 0;
+  const size_t h_bf = bf ? up(t * d * 2) : 0, wb = need_w_bf ? up(v * d * 2) : 0;
   const size_t d_bf = bf ? up(t * b.chunk * 2) : 0;
-  char* base = static_cast<char*>((be.*get)(f_logits + 3 * f_stats + h_bf + w_bf + d_bf));
+  char* base = static_cast<char*>(ce_scratch(f_logits + 3 * f_stats + h_bf + wb + d_bf));
   b.logits_TC = reinterpret_cast<float*>(base), base += f_logits;
   b.max_T = reinterpret_cast<float*>(base), base += f_stats;
   b.sum_T = reinterpret_cast<float*>(base), base += f_stats;
   b.label_T = reinterpret_cast<float*>(base), base += f_stats;
   b.h_bf = bf ? reinterpret_cast<bf16*>(base) : nullptr, base += h_bf;
-  b.w_bf = w_bf ? reinterpret_cast<bf16*>(base) : nullptr, base += w_bf;
+  b.w_bf = wb ? reinterpret_cast<bf16*>(base) : nullptr, base += wb;
   b.d_bf = bf ? reinterpret_cast<bf16*>(base) : nullptr;
+  if (bf) {
+    launch_to_bf16(h, b.h_bf, t * d, stream_);
+    if (need_w_bf) launch_to_bf16(w, b.w_bf, v * d, stream_), w_bf = b.w_bf;
+  }
   return b;
+}
+
+void CudaBackend::ce_chunk_logits(const CeBuffers& b, const float* h, const float* w, const bf16* w_bf,
+                                  int64_t c0, int64_t c, int64_t t, int64_t d, bool bf) {
+  GemmArgs g;
+  g.m = t, g.n = c, g.k = d;
+  g.a = bf ? static_cast<const void*>(b.h_bf) : h, g.lda = d;
+  g.b = bf ? static_cast<const void*>(w_bf + c0 * d) : w + c0 * d, g.ldb = d, g.trans_b = true;
+  g.c = b.logits_TC, g.ldc = c;
+  g.ab_type = bf ? GemmType::kBF16 : GemmType::kF32;
+  gemm(g);
 }
 
 void CudaBackend::head_cross_entropy_forward(const float* h, const float* w, const bf16* w_bf,
@@ -400,20 +422,10 @@ void CudaBackend::head_cross_entropy_forward(const float* h, const float* w, con
   DSV3_CHECK(t >= 0 && d > 0 && v > 0, "head_cross_entropy_forward: bad shape t=", t, " d=", d, " v=", v);
   if (t == 0) return;
   const bool bf = p == Precision::kBF16;
-  CeBuffers b = ce_buffers(*this, &CudaBackend::ce_scratch, t, d, v, bf, bf && !w_bf);
-  if (bf) {
-    launch_to_bf16(h, b.h_bf, t * d, stream_);
-    if (!w_bf) launch_to_bf16(w, b.w_bf, v * d, stream_), w_bf = b.w_bf;
-  }
+  const CeBuffers b = ce_prepare(h, w, w_bf, t, d, v, bf);
   for (int64_t c0 = 0; c0 < v; c0 += b.chunk) {
     const int64_t c = std::min(b.chunk, v - c0);
-    GemmArgs g;  // logits_TC = h_TD · W[c0:c0+c]^T
-    g.m = t, g.n = c, g.k = d;
-    g.a = bf ? static_cast<const void*>(b.h_bf) : h, g.lda = d;
-    g.b = bf ? static_cast<const void*>(w_bf + c0 * d) : w + c0 * d, g.ldb = d, g.trans_b = true;
-    g.c = b.logits_TC, g.ldc = c;
-    g.ab_type = bf ? GemmType::kBF16 : GemmType::kF32;
-    gemm(g);
+    ce_chunk_logits(b, h, w, w_bf, c0, c, t, d, bf);
     launch_ce_chunk_stats(b.logits_TC, t, c, c0, labels, b.max_T, b.sum_T, b.label_T, c0 == 0, stream_);
   }
   launch_ce_finish(b.max_T, b.sum_T, b.label_T, labels, t, v, loss, lse, errors_, stream_);
@@ -426,20 +438,11 @@ void CudaBackend::head_cross_entropy_backward(const float* h, const float* w, co
   DSV3_CHECK(t >= 0 && d > 0 && v > 0, "head_cross_entropy_backward: bad shape t=", t, " d=", d, " v=", v);
   if (t == 0) return;
   const bool bf = p == Precision::kBF16;
-  CeBuffers b = ce_buffers(*this, &CudaBackend::ce_scratch, t, d, v, bf, bf && !w_bf);
-  if (bf) {
-    launch_to_bf16(h, b.h_bf, t * d, stream_);
-    if (!w_bf) launch_to_bf16(w, b.w_bf, v * d, stream_), w_bf = b.w_bf;
-  }
+  const CeBuffers b = ce_prepare(h, w, w_bf, t, d, v, bf);
   const GemmType ab = bf ? GemmType::kBF16 : GemmType::kF32;
   for (int64_t c0 = 0; c0 < v; c0 += b.chunk) {
     const int64_t c = std::min(b.chunk, v - c0);
-    GemmArgs g;  // recompute the chunk's logits
-    g.m = t, g.n = c, g.k = d;
-    g.a = bf ? static_cast<const void*>(b.h_bf) : h, g.lda = d;
-    g.b = bf ? static_cast<const void*>(w_bf + c0 * d) : w + c0 * d, g.ldb = d, g.trans_b = true;
-    g.c = b.logits_TC, g.ldc = c, g.ab_type = ab;
-    gemm(g);
+    ce_chunk_logits(b, h, w, w_bf, c0, c, t, d, bf);  // recomputed, as the forward did not keep them
     launch_ce_chunk_grad(b.logits_TC, t, c, c0, labels, lse, dloss, dloss_T, b.d_bf, stream_);
     const void* dl = bf ? static_cast<const void*>(b.d_bf) : b.logits_TC;
     GemmArgs gx;  // dh (+)= dlogits_TC · W_chunk  (assigned on the first chunk)
