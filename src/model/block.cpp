@@ -1,20 +1,14 @@
 // Decoder layer: RMSNorm → MLA → residual, RMSNorm → dense SwiGLU or MoE → residual.
 #include "model/block.h"
 
-#include <algorithm>
-
 #include "core/error.h"
+#include "core/grow.h"
 #include "core/profile.h"
-#include "kernels/cpu/rmsnorm.h"
-#include "kernels/cpu/swiglu.h"
 
 namespace dsv3 {
 namespace {
 
-void grow(std::vector<float>& v, int64_t n) {
-  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
-}
-
+// host loop: needs a backend op before CUDA (y = a + b, the residual adds).
 void add_into(float* y, const float* a, const float* b, int64_t n) {
 #pragma omp parallel for simd schedule(static)
   for (int64_t i = 0; i < n; ++i) y[i] = a[i] + b[i];
@@ -22,8 +16,8 @@ void add_into(float* y, const float* a, const float* b, int64_t n) {
 
 }  // namespace
 
-void block_forward(const BlockDims& d, const BlockParams& p, const float* x, int64_t B, int64_t S, bool training,
-                   float* out, BlockActs& a, BlockScratch& s, Precision prec) {
+void block_forward(Backend& be, const BlockDims& d, const BlockParams& p, const float* x, int64_t B,
+                   int64_t S, bool training, float* out, BlockActs& a, BlockScratch& s, Precision prec) {
   const int64_t T = B * S, D = d.D;
   a.x_TD = x;
   a.B = B, a.S = S;
@@ -31,49 +25,51 @@ void block_forward(const BlockDims& d, const BlockParams& p, const float* x, int
   grow(a.tmp_TD, T * D);
   {
     DSV3_PROFILE("fwd.norm");
-    rmsnorm_forward(x, p.input_norm_w, a.xn1_TD.data(), a.rstd1_T.data(), T, D, d.norm_eps);
+    be.rmsnorm_forward(x, D, p.input_norm_w, a.xn1_TD.data(), D, a.rstd1_T.data(), T, D, d.norm_eps);
   }
-  mla_forward(d.mla, p.mla, a.xn1_TD.data(), B, S, a.tmp_TD.data(), a.mla, prec, s.mla);
+  mla_forward(be, d.mla, p.mla, a.xn1_TD.data(), B, S, a.tmp_TD.data(), a.mla, prec, s.mla);
   {
     DSV3_PROFILE("fwd.norm");
     add_into(a.h_mid_TD.data(), x, a.tmp_TD.data(), T * D);
-    rmsnorm_forward(a.h_mid_TD.data(), p.post_norm_w, a.xn2_TD.data(), a.rstd2_T.data(), T, D, d.norm_eps);
+    be.rmsnorm_forward(a.h_mid_TD.data(), D, p.post_norm_w, a.xn2_TD.data(), D, a.rstd2_T.data(), T, D,
+                       d.norm_eps);
   }
   if (d.is_moe) {
-    moe_forward(d.moe, p.moe, a.xn2_TD.data(), T, B, training, a.moe, a.tmp_TD.data());
+    moe_forward(be, d.moe, p.moe, a.xn2_TD.data(), T, B, training, a.moe, a.tmp_TD.data());
   } else {
     DSV3_PROFILE("fwd.dense_ffn");
     const MlpParams mp{p.gate_FD, p.up_FD, p.down_DF, p.bf16_weights};
-    mlp_forward(mp, a.xn2_TD.data(), T, D, d.F, a.tmp_TD.data(), 0.f, a.mlp, s.mlp, prec);
+    mlp_forward(be, mp, a.xn2_TD.data(), T, D, d.F, a.tmp_TD.data(), 0.f, a.mlp, s.mlp, prec);
   }
   add_into(out, a.h_mid_TD.data(), a.tmp_TD.data(), T * D);
 }
 
-void block_backward(const BlockDims& d, const BlockParams& p, BlockActs& a, const float* dout, float aux_grad,
-                    float* dx, BlockGrads& g, BlockScratch& s, Precision prec) {
+void block_backward(Backend& be, const BlockDims& d, const BlockParams& p, BlockActs& a, const float* dout,
+                    float aux_grad, float* dx, BlockGrads& g, BlockScratch& s, Precision prec) {
   DSV3_CHECK(dx != dout, "block_backward: dx may not alias dout");
   const int64_t T = a.B * a.S, D = d.D;
   grow(s.dxn_TD, T * D), grow(s.dh_mid_TD, T * D);
   float* dxn = s.dxn_TD.data();
   float* dh_mid = s.dh_mid_TD.data();
   if (d.is_moe) {
-    moe_backward(d.moe, p.moe, a.moe, dout, aux_grad, g.moe, dxn, 0.f);
+    moe_backward(be, d.moe, p.moe, a.moe, dout, aux_grad, g.moe, dxn, 0.f);
   } else {
     DSV3_PROFILE("bwd.dense_ffn");
     const MlpParams mp{p.gate_FD, p.up_FD, p.down_DF, p.bf16_weights};
     MlpGrads mg{g.gate_FD, g.up_FD, g.down_DF};
-    mlp_backward(mp, a.mlp, dout, D, d.F, dxn, 0.f, mg, s.mlp, prec);
+    mlp_backward(be, mp, a.mlp, dout, D, d.F, dxn, 0.f, mg, s.mlp, prec);
   }
   // The residual carries dout straight to h_mid; the post-attention norm adds its input gradient on top.
   {
     DSV3_PROFILE("bwd.norm");
-    std::copy(dout, dout + T * D, dh_mid);
-    rmsnorm_backward(dxn, a.h_mid_TD.data(), p.post_norm_w, a.rstd2_T.data(), dh_mid, g.post_norm_w, T, D, 1.f);
+    be.copy(dh_mid, dout, T * D * sizeof(float));
+    be.rmsnorm_backward(dxn, D, a.h_mid_TD.data(), D, p.post_norm_w, a.rstd2_T.data(), dh_mid, D,
+                        g.post_norm_w, T, D, 1.f);
   }
-  mla_backward(d.mla, p.mla, a.mla, dh_mid, dxn, g.mla, prec, s.mla);
+  mla_backward(be, d.mla, p.mla, a.mla, dh_mid, dxn, g.mla, prec, s.mla);
   DSV3_PROFILE("bwd.norm");
-  std::copy(dh_mid, dh_mid + T * D, dx);
-  rmsnorm_backward(dxn, a.x_TD, p.input_norm_w, a.rstd1_T.data(), dx, g.input_norm_w, T, D, 1.f);
+  be.copy(dx, dh_mid, T * D * sizeof(float));
+  be.rmsnorm_backward(dxn, D, a.x_TD, D, p.input_norm_w, a.rstd1_T.data(), dx, D, g.input_norm_w, T, D, 1.f);
 }
 
 }  // namespace dsv3

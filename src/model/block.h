@@ -58,11 +58,12 @@ struct BlockScratch {
   std::vector<float> dxn_TD, dh_mid_TD, dh_TF;  // dh_TF: free for the caller between blocks
 };
 
-void block_forward(const BlockDims& d, const BlockParams& p, const float* x_TD, int64_t B, int64_t S,
-                   bool training, float* out_TD, BlockActs& a, BlockScratch& s, Precision prec);
-// dx_TD is assigned (it may not alias dout_TD); parameter gradients accumulate. aux_grad scales the MoE
+void block_forward(Backend& be, const BlockDims& d, const BlockParams& p, const float* x_TD, int64_t B,
+                   int64_t S, bool training, float* out_TD, BlockActs& a, BlockScratch& s, Precision prec);
+// Kernels run on `be` (the MoE router and token permutation stay on the CPU: see moe.cpp). dx_TD is assigned
+// (it may not alias dout_TD); parameter gradients accumulate. aux_grad scales the MoE
 // sequence aux loss gradient.
-void block_backward(const BlockDims& d, const BlockParams& p, BlockActs& a, const float* dout_TD, float aux_grad,
-                    float* dx_TD, BlockGrads& g, BlockScratch& s, Precision prec);
+void block_backward(Backend& be, const BlockDims& d, const BlockParams& p, BlockActs& a, const float* dout_TD,
+                    float aux_grad, float* dx_TD, BlockGrads& g, BlockScratch& s, Precision prec);
 
 }  // namespace dsv3

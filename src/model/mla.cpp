@@ -1,23 +1,18 @@
-// MLA forward/backward on top of linear_*, rmsnorm_* and the tiled causal attention kernel. Norms, RoPE and the
-// softmax are fp32 in both precisions; Precision::kBF16 only rounds the GEMM (and attention matmul) operands.
+// MLA forward/backward on the backend's ops (linear_* GEMMs, RMSNorm, RoPE and the tiled causal attention).
+// Norms, RoPE and the softmax are fp32 in both precisions; Precision::kBF16 only rounds the GEMM (and
+// attention matmul) operands.
 #include "model/mla.h"
 
 #include <algorithm>
 #include <cmath>
 
 #include "core/error.h"
+#include "core/grow.h"
 #include "core/profile.h"
-#include "kernels/cpu/rmsnorm.h"
 #include "kernels/cpu/rope.h"
 
 namespace dsv3 {
 namespace {
-
-template <typename T>
-T* grow(std::vector<T>& v, int64_t n) {
-  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
-  return v.data();
-}
 
 // The cos/sin table covers positions [0, S); rebuilt only when S outgrows it or the frequencies change, so steady
 // state neither allocates nor recomputes trig.
@@ -45,8 +40,8 @@ void MlaDims::validate() const {
   DSV3_CHECK(softmax_scale > 0.f, "MLA: softmax_scale must be positive (got ", softmax_scale, ")");
 }
 
-void mla_forward(const MlaDims& d, const MlaParams& p, const float* x, int64_t B, int64_t S, float* y,
-                 MlaActs& a, Precision prec, MlaScratch& sc) {
+void mla_forward(Backend& be, const MlaDims& d, const MlaParams& p, const float* x, int64_t B, int64_t S,
+                 float* y, MlaActs& a, Precision prec, MlaScratch& sc) {
   d.validate();
   DSV3_CHECK(B > 0 && S > 0, "MLA: batch and sequence length must be positive (B=", B, " S=", S, ")");
   const bool qlora = d.q_lora > 0;
@@ -59,40 +54,46 @@ void mla_forward(const MlaDims& d, const MlaParams& p, const float* x, int64_t B
 
   // Queries: [T, H·K], per head [nope | rope]. Each projection input becomes a GEMM operand once (kept for
   // the weight gradients); weights come from the step's bf16 copies when the caller has them.
-  auto W = [&](const float* w, int64_t n) { return weight_operand(w, n, prec, p.bf16_weights, sc.lin.b); };
-  const void* xo = linear_operand(x, T * d.D, prec, a.x_bf);
+  auto W = [&](const float* w, int64_t n) {
+    return weight_operand(be, w, n, prec, p.bf16_weights, sc.lin.b);
+  };
+  const void* xo = linear_operand(be, x, T * d.D, prec, a.x_bf);
   float* q = grow(a.q_THK, T * H * K);
   DSV3_PROFILE_BEGIN(qkv, "fwd.attn.qkv_proj");
   if (qlora) {
     float* cq = grow(a.cq_TLq, T * d.q_lora);
     float* cqn = grow(a.cqn_TLq, T * d.q_lora);
-    linear_forward_op(xo, W(p.q_a_proj_w, d.q_lora * d.D), cq, T, d.D, d.q_lora, prec);
-    rmsnorm_forward(cq, p.q_a_norm_w, cqn, grow(a.rstd_q_T, T), T, d.q_lora, d.norm_eps);
-    const void* cqno = linear_operand(cqn, T * d.q_lora, prec, a.cqn_bf);
-    linear_forward_op(cqno, W(p.q_b_proj_w, H * K * d.q_lora), q, T, d.q_lora, H * K, prec);
+    linear_forward_op(be, xo, W(p.q_a_proj_w, d.q_lora * d.D), cq, T, d.D, d.q_lora, prec);
+    be.rmsnorm_forward(cq, d.q_lora, p.q_a_norm_w, cqn, d.q_lora, grow(a.rstd_q_T, T), T, d.q_lora,
+                       d.norm_eps);
+    const void* cqno = linear_operand(be, cqn, T * d.q_lora, prec, a.cqn_bf);
+    linear_forward_op(be, cqno, W(p.q_b_proj_w, H * K * d.q_lora), q, T, d.q_lora, H * K, prec);
   } else {
-    linear_forward_op(xo, W(p.q_proj_w, H * K * d.D), q, T, d.D, H * K, prec);
+    linear_forward_op(be, xo, W(p.q_proj_w, H * K * d.D), q, T, d.D, H * K, prec);
   }
 
   // Latent kv: [T, C] = [ckv | k_pe]; only ckv is normed.
   float* ckv = grow(a.ckv_TC, T * C);
   float* ckvn = grow(a.ckvn_TLkv, T * L);
   float* kv = grow(a.kv_THE, T * H * E);
-  linear_forward_op(xo, W(p.kv_a_proj_w, C * d.D), ckv, T, d.D, C, prec);
-  rmsnorm_forward_strided(ckv, C, p.kv_a_norm_w, ckvn, L, grow(a.rstd_kv_T, T), T, L, d.norm_eps);
-  const void* ckvno = linear_operand(ckvn, T * L, prec, a.ckvn_bf);
-  linear_forward_op(ckvno, W(p.kv_b_proj_w, H * E * L), kv, T, L, H * E, prec);
+  linear_forward_op(be, xo, W(p.kv_a_proj_w, C * d.D), ckv, T, d.D, C, prec);
+  be.rmsnorm_forward(ckv, C, p.kv_a_norm_w, ckvn, L, grow(a.rstd_kv_T, T), T, L, d.norm_eps);
+  const void* ckvno = linear_operand(be, ckvn, T * L, prec, a.ckvn_bf);
+  linear_forward_op(be, ckvno, W(p.kv_b_proj_w, H * E * L), kv, T, L, H * E, prec);
   DSV3_PROFILE_END(qkv);
 
   // RoPE on q_pe (every head, in place) and k_pe (once, into head 0's key, then broadcast to the other heads).
   DSV3_PROFILE("fwd.attn.rope");
-  const RopeTable& tab = rope_table(d, S, sc);
+  // The cos/sin table is built in host memory (MlaScratch): it needs a copy in backend memory before CUDA.
+  const RopeTableView tab = view_of(rope_table(d, S, sc));
   float* k = grow(a.k_THK, T * H * K);
+  // host loop: needs a backend op before CUDA (k_nope of every head: kv [T,H,E] cols [0, dn) → k [T,H,K]).
   for (int64_t t = 0; t < T; ++t)
     for (int64_t h = 0; h < H; ++h)
       std::copy(kv + (t * H + h) * E, kv + (t * H + h) * E + d.dn, k + (t * H + h) * K);
-  rope_forward(q + d.dn, H * K, K, q + d.dn, H * K, K, T, H, S, tab);
-  rope_forward(ckv + L, C, 0, k + d.dn, H * K, 0, T, 1, S, tab);
+  be.rope_forward(q + d.dn, H * K, K, q + d.dn, H * K, K, T, H, S, tab, true);
+  be.rope_forward(ckv + L, C, 0, k + d.dn, H * K, 0, T, 1, S, tab, true);
+  // host loop: needs a backend op before CUDA (broadcast of the rotated k_pe from head 0 to heads 1..H-1).
   for (int64_t t = 0; t < T; ++t)
     for (int64_t h = 1; h < H; ++h)
       std::copy(k + t * H * K + d.dn, k + t * H * K + K, k + (t * H + h) * K + d.dn);
@@ -101,16 +102,16 @@ void mla_forward(const MlaDims& d, const MlaParams& p, const float* x, int64_t B
   float* o = grow(a.o_THV, T * H * d.dv);
   {
     DSV3_PROFILE("fwd.attn.kernel");
-    attention_forward(as, {q, H * K, K}, {k, H * K, K}, {kv + d.dn, H * E, E}, {o, H * d.dv, d.dv},
-                      grow(a.lse_BHS, B * H * S), prec, sc.attn);
+    be.attention_forward(as, {q, H * K, K}, {k, H * K, K}, {kv + d.dn, H * E, E}, {o, H * d.dv, d.dv},
+                         grow(a.lse_BHS, B * H * S), prec);
   }
   DSV3_PROFILE("fwd.attn.o_proj");
-  const void* oo = linear_operand(o, T * H * d.dv, prec, a.o_bf);
-  linear_forward_op(oo, W(p.o_proj_w, d.D * H * d.dv), y, T, H * d.dv, d.D, prec);
+  const void* oo = linear_operand(be, o, T * H * d.dv, prec, a.o_bf);
+  linear_forward_op(be, oo, W(p.o_proj_w, d.D * H * d.dv), y, T, H * d.dv, d.D, prec);
 }
 
-void mla_backward(const MlaDims& d, const MlaParams& p, const MlaActs& a, const float* dy, float* dx,
-                  MlaGrads& g, Precision prec, MlaScratch& sc) {
+void mla_backward(Backend& be, const MlaDims& d, const MlaParams& p, const MlaActs& a, const float* dy,
+                  float* dx, MlaGrads& g, Precision prec, MlaScratch& sc) {
   d.validate();
   DSV3_CHECK(a.x_TD != nullptr && a.B > 0 && a.S > 0, "MLA backward: no saved forward activations");
   const bool qlora = d.q_lora > 0;
@@ -121,8 +122,10 @@ void mla_backward(const MlaDims& d, const MlaParams& p, const MlaActs& a, const 
                 L = d.kv_lora;
   // Each output gradient becomes a GEMM operand once (sc.lin.a) and feeds both the weight and input
   // gradients.
-  auto W = [&](const float* w, int64_t n) { return weight_operand(w, n, prec, p.bf16_weights, sc.lin.b); };
-  auto G = [&](const float* dy_, int64_t n) { return linear_operand(dy_, n, prec, sc.lin.a); };
+  auto W = [&](const float* w, int64_t n) {
+    return weight_operand(be, w, n, prec, p.bf16_weights, sc.lin.b);
+  };
+  auto G = [&](const float* dy_, int64_t n) { return linear_operand(be, dy_, n, prec, sc.lin.a); };
   const void* xo = saved_operand(a.x_TD, a.x_bf, prec);
 
   // o_proj.
@@ -130,9 +133,9 @@ void mla_backward(const MlaDims& d, const MlaParams& p, const MlaActs& a, const 
   {
     DSV3_PROFILE("bwd.attn.o_proj");
     const void* dyo = G(dy, T * d.D);
-    linear_backward_weight_op(dyo, saved_operand(a.o_THV.data(), a.o_bf, prec), g.o_proj_w, T, H * d.dv, d.D,
-                              prec);
-    linear_backward_input_op(dyo, W(p.o_proj_w, d.D * H * d.dv), dout, T, H * d.dv, d.D, prec);
+    linear_backward_weight_op(be, dyo, saved_operand(a.o_THV.data(), a.o_bf, prec), g.o_proj_w, T, H * d.dv,
+                              d.D, prec);
+    linear_backward_input_op(be, dyo, W(p.o_proj_w, d.D * H * d.dv), dout, T, H * d.dv, d.D, prec);
   }
 
   // Attention: dv lands directly in the v columns of dkv; dk is split below.
@@ -142,17 +145,19 @@ void mla_backward(const MlaDims& d, const MlaParams& p, const MlaActs& a, const 
   AttentionShape as{B, S, H, K, d.dv, d.softmax_scale};
   {
     DSV3_PROFILE("bwd.attn.kernel");
-    attention_backward(as, {a.q_THK.data(), H * K, K}, {a.k_THK.data(), H * K, K},
-                       {a.kv_THE.data() + d.dn, H * E, E}, {a.o_THV.data(), H * d.dv, d.dv}, a.lse_BHS.data(),
-                       {dout, H * d.dv, d.dv}, {dq, H * K, K}, {dk, H * K, K}, {dkv + d.dn, H * E, E}, prec,
-                       sc.attn);
+    be.attention_backward(as, {a.q_THK.data(), H * K, K}, {a.k_THK.data(), H * K, K},
+                          {a.kv_THE.data() + d.dn, H * E, E}, {a.o_THV.data(), H * d.dv, d.dv},
+                          a.lse_BHS.data(), {dout, H * d.dv, d.dv}, {dq, H * K, K}, {dk, H * K, K},
+                          {dkv + d.dn, H * E, E}, prec);
   }
 
   // Undo RoPE; k_pe was shared by all heads, so its gradient is the sum over heads (into dckv's k_pe columns).
   float* dckv = grow(sc.dckv_TC, T * C);
   {
     DSV3_PROFILE("bwd.attn.rope");
-    const RopeTable& tab = rope_table(d, S, sc);
+    const RopeTableView tab = view_of(rope_table(d, S, sc));  // host memory: see mla_forward
+    // host loop: needs a backend op before CUDA (dk_nope of every head → dkv cols [0, dn); dk_pe summed over
+    // the heads, in head order, into dckv's k_pe columns after zeroing them).
     for (int64_t t = 0; t < T; ++t) {
       float* dkpe = dckv + t * C + L;
       std::fill(dkpe, dkpe + d.dr, 0.f);
@@ -162,38 +167,39 @@ void mla_backward(const MlaDims& d, const MlaParams& p, const MlaActs& a, const 
         for (int64_t i = 0; i < d.dr; ++i) dkpe[i] += dkh[d.dn + i];
       }
     }
-    rope_backward(dq + d.dn, H * K, K, dq + d.dn, H * K, K, T, H, S, tab);
-    rope_backward(dckv + L, C, 0, dckv + L, C, 0, T, 1, S, tab);
+    be.rope_backward(dq + d.dn, H * K, K, dq + d.dn, H * K, K, T, H, S, tab, true);
+    be.rope_backward(dckv + L, C, 0, dckv + L, C, 0, T, 1, S, tab, true);
   }
   DSV3_PROFILE("bwd.attn.qkv_proj");
 
   // kv_b_proj, kv_a_layernorm (its gradient goes into the ckv columns of dckv), kv_a_proj_with_mqa.
   float* dckvn = grow(sc.dckvn_TLkv, T * L);
   const void* dkvo = G(dkv, T * H * E);
-  linear_backward_weight_op(dkvo, saved_operand(a.ckvn_TLkv.data(), a.ckvn_bf, prec), g.kv_b_proj_w, T, L,
+  linear_backward_weight_op(be, dkvo, saved_operand(a.ckvn_TLkv.data(), a.ckvn_bf, prec), g.kv_b_proj_w, T, L,
                             H * E, prec);
-  linear_backward_input_op(dkvo, W(p.kv_b_proj_w, H * E * L), dckvn, T, L, H * E, prec);
-  rmsnorm_backward_strided(dckvn, L, a.ckv_TC.data(), C, p.kv_a_norm_w, a.rstd_kv_T.data(), dckv, C,
-                           g.kv_a_norm_w, T, L);
+  linear_backward_input_op(be, dkvo, W(p.kv_b_proj_w, H * E * L), dckvn, T, L, H * E, prec);
+  be.rmsnorm_backward(dckvn, L, a.ckv_TC.data(), C, p.kv_a_norm_w, a.rstd_kv_T.data(), dckv, C, g.kv_a_norm_w,
+                      T, L, 0.f);
   const void* dckvo = G(dckv, T * C);
-  linear_backward_weight_op(dckvo, xo, g.kv_a_proj_w, T, d.D, C, prec);
-  linear_backward_input_op(dckvo, W(p.kv_a_proj_w, C * d.D), dx, T, d.D, C, prec);
+  linear_backward_weight_op(be, dckvo, xo, g.kv_a_proj_w, T, d.D, C, prec);
+  linear_backward_input_op(be, dckvo, W(p.kv_a_proj_w, C * d.D), dx, T, d.D, C, prec);
 
   // Query path, accumulating into dx.
   const void* dqo = G(dq, T * H * K);
   if (qlora) {
     float* dcqn = grow(sc.dcqn_TLq, T * d.q_lora);
     float* dcq = grow(sc.dcq_TLq, T * d.q_lora);
-    linear_backward_weight_op(dqo, saved_operand(a.cqn_TLq.data(), a.cqn_bf, prec), g.q_b_proj_w, T, d.q_lora,
-                              H * K, prec);
-    linear_backward_input_op(dqo, W(p.q_b_proj_w, H * K * d.q_lora), dcqn, T, d.q_lora, H * K, prec);
-    rmsnorm_backward(dcqn, a.cq_TLq.data(), p.q_a_norm_w, a.rstd_q_T.data(), dcq, g.q_a_norm_w, T, d.q_lora);
+    linear_backward_weight_op(be, dqo, saved_operand(a.cqn_TLq.data(), a.cqn_bf, prec), g.q_b_proj_w, T,
+                              d.q_lora, H * K, prec);
+    linear_backward_input_op(be, dqo, W(p.q_b_proj_w, H * K * d.q_lora), dcqn, T, d.q_lora, H * K, prec);
+    be.rmsnorm_backward(dcqn, d.q_lora, a.cq_TLq.data(), d.q_lora, p.q_a_norm_w, a.rstd_q_T.data(), dcq,
+                        d.q_lora, g.q_a_norm_w, T, d.q_lora, 0.f);
     const void* dcqo = G(dcq, T * d.q_lora);
-    linear_backward_weight_op(dcqo, xo, g.q_a_proj_w, T, d.D, d.q_lora, prec);
-    linear_backward_input_op(dcqo, W(p.q_a_proj_w, d.q_lora * d.D), dx, T, d.D, d.q_lora, prec, 1.f);
+    linear_backward_weight_op(be, dcqo, xo, g.q_a_proj_w, T, d.D, d.q_lora, prec);
+    linear_backward_input_op(be, dcqo, W(p.q_a_proj_w, d.q_lora * d.D), dx, T, d.D, d.q_lora, prec, 1.f);
   } else {
-    linear_backward_weight_op(dqo, xo, g.q_proj_w, T, d.D, H * K, prec);
-    linear_backward_input_op(dqo, W(p.q_proj_w, H * K * d.D), dx, T, d.D, H * K, prec, 1.f);
+    linear_backward_weight_op(be, dqo, xo, g.q_proj_w, T, d.D, H * K, prec);
+    linear_backward_input_op(be, dqo, W(p.q_proj_w, H * K * d.D), dx, T, d.D, H * K, prec, 1.f);
   }
 }
 

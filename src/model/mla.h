@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/backend.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/linear.h"
 #include "kernels/cpu/rope.h"
@@ -79,19 +80,19 @@ struct MlaActs {
 
 // Backward temporaries and kernel scratch; grown on first use, reused afterwards.
 struct MlaScratch {
-  LinearScratch lin;
-  AttentionScratch attn;
+  LinearScratch lin;  // (the attention kernel's scratch is the backend's)
   std::vector<float> do_THV, dq_THK, dk_THK, dkv_THE, dckvn_TLkv, dckv_TC, dcqn_TLq, dcq_TLq;
   RopeTable rope_table;  // cos/sin for positions [0, max_pos), rebuilt only when S outgrows it or freqs change
   RopeFreqs rope_table_freqs;
 };
 
-// y_TD = MLA(x_TD) for B packed sequences of length S.
-void mla_forward(const MlaDims& d, const MlaParams& p, const float* x_TD, int64_t B, int64_t S, float* y_TD,
-                 MlaActs& acts, Precision prec, MlaScratch& scratch);
+// y_TD = MLA(x_TD) for B packed sequences of length S. Every kernel runs on `be` (kernels/backend.h); the
+// activations and scratch are still host vectors, so `be` must be a host-memory backend for now (the CPU's).
+void mla_forward(Backend& be, const MlaDims& d, const MlaParams& p, const float* x_TD, int64_t B, int64_t S,
+                 float* y_TD, MlaActs& acts, Precision prec, MlaScratch& scratch);
 
 // dx_TD is assigned; parameter gradients accumulate into g.
-void mla_backward(const MlaDims& d, const MlaParams& p, const MlaActs& acts, const float* dy_TD, float* dx_TD,
-                  MlaGrads& g, Precision prec, MlaScratch& scratch);
+void mla_backward(Backend& be, const MlaDims& d, const MlaParams& p, const MlaActs& acts, const float* dy_TD,
+                  float* dx_TD, MlaGrads& g, Precision prec, MlaScratch& scratch);
 
 }  // namespace dsv3

@@ -5,17 +5,12 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "core/grow.h"
 #include "core/profile.h"
-#include "kernels/cpu/embedding.h"
-#include "kernels/cpu/rmsnorm.h"
 #include "model/safetensors.h"
 
 namespace dsv3 {
 namespace {
-
-void grow(std::vector<float>& v, int64_t n) {
-  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
-}
 
 std::string layer_prefix(int64_t i) { return "model.layers." + std::to_string(i) + "."; }
 
@@ -41,6 +36,7 @@ MlaDims mla_dims(const ModelConfig& c) {
 }
 
 // Megatron's roll_tensor(shifts=-k) within each sequence, with the vacated tail set to `fill`.
+// host loop: ids and labels are host memory (see Model::forward); needs a backend op or upload before CUDA.
 void roll_left(const int32_t* x, int32_t* y, int64_t B, int64_t S, int64_t k, int32_t fill) {
   for (int64_t b = 0; b < B; ++b)
     for (int64_t s = 0; s < S; ++s) y[b * S + s] = s + k < S ? x[b * S + s + k] : fill;
@@ -62,6 +58,10 @@ Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
       params_(store_.size()),
       grads_(store_.size()) {
   cfg_.validate();
+  DSV3_CHECK(opt_.backend && opt_.backend->kind() == DeviceKind::kCpu, "model: backend ",
+             opt_.backend ? opt_.backend->name() : std::string("(null)"),
+             " cannot run the model yet: its parameters and activations are host memory (only cpu can)");
+  loss_sum_.ensure(be(), sizeof(double));  // before any step: steps allocate nothing on the backend
   const int64_t depths = opt_.mtp ? cfg_.num_nextn_predict_layers : 0;
   const int64_t L = cfg_.num_hidden_layers, first = opt_.stage.first_layer, end = opt_.stage.end(L);
   DSV3_CHECK(first >= 0 && first < end && end <= L && opt_.stage.pre_process == (first == 0) &&
@@ -120,6 +120,7 @@ void Model::load_safetensors(const std::string& path) {
 }
 
 void Model::zero_grads() {
+  // host loop: needs a backend op before CUDA (the gradients are a host vector; fill_zero once they move).
   float* g = grads_.data();
   const int64_t n = static_cast<int64_t>(grads_.size());
 #pragma omp parallel for simd schedule(static)
@@ -180,8 +181,16 @@ const bf16* Model::head_bf16() {
   return bf16_weights_.find(param("lm_head.weight"), cfg_.vocab_size * cfg_.hidden_size);
 }
 
+HeadLossResult Model::loss_sum(const float* loss_T, const int32_t* labels_T, int64_t t) {
+  HeadLossResult r;
+  be().sum(loss_T, t, loss_sum_.as<double>(), false);
+  be().copy_to_host(&r.loss_sum, loss_sum_.data(), sizeof(double));
+  for (int64_t i = 0; i < t; ++i) r.n_valid += labels_T[i] != kIgnoreLabel;
+  return r;
+}
+
 void Model::run_block(int64_t i, const float* x, float* out, BlockActs& acts, bool training) {
-  block_forward(dims_[i], block_params(i), x, B_, S_, training, out, acts, scratch_, opt_.precision);
+  block_forward(be(), dims_[i], block_params(i), x, B_, S_, training, out, acts, scratch_, opt_.precision);
 }
 
 ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B, int64_t S, bool training,
@@ -192,6 +201,7 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
   const int64_t T = B * S, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
   const int64_t first = opt_.stage.first_layer, end = opt_.stage.end(L);
   B_ = B, S_ = S, training_ = training;
+  // ids and labels stay in host memory (the kernels read them there): they need uploading before CUDA.
   ids_.assign(ids, ids + T);
   if (opt_.precision == Precision::kBF16) {
     // Parameters may have changed since the last forward (optimizer step, checkpoint load, params() writes).
@@ -215,9 +225,9 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
   for (int64_t i = first; i <= end; ++i) grow(resid_[i], T * D);
   if (opt_.stage.pre_process) {
     DSV3_PROFILE("fwd.embedding");
-    embedding_forward(ids, param("model.embed_tokens.weight"), resid_[0].data(), T, V, D);
+    be().embedding_forward(ids, param("model.embed_tokens.weight"), resid_[0].data(), T, V, D);
   } else {
-    std::copy_n(stage_input, T * D, resid_[first].data());
+    be().copy_to_device(resid_[first].data(), stage_input, T * D * sizeof(float));
   }
   for (int64_t i = first; i < end; ++i) {
     BlockActs& a = acts_[opt_.recompute ? 0 : i];
@@ -227,11 +237,20 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
   if (!opt_.stage.post_process) return st;
   grow(hf_TD_, T * D), grow(rstd_f_T_, T), grow(loss_T_, T), grow(lse_T_, T);
   DSV3_PROFILE_BEGIN(head, "fwd.head_ce");
-  rmsnorm_forward(resid_[L].data(), param("model.norm.weight"), hf_TD_.data(), rstd_f_T_.data(), T, D,
-                  static_cast<float>(cfg_.rms_norm_eps));
+  be().rmsnorm_forward(resid_[L].data(), D, param("model.norm.weight"), hf_TD_.data(), D, rstd_f_T_.data(), T,
+                       D, static_cast<float>(cfg_.rms_norm_eps));
   const float* head = param("lm_head.weight");
-  auto r = head_cross_entropy_forward(hf_TD_.data(), head, labels, loss_T_.data(), lse_T_.data(), T, D, V,
-                                      opt_.precision, head_scratch_, 0, logits_out, head_bf16());
+  HeadLossResult r;
+  if (logits_out) {
+    // host: the full logits (tests, HF goldens) come from the CPU kernel called directly; needs a backend op
+    // before CUDA.
+    r = head_cross_entropy_forward(hf_TD_.data(), head, labels, loss_T_.data(), lse_T_.data(), T, D, V,
+                                   opt_.precision, head_scratch_, 0, logits_out, head_bf16());
+  } else {
+    be().head_cross_entropy_forward(hf_TD_.data(), head, head_bf16(), labels, loss_T_.data(), lse_T_.data(),
+                                    T, D, V, opt_.precision);
+    r = loss_sum(loss_T_.data(), labels, T);
+  }
   st.lm_loss_sum = r.loss_sum, st.lm_tokens = r.n_valid;
   DSV3_PROFILE_END(head);
 
@@ -248,21 +267,21 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
     grow(dp.z_TD, T * D), grow(dp.zout_TD, T * D), grow(dp.h_TD, T * D), grow(dp.rstd_o_T, T);
     grow(dp.loss_T, T), grow(dp.lse_T, T);
     const float eps = static_cast<float>(cfg_.rms_norm_eps);
-    embedding_forward(dp.ids.data(), param("model.embed_tokens.weight"), dp.e_TD.data(), T, V, D);
+    be().embedding_forward(dp.ids.data(), param("model.embed_tokens.weight"), dp.e_TD.data(), T, V, D);
     // eh_proj input: [enorm(embedding) | hnorm(hidden)] — embedding first, as the released weights expect.
-    rmsnorm_forward_strided(dp.e_TD.data(), D, param(P + "enorm.weight"), dp.cat_T2D.data(), 2 * D,
-                            dp.rstd_e_T.data(), T, D, eps);
-    rmsnorm_forward_strided(h_prev, D, param(P + "hnorm.weight"), dp.cat_T2D.data() + D, 2 * D, dp.rstd_h_T.data(),
-                            T, D, eps);
-    linear_forward(dp.cat_T2D.data(), param(P + "eh_proj.weight"), dp.z_TD.data(), T, 2 * D, D, opt_.precision,
-                   scratch_.lin);
+    be().rmsnorm_forward(dp.e_TD.data(), D, param(P + "enorm.weight"), dp.cat_T2D.data(), 2 * D,
+                         dp.rstd_e_T.data(), T, D, eps);
+    be().rmsnorm_forward(h_prev, D, param(P + "hnorm.weight"), dp.cat_T2D.data() + D, 2 * D,
+                         dp.rstd_h_T.data(), T, D, eps);
+    linear_forward(be(), dp.cat_T2D.data(), param(P + "eh_proj.weight"), dp.z_TD.data(), T, 2 * D, D,
+                   opt_.precision, scratch_.lin);
     run_block(layer, dp.z_TD.data(), dp.zout_TD.data(), dp.acts, training);
     collect_moe(dims_[layer], dp.acts);
-    rmsnorm_forward(dp.zout_TD.data(), param(P + "shared_head.norm.weight"), dp.h_TD.data(), dp.rstd_o_T.data(), T,
-                    D, eps);
-    auto m =
-        head_cross_entropy_forward(dp.h_TD.data(), head, dp.labels.data(), dp.loss_T.data(), dp.lse_T.data(),
-                                   T, D, V, opt_.precision, head_scratch_, 0, nullptr, head_bf16());
+    be().rmsnorm_forward(dp.zout_TD.data(), D, param(P + "shared_head.norm.weight"), dp.h_TD.data(), D,
+                         dp.rstd_o_T.data(), T, D, eps);
+    be().head_cross_entropy_forward(dp.h_TD.data(), head, head_bf16(), dp.labels.data(), dp.loss_T.data(),
+                                    dp.lse_T.data(), T, D, V, opt_.precision);
+    const HeadLossResult m = loss_sum(dp.loss_T.data(), dp.labels.data(), T);
     st.mtp_loss_sum.push_back(m.loss_sum);
     st.mtp_tokens.push_back(m.n_valid);
     h_prev = dp.h_TD.data();
@@ -291,19 +310,21 @@ void Model::backward(float lm_scale, float aux_scale, const std::vector<float>& 
   const int64_t first = opt_.stage.first_layer, end = opt_.stage.end(L);
   grow(dA_TD_, T * D), grow(dB_TD_, T * D), grow(dhf_TD_, T * D);
   if (opt_.stage.post_process) head_backward(lm_scale, aux_scale, mtp_scales);
-  else std::copy_n(doutput, T * D, dB_TD_.data());
+  else
+    be().copy_to_device(dB_TD_.data(), doutput, T * D * sizeof(float));
 
   // Layers in reverse; dB holds d(layer output), dA receives d(layer input).
   for (int64_t i = end - 1; i >= first; --i) {
     BlockActs& a = acts_[opt_.recompute ? 0 : i];
     if (opt_.recompute) run_block(i, resid_[i].data(), dA_TD_.data(), a, training_);  // dA is free here
     BlockGrads g = block_grads(i);
-    block_backward(dims_[i], block_params(i), a, dB_TD_.data(), aux_scale, dA_TD_.data(), g, scratch_, prec);
+    block_backward(be(), dims_[i], block_params(i), a, dB_TD_.data(), aux_scale, dA_TD_.data(), g, scratch_,
+                   prec);
     std::swap(dA_TD_, dB_TD_);
   }
   if (opt_.stage.pre_process) {
     DSV3_PROFILE("bwd.embedding");
-    embedding_backward(dB_TD_.data(), ids_.data(), grad("model.embed_tokens.weight"), T, V, D);
+    be().embedding_backward(dB_TD_.data(), ids_.data(), grad("model.embed_tokens.weight"), T, V, D);
   }
 }
 
@@ -315,7 +336,7 @@ void Model::head_backward(float lm_scale, float aux_scale, const std::vector<flo
   float* dhead = grad("lm_head.weight");
 
   // MTP depths, last to first. dhf_TD_ carries the gradient into the previous depth's output (finally hf).
-  std::fill(dhf_TD_.begin(), dhf_TD_.begin() + T * D, 0.f);
+  be().fill_zero(dhf_TD_.data(), T * D * sizeof(float));
   for (int64_t k = static_cast<int64_t>(depths_.size()) - 1; k >= 0; --k) {
     DSV3_PROFILE("bwd.mtp");
     Depth& dp = *depths_[k];
@@ -324,35 +345,38 @@ void Model::head_backward(float lm_scale, float aux_scale, const std::vector<flo
     const float* h_prev = k == 0 ? hf_TD_.data() : depths_[k - 1]->h_TD.data();
     // dH = head gradient + what the next depth sent back through its hnorm.
     const float mtp_scale = k < static_cast<int64_t>(mtp_scales.size()) ? mtp_scales[k] : 0.f;
-    head_cross_entropy_backward(dp.h_TD.data(), head, dp.labels.data(), dp.lse_T.data(), mtp_scale, nullptr,
-                                dA_TD_.data(), dhead, T, D, V, prec, head_scratch_, 0, head_bf16());
+    be().head_cross_entropy_backward(dp.h_TD.data(), head, head_bf16(), dp.labels.data(), dp.lse_T.data(),
+                                     mtp_scale, nullptr, dA_TD_.data(), dhead, T, D, V, prec);
+    // host loop: needs a backend op before CUDA (dA += dhf).
     for (int64_t i = 0; i < T * D; ++i) dA_TD_[i] += dhf_TD_[i];
-    rmsnorm_backward(dA_TD_.data(), dp.zout_TD.data(), param(P + "shared_head.norm.weight"), dp.rstd_o_T.data(),
-                     dB_TD_.data(), grad(P + "shared_head.norm.weight"), T, D);
+    be().rmsnorm_backward(dA_TD_.data(), D, dp.zout_TD.data(), D, param(P + "shared_head.norm.weight"),
+                          dp.rstd_o_T.data(), dB_TD_.data(), D, grad(P + "shared_head.norm.weight"), T, D,
+                          0.f);
     BlockGrads g = block_grads(layer);
-    block_backward(dims_[layer], block_params(layer), dp.acts, dB_TD_.data(), aux_scale, dA_TD_.data(), g,
-                   scratch_, prec);
+    block_backward(be(), dims_[layer], block_params(layer), dp.acts, dB_TD_.data(), aux_scale, dA_TD_.data(),
+                   g, scratch_, prec);
     // eh_proj: dz (dA) → dcat [T, 2D]; the cat buffer is reused for its gradient once dW is formed.
     std::vector<float>& dcat = scratch_.dh_TF;  // free between blocks
     grow(dcat, 2 * T * D);
-    linear_backward_weight(dA_TD_.data(), dp.cat_T2D.data(), grad(P + "eh_proj.weight"), T, 2 * D, D, prec,
-                           scratch_.lin);
-    linear_backward_input(dA_TD_.data(), param(P + "eh_proj.weight"), dcat.data(), T, 2 * D, D, prec, scratch_.lin);
-    rmsnorm_backward_strided(dcat.data(), 2 * D, dp.e_TD.data(), D, param(P + "enorm.weight"), dp.rstd_e_T.data(),
-                             dB_TD_.data(), D, grad(P + "enorm.weight"), T, D);
-    embedding_backward(dB_TD_.data(), dp.ids.data(), grad("model.embed_tokens.weight"), T, V, D);
-    rmsnorm_backward_strided(dcat.data() + D, 2 * D, h_prev, D, param(P + "hnorm.weight"), dp.rstd_h_T.data(),
-                             dhf_TD_.data(), D, grad(P + "hnorm.weight"), T, D, 0.f);
+    linear_backward_weight(be(), dA_TD_.data(), dp.cat_T2D.data(), grad(P + "eh_proj.weight"), T, 2 * D, D,
+                           prec, scratch_.lin);
+    linear_backward_input(be(), dA_TD_.data(), param(P + "eh_proj.weight"), dcat.data(), T, 2 * D, D, prec,
+                          scratch_.lin);
+    be().rmsnorm_backward(dcat.data(), 2 * D, dp.e_TD.data(), D, param(P + "enorm.weight"),
+                          dp.rstd_e_T.data(), dB_TD_.data(), D, grad(P + "enorm.weight"), T, D, 0.f);
+    be().embedding_backward(dB_TD_.data(), dp.ids.data(), grad("model.embed_tokens.weight"), T, V, D);
+    be().rmsnorm_backward(dcat.data() + D, 2 * D, h_prev, D, param(P + "hnorm.weight"), dp.rstd_h_T.data(),
+                          dhf_TD_.data(), D, grad(P + "hnorm.weight"), T, D, 0.f);
   }
 
   // Main head and final norm.
   DSV3_PROFILE_BEGIN(head, "bwd.head_ce");
-  head_cross_entropy_backward(hf_TD_.data(), head, labels_.data(), lse_T_.data(), lm_scale, nullptr,
-                              dA_TD_.data(), dhead, T, D, V, prec, head_scratch_, 0, head_bf16());
-  if (!depths_.empty())
+  be().head_cross_entropy_backward(hf_TD_.data(), head, head_bf16(), labels_.data(), lse_T_.data(), lm_scale,
+                                   nullptr, dA_TD_.data(), dhead, T, D, V, prec);
+  if (!depths_.empty())  // host loop: needs a backend op before CUDA (dA += dhf).
     for (int64_t i = 0; i < T * D; ++i) dA_TD_[i] += dhf_TD_[i];
-  rmsnorm_backward(dA_TD_.data(), resid_[L].data(), param("model.norm.weight"), rstd_f_T_.data(), dB_TD_.data(),
-                   grad("model.norm.weight"), T, D);
+  be().rmsnorm_backward(dA_TD_.data(), D, resid_[L].data(), D, param("model.norm.weight"), rstd_f_T_.data(),
+                        dB_TD_.data(), D, grad("model.norm.weight"), T, D, 0.f);
   DSV3_PROFILE_END(head);
 }
 

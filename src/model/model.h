@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/backend.h"
 #include "kernels/cpu/cross_entropy.h"
 #include "model/block.h"
 #include "model/config.h"
@@ -32,6 +33,9 @@ struct ModelOptions {
   bool mtp = true;                  // run the config's num_nextn_predict_layers depths
   ExpertParallel ep;                // expert parallelism: this rank holds and runs E/EP experts per MoE layer
   PipelineStage stage;              // pipeline parallelism: the layers (and ends) this rank holds and runs
+  // The kernels' backend (kernels/backend.h). Parameters and activations are still host vectors, so only a
+  // host-memory backend (the CPU one) is accepted for now.
+  Backend* backend = &cpu_backend();
 };
 
 struct ForwardStats {
@@ -100,7 +104,11 @@ class Model {
   BlockDims block_dims(int64_t layer) const;
   BlockParams block_params(int64_t layer);
   BlockGrads block_grads(int64_t layer);
+  Backend& be() const { return *opt_.backend; }
   const bf16* head_bf16();  // lm_head's bf16 copy (nullptr in fp32)
+  // Σ loss_T over t tokens (the ignored ones hold 0), summed on the backend in token order; n_valid from the
+  // host labels.
+  HeadLossResult loss_sum(const float* loss_T, const int32_t* labels_T, int64_t t);
   void run_block(int64_t layer, const float* x, float* out, BlockActs& acts, bool training);
   void head_backward(float lm_scale, float aux_scale, const std::vector<float>& mtp_scales);
 
@@ -122,7 +130,8 @@ class Model {
   std::vector<float> hf_TD_, rstd_f_T_, loss_T_, lse_T_;
   std::vector<std::unique_ptr<Depth>> depths_;
   BlockScratch scratch_;
-  HeadLossScratch head_scratch_;
+  HeadLossScratch head_scratch_;  // forward with logits_out only (the backend keeps its own otherwise)
+  DeviceBuffer loss_sum_;         // one double of backend memory
   std::vector<float> dA_TD_, dB_TD_, dhf_TD_;
 };
 

@@ -3,14 +3,20 @@
 // fork/join per expert loop instead of one per GEMM keeps the threads busy (and a descheduled thread on a
 // shared machine stalls the others once per loop, not once per GEMM). Element-wise kernels (swiglu.h,
 // moe_permute.h) parallelise themselves.
+//
+// Backend seam (kernels/backend.h): the GEMMs (routed experts, shared expert, dense FFN) and the SwiGLUs run
+// on the Backend passed in; the router (kernels/cpu/router.h), the token permutation (ep_dispatch /
+// ep_combine and their gradients), the routed experts' bf16 weight conversion and the host loop marked below
+// still call the CPU code directly on host memory, so MoE layers need a host-memory backend (the CPU's) for
+// now.
 #include "model/moe.h"
 
 #include <optional>
 
 #include "core/error.h"
+#include "core/grow.h"
 #include "core/profile.h"
 #include "kernels/cpu/gemm.h"
-#include "kernels/cpu/swiglu.h"
 #include "model/config.h"
 
 namespace dsv3 {
@@ -39,7 +45,7 @@ void for_each_expert(const DispatchState& s, bool varying_rows, F&& f) {
 // slower steps on proxy-cpu). The fp32 path, dsv3's verification mode, keeps exact-shape primitives: their
 // rows do not depend on the row count of the GEMM, so parallel layouts reproduce the serial run to ~1e-7
 // (runtime-dimension GEMMs reach 1e-6).
-void experts_forward_bf16(const MoeConfig& c, const MoeParams& p, MoeActs& a) {
+void experts_forward_bf16(Backend& be, const MoeConfig& c, const MoeParams& p, MoeActs& a) {
   const int64_t d = c.hidden, f = c.ffn, e_n = c.local_experts(), r_n = a.dispatch.offsets_L1.back();
   const Precision bf = Precision::kBF16;
   a.w_gu_bf.resize(e_n * 2 * f * d);
@@ -51,85 +57,86 @@ void experts_forward_bf16(const MoeConfig& c, const MoeParams& p, MoeActs& a) {
     to_bf16(p.down_proj_EDF + e * d * f, &a.w_down_bf[e * d * f], d * f);
   }
   a.a_RF.resize(r_n * 2 * f);
-  const bf16* x = static_cast<const bf16*>(linear_operand(a.x_RD.data(), r_n * d, bf, a.x_bf));
+  const bf16* x = static_cast<const bf16*>(linear_operand(be, a.x_RD.data(), r_n * d, bf, a.x_bf));
   for_each_expert(a.dispatch, true, [&](int64_t e, int64_t o, int64_t n) {
-    linear_forward_op(x + o * d, &a.w_gu_bf[e * 2 * f * d], &a.a_RF[o * 2 * f], n, d, 2 * f, bf);
+    linear_forward_op(be, x + o * d, &a.w_gu_bf[e * 2 * f * d], &a.a_RF[o * 2 * f], n, d, 2 * f, bf);
   });
-  swiglu_forward_general(a.a_RF.data(), a.a_RF.data() + f, 2 * f, a.prob_R.data(), a.z_RF.data(), r_n, f);
-  const bf16* z = static_cast<const bf16*>(linear_operand(a.z_RF.data(), r_n * f, bf, a.z_bf));
+  be.swiglu_forward(a.a_RF.data(), a.a_RF.data() + f, 2 * f, a.prob_R.data(), a.z_RF.data(), r_n, f);
+  const bf16* z = static_cast<const bf16*>(linear_operand(be, a.z_RF.data(), r_n * f, bf, a.z_bf));
   for_each_expert(a.dispatch, true, [&](int64_t e, int64_t o, int64_t n) {
-    linear_forward_op(z + o * f, &a.w_down_bf[e * d * f], &a.y_RD[o * d], n, f, d, bf);
+    linear_forward_op(be, z + o * f, &a.w_down_bf[e * d * f], &a.y_RD[o * d], n, f, d, bf);
   });
 }
 
-void experts_backward_bf16(const MoeConfig& c, MoeGrads& g, MoeActs& a) {
+void experts_backward_bf16(Backend& be, const MoeConfig& c, MoeGrads& g, MoeActs& a) {
   const int64_t d = c.hidden, f = c.ffn, r_n = a.dispatch.offsets_L1.back();
   const Precision bf = Precision::kBF16;
-  const bf16* dy = static_cast<const bf16*>(linear_operand(a.dy_RD.data(), r_n * d, bf, a.dy_bf));
+  const bf16* dy = static_cast<const bf16*>(linear_operand(be, a.dy_RD.data(), r_n * d, bf, a.dy_bf));
   const bf16* z = a.z_bf.data();
   const bf16* x = a.x_bf.data();
   for_each_expert(a.dispatch, true, [&](int64_t e, int64_t o, int64_t n) {
-    linear_backward_weight_op(dy + o * d, z + o * f, g.down_proj_EDF + e * d * f, n, f, d, bf);
-    linear_backward_input_op(dy + o * d, &a.w_down_bf[e * d * f], &a.dz_RF[o * f], n, f, d, bf);
+    linear_backward_weight_op(be, dy + o * d, z + o * f, g.down_proj_EDF + e * d * f, n, f, d, bf);
+    linear_backward_input_op(be, dy + o * d, &a.w_down_bf[e * d * f], &a.dz_RF[o * f], n, f, d, bf);
   });
   a.da_RF.resize(r_n * 2 * f);
-  swiglu_backward_general(a.dz_RF.data(), a.a_RF.data(), a.a_RF.data() + f, 2 * f, a.prob_R.data(),
-                          a.da_RF.data(), a.da_RF.data() + f, 2 * f, a.dprob_R.data(), r_n, f);
-  const bf16* dab = static_cast<const bf16*>(linear_operand(a.da_RF.data(), r_n * 2 * f, bf, a.dab_bf));
+  be.swiglu_backward(a.dz_RF.data(), a.a_RF.data(), a.a_RF.data() + f, 2 * f, a.prob_R.data(), a.da_RF.data(),
+                     a.da_RF.data() + f, 2 * f, a.dprob_R.data(), r_n, f);
+  const bf16* dab = static_cast<const bf16*>(linear_operand(be, a.da_RF.data(), r_n * 2 * f, bf, a.dab_bf));
   for_each_expert(a.dispatch, true, [&](int64_t e, int64_t o, int64_t n) {
-    linear_backward_weight_op(dab + o * 2 * f, x + o * d, g.gate_proj_EFD + e * f * d, n, d, f, bf, 2 * f);
-    linear_backward_weight_op(dab + o * 2 * f + f, x + o * d, g.up_proj_EFD + e * f * d, n, d, f, bf, 2 * f);
-    linear_backward_input_op(dab + o * 2 * f, &a.w_gu_bf[e * 2 * f * d], &a.dx_RD[o * d], n, d, 2 * f, bf);
+    linear_backward_weight_op(be, dab + o * 2 * f, x + o * d, g.gate_proj_EFD + e * f * d, n, d, f, bf,
+                              2 * f);
+    linear_backward_weight_op(be, dab + o * 2 * f + f, x + o * d, g.up_proj_EFD + e * f * d, n, d, f, bf,
+                              2 * f);
+    linear_backward_input_op(be, dab + o * 2 * f, &a.w_gu_bf[e * 2 * f * d], &a.dx_RD[o * d], n, d, 2 * f,
+                             bf);
   });
 }
 
 }  // namespace
 
-void mlp_forward(const MlpParams& p, const float* x, int64_t t, int64_t d, int64_t f, float* y, float beta,
-                 MlpActs& a, MlpScratch& s, Precision prec) {
+void mlp_forward(Backend& be, const MlpParams& p, const float* x, int64_t t, int64_t d, int64_t f, float* y,
+                 float beta, MlpActs& a, MlpScratch& s, Precision prec) {
   a.x_TD = x, a.t = t;
-  if (static_cast<int64_t>(a.ab_T2F.size()) < t * 2 * f) a.ab_T2F.resize(t * 2 * f);
-  if (static_cast<int64_t>(a.h_TF.size()) < t * f) a.h_TF.resize(t * f);
-  auto W = [&](const float* w, int64_t n) { return weight_operand(w, n, prec, p.bf16_weights, s.lin.b); };
-  const void* xo = linear_operand(x, t * d, prec, a.x_bf);
+  grow(a.ab_T2F, t * 2 * f), grow(a.h_TF, t * f);
+  auto W = [&](const float* w, int64_t n) { return weight_operand(be, w, n, prec, p.bf16_weights, s.lin.b); };
+  const void* xo = linear_operand(be, x, t * d, prec, a.x_bf);
   float* ab = a.ab_T2F.data();
   if (p.up_FD == p.gate_FD + f * d) {
-    linear_forward_op(xo, W(p.gate_FD, 2 * f * d), ab, t, d, 2 * f, prec);
+    linear_forward_op(be, xo, W(p.gate_FD, 2 * f * d), ab, t, d, 2 * f, prec);
   } else {
-    linear_forward_op(xo, W(p.gate_FD, f * d), ab, t, d, f, prec, 0.f, 0, 2 * f);
-    linear_forward_op(xo, W(p.up_FD, f * d), ab + f, t, d, f, prec, 0.f, 0, 2 * f);
+    linear_forward_op(be, xo, W(p.gate_FD, f * d), ab, t, d, f, prec, 0.f, 0, 2 * f);
+    linear_forward_op(be, xo, W(p.up_FD, f * d), ab + f, t, d, f, prec, 0.f, 0, 2 * f);
   }
-  swiglu_forward_general(ab, ab + f, 2 * f, nullptr, a.h_TF.data(), t, f);
-  const void* ho = linear_operand(a.h_TF.data(), t * f, prec, a.h_bf);
-  linear_forward_op(ho, W(p.down_DF, d * f), y, t, f, d, prec, beta);
+  be.swiglu_forward(ab, ab + f, 2 * f, nullptr, a.h_TF.data(), t, f);
+  const void* ho = linear_operand(be, a.h_TF.data(), t * f, prec, a.h_bf);
+  linear_forward_op(be, ho, W(p.down_DF, d * f), y, t, f, d, prec, beta);
 }
 
-void mlp_backward(const MlpParams& p, const MlpActs& a, const float* dy, int64_t d, int64_t f, float* dx,
-                  float beta, MlpGrads& g, MlpScratch& s, Precision prec) {
+void mlp_backward(Backend& be, const MlpParams& p, const MlpActs& a, const float* dy, int64_t d, int64_t f,
+                  float* dx, float beta, MlpGrads& g, MlpScratch& s, Precision prec) {
   const int64_t t = a.t;
-  if (static_cast<int64_t>(s.dh_TF.size()) < t * f) s.dh_TF.resize(t * f);
-  if (static_cast<int64_t>(s.dab_T2F.size()) < t * 2 * f) s.dab_T2F.resize(t * 2 * f);
-  auto W = [&](const float* w, int64_t n) { return weight_operand(w, n, prec, p.bf16_weights, s.lin.b); };
-  const void* dyo = linear_operand(dy, t * d, prec, s.lin.a);
-  linear_backward_weight_op(dyo, saved_operand(a.h_TF.data(), a.h_bf, prec), g.down_DF, t, f, d, prec);
-  linear_backward_input_op(dyo, W(p.down_DF, d * f), s.dh_TF.data(), t, f, d, prec);
+  grow(s.dh_TF, t * f), grow(s.dab_T2F, t * 2 * f);
+  auto W = [&](const float* w, int64_t n) { return weight_operand(be, w, n, prec, p.bf16_weights, s.lin.b); };
+  const void* dyo = linear_operand(be, dy, t * d, prec, s.lin.a);
+  linear_backward_weight_op(be, dyo, saved_operand(a.h_TF.data(), a.h_bf, prec), g.down_DF, t, f, d, prec);
+  linear_backward_input_op(be, dyo, W(p.down_DF, d * f), s.dh_TF.data(), t, f, d, prec);
   const float* ab = a.ab_T2F.data();
   float* dab = s.dab_T2F.data();
-  swiglu_backward_general(s.dh_TF.data(), ab, ab + f, 2 * f, nullptr, dab, dab + f, 2 * f, nullptr, t, f);
-  const void* dabo = linear_operand(dab, t * 2 * f, prec, s.lin.a);
+  be.swiglu_backward(s.dh_TF.data(), ab, ab + f, 2 * f, nullptr, dab, dab + f, 2 * f, nullptr, t, f);
+  const void* dabo = linear_operand(be, dab, t * 2 * f, prec, s.lin.a);
   const void* dbo = linear_operand_at(dabo, f, prec);
   const void* xo = saved_operand(a.x_TD, a.x_bf, prec);
   if (p.up_FD == p.gate_FD + f * d) {
-    linear_backward_input_op(dabo, W(p.gate_FD, 2 * f * d), dx, t, d, 2 * f, prec, beta);
+    linear_backward_input_op(be, dabo, W(p.gate_FD, 2 * f * d), dx, t, d, 2 * f, prec, beta);
   } else {
-    linear_backward_input_op(dabo, W(p.gate_FD, f * d), dx, t, d, f, prec, beta, 2 * f);
-    linear_backward_input_op(dbo, W(p.up_FD, f * d), dx, t, d, f, prec, 1.f, 2 * f);
+    linear_backward_input_op(be, dabo, W(p.gate_FD, f * d), dx, t, d, f, prec, beta, 2 * f);
+    linear_backward_input_op(be, dbo, W(p.up_FD, f * d), dx, t, d, f, prec, 1.f, 2 * f);
   }
   if (g.up_FD == g.gate_FD + f * d) {
-    linear_backward_weight_op(dabo, xo, g.gate_FD, t, d, 2 * f, prec);
+    linear_backward_weight_op(be, dabo, xo, g.gate_FD, t, d, 2 * f, prec);
   } else {
-    linear_backward_weight_op(dabo, xo, g.gate_FD, t, d, f, prec, 2 * f);
-    linear_backward_weight_op(dbo, xo, g.up_FD, t, d, f, prec, 2 * f);
+    linear_backward_weight_op(be, dabo, xo, g.gate_FD, t, d, f, prec, 2 * f);
+    linear_backward_weight_op(be, dbo, xo, g.up_FD, t, d, f, prec, 2 * f);
   }
 }
 
@@ -157,8 +164,8 @@ MoeConfig moe_config_from_model(const ModelConfig& m, Precision p) {
   return c;
 }
 
-void moe_forward(const MoeConfig& c, const MoeParams& p, const float* x, int64_t t, int64_t batch,
-                 bool training, MoeActs& a, float* out) {
+void moe_forward(Backend& be, const MoeConfig& c, const MoeParams& p, const float* x, int64_t t,
+                 int64_t batch, bool training, MoeActs& a, float* out) {
   c.validate();
   DSV3_CHECK(p.gate_proj_EFD && p.up_proj_EFD && p.down_proj_EDF, "moe_forward: expert weights are null");
   DSV3_CHECK(c.n_shared == 0 || (p.shared_gate_SD && p.shared_up_SD && p.shared_down_DS),
@@ -188,16 +195,17 @@ void moe_forward(const MoeConfig& c, const MoeParams& p, const float* x, int64_t
 
   DSV3_PROFILE_BEGIN(fwd_experts, "fwd.moe.experts");
   if (c.precision == Precision::kBF16) {
-    experts_forward_bf16(c, p, a);
+    experts_forward_bf16(be, c, p, a);
   } else {
     for_each_expert(a.dispatch, false, [&](int64_t e, int64_t o, int64_t n) {
-      linear_forward(&a.x_RD[o * d], p.gate_proj_EFD + e * f * d, &a.a_RF[o * f], n, d, f, c.precision,
+      linear_forward(be, &a.x_RD[o * d], p.gate_proj_EFD + e * f * d, &a.a_RF[o * f], n, d, f, c.precision,
                      a.lin);
-      linear_forward(&a.x_RD[o * d], p.up_proj_EFD + e * f * d, &a.b_RF[o * f], n, d, f, c.precision, a.lin);
+      linear_forward(be, &a.x_RD[o * d], p.up_proj_EFD + e * f * d, &a.b_RF[o * f], n, d, f, c.precision,
+                     a.lin);
     });
-    swiglu_scaled_forward(a.a_RF.data(), a.b_RF.data(), a.prob_R.data(), a.z_RF.data(), r_n, f);
+    be.swiglu_forward(a.a_RF.data(), a.b_RF.data(), f, a.prob_R.data(), a.z_RF.data(), r_n, f);
     for_each_expert(a.dispatch, false, [&](int64_t e, int64_t o, int64_t n) {
-      linear_forward(&a.z_RF[o * f], p.down_proj_EDF + e * d * f, &a.y_RD[o * d], n, f, d, c.precision,
+      linear_forward(be, &a.z_RF[o * f], p.down_proj_EDF + e * d * f, &a.y_RD[o * d], n, f, d, c.precision,
                      a.lin);
     });
   }
@@ -207,12 +215,12 @@ void moe_forward(const MoeConfig& c, const MoeParams& p, const float* x, int64_t
   if (c.n_shared > 0 && t > 0) {
     DSV3_PROFILE("fwd.moe.shared");
     const MlpParams mp{p.shared_gate_SD, p.shared_up_SD, p.shared_down_DS, p.bf16_weights};
-    mlp_forward(mp, x, t, d, c.shared_ffn(), out, 1.f, a.shared, a.shared_scratch, c.precision);
+    mlp_forward(be, mp, x, t, d, c.shared_ffn(), out, 1.f, a.shared, a.shared_scratch, c.precision);
   }
 }
 
-void moe_backward(const MoeConfig& c, const MoeParams& p, MoeActs& a, const float* dout, float aux_grad,
-                  MoeGrads& g, float* dx, float beta) {
+void moe_backward(Backend& be, const MoeConfig& c, const MoeParams& p, MoeActs& a, const float* dout,
+                  float aux_grad, MoeGrads& g, float* dx, float beta) {
   DSV3_CHECK(g.gate_w_ED && g.gate_proj_EFD && g.up_proj_EFD && g.down_proj_EDF,
              "moe_backward: null gradients");
   DSV3_CHECK(c.n_shared == 0 || (g.shared_gate_SD && g.shared_up_SD && g.shared_down_DS),
@@ -224,7 +232,7 @@ void moe_backward(const MoeConfig& c, const MoeParams& p, MoeActs& a, const floa
     DSV3_PROFILE("bwd.moe.shared");
     const MlpParams mp{p.shared_gate_SD, p.shared_up_SD, p.shared_down_DS, p.bf16_weights};
     MlpGrads mg{g.shared_gate_SD, g.shared_up_SD, g.shared_down_DS};
-    mlp_backward(mp, a.shared, dout, d, c.shared_ffn(), dx, beta, mg, a.shared_scratch, c.precision);
+    mlp_backward(be, mp, a.shared, dout, d, c.shared_ffn(), dx, beta, mg, a.shared_scratch, c.precision);
     dx_beta = 1.f;
   }
 
@@ -238,25 +246,26 @@ void moe_backward(const MoeConfig& c, const MoeParams& p, MoeActs& a, const floa
   a.dweight_TK.resize(t * k_n);
   DSV3_PROFILE_BEGIN(bwd_experts, "bwd.moe.experts");
   if (c.precision == Precision::kBF16) {
-    experts_backward_bf16(c, g, a);
+    experts_backward_bf16(be, c, g, a);
   } else {
     for_each_expert(a.dispatch, false, [&](int64_t e, int64_t o, int64_t n) {
-      linear_backward_weight(&a.dy_RD[o * d], &a.z_RF[o * f], g.down_proj_EDF + e * d * f, n, f, d,
+      linear_backward_weight(be, &a.dy_RD[o * d], &a.z_RF[o * f], g.down_proj_EDF + e * d * f, n, f, d,
                              c.precision, a.lin);
-      linear_backward_input(&a.dy_RD[o * d], p.down_proj_EDF + e * d * f, &a.dz_RF[o * f], n, f, d,
+      linear_backward_input(be, &a.dy_RD[o * d], p.down_proj_EDF + e * d * f, &a.dz_RF[o * f], n, f, d,
                             c.precision, a.lin);
     });
     // z = silu(a)⊙b·w: the gate weight w of each row gets dw = Σ_f dz·silu(a)·b here.
-    swiglu_scaled_backward(a.dz_RF.data(), a.a_RF.data(), a.b_RF.data(), a.prob_R.data(), a.da_RF.data(),
-                           a.db_RF.data(), a.dprob_R.data(), r_n, f);
+    be.swiglu_backward(a.dz_RF.data(), a.a_RF.data(), a.b_RF.data(), f, a.prob_R.data(), a.da_RF.data(),
+                       a.db_RF.data(), f, a.dprob_R.data(), r_n, f);
     for_each_expert(a.dispatch, false, [&](int64_t e, int64_t o, int64_t n) {
       const float* xe = &a.x_RD[o * d];
-      linear_backward_weight(&a.da_RF[o * f], xe, g.gate_proj_EFD + e * f * d, n, d, f, c.precision, a.lin);
-      linear_backward_weight(&a.db_RF[o * f], xe, g.up_proj_EFD + e * f * d, n, d, f, c.precision, a.lin);
-      linear_backward_input(&a.da_RF[o * f], p.gate_proj_EFD + e * f * d, &a.dx_RD[o * d], n, d, f,
+      linear_backward_weight(be, &a.da_RF[o * f], xe, g.gate_proj_EFD + e * f * d, n, d, f, c.precision,
+                             a.lin);
+      linear_backward_weight(be, &a.db_RF[o * f], xe, g.up_proj_EFD + e * f * d, n, d, f, c.precision, a.lin);
+      linear_backward_input(be, &a.da_RF[o * f], p.gate_proj_EFD + e * f * d, &a.dx_RD[o * d], n, d, f,
                             c.precision, a.lin);
-      linear_backward_input(&a.db_RF[o * f], p.up_proj_EFD + e * f * d, &a.dx_RD[o * d], n, d, f, c.precision,
-                            a.lin, 1.f);
+      linear_backward_input(be, &a.db_RF[o * f], p.up_proj_EFD + e * f * d, &a.dx_RD[o * d], n, d, f,
+                            c.precision, a.lin, 1.f);
     });
   }
   DSV3_PROFILE_END(bwd_experts);
@@ -270,6 +279,7 @@ void moe_backward(const MoeConfig& c, const MoeParams& p, MoeActs& a, const floa
     ep_combine_grad(c.ep, a.dispatch, a.dx_RD.data(), a.dprob_R.data(), a.dx_routed_TD.data(), 0.f,
                     a.dweight_TK.data());
     const float* r = a.dx_routed_TD.data();
+    // host loop: needs a backend op before CUDA (dx += the routed part).
 #pragma omp parallel for simd schedule(static) if (t * d > 65536)
     for (int64_t i = 0; i < t * d; ++i) dx[i] += r[i];
   }

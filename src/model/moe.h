@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/backend.h"
 #include "kernels/cpu/linear.h"
 #include "kernels/cpu/moe_permute.h"
 #include "kernels/cpu/router.h"
@@ -64,10 +65,10 @@ struct MlpScratch {
   std::vector<float> dh_TF, dab_T2F;
   LinearScratch lin;  // a: output-gradient operands, b: weights without a bf16 copy
 };
-void mlp_forward(const MlpParams& p, const float* x_TD, int64_t t, int64_t d, int64_t f, float* y_TD,
-                 float beta, MlpActs& a, MlpScratch& s, Precision prec);
+void mlp_forward(Backend& be, const MlpParams& p, const float* x_TD, int64_t t, int64_t d, int64_t f,
+                 float* y_TD, float beta, MlpActs& a, MlpScratch& s, Precision prec);
 // dx (beta 0: assign, 1: accumulate); parameter gradients accumulate.
-void mlp_backward(const MlpParams& p, const MlpActs& a, const float* dy_TD, int64_t d, int64_t f,
+void mlp_backward(Backend& be, const MlpParams& p, const MlpActs& a, const float* dy_TD, int64_t d, int64_t f,
                   float* dx_TD, float beta, MlpGrads& g, MlpScratch& s, Precision prec);
 
 struct MoeConfig {
@@ -130,10 +131,10 @@ struct MoeActs {
 };
 
 // out_TD = MoE(x_TD). batch: the number of sequences among the T tokens (sequence aux loss only).
-void moe_forward(const MoeConfig& c, const MoeParams& p, const float* x_TD, int64_t t, int64_t batch,
-                 bool training, MoeActs& a, float* out_TD);
+void moe_forward(Backend& be, const MoeConfig& c, const MoeParams& p, const float* x_TD, int64_t t,
+                 int64_t batch, bool training, MoeActs& a, float* out_TD);
 // aux_grad: dL_total/dL_seq_aux (ignored when the aux loss is off).
-void moe_backward(const MoeConfig& c, const MoeParams& p, MoeActs& a, const float* dout_TD, float aux_grad,
-                  MoeGrads& g, float* dx_TD, float beta);
+void moe_backward(Backend& be, const MoeConfig& c, const MoeParams& p, MoeActs& a, const float* dout_TD,
+                  float aux_grad, MoeGrads& g, float* dx_TD, float beta);
 
 }  // namespace dsv3

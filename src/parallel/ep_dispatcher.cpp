@@ -8,6 +8,7 @@
 #include <chrono>
 
 #include "core/error.h"
+#include "core/grow.h"
 #include "core/profile.h"
 
 namespace dsv3 {
@@ -27,11 +28,6 @@ class Timed {
 
 bool distributed(const ExpertParallel& ep) {
   return ep.comm && ep.comm->size() > 1;
-}
-
-template <typename T>
-void grow(std::vector<T>& v, int64_t n) {
-  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
 }
 
 // dst[r] = src[map[r]] (rows of w elements), or the reverse scatter dst[map[r]] = src[r].

@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "core/error.h"
+#include "core/grow.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/simd_exp.h"
 
@@ -26,12 +27,6 @@ void check_args(const int32_t* labels, int64_t t, int64_t d, int64_t v, const ch
 int64_t pick_chunk(int64_t chunk_v, int64_t t, int64_t v) {
   if (chunk_v <= 0) chunk_v = std::max<int64_t>(256, kAutoChunkElems / std::max<int64_t>(t, 1));
   return std::min(chunk_v, v);
-}
-
-template <typename T>
-T* grow(std::vector<T>& v, int64_t n) {
-  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
-  return v.data();
 }
 
 // Operand for gemm: the fp32 data itself, or its bf16 copy in buf.

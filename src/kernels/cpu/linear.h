@@ -1,6 +1,7 @@
 // A bias-free linear layer y[T,out] = x[T,in] · W[out,in]^T (HF nn.Linear layout), forward and backward, in
 // fp32 or bf16 (operands rounded to bf16, fp32 accumulation and fp32 outputs). Every projection in the model
-// goes through these three calls so that precision and the GEMM backend are decided in one place.
+// goes through these calls so that precision and the GEMM backend are decided in one place: each runs its
+// GEMM (and its bf16 operand conversions) on the Backend it is given (kernels/backend.h).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -8,6 +9,8 @@
 #include "core/bf16.h"
 
 namespace dsv3 {
+
+class Backend;
 
 enum class Precision : uint8_t { kF32, kBF16 };
 
@@ -17,30 +20,30 @@ struct LinearScratch {
 };
 
 // y = x W^T (beta = 0) or y += x W^T (beta = 1).
-void linear_forward(const float* x_TI, const float* w_OI, float* y_TO, int64_t t, int64_t in, int64_t out,
-                    Precision p, LinearScratch& s, float beta = 0.f);
+void linear_forward(Backend& be, const float* x_TI, const float* w_OI, float* y_TO, int64_t t, int64_t in,
+                    int64_t out, Precision p, LinearScratch& s, float beta = 0.f);
 // dx = dy W (beta = 0: assign; 1: accumulate).
-void linear_backward_input(const float* dy_TO, const float* w_OI, float* dx_TI, int64_t t, int64_t in, int64_t out,
-                           Precision p, LinearScratch& s, float beta = 0.f);
+void linear_backward_input(Backend& be, const float* dy_TO, const float* w_OI, float* dx_TI, int64_t t,
+                           int64_t in, int64_t out, Precision p, LinearScratch& s, float beta = 0.f);
 // dW += dy^T x (parameter gradients always accumulate).
-void linear_backward_weight(const float* dy_TO, const float* x_TI, float* dw_OI, int64_t t, int64_t in, int64_t out,
-                            Precision p, LinearScratch& s);
+void linear_backward_weight(Backend& be, const float* dy_TO, const float* x_TI, float* dw_OI, int64_t t,
+                            int64_t in, int64_t out, Precision p, LinearScratch& s);
 
 // Operand-level forms for callers that reuse a converted operand across several GEMMs (MoE experts): x, w and
 // dy are GEMM operands in the precision's type (const float* for kF32, const bf16* for kBF16), with row strides
 // ld_* in elements (0: dense). linear_operand makes one; linear_operand_at offsets into one.
-const void* linear_operand(const float* x, int64_t n, Precision p, std::vector<bf16>& buf);
+const void* linear_operand(Backend& be, const float* x, int64_t n, Precision p, std::vector<bf16>& buf);
 inline const void* linear_operand_at(const void* base, int64_t offset, Precision p) {
   return p == Precision::kF32 ? static_cast<const void*>(static_cast<const float*>(base) + offset)
                               : static_cast<const void*>(static_cast<const bf16*>(base) + offset);
 }
-void linear_forward_op(const void* x, const void* w, float* y, int64_t t, int64_t in, int64_t out, Precision p,
-                       float beta = 0.f, int64_t ld_x = 0, int64_t ld_y = 0);
-void linear_backward_input_op(const void* dy, const void* w, float* dx, int64_t t, int64_t in, int64_t out,
-                              Precision p, float beta = 0.f, int64_t ld_dy = 0);
+void linear_forward_op(Backend& be, const void* x, const void* w, float* y, int64_t t, int64_t in,
+                       int64_t out, Precision p, float beta = 0.f, int64_t ld_x = 0, int64_t ld_y = 0);
+void linear_backward_input_op(Backend& be, const void* dy, const void* w, float* dx, int64_t t, int64_t in,
+                              int64_t out, Precision p, float beta = 0.f, int64_t ld_dy = 0);
 // dw += dy^T x; dy rows of stride ld_dy.
-void linear_backward_weight_op(const void* dy, const void* x, float* dw, int64_t t, int64_t in, int64_t out,
-                               Precision p, int64_t ld_dy = 0);
+void linear_backward_weight_op(Backend& be, const void* dy, const void* x, float* dw, int64_t t, int64_t in,
+                               int64_t out, Precision p, int64_t ld_dy = 0);
 
 // bf16 copies of a set of fp32 weight tensors, refreshed by their owner whenever the weights may have changed
 // (Model: at the start of every forward, so an optimizer step or a checkpoint load can never leave a stale
@@ -65,7 +68,7 @@ class Bf16Weights {
 
 // GEMM operand for the weight w[0, n): fp32 → w itself; bf16 → its copy in `cache` when registered there,
 // else converted into buf.
-const void* weight_operand(const float* w, int64_t n, Precision p, const Bf16Weights* cache,
+const void* weight_operand(Backend& be, const float* w, int64_t n, Precision p, const Bf16Weights* cache,
                            std::vector<bf16>& buf);
 // The operand a forward saved: fp32 → the activation itself; bf16 → its bf16 copy.
 inline const void* saved_operand(const float* x, const std::vector<bf16>& x_bf, Precision p) {

@@ -8,6 +8,7 @@
 #include <numeric>
 
 #include "core/error.h"
+#include "kernels/backend.h"
 
 namespace dsv3 {
 namespace {
@@ -162,7 +163,8 @@ void router_forward(const RouterConfig& cfg, const RouterParams& p, const float*
   // Router math stays fp32 whatever the model precision (HF computes it in fp32; the bias needs fp32
   // resolution).
   if (t > 0)
-    linear_forward(u, p.gate_w_ED, a.logits_TE.data(), t, d, cfg.num_experts, Precision::kF32, a.lin);
+    linear_forward(cpu_backend(), u, p.gate_w_ED, a.logits_TE.data(), t, d, cfg.num_experts, Precision::kF32,
+                   a.lin);
   router_route(cfg, p.expert_bias_E, t, batch, training, a);
 }
 
@@ -252,10 +254,10 @@ void router_backward(const RouterConfig& cfg, const RouterParams& p, const float
   DSV3_CHECK(g.gate_w_ED != nullptr, "router_backward: gate weight gradient is null");
   if (a.t == 0) return;
   router_backward_logits(cfg, a, dweight_TK, aux_grad);
-  linear_backward_weight(a.dlogits_TE.data(), u, g.gate_w_ED, a.t, d, cfg.num_experts, Precision::kF32,
-                         a.lin);
-  linear_backward_input(a.dlogits_TE.data(), p.gate_w_ED, du, a.t, d, cfg.num_experts, Precision::kF32, a.lin,
-                        beta);
+  linear_backward_weight(cpu_backend(), a.dlogits_TE.data(), u, g.gate_w_ED, a.t, d, cfg.num_experts,
+                         Precision::kF32, a.lin);
+  linear_backward_input(cpu_backend(), a.dlogits_TE.data(), p.gate_w_ED, du, a.t, d, cfg.num_experts,
+                        Precision::kF32, a.lin, beta);
 }
 
 void router_backward_logits(const RouterConfig& cfg, RouterActs& a, const float* dweight_TK, float aux_grad) {
