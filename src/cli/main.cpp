@@ -47,6 +47,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "internal error: %s\n", e.what());
     return 1;
   }
-  std::fprintf(stderr, "dsv3: unknown command '%s'\n%s", (cmd + (argc >= 3 && cmd == "data" ? std::string(" ") + argv[2] : "")).c_str(), kUsage);
+  std::fprintf(stderr, "dsv3: unknown command '%s'\n%s",
+               (cmd + (argc >= 3 && cmd == "data" ? std::string(" ") + argv[2] : "")).c_str(), kUsage);
   return 2;
 }

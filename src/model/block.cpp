@@ -21,7 +21,8 @@ void block_forward(Backend& be, const BlockDims& d, const BlockParams& p, const 
   const int64_t T = B * S, D = d.D;
   a.x_TD = x;
   a.B = B, a.S = S;
-  grow(a.xn1_TD, T * D), grow(a.rstd1_T, T), grow(a.h_mid_TD, T * D), grow(a.xn2_TD, T * D), grow(a.rstd2_T, T);
+  grow(a.xn1_TD, T * D), grow(a.rstd1_T, T), grow(a.h_mid_TD, T * D), grow(a.xn2_TD, T * D),
+      grow(a.rstd2_T, T);
   grow(a.tmp_TD, T * D);
   {
     DSV3_PROFILE("fwd.norm");

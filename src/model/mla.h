@@ -24,9 +24,9 @@ struct MlaDims {
   int64_t q_lora = 0;  // 0: no query compression (HF q_lora_rank = null) → q_proj
   int64_t kv_lora = 0;
   int64_t dn = 0, dr = 0, dv = 0;
-  float norm_eps = 1e-6f;             // q_a_layernorm / kv_a_layernorm eps (HF: always 1e-6)
-  float softmax_scale = 0.f;          // qk_head_dim^-0.5 · mscale(factor, mscale_all_dim)²
-  RopeFreqs rope;                     // inv_freq [dr/2] (YaRN-adjusted) and cos/sin amplitude, from rope_inv_freq
+  float norm_eps = 1e-6f;     // q_a_layernorm / kv_a_layernorm eps (HF: always 1e-6)
+  float softmax_scale = 0.f;  // qk_head_dim^-0.5 · mscale(factor, mscale_all_dim)²
+  RopeFreqs rope;             // inv_freq [dr/2] (YaRN-adjusted) and cos/sin amplitude, from rope_inv_freq
   int64_t qk_dim() const { return dn + dr; }
   int64_t kv_b_dim() const { return dn + dv; }
   int64_t kv_a_dim() const { return kv_lora + dr; }
@@ -82,7 +82,7 @@ struct MlaActs {
 struct MlaScratch {
   LinearScratch lin;  // (the attention kernel's scratch is the backend's)
   std::vector<float> do_THV, dq_THK, dk_THK, dkv_THE, dckvn_TLkv, dckv_TC, dcqn_TLq, dcq_TLq;
-  RopeTable rope_table;  // cos/sin for positions [0, max_pos), rebuilt only when S outgrows it or freqs change
+  RopeTable rope_table;  // cos/sin for positions [0, max_pos); rebuilt when S outgrows it or freqs change
   RopeFreqs rope_table_freqs;
 };
 

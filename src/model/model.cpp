@@ -12,7 +12,9 @@
 namespace dsv3 {
 namespace {
 
-std::string layer_prefix(int64_t i) { return "model.layers." + std::to_string(i) + "."; }
+std::string layer_prefix(int64_t i) {
+  return "model.layers." + std::to_string(i) + ".";
+}
 
 MlaDims mla_dims(const ModelConfig& c) {
   MlaDims d;
@@ -25,7 +27,8 @@ MlaDims mla_dims(const ModelConfig& c) {
     YarnParams p;
     p.factor = y.factor;
     p.original_max_position_embeddings = y.original_max_position_embeddings;
-    p.beta_fast = y.beta_fast, p.beta_slow = y.beta_slow, p.mscale = y.mscale, p.mscale_all_dim = y.mscale_all_dim;
+    p.beta_fast = y.beta_fast, p.beta_slow = y.beta_slow, p.mscale = y.mscale,
+    p.mscale_all_dim = y.mscale_all_dim;
     p.attention_factor = c.yarn_attention_factor;
     p.truncate = y.truncate;
     d.rope = rope_inv_freq(c.qk_rope_head_dim, c.rope_theta, &p, c.max_position_embeddings);
@@ -66,8 +69,8 @@ Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
   const int64_t L = cfg_.num_hidden_layers, first = opt_.stage.first_layer, end = opt_.stage.end(L);
   DSV3_CHECK(first >= 0 && first < end && end <= L && opt_.stage.pre_process == (first == 0) &&
                  opt_.stage.post_process == (end == L),
-             "pipeline stage: layers [", first, ", ", end, ") of ", L, " with pre_process ", opt_.stage.pre_process,
-             " and post_process ", opt_.stage.post_process, " do not form a stage");
+             "pipeline stage: layers [", first, ", ", end, ") of ", L, " with pre_process ",
+             opt_.stage.pre_process, " and post_process ", opt_.stage.post_process, " do not form a stage");
   DSV3_CHECK(depths == 0 || !opt_.stage.post_process || opt_.stage.pre_process || opt_.stage.shared_embedding,
              "pipeline stage: the last stage runs MTP layers and needs the shared embedding");
   for (int64_t i = 0; i < cfg_.num_hidden_layers + depths; ++i) {
@@ -114,7 +117,8 @@ void Model::load_safetensors(const std::string& path) {
       continue;
     }
     const auto& info = r.info(p.name);
-    DSV3_CHECK(info.shape == p.shape, path, ": tensor ", p.name, " has the wrong shape for this model config");
+    DSV3_CHECK(info.shape == p.shape, path, ": tensor ", p.name,
+               " has the wrong shape for this model config");
     r.read_f32(p.name, param(p.name), p.numel);
   }
 }
@@ -169,11 +173,11 @@ BlockGrads Model::block_grads(int64_t i) {
   auto g = [&](const float* x) { return x ? grads_.data() + (x - params_.data()) : nullptr; };
   BlockGrads out;
   out.input_norm_w = g(p.input_norm_w), out.post_norm_w = g(p.post_norm_w);
-  out.mla = {g(p.mla.q_a_proj_w), g(p.mla.q_a_norm_w), g(p.mla.q_b_proj_w), g(p.mla.q_proj_w),
+  out.mla = {g(p.mla.q_a_proj_w),  g(p.mla.q_a_norm_w),  g(p.mla.q_b_proj_w),  g(p.mla.q_proj_w),
              g(p.mla.kv_a_proj_w), g(p.mla.kv_a_norm_w), g(p.mla.kv_b_proj_w), g(p.mla.o_proj_w)};
   out.gate_FD = g(p.gate_FD), out.up_FD = g(p.up_FD), out.down_DF = g(p.down_DF);
-  out.moe = {g(p.moe.gate_w_ED), g(p.moe.gate_proj_EFD), g(p.moe.up_proj_EFD), g(p.moe.down_proj_EDF),
-             g(p.moe.shared_gate_SD), g(p.moe.shared_up_SD), g(p.moe.shared_down_DS)};
+  out.moe = {g(p.moe.gate_w_ED),      g(p.moe.gate_proj_EFD), g(p.moe.up_proj_EFD),   g(p.moe.down_proj_EDF),
+             g(p.moe.shared_gate_SD), g(p.moe.shared_up_SD),  g(p.moe.shared_down_DS)};
   return out;
 }
 
@@ -196,7 +200,8 @@ void Model::run_block(int64_t i, const float* x, float* out, BlockActs& acts, bo
 ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B, int64_t S, bool training,
                             float* logits_out, const float* stage_input) {
   DSV3_CHECK(B > 0 && S > 0, "forward: empty batch");
-  DSV3_CHECK(opt_.stage.pre_process || stage_input, "forward: a pipeline stage after the first needs its input");
+  DSV3_CHECK(opt_.stage.pre_process || stage_input,
+             "forward: a pipeline stage after the first needs its input");
   DSV3_PROFILE("fwd.other");
   const int64_t T = B * S, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
   const int64_t first = opt_.stage.first_layer, end = opt_.stage.end(L);
@@ -296,20 +301,27 @@ void Model::swap_activations(Activations& a) {
   a.hf_TD.swap(hf_TD_), a.rstd_f_T.swap(rstd_f_T_), a.loss_T.swap(loss_T_), a.lse_T.swap(lse_T_);
 }
 
-const float* Model::stage_output() const { return resid_.at(opt_.stage.end(cfg_.num_hidden_layers)).data(); }
+const float* Model::stage_output() const {
+  return resid_.at(opt_.stage.end(cfg_.num_hidden_layers)).data();
+}
 
-const float* Model::stage_input_grad() const { return dB_TD_.data(); }
+const float* Model::stage_input_grad() const {
+  return dB_TD_.data();
+}
 
-void Model::backward(float lm_scale, float aux_scale, const std::vector<float>& mtp_scales, const float* doutput) {
+void Model::backward(float lm_scale, float aux_scale, const std::vector<float>& mtp_scales,
+                     const float* doutput) {
   const int64_t T = B_ * S_, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
   DSV3_CHECK(T > 0, "backward without forward");
-  DSV3_CHECK(opt_.stage.post_process || doutput, "backward: a pipeline stage before the last needs its output's "
+  DSV3_CHECK(opt_.stage.post_process || doutput,
+             "backward: a pipeline stage before the last needs its output's "
              "gradient");
   DSV3_PROFILE("bwd.other");
   const Precision prec = opt_.precision;
   const int64_t first = opt_.stage.first_layer, end = opt_.stage.end(L);
   grow(dA_TD_, T * D), grow(dB_TD_, T * D), grow(dhf_TD_, T * D);
-  if (opt_.stage.post_process) head_backward(lm_scale, aux_scale, mtp_scales);
+  if (opt_.stage.post_process)
+    head_backward(lm_scale, aux_scale, mtp_scales);
   else
     be().copy_to_device(dB_TD_.data(), doutput, T * D * sizeof(float));
 

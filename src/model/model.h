@@ -25,14 +25,14 @@ namespace dsv3 {
 
 struct ModelOptions {
   Precision precision = Precision::kF32;
-  bool recompute = false;           // full-layer activation recompute
-  double capacity_factor = -1;      // < 0: dropless
+  bool recompute = false;       // full-layer activation recompute
+  double capacity_factor = -1;  // < 0: dropless
   DropPolicy drop_policy = DropPolicy::kProbs;
   bool pad_to_capacity = false;
-  float seq_aux_coeff = 0.f;        // sequence-wise balance loss coefficient (0: off)
-  bool mtp = true;                  // run the config's num_nextn_predict_layers depths
-  ExpertParallel ep;                // expert parallelism: this rank holds and runs E/EP experts per MoE layer
-  PipelineStage stage;              // pipeline parallelism: the layers (and ends) this rank holds and runs
+  float seq_aux_coeff = 0.f;  // sequence-wise balance loss coefficient (0: off)
+  bool mtp = true;            // run the config's num_nextn_predict_layers depths
+  ExpertParallel ep;          // expert parallelism: this rank holds and runs E/EP experts per MoE layer
+  PipelineStage stage;        // pipeline parallelism: the layers (and ends) this rank holds and runs
   // The kernels' backend (kernels/backend.h). Parameters and activations are still host vectors, so only a
   // host-memory backend (the CPU one) is accepted for now.
   Backend* backend = &cpu_backend();
@@ -43,7 +43,7 @@ struct ForwardStats {
   int64_t lm_tokens = 0;
   std::vector<double> mtp_loss_sum;  // per depth
   std::vector<int64_t> mtp_tokens;
-  double aux_loss_sum = 0;           // Σ over MoE layers (main and MTP) of the sequence aux loss
+  double aux_loss_sum = 0;  // Σ over MoE layers (main and MTP) of the sequence aux loss
   int64_t moe_layers = 0;
   std::vector<std::vector<int64_t>> tokens_per_expert;  // per MoE layer in order (main, then MTP)
   // Per MoE layer in the same order: its sequence aux loss (× coeff), and the routed (token, expert) pairs
@@ -77,8 +77,9 @@ class Model {
   // ids/labels [B,S] (labels: next token per position, -100 ignored). logits_out (nullable): [B·S, vocab].
   // A pipeline stage without the embedding takes the previous stage's output as stage_input_TD [B·S, D]; one
   // without the head returns empty stats and leaves its output in stage_output().
-  ForwardStats forward(const int32_t* ids_BS, const int32_t* labels_BS, int64_t B, int64_t S, bool training = true,
-                       float* logits_out = nullptr, const float* stage_input_TD = nullptr);
+  ForwardStats forward(const int32_t* ids_BS, const int32_t* labels_BS, int64_t B, int64_t S,
+                       bool training = true, float* logits_out = nullptr,
+                       const float* stage_input_TD = nullptr);
   // mtp_scales: one per MTP depth (missing entries count as 0). A stage without the head takes the gradient of
   // its output (from the next stage) as doutput_TD; one without the embedding leaves the gradient of its input
   // in stage_input_grad().

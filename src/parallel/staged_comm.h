@@ -35,9 +35,8 @@ class StagedComm final : public Comm {
 
  private:
   StagedComm(Backend& be, std::unique_ptr<Comm> owned) : be_(be), owned_(std::move(owned)), host_(*owned_) {}
-  // Host staging, grow-only: a is the send side, b the receive side.
-  char* stage_a(size_t bytes);
-  char* stage_b(size_t bytes);
+  // Host staging, grow-only: a_ is the send side, b_ the receive side.
+  static char* stage(std::vector<char>& v, size_t bytes);
 
   Backend& be_;
   std::unique_ptr<Comm> owned_;  // set when made by split()

@@ -5,11 +5,11 @@
 
 #include <cstdlib>
 #include <map>
-#include <string>
-#include <vector>
 #include <oneapi/dnnl/dnnl.hpp>
+#include <string>
 #include <tuple>
 #include <unordered_map>
+#include <vector>
 
 #include "core/error.h"
 

@@ -74,7 +74,9 @@ const void* weight_operand(Backend& be, const float* w, int64_t n, Precision p, 
 
 namespace {
 
-GemmType ab_type(Precision p) { return p == Precision::kF32 ? GemmType::kF32 : GemmType::kBF16; }
+GemmType ab_type(Precision p) {
+  return p == Precision::kF32 ? GemmType::kF32 : GemmType::kBF16;
+}
 
 }  // namespace
 

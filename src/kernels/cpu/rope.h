@@ -58,7 +58,9 @@ struct RopeTableView {
   const float* sin_PH = nullptr;
   int64_t max_pos = 0, half = 0;
 };
-inline RopeTableView view_of(const RopeTable& t) { return {t.cos_PH.data(), t.sin_PH.data(), t.max_pos, t.half}; }
+inline RopeTableView view_of(const RopeTable& t) {
+  return {t.cos_PH.data(), t.sin_PH.data(), t.max_pos, t.half};
+}
 
 // Element (t, h, i) of x lives at x[t*ld_x + h*hs_x + i], i < dr = 2*table.half; likewise y. y may alias x
 // (in place, same strides): e.g. q_pe inside q[T, H*192] is (q + 128, ld 192H, hs 192), k_pe is (kv_a + 512,
