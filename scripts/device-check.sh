@@ -49,6 +49,6 @@ grep -E '^\[  (PASSED|FAILED) |^\[==========\]|FAILED  \]|Failure|error' "$out/c
 say "cuda tests exit code: $rc, skipped: $(grep -oP '^\[  SKIPPED \] \K[0-9]+(?= tests?,)' "$out/cuda_tests.log" || echo 0) (a skip here means no GPU was visible)"
 
 say "== bench-gpu (PyTorch peer and the measured roofline)"
-CONFIGS="examples/deepseek/configs/proxy-gpu-dense.json examples/deepseek/configs/proxy-gpu-moe.json" \
+CONFIGS="${CONFIGS:-examples/deepseek/configs/proxy-gpu-dense.json examples/deepseek/configs/proxy-gpu-moe.json}" \
   RUN="bash .devpack/run.sh" timeout 300 bash bench/gpu.sh 2>&1 | tee "$out/bench_gpu.log" | grep -vE '^\s*$' | tee -a "$summary"
 exit $rc
