@@ -18,7 +18,7 @@
 #include "core/bf16.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/gemm.h"
-#include "kernels/cpu/linear.h"
+#include "kernels/precision.h"
 #include "kernels/cpu/rope.h"
 
 namespace dsv3 {
@@ -61,6 +61,15 @@ class Backend {
   virtual double sum_of_squares(const float* x, const std::vector<std::pair<int64_t, int64_t>>& segments) = 0;
   // Σ x over n elements in double; with accumulate, added to *out_1 (backend memory, one double).
   virtual void sum(const float* x_N, int64_t n, double* out_1, bool accumulate) = 0;
+  // y = a + b elementwise (y may alias a or b): the residual adds.
+  virtual void add(float* y_N, const float* a_N, const float* b_N, int64_t n) = 0;
+  // Strided copy of `rows` rows of `cols` elements: dst[r·ld_dst + c] = src[r·ld_src + c] (no overlap).
+  virtual void copy_rows(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t rows,
+                         int64_t cols) = 0;
+  // y[t·ld_y + i] = Σ_h x[t·ld_x + h·hs_x + i] for i < n, the heads added in order h = 0, 1, ... (MLA's k_pe
+  // gradient: k_pe is shared by all heads).
+  virtual void sum_heads(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t t,
+                         int64_t heads, int64_t n) = 0;
 
   // ---- GEMM (cpu/gemm.h)
   virtual void gemm(const GemmArgs& g) = 0;

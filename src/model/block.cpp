@@ -2,28 +2,17 @@
 #include "model/block.h"
 
 #include "core/error.h"
-#include "core/grow.h"
 #include "core/profile.h"
 
 namespace dsv3 {
-namespace {
-
-// host loop: needs a backend op before CUDA (y = a + b, the residual adds).
-void add_into(float* y, const float* a, const float* b, int64_t n) {
-#pragma omp parallel for simd schedule(static)
-  for (int64_t i = 0; i < n; ++i) y[i] = a[i] + b[i];
-}
-
-}  // namespace
-
 void block_forward(Backend& be, const BlockDims& d, const BlockParams& p, const float* x, int64_t B,
                    int64_t S, bool training, float* out, BlockActs& a, BlockScratch& s, Precision prec) {
   const int64_t T = B * S, D = d.D;
   a.x_TD = x;
   a.B = B, a.S = S;
-  grow(a.xn1_TD, T * D), grow(a.rstd1_T, T), grow(a.h_mid_TD, T * D), grow(a.xn2_TD, T * D),
-      grow(a.rstd2_T, T);
-  grow(a.tmp_TD, T * D);
+  grow(be, a.xn1_TD, T * D), grow(be, a.rstd1_T, T), grow(be, a.h_mid_TD, T * D), grow(be, a.xn2_TD, T * D),
+      grow(be, a.rstd2_T, T);
+  grow(be, a.tmp_TD, T * D);
   {
     DSV3_PROFILE("fwd.norm");
     be.rmsnorm_forward(x, D, p.input_norm_w, a.xn1_TD.data(), D, a.rstd1_T.data(), T, D, d.norm_eps);
@@ -31,7 +20,7 @@ void block_forward(Backend& be, const BlockDims& d, const BlockParams& p, const 
   mla_forward(be, d.mla, p.mla, a.xn1_TD.data(), B, S, a.tmp_TD.data(), a.mla, prec, s.mla);
   {
     DSV3_PROFILE("fwd.norm");
-    add_into(a.h_mid_TD.data(), x, a.tmp_TD.data(), T * D);
+    be.add(a.h_mid_TD.data(), x, a.tmp_TD.data(), T * D);
     be.rmsnorm_forward(a.h_mid_TD.data(), D, p.post_norm_w, a.xn2_TD.data(), D, a.rstd2_T.data(), T, D,
                        d.norm_eps);
   }
@@ -42,14 +31,14 @@ void block_forward(Backend& be, const BlockDims& d, const BlockParams& p, const 
     const MlpParams mp{p.gate_FD, p.up_FD, p.down_DF, p.bf16_weights};
     mlp_forward(be, mp, a.xn2_TD.data(), T, D, d.F, a.tmp_TD.data(), 0.f, a.mlp, s.mlp, prec);
   }
-  add_into(out, a.h_mid_TD.data(), a.tmp_TD.data(), T * D);
+  be.add(out, a.h_mid_TD.data(), a.tmp_TD.data(), T * D);
 }
 
 void block_backward(Backend& be, const BlockDims& d, const BlockParams& p, BlockActs& a, const float* dout,
                     float aux_grad, float* dx, BlockGrads& g, BlockScratch& s, Precision prec) {
   DSV3_CHECK(dx != dout, "block_backward: dx may not alias dout");
   const int64_t T = a.B * a.S, D = d.D;
-  grow(s.dxn_TD, T * D), grow(s.dh_mid_TD, T * D);
+  grow(be, s.dxn_TD, T * D), grow(be, s.dh_mid_TD, T * D);
   float* dxn = s.dxn_TD.data();
   float* dh_mid = s.dh_mid_TD.data();
   if (d.is_moe) {

@@ -44,7 +44,7 @@ struct BlockDims {
 struct BlockActs {
   const float* x_TD = nullptr;
   int64_t B = 0, S = 0;
-  std::vector<float> xn1_TD, rstd1_T, h_mid_TD, xn2_TD, rstd2_T, tmp_TD;
+  DeviceArray<float> xn1_TD, rstd1_T, h_mid_TD, xn2_TD, rstd2_T, tmp_TD;
   MlaActs mla;
   MlpActs mlp;  // dense FFN
   MoeActs moe;
@@ -55,12 +55,12 @@ struct BlockScratch {
   MlaScratch mla;
   MlpScratch mlp;
   LinearScratch lin;
-  std::vector<float> dxn_TD, dh_mid_TD, dh_TF;  // dh_TF: free for the caller between blocks
+  DeviceArray<float> dxn_TD, dh_mid_TD, dh_TF;  // dh_TF: free for the caller between blocks
 };
 
 void block_forward(Backend& be, const BlockDims& d, const BlockParams& p, const float* x_TD, int64_t B,
                    int64_t S, bool training, float* out_TD, BlockActs& a, BlockScratch& s, Precision prec);
-// Kernels run on `be` (the MoE router and token permutation stay on the CPU: see moe.cpp). dx_TD is assigned
+// Kernels run on `be` (the MoE router and token permutation only on the CPU: see moe.cpp). dx_TD is assigned
 // (it may not alias dout_TD); parameter gradients accumulate. aux_grad scales the MoE
 // sequence aux loss gradient.
 void block_backward(Backend& be, const BlockDims& d, const BlockParams& p, BlockActs& a, const float* dout_TD,

@@ -14,16 +14,21 @@
 namespace dsv3 {
 namespace {
 
-// The cos/sin table covers positions [0, S); rebuilt only when S outgrows it or the frequencies change, so steady
-// state neither allocates nor recomputes trig.
-const RopeTable& rope_table(const MlaDims& d, int64_t S, MlaScratch& sc) {
+// The cos/sin table covers positions [0, S); rebuilt (on the host, then copied to the backend) only when S
+// outgrows it or the frequencies change, so steady state neither allocates nor recomputes trig.
+RopeTableView rope_table(Backend& be, const MlaDims& d, int64_t S, MlaScratch& sc) {
   const bool same = sc.rope_table_freqs.inv_freq == d.rope.inv_freq &&
                     sc.rope_table_freqs.attention_factor == d.rope.attention_factor;
-  if (!same || sc.rope_table.max_pos < S) {
-    rope_build_table(d.rope, S, sc.rope_table);
+  RopeTable& t = sc.rope_table;
+  if (!same || t.max_pos < S || sc.rope_cos_PH.backend() != &be) {
+    if (!same || t.max_pos < S) rope_build_table(d.rope, S, t);
     sc.rope_table_freqs = d.rope;
+    const int64_t n = static_cast<int64_t>(t.cos_PH.size());
+    sc.rope_cos_PH = {}, sc.rope_sin_PH = {};
+    grow(be, sc.rope_cos_PH, n), grow(be, sc.rope_sin_PH, n);
+    sc.rope_cos_PH.copy_from_host(t.cos_PH.data(), n), sc.rope_sin_PH.copy_from_host(t.sin_PH.data(), n);
   }
-  return sc.rope_table;
+  return {sc.rope_cos_PH.data(), sc.rope_sin_PH.data(), t.max_pos, t.half};
 }
 
 }  // namespace
@@ -58,13 +63,13 @@ void mla_forward(Backend& be, const MlaDims& d, const MlaParams& p, const float*
     return weight_operand(be, w, n, prec, p.bf16_weights, sc.lin.b);
   };
   const void* xo = linear_operand(be, x, T * d.D, prec, a.x_bf);
-  float* q = grow(a.q_THK, T * H * K);
+  float* q = grow(be, a.q_THK, T * H * K);
   DSV3_PROFILE_BEGIN(qkv, "fwd.attn.qkv_proj");
   if (qlora) {
-    float* cq = grow(a.cq_TLq, T * d.q_lora);
-    float* cqn = grow(a.cqn_TLq, T * d.q_lora);
+    float* cq = grow(be, a.cq_TLq, T * d.q_lora);
+    float* cqn = grow(be, a.cqn_TLq, T * d.q_lora);
     linear_forward_op(be, xo, W(p.q_a_proj_w, d.q_lora * d.D), cq, T, d.D, d.q_lora, prec);
-    be.rmsnorm_forward(cq, d.q_lora, p.q_a_norm_w, cqn, d.q_lora, grow(a.rstd_q_T, T), T, d.q_lora,
+    be.rmsnorm_forward(cq, d.q_lora, p.q_a_norm_w, cqn, d.q_lora, grow(be, a.rstd_q_T, T), T, d.q_lora,
                        d.norm_eps);
     const void* cqno = linear_operand(be, cqn, T * d.q_lora, prec, a.cqn_bf);
     linear_forward_op(be, cqno, W(p.q_b_proj_w, H * K * d.q_lora), q, T, d.q_lora, H * K, prec);
@@ -73,37 +78,30 @@ void mla_forward(Backend& be, const MlaDims& d, const MlaParams& p, const float*
   }
 
   // Latent kv: [T, C] = [ckv | k_pe]; only ckv is normed.
-  float* ckv = grow(a.ckv_TC, T * C);
-  float* ckvn = grow(a.ckvn_TLkv, T * L);
-  float* kv = grow(a.kv_THE, T * H * E);
+  float* ckv = grow(be, a.ckv_TC, T * C);
+  float* ckvn = grow(be, a.ckvn_TLkv, T * L);
+  float* kv = grow(be, a.kv_THE, T * H * E);
   linear_forward_op(be, xo, W(p.kv_a_proj_w, C * d.D), ckv, T, d.D, C, prec);
-  be.rmsnorm_forward(ckv, C, p.kv_a_norm_w, ckvn, L, grow(a.rstd_kv_T, T), T, L, d.norm_eps);
+  be.rmsnorm_forward(ckv, C, p.kv_a_norm_w, ckvn, L, grow(be, a.rstd_kv_T, T), T, L, d.norm_eps);
   const void* ckvno = linear_operand(be, ckvn, T * L, prec, a.ckvn_bf);
   linear_forward_op(be, ckvno, W(p.kv_b_proj_w, H * E * L), kv, T, L, H * E, prec);
   DSV3_PROFILE_END(qkv);
 
   // RoPE on q_pe (every head, in place) and k_pe (once, into head 0's key, then broadcast to the other heads).
   DSV3_PROFILE("fwd.attn.rope");
-  // The cos/sin table is built in host memory (MlaScratch): it needs a copy in backend memory before CUDA.
-  const RopeTableView tab = view_of(rope_table(d, S, sc));
-  float* k = grow(a.k_THK, T * H * K);
-  // host loop: needs a backend op before CUDA (k_nope of every head: kv [T,H,E] cols [0, dn) → k [T,H,K]).
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t h = 0; h < H; ++h)
-      std::copy(kv + (t * H + h) * E, kv + (t * H + h) * E + d.dn, k + (t * H + h) * K);
+  const RopeTableView tab = rope_table(be, d, S, sc);
+  float* k = grow(be, a.k_THK, T * H * K);
+  be.copy_rows(k, K, kv, E, T * H, d.dn);  // k_nope of every head: kv [T,H,E] cols [0, dn) → k [T,H,K]
   be.rope_forward(q + d.dn, H * K, K, q + d.dn, H * K, K, T, H, S, tab, true);
-  be.rope_forward(ckv + L, C, 0, k + d.dn, H * K, 0, T, 1, S, tab, true);
-  // host loop: needs a backend op before CUDA (broadcast of the rotated k_pe from head 0 to heads 1..H-1).
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t h = 1; h < H; ++h)
-      std::copy(k + t * H * K + d.dn, k + t * H * K + K, k + (t * H + h) * K + d.dn);
+  // The one k_pe rotated into every head's key (input head stride 0): the broadcast costs no extra pass.
+  be.rope_forward(ckv + L, C, 0, k + d.dn, H * K, K, T, H, S, tab, true);
 
   AttentionShape as{B, S, H, K, d.dv, d.softmax_scale};
-  float* o = grow(a.o_THV, T * H * d.dv);
+  float* o = grow(be, a.o_THV, T * H * d.dv);
   {
     DSV3_PROFILE("fwd.attn.kernel");
     be.attention_forward(as, {q, H * K, K}, {k, H * K, K}, {kv + d.dn, H * E, E}, {o, H * d.dv, d.dv},
-                         grow(a.lse_BHS, B * H * S), prec);
+                         grow(be, a.lse_BHS, B * H * S), prec);
   }
   DSV3_PROFILE("fwd.attn.o_proj");
   const void* oo = linear_operand(be, o, T * H * d.dv, prec, a.o_bf);
@@ -129,7 +127,7 @@ void mla_backward(Backend& be, const MlaDims& d, const MlaParams& p, const MlaAc
   const void* xo = saved_operand(a.x_TD, a.x_bf, prec);
 
   // o_proj.
-  float* dout = grow(sc.do_THV, T * H * d.dv);
+  float* dout = grow(be, sc.do_THV, T * H * d.dv);
   {
     DSV3_PROFILE("bwd.attn.o_proj");
     const void* dyo = G(dy, T * d.D);
@@ -139,9 +137,9 @@ void mla_backward(Backend& be, const MlaDims& d, const MlaParams& p, const MlaAc
   }
 
   // Attention: dv lands directly in the v columns of dkv; dk is split below.
-  float* dq = grow(sc.dq_THK, T * H * K);
-  float* dk = grow(sc.dk_THK, T * H * K);
-  float* dkv = grow(sc.dkv_THE, T * H * E);
+  float* dq = grow(be, sc.dq_THK, T * H * K);
+  float* dk = grow(be, sc.dk_THK, T * H * K);
+  float* dkv = grow(be, sc.dkv_THE, T * H * E);
   AttentionShape as{B, S, H, K, d.dv, d.softmax_scale};
   {
     DSV3_PROFILE("bwd.attn.kernel");
@@ -152,28 +150,19 @@ void mla_backward(Backend& be, const MlaDims& d, const MlaParams& p, const MlaAc
   }
 
   // Undo RoPE; k_pe was shared by all heads, so its gradient is the sum over heads (into dckv's k_pe columns).
-  float* dckv = grow(sc.dckv_TC, T * C);
+  float* dckv = grow(be, sc.dckv_TC, T * C);
   {
     DSV3_PROFILE("bwd.attn.rope");
-    const RopeTableView tab = view_of(rope_table(d, S, sc));  // host memory: see mla_forward
-    // host loop: needs a backend op before CUDA (dk_nope of every head → dkv cols [0, dn); dk_pe summed over
-    // the heads, in head order, into dckv's k_pe columns after zeroing them).
-    for (int64_t t = 0; t < T; ++t) {
-      float* dkpe = dckv + t * C + L;
-      std::fill(dkpe, dkpe + d.dr, 0.f);
-      for (int64_t h = 0; h < H; ++h) {
-        const float* dkh = dk + (t * H + h) * K;
-        std::copy(dkh, dkh + d.dn, dkv + (t * H + h) * E);
-        for (int64_t i = 0; i < d.dr; ++i) dkpe[i] += dkh[d.dn + i];
-      }
-    }
+    const RopeTableView tab = rope_table(be, d, S, sc);
+    be.copy_rows(dkv, E, dk, K, T * H, d.dn);                       // dk_nope of every head → dkv cols [0, dn)
+    be.sum_heads(dk + d.dn, H * K, K, dckv + L, C, T, H, d.dr);  // dk_pe summed over the heads, in order
     be.rope_backward(dq + d.dn, H * K, K, dq + d.dn, H * K, K, T, H, S, tab, true);
     be.rope_backward(dckv + L, C, 0, dckv + L, C, 0, T, 1, S, tab, true);
   }
   DSV3_PROFILE("bwd.attn.qkv_proj");
 
   // kv_b_proj, kv_a_layernorm (its gradient goes into the ckv columns of dckv), kv_a_proj_with_mqa.
-  float* dckvn = grow(sc.dckvn_TLkv, T * L);
+  float* dckvn = grow(be, sc.dckvn_TLkv, T * L);
   const void* dkvo = G(dkv, T * H * E);
   linear_backward_weight_op(be, dkvo, saved_operand(a.ckvn_TLkv.data(), a.ckvn_bf, prec), g.kv_b_proj_w, T, L,
                             H * E, prec);
@@ -187,8 +176,8 @@ void mla_backward(Backend& be, const MlaDims& d, const MlaParams& p, const MlaAc
   // Query path, accumulating into dx.
   const void* dqo = G(dq, T * H * K);
   if (qlora) {
-    float* dcqn = grow(sc.dcqn_TLq, T * d.q_lora);
-    float* dcq = grow(sc.dcq_TLq, T * d.q_lora);
+    float* dcqn = grow(be, sc.dcqn_TLq, T * d.q_lora);
+    float* dcq = grow(be, sc.dcq_TLq, T * d.q_lora);
     linear_backward_weight_op(be, dqo, saved_operand(a.cqn_TLq.data(), a.cqn_bf, prec), g.q_b_proj_w, T,
                               d.q_lora, H * K, prec);
     linear_backward_input_op(be, dqo, W(p.q_b_proj_w, H * K * d.q_lora), dcqn, T, d.q_lora, H * K, prec);

@@ -62,32 +62,33 @@ struct MlaGrads {
 struct MlaActs {
   int64_t B = 0, S = 0;
   const float* x_TD = nullptr;
-  std::vector<float> cq_TLq;     // q_a_proj output (pre-norm)
-  std::vector<float> rstd_q_T;   // q_a_layernorm 1/rms
-  std::vector<float> cqn_TLq;    // q_a_layernorm output (q_b_proj input)
-  std::vector<float> q_THK;      // queries with the rope part rotated (attention input)
-  std::vector<float> ckv_TC;     // kv_a_proj_with_mqa output: [ckv (Lkv) | k_pe raw (dr)]
-  std::vector<float> rstd_kv_T;  // kv_a_layernorm 1/rms
-  std::vector<float> ckvn_TLkv;  // kv_a_layernorm output (kv_b_proj input)
-  std::vector<float> kv_THE;     // kv_b_proj output: per head [k_nope (dn) | v (dv)]
-  std::vector<float> k_THK;      // keys: [k_nope_h | rotated k_pe] (k_pe broadcast over heads)
-  std::vector<float> o_THV;      // attention output (o_proj input)
-  std::vector<float> lse_BHS;    // attention logsumexp per row
+  DeviceArray<float> cq_TLq;     // q_a_proj output (pre-norm)
+  DeviceArray<float> rstd_q_T;   // q_a_layernorm 1/rms
+  DeviceArray<float> cqn_TLq;    // q_a_layernorm output (q_b_proj input)
+  DeviceArray<float> q_THK;      // queries with the rope part rotated (attention input)
+  DeviceArray<float> ckv_TC;     // kv_a_proj_with_mqa output: [ckv (Lkv) | k_pe raw (dr)]
+  DeviceArray<float> rstd_kv_T;  // kv_a_layernorm 1/rms
+  DeviceArray<float> ckvn_TLkv;  // kv_a_layernorm output (kv_b_proj input)
+  DeviceArray<float> kv_THE;     // kv_b_proj output: per head [k_nope (dn) | v (dv)]
+  DeviceArray<float> k_THK;      // keys: [k_nope_h | rotated k_pe] (k_pe broadcast over heads)
+  DeviceArray<float> o_THV;      // attention output (o_proj input)
+  DeviceArray<float> lse_BHS;    // attention logsumexp per row
   // bf16 mode: the projection inputs as GEMM operands, made once in forward and reused by the weight
   // gradients.
-  std::vector<bf16> x_bf, cqn_bf, ckvn_bf, o_bf;
+  DeviceArray<bf16> x_bf, cqn_bf, ckvn_bf, o_bf;
 };
 
 // Backward temporaries and kernel scratch; grown on first use, reused afterwards.
 struct MlaScratch {
   LinearScratch lin;  // (the attention kernel's scratch is the backend's)
-  std::vector<float> do_THV, dq_THK, dk_THK, dkv_THE, dckvn_TLkv, dckv_TC, dcqn_TLq, dcq_TLq;
+  DeviceArray<float> do_THV, dq_THK, dk_THK, dkv_THE, dckvn_TLkv, dckv_TC, dcqn_TLq, dcq_TLq;
   RopeTable rope_table;  // cos/sin for positions [0, max_pos); rebuilt when S outgrows it or freqs change
   RopeFreqs rope_table_freqs;
+  DeviceArray<float> rope_cos_PH, rope_sin_PH;  // the table in the backend's memory (what the kernels read)
 };
 
-// y_TD = MLA(x_TD) for B packed sequences of length S. Every kernel runs on `be` (kernels/backend.h); the
-// activations and scratch are still host vectors, so `be` must be a host-memory backend for now (the CPU's).
+// y_TD = MLA(x_TD) for B packed sequences of length S. Every kernel runs on `be` (kernels/backend.h), and every
+// pointer is memory of `be`.
 void mla_forward(Backend& be, const MlaDims& d, const MlaParams& p, const float* x_TD, int64_t B, int64_t S,
                  float* y_TD, MlaActs& acts, Precision prec, MlaScratch& scratch);
 

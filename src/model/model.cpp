@@ -5,7 +5,6 @@
 #include <cstring>
 
 #include "core/error.h"
-#include "core/grow.h"
 #include "core/profile.h"
 #include "model/safetensors.h"
 
@@ -38,8 +37,8 @@ MlaDims mla_dims(const ModelConfig& c) {
   return d;
 }
 
-// Megatron's roll_tensor(shifts=-k) within each sequence, with the vacated tail set to `fill`.
-// host loop: ids and labels are host memory (see Model::forward); needs a backend op or upload before CUDA.
+// Megatron's roll_tensor(shifts=-k) within each sequence, with the vacated tail set to `fill` (on the host
+// copies of ids and labels, before their upload).
 void roll_left(const int32_t* x, int32_t* y, int64_t B, int64_t S, int64_t k, int32_t fill) {
   for (int64_t b = 0; b < B; ++b)
     for (int64_t s = 0; s < S; ++s) y[b * S + s] = s + k < S ? x[b * S + s + k] : fill;
@@ -48,8 +47,9 @@ void roll_left(const int32_t* x, int32_t* y, int64_t B, int64_t S, int64_t k, in
 }  // namespace
 
 struct Model::Depth {
-  std::vector<int32_t> ids, labels;
-  std::vector<float> e_TD, rstd_e_T, rstd_h_T, cat_T2D, z_TD, zout_TD, h_TD, rstd_o_T, loss_T, lse_T;
+  std::vector<int32_t> ids_host, labels_host;
+  DeviceArray<int32_t> ids, labels;
+  DeviceArray<float> e_TD, rstd_e_T, rstd_h_T, cat_T2D, z_TD, zout_TD, h_TD, rstd_o_T, loss_T, lse_T;
   BlockActs acts;
 };
 
@@ -58,12 +58,15 @@ Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
       opt_(opt),
       table_(cfg),
       store_(table_, opt.ep.size(), opt.ep.rank(), opt.stage),
-      params_(store_.size()),
-      grads_(store_.size()) {
+      params_(*opt.backend, store_.size()),
+      grads_(*opt.backend, store_.size()) {
   cfg_.validate();
-  DSV3_CHECK(opt_.backend && opt_.backend->kind() == DeviceKind::kCpu, "model: backend ",
-             opt_.backend ? opt_.backend->name() : std::string("(null)"),
-             " cannot run the model yet: its parameters and activations are host memory (only cpu can)");
+  if (be().kind() != DeviceKind::kCpu)
+    for (int64_t i = 0; i < cfg_.num_hidden_layers; ++i)
+      DSV3_CHECK(!cfg_.is_moe_layer(i), "model: MoE layers (layer ", i, ") do not run on ", be().name(),
+                 " yet: the router and the token permutation are CPU code (use --device cpu, or a dense config "
+                 "with first_k_dense_replace = num_hidden_layers)");
+  DSV3_CHECK(be().kind() == DeviceKind::kCpu || opt_.ep.size() == 1, "model: expert parallelism runs on the CPU only");
   loss_sum_.ensure(be(), sizeof(double));  // before any step: steps allocate nothing on the backend
   const int64_t depths = opt_.mtp ? cfg_.num_nextn_predict_layers : 0;
   const int64_t L = cfg_.num_hidden_layers, first = opt_.stage.first_layer, end = opt_.stage.end(L);
@@ -97,18 +100,33 @@ Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
     for (const auto& p : table_.params())
       if (p.tied_to.empty() && !p.is_expert && store_.contains(p.name) &&
           (p.role == ParamRole::kLinear || p.role == ParamRole::kOutputLinear || p.role == ParamRole::kHead))
-        bf16_weights_.add(param(p.name), p.numel);
+        bf16_weights_.add(be(), param(p.name), p.numel);
   for (int64_t k = 0; k < depths; ++k) depths_.push_back(std::make_unique<Depth>());
 }
 
 Model::~Model() = default;
 
 void Model::init(uint64_t seed) {
+  // Parameters are formed on the host (the init is the CPU's, Megatron's (seed, name, index) streams), then
+  // copied to the backend when it is not the host.
+  const bool host = be().kind() == DeviceKind::kCpu;
+  std::vector<float> staged(host ? 0 : static_cast<size_t>(params_.size()));
+  float* base = host ? params_.data() : staged.data();
   for (const auto& p : table_.params())
-    if (p.tied_to.empty() && store_.contains(p.name)) init_param(p, seed, cfg_, param(p.name));
+    if (p.tied_to.empty() && store_.contains(p.name)) init_param(p, seed, cfg_, base + store_.offset(p.name));
+  if (!host) params_.copy_from_host(staged.data(), params_.size());
+}
+
+void Model::params_from_host(const std::vector<float>& host) {
+  DSV3_CHECK(static_cast<int64_t>(host.size()) == params_.size(), "params_from_host: ", host.size(),
+             " values for ", params_.size(), " parameters");
+  params_.copy_from_host(host.data(), params_.size());
 }
 
 void Model::load_safetensors(const std::string& path) {
+  const bool host = be().kind() == DeviceKind::kCpu;
+  std::vector<float> staged = host ? std::vector<float>() : params_.to_host();  // keeps absent MTP tensors
+  float* base = host ? params_.data() : staged.data();
   SafetensorsReader r(path);
   for (const auto& p : table_.params()) {
     if (!p.tied_to.empty() || !store_.contains(p.name)) continue;
@@ -119,14 +137,15 @@ void Model::load_safetensors(const std::string& path) {
     const auto& info = r.info(p.name);
     DSV3_CHECK(info.shape == p.shape, path, ": tensor ", p.name,
                " has the wrong shape for this model config");
-    r.read_f32(p.name, param(p.name), p.numel);
+    r.read_f32(p.name, base + store_.offset(p.name), p.numel);
   }
+  if (!host) params_.copy_from_host(staged.data(), params_.size());
 }
 
 void Model::zero_grads() {
-  // host loop: needs a backend op before CUDA (the gradients are a host vector; fill_zero once they move).
-  float* g = grads_.data();
-  const int64_t n = static_cast<int64_t>(grads_.size());
+  if (be().kind() != DeviceKind::kCpu) return be().fill_zero(grads_.data(), grads_.size() * sizeof(float));
+  float* g = grads_.data();  // the host: in parallel (memset on one thread is slower for GBs)
+  const int64_t n = grads_.size();
 #pragma omp parallel for simd schedule(static)
   for (int64_t i = 0; i < n; ++i) g[i] = 0.f;
 }
@@ -185,12 +204,23 @@ const bf16* Model::head_bf16() {
   return bf16_weights_.find(param("lm_head.weight"), cfg_.vocab_size * cfg_.hidden_size);
 }
 
-HeadLossResult Model::loss_sum(const float* loss_T, const int32_t* labels_T, int64_t t) {
+HeadLossResult Model::loss_sum(const float* loss_T, const int32_t* host_labels_T, int64_t t) {
   HeadLossResult r;
   be().sum(loss_T, t, loss_sum_.as<double>(), false);
   be().copy_to_host(&r.loss_sum, loss_sum_.data(), sizeof(double));
-  for (int64_t i = 0; i < t; ++i) r.n_valid += labels_T[i] != kIgnoreLabel;
+  for (int64_t i = 0; i < t; ++i) r.n_valid += host_labels_T[i] != kIgnoreLabel;
   return r;
+}
+
+void Model::logits_to_host(const float* h, int64_t t, float* out) {
+  const int64_t D = cfg_.hidden_size, V = cfg_.vocab_size;
+  const int64_t rows = std::max<int64_t>(1, (int64_t{64} << 20) / (V * 4));  // ~64 MiB of logits at a time
+  float* chunk = grow(be(), logits_scratch_, std::min(rows, t) * V);
+  for (int64_t r0 = 0; r0 < t; r0 += rows) {
+    const int64_t n = std::min(rows, t - r0);
+    linear_forward(be(), h + r0 * D, param("lm_head.weight"), chunk, n, D, V, opt_.precision, scratch_.lin);
+    be().copy_to_host(out + r0 * V, chunk, n * V * sizeof(float));
+  }
 }
 
 void Model::run_block(int64_t i, const float* x, float* out, BlockActs& acts, bool training) {
@@ -206,14 +236,15 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
   const int64_t T = B * S, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
   const int64_t first = opt_.stage.first_layer, end = opt_.stage.end(L);
   B_ = B, S_ = S, training_ = training;
-  // ids and labels stay in host memory (the kernels read them there): they need uploading before CUDA.
-  ids_.assign(ids, ids + T);
+  // The kernels read ids and labels in the backend's memory; the host keeps the labels to count valid tokens.
+  grow(be(), ids_, T), grow(be(), labels_, T);
+  ids_.copy_from_host(ids, T), labels_.copy_from_host(labels, T);
+  labels_host_.assign(labels, labels + T);
   if (opt_.precision == Precision::kBF16) {
     // Parameters may have changed since the last forward (optimizer step, checkpoint load, params() writes).
     DSV3_PROFILE("fwd.bf16_weights");
     bf16_weights_.refresh();
   }
-  labels_.assign(labels, labels + T);
   ForwardStats st;
   auto collect_moe = [&](const BlockDims& d, const BlockActs& a) {
     if (!d.is_moe) return;
@@ -227,10 +258,10 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
   };
 
   resid_.resize(L + 1);
-  for (int64_t i = first; i <= end; ++i) grow(resid_[i], T * D);
+  for (int64_t i = first; i <= end; ++i) grow(be(), resid_[i], T * D);
   if (opt_.stage.pre_process) {
     DSV3_PROFILE("fwd.embedding");
-    be().embedding_forward(ids, param("model.embed_tokens.weight"), resid_[0].data(), T, V, D);
+    be().embedding_forward(ids_.data(), param("model.embed_tokens.weight"), resid_[0].data(), T, V, D);
   } else {
     be().copy_to_device(resid_[first].data(), stage_input, T * D * sizeof(float));
   }
@@ -240,23 +271,16 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
     collect_moe(dims_[i], a);
   }
   if (!opt_.stage.post_process) return st;
-  grow(hf_TD_, T * D), grow(rstd_f_T_, T), grow(loss_T_, T), grow(lse_T_, T);
+  grow(be(), hf_TD_, T * D), grow(be(), rstd_f_T_, T), grow(be(), loss_T_, T), grow(be(), lse_T_, T);
   DSV3_PROFILE_BEGIN(head, "fwd.head_ce");
   be().rmsnorm_forward(resid_[L].data(), D, param("model.norm.weight"), hf_TD_.data(), D, rstd_f_T_.data(), T,
                        D, static_cast<float>(cfg_.rms_norm_eps));
   const float* head = param("lm_head.weight");
-  HeadLossResult r;
-  if (logits_out) {
-    // host: the full logits (tests, HF goldens) come from the CPU kernel called directly; needs a backend op
-    // before CUDA.
-    r = head_cross_entropy_forward(hf_TD_.data(), head, labels, loss_T_.data(), lse_T_.data(), T, D, V,
-                                   opt_.precision, head_scratch_, 0, logits_out, head_bf16());
-  } else {
-    be().head_cross_entropy_forward(hf_TD_.data(), head, head_bf16(), labels, loss_T_.data(), lse_T_.data(),
-                                    T, D, V, opt_.precision);
-    r = loss_sum(loss_T_.data(), labels, T);
-  }
+  be().head_cross_entropy_forward(hf_TD_.data(), head, head_bf16(), labels_.data(), loss_T_.data(),
+                                  lse_T_.data(), T, D, V, opt_.precision);
+  const HeadLossResult r = loss_sum(loss_T_.data(), labels, T);
   st.lm_loss_sum = r.loss_sum, st.lm_tokens = r.n_valid;
+  if (logits_out) logits_to_host(hf_TD_.data(), T, logits_out);
   DSV3_PROFILE_END(head);
 
   const float* h_prev = hf_TD_.data();
@@ -265,12 +289,15 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
     Depth& dp = *depths_[k];
     const int64_t layer = L + static_cast<int64_t>(k);
     const std::string P = layer_prefix(layer);
-    dp.ids.resize(T), dp.labels.resize(T);
-    roll_left(ids, dp.ids.data(), B, S, k + 1, 0);
-    roll_left(labels, dp.labels.data(), B, S, k + 1, kIgnoreLabel);
-    grow(dp.e_TD, T * D), grow(dp.rstd_e_T, T), grow(dp.rstd_h_T, T), grow(dp.cat_T2D, 2 * T * D);
-    grow(dp.z_TD, T * D), grow(dp.zout_TD, T * D), grow(dp.h_TD, T * D), grow(dp.rstd_o_T, T);
-    grow(dp.loss_T, T), grow(dp.lse_T, T);
+    dp.ids_host.resize(T), dp.labels_host.resize(T);
+    roll_left(ids, dp.ids_host.data(), B, S, k + 1, 0);
+    roll_left(labels, dp.labels_host.data(), B, S, k + 1, kIgnoreLabel);
+    grow(be(), dp.ids, T), grow(be(), dp.labels, T);
+    dp.ids.copy_from_host(dp.ids_host.data(), T), dp.labels.copy_from_host(dp.labels_host.data(), T);
+    Backend& b = be();
+    grow(b, dp.e_TD, T * D), grow(b, dp.rstd_e_T, T), grow(b, dp.rstd_h_T, T), grow(b, dp.cat_T2D, 2 * T * D);
+    grow(b, dp.z_TD, T * D), grow(b, dp.zout_TD, T * D), grow(b, dp.h_TD, T * D), grow(b, dp.rstd_o_T, T);
+    grow(b, dp.loss_T, T), grow(b, dp.lse_T, T);
     const float eps = static_cast<float>(cfg_.rms_norm_eps);
     be().embedding_forward(dp.ids.data(), param("model.embed_tokens.weight"), dp.e_TD.data(), T, V, D);
     // eh_proj input: [enorm(embedding) | hnorm(hidden)] — embedding first, as the released weights expect.
@@ -286,7 +313,7 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
                          dp.rstd_o_T.data(), T, D, eps);
     be().head_cross_entropy_forward(dp.h_TD.data(), head, head_bf16(), dp.labels.data(), dp.loss_T.data(),
                                     dp.lse_T.data(), T, D, V, opt_.precision);
-    const HeadLossResult m = loss_sum(dp.loss_T.data(), dp.labels.data(), T);
+    const HeadLossResult m = loss_sum(dp.loss_T.data(), dp.labels_host.data(), T);
     st.mtp_loss_sum.push_back(m.loss_sum);
     st.mtp_tokens.push_back(m.n_valid);
     h_prev = dp.h_TD.data();
@@ -297,8 +324,10 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
 void Model::swap_activations(Activations& a) {
   if (a.acts.size() != acts_.size()) a.acts.resize(acts_.size());  // a fresh set
   std::swap(a.B, B_), std::swap(a.S, S_), std::swap(a.training, training_);
-  a.ids.swap(ids_), a.labels.swap(labels_), a.resid.swap(resid_), a.acts.swap(acts_);
-  a.hf_TD.swap(hf_TD_), a.rstd_f_T.swap(rstd_f_T_), a.loss_T.swap(loss_T_), a.lse_T.swap(lse_T_);
+  std::swap(a.ids, ids_), std::swap(a.labels, labels_), a.labels_host.swap(labels_host_);
+  a.resid.swap(resid_), a.acts.swap(acts_);
+  std::swap(a.hf_TD, hf_TD_), std::swap(a.rstd_f_T, rstd_f_T_), std::swap(a.loss_T, loss_T_),
+      std::swap(a.lse_T, lse_T_);
 }
 
 const float* Model::stage_output() const {
@@ -319,7 +348,7 @@ void Model::backward(float lm_scale, float aux_scale, const std::vector<float>& 
   DSV3_PROFILE("bwd.other");
   const Precision prec = opt_.precision;
   const int64_t first = opt_.stage.first_layer, end = opt_.stage.end(L);
-  grow(dA_TD_, T * D), grow(dB_TD_, T * D), grow(dhf_TD_, T * D);
+  grow(be(), dA_TD_, T * D), grow(be(), dB_TD_, T * D), grow(be(), dhf_TD_, T * D);
   if (opt_.stage.post_process)
     head_backward(lm_scale, aux_scale, mtp_scales);
   else
@@ -359,8 +388,7 @@ void Model::head_backward(float lm_scale, float aux_scale, const std::vector<flo
     const float mtp_scale = k < static_cast<int64_t>(mtp_scales.size()) ? mtp_scales[k] : 0.f;
     be().head_cross_entropy_backward(dp.h_TD.data(), head, head_bf16(), dp.labels.data(), dp.lse_T.data(),
                                      mtp_scale, nullptr, dA_TD_.data(), dhead, T, D, V, prec);
-    // host loop: needs a backend op before CUDA (dA += dhf).
-    for (int64_t i = 0; i < T * D; ++i) dA_TD_[i] += dhf_TD_[i];
+    be().add(dA_TD_.data(), dA_TD_.data(), dhf_TD_.data(), T * D);
     be().rmsnorm_backward(dA_TD_.data(), D, dp.zout_TD.data(), D, param(P + "shared_head.norm.weight"),
                           dp.rstd_o_T.data(), dB_TD_.data(), D, grad(P + "shared_head.norm.weight"), T, D,
                           0.f);
@@ -368,8 +396,8 @@ void Model::head_backward(float lm_scale, float aux_scale, const std::vector<flo
     block_backward(be(), dims_[layer], block_params(layer), dp.acts, dB_TD_.data(), aux_scale, dA_TD_.data(),
                    g, scratch_, prec);
     // eh_proj: dz (dA) → dcat [T, 2D]; the cat buffer is reused for its gradient once dW is formed.
-    std::vector<float>& dcat = scratch_.dh_TF;  // free between blocks
-    grow(dcat, 2 * T * D);
+    DeviceArray<float>& dcat = scratch_.dh_TF;  // free between blocks
+    grow(be(), dcat, 2 * T * D);
     linear_backward_weight(be(), dA_TD_.data(), dp.cat_T2D.data(), grad(P + "eh_proj.weight"), T, 2 * D, D,
                            prec, scratch_.lin);
     linear_backward_input(be(), dA_TD_.data(), param(P + "eh_proj.weight"), dcat.data(), T, 2 * D, D, prec,
@@ -385,8 +413,7 @@ void Model::head_backward(float lm_scale, float aux_scale, const std::vector<flo
   DSV3_PROFILE_BEGIN(head, "bwd.head_ce");
   be().head_cross_entropy_backward(hf_TD_.data(), head, head_bf16(), labels_.data(), lse_T_.data(), lm_scale,
                                    nullptr, dA_TD_.data(), dhead, T, D, V, prec);
-  if (!depths_.empty())  // host loop: needs a backend op before CUDA (dA += dhf).
-    for (int64_t i = 0; i < T * D; ++i) dA_TD_[i] += dhf_TD_[i];
+  if (!depths_.empty()) be().add(dA_TD_.data(), dA_TD_.data(), dhf_TD_.data(), T * D);
   be().rmsnorm_backward(dA_TD_.data(), D, resid_[L].data(), D, param("model.norm.weight"), rstd_f_T_.data(),
                         dB_TD_.data(), D, grad("model.norm.weight"), T, D, 0.f);
   DSV3_PROFILE_END(head);

@@ -33,8 +33,8 @@ struct ModelOptions {
   bool mtp = true;            // run the config's num_nextn_predict_layers depths
   ExpertParallel ep;          // expert parallelism: this rank holds and runs E/EP experts per MoE layer
   PipelineStage stage;        // pipeline parallelism: the layers (and ends) this rank holds and runs
-  // The kernels' backend (kernels/backend.h). Parameters and activations are still host vectors, so only a
-  // host-memory backend (the CPU one) is accepted for now.
+  // The kernels' backend (kernels/backend.h): parameters, gradients and activations live in its memory. The
+  // CUDA backend runs dense layers only for now (the MoE router and permutation are CPU code).
   Backend* backend = &cpu_backend();
 };
 
@@ -68,21 +68,27 @@ class Model {
   // DeepseekV3ForCausalLM drops them); then they keep their current values. Shapes must match.
   void load_safetensors(const std::string& path);
 
-  std::vector<float>& params() { return params_; }
-  std::vector<float>& grads() { return grads_; }
+  // The flat parameter and gradient buffers (ParamStore layout) in the backend's memory: host memory on the
+  // CPU, where params()[i] and param(name)[i] work; device memory otherwise (params_to_host / params_from_host).
+  DeviceArray<float>& params() { return params_; }
+  DeviceArray<float>& grads() { return grads_; }
   float* param(const std::string& name) { return params_.data() + store_.offset(name); }
   float* grad(const std::string& name) { return grads_.data() + store_.offset(name); }
+  std::vector<float> params_to_host() const { return params_.to_host(); }
+  std::vector<float> grads_to_host() const { return grads_.to_host(); }
+  void params_from_host(const std::vector<float>& host);  // all of them (size() elements)
   void zero_grads();
+  Backend& backend() const { return *opt_.backend; }
 
-  // ids/labels [B,S] (labels: next token per position, -100 ignored). logits_out (nullable): [B·S, vocab].
-  // A pipeline stage without the embedding takes the previous stage's output as stage_input_TD [B·S, D]; one
-  // without the head returns empty stats and leaves its output in stage_output().
+  // ids/labels [B,S] host memory (labels: next token per position, -100 ignored). logits_out (nullable, host):
+  // [B·S, vocab]. A pipeline stage without the embedding takes the previous stage's output as stage_input_TD
+  // [B·S, D] (host memory); one without the head returns empty stats and leaves its output in stage_output().
   ForwardStats forward(const int32_t* ids_BS, const int32_t* labels_BS, int64_t B, int64_t S,
                        bool training = true, float* logits_out = nullptr,
                        const float* stage_input_TD = nullptr);
   // mtp_scales: one per MTP depth (missing entries count as 0). A stage without the head takes the gradient of
-  // its output (from the next stage) as doutput_TD; one without the embedding leaves the gradient of its input
-  // in stage_input_grad().
+  // its output (from the next stage, host memory) as doutput_TD; one without the embedding leaves the gradient
+  // of its input in stage_input_grad().
   void backward(float lm_scale, float aux_scale, const std::vector<float>& mtp_scales = {},
                 const float* doutput_TD = nullptr);
   // One micro-batch's saved forward state. The pipeline schedule keeps several micro-batches in flight: it swaps
@@ -91,14 +97,16 @@ class Model {
   struct Activations {
     int64_t B = 0, S = 0;
     bool training = true;
-    std::vector<int32_t> ids, labels;
-    std::vector<std::vector<float>> resid;
+    std::vector<int32_t> labels_host;
+    DeviceArray<int32_t> ids, labels;
+    std::vector<DeviceArray<float>> resid;
     std::vector<BlockActs> acts;
-    std::vector<float> hf_TD, rstd_f_T, loss_T, lse_T;
+    DeviceArray<float> hf_TD, rstd_f_T, loss_T, lse_T;
   };
   void swap_activations(Activations& a);
-  const float* stage_output() const;      // [B·S, D], after forward (not the last stage)
-  const float* stage_input_grad() const;  // [B·S, D], after backward (not the first stage)
+  // Backend memory: [B·S, D], after forward (not the last stage) / after backward (not the first stage).
+  const float* stage_output() const;
+  const float* stage_input_grad() const;
 
  private:
   struct Depth;  // one MTP depth's state
@@ -109,7 +117,9 @@ class Model {
   const bf16* head_bf16();  // lm_head's bf16 copy (nullptr in fp32)
   // Σ loss_T over t tokens (the ignored ones hold 0), summed on the backend in token order; n_valid from the
   // host labels.
-  HeadLossResult loss_sum(const float* loss_T, const int32_t* labels_T, int64_t t);
+  HeadLossResult loss_sum(const float* loss_T, const int32_t* host_labels_T, int64_t t);
+  // The full logits [t, V] into host memory (tests and HF goldens), on any backend.
+  void logits_to_host(const float* h_TD, int64_t t, float* logits_host);
   void run_block(int64_t layer, const float* x, float* out, BlockActs& acts, bool training);
   void head_backward(float lm_scale, float aux_scale, const std::vector<float>& mtp_scales);
 
@@ -117,7 +127,7 @@ class Model {
   ModelOptions opt_;
   ParamTable table_;
   ParamStore store_;
-  std::vector<float> params_, grads_;
+  DeviceArray<float> params_, grads_;
   Bf16Weights
       bf16_weights_;  // bf16 mode: copies of the dense projections and the head, refreshed per forward
   std::vector<BlockDims> dims_;  // per layer incl. MTP
@@ -125,15 +135,15 @@ class Model {
   // activations of the last forward
   int64_t B_ = 0, S_ = 0;
   bool training_ = true;
-  std::vector<int32_t> ids_, labels_;
-  std::vector<std::vector<float>> resid_;  // layer inputs h_0..h_L, [T,D] each
+  std::vector<int32_t> labels_host_;
+  DeviceArray<int32_t> ids_, labels_;
+  std::vector<DeviceArray<float>> resid_;  // layer inputs h_0..h_L, [T,D] each
   std::vector<BlockActs> acts_;            // per main layer (one shared entry under recompute)
-  std::vector<float> hf_TD_, rstd_f_T_, loss_T_, lse_T_;
+  DeviceArray<float> hf_TD_, rstd_f_T_, loss_T_, lse_T_;
   std::vector<std::unique_ptr<Depth>> depths_;
   BlockScratch scratch_;
-  HeadLossScratch head_scratch_;  // forward with logits_out only (the backend keeps its own otherwise)
-  DeviceBuffer loss_sum_;         // one double of backend memory
-  std::vector<float> dA_TD_, dB_TD_, dhf_TD_;
+  DeviceBuffer loss_sum_;  // one double of backend memory
+  DeviceArray<float> dA_TD_, dB_TD_, dhf_TD_, logits_scratch_;
 };
 
 }  // namespace dsv3

@@ -97,7 +97,7 @@ void experts_backward_bf16(Backend& be, const MoeConfig& c, MoeGrads& g, MoeActs
 void mlp_forward(Backend& be, const MlpParams& p, const float* x, int64_t t, int64_t d, int64_t f, float* y,
                  float beta, MlpActs& a, MlpScratch& s, Precision prec) {
   a.x_TD = x, a.t = t;
-  grow(a.ab_T2F, t * 2 * f), grow(a.h_TF, t * f);
+  grow(be, a.ab_T2F, t * 2 * f), grow(be, a.h_TF, t * f);
   auto W = [&](const float* w, int64_t n) { return weight_operand(be, w, n, prec, p.bf16_weights, s.lin.b); };
   const void* xo = linear_operand(be, x, t * d, prec, a.x_bf);
   float* ab = a.ab_T2F.data();
@@ -115,7 +115,7 @@ void mlp_forward(Backend& be, const MlpParams& p, const float* x, int64_t t, int
 void mlp_backward(Backend& be, const MlpParams& p, const MlpActs& a, const float* dy, int64_t d, int64_t f,
                   float* dx, float beta, MlpGrads& g, MlpScratch& s, Precision prec) {
   const int64_t t = a.t;
-  grow(s.dh_TF, t * f), grow(s.dab_T2F, t * 2 * f);
+  grow(be, s.dh_TF, t * f), grow(be, s.dab_T2F, t * 2 * f);
   auto W = [&](const float* w, int64_t n) { return weight_operand(be, w, n, prec, p.bf16_weights, s.lin.b); };
   const void* dyo = linear_operand(be, dy, t * d, prec, s.lin.a);
   linear_backward_weight_op(be, dyo, saved_operand(a.h_TF.data(), a.h_bf, prec), g.down_DF, t, f, d, prec);

@@ -57,12 +57,12 @@ struct MlpGrads {
 struct MlpActs {
   const float* x_TD = nullptr;  // not owned; kept alive by the caller until backward
   int64_t t = 0;
-  std::vector<float> ab_T2F;     // per row [gate pre-activation (F) | up (F)]
-  std::vector<float> h_TF;       // down_proj input
-  std::vector<bf16> x_bf, h_bf;  // bf16 mode: the GEMM operands, reused by the weight gradients
+  DeviceArray<float> ab_T2F;     // per row [gate pre-activation (F) | up (F)]
+  DeviceArray<float> h_TF;       // down_proj input
+  DeviceArray<bf16> x_bf, h_bf;  // bf16 mode: the GEMM operands, reused by the weight gradients
 };
 struct MlpScratch {
-  std::vector<float> dh_TF, dab_T2F;
+  DeviceArray<float> dh_TF, dab_T2F;
   LinearScratch lin;  // a: output-gradient operands, b: weights without a bf16 copy
 };
 void mlp_forward(Backend& be, const MlpParams& p, const float* x_TD, int64_t t, int64_t d, int64_t f,
@@ -127,7 +127,7 @@ struct MoeActs {
   // bf16 fast path (MoeConfig::precision == kBF16): every operand converted once per step and shared by the
   // expert GEMMs. a_RF then holds the fused [R, 2F] gate|up output (b_RF unused), da_RF its gradient.
   std::vector<bf16> w_gu_bf, w_down_bf;  // [L, 2F, D] gate rows then up rows per expert; [L, D, F]
-  std::vector<bf16> x_bf, z_bf, dy_bf, dab_bf;
+  DeviceArray<bf16> x_bf, z_bf, dy_bf, dab_bf;
 };
 
 // out_TD = MoE(x_TD). batch: the number of sequences among the T tokens (sequence aux loss only).

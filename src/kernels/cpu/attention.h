@@ -9,7 +9,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "kernels/cpu/linear.h"
+#include "kernels/precision.h"
 
 namespace dsv3 {
 

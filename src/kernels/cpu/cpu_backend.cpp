@@ -54,6 +54,25 @@ class CpuBackend final : public Backend {
     for (int64_t i = 0; i < n; ++i) s += x[i];
     *out = accumulate ? *out + s : s;
   }
+  void add(float* y, const float* a, const float* b, int64_t n) override {
+#pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < n; ++i) y[i] = a[i] + b[i];
+  }
+  void copy_rows(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t rows,
+                 int64_t cols) override {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * ld_dst, src + r * ld_src, cols * sizeof(float));
+  }
+  void sum_heads(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t t, int64_t heads,
+                 int64_t n) override {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < t; ++r) {
+      float* yr = y + r * ld_y;
+      std::fill(yr, yr + n, 0.f);
+      for (int64_t h = 0; h < heads; ++h)
+        for (int64_t i = 0; i < n; ++i) yr[i] += x[r * ld_x + h * hs_x + i];
+    }
+  }
 
   void gemm(const GemmArgs& g) override { dsv3::gemm(g); }
 

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "core/bf16.h"
-#include "kernels/cpu/linear.h"
+#include "kernels/precision.h"
 
 namespace dsv3 {
 

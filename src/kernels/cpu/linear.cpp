@@ -5,24 +5,23 @@
 #include <algorithm>
 
 #include "core/error.h"
-#include "core/grow.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/gemm.h"
 
 namespace dsv3 {
 
-const void* linear_operand(Backend& be, const float* x, int64_t n, Precision p, std::vector<bf16>& buf) {
+const void* linear_operand(Backend& be, const float* x, int64_t n, Precision p, DeviceArray<bf16>& buf) {
   if (p == Precision::kF32) return x;
-  be.to_bf16(x, grow(buf, n), n);
+  be.to_bf16(x, grow(be, buf, n), n);
   return buf.data();
 }
 
 void Bf16Weights::clear() {
   ranges_.clear();
-  data_.clear();
+  data_ = {};
 }
 
-void Bf16Weights::add(const float* w, int64_t n) {
+void Bf16Weights::add(Backend& be, const float* w, int64_t n) {
   Range r{w, n, 0};
   auto it = std::upper_bound(ranges_.begin(), ranges_.end(), w,
                              [](const float* a, const Range& b) { return a < b.w; });
@@ -32,10 +31,16 @@ void Bf16Weights::add(const float* w, int64_t n) {
   ranges_.insert(it, r);
   int64_t o = 0;
   for (Range& x : ranges_) x.off = o, o += x.n;
-  data_.resize(o);
+  grow(be, data_, o);
 }
 
 void Bf16Weights::refresh() {
+  if (data_.empty()) return;
+  Backend& be = *data_.backend();
+  if (be.kind() != DeviceKind::kCpu) {  // one launch per tensor
+    for (const Range& r : ranges_) be.to_bf16(r.w, data_.data() + r.off, r.n);
+    return;
+  }
   // Fixed-size pieces over all tensors, so that threads share big and small tensors evenly.
   constexpr int64_t kPiece = int64_t{1} << 16;
   const int64_t total = static_cast<int64_t>(data_.size()), pieces = (total + kPiece - 1) / kPiece;
@@ -65,7 +70,7 @@ const bf16* Bf16Weights::find(const float* w, int64_t n) const {
 }
 
 const void* weight_operand(Backend& be, const float* w, int64_t n, Precision p, const Bf16Weights* cache,
-                           std::vector<bf16>& buf) {
+                           DeviceArray<bf16>& buf) {
   if (p == Precision::kF32) return w;
   if (cache)
     if (const bf16* c = cache->find(w, n)) return c;

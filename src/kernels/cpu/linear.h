@@ -7,16 +7,15 @@
 #include <vector>
 
 #include "core/bf16.h"
+#include "kernels/device_array.h"
+#include "kernels/precision.h"
 
 namespace dsv3 {
 
-class Backend;
-
-enum class Precision : uint8_t { kF32, kBF16 };
 
 // Scratch for the bf16 operand copies; grows on first use and is reused after (no allocation in steady state).
 struct LinearScratch {
-  std::vector<bf16> a, b;
+  DeviceArray<bf16> a, b;
 };
 
 // y = x W^T (beta = 0) or y += x W^T (beta = 1).
@@ -32,7 +31,7 @@ void linear_backward_weight(Backend& be, const float* dy_TO, const float* x_TI, 
 // Operand-level forms for callers that reuse a converted operand across several GEMMs (MoE experts): x, w and
 // dy are GEMM operands in the precision's type (const float* for kF32, const bf16* for kBF16), with row strides
 // ld_* in elements (0: dense). linear_operand makes one; linear_operand_at offsets into one.
-const void* linear_operand(Backend& be, const float* x, int64_t n, Precision p, std::vector<bf16>& buf);
+const void* linear_operand(Backend& be, const float* x, int64_t n, Precision p, DeviceArray<bf16>& buf);
 inline const void* linear_operand_at(const void* base, int64_t offset, Precision p) {
   return p == Precision::kF32 ? static_cast<const void*>(static_cast<const float*>(base) + offset)
                               : static_cast<const void*>(static_cast<const bf16*>(base) + offset);
@@ -52,8 +51,9 @@ void linear_backward_weight_op(Backend& be, const void* dy, const void* x, float
 class Bf16Weights {
  public:
   void clear();
-  void add(const float* w, int64_t n);  // registers w[0, n); registration order is irrelevant
-  void refresh();                       // converts every registered tensor (in parallel)
+  // Registers w[0, n) (memory of be, which holds the copies too); registration order is irrelevant.
+  void add(Backend& be, const float* w, int64_t n);
+  void refresh();  // converts every registered tensor
   // The copy of w[0, n) when registered tensors without gaps cover it (w may point inside one), else nullptr.
   const bf16* find(const float* w, int64_t n) const;
 
@@ -63,15 +63,15 @@ class Bf16Weights {
     int64_t n, off;
   };
   std::vector<Range> ranges_;  // sorted by w; off: position in data_ (also increasing)
-  std::vector<bf16> data_;
+  DeviceArray<bf16> data_;
 };
 
 // GEMM operand for the weight w[0, n): fp32 → w itself; bf16 → its copy in `cache` when registered there,
 // else converted into buf.
 const void* weight_operand(Backend& be, const float* w, int64_t n, Precision p, const Bf16Weights* cache,
-                           std::vector<bf16>& buf);
+                           DeviceArray<bf16>& buf);
 // The operand a forward saved: fp32 → the activation itself; bf16 → its bf16 copy.
-inline const void* saved_operand(const float* x, const std::vector<bf16>& x_bf, Precision p) {
+inline const void* saved_operand(const float* x, const DeviceArray<bf16>& x_bf, Precision p) {
   return p == Precision::kF32 ? static_cast<const void*>(x) : static_cast<const void*>(x_bf.data());
 }
 

@@ -162,6 +162,18 @@ class CudaBackend final : public Backend {
   void sum(const float* x, int64_t n, double* out, bool accumulate) override {
     launch_sum(x, n, out, accumulate, stream_);
   }
+  void add(float* y, const float* a, const float* b, int64_t n) override { launch_add(y, a, b, n, stream_); }
+  void copy_rows(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t rows,
+                 int64_t cols) override {
+    if (rows <= 0 || cols <= 0) return;
+    check(cudaMemcpy2DAsync(dst, ld_dst * sizeof(float), src, ld_src * sizeof(float), cols * sizeof(float), rows,
+                            cudaMemcpyDeviceToDevice, stream_),
+          "cudaMemcpy2DAsync(copy_rows)");
+  }
+  void sum_heads(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t t, int64_t heads,
+                 int64_t n) override {
+    launch_sum_heads(x, ld_x, hs_x, y, ld_y, t, heads, n, stream_);
+  }
 
   // ---- GEMM
   void gemm(const GemmArgs& g) override;

@@ -45,6 +45,24 @@ __global__ void scale_kernel(float* x, int64_t n, float s) {
     x[i] = __fmul_rn(x[i], s);
 }
 
+__global__ void add_kernel(float* y, const float* a, const float* b, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x)
+    y[i] = __fadd_rn(a[i], b[i]);
+}
+
+// One thread per (token, column); the heads are added in order from 0.f, as the CPU does.
+__global__ void sum_heads_kernel(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t t,
+                                 int64_t heads, int64_t n) {
+  for (int64_t j = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; j < t * n;
+       j += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = j / n, i = j % n;
+    float acc = 0.f;
+    for (int64_t h = 0; h < heads; ++h) acc = __fadd_rn(acc, x[r * ld_x + h * hs_x + i]);
+    y[r * ld_y + i] = acc;
+  }
+}
+
 // cpu/reduce.cpp's block_sum exactly: per 16Ki block, lane l (0..15) of a 16-wide group accumulates x² by
 // double FMA over the block's full groups; lanes combine as the AVX2 code does ((a0+a1)+(a2+a3) per 4-lane
 // register, then (L0+L1)+(L2+L3)); the ragged tail is added element by element. One 16-thread block per 16Ki
@@ -188,29 +206,38 @@ __global__ void swiglu_backward_kernel(const float* dh, const float* a, const fl
 
 // One thread per (token, head, rotated pair k): the pair (lo_k, hi_k) is read and written by the same thread,
 // so in-place operation is safe.
+// Each block owns whole rope vectors (rows = (token, head)), rows_per_block of them, one thread per rotated pair:
+// every thread reads its pair, the block synchronises, then writes. So y may alias x (in place): no thread can
+// read a value another has already overwritten, whatever the warp schedule.
 __global__ void rope_kernel(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t hs_y,
-                            int64_t t, int64_t heads, int64_t seq_len, const float* cos_PH,
+                            int64_t rows, int64_t heads, int64_t seq_len, const float* cos_PH,
                             const float* sin_PH, int64_t half, bool interleave, bool forward) {
-  const int64_t n = t * heads * half;
-  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < n;
-       e += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t k = e % half, h = (e / half) % heads, i = e / (half * heads);
-    const int64_t pos = i % seq_len;
+  const int64_t row = blockIdx.x * int64_t{blockDim.x / half} + threadIdx.x / half, k = threadIdx.x % half;
+  const bool live = threadIdx.x < blockDim.x / half * half && row < rows;
+  float out_a = 0.f, out_b = 0.f;
+  float* yr = nullptr;
+  int64_t out_lo = 0, out_hi = 0;
+  if (live) {
+    const int64_t h = row % heads, i = row / heads, pos = i % seq_len;
     const float c = cos_PH[pos * half + k], s = sin_PH[pos * half + k];
     const float* xr = x + i * ld_x + h * hs_x;
-    float* yr = y + i * ld_y + h * hs_y;
+    yr = y + i * ld_y + h * hs_y;
     const int64_t in_lo = interleave ? 2 * k : k, in_hi = interleave ? 2 * k + 1 : half + k;
     if (forward) {
       const float lo = xr[in_lo], hi = xr[in_hi];
       // The CPU kernel rounds each product before the sum (no FMA): do the same.
-      yr[k] = __fadd_rn(__fmul_rn(lo, c), __fmul_rn(-hi, s));
-      yr[half + k] = __fadd_rn(__fmul_rn(hi, c), __fmul_rn(lo, s));
+      out_a = __fadd_rn(__fmul_rn(lo, c), __fmul_rn(-hi, s));
+      out_b = __fadd_rn(__fmul_rn(hi, c), __fmul_rn(lo, s));
+      out_lo = k, out_hi = half + k;
     } else {
       const float a = xr[k], b = xr[half + k];
-      yr[in_lo] = __fadd_rn(__fmul_rn(a, c), __fmul_rn(b, s));
-      yr[in_hi] = __fsub_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+      out_a = __fadd_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+      out_b = __fsub_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+      out_lo = in_lo, out_hi = in_hi;
     }
   }
+  __syncthreads();
+  if (live) yr[out_lo] = out_a, yr[out_hi] = out_b;
 }
 
 // AdamW: the CPU's sequence of fp32 operations (kernels/cpu/adamw.cpp adamw8), one rounding each.
@@ -244,6 +271,19 @@ void launch_scale(float* x, int64_t n, float s, cudaStream_t st) {
   if (n <= 0) return;
   scale_kernel<<<blocks_for(n, 4), kThreads, 0, st>>>(x, n, s);
   check_launch("scale");
+}
+
+void launch_add(float* y, const float* a, const float* b, int64_t n, cudaStream_t st) {
+  if (n <= 0) return;
+  add_kernel<<<blocks_for(n, 4), kThreads, 0, st>>>(y, a, b, n);
+  check_launch("add");
+}
+
+void launch_sum_heads(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t t,
+                      int64_t heads, int64_t n, cudaStream_t st) {
+  if (t <= 0 || n <= 0) return;
+  sum_heads_kernel<<<blocks_for(t * n), kThreads, 0, st>>>(x, ld_x, hs_x, y, ld_y, t, heads, n);
+  check_launch("sum_heads");
 }
 
 int64_t sum_of_squares_blocks(int64_t n) {
@@ -316,11 +356,14 @@ void launch_swiglu_backward(const float* dh, const float* a, const float* b, int
 void launch_rope(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t hs_y, int64_t t,
                  int64_t heads, int64_t seq_len, const RopeTableView& table, bool interleave, bool forward,
                  cudaStream_t st) {
-  const int64_t n = t * heads * table.half;
-  if (n == 0) return;
-  rope_kernel<<<blocks_for(n, 2), kThreads, 0, st>>>(x, ld_x, hs_x, y, ld_y, hs_y, t, heads, seq_len,
-                                                     table.cos_PH, table.sin_PH, table.half, interleave,
-                                                     forward);
+  const int64_t rows = t * heads, half = table.half;
+  if (rows == 0 || half == 0) return;
+  DSV3_CHECK(half <= 1024, "rope: ", 2 * half, " rotated dims are more than the CUDA kernel's 2048");
+  const int64_t per_block = std::max<int64_t>(1, kThreads / half);
+  const int64_t blocks = (rows + per_block - 1) / per_block;
+  DSV3_CHECK(blocks < (int64_t{1} << 31), "rope: ", rows, " rows are too many for one launch");
+  rope_kernel<<<static_cast<unsigned>(blocks), static_cast<unsigned>(per_block * half), 0, st>>>(
+      x, ld_x, hs_x, y, ld_y, hs_y, rows, heads, seq_len, table.cos_PH, table.sin_PH, half, interleave, forward);
   check_launch(forward ? "rope_forward" : "rope_backward");
 }
 
