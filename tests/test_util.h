@@ -12,10 +12,14 @@
 
 namespace dsv3::testing {
 
+// The checkout and the dsv3 binary: where this build put them, or $DSV3_SOURCE_DIR / $DSV3_BINARY (the GPU
+// machine runs packed test binaries from another path: scripts/device-check.sh sets both).
 inline std::filesystem::path source_dir() {
+  if (const char* env = std::getenv("DSV3_SOURCE_DIR")) return env;
   return DSV3_SOURCE_DIR;
 }
 inline std::filesystem::path dsv3_binary() {
+  if (const char* env = std::getenv("DSV3_BINARY")) return env;
   return DSV3_BINARY;
 }
 

@@ -61,12 +61,6 @@ Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
       params_(*opt.backend, store_.size()),
       grads_(*opt.backend, store_.size()) {
   cfg_.validate();
-  if (be().kind() != DeviceKind::kCpu)
-    for (int64_t i = 0; i < cfg_.num_hidden_layers; ++i)
-      DSV3_CHECK(!cfg_.is_moe_layer(i), "model: MoE layers (layer ", i, ") do not run on ", be().name(),
-                 " yet: the router and the token permutation are CPU code (use --device cpu, or a dense config "
-                 "with first_k_dense_replace = num_hidden_layers)");
-  DSV3_CHECK(be().kind() == DeviceKind::kCpu || opt_.ep.size() == 1, "model: expert parallelism runs on the CPU only");
   loss_sum_.ensure(be(), sizeof(double));  // before any step: steps allocate nothing on the backend
   const int64_t depths = opt_.mtp ? cfg_.num_nextn_predict_layers : 0;
   const int64_t L = cfg_.num_hidden_layers, first = opt_.stage.first_layer, end = opt_.stage.end(L);
@@ -93,6 +87,8 @@ Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
       d.moe.validate();
     }
     dims_.push_back(d);
+    DSV3_CHECK(!d.is_moe || be().kind() == DeviceKind::kCpu, "model: MoE layers (layer ", i,
+               ") do not run on ", be().name(), " yet: the router and the token permutation are CPU code");
   }
   acts_.resize(opt_.recompute ? 1 : cfg_.num_hidden_layers);
   // Routed experts are converted by the MoE layer itself (stacked gate|up per expert); the router stays fp32.

@@ -1,32 +1,27 @@
-// The --device decision (see the header). The model's layers call the CPU kernels directly today; the CUDA backend
-// has the dense path's ops (tested op by op against the CPU's) but the model does not route through it yet, so a
-// GPU is detected and named but not used to train.
+// The --device decision (see the header).
 #include "train/device_select.h"
 
 #include "core/error.h"
 
 namespace dsv3 {
 
-namespace {
-constexpr const char* kModelNotOnCuda =
-    "the DeepSeek-V3 model does not run on the CUDA backend yet (its ops are in place and tested; the model "
-    "still "
-    "calls the CPU kernels)";
-}  // namespace
-
-DeviceChoice choose_device(const std::string& requested) {
+DeviceChoice choose_device(const std::string& requested, const std::string& cuda_blockers) {
   DSV3_CHECK(requested == "auto" || requested == "cpu" || requested == "cuda",
              "argument --device: invalid choice: '", requested, "' (choose from 'auto', 'cpu', 'cuda')");
-  if (requested == "cpu") return {DeviceKind::kCpu, "device: cpu (--device cpu)"};
+  if (requested == "cpu") return {DeviceKind::kCpu, nullptr, "device: cpu (--device cpu)"};
   std::string why;
-  const auto gpu = make_cuda_backend(0, &why);
+  std::shared_ptr<Backend> gpu = make_cuda_backend(0, &why);
   if (requested == "cuda") {
     DSV3_CHECK(gpu, "--device cuda: ", why);
-    fail("--device cuda: ", gpu->name(), " is visible, but ", kModelNotOnCuda, "; use --device cpu");
+    DSV3_CHECK(cuda_blockers.empty(), "--device cuda: ", gpu->name(), " is visible, but the CUDA path ",
+               cuda_blockers, "; use --device cpu");
+    return {DeviceKind::kCuda, gpu, "device: " + gpu->name() + " (--device cuda)"};
   }
-  if (!gpu) return {DeviceKind::kCpu, "device: cpu (auto: " + why + ")"};
-  return {DeviceKind::kCpu,
-          "device: cpu (auto: " + gpu->name() + " is visible, but " + kModelNotOnCuda + ")"};
+  if (!gpu) return {DeviceKind::kCpu, nullptr, "device: cpu (auto: " + why + ")"};
+  if (!cuda_blockers.empty())
+    return {DeviceKind::kCpu, nullptr,
+            "device: cpu (auto: " + gpu->name() + " is visible, but the CUDA path " + cuda_blockers + ")"};
+  return {DeviceKind::kCuda, gpu, "device: " + gpu->name() + " (auto)"};
 }
 
 }  // namespace dsv3

@@ -17,7 +17,7 @@ std::optional<std::string> string_if_given(const TrainArgs& a, const char* dest)
   return a.s(dest);
 }
 
-void read_required_and_device(const TrainArgs& a, TrainConfig& c) {
+void read_required(const TrainArgs& a) {
   DSV3_CHECK(a.given("seq_length"), "--seq-length is required");
   DSV3_CHECK(a.given("train_iters"), "--train-iters is required");
   DSV3_CHECK(a.given("lr"), "--lr is required");
@@ -25,8 +25,25 @@ void read_required_and_device(const TrainArgs& a, TrainConfig& c) {
   const std::string opt = a.s("optimizer");
   DSV3_CHECK(opt == "adam" || opt == "adamw" || opt == "fusedadamw", "--optimizer ", opt,
              " is not supported: dsv3 trains with AdamW (adam, adamw, fusedadamw)");
+}
+
+// Last, once the run is known: what it asks for that the CUDA path does not run yet keeps it off the GPU
+// (--device auto) or is refused (--device cuda), by name.
+void read_device(const TrainArgs& a, int world_size, TrainConfig& c) {
+  std::vector<std::string> blockers;
+  int64_t moe = 0;
+  for (int64_t i = 0; i < c.model.num_layers_with_mtp(); ++i) moe += c.model.is_moe_layer(i);
+  if (moe) blockers.push_back("does not run MoE layers yet (this model has " + std::to_string(moe) + ")");
+  if (world_size > 1)
+    blockers.push_back("runs one process only (" + std::to_string(world_size) +
+                       " ranks: multi-GPU comes with NCCL)");
+  if (c.distributed_optimizer) blockers.push_back("does not run --use-distributed-optimizer yet");
+  std::string why;
+  for (const auto& b : blockers) why += (why.empty() ? "" : ", ") + b;
   c.device = a.s("device");
-  c.device_line = choose_device(c.device).line;  // refuses cuda (with the reason) and unknown devices
+  DeviceChoice d = choose_device(c.device, why);
+  c.device_line = d.line, c.backend = d.backend;
+  if (c.backend) c.model_options.backend = c.backend.get();
 }
 
 void read_model(const TrainArgs& a, TrainConfig& c) {
@@ -171,7 +188,7 @@ void read_run_controls(const TrainArgs& a, TrainConfig& c) {
 
 TrainConfig TrainConfig::from_args(TrainArgs args, int world_size) {
   TrainConfig c;
-  read_required_and_device(args, c);
+  read_required(args);
   read_model(args, c);
   read_layout(args, world_size, c);
   read_batch(args, c);
@@ -179,6 +196,7 @@ TrainConfig TrainConfig::from_args(TrainArgs args, int world_size) {
   read_optimizer(args, c);
   read_data(args, c);
   read_run_controls(args, c);
+  read_device(args, world_size, c);
   c.no_effect_line = format_no_effect_line(args.no_effect());
   c.args = std::move(args);
   return c;

@@ -2,6 +2,7 @@
 // bad, contradictory or unsupported flag value comes from TrainConfig::from_args, before any model or data is
 // built, and the trainer reads typed fields instead of looking flags up by name.
 #pragma once
+#include <memory>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -24,8 +25,9 @@ struct TrainConfig {
   // text and the checkpoint's args print these.
   TrainArgs args;
   std::string no_effect_line;   // the flags that change nothing in dsv3, with the reasons ("" when none)
-  std::string device = "auto";  // auto | cpu | cuda (cuda is refused until the model runs on the CUDA backend)
-  std::string device_line;      // the choice and why, printed at start-up (train/device_select.h)
+  std::string device = "auto";       // auto | cpu | cuda
+  std::string device_line;           // the choice and why, printed at start-up (train/device_select.h)
+  std::shared_ptr<Backend> backend;  // the GPU's backend when the run trains there (null: the CPU)
 
   // Model. model_options lacks what depends on the rank (the EP communicator, the pipeline stage).
   ModelConfig model;

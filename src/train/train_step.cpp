@@ -236,6 +236,7 @@ double Trainer::grad_norm() {
     world_.allreduce(&sq, 1, ReduceOp::kSum);
     return std::sqrt(sq);
   }
+  if (bopt_) return bopt_->grad_norm(g.data());  // one process (train_config.cpp read_device)
   if (pg_.ep == 1 && pg_.pp == 1) return l2_norm(g.data(), static_cast<int64_t>(g.size()));
   double sq[2] = {0, 0};  // dense, expert
   for (const auto& p : model_->table().params())
@@ -264,6 +265,10 @@ double Trainer::optimizer_step(const IterStats& st) {
   if (dopt_) {
     if (coeff < 1.0) dopt_->scale_shards(grads.data(), static_cast<float>(coeff));
     dopt_->step(params, grads.data(), lr, wd);
+  } else if (bopt_) {
+    if (coeff < 1.0) bopt_->scale(grads.data(), static_cast<float>(coeff));
+    opt_->begin_step();
+    bopt_->step(params, grads.data(), opt_->step(), lr, wd);
   } else {
     if (coeff < 1.0)
       scale_inplace(grads.data(), static_cast<int64_t>(grads.size()), static_cast<float>(coeff));

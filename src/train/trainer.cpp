@@ -102,6 +102,7 @@ void Trainer::setup() {
     dopt_ = std::make_unique<DistributedOptimizer>(model_->table(), model_->store(), *ddp_, c_.adam);
   else
     opt_ = std::make_unique<AdamW>(static_cast<int64_t>(model_->params().size()), c_.adam);
+  if (c_.backend) bopt_ = std::make_unique<BackendAdamW>(*c_.backend, model_->table(), model_->store(), c_.adam);
   sched_ = std::make_unique<LrScheduler>(c_.lr_schedule);
   prog_.seed = c_.seed;
   flops_per_iteration_ = megatron_flops_per_iteration(cfg, c_.global_batch_size, c_.seq_length,
@@ -130,7 +131,9 @@ void Trainer::load() {
   const bool optim = c_.load_optim;
   std::vector<float> m, v;  // the distributed optimizer loads whole moments, then keeps its shards
   if (optim && dopt_) m.assign(model_->params().size(), 0.f), v.assign(model_->params().size(), 0.f);
-  LoadTargets lt{&model_->table(), &model_->store(), model_->params().data(),
+  std::vector<float> staged;  // on a GPU the checkpoint is read into host memory, then copied over
+  if (bopt_) staged = model_->params_to_host();
+  LoadTargets lt{&model_->table(), &model_->store(), bopt_ ? staged.data() : model_->params().data(),
                  !optim  ? nullptr
                  : dopt_ ? m.data()
                          : opt_->exp_avg().data(),
@@ -146,8 +149,10 @@ void Trainer::load() {
   if (!msg.empty()) print_line(msg);
   if (!p) return;
   prog_ = *p;
+  if (bopt_) model_->params_from_host(staged);
   if (optim) {
     if (dopt_) dopt_->scatter_moments(m.data(), v.data());
+    if (bopt_) bopt_->moments_from_host(opt_->exp_avg(), opt_->exp_avg_sq());
     adam().set_step(prog_.optimizer_step);
     sched_->set_num_steps(prog_.scheduler_num_steps);
   }
@@ -386,7 +391,9 @@ void Trainer::save(int64_t iteration) {
   const auto t0 = Clock::now();
   std::vector<float> m, v;  // the distributed optimizer's moments, gathered into the store layout
   if (dopt_) dopt_->gather_moments(m, v);
-  const CheckpointTensors t{&model_->table(), &model_->store(), model_->params().data(),
+  std::vector<float> staged;  // on a GPU the state is copied to host memory, then written
+  if (bopt_) staged = model_->params_to_host(), bopt_->moments_to_host(opt_->exp_avg(), opt_->exp_avg_sq());
+  const CheckpointTensors t{&model_->table(), &model_->store(), bopt_ ? staged.data() : model_->params().data(),
                             dopt_ ? m.data() : opt_->exp_avg().data(),
                             dopt_ ? v.data() : opt_->exp_avg_sq().data()};
   RankInfo r;

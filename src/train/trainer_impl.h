@@ -12,6 +12,7 @@
 #include "data/gpt_dataset.h"
 #include "model/model.h"
 #include "optim/adamw.h"
+#include "optim/backend_adamw.h"
 #include "optim/lr_schedule.h"
 #include "parallel/comm.h"
 #include "parallel/data_parallel.h"
@@ -107,6 +108,9 @@ class Trainer {
   std::unique_ptr<Model> model_;
   std::unique_ptr<AdamW> opt_;                  // replicated optimizer state, or
   std::unique_ptr<DistributedOptimizer> dopt_;  // --use-distributed-optimizer: sharded over DP
+  // On a GPU: the optimizer over device buffers (opt_ then keeps the step count and is the checkpoint's host
+  // copy of the moments).
+  std::unique_ptr<BackendAdamW> bopt_;
   AdamW& adam() { return dopt_ ? dopt_->adam() : *opt_; }
   std::unique_ptr<LrScheduler> sched_;
   std::unique_ptr<EventWriter> tb_;

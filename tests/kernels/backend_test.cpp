@@ -81,17 +81,35 @@ namespace {
 
 TEST(DeviceSelect, CpuAutoAndCudaAreDecidedWithAReason) {
   EXPECT_EQ(choose_device("cpu").kind, DeviceKind::kCpu);
-  const DeviceChoice a = choose_device("auto");
-  EXPECT_EQ(a.kind, DeviceKind::kCpu);  // the model does not run on the CUDA backend yet
-  EXPECT_EQ(a.line.rfind("device: cpu (auto: ", 0), 0u) << a.line;
-  try {
-    choose_device("cuda");
-    FAIL() << "--device cuda must be refused while the model cannot run there";
-  } catch (const Error& e) {
-    EXPECT_EQ(std::string(e.what()).rfind("--device cuda: ", 0), 0u) << e.what();
-    EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos);
-  }
   EXPECT_THROW(choose_device("tpu"), Error);
+  auto refused = [](const std::string& blockers) {
+    try {
+      choose_device("cuda", blockers);
+      return std::string();
+    } catch (const Error& e) {
+      EXPECT_EQ(std::string(e.what()).rfind("--device cuda: ", 0), 0u) << e.what();
+      EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos) << e.what();
+      return std::string(e.what());
+    }
+  };
+  const std::string blockers = "does not run MoE layers yet";
+  std::string why;
+  if (!make_cuda_backend(0, &why)) {  // no GPU here: auto trains on the CPU and says why; cuda is refused
+    const DeviceChoice a = choose_device("auto");
+    EXPECT_EQ(a.kind, DeviceKind::kCpu);
+    EXPECT_EQ(a.line, "device: cpu (auto: " + why + ")");
+    EXPECT_NE(refused(""), "");
+    return;
+  }
+  const DeviceChoice a = choose_device("auto"), c = choose_device("cuda");
+  EXPECT_EQ(a.kind, DeviceKind::kCuda);
+  EXPECT_EQ(c.kind, DeviceKind::kCuda);
+  ASSERT_TRUE(c.backend);
+  EXPECT_EQ(c.line, "device: " + c.backend->name() + " (--device cuda)");
+  const DeviceChoice b = choose_device("auto", blockers);  // what the run asks for keeps it on the CPU
+  EXPECT_EQ(b.kind, DeviceKind::kCpu);
+  EXPECT_NE(b.line.find(blockers), std::string::npos) << b.line;
+  EXPECT_NE(refused(blockers).find(blockers), std::string::npos);
 }
 
 }  // namespace
