@@ -15,7 +15,9 @@
 #include "core/error.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/adamw.h"
+#include "kernels/cpu/attention.h"
 #include "kernels/cpu/rope.h"
+#include "kernels/cuda/kernels.cuh"
 #include "kernels/kernel_test_util.h"
 
 namespace dsv3 {
@@ -268,6 +270,166 @@ TEST_F(CudaOps, AttentionForwardBackwardMatchCpu) {
       EXPECT_EQ(down<float>(gdq, dq.size()), gdq1) << "attention backward is not deterministic";
     }
   }
+}
+
+// The tensor-core path (attention_tc.cu), which the backend takes for bf16 unless DSV3_ATTENTION=cuda-cores.
+// Shapes: MLA's 192/128, 128/128, 64/64; sequences ending inside a 64- and a 32-row tile (77, 200), three tokens,
+// B = 2, H = 3; q is a slice of a wider row and v has padding between heads (as MLA's views do).
+struct TcCase {
+  int64_t b, s, h, dqk, dv;
+};
+struct TcRun {
+  std::vector<float> o, lse, dq, dk, dv;
+};
+
+class CudaAttentionTc : public CudaOps {
+ protected:
+  void SetUp() override {
+    CudaOps::SetUp();
+    if (IsSkipped()) return;
+    if (!cuda::attention_tc_enabled())
+      GTEST_SKIP() << "DSV3_ATTENTION=cuda-cores: the tensor-core path is off";
+  }
+  static AttentionShape shape(const TcCase& c) {
+    return {c.b, c.s, c.h, c.dqk, c.dv, 1.f / std::sqrt(static_cast<float>(c.dqk))};
+  }
+  // Inputs: q [T, H·dqk + 16] (a slice), k contiguous, v with 8 floats between heads, dO contiguous.
+  struct Inputs {
+    int64_t ldq, ldk, ldv, hsv, lddo;
+    std::vector<float> q, k, v, dout;
+  };
+  static Inputs inputs(const TcCase& c, uint64_t seed) {
+    const int64_t T = c.b * c.s;
+    Inputs in{c.h * c.dqk + 16, c.h * c.dqk, c.h * (c.dv + 8), c.dv + 8, c.h * c.dv, {}, {}, {}, {}};
+    in.q = philox_normals(seed, T * in.ldq, 1), in.k = philox_normals(seed, T * in.ldk, 2);
+    in.v = philox_normals(seed, T * in.ldv, 3), in.dout = philox_normals(seed, T * in.lddo, 4);
+    return in;
+  }
+  // Forward then backward through a backend; o has 8 sentinel floats after each token's heads.
+  static void run(Backend& be, const TcCase& c, const Inputs& in, const float* q, const float* k,
+                  const float* v, const float* dout, float* o, float* lse, float* dq, float* dk, float* dv) {
+    const AttentionShape sh = shape(c);
+    const HeadsView hq{q, in.ldq, c.dqk}, hk{k, in.ldk, c.dqk}, hv{v, in.ldv, in.hsv},
+        hdo{dout, in.lddo, c.dv};
+    const HeadsViewMut ho{o, c.h * c.dv + 8, c.dv};
+    be.attention_forward(sh, hq, hk, hv, ho, lse, Precision::kBF16);
+    be.attention_backward(sh, hq, hk, hv, {o, c.h * c.dv + 8, c.dv}, lse, hdo, {dq, c.h * c.dqk, c.dqk},
+                          {dk, c.h * c.dqk, c.dqk}, {dv, c.h * c.dv, c.dv}, Precision::kBF16);
+  }
+  TcRun run_gpu(const TcCase& c, const Inputs& in) {
+    const int64_t T = c.b * c.s;
+    DeviceBuffer gq = up(in.q), gk = up(in.k), gv = up(in.v), gdo = up(in.dout);
+    DeviceBuffer go = up(std::vector<float>(T * (c.h * c.dv + 8), 7.f)),
+                 gl = up(std::vector<float>(c.b * c.h * c.s));
+    DeviceBuffer gdq = up(std::vector<float>(T * c.h * c.dqk)), gdk = up(std::vector<float>(T * c.h * c.dqk));
+    DeviceBuffer gdv = up(std::vector<float>(T * c.h * c.dv));
+    run(*gpu_, c, in, gq.as<float>(), gk.as<float>(), gv.as<float>(), gdo.as<float>(), go.as<float>(),
+        gl.as<float>(), gdq.as<float>(), gdk.as<float>(), gdv.as<float>());
+    return {down<float>(go, T * (c.h * c.dv + 8)), down<float>(gl, c.b * c.h * c.s),
+            down<float>(gdq, T * c.h * c.dqk), down<float>(gdk, T * c.h * c.dqk),
+            down<float>(gdv, T * c.h * c.dv)};
+  }
+  TcRun run_cpu(const TcCase& c, const Inputs& in) {
+    const int64_t T = c.b * c.s;
+    TcRun r{std::vector<float>(T * (c.h * c.dv + 8), 7.f), std::vector<float>(c.b * c.h * c.s),
+            std::vector<float>(T * c.h * c.dqk), std::vector<float>(T * c.h * c.dqk),
+            std::vector<float>(T * c.h * c.dv)};
+    run(cpu(), c, in, in.q.data(), in.k.data(), in.v.data(), in.dout.data(), r.o.data(), r.lse.data(),
+        r.dq.data(), r.dk.data(), r.dv.data());
+    return r;
+  }
+};
+
+// [B,S,H,D] out of a strided host array, as float (the comparisons are in float; the reference's own error is
+// far below the tolerances).
+std::vector<float> dense_f(const std::vector<float>& x, int64_t T, int64_t H, int64_t D, int64_t ld_token,
+                           int64_t ld_head) {
+  std::vector<float> out(T * H * D);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t d = 0; d < D; ++d) out[(t * H + h) * D + d] = x[t * ld_token + h * ld_head + d];
+  return out;
+}
+
+TEST_F(CudaAttentionTc, ForwardBackwardMatchCpuBf16AndReference) {
+  for (const TcCase c : {TcCase{1, 77, 2, 192, 128}, TcCase{2, 200, 3, 192, 128}, TcCase{1, 3, 1, 192, 128},
+                         TcCase{2, 77, 3, 128, 128}, TcCase{1, 200, 2, 64, 64}, TcCase{1, 64, 1, 64, 64}}) {
+    SCOPED_TRACE(::testing::Message()
+                 << "b=" << c.b << " s=" << c.s << " h=" << c.h << " dqk=" << c.dqk << " dv=" << c.dv);
+    const AttentionShape sh = shape(c);
+    ASSERT_TRUE(cuda::attention_tc_supported(sh));
+    const int64_t T = c.b * c.s;
+    const Inputs in = inputs(c, 21);
+    const TcRun g = run_gpu(c, in), p = run_cpu(c, in);
+    for (int64_t t = 0; t < T; ++t)  // the sentinels after each token's heads are untouched
+      for (int64_t j = c.h * c.dv; j < c.h * c.dv + 8; ++j) ASSERT_EQ(g.o[t * (c.h * c.dv + 8) + j], 7.f);
+    const auto o_g = dense_f(g.o, T, c.h, c.dv, c.h * c.dv + 8, c.dv),
+               o_p = dense_f(p.o, T, c.h, c.dv, c.h * c.dv + 8, c.dv);
+
+    // Against the CPU's bf16 mode: both round the same operands (q, k, v, dO, P, dS) to bf16, but the fp32 sums
+    // run in another order (tensor-core 16-wide chunks vs oneDNN) and the online softmax rescales per 64 keys
+    // here and per 256 on the CPU, so a probability can land on the other side of a bf16 rounding boundary
+    // (2^-8 relative) now and then: 1e-2 of the largest magnitude, as for the fp32-core kernel's bf16 mode.
+    // lse involves no rounded probability (only q·k in fp32 and exp/log): 1e-4.
+    EXPECT_LE(max_rel(o_g, o_p), 1e-2);
+    EXPECT_LE(max_rel(g.lse, p.lse), 1e-4);
+    EXPECT_LE(max_rel(g.dq, p.dq), 1e-2);
+    EXPECT_LE(max_rel(g.dk, p.dk), 1e-2);
+    EXPECT_LE(max_rel(g.dv, p.dv), 1e-2);
+
+    // Against the double reference on the bf16-rounded q, k, v (dO unrounded): what remains is the rounding of P
+    // (o, dV) and of dS and dO (dQ, dK), a relative 2^-9 per element that partly averages out. The CPU's bf16
+    // mode measures at most 9e-4 (o), 3.2e-3 (dv), 4.1e-3 (dq, dk), 1e-7 (lse) on these shapes; the bounds
+    // allow about 4x that (the tensor cores add only their fp32 accumulation order), and lse, which sees no
+    // rounded probability, 2e-5. (A single-token sequence is left out: its dq, dk are exactly 0, so relative
+    // errors are undefined.)
+    std::vector<double> qd(T * c.h * c.dqk), kd(qd.size()), vd(T * c.h * c.dv), dod(vd.size());
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < c.h; ++h) {
+        for (int64_t d = 0; d < c.dqk; ++d) {
+          qd[(t * c.h + h) * c.dqk + d] = round_bf16(in.q[t * in.ldq + h * c.dqk + d]);
+          kd[(t * c.h + h) * c.dqk + d] = round_bf16(in.k[t * in.ldk + h * c.dqk + d]);
+        }
+        for (int64_t d = 0; d < c.dv; ++d) {
+          vd[(t * c.h + h) * c.dv + d] = round_bf16(in.v[t * in.ldv + h * in.hsv + d]);
+          dod[(t * c.h + h) * c.dv + d] = in.dout[t * in.lddo + h * c.dv + d];
+        }
+      }
+    std::vector<double> ro(vd.size()), rl(c.b * c.h * c.s), rdq(qd.size()), rdk(qd.size()), rdv(vd.size());
+    attention_forward_reference(sh, qd.data(), kd.data(), vd.data(), ro.data(), rl.data());
+    attention_backward_reference(sh, qd.data(), kd.data(), vd.data(), dod.data(), rdq.data(), rdk.data(),
+                                 rdv.data());
+    auto f = [](const std::vector<double>& x) { return std::vector<float>(x.begin(), x.end()); };
+    EXPECT_LE(max_rel(o_g, f(ro)), 4e-3);
+    EXPECT_LE(max_rel(g.lse, f(rl)), 2e-5);
+    EXPECT_LE(max_rel(g.dq, f(rdq)), 1.6e-2);
+    EXPECT_LE(max_rel(g.dk, f(rdk)), 1.6e-2);
+    EXPECT_LE(max_rel(g.dv, f(rdv)), 1.2e-2);
+  }
+}
+
+TEST_F(CudaAttentionTc, IsDeterministic) {
+  const TcCase c{2, 333, 3, 192, 128};
+  const Inputs in = inputs(c, 22);
+  const TcRun a = run_gpu(c, in), b = run_gpu(c, in);
+  auto same_bits = [](const std::vector<float>& x, const std::vector<float>& y) {
+    return x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size() * sizeof(float)) == 0;
+  };
+  EXPECT_TRUE(same_bits(a.o, b.o));
+  EXPECT_TRUE(same_bits(a.lse, b.lse));
+  EXPECT_TRUE(same_bits(a.dq, b.dq));
+  EXPECT_TRUE(same_bits(a.dk, b.dk));
+  EXPECT_TRUE(same_bits(a.dv, b.dv));
+}
+
+// Shapes the tensor-core kernels do not take fall back to the fp32-core kernels (the bf16 case of
+// AttentionForwardBackwardMatchCpu covers them): head sizes not multiples of 16, and 256/256, whose dK/dV tile
+// set needs 257.25 KiB of shared memory (Hopper allows 227).
+TEST_F(CudaAttentionTc, DeclinesShapesItCannotRun) {
+  EXPECT_FALSE(cuda::attention_tc_supported({2, 67, 3, 24, 16, 1.f}));
+  EXPECT_FALSE(cuda::attention_tc_supported({1, 64, 1, 256, 256, 1.f}));
+  EXPECT_FALSE(cuda::attention_tc_supported({1, 64, 1, 272, 128, 1.f}));
+  EXPECT_TRUE(cuda::attention_tc_supported({1, 4096, 16, 192, 128, 1.f}));
 }
 
 TEST_F(CudaOps, AttentionRefusesHeadSizesItCannotRun) {

@@ -228,7 +228,10 @@ class CudaBackend final : public Backend {
   void attention_forward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v, HeadsViewMut o,
                          float* lse, Precision p) override {
     check_attention(s);
-    launch_attention_forward(s, q, k, v, o, lse, p == Precision::kBF16, stream_);
+    if (use_tensor_cores(s, p))
+      launch_attention_tc_forward(s, q, k, v, o, lse, stream_);
+    else
+      launch_attention_forward(s, q, k, v, o, lse, p == Precision::kBF16, stream_);
   }
   void attention_backward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v, HeadsView o,
                           const float* lse, HeadsView do_, HeadsViewMut dq, HeadsViewMut dk, HeadsViewMut dv,
@@ -236,7 +239,10 @@ class CudaBackend final : public Backend {
     check_attention(s);
     float* scratch =
         scratch_as<float>(static_cast<size_t>(attention_backward_scratch_floats(s)) * sizeof(float));
-    launch_attention_backward(s, q, k, v, o, lse, do_, dq, dk, dv, p == Precision::kBF16, scratch, stream_);
+    if (use_tensor_cores(s, p))
+      launch_attention_tc_backward(s, q, k, v, o, lse, do_, dq, dk, dv, scratch, stream_);
+    else
+      launch_attention_backward(s, q, k, v, o, lse, do_, dq, dk, dv, p == Precision::kBF16, scratch, stream_);
   }
   void head_cross_entropy_forward(const float* h, const float* w, const bf16* w_bf, const int32_t* labels,
                                   float* loss, float* lse, int64_t t, int64_t d, int64_t v,
@@ -282,6 +288,11 @@ class CudaBackend final : public Backend {
                " heads=", heads, " seq_len=", seq_len);
     DSV3_CHECK(seq_len <= tab.max_pos, what, ": seq_len ", seq_len, " exceeds the cos/sin table (",
                tab.max_pos, " positions)");
+  }
+  // bf16 attention runs on tensor cores (attention_tc.cu) unless DSV3_ATTENTION=cuda-cores or the shape does not
+  // fit that kernel; fp32 stays on the fp32-core kernel, which matches the CPU to 1e-5.
+  static bool use_tensor_cores(const AttentionShape& s, Precision p) {
+    return p == Precision::kBF16 && attention_tc_enabled() && attention_tc_supported(s);
   }
   void check_attention(const AttentionShape& s) {
     DSV3_CHECK(attention_supported(s), "attention on ", name_, ": head sizes d_qk=", s.d_qk, " d_v=", s.d_v,

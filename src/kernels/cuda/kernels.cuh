@@ -84,4 +84,17 @@ void launch_attention_backward(const AttentionShape& s, HeadsView q, HeadsView k
                                const float* lse_BHS, HeadsView do_, HeadsViewMut dq, HeadsViewMut dk,
                                HeadsViewMut dv, bool bf16_operands, float* scratch, cudaStream_t st);
 
+// The same attention on tensor cores (attention_tc.cu), bf16 operands only: the CPU's bf16 rounding contract,
+// WMMA bf16 products with fp32 accumulation, fp32 softmax; deterministic. attention_tc_supported: head sizes
+// multiples of 16 up to 256 whose tiles fit the device's shared memory (MLA's 192/128 does); other shapes use
+// the kernels above. The backward uses the same scratch as launch_attention_backward.
+// attention_tc_enabled: false when the environment sets DSV3_ATTENTION=cuda-cores (read once per process).
+bool attention_tc_enabled();
+bool attention_tc_supported(const AttentionShape& s);
+void launch_attention_tc_forward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v,
+                                 HeadsViewMut o, float* lse_BHS, cudaStream_t st);
+void launch_attention_tc_backward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v, HeadsView o,
+                                  const float* lse_BHS, HeadsView do_, HeadsViewMut dq, HeadsViewMut dk,
+                                  HeadsViewMut dv, float* scratch, cudaStream_t st);
+
 }  // namespace dsv3::cuda
