@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make bench-gpu`: the dense (and MoE) DeepSeek-V3 proxies sized for one H200, PyTorch (HF transformers, eager and
 # torch.compile) beside dsv3, as tokens/s, TFLOP/s (Megatron's formula) and MFU against the cuBLASLt bf16 GEMM
-# roofline measured in the same run. BIN_DIR: where bench_gpu is (build/, or a device pack's bin/); RUN: a wrapper
+# roofline measured in the same run (PEER=0 skips PyTorch). BIN_DIR: where bench_gpu is (build/, or a device pack's bin/); RUN: a wrapper
 # (e.g. "bash .devpack/run.sh") for the packed binary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,11 +16,13 @@ for cfg in $CONFIGS; do
   echo "== $cfg (batch $BATCH, seq $SEQ, bf16)"
   ours=$($RUN $bench --config "$cfg" --batch "$BATCH" --seq "$SEQ"); echo "$ours"
   if echo "$ours" | grep -q '^gpu: unavailable'; then continue; fi
-  peer=$(python3 bench/peer_pytorch_gpu.py --config "$cfg" --batch "$BATCH" --seq "$SEQ" 2>&1 | grep '^pytorch:'); echo "$peer"
+  peer=""
+  [ "${PEER:-1}" = 1 ] && peer=$(python3 bench/peer_pytorch_gpu.py --config "$cfg" --batch "$BATCH" --seq "$SEQ" 2>&1 | grep '^pytorch:')
+  echo "$peer"
   flops=$(echo "$ours" | field flops_per_iteration)
   peak=$(echo "$ours" | grep 'm=8192 n=8192' | field tflops)
-  echo "$peer" | grep tokens_per_s | while read -r line; do
+  printf '%s\n%s\n' "$(echo "$ours" | grep '^ours:')" "$peer" | grep tokens_per_s | while read -r line; do
     mode=$(echo "$line" | field mode); tps=$(echo "$line" | field tokens_per_s)
-    python3 -c "f=$flops;t=$tps/($BATCH*$SEQ);tf=f*t/1e12;print(f'pytorch {\"$mode\"}: {$tps:.0f} tok/s, {tf:.1f} TFLOP/s, MFU {tf/$peak:.3f} of measured {$peak} TFLOP/s')"
+    python3 -c "f=$flops;t=$tps/($BATCH*$SEQ);tf=f*t/1e12;print(f'{\"$mode\"}: {$tps:.0f} tok/s, {tf:.1f} TFLOP/s, MFU {tf/$peak:.3f} of measured {$peak} TFLOP/s')"
   done
 done

@@ -27,7 +27,8 @@ summary="$out/summary.txt"
 say() { echo "$*" | tee -a "$summary"; }
 [ -f .devpack/run.sh ] || { say "no .devpack/: run 'scripts/device-check.sh pack' here first and carry .devpack"; exit 2; }
 run() { bash .devpack/run.sh "$@"; }
-export DSV3_SOURCE_DIR=$PWD OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+# The tests find the checkout and the packed dsv3 (which run.sh unpacks into /tmp/devpack) through these.
+export DSV3_SOURCE_DIR=$PWD DSV3_BINARY=/tmp/devpack/bin/dsv3 OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 
 say "== machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | tee -a "$summary"
@@ -47,6 +48,10 @@ timeout 300 bash .devpack/run.sh dsv3_cuda_tests --gtest_output="xml:$out/cuda_t
 rc=$?
 grep -E '^\[  (PASSED|FAILED) |^\[==========\]|FAILED  \]|Failure|error' "$out/cuda_tests.log" | head -60 | tee -a "$summary"
 say "cuda tests exit code: $rc, skipped: $(grep -oP '^\[  SKIPPED \] \K[0-9]+(?= tests?,)' "$out/cuda_tests.log" || echo 0) (a skip here means no GPU was visible)"
+grep -E '^(fp32|bf16|cuda|cpu) ?(->|:)' "$out/cuda_tests.log" | tee -a "$summary"  # the measured differences
+say "== the attention tests again on the CUDA-core kernel (DSV3_ATTENTION=cuda-cores)"
+DSV3_ATTENTION=cuda-cores timeout 60 bash .devpack/run.sh dsv3_cuda_tests --gtest_filter='CudaOps.Attention*:CudaModel.*' \
+  2>&1 | grep -E '^\[  (PASSED|FAILED) |FAILED  \]|^(fp32|bf16):' | tee -a "$summary"
 
 say "== bench-gpu (PyTorch peer and the measured roofline)"
 CONFIGS="${CONFIGS:-examples/deepseek/configs/proxy-gpu-dense.json examples/deepseek/configs/proxy-gpu-moe.json}" \

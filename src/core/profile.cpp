@@ -6,6 +6,7 @@
 namespace dsv3::profile {
 
 bool g_enabled = false;
+void (*g_sync)() = nullptr;
 
 namespace {
 

@@ -12,6 +12,9 @@
 namespace dsv3::profile {
 
 extern bool g_enabled;
+// Called at every scope boundary while enabled (nullable): a GPU run sets it to its stream's synchronize, so that
+// each scope times the device work it enqueued rather than the enqueueing.
+extern void (*g_sync)();
 
 struct Entry {
   const char* label = nullptr;
@@ -31,14 +34,17 @@ void pop(const char* label, int64_t dt_ns);
 
 class Scope {
  public:
-  explicit Scope(const char* label) : label_(label), t0_(g_enabled ? (push(), now_ns()) : -1) {}
+  explicit Scope(const char* label) : label_(label), t0_(g_enabled ? (sync(), push(), now_ns()) : -1) {}
   ~Scope() {
-    if (t0_ >= 0) pop(label_, now_ns() - t0_);
+    if (t0_ >= 0) sync(), pop(label_, now_ns() - t0_);
   }
   Scope(const Scope&) = delete;
   Scope& operator=(const Scope&) = delete;
 
  private:
+  static void sync() {
+    if (g_sync) g_sync();
+  }
   const char* label_;
   int64_t t0_;
 };
