@@ -7,7 +7,6 @@
 #include <cmath>
 
 #include "core/error.h"
-#include "core/grow.h"
 #include "core/profile.h"
 #include "kernels/cpu/rope.h"
 
