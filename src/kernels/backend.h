@@ -71,6 +71,15 @@ class Backend {
   virtual void sum_heads(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t t,
                          int64_t heads, int64_t n) = 0;
 
+  // ---- MoE token permutation (cpu/moe_permute.h): rows grouped by expert and the deterministic combine back.
+  // x_RD[r] = x_TD[token_R[r]] (token -1: a zero row).
+  virtual void permute_rows(const float* x_TD, const int32_t* token_R, int64_t r, int64_t d, float* x_RD) = 0;
+  // out_TD[t] = beta·out_TD[t] + Σ_k y_RD[row_TK[t,k]] (k ascending, rows -1 skipped; beta 0 or 1).
+  virtual void unpermute_sum(const float* y_RD, const int32_t* row_TK, int64_t t, int64_t k, int64_t d,
+                             float* out_TD, float beta) = 0;
+  // out[i] = index[i] < 0 ? 0 : v[index[i]] (a pair's gate weight into its row, and back).
+  virtual void gather_or_zero(const float* v, const int32_t* index_N, int64_t n, float* out_N) = 0;
+
   // ---- GEMM (cpu/gemm.h)
   virtual void gemm(const GemmArgs& g) = 0;
 

@@ -87,9 +87,9 @@ Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
       d.moe.validate();
     }
     dims_.push_back(d);
-    DSV3_CHECK(!d.is_moe || be().kind() == DeviceKind::kCpu, "model: MoE layers (layer ", i,
-               ") do not run on ", be().name(), " yet: the router and the token permutation are CPU code");
   }
+  DSV3_CHECK(be().kind() == DeviceKind::kCpu || opt_.ep.size() == 1, "model: expert parallelism runs on the CPU "
+             "only (its dispatcher moves host memory); ", be().name(), " runs one rank");
   acts_.resize(opt_.recompute ? 1 : cfg_.num_hidden_layers);
   // Routed experts are converted by the MoE layer itself (stacked gate|up per expert); the router stays fp32.
   if (opt_.precision == Precision::kBF16)

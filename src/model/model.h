@@ -33,8 +33,8 @@ struct ModelOptions {
   bool mtp = true;            // run the config's num_nextn_predict_layers depths
   ExpertParallel ep;          // expert parallelism: this rank holds and runs E/EP experts per MoE layer
   PipelineStage stage;        // pipeline parallelism: the layers (and ends) this rank holds and runs
-  // The kernels' backend (kernels/backend.h): parameters, gradients and activations live in its memory. The
-  // CUDA backend runs dense layers only for now (the MoE router and permutation are CPU code).
+  // The kernels' backend (kernels/backend.h): parameters, gradients and activations live in its memory. A device
+  // backend runs one rank (no expert parallelism).
   Backend* backend = &cpu_backend();
 };
 

@@ -1,14 +1,12 @@
-// DeepSeek-V3 MoE layer forward/backward (see moe.h). Experts run in parallel over the threads, each GEMM on
-// one thread (oneDNN runs single-threaded inside a parallel region): per-expert GEMMs are small, and one
-// fork/join per expert loop instead of one per GEMM keeps the threads busy (and a descheduled thread on a
-// shared machine stalls the others once per loop, not once per GEMM). Element-wise kernels (swiglu.h,
-// moe_permute.h) parallelise themselves.
+// DeepSeek-V3 MoE layer forward/backward (see moe.h). On the CPU, experts run in parallel over the threads, each
+// GEMM on one thread (oneDNN runs single-threaded inside a parallel region): per-expert GEMMs are small, and one
+// fork/join per expert loop instead of one per GEMM keeps the threads busy (and a descheduled thread on a shared
+// machine stalls the others once per loop, not once per GEMM). On a device backend the experts' GEMMs are issued
+// in order on its stream. Element-wise kernels (swiglu, permutation) parallelise themselves.
 //
-// Backend seam (kernels/backend.h): the GEMMs (routed experts, shared expert, dense FFN) and the SwiGLUs run
-// on the Backend passed in; the router (kernels/cpu/router.h), the token permutation (ep_dispatch /
-// ep_combine and their gradients), the routed experts' bf16 weight conversion and the host loop marked below
-// still call the CPU code directly on host memory, so MoE layers need a host-memory backend (the CPU's) for
-// now.
+// Backend seam (kernels/backend.h): the GEMMs (router, routed experts, shared expert), the SwiGLUs and, on one
+// rank, the token permutation run on the Backend passed in; the router's selection runs on the host (moe.h);
+// expert parallelism (ep_dispatch and the rest, parallel/ep_dispatcher.h) is host memory, so the CPU's.
 #include "model/moe.h"
 
 #include <optional>
@@ -25,9 +23,9 @@ namespace {
 // threads, each GEMM on one thread (see the top of this file). varying_rows: the bf16 GEMMs' runtime
 // dimensions (below).
 template <typename F>
-void for_each_expert(const DispatchState& s, bool varying_rows, F&& f) {
+void for_each_expert(const Backend& be, const DispatchState& s, bool varying_rows, F&& f) {
   const int64_t e_n = static_cast<int64_t>(s.offsets_L1.size()) - 1;
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (be.kind() == DeviceKind::kCpu)
   for (int64_t e = 0; e < e_n; ++e) {
     const int64_t o = s.offsets_L1[e], n = s.offsets_L1[e + 1] - o;
     if (n == 0) continue;
@@ -47,23 +45,24 @@ void for_each_expert(const DispatchState& s, bool varying_rows, F&& f) {
 void experts_forward_bf16(Backend& be, const MoeConfig& c, const MoeParams& p, MoeActs& a) {
   const int64_t d = c.hidden, f = c.ffn, e_n = c.local_experts(), r_n = a.dispatch.offsets_L1.back();
   const Precision bf = Precision::kBF16;
-  a.w_gu_bf.resize(e_n * 2 * f * d);
-  a.w_down_bf.resize(e_n * d * f);
-#pragma omp parallel for schedule(static)
+  bf16* w_gu = grow(be, a.w_gu_bf, e_n * 2 * f * d);
+  bf16* w_down = grow(be, a.w_down_bf, e_n * d * f);
+  const bool host = be.kind() == DeviceKind::kCpu;
+#pragma omp parallel for schedule(static) if (host)
   for (int64_t e = 0; e < e_n; ++e) {
-    to_bf16(p.gate_proj_EFD + e * f * d, &a.w_gu_bf[e * 2 * f * d], f * d);
-    to_bf16(p.up_proj_EFD + e * f * d, &a.w_gu_bf[e * 2 * f * d + f * d], f * d);
-    to_bf16(p.down_proj_EDF + e * d * f, &a.w_down_bf[e * d * f], d * f);
+    be.to_bf16(p.gate_proj_EFD + e * f * d, w_gu + e * 2 * f * d, f * d);
+    be.to_bf16(p.up_proj_EFD + e * f * d, w_gu + e * 2 * f * d + f * d, f * d);
+    be.to_bf16(p.down_proj_EDF + e * d * f, w_down + e * d * f, d * f);
   }
-  a.a_RF.resize(r_n * 2 * f);
+  grow(be, a.a_RF, r_n * 2 * f);
   const bf16* x = static_cast<const bf16*>(linear_operand(be, a.x_RD.data(), r_n * d, bf, a.x_bf));
-  for_each_expert(a.dispatch, true, [&](int64_t e, int64_t o, int64_t n) {
-    linear_forward_op(be, x + o * d, &a.w_gu_bf[e * 2 * f * d], &a.a_RF[o * 2 * f], n, d, 2 * f, bf);
+  for_each_expert(be, a.dispatch, true, [&](int64_t e, int64_t o, int64_t n) {
+    linear_forward_op(be, x + o * d, w_gu + e * 2 * f * d, a.a_RF.data() + o * 2 * f, n, d, 2 * f, bf);
   });
   be.swiglu_forward(a.a_RF.data(), a.a_RF.data() + f, 2 * f, a.prob_R.data(), a.z_RF.data(), r_n, f);
   const bf16* z = static_cast<const bf16*>(linear_operand(be, a.z_RF.data(), r_n * f, bf, a.z_bf));
-  for_each_expert(a.dispatch, true, [&](int64_t e, int64_t o, int64_t n) {
-    linear_forward_op(be, z + o * f, &a.w_down_bf[e * d * f], &a.y_RD[o * d], n, f, d, bf);
+  for_each_expert(be, a.dispatch, true, [&](int64_t e, int64_t o, int64_t n) {
+    linear_forward_op(be, z + o * f, w_down + e * d * f, a.y_RD.data() + o * d, n, f, d, bf);
   });
 }
 
@@ -73,22 +72,79 @@ void experts_backward_bf16(Backend& be, const MoeConfig& c, MoeGrads& g, MoeActs
   const bf16* dy = static_cast<const bf16*>(linear_operand(be, a.dy_RD.data(), r_n * d, bf, a.dy_bf));
   const bf16* z = a.z_bf.data();
   const bf16* x = a.x_bf.data();
-  for_each_expert(a.dispatch, true, [&](int64_t e, int64_t o, int64_t n) {
+  for_each_expert(be, a.dispatch, true, [&](int64_t e, int64_t o, int64_t n) {
     linear_backward_weight_op(be, dy + o * d, z + o * f, g.down_proj_EDF + e * d * f, n, f, d, bf);
-    linear_backward_input_op(be, dy + o * d, &a.w_down_bf[e * d * f], &a.dz_RF[o * f], n, f, d, bf);
+    linear_backward_input_op(be, dy + o * d, a.w_down_bf.data() + e * d * f, a.dz_RF.data() + o * f, n, f, d, bf);
   });
-  a.da_RF.resize(r_n * 2 * f);
+  grow(be, a.da_RF, r_n * 2 * f);
   be.swiglu_backward(a.dz_RF.data(), a.a_RF.data(), a.a_RF.data() + f, 2 * f, a.prob_R.data(), a.da_RF.data(),
                      a.da_RF.data() + f, 2 * f, a.dprob_R.data(), r_n, f);
   const bf16* dab = static_cast<const bf16*>(linear_operand(be, a.da_RF.data(), r_n * 2 * f, bf, a.dab_bf));
-  for_each_expert(a.dispatch, true, [&](int64_t e, int64_t o, int64_t n) {
+  for_each_expert(be, a.dispatch, true, [&](int64_t e, int64_t o, int64_t n) {
     linear_backward_weight_op(be, dab + o * 2 * f, x + o * d, g.gate_proj_EFD + e * f * d, n, d, f, bf,
                               2 * f);
     linear_backward_weight_op(be, dab + o * 2 * f + f, x + o * d, g.up_proj_EFD + e * f * d, n, d, f, bf,
                               2 * f);
-    linear_backward_input_op(be, dab + o * 2 * f, &a.w_gu_bf[e * 2 * f * d], &a.dx_RD[o * d], n, d, 2 * f,
-                             bf);
+    linear_backward_input_op(be, dab + o * 2 * f, a.w_gu_bf.data() + e * 2 * f * d, a.dx_RD.data() + o * d, n,
+                             d, 2 * f, bf);
   });
+}
+
+// The router: its GEMMs on the backend, the selection on the host (see moe.h).
+void route(Backend& be, const MoeConfig& c, const MoeParams& p, const float* x, int64_t t, int64_t batch,
+           bool training, MoeActs& a) {
+  const RouterParams rp{p.gate_w_ED, p.expert_bias_E};
+  if (be.kind() == DeviceKind::kCpu) return router_forward(c.router, rp, x, t, c.hidden, batch, training, a.router);
+  const int64_t e = c.router.num_experts;
+  a.router.logits_TE.resize(t * e);
+  if (t > 0) {
+    float* logits = grow(be, a.logits_TE, t * e);
+    linear_forward(be, x, p.gate_w_ED, logits, t, c.hidden, e, Precision::kF32, a.lin);
+    be.copy_to_host(a.router.logits_TE.data(), logits, t * e * sizeof(float));
+  }
+  if (p.expert_bias_E) a.bias_E.resize(e), be.copy_to_host(a.bias_E.data(), p.expert_bias_E, e * sizeof(float));
+  router_route(c.router, p.expert_bias_E ? a.bias_E.data() : nullptr, t, batch, training, a.router);
+}
+
+void router_backward_on(Backend& be, const MoeConfig& c, const MoeParams& p, const float* x, float aux_grad,
+                        MoeActs& a, MoeGrads& g, float* dx) {
+  const RouterParams rp{p.gate_w_ED, p.expert_bias_E};
+  RouterGrads rg{g.gate_w_ED};
+  if (be.kind() == DeviceKind::kCpu)
+    return router_backward(c.router, rp, x, c.hidden, a.router, a.dweight_TK.data(), aux_grad, rg, dx, 1.f);
+  const int64_t t = a.t, e = c.router.num_experts, k = c.router.topk;
+  if (t == 0) return;
+  a.dweight_host_TK.resize(t * k);
+  be.copy_to_host(a.dweight_host_TK.data(), a.dweight_TK.data(), t * k * sizeof(float));
+  router_backward_logits(c.router, a.router, a.dweight_host_TK.data(), aux_grad);
+  float* dl = grow(be, a.dlogits_TE, t * e);
+  a.dlogits_TE.copy_from_host(a.router.dlogits_TE.data(), t * e);
+  linear_backward_weight(be, dl, x, g.gate_w_ED, t, c.hidden, e, Precision::kF32, a.lin);
+  linear_backward_input(be, dl, p.gate_w_ED, dx, t, c.hidden, e, Precision::kF32, a.lin, 1.f);
+}
+
+// The local experts' rows and their gate weights. One rank: the permutation is built on the host (a counting
+// sort of T·K ids) and its maps go to the backend, which gathers; expert parallelism: the dispatcher.
+void dispatch(Backend& be, const MoeConfig& c, const float* x, MoeActs& a) {
+  const int64_t t = a.t, d = c.hidden, k = c.router.topk, e = c.router.num_experts;
+  const RouterActs& r = a.router;
+  if (c.ep.size() > 1) {
+    // With pad-to-capacity the router's counts are the padded ones; the dispatcher decides what padding it needs.
+    const Routing routing{r.idx_TK.data(), r.kept_TK.data(), r.weight_TK.data(),
+                          c.router.pad_to_capacity ? r.tokens_per_expert_E.data() : nullptr, t, k, e};
+    return ep_dispatch(c.ep, routing, x, d, a.dispatch, a.x_RD, a.prob_R);
+  }
+  // One rank holds every expert: padding rows would only be zeros, so they are not made.
+  DispatchState& s = a.dispatch;
+  s.t = t, s.k = k, s.d = d, s.local_experts = e;
+  build_permutation(r.idx_TK.data(), r.kept_TK.data(), t, k, e, s.perm);
+  s.offsets_L1 = s.perm.offsets_E1;
+  const int64_t r_n = s.perm.rows();
+  grow(be, a.token_R, r_n), grow(be, a.slot_R, r_n), grow(be, a.row_TK, t * k), grow(be, a.weight_TK, t * k);
+  a.token_R.copy_from_host(s.perm.token_R.data(), r_n), a.slot_R.copy_from_host(s.perm.slot_R.data(), r_n);
+  a.row_TK.copy_from_host(s.perm.row_TK.data(), t * k), a.weight_TK.copy_from_host(r.weight_TK.data(), t * k);
+  be.permute_rows(x, a.token_R.data(), r_n, d, grow(be, a.x_RD, r_n * d));
+  be.gather_or_zero(a.weight_TK.data(), a.slot_R.data(), r_n, grow(be, a.prob_R, r_n));
 }
 
 }  // namespace
@@ -128,43 +184,37 @@ void moe_forward(Backend& be, const MoeConfig& c, const MoeParams& p, const floa
   a.t = t;
   {
     DSV3_PROFILE("fwd.moe.router");
-    router_forward(c.router, {p.gate_w_ED, p.expert_bias_E}, x, t, d, batch, training, a.router);
+    route(be, c, p, x, t, batch, training, a);
   }
-  // With pad-to-capacity the router's counts are the padded ones; the dispatcher decides what padding it
-  // needs.
-  const Routing routing{a.router.idx_TK.data(),
-                        a.router.kept_TK.data(),
-                        a.router.weight_TK.data(),
-                        c.router.pad_to_capacity ? a.router.tokens_per_expert_E.data() : nullptr,
-                        t,
-                        k_n,
-                        c.router.num_experts};
-  ep_dispatch(c.ep, routing, x, d, a.dispatch, a.x_RD, a.prob_R);
+  dispatch(be, c, x, a);
   const int64_t r_n = a.dispatch.offsets_L1.back();
-  a.a_RF.resize(r_n * f);
-  a.b_RF.resize(r_n * f);
-  a.z_RF.resize(r_n * f);
-  a.y_RD.resize(r_n * d);
+  grow(be, a.a_RF, r_n * f);
+  grow(be, a.b_RF, r_n * f);
+  grow(be, a.z_RF, r_n * f);
+  grow(be, a.y_RD, r_n * d);
 
   DSV3_PROFILE_BEGIN(fwd_experts, "fwd.moe.experts");
   if (c.precision == Precision::kBF16) {
     experts_forward_bf16(be, c, p, a);
   } else {
-    for_each_expert(a.dispatch, false, [&](int64_t e, int64_t o, int64_t n) {
-      linear_forward(be, &a.x_RD[o * d], p.gate_proj_EFD + e * f * d, &a.a_RF[o * f], n, d, f, c.precision,
+    for_each_expert(be, a.dispatch, false, [&](int64_t e, int64_t o, int64_t n) {
+      linear_forward(be, a.x_RD.data() + o * d, p.gate_proj_EFD + e * f * d, a.a_RF.data() + o * f, n, d, f, c.precision,
                      a.lin);
-      linear_forward(be, &a.x_RD[o * d], p.up_proj_EFD + e * f * d, &a.b_RF[o * f], n, d, f, c.precision,
+      linear_forward(be, a.x_RD.data() + o * d, p.up_proj_EFD + e * f * d, a.b_RF.data() + o * f, n, d, f, c.precision,
                      a.lin);
     });
     be.swiglu_forward(a.a_RF.data(), a.b_RF.data(), f, a.prob_R.data(), a.z_RF.data(), r_n, f);
-    for_each_expert(a.dispatch, false, [&](int64_t e, int64_t o, int64_t n) {
-      linear_forward(be, &a.z_RF[o * f], p.down_proj_EDF + e * d * f, &a.y_RD[o * d], n, f, d, c.precision,
+    for_each_expert(be, a.dispatch, false, [&](int64_t e, int64_t o, int64_t n) {
+      linear_forward(be, a.z_RF.data() + o * f, p.down_proj_EDF + e * d * f, a.y_RD.data() + o * d, n, f, d, c.precision,
                      a.lin);
     });
   }
   DSV3_PROFILE_END(fwd_experts);
   // Routed sum first, then the shared expert added on top (HF's order).
-  ep_combine(c.ep, a.dispatch, a.y_RD.data(), out);
+  if (c.ep.size() == 1)
+    be.unpermute_sum(a.y_RD.data(), a.row_TK.data(), t, k_n, d, out, 0.f);
+  else
+    ep_combine(c.ep, a.dispatch, a.y_RD.data(), out);
   if (c.n_shared > 0 && t > 0) {
     DSV3_PROFILE("fwd.moe.shared");
     const MlpParams mp{p.shared_gate_SD, p.shared_up_SD, p.shared_down_DS, p.bf16_weights};
@@ -189,57 +239,55 @@ void moe_backward(Backend& be, const MoeConfig& c, const MoeParams& p, MoeActs& 
     dx_beta = 1.f;
   }
 
-  ep_dispatch_grad(c.ep, a.dispatch, dout, a.dy_RD);
   const int64_t r_n = a.dispatch.offsets_L1.back();
-  a.dz_RF.resize(r_n * f);
-  a.da_RF.resize(r_n * f);
-  a.db_RF.resize(r_n * f);
-  a.dx_RD.resize(r_n * d);
-  a.dprob_R.resize(r_n);
-  a.dweight_TK.resize(t * k_n);
+  if (c.ep.size() == 1)
+    be.permute_rows(dout, a.token_R.data(), r_n, d, grow(be, a.dy_RD, r_n * d));
+  else
+    ep_dispatch_grad(c.ep, a.dispatch, dout, a.dy_RD);
+  grow(be, a.dz_RF, r_n * f);
+  grow(be, a.da_RF, r_n * f);
+  grow(be, a.db_RF, r_n * f);
+  grow(be, a.dx_RD, r_n * d);
+  grow(be, a.dprob_R, r_n);
+  grow(be, a.dweight_TK, t * k_n);
   DSV3_PROFILE_BEGIN(bwd_experts, "bwd.moe.experts");
   if (c.precision == Precision::kBF16) {
     experts_backward_bf16(be, c, g, a);
   } else {
-    for_each_expert(a.dispatch, false, [&](int64_t e, int64_t o, int64_t n) {
-      linear_backward_weight(be, &a.dy_RD[o * d], &a.z_RF[o * f], g.down_proj_EDF + e * d * f, n, f, d,
+    for_each_expert(be, a.dispatch, false, [&](int64_t e, int64_t o, int64_t n) {
+      linear_backward_weight(be, a.dy_RD.data() + o * d, a.z_RF.data() + o * f, g.down_proj_EDF + e * d * f, n, f, d,
                              c.precision, a.lin);
-      linear_backward_input(be, &a.dy_RD[o * d], p.down_proj_EDF + e * d * f, &a.dz_RF[o * f], n, f, d,
+      linear_backward_input(be, a.dy_RD.data() + o * d, p.down_proj_EDF + e * d * f, a.dz_RF.data() + o * f, n, f, d,
                             c.precision, a.lin);
     });
     // z = silu(a)⊙b·w: the gate weight w of each row gets dw = Σ_f dz·silu(a)·b here.
     be.swiglu_backward(a.dz_RF.data(), a.a_RF.data(), a.b_RF.data(), f, a.prob_R.data(), a.da_RF.data(),
                        a.db_RF.data(), f, a.dprob_R.data(), r_n, f);
-    for_each_expert(a.dispatch, false, [&](int64_t e, int64_t o, int64_t n) {
-      const float* xe = &a.x_RD[o * d];
-      linear_backward_weight(be, &a.da_RF[o * f], xe, g.gate_proj_EFD + e * f * d, n, d, f, c.precision,
+    for_each_expert(be, a.dispatch, false, [&](int64_t e, int64_t o, int64_t n) {
+      const float* xe = a.x_RD.data() + o * d;
+      linear_backward_weight(be, a.da_RF.data() + o * f, xe, g.gate_proj_EFD + e * f * d, n, d, f, c.precision,
                              a.lin);
-      linear_backward_weight(be, &a.db_RF[o * f], xe, g.up_proj_EFD + e * f * d, n, d, f, c.precision, a.lin);
-      linear_backward_input(be, &a.da_RF[o * f], p.gate_proj_EFD + e * f * d, &a.dx_RD[o * d], n, d, f,
+      linear_backward_weight(be, a.db_RF.data() + o * f, xe, g.up_proj_EFD + e * f * d, n, d, f, c.precision, a.lin);
+      linear_backward_input(be, a.da_RF.data() + o * f, p.gate_proj_EFD + e * f * d, a.dx_RD.data() + o * d, n, d, f,
                             c.precision, a.lin);
-      linear_backward_input(be, &a.db_RF[o * f], p.up_proj_EFD + e * f * d, &a.dx_RD[o * d], n, d, f,
+      linear_backward_input(be, a.db_RF.data() + o * f, p.up_proj_EFD + e * f * d, a.dx_RD.data() + o * d, n, d, f,
                             c.precision, a.lin, 1.f);
     });
   }
   DSV3_PROFILE_END(bwd_experts);
-  if (dx_beta == 0.f) {
-    ep_combine_grad(c.ep, a.dispatch, a.dx_RD.data(), a.dprob_R.data(), dx, 0.f, a.dweight_TK.data());
+  // The routed rows are summed per token first, then added to what is already in dx (the shared expert's part):
+  // the order the allgather dispatcher's reduce-scatter imposes, so every dispatcher and layout adds the same
+  // terms in the same order (exactly, for top-2 routing).
+  float* routed = dx_beta == 0.f ? dx : grow(be, a.dx_routed_TD, t * d);
+  if (c.ep.size() == 1) {
+    be.unpermute_sum(a.dx_RD.data(), a.row_TK.data(), t, k_n, d, routed, 0.f);
+    be.gather_or_zero(a.dprob_R.data(), a.row_TK.data(), t * k_n, a.dweight_TK.data());
   } else {
-    // The routed rows are summed per token first, then added to what is already in dx (the shared expert's
-    // part): the order the allgather dispatcher's reduce-scatter imposes, so every dispatcher and layout adds
-    // the same terms in the same order (exactly, for top-2 routing).
-    a.dx_routed_TD.resize(t * d);
-    ep_combine_grad(c.ep, a.dispatch, a.dx_RD.data(), a.dprob_R.data(), a.dx_routed_TD.data(), 0.f,
-                    a.dweight_TK.data());
-    const float* r = a.dx_routed_TD.data();
-    // host loop: needs a backend op before CUDA (dx += the routed part).
-#pragma omp parallel for simd schedule(static) if (t * d > 65536)
-    for (int64_t i = 0; i < t * d; ++i) dx[i] += r[i];
+    ep_combine_grad(c.ep, a.dispatch, a.dx_RD.data(), a.dprob_R.data(), routed, 0.f, a.dweight_TK.data());
   }
+  if (routed != dx) be.add(dx, dx, routed, t * d);
   DSV3_PROFILE("bwd.moe.router");
-  RouterGrads rg{g.gate_w_ED};
-  router_backward(c.router, {p.gate_w_ED, p.expert_bias_E}, x, d, a.router, a.dweight_TK.data(), aux_grad, rg,
-                  dx, 1.f);
+  router_backward_on(be, c, p, x, aux_grad, a, g, dx);
 }
 
 }  // namespace dsv3

@@ -78,24 +78,32 @@ struct MoeGrads {
   float* shared_down_DS = nullptr;
 };
 
+// Every float buffer is memory of the layer's backend. On a device backend the router's selection runs on the
+// host (router_route / router_backward_logits, the CPU code): the [T, E] logits come down and the routing goes
+// up, once per layer and pass; the expert GEMMs need the token counts per expert on the host anyway.
 struct MoeActs {
   const float* x_TD = nullptr;  // the layer input (not owned; must stay alive until backward)
   int64_t t = 0;
-  RouterActs router;
-  DispatchState dispatch;                  // rows of the local experts (from every EP rank)
-  std::vector<float> x_RD;                 // gathered inputs
-  std::vector<float> a_RF, b_RF;           // gate / up pre-activations
-  std::vector<float> z_RF;                 // silu(a)⊙b·w: the down_proj input
-  std::vector<float> prob_R;               // gate weight per row
-  std::vector<float> y_RD;                 // expert outputs (already weighted)
+  RouterActs router;                       // host memory
+  DispatchState dispatch;                  // rows of the local experts (from every EP rank); host maps
+  DeviceArray<int32_t> token_R, row_TK, slot_R;  // one rank: the permutation's maps in backend memory
+  DeviceArray<float> weight_TK;                  // one rank: the gate weights in backend memory
+  DeviceArray<float> x_RD;                 // gathered inputs
+  DeviceArray<float> a_RF, b_RF;           // gate / up pre-activations
+  DeviceArray<float> z_RF;                 // silu(a)⊙b·w: the down_proj input
+  DeviceArray<float> prob_R;               // gate weight per row
+  DeviceArray<float> y_RD;                 // expert outputs (already weighted)
   MlpActs shared;                          // shared expert
   // backward scratch
-  std::vector<float> dy_RD, dz_RF, da_RF, db_RF, dx_RD, dprob_R, dweight_TK, dx_routed_TD;
+  DeviceArray<float> dy_RD, dz_RF, da_RF, db_RF, dx_RD, dprob_R, dweight_TK, dx_routed_TD;
   MlpScratch shared_scratch;
   LinearScratch lin;
+  // device backend: the router's logits and their gradient in backend memory; the bias and dweight on the host
+  DeviceArray<float> logits_TE, dlogits_TE;
+  std::vector<float> bias_E, dweight_host_TK;
   // bf16 fast path (MoeConfig::precision == kBF16): every operand converted once per step and shared by the
   // expert GEMMs. a_RF then holds the fused [R, 2F] gate|up output (b_RF unused), da_RF its gradient.
-  std::vector<bf16> w_gu_bf, w_down_bf;  // [L, 2F, D] gate rows then up rows per expert; [L, D, F]
+  DeviceArray<bf16> w_gu_bf, w_down_bf;  // [L, 2F, D] gate rows then up rows per expert; [L, D, F]
   DeviceArray<bf16> x_bf, z_bf, dy_bf, dab_bf;
 };
 

@@ -43,7 +43,7 @@ void scatter_rows(const float* src, const std::vector<int64_t>& map, int64_t w, 
 }
 
 void alltoall_dispatch(const ExpertParallel& ep, const Routing& r, const float* x, DispatchState& s,
-                       std::vector<float>& x_RD, std::vector<float>& prob_R) {
+                       DeviceArray<float>& x_RD, DeviceArray<float>& prob_R) {
   const int P = ep.size();
   const int64_t L = s.local_experts, d = s.d, first = ep.first_local(r.e);
   build_permutation(r.idx_TK, r.kept_TK, r.t, r.k, r.e, s.perm, r.padded_rows_E);
@@ -89,13 +89,13 @@ void alltoall_dispatch(const ExpertParallel& ep, const Routing& r, const float* 
       for (int64_t j = 0; j < s.recv_rows_PL[p * L + l]; ++j) s.recv_of_R[row++] = start[p * L + l] + j;
     s.offsets_L1[l + 1] = row;
   }
-  x_RD.resize(received * d), prob_R.resize(received);
+  grow(cpu_backend(), x_RD, received * d), grow(cpu_backend(), prob_R, received);
   gather_rows(s.recv_RD.data(), s.recv_of_R, d, x_RD.data());
   gather_rows(s.recv_R.data(), s.recv_of_R, 1, prob_R.data());
 }
 
 void allgather_dispatch(const ExpertParallel& ep, const Routing& r, const float* x, DispatchState& s,
-                        std::vector<float>& x_RD, std::vector<float>& prob_R) {
+                        DeviceArray<float>& x_RD, DeviceArray<float>& prob_R) {
   DSV3_CHECK(!r.padded_rows_E, "pad-to-capacity needs the alltoall token dispatcher");
   const int P = ep.size();
   const int64_t t = r.t, k = r.k, d = s.d, L = s.local_experts, first = ep.first_local(r.e);
@@ -117,7 +117,7 @@ void allgather_dispatch(const ExpertParallel& ep, const Routing& r, const float*
   }
   build_permutation(s.idx_all.data(), s.kept_all.data(), P * t, k, L, s.perm);
   s.offsets_L1 = s.perm.offsets_E1;
-  x_RD.resize(s.perm.rows() * d), prob_R.resize(s.perm.rows());
+  grow(cpu_backend(), x_RD, s.perm.rows() * d), grow(cpu_backend(), prob_R, s.perm.rows());
   permute_rows(s.x_all.data(), s.perm, d, x_RD.data());
   permute_pairs(s.weight_all.data(), s.perm, prob_R.data());
 }
@@ -131,7 +131,7 @@ DispatcherType parse_dispatcher_type(const std::string& name) {
 }
 
 void ep_dispatch(const ExpertParallel& ep, const Routing& r, const float* x, int64_t d, DispatchState& s,
-                 std::vector<float>& x_RD, std::vector<float>& prob_R) {
+                 DeviceArray<float>& x_RD, DeviceArray<float>& prob_R) {
   DSV3_PROFILE("moe.dispatch");
   Timed timed;
   const int P = ep.size();
@@ -141,7 +141,7 @@ void ep_dispatch(const ExpertParallel& ep, const Routing& r, const float* x, int
     // One rank holds every expert: padding rows would only be zeros, so they are not made.
     build_permutation(r.idx_TK, r.kept_TK, r.t, r.k, r.e, s.perm);
     s.offsets_L1 = s.perm.offsets_E1;
-    x_RD.resize(s.perm.rows() * d), prob_R.resize(s.perm.rows());
+    grow(cpu_backend(), x_RD, s.perm.rows() * d), grow(cpu_backend(), prob_R, s.perm.rows());
     permute_rows(x, s.perm, d, x_RD.data());
     permute_pairs(r.weight_TK, s.perm, prob_R.data());
   } else if (ep.type == DispatcherType::kAllToAll) {
@@ -169,12 +169,12 @@ void ep_combine(const ExpertParallel& ep, DispatchState& s, const float* y_RD, f
 }
 
 void ep_dispatch_grad(const ExpertParallel& ep, DispatchState& s, const float* dout,
-                      std::vector<float>& dy_RD) {
+                      DeviceArray<float>& dy_RD) {
   DSV3_PROFILE("moe.dispatch");
   Timed timed;
   const int64_t d = s.d;
   const int64_t rows = s.offsets_L1.empty() ? 0 : s.offsets_L1.back();
-  dy_RD.resize(rows * d);
+  grow(cpu_backend(), dy_RD, rows * d);
   if (!distributed(ep)) {
     permute_rows(dout, s.perm, d, dy_RD.data());
   } else if (ep.type == DispatcherType::kAllToAll) {

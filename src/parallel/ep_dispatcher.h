@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "kernels/cpu/moe_permute.h"
+#include "kernels/device_array.h"
 #include "parallel/comm.h"
 
 namespace dsv3 {
@@ -88,13 +89,13 @@ struct DispatchState {
 
 // Fills x_RD [R, D] and prob_R [R] for the local experts from this rank's tokens x_TD [T, D].
 void ep_dispatch(const ExpertParallel& ep, const Routing& routing, const float* x_TD, int64_t d,
-                 DispatchState& s, std::vector<float>& x_RD, std::vector<float>& prob_R);
+                 DispatchState& s, DeviceArray<float>& x_RD, DeviceArray<float>& prob_R);
 // out_TD [T, D] ← Σ over each token's k expert outputs (assign). y_RD: the local experts' outputs (already
 // weighted).
 void ep_combine(const ExpertParallel& ep, DispatchState& s, const float* y_RD, float* out_TD);
 // dy_RD [R, D] ← the rows of dout_TD [T, D] that the experts produced in the forward.
 void ep_dispatch_grad(const ExpertParallel& ep, DispatchState& s, const float* dout_TD,
-                      std::vector<float>& dy_RD);
+                      DeviceArray<float>& dy_RD);
 // dx_TD = beta·dx_TD + Σ_k dx rows of each token (beta 0 or 1); dweight_TK ← dprob of each routed pair, 0
 // otherwise.
 void ep_combine_grad(const ExpertParallel& ep, DispatchState& s, const float* dx_RD, const float* dprob_R,

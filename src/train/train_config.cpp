@@ -31,9 +31,6 @@ void read_required(const TrainArgs& a) {
 // (--device auto) or is refused (--device cuda), by name.
 void read_device(const TrainArgs& a, int world_size, TrainConfig& c) {
   std::vector<std::string> blockers;
-  int64_t moe = 0;
-  for (int64_t i = 0; i < c.model.num_layers_with_mtp(); ++i) moe += c.model.is_moe_layer(i);
-  if (moe) blockers.push_back("does not run MoE layers yet (this model has " + std::to_string(moe) + ")");
   if (world_size > 1)
     blockers.push_back("runs one process only (" + std::to_string(world_size) +
                        " ranks: multi-GPU comes with NCCL)");

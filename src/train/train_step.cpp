@@ -219,6 +219,18 @@ void Trainer::reduce_stats(IterStats& s) {
     dp.allreduce(s.layer_aux.data(), static_cast<int64_t>(s.layer_aux.size()), ReduceOp::kSum);
 }
 
+std::string Trainer::expert_bias_name(int64_t layer) {
+  return "model.layers." + std::to_string(layer) + ".mlp.gate.e_score_correction_bias";
+}
+
+float* Trainer::expert_bias_on_host(int64_t layer, std::vector<float>& staged) {
+  float* bias = model_->param(expert_bias_name(layer));
+  if (model_->backend().kind() == DeviceKind::kCpu) return bias;
+  staged.resize(static_cast<size_t>(c_.model.n_routed_experts));
+  model_->backend().copy_to_host(staged.data(), bias, staged.size() * sizeof(float));
+  return staged.data();
+}
+
 // The global L2 norm of the gradient. After the data-parallel reduce the dense gradients are the same on
 // every rank of a stage and each EP rank holds its own experts' (identical across expert-DP): dense squares
 // summed over the stages, expert squares over the stages and EP ranks.
@@ -280,10 +292,15 @@ double Trainer::optimizer_step(const IterStats& st) {
     }
   }
   if (c_.expert_bias_update)
-    for (size_t l = 0; l < st.counts.size() && l < moe_layer_ids_.size(); ++l)
-      update_expert_bias(model_->param("model.layers." + std::to_string(moe_layer_ids_[l]) +
-                                       ".mlp.gate.e_score_correction_bias"),
-                         st.counts[l].data(), static_cast<int64_t>(st.counts[l].size()), c_.expert_bias_rate);
+    for (size_t l = 0; l < st.counts.size() && l < moe_layer_ids_.size(); ++l) {
+      // On a GPU: E floats down, updated on the host, and back up.
+      std::vector<float> staged;
+      float* bias = expert_bias_on_host(moe_layer_ids_[l], staged);
+      update_expert_bias(bias, st.counts[l].data(), static_cast<int64_t>(st.counts[l].size()), c_.expert_bias_rate);
+      if (bias == staged.data())
+        model_->backend().copy_to_device(model_->param(expert_bias_name(moe_layer_ids_[l])), bias,
+                                         staged.size() * sizeof(float));
+    }
   timers_.add("optimizer", seconds_since(t0));
   sched_->step(c_.global_batch_size);
   prog_.iteration++;

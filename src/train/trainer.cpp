@@ -283,11 +283,12 @@ void Trainer::log_moe_health(const IterStats& st, bool log_now) {
   const double aux_scale =
       c_.aux_loss_coeff > 0 ? 1.0 / (c_.aux_loss_coeff * static_cast<double>(c_.num_micro_batches * pg_.dp)) : 0.0;
   const int64_t experts = c_.model.n_routed_experts;
+  std::vector<float> staged;
   for (size_t l = 0; l < st.counts.size() && l < moe_layer_ids_.size(); ++l) {
-    const std::string bias = "model.layers." + std::to_string(moe_layer_ids_[l]) + ".mlp.gate.e_score_correction_bias";
+    const bool has_bias = model_->store().contains(expert_bias_name(moe_layer_ids_[l]));
     layers.push_back(moe_layer_health(moe_layer_ids_[l], st.counts[l], st.kept[l], st.routed[l],
                                       st.layer_aux[l] * aux_scale,
-                                      model_->store().contains(bias) ? model_->param(bias) : nullptr, experts));
+                                      has_bias ? expert_bias_on_host(moe_layer_ids_[l], staged) : nullptr, experts));
   }
   moe_health_.add(layers);
   if (!log_now) return;

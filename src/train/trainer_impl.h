@@ -79,6 +79,10 @@ class Trainer {
   void backward_micro(int64_t lm_tokens, const std::vector<int64_t>& mtp_tokens, const float* output_grad);
   void reduce_stats(IterStats& s);
   double grad_norm();
+  static std::string expert_bias_name(int64_t layer);
+  // A MoE layer's expert bias where the host can read and write it: the parameter itself on the CPU, else a copy
+  // in `staged` (the caller copies it back after changing it).
+  float* expert_bias_on_host(int64_t layer, std::vector<float>& staged);
   double optimizer_step(const IterStats& st);
   // after the step (trainer.cpp)
   std::vector<std::pair<std::string, double>> losses_of(const IterStats& s) const;

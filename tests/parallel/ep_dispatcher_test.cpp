@@ -136,8 +136,14 @@ void check(const ExpertParallel& ep, const Case& c, const std::vector<int64_t>* 
   const Reference ref = reference_dispatch(ep.comm, c);
   const Routing rt{
       c.idx.data(), c.dropless ? nullptr : c.kept.data(), c.w.data(), pad ? pad->data() : nullptr, T, K, c.e};
-  std::vector<float> x_RD{7.f}, prob_R{7.f};  // stale contents must be replaced
-  ep_dispatch(ep, rt, c.x.data(), D, s, x_RD, prob_R);
+  DeviceArray<float> x_dev, prob_dev;  // stale contents must be replaced
+  grow(cpu_backend(), x_dev, 1)[0] = 7.f, grow(cpu_backend(), prob_dev, 1)[0] = 7.f;
+  ep_dispatch(ep, rt, c.x.data(), D, s, x_dev, prob_dev);
+  // The arrays only grow: what dispatch produced are the first offsets_L1.back() rows.
+  const int64_t rows = s.offsets_L1.back();
+  ASSERT_GE(x_dev.size(), rows * D);
+  ASSERT_GE(prob_dev.size(), rows);
+  const std::vector<float> x_RD(x_dev.begin(), x_dev.begin() + rows * D), prob_R(prob_dev.begin(), prob_dev.begin() + rows);
 
   std::vector<int64_t> src;  // the reference row of each dispatched row; -1 for padding
   if (!pad) {
@@ -195,13 +201,16 @@ void check(const ExpertParallel& ep, const Case& c, const std::vector<int64_t>* 
   EXPECT_EQ(out, want) << "combine";
 
   // dispatch_grad: each expert row gets its token's dout row (padding rows: 0).
-  std::vector<float> dout(T * D), dy{7.f}, want_dy(R * D);
+  std::vector<float> dout(T * D), want_dy(R * D);
+  DeviceArray<float> dy_dev;
+  grow(cpu_backend(), dy_dev, 1)[0] = 7.f;
   for (int64_t i = 0; i < T * D; ++i) dout[i] = grid_val(2, me, i / D, 0, i % D);
   for (int64_t r = 0; r < R; ++r)
     for (int64_t j = 0; j < D; ++j)
       want_dy[r * D + j] = src[r] < 0 ? 0.f : grid_val(2, ref.rows[src[r]].p, ref.rows[src[r]].t, 0, j);
-  ep_dispatch_grad(ep, s, dout.data(), dy);
-  EXPECT_EQ(dy, want_dy) << "dispatch_grad";
+  ep_dispatch_grad(ep, s, dout.data(), dy_dev);
+  ASSERT_GE(dy_dev.size(), R * D);
+  EXPECT_EQ(std::vector<float>(dy_dev.begin(), dy_dev.begin() + R * D), want_dy) << "dispatch_grad";
 
   // combine_grad: dx[t] = beta·dx[t] + Σ the token's rows; dweight = the pair's dprob, 0 for dropped pairs.
   // NaN prefill checks that beta 0 and dweight assign.

@@ -10,6 +10,7 @@
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/cross_entropy.h"
 #include "kernels/cpu/embedding.h"
+#include "kernels/cpu/moe_permute.h"
 #include "kernels/cpu/reduce.h"
 #include "kernels/cpu/rmsnorm.h"
 #include "kernels/cpu/swiglu.h"
@@ -72,6 +73,17 @@ class CpuBackend final : public Backend {
       for (int64_t h = 0; h < heads; ++h)
         for (int64_t i = 0; i < n; ++i) yr[i] += x[r * ld_x + h * hs_x + i];
     }
+  }
+
+  void permute_rows(const float* x, const int32_t* token_R, int64_t r, int64_t d, float* y) override {
+    dsv3::permute_rows(x, token_R, r, d, y);
+  }
+  void unpermute_sum(const float* y, const int32_t* row_TK, int64_t t, int64_t k, int64_t d, float* out,
+                     float beta) override {
+    dsv3::unpermute_sum(y, row_TK, t, k, d, out, beta);
+  }
+  void gather_or_zero(const float* v, const int32_t* index, int64_t n, float* out) override {
+    dsv3::gather_or_zero(v, index, n, out);
   }
 
   void gemm(const GemmArgs& g) override { dsv3::gemm(g); }

@@ -41,23 +41,22 @@ void build_permutation(const int32_t* idx, const uint8_t* kept, int64_t t, int64
   }
 }
 
-void permute_rows(const float* x, const MoePermutation& p, int64_t d, float* y) {
-  const int64_t r_n = p.rows();
+void permute_rows(const float* x, const int32_t* token_R, int64_t r_n, int64_t d, float* y) {
 #pragma omp parallel for schedule(static) if (r_n * d > 65536)
   for (int64_t r = 0; r < r_n; ++r) {
-    if (p.token_R[r] < 0) std::fill_n(y + r * d, d, 0.f);
-    else std::copy_n(x + static_cast<int64_t>(p.token_R[r]) * d, d, y + r * d);
+    if (token_R[r] < 0) std::fill_n(y + r * d, d, 0.f);
+    else std::copy_n(x + static_cast<int64_t>(token_R[r]) * d, d, y + r * d);
   }
 }
 
-void unpermute_sum(const float* y, const MoePermutation& p, int64_t d, float* out, float beta) {
-  const int64_t t_n = p.t, k_n = p.k;
+void unpermute_sum(const float* y, const int32_t* row_TK, int64_t t_n, int64_t k_n, int64_t d, float* out,
+                   float beta) {
 #pragma omp parallel for schedule(static) if (t_n * k_n * d > 65536)
   for (int64_t t = 0; t < t_n; ++t) {
     float* o = out + t * d;
     if (beta == 0.f) std::fill(o, o + d, 0.f);
     for (int64_t j = 0; j < k_n; ++j) {
-      const int32_t r = p.row_TK[t * k_n + j];
+      const int32_t r = row_TK[t * k_n + j];
       if (r < 0) continue;
       const float* src = y + static_cast<int64_t>(r) * d;
       for (int64_t c = 0; c < d; ++c) o[c] += src[c];
@@ -65,12 +64,24 @@ void unpermute_sum(const float* y, const MoePermutation& p, int64_t d, float* ou
   }
 }
 
+void gather_or_zero(const float* v, const int32_t* index, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = index[i] < 0 ? 0.f : v[index[i]];
+}
+
+void permute_rows(const float* x, const MoePermutation& p, int64_t d, float* y) {
+  permute_rows(x, p.token_R.data(), p.rows(), d, y);
+}
+
+void unpermute_sum(const float* y, const MoePermutation& p, int64_t d, float* out, float beta) {
+  unpermute_sum(y, p.row_TK.data(), p.t, p.k, d, out, beta);
+}
+
 void permute_pairs(const float* v_TK, const MoePermutation& p, float* v_R) {
-  for (int64_t r = 0; r < p.rows(); ++r) v_R[r] = p.slot_R[r] < 0 ? 0.f : v_TK[p.slot_R[r]];
+  gather_or_zero(v_TK, p.slot_R.data(), p.rows(), v_R);
 }
 
 void unpermute_pairs(const float* v_R, const MoePermutation& p, float* v_TK) {
-  for (int64_t i = 0; i < p.t * p.k; ++i) v_TK[i] = p.row_TK[i] < 0 ? 0.f : v_R[p.row_TK[i]];
+  gather_or_zero(v_R, p.row_TK.data(), p.t * p.k, v_TK);
 }
 
 }  // namespace dsv3

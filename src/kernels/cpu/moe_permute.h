@@ -25,6 +25,12 @@ struct MoePermutation {
 // padded_rows_E[e] rows (≥ its kept pairs), the kept rows first, then padding rows (Megatron's pad-to-capacity).
 void build_permutation(const int32_t* idx_TK, const uint8_t* kept_TK, int64_t t, int64_t k, int64_t e,
                        MoePermutation& p, const int64_t* padded_rows_E = nullptr);
+// The same three operations over raw maps (what the backends run: kernels/backend.h).
+void permute_rows(const float* x_TD, const int32_t* token_R, int64_t r, int64_t d, float* x_RD);
+void unpermute_sum(const float* y_RD, const int32_t* row_TK, int64_t t, int64_t k, int64_t d, float* out_TD,
+                   float beta);
+void gather_or_zero(const float* v, const int32_t* index_N, int64_t n, float* out_N);  // index < 0: 0
+
 // x_RD[r] = x_TD[token_R[r]] (padding rows: 0)
 void permute_rows(const float* x_TD, const MoePermutation& p, int64_t d, float* x_RD);
 // out_TD[t] = beta·out_TD[t] + Σ_k y_RD[row_TK[t,k]] (k ascending; beta 0 or 1)

@@ -81,10 +81,7 @@ class CudaBackend final : public Backend {
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
-    for (auto& [k, p] : plans_) {
-      cublasLtMatmulDescDestroy(p.op);
-      cublasLtMatrixLayoutDestroy(p.a), cublasLtMatrixLayoutDestroy(p.b), cublasLtMatrixLayoutDestroy(p.c);
-    }
+    clear_plans();
     for (void* s : {scratch_, workspace_, static_cast<void*>(errors_.word), static_cast<void*>(segments_)})
       if (s) cudaFree(s);
     cublasLtDestroy(lt_);
@@ -173,6 +170,16 @@ class CudaBackend final : public Backend {
   void sum_heads(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t t, int64_t heads,
                  int64_t n) override {
     launch_sum_heads(x, ld_x, hs_x, y, ld_y, t, heads, n, stream_);
+  }
+  void permute_rows(const float* x, const int32_t* token_R, int64_t r, int64_t d, float* y) override {
+    launch_permute_rows(x, token_R, r, d, y, stream_);
+  }
+  void unpermute_sum(const float* y, const int32_t* row_TK, int64_t t, int64_t k, int64_t d, float* out,
+                     float beta) override {
+    launch_unpermute_sum(y, row_TK, t, k, d, out, beta, stream_);
+  }
+  void gather_or_zero(const float* v, const int32_t* index, int64_t n, float* out) override {
+    launch_gather_or_zero(v, index, n, out, stream_);
   }
 
   // ---- GEMM
@@ -300,6 +307,13 @@ class CudaBackend final : public Backend {
                ") are not supported by the CUDA attention kernel (at most 256 each)");
   }
   const GemmPlan& plan(const GemmKey& key);
+  void clear_plans() {
+    for (auto& [k, p] : plans_) {
+      cublasLtMatmulDescDestroy(p.op);
+      cublasLtMatrixLayoutDestroy(p.a), cublasLtMatrixLayoutDestroy(p.b), cublasLtMatrixLayoutDestroy(p.c);
+    }
+    plans_.clear();
+  }
   // The loss's scratch and, in bf16 mode, the operand copies (w_bf is set to the head's bf16 weights).
   CeBuffers ce_prepare(const float* h, const float* w, const bf16*& w_bf, int64_t t, int64_t d, int64_t v,
                        bool bf);
@@ -336,6 +350,9 @@ class CudaBackend final : public Backend {
 const GemmPlan& CudaBackend::plan(const GemmKey& key) {
   auto it = plans_.find(key);
   if (it != plans_.end()) return it->second;
+  // MoE expert GEMMs see a new row count almost every step: bound the cache rather than let it grow for the
+  // whole run (a cleared cache costs one heuristic query per shape again).
+  if (plans_.size() >= 8192) clear_plans();
   // Row-major C[M,N] = op(A) op(B) is column-major C^T[N,M] = op(B)^T op(A)^T: cuBLASLt's "A" is our B and its
   // "B" is our A, each read through its stored (column-major) shape with the transpose flag it already has.
   GemmPlan p;

@@ -63,6 +63,36 @@ __global__ void sum_heads_kernel(const float* x, int64_t ld_x, int64_t hs_x, flo
   }
 }
 
+__global__ void permute_rows_kernel(const float* x, const int32_t* token, int64_t r_n, int64_t d, float* y) {
+  for (int64_t j = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; j < r_n * d;
+       j += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = j / d, c = j % d;
+    const int32_t src = token[r];
+    y[j] = src < 0 ? 0.f : x[static_cast<int64_t>(src) * d + c];
+  }
+}
+
+// One thread per (token, column); the token's k rows added in ascending k, from 0 or from out (beta 1), as the
+// CPU does: no atomics, so the result is deterministic and equal to the CPU's.
+__global__ void unpermute_sum_kernel(const float* y, const int32_t* row_TK, int64_t t_n, int64_t k_n, int64_t d,
+                                     float* out, float beta) {
+  for (int64_t j = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; j < t_n * d;
+       j += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t t = j / d, c = j % d;
+    float acc = beta == 0.f ? 0.f : out[j];
+    for (int64_t k = 0; k < k_n; ++k) {
+      const int32_t r = row_TK[t * k_n + k];
+      if (r >= 0) acc = __fadd_rn(acc, y[static_cast<int64_t>(r) * d + c]);
+    }
+    out[j] = acc;
+  }
+}
+
+__global__ void gather_or_zero_kernel(const float* v, const int32_t* index, int64_t n, float* out) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+    out[i] = index[i] < 0 ? 0.f : v[index[i]];
+}
+
 // cpu/reduce.cpp's block_sum exactly: per 16Ki block, lane l (0..15) of a 16-wide group accumulates x² by
 // double FMA over the block's full groups; lanes combine as the AVX2 code does ((a0+a1)+(a2+a3) per 4-lane
 // register, then (L0+L1)+(L2+L3)); the ragged tail is added element by element. One 16-thread block per 16Ki
@@ -284,6 +314,25 @@ void launch_sum_heads(const float* x, int64_t ld_x, int64_t hs_x, float* y, int6
   if (t <= 0 || n <= 0) return;
   sum_heads_kernel<<<blocks_for(t * n), kThreads, 0, st>>>(x, ld_x, hs_x, y, ld_y, t, heads, n);
   check_launch("sum_heads");
+}
+
+void launch_permute_rows(const float* x, const int32_t* token_R, int64_t r, int64_t d, float* y, cudaStream_t st) {
+  if (r <= 0 || d <= 0) return;
+  permute_rows_kernel<<<blocks_for(r * d, 4), kThreads, 0, st>>>(x, token_R, r, d, y);
+  check_launch("permute_rows");
+}
+
+void launch_unpermute_sum(const float* y, const int32_t* row_TK, int64_t t, int64_t k, int64_t d, float* out,
+                          float beta, cudaStream_t st) {
+  if (t <= 0 || d <= 0) return;
+  unpermute_sum_kernel<<<blocks_for(t * d, 4), kThreads, 0, st>>>(y, row_TK, t, k, d, out, beta);
+  check_launch("unpermute_sum");
+}
+
+void launch_gather_or_zero(const float* v, const int32_t* index, int64_t n, float* out, cudaStream_t st) {
+  if (n <= 0) return;
+  gather_or_zero_kernel<<<blocks_for(n), kThreads, 0, st>>>(v, index, n, out);
+  check_launch("gather_or_zero");
 }
 
 int64_t sum_of_squares_blocks(int64_t n) {
