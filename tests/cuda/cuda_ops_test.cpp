@@ -15,6 +15,7 @@
 #include "core/error.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/adamw.h"
+#include "kernels/cpu/moe_permute.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/rope.h"
 #include "kernels/cuda/kernels.cuh"
@@ -522,6 +523,80 @@ TEST_F(CudaOps, ScaleAndBf16RoundingMatchCpu) {
   EXPECT_EQ(down<float>(g, x.size()), xs);
   const auto gbh = down<bf16>(gb, x.size());
   for (size_t i = 0; i < x.size(); ++i) ASSERT_EQ(gbh[i].bits, xb[i].bits) << i;
+}
+
+// The model's data movement: residual adds, strided row copies, MLA's k_pe gradient summed over heads, and the
+// MoE token permutation, with a hot expert, empty experts and dropped pairs. All are copies or fixed-order fp32
+// sums: bit-identical to the CPU.
+TEST_F(CudaOps, DataMovementOpsAreBitIdenticalToCpu) {
+  const int64_t t = 37, h = 5, k = 24, n = t * h * k;
+  const auto a = philox_normals(20, n, 1), b = philox_normals(20, n, 2);
+  std::vector<float> sum(n), rows(n, 0.f), heads(t * 9, 0.f);
+  cpu().add(sum.data(), a.data(), b.data(), n);
+  cpu().copy_rows(rows.data(), k, a.data() + 3, k, t * h, 16);
+  cpu().sum_heads(a.data() + 16, h * k, k, heads.data() + 1, 9, t, h, 8);
+  DeviceBuffer ga = up(a), gb = up(b), gs = up(std::vector<float>(n)), gr = up(std::vector<float>(n, 0.f)),
+               gh = up(std::vector<float>(t * 9, 0.f));
+  gpu_->add(gs.as<float>(), ga.as<float>(), gb.as<float>(), n);
+  gpu_->copy_rows(gr.as<float>(), k, ga.as<float>() + 3, k, t * h, 16);
+  gpu_->sum_heads(ga.as<float>() + 16, h * k, k, gh.as<float>() + 1, 9, t, h, 8);
+  EXPECT_EQ(down<float>(gs, n), sum);
+  EXPECT_EQ(down<float>(gr, n), rows);
+  EXPECT_EQ(down<float>(gh, t * 9), heads);
+  gpu_->add(ga.as<float>(), ga.as<float>(), gb.as<float>(), n);  // in place, as the MTP backward runs it
+  EXPECT_EQ(down<float>(ga, n), sum);
+}
+
+TEST_F(CudaOps, MoePermutationIsBitIdenticalToCpuForSkewedRoutings) {
+  const int64_t t = 53, kk = 3, e = 8, d = 19;
+  // Three routings: spread, one hot expert (all tokens on expert 5, the others empty), and capacity-dropped pairs.
+  for (int routing = 0; routing < 3; ++routing) {
+    std::vector<int32_t> idx(t * kk);
+    std::vector<uint8_t> kept(t * kk, 1);
+    for (int64_t i = 0; i < t * kk; ++i) {
+      idx[i] = routing == 1 ? (i % kk == 0 ? 5 : static_cast<int32_t>((5 + i % kk) % e))
+                            : static_cast<int32_t>((i * 7 + i / kk) % e);
+      if (routing == 2) kept[i] = (i * 13) % 5 != 0;
+    }
+    MoePermutation perm;
+    build_permutation(idx.data(), kept.data(), t, kk, e, perm);
+    const int64_t r = perm.rows();
+    const auto x = philox_normals(21, t * d, 1), y = philox_normals(21, r * d, 2), w = philox_normals(21, t * kk, 3);
+    std::vector<float> xr(r * d), out(t * d), out1 = x, pr(r), back(t * kk);
+    cpu().permute_rows(x.data(), perm.token_R.data(), r, d, xr.data());
+    cpu().unpermute_sum(y.data(), perm.row_TK.data(), t, kk, d, out.data(), 0.f);
+    cpu().unpermute_sum(y.data(), perm.row_TK.data(), t, kk, d, out1.data(), 1.f);
+    cpu().gather_or_zero(w.data(), perm.slot_R.data(), r, pr.data());
+    cpu().gather_or_zero(pr.data(), perm.row_TK.data(), t * kk, back.data());
+    DeviceBuffer gx = up(x), gy = up(y), gw = up(w), tok = up(perm.token_R), row = up(perm.row_TK),
+                 slot = up(perm.slot_R), gxr = up(std::vector<float>(r * d)), go = up(std::vector<float>(t * d)),
+                 go1 = up(x), gpr = up(std::vector<float>(r)), gback = up(std::vector<float>(t * kk));
+    gpu_->permute_rows(gx.as<float>(), tok.as<int32_t>(), r, d, gxr.as<float>());
+    gpu_->unpermute_sum(gy.as<float>(), row.as<int32_t>(), t, kk, d, go.as<float>(), 0.f);
+    gpu_->unpermute_sum(gy.as<float>(), row.as<int32_t>(), t, kk, d, go1.as<float>(), 1.f);
+    gpu_->gather_or_zero(gw.as<float>(), slot.as<int32_t>(), r, gpr.as<float>());
+    gpu_->gather_or_zero(gpr.as<float>(), row.as<int32_t>(), t * kk, gback.as<float>());
+    EXPECT_EQ(down<float>(gxr, r * d), xr) << "routing " << routing;
+    EXPECT_EQ(down<float>(go, t * d), out) << "routing " << routing;
+    EXPECT_EQ(down<float>(go1, t * d), out1) << "routing " << routing;
+    EXPECT_EQ(down<float>(gpr, r), pr) << "routing " << routing;
+    EXPECT_EQ(down<float>(gback, t * kk), back) << "routing " << routing;
+  }
+}
+
+// MLA rotates the one k_pe into every head's key by reading it with head stride 0.
+TEST_F(CudaOps, RopeBroadcastsAnInputWithHeadStrideZero) {
+  RopeTable tab;
+  rope_build_table(rope_inv_freq(64, 10000.0, nullptr, 512), 64, tab);
+  DeviceBuffer gcos = up(tab.cos_PH), gsin = up(tab.sin_PH);
+  const RopeTableView gtab{gcos.as<float>(), gsin.as<float>(), tab.max_pos, tab.half};
+  const int64_t t = 2 * 33, heads = 4, ld_x = 576, ld_y = heads * 192;
+  const auto x = philox_normals(22, t * ld_x, 1);
+  std::vector<float> y(t * ld_y, 0.f);
+  cpu().rope_forward(x.data() + 512, ld_x, 0, y.data() + 128, ld_y, 192, t, heads, 33, view_of(tab), true);
+  DeviceBuffer gx = up(x), gy = up(std::vector<float>(t * ld_y, 0.f));
+  gpu_->rope_forward(gx.as<float>() + 512, ld_x, 0, gy.as<float>() + 128, ld_y, 192, t, heads, 33, gtab, true);
+  EXPECT_LE(max_rel(down<float>(gy, y.size()), y), 1e-6);
 }
 
 // Once its scratch has grown, repeating the same ops allocates nothing.

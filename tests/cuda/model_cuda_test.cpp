@@ -1,7 +1,9 @@
-// The dense DeepSeek-V3 model (MLA with q-LoRA and YaRN, dense SwiGLU layers, MTP) on the CUDA backend against
-// the same model on the CPU backend (the exact reference): logits, losses and every parameter gradient; two GPU
-// runs bit-identical; a steady-state step allocating nothing. Then `dsv3 train --device cuda` against
-// `--device cpu`: 10 iterations' losses and grad norms, and checkpoints moving between the two.
+// DeepSeek-V3 on the CUDA backend against the same model on the CPU backend (the exact reference): the dense
+// model (MLA with q-LoRA and YaRN, dense SwiGLU layers, MTP) and the MoE model (dense first layer, sigmoid
+// group-limited routing with a bias, shared expert, sequence aux loss, token drop, MTP): logits, losses and every
+// parameter gradient; two GPU runs bit-identical; recompute bit-identical to stored activations; a steady-state
+// step allocating nothing. Then `dsv3 train --device cuda` against `--device cpu`: 10 iterations' losses and grad
+// norms (and the MoE's expert biases), and checkpoints moving between the two.
 //
 // Tolerances: fp32 ≤ 1e-5 relative (max |gpu − cpu| / max |cpu| per tensor): the arithmetic is the same, only
 // GEMM and reduction orders differ. bf16: both sides round the same operands to bf16, but an fp32 value that
@@ -27,9 +29,10 @@ std::unique_ptr<Backend> gpu_or_skip() {
   return make_cuda_backend(0, &why);
 }
 
-ModelConfig dense_config() {
-  return ModelConfig::from_json_file((testing::source_dir() / "examples/deepseek/configs/demo-dense.json").string());
+ModelConfig config(const std::string& name) {
+  return ModelConfig::from_json_file((testing::source_dir() / "examples/deepseek/configs" / name).string());
 }
+ModelConfig dense_config() { return config("demo-dense.json"); }
 
 double rel(const std::vector<float>& a, const std::vector<float>& b) {
   double d = 0, m = 0;
@@ -50,19 +53,20 @@ struct Batch {
 };
 
 struct StepResult {
-  double loss = 0, mtp_loss = 0;
+  double loss = 0, mtp_loss = 0, aux_loss = 0;
   std::vector<float> logits, grads;
 };
 
-// One forward (with logits) and backward of the Megatron objective (lm mean + 0.3 · MTP mean).
+// One forward (with logits) and backward of the Megatron objective (lm mean + aux + 0.3 · MTP mean).
 StepResult step(Model& m, const Batch& b, bool logits = true) {
   StepResult r;
   if (logits) r.logits.resize(b.B * b.S * m.config().vocab_size);
   ForwardStats st = m.forward(b.ids.data(), b.labels.data(), b.B, b.S, true, logits ? r.logits.data() : nullptr);
   r.loss = st.lm_loss_sum / st.lm_tokens;
   r.mtp_loss = st.mtp_loss_sum.at(0) / st.mtp_tokens.at(0);
+  r.aux_loss = st.aux_loss_sum;
   m.zero_grads();
-  m.backward(1.f / st.lm_tokens, 0.f, {0.3f / st.mtp_tokens[0]});
+  m.backward(1.f / st.lm_tokens, 1.f, {0.3f / st.mtp_tokens[0]});
   r.grads = m.grads_to_host();
   return r;
 }
@@ -80,27 +84,44 @@ std::pair<double, std::string> worst_grad(const Model& m, const std::vector<floa
   return w;
 }
 
-void compare(Precision prec, double tol_loss, double tol_logits, double tol_grad) {
+// Random expert biases (the same on both models), so that the selection differs from the plain top-k.
+void bias_the_routing(Model& m) {
+  std::vector<float> p = m.params_to_host();
+  for (const auto& info : m.table().params())
+    if (info.name.find("e_score_correction_bias") != std::string::npos && m.store().contains(info.name)) {
+      const auto r = testing::philox_normals(31, info.numel, m.store().offset(info.name), 0.05f);
+      std::copy(r.begin(), r.end(), p.begin() + m.store().offset(info.name));
+    }
+  m.params_from_host(p);
+}
+
+void compare(const ModelConfig& cfg, ModelOptions o, const char* what, double tol_loss, double tol_logits,
+             double tol_grad) {
   auto gpu = gpu_or_skip();
   if (!gpu) GTEST_SKIP() << "needs a GPU";
-  const ModelConfig cfg = dense_config();
-  ModelOptions o;
-  o.precision = prec;
   Model cpu_m(cfg, o);
   o.backend = gpu.get();
   Model gpu_m(cfg, o);
   cpu_m.init(5), gpu_m.init(5);
+  bias_the_routing(cpu_m), bias_the_routing(gpu_m);
   ASSERT_EQ(cpu_m.params_to_host(), gpu_m.params_to_host());
   const Batch b(cfg.vocab_size);
   const StepResult c = step(cpu_m, b), g = step(gpu_m, b);
   const auto [gerr, gname] = worst_grad(cpu_m, g.grads, c.grads);
-  std::printf("%s: loss cpu %.9g gpu %.9g | mtp cpu %.9g gpu %.9g | logits %.3g | worst grad %.3g (%s)\n",
-              prec == Precision::kF32 ? "fp32" : "bf16", c.loss, g.loss, c.mtp_loss, g.mtp_loss, rel(g.logits, c.logits),
-              gerr, gname.c_str());
+  std::printf("%s: loss cpu %.9g gpu %.9g | mtp cpu %.9g gpu %.9g | aux cpu %.9g gpu %.9g | logits %.3g | worst grad %.3g (%s)\n",
+              what, c.loss, g.loss, c.mtp_loss, g.mtp_loss, c.aux_loss, g.aux_loss, rel(g.logits, c.logits), gerr,
+              gname.c_str());
   EXPECT_LE(testing::rel_diff(g.loss, c.loss), tol_loss);
   EXPECT_LE(testing::rel_diff(g.mtp_loss, c.mtp_loss), tol_loss);
+  EXPECT_LE(testing::rel_diff(g.aux_loss, c.aux_loss), tol_loss);
   EXPECT_LE(rel(g.logits, c.logits), tol_logits);
   EXPECT_LE(gerr, tol_grad) << gname;
+}
+
+void compare(Precision prec, double tol_loss, double tol_logits, double tol_grad) {
+  ModelOptions o;
+  o.precision = prec;
+  compare(dense_config(), o, prec == Precision::kF32 ? "fp32" : "bf16", tol_loss, tol_logits, tol_grad);
 }
 
 TEST(CudaModel, DenseFp32MatchesCpu) {
@@ -134,22 +155,44 @@ TEST(CudaModel, TwoGpuRunsAreBitIdenticalAndAStepAllocatesNothing) {
   }
 }
 
-TEST(CudaModel, MoeLayersAreRefusedByName) {
+// The MoE test config: MLA, one dense layer, MoE layers with a shared expert, MTP; biased routing and the
+// sequence aux loss; then the same with token dropping (capacity 1.0, Megatron's probs policy).
+TEST(CudaModel, MoeFp32MatchesCpu) {
+  ModelOptions o;
+  o.seq_aux_coeff = 1e-2f;
+  compare(config("demo-cpu.json"), o, "moe fp32", 1e-5, 1e-5, 1e-5);
+  o.capacity_factor = 1.0;
+  compare(config("demo-cpu.json"), o, "moe fp32 token drop", 1e-5, 1e-5, 1e-5);
+}
+
+TEST(CudaModel, MoeBf16MatchesCpuWithinBf16Rounding) {
+  ModelOptions o;
+  o.precision = Precision::kBF16, o.seq_aux_coeff = 1e-2f;
+  compare(config("demo-cpu.json"), o, "moe bf16", 2e-3, 1e-2, 5e-2);
+}
+
+TEST(CudaModel, MoeRecomputeIsBitIdenticalToStoredActivationsAndRerunsAgree) {
   auto gpu = gpu_or_skip();
   if (!gpu) GTEST_SKIP() << "needs a GPU";
-  ModelConfig cfg = dense_config();
-  cfg.first_k_dense_replace = 1;
-  ModelOptions o;
-  o.backend = gpu.get();
-  try {
+  const ModelConfig cfg = config("demo-cpu.json");
+  std::vector<std::vector<float>> grads;
+  for (bool recompute : {false, true, true}) {
+    ModelOptions o;
+    o.backend = gpu.get(), o.recompute = recompute, o.seq_aux_coeff = 1e-2f;
     Model m(cfg, o);
-    FAIL() << "a MoE layer must be refused on the GPU";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("MoE layers (layer 1)"), std::string::npos) << e.what();
+    m.init(8);
+    bias_the_routing(m);
+    grads.push_back(step(m, Batch(cfg.vocab_size), false).grads);
   }
+  EXPECT_EQ(0, std::memcmp(grads[0].data(), grads[1].data(), grads[0].size() * sizeof(float)));
+  EXPECT_EQ(0, std::memcmp(grads[1].data(), grads[2].data(), grads[1].size() * sizeof(float)));
 }
 
 // ---- dsv3 train --device cuda against --device cpu
+
+// The MoE runs add: --model-config .../demo-cpu.json plus kMoeFlags (a later --model-config wins).
+const std::string kMoeFlags =
+    " --moe-router-load-balancing-type seq_aux_loss --moe-aux-loss-coeff 1e-2 --moe-router-enable-expert-bias";
 
 std::string train_args(const fs::path& dir, const std::string& data, const std::string& extra) {
   const auto src = testing::source_dir();
@@ -219,6 +262,36 @@ TEST_F(CudaTrain, TenIterationsGiveTheCpuLossesAndGradNorms) {
     EXPECT_EQ(gc.loss, gc2.loss) << "two GPU runs differ";
     EXPECT_EQ(gc.norm, gc2.norm) << "two GPU runs differ";
   }
+}
+
+// The MoE model with biased routing (the expert-bias update each step) and the sequence aux loss: 10 iterations
+// give the CPU's losses and grad norms, and the final biases (from the checkpoints) equal the CPU's.
+TEST_F(CudaTrain, MoeTrainingGivesTheCpuLossesNormsAndExpertBiases) {
+  const std::string moe = " --model-config " +
+                          (testing::source_dir() / "examples/deepseek/configs/demo-cpu.json").string() + kMoeFlags +
+                          " --save-interval 10 --save ";
+  const auto [c, c_tb] = train("--device cpu" + moe + (dir_ / "moe-cpu").string());
+  const auto [g, g_tb] = train("--device cuda" + moe + (dir_ / "moe-gpu").string());
+  ASSERT_EQ(c.rc, 0) << c.out;
+  ASSERT_EQ(g.rc, 0) << g.out;
+  const Curve cc = curve(c_tb), gc = curve(g_tb);
+  ASSERT_EQ(cc.loss.size(), 10u) << c.out;
+  const auto wc = testing::read_weights(dir_ / "moe-cpu/iter_0000010"), wg = testing::read_weights(dir_ / "moe-gpu/iter_0000010");
+  double bias_err = 0;
+  int biases = 0;
+  for (const auto& [name, v] : wc)
+    if (name.find("e_score_correction_bias") != std::string::npos) {
+      ASSERT_TRUE(wg.count(name)) << name;
+      for (size_t i = 0; i < v.size(); ++i) bias_err = std::max(bias_err, std::fabs(double(v[i]) - wg.at(name)[i]));
+      ++biases;
+    }
+  std::printf("moe: max rel diff over 10 iterations: loss %.3g, grad norm %.3g; %d bias tensors, max |diff| %.3g\n",
+              max_rel(gc.loss, cc.loss), max_rel(gc.norm, cc.norm), biases, bias_err);
+  EXPECT_GT(biases, 0);
+  EXPECT_LE(max_rel(gc.loss, cc.loss), 1e-5);
+  EXPECT_LE(max_rel(gc.norm, cc.norm), 1e-5);
+  // The update adds ±rate (1e-3) per step from the token counts: equal counts give bit-equal biases.
+  EXPECT_EQ(bias_err, 0.0);
 }
 
 TEST_F(CudaTrain, CheckpointsMoveBetweenGpuAndCpu) {
