@@ -5,6 +5,7 @@
 // after the first allocates nothing and keeps its addresses; contents are kept when it grows and new elements
 // are zero (std::vector::resize semantics, which the host buffers it replaces had).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -47,16 +48,23 @@ class DeviceArray {
     if (n <= n_ && be_ == &be) return;
     DSV3_CHECK(be_ == nullptr || be_ == &be || n_ == 0, "DeviceArray: grown on ", be.name(), " after ",
                be_->name());
-    DeviceBuffer next(be, static_cast<size_t>(std::max(n, n_)) * sizeof(T));
-    if (n_) be.copy(next.data(), buf_.data(), static_cast<size_t>(n_) * sizeof(T));
-    buf_ = std::move(next);
-    be_ = &be, n_ = std::max(n, n_);
+    if (n > cap_ || be_ != &be) {
+      // The first sizing is exact (activations are sized by the batch once); a re-grow (MoE rows vary every
+      // step) takes 1.5x headroom, so a run settles after a few steps instead of reallocating (and fragmenting
+      // the host heap) each time a count rises a little.
+      const int64_t cap = n_ == 0 ? n : std::max(n, n_ + n_ / 2);
+      DeviceBuffer next(be, static_cast<size_t>(cap) * sizeof(T));
+      if (n_) be.copy(next.data(), buf_.data(), static_cast<size_t>(n_) * sizeof(T));
+      buf_ = std::move(next);
+      cap_ = cap;
+    }
+    be_ = &be, n_ = n;
   }
 
  private:
   Backend* be_ = nullptr;
   DeviceBuffer buf_;
-  int64_t n_ = 0;
+  int64_t n_ = 0, cap_ = 0;  // elements in use (the most ever asked for) and allocated (zero-filled)
 };
 
 // At least n elements in be's memory; returns v.data().

@@ -19,6 +19,7 @@ const void* linear_operand(Backend& be, const float* x, int64_t n, Precision p, 
 void Bf16Weights::clear() {
   ranges_.clear();
   data_ = {};
+  be_ = nullptr;
 }
 
 void Bf16Weights::add(Backend& be, const float* w, int64_t n) {
@@ -31,12 +32,13 @@ void Bf16Weights::add(Backend& be, const float* w, int64_t n) {
   ranges_.insert(it, r);
   int64_t o = 0;
   for (Range& x : ranges_) x.off = o, o += x.n;
-  grow(be, data_, o);
+  be_ = &be;  // the copies are made (sized exactly, once) by the first refresh()
 }
 
 void Bf16Weights::refresh() {
-  if (data_.empty()) return;
-  Backend& be = *data_.backend();
+  if (ranges_.empty()) return;
+  Backend& be = *be_;
+  grow(be, data_, ranges_.back().off + ranges_.back().n);
   if (be.kind() != DeviceKind::kCpu) {  // one launch per tensor
     for (const Range& r : ranges_) be.to_bf16(r.w, data_.data() + r.off, r.n);
     return;
@@ -58,6 +60,7 @@ void Bf16Weights::refresh() {
 }
 
 const bf16* Bf16Weights::find(const float* w, int64_t n) const {
+  if (data_.empty()) return nullptr;  // not refreshed yet: no copies to hand out
   auto it = std::upper_bound(ranges_.begin(), ranges_.end(), w,
                              [](const float* a, const Range& b) { return a < b.w; });
   if (it == ranges_.begin()) return nullptr;

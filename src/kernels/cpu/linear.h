@@ -51,7 +51,8 @@ void linear_backward_weight_op(Backend& be, const void* dy, const void* x, float
 class Bf16Weights {
  public:
   void clear();
-  // Registers w[0, n) (memory of be, which holds the copies too); registration order is irrelevant.
+  // Registers w[0, n) (memory of be, which holds the copies too); registration order is irrelevant. Register
+  // every tensor before the first refresh().
   void add(Backend& be, const float* w, int64_t n);
   void refresh();  // converts every registered tensor
   // The copy of w[0, n) when registered tensors without gaps cover it (w may point inside one), else nullptr.
@@ -64,6 +65,7 @@ class Bf16Weights {
   };
   std::vector<Range> ranges_;  // sorted by w; off: position in data_ (also increasing)
   DeviceArray<bf16> data_;
+  Backend* be_ = nullptr;
 };
 
 // GEMM operand for the weight w[0, n): fp32 → w itself; bf16 → its copy in `cache` when registered there,
