@@ -48,10 +48,10 @@ timeout 300 bash .devpack/run.sh dsv3_cuda_tests --gtest_output="xml:$out/cuda_t
 rc=$?
 grep -E '^\[  (PASSED|FAILED) |^\[==========\]|FAILED  \]|Failure|error' "$out/cuda_tests.log" | head -60 | tee -a "$summary"
 say "cuda tests exit code: $rc, skipped: $(grep -oP '^\[  SKIPPED \] \K[0-9]+(?= tests?,)' "$out/cuda_tests.log" || echo 0) (a skip here means no GPU was visible)"
-grep -E '^(fp32|bf16|cuda|cpu) ?(->|:)' "$out/cuda_tests.log" | tee -a "$summary"  # the measured differences
+grep -E '^(fp32|bf16|moe|cuda|cpu)[a-z0-9 ]*(->|:)' "$out/cuda_tests.log" | tee -a "$summary"  # the measured differences
 say "== the attention tests again on the CUDA-core kernel (DSV3_ATTENTION=cuda-cores)"
 DSV3_ATTENTION=cuda-cores timeout 60 bash .devpack/run.sh dsv3_cuda_tests --gtest_filter='CudaOps.Attention*:CudaModel.*' \
-  2>&1 | grep -E '^\[  (PASSED|FAILED) |FAILED  \]|^(fp32|bf16):' | tee -a "$summary"
+  2>&1 | grep -E '^\[  (PASSED|FAILED) |FAILED  \]|^(fp32|bf16|moe)[a-z0-9 ]*:' | tee -a "$summary"
 
 say "== bench-gpu (PyTorch peer and the measured roofline)"
 CONFIGS="${CONFIGS:-examples/deepseek/configs/proxy-gpu-dense.json examples/deepseek/configs/proxy-gpu-moe.json}" \

@@ -111,12 +111,14 @@ void Model::init(uint64_t seed) {
   for (const auto& p : table_.params())
     if (p.tied_to.empty() && store_.contains(p.name)) init_param(p, seed, cfg_, base + store_.offset(p.name));
   if (!host) params_.copy_from_host(staged.data(), params_.size());
+  bf16_stale_ = true;
 }
 
 void Model::params_from_host(const std::vector<float>& host) {
   DSV3_CHECK(static_cast<int64_t>(host.size()) == params_.size(), "params_from_host: ", host.size(),
              " values for ", params_.size(), " parameters");
   params_.copy_from_host(host.data(), params_.size());
+  bf16_stale_ = true;
 }
 
 void Model::load_safetensors(const std::string& path) {
@@ -136,6 +138,7 @@ void Model::load_safetensors(const std::string& path) {
     r.read_f32(p.name, base + store_.offset(p.name), p.numel);
   }
   if (!host) params_.copy_from_host(staged.data(), params_.size());
+  bf16_stale_ = true;
 }
 
 void Model::zero_grads() {
@@ -236,10 +239,10 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
   grow(be(), ids_, T), grow(be(), labels_, T);
   ids_.copy_from_host(ids, T), labels_.copy_from_host(labels, T);
   labels_host_.assign(labels, labels + T);
-  if (opt_.precision == Precision::kBF16) {
-    // Parameters may have changed since the last forward (optimizer step, checkpoint load, params() writes).
+  if (opt_.precision == Precision::kBF16 && bf16_stale_) {
     DSV3_PROFILE("fwd.bf16_weights");
     bf16_weights_.refresh();
+    bf16_stale_ = false;
   }
   ForwardStats st;
   auto collect_moe = [&](const BlockDims& d, const BlockActs& a) {

@@ -70,7 +70,11 @@ class Model {
 
   // The flat parameter and gradient buffers (ParamStore layout) in the backend's memory: host memory on the
   // CPU, where params()[i] and param(name)[i] work; device memory otherwise (params_to_host / params_from_host).
-  DeviceArray<float>& params() { return params_; }
+  // bf16 mode keeps bf16 copies of the weights, refreshed by the next forward after params() was asked for (an
+  // optimizer step, a checkpoint load), so once per step and not per micro-batch; a caller that writes
+  // through param(name) instead calls params_changed().
+  DeviceArray<float>& params() { return bf16_stale_ = true, params_; }
+  void params_changed() { bf16_stale_ = true; }
   DeviceArray<float>& grads() { return grads_; }
   float* param(const std::string& name) { return params_.data() + store_.offset(name); }
   float* grad(const std::string& name) { return grads_.data() + store_.offset(name); }
@@ -128,6 +132,7 @@ class Model {
   ParamTable table_;
   ParamStore store_;
   DeviceArray<float> params_, grads_;
+  bool bf16_stale_ = true;  // the bf16 copies may be older than the parameters
   Bf16Weights
       bf16_weights_;  // bf16 mode: copies of the dense projections and the head, refreshed per forward
   std::vector<BlockDims> dims_;  // per layer incl. MTP

@@ -5,6 +5,7 @@
 
 #include <cstring>
 
+#include "core/profile.h"
 #include "kernels/device_array.h"
 #include "kernels/kernel_test_util.h"
 #include "model/model.h"
@@ -45,6 +46,35 @@ TEST(ModelBackend, ASteadyStateStepAllocatesNothing) {
     step(m, b);
     EXPECT_EQ(cpu_backend().allocations(), before);
   }
+}
+
+// bf16 copies of the weights are made once per optimizer step, not per micro-batch: the next forward after
+// params() was asked for (or params_changed()) refreshes them, the others reuse them.
+TEST(ModelBackend, Bf16WeightCopiesAreRefreshedOncePerParameterChange) {
+  ModelOptions o;
+  o.precision = Precision::kBF16;
+  Model m(dense_config(), o);
+  m.init(3);
+  const Batch b(m.config().vocab_size);
+  auto refreshes = [&] {
+    for (const auto& e : profile::entries())
+      if (std::string(e.label) == "fwd.bf16_weights") return e.calls;
+    return int64_t{0};
+  };
+  profile::reset(), profile::set_enabled(true);
+  const double l0 = m.forward(b.ids.data(), b.labels.data(), b.B, b.S, true).lm_loss_sum;
+  EXPECT_EQ(m.forward(b.ids.data(), b.labels.data(), b.B, b.S, true).lm_loss_sum, l0);  // micro-batch 2
+  EXPECT_EQ(refreshes(), 1);
+  const float w0 = m.param("lm_head.weight")[0];
+  m.param("lm_head.weight")[0] = w0 + 1.f;  // a write through param(name) is announced
+  m.params_changed();
+  const double l1 = m.forward(b.ids.data(), b.labels.data(), b.B, b.S, true).lm_loss_sum;
+  EXPECT_EQ(refreshes(), 2);
+  EXPECT_NE(l1, l0);
+  m.params()[m.store().offset("lm_head.weight")] = w0;  // an optimizer step writes through params()
+  EXPECT_EQ(m.forward(b.ids.data(), b.labels.data(), b.B, b.S, true).lm_loss_sum, l0);
+  EXPECT_EQ(refreshes(), 3);
+  profile::set_enabled(false);
 }
 
 TEST(ModelBackend, DeviceArrayGrowsKeepingItsContents) {
