@@ -34,7 +34,6 @@ void read_device(const TrainArgs& a, int world_size, TrainConfig& c) {
   if (world_size > 1)
     blockers.push_back("runs one process only (" + std::to_string(world_size) +
                        " ranks: multi-GPU comes with NCCL)");
-  if (c.distributed_optimizer) blockers.push_back("does not run --use-distributed-optimizer yet");
   std::string why;
   for (const auto& b : blockers) why += (why.empty() ? "" : ", ") + b;
   c.device = a.s("device");

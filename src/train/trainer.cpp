@@ -98,7 +98,8 @@ void Trainer::setup() {
     if (cfg.is_moe_layer(i) &&
         model_->store().contains("model.layers." + std::to_string(i) + ".mlp.gate.weight"))
       moe_layer_ids_.push_back(i);  // this stage's MoE layers, in forward order
-  if (c_.distributed_optimizer)
+  // On a GPU (one process) the distributed optimizer has one shard, the whole buffer: BackendAdamW computes the same.
+  if (c_.distributed_optimizer && !c_.backend)
     dopt_ = std::make_unique<DistributedOptimizer>(model_->table(), model_->store(), *ddp_, c_.adam);
   else
     opt_ = std::make_unique<AdamW>(static_cast<int64_t>(model_->params().size()), c_.adam);
