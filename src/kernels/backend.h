@@ -23,7 +23,9 @@
 
 namespace dsv3 {
 
-enum class DeviceKind : uint8_t { kCpu, kCuda };
+// kHostGuarded: a test backend (CPU kernels on memory the host may not touch outside ops, make_host_guarded_backend)
+// that takes the device code paths on a machine without a GPU.
+enum class DeviceKind : uint8_t { kCpu, kCuda, kHostGuarded };
 
 // AdamW's per-step fp32 constants, formed in double as torch forms them (optim/adamw.h adamw_step_consts).
 struct AdamWStepConsts {
@@ -138,6 +140,10 @@ Backend& cpu_backend();
 // The CUDA backend on GPU `device`, or nullptr with *why_not set ("this build has no CUDA backend", "no CUDA GPU
 // visible: <driver's message>").
 std::unique_ptr<Backend> make_cuda_backend(int device, std::string* why_not);
+
+// The test backend above (kernels/guarded_backend.cpp): every op runs the CPU kernel; outside ops the memory is
+// PROT_NONE, so a host access to backend memory crashes.
+std::unique_ptr<Backend> make_host_guarded_backend();
 
 // Owning handle for backend memory (grow-only when reused through ensure()).
 class DeviceBuffer {

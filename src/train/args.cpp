@@ -132,7 +132,7 @@ const Spec kApplied[] = {
     {"--kv-channels", Kind::kInt, nullptr},       // unused by MLA, whose head dims have their own flags
     {"--moe-grouped-gemm", Kind::kFlag, nullptr},  // dsv3 always runs each rank's experts as one group
     {"--optimizer", Kind::kString, "adam"},        // Megatron's adam is AdamW; the seed's fusedadamw is the same
-    {"--device", Kind::kString, "auto"},           // dsv3's own: auto | cpu | cuda
+    {"--device", Kind::kString, "auto"},           // dsv3's own: auto | cpu | cuda | host-guarded (tests)
 };
 
 // Megatron (and Gaudi Megatron) flags that choose how something is computed or run, not what: accepted with their

@@ -6,9 +6,14 @@
 namespace dsv3 {
 
 DeviceChoice choose_device(const std::string& requested, const std::string& cuda_blockers) {
-  DSV3_CHECK(requested == "auto" || requested == "cpu" || requested == "cuda",
+  DSV3_CHECK(requested == "auto" || requested == "cpu" || requested == "cuda" || requested == "host-guarded",
              "argument --device: invalid choice: '", requested, "' (choose from 'auto', 'cpu', 'cuda')");
   if (requested == "cpu") return {DeviceKind::kCpu, nullptr, "device: cpu (--device cpu)"};
+  if (requested == "host-guarded") {  // for tests: the GPU's code path (host staging, device buffers) on the CPU
+    DSV3_CHECK(cuda_blockers.empty(), "--device host-guarded: the device path ", cuda_blockers);
+    return {DeviceKind::kHostGuarded, make_host_guarded_backend(),
+            "device: host-guarded (a test device: the GPU code path with the CPU's kernels)"};
+  }
   std::string why;
   std::shared_ptr<Backend> gpu = make_cuda_backend(0, &why);
   if (requested == "cuda") {
