@@ -2,7 +2,7 @@
 BUILD ?= build
 JOBS ?= $(shell nproc)
 .PHONY: setup build test demo bench bench-preprocess bench-step bench-alltoall bench-parallel bench-gpu clean format \
-        check-interop
+        check-interop fuzz
 
 setup:
 	bash scripts/setup.sh
@@ -60,6 +60,11 @@ bench-gpu: setup build
 # (virtual environments under $(BUILD), reused); prints the versions tested and a PASS/FAIL line per test.
 check-interop: build
 	BUILD=$(BUILD) bash scripts/check-interop.sh
+
+# libFuzzer targets for every reader of outside input (fuzz/README.md): clang + ASan/UBSan in build-fuzz, each
+# target FUZZ_SECONDS (default 60) from the committed seeds in fuzz/corpus/. Needs clang; `make test` does not.
+fuzz:
+	FUZZ_SECONDS=$(or $(FUZZ_SECONDS),60) bash scripts/fuzz.sh
 
 clean:
 	rm -rf $(BUILD)

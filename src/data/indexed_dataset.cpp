@@ -233,6 +233,16 @@ IndexedDataset::IndexedDataset(std::string prefix) : prefix_(std::move(prefix)) 
     const uint64_t end = s ? static_cast<uint64_t>(pointers_[s - 1]) + uint64_t(lengths_[s - 1]) * item : 0;
     DSV3_CHECK(end == bin_size_, bp, " has ", bin_size_, " bytes but ", ip, " describes ", end,
                " (truncated or mismatched pair)");
+    // Every sequence, not only the last, must lie inside the .bin: get() reads through these pointers
+    // unchecked, so one corrupt entry in the middle would read outside the mapping.
+    for (uint64_t i = 0; i < s; ++i) {
+      const int64_t ptr = pointers_[i];
+      DSV3_CHECK(ptr >= 0 && static_cast<unsigned __int128>(ptr) +
+                                     static_cast<unsigned __int128>(lengths_[i]) * item <=
+                                 bin_size_,
+                 ip, ": sequence ", i, " (", lengths_[i], " tokens at byte ", ptr, ") lies outside ", bp, " (",
+                 bin_size_, " bytes)");
+    }
     DSV3_CHECK(doc_idx_[0] == 0, ip, ": document indices do not start at 0");
     for (uint64_t i = 1; i < d; ++i)
       DSV3_CHECK(doc_idx_[i] >= doc_idx_[i - 1] && uint64_t(doc_idx_[i]) <= s, ip,

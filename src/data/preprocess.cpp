@@ -27,12 +27,7 @@ constexpr size_t kChunkBytes = 1 << 20;
 constexpr size_t kChunkLines = 512;
 constexpr int kMaxReportedBadLines = 5;
 
-struct Doc {
-  std::vector<int32_t> ids;      // all keys' ids, key after key
-  std::vector<int32_t> lengths;  // sequence lengths, key after key
-  std::vector<uint32_t> key_seq_end;  // per key: end index into lengths
-  std::string error;             // non-empty: the line is bad
-};
+using Doc = EncodedLine;
 
 struct Chunk {
   std::vector<std::string> lines;
@@ -57,7 +52,7 @@ const char* json_type_name(simdjson::dom::element_type t) {
 
 // Encodes one JSONL line as Megatron's Encoder.encode does: each key's value is one sentence (a string) or
 // a list of sentences; empty sentences are dropped; EOD goes after the last sentence of a non-empty doc.
-void encode_line(const std::string& line, const PreprocessOptions& opt, const Tokenizer& tok,
+void encode_line(std::string_view line, const PreprocessOptions& opt, const Tokenizer& tok,
                  std::optional<int32_t> eod, simdjson::dom::parser& parser, Doc& doc) {
   simdjson::dom::element root;
   if (auto err = parser.parse(line.data(), line.size(), true).get(root)) {
@@ -169,6 +164,15 @@ std::string fmt_double(double v, int prec) {
 }
 
 }  // namespace
+
+EncodedLine encode_jsonl_line(std::string_view line, const PreprocessOptions& opt, const Tokenizer& tok,
+                              std::optional<int32_t> eod) {
+  DSV3_CHECK(!opt.append_eod || eod, "encode_jsonl_line: append_eod needs the tokenizer's EOS id");
+  simdjson::dom::parser parser;
+  EncodedLine doc;
+  encode_line(line, opt, tok, eod, parser, doc);
+  return doc;
+}
 
 std::string output_prefix_for_key(const std::string& prefix, const std::string& key) {
   return prefix + "_" + key + "_document";

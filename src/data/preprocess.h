@@ -2,7 +2,9 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace dsv3 {
@@ -29,6 +31,24 @@ struct PreprocessStats {
   double seconds = 0;
   std::vector<std::string> outputs;  // final prefixes written, one per key
 };
+
+class Tokenizer;
+
+// One JSONL line as the workers encode it: every key's sentences' ids, key after key.
+struct EncodedLine {
+  std::vector<int32_t> ids;            // all keys' ids, key after key
+  std::vector<int32_t> lengths;        // sequence lengths, key after key
+  std::vector<uint32_t> key_seq_end;   // per key: end index into lengths
+  std::string error;                   // non-empty: the line is bad (the job stops or skips it)
+};
+
+// Encodes one line exactly as preprocess() does for each input line (the JSON parse, the key lookups and
+// the tokenizer), with opt.json_keys and opt.append_eod (eod is the tokenizer's EOS, required then). A
+// bad line is reported in .error, never thrown; the tokenizer may still throw dsv3::Error (invalid UTF-8).
+// preprocess() itself reuses one parser per worker; this entry point (for the fuzz target and tests) makes
+// its own.
+EncodedLine encode_jsonl_line(std::string_view line, const PreprocessOptions& opt, const Tokenizer& tok,
+                              std::optional<int32_t> eod);
 
 // Runs the whole job. Progress goes to `log` (stderr in the CLI). Throws dsv3::Error on bad input, leaving
 // nothing under the final output names.

@@ -209,7 +209,8 @@ void SafetensorsReader::read_f32(const std::string& name, float* out, int64_t nu
   const std::byte* p = raw(name);
   switch (t.dtype) {
     case StDtype::kF32:
-      std::memcpy(out, p, static_cast<size_t>(numel) * 4);
+      // An empty tensor may come with out == nullptr (an empty vector's data()); memcpy requires non-null.
+      if (numel > 0) std::memcpy(out, p, static_cast<size_t>(numel) * 4);
       return;
     case StDtype::kBF16:
       for (int64_t i = 0; i < numel; ++i) out[i] = to_float(bf16{load<uint16_t>(p + 2 * i)});

@@ -10,6 +10,7 @@
 #include <iterator>
 
 #include "core/error.h"
+#include "data/tokenizer/tokenizer.h"
 #include "test_util.h"
 
 namespace dsv3 {
@@ -189,6 +190,34 @@ TEST(PreprocessCli, MegatronFlagsAndInspect) {
   EXPECT_EQ(run("preprocess --input " + kInput.string() + " --output-prefix " + (dir / "x").string() +
                 " --tokenizer-type GPT2BPETokenizer --tokenizer-model " + kTiny.string() + " --workers 1", &out), 1);
   EXPECT_NE(out.find("GPT2BPETokenizer"), std::string::npos) << out;
+}
+
+// encode_jsonl_line (the per-line entry point the fuzz target uses) gives the ids and errors of the job itself.
+TEST(Preprocess, EncodeJsonlLineIsThePerLineStep) {
+  const Tokenizer tok = Tokenizer::from_directory(testing::data_dir() / "tiny-4k");
+  PreprocessOptions opt;
+  opt.append_eod = true;
+  opt.json_keys = {"text", "title"};
+  const EncodedLine ok =
+      encode_jsonl_line(R"({"title": "T", "text": ["a b", "", "c"]})" "\n", opt, tok, tok.eos_id());
+  EXPECT_EQ(ok.error, "");
+  // Megatron's Encoder: every non-empty encoding is a sequence (with BOS, "" is not empty), EOD after a key's last.
+  std::vector<int32_t> want, lengths;
+  for (const char* sentence : {"a b", "", "c", "T"}) {
+    const std::vector<int32_t> ids = tok.encode_for_model(sentence);
+    want.insert(want.end(), ids.begin(), ids.end());
+    lengths.push_back(static_cast<int32_t>(ids.size()));
+    if (sentence[0] == 'c' || sentence[0] == 'T') {
+      want.push_back(*tok.eos_id());
+      ++lengths.back();
+    }
+  }
+  EXPECT_EQ(ok.ids, want);
+  EXPECT_EQ(ok.lengths, lengths);
+  EXPECT_EQ(ok.key_seq_end, (std::vector<uint32_t>{3, 4}));
+  EXPECT_EQ(encode_jsonl_line(R"({"text": "x"})", opt, tok, tok.eos_id()).error, "key \"title\" is missing");
+  EXPECT_EQ(encode_jsonl_line("[1]", opt, tok, tok.eos_id()).error, "expected a JSON object, got an array");
+  EXPECT_NE(encode_jsonl_line("{", opt, tok, tok.eos_id()).error.find("malformed JSON"), std::string::npos);
 }
 
 }  // namespace

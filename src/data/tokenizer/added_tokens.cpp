@@ -67,6 +67,8 @@ AddedVocabulary AddedVocabulary::from_json(const nlohmann::json& added, const Bp
       t.id = *id;
     } else {
       // AddedVocabulary::add_tokens: one past the largest id handed out so far once that reaches the vocab.
+      DSV3_CHECK(!max_id || *max_id < INT32_MAX, "tokenizer: no id left for added token \"", t.content,
+                 "\" (the largest id in use is ", *max_id, ")");
       t.id = !max_id ? model_size : (*max_id >= model_size || model_size == 0) ? *max_id + 1 : model_size;
     }
     max_id = max_id ? std::max(*max_id, t.id) : t.id;

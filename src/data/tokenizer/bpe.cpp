@@ -1,6 +1,7 @@
 #include "data/tokenizer/bpe.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <queue>
@@ -102,6 +103,11 @@ Bpe Bpe::from_json(const nlohmann::json& m) {
   DSV3_CHECK(vocab.is_object(), "tokenizer: BPE vocab is not an object");
   bpe.vocab_.reserve(vocab.size());
   for (const auto& [tok, id] : vocab.items()) {
+    // HF stores ids as u32; a float or out-of-range id must not reach get<int32_t> (an out-of-range float
+    // to int conversion is undefined behaviour, and a fraction would be truncated silently).
+    DSV3_CHECK(id.is_number_integer() && id.get<int64_t>() >= 0 && id.get<int64_t>() <= INT32_MAX,
+               "tokenizer: BPE vocab entry \"", tok, "\" has id ", id.dump(), "; expected an integer in [0, ",
+               INT32_MAX, "]");
     bpe.vocab_[tok] = id.get<int32_t>();
     bpe.id_to_token_[id.get<int32_t>()] = tok;
   }
