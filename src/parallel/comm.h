@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -89,6 +90,9 @@ class Comm {
   // Ends every process of the job (MPI_Abort on the world); used when one rank failed and the others may be
   // waiting in a collective. The single-process Comm exits with `code`.
   [[noreturn]] virtual void abort(int code) = 0;
+  // The name the collective watchdog gives this communicator's group in its message ("dp", "ep/expert tp-ep");
+  // GroupComms names its communicators. Only the MPI Comm keeps it (the others never wait on a peer).
+  virtual void set_name(const std::string&) {}
 
  protected:
   virtual void allreduce_raw(void* buf, int64_t n, CommType t, ReduceOp op) = 0;
@@ -121,6 +125,22 @@ class SingleComm final : public Comm {
   void reduce_scatter_v_raw(void* buf, const int64_t* counts, void* recv, CommType t) override;
   void allgather_v_raw(void*, const int64_t*, CommType) override {}
 };
+
+// The collective watchdog (Megatron's --distributed-timeout-minutes; NCCL's timeout there). With a timeout > 0
+// every MPI collective and point-to-point exchange is posted non-blocking and polled; a rank that waits longer
+// than the timeout asks every rank what it is doing (a side channel: a duplicate of the world communicator,
+// answered by ranks that are themselves waiting), then prints which op, group, iteration and which ranks did not
+// arrive, and ends the job (MPI_Abort, exit status kWatchdogExitCode). A rank that is stopped (SIGSTOP) or loops
+// outside communication never answers, and is named as not arrived. The whole job ends within the timeout plus
+// watchdog_grace_seconds() from the moment the first rank started waiting. 0 (the default until the trainer
+// sets it) keeps the blocking MPI calls. Process-wide; set before the first collective that should be guarded.
+constexpr int kWatchdogExitCode = 3;
+void set_collective_timeout(double seconds);
+double collective_timeout();
+// How long a rank that timed out waits for the others' answers before it ends the job.
+double watchdog_grace_seconds();
+// The training iteration the message names (the trainer sets it as each iteration starts; -1: not training).
+void set_collective_iteration(int64_t iteration);
 
 // True when this process was started by an MPI launcher (mpirun / srun: OMPI_COMM_WORLD_SIZE, PMI_SIZE or
 // PMIX_RANK in the environment). Without one, dsv3 runs as a plain single process and never initialises MPI.

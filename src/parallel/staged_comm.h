@@ -22,6 +22,7 @@ class StagedComm final : public Comm {
   void barrier() override { host_.barrier(); }
   std::unique_ptr<Comm> split(int color, int key) override;
   [[noreturn]] void abort(int code) override { host_.abort(code); }
+  void set_name(const std::string& n) override { host_.set_name(n); }
 
  protected:
   void allreduce_raw(void* buf, int64_t n, CommType t, ReduceOp op) override;

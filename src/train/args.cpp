@@ -133,6 +133,10 @@ const Spec kApplied[] = {
     {"--moe-grouped-gemm", Kind::kFlag, nullptr},  // dsv3 always runs each rank's experts as one group
     {"--optimizer", Kind::kString, "adam"},        // Megatron's adam is AdamW; the seed's fusedadamw is the same
     {"--device", Kind::kString, "auto"},           // dsv3's own: auto | cpu | cuda | host-guarded (tests)
+    // The collective watchdog (parallel/comm.h): Megatron's default, fractions accepted; 0 turns it off.
+    {"--distributed-timeout-minutes", Kind::kFloat, "10"},
+    // dsv3's own, for tests and short jobs: the same timeout in seconds; when given it wins over the minutes.
+    {"--distributed-timeout-seconds", Kind::kFloat, nullptr},
 };
 
 // Megatron (and Gaudi Megatron) flags that choose how something is computed or run, not what: accepted with their
@@ -166,7 +170,6 @@ const NoEffect kNoEffect[] = {
     {"--use-torch-compile", Kind::kString, kCompile},
     {"--use-torch-compiled-autograd", Kind::kString, kCompile},
     {"--distributed-backend", Kind::kString, kComm},
-    {"--distributed-timeout-minutes", Kind::kInt, kComm},
     {"--overlap-grad-reduce", Kind::kFlag, kComm},
     {"--overlap-param-gather", Kind::kFlag, kComm},
     {"--moe-shared-expert-overlap", Kind::kFlag, kComm},

@@ -128,7 +128,17 @@ std::string shape_str(const std::vector<int64_t>& s) {
 bool process_alive(long pid) {
   if (pid <= 0 || pid > INT32_MAX) return false;
   if (pid == ::getpid()) return false;  // our own leftover from an earlier failed save
-  return ::kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM;
+  if (::kill(static_cast<pid_t>(pid), 0) != 0 && errno != EPERM) return false;
+  // A zombie (killed, not yet reaped: an MPI rank whose launcher died first may stay one for as long as its new
+  // parent does not reap it) writes nothing more: its temporaries are stale.
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (stat && std::getline(stat, line)) {
+    const size_t close = line.rfind(')');  // "pid (comm) state ...": comm may hold spaces and parentheses
+    if (close != std::string::npos && close + 2 < line.size() && (line[close + 2] == 'Z' || line[close + 2] == 'X'))
+      return false;
+  }
+  return true;
 }
 
 // Removes the temporaries of dead processes: `X.tmp.<pid>` (incomplete, never referenced) and `X.old.<pid>`
@@ -371,11 +381,15 @@ std::vector<std::pair<std::string, FileDigest>> write_shard(const std::string& t
 
 // What one rank tells rank 0 after writing (one fixed-size record per rank, for an allgather): whether it
 // succeeded, which shard it wrote (-1: none), and its files' sizes and sha256 (model, then optimizer).
+// A failed rank's error travels with it (truncated to kWhy bytes), so that every rank's message names the cause
+// (a full disk), not only "failed on rank q".
 struct ShardReport {
-  static constexpr int64_t kBytes = 1 + 4 + 2 * (8 + 64);
+  static constexpr int64_t kWhy = 384;
+  static constexpr int64_t kBytes = 1 + 4 + 2 * (8 + 64) + kWhy;
   bool ok = false;
   int32_t shard = -1;
   FileDigest digest[2];
+  std::string why;
   void pack(uint8_t* out) const {
     std::memset(out, 0, kBytes);
     out[0] = ok;
@@ -385,6 +399,7 @@ struct ShardReport {
       std::memcpy(d, &digest[f].bytes, 8);
       std::memcpy(d + 8, digest[f].sha256.data(), std::min<size_t>(64, digest[f].sha256.size()));
     }
+    std::memcpy(out + 5 + 2 * 72, why.data(), std::min<size_t>(kWhy - 1, why.size()));
   }
   static ShardReport unpack(const uint8_t* in) {
     ShardReport r;
@@ -395,6 +410,8 @@ struct ShardReport {
       std::memcpy(&r.digest[f].bytes, d, 8);
       r.digest[f].sha256.assign(reinterpret_cast<const char*>(d + 8), 64);
     }
+    const char* w = reinterpret_cast<const char*>(in + 5 + 2 * 72);
+    r.why.assign(w, strnlen(w, kWhy));
     return r;
   }
 };
@@ -528,7 +545,14 @@ void save_checkpoint(const std::string& dir, const TrainProgress& p, const Check
     }
   }
   if (sharded) r.comm->broadcast(&pid, 1, 0);
-  if (pid < 0) fail(lead ? failure : "checkpoint save to " + dir + " failed on rank 0");
+  if (pid < 0) {
+    std::vector<uint8_t> why(ShardReport::kWhy, 0);  // rank 0's reason, for every rank's message
+    if (lead) std::memcpy(why.data(), failure.data(), std::min<size_t>(why.size() - 1, failure.size()));
+    r.comm->broadcast(why.data(), static_cast<int64_t>(why.size()), 0);
+    fail(lead ? failure
+              : "checkpoint save to " + dir +
+                    " failed on rank 0: " + reinterpret_cast<const char*>(why.data()));
+  }
   const std::string tmp = final_dir + ".tmp." + std::to_string(pid);
 
   try {
@@ -548,6 +572,7 @@ void save_checkpoint(const std::string& dir, const TrainProgress& p, const Check
         mine.ok = true;
       } catch (const Error& e) {
         failure = e.what();
+        mine.why = failure;
       }
       std::vector<uint8_t> bytes(ShardReport::kBytes), all(ShardReport::kBytes * r.comm->size());
       mine.pack(bytes.data());
@@ -556,7 +581,9 @@ void save_checkpoint(const std::string& dir, const TrainProgress& p, const Check
       for (int q = 0; q < r.comm->size(); ++q) {
         const ShardReport rep = ShardReport::unpack(&all[q * ShardReport::kBytes]);
         if (!rep.ok)
-          fail(q == r.rank ? failure : "checkpoint save to " + dir + " failed on rank " + std::to_string(q));
+          fail(q == r.rank
+                   ? failure
+                   : "checkpoint save to " + dir + " failed on rank " + std::to_string(q) + ": " + rep.why);
         if (rep.shard < 0 || seen.at(rep.shard)) continue;
         seen[rep.shard] = true;
         written.emplace_back(shard_file("model", rep.shard, r.shards), rep.digest[0]);

@@ -2,11 +2,12 @@
 // the parallel layout, the batch, how the model runs, the optimizer, the data, and the run's controls.
 #include "train/train_config.h"
 
-#include "train/device_select.h"
+#include <cmath>
 
 #include "core/error.h"
 #include "data/tokenizer/tokenizer.h"
 #include "parallel/ep_dispatcher.h"
+#include "train/device_select.h"
 #include "train/model_from_args.h"
 
 namespace dsv3 {
@@ -178,6 +179,13 @@ void read_run_controls(const TrainArgs& a, TrainConfig& c) {
   c.exit_interval = a.given("exit_interval") ? a.i("exit_interval") : 0;
   if (a.given("exit_duration_in_mins")) c.exit_duration_in_mins = a.i("exit_duration_in_mins");
   c.exit_signal_handler = a.b("exit_signal_handler");
+  c.distributed_timeout_s = a.given("distributed_timeout_seconds")
+                                ? a.f("distributed_timeout_seconds")
+                                : a.f("distributed_timeout_minutes") * 60.0;
+  DSV3_CHECK(
+      c.distributed_timeout_s >= 0 && std::isfinite(c.distributed_timeout_s),
+      "--distributed-timeout-minutes / --distributed-timeout-seconds must be >= 0 (0: no timeout), got ",
+      c.distributed_timeout_s, " s");
 }
 
 }  // namespace

@@ -71,6 +71,8 @@ struct TrainConfig {
   int64_t exit_interval = 0;
   std::optional<int64_t> exit_duration_in_mins;
   bool exit_signal_handler = false;
+  // --distributed-timeout-minutes (or dsv3's --distributed-timeout-seconds) in seconds; 0: no watchdog.
+  double distributed_timeout_s = 600;
 
   // Throws dsv3::Error naming the flag (and the rule it breaks) for the first problem found. world_size: the
   // number of ranks the run has (the data-parallel size and the default global batch follow from it).

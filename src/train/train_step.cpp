@@ -10,6 +10,7 @@
 // parallel/ep_dispatcher.h).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "core/error.h"
 #include "optim/expert_bias.h"
@@ -60,7 +61,7 @@ void Trainer::fill_batch(const SampleDataset& ds, int64_t first, int64_t count) 
 
 // One micro-batch's backward with Megatron's loss scaling: lm loss 1/(tokens·num_micro), aux losses
 // 1/num_micro, MTP depth k mtp_loss_scaling_factor / D / tokens_k / num_micro.
-void Trainer::backward_micro(int64_t lm_tokens, const std::vector<int64_t>& mtp_tokens,
+void Trainer::backward_micro(int64_t m, int64_t lm_tokens, const std::vector<int64_t>& mtp_tokens,
                              const float* output_grad) {
   const int64_t depths = static_cast<int64_t>(mtp_tokens.size()), num_micro = c_.num_micro_batches;
   mtp_scales_.resize(depths);
@@ -70,24 +71,78 @@ void Trainer::backward_micro(int64_t lm_tokens, const std::vector<int64_t>& mtp_
                          : 0.f;
   const float lm_scale = lm_tokens ? 1.f / static_cast<float>(lm_tokens * num_micro) : 0.f;
   model_->backward(lm_scale, 1.f / static_cast<float>(num_micro), mtp_scales_, output_grad);
+  if (nonfinite_.scan && nonfinite_.micro < 0)
+    if (std::string p = first_nonfinite_grad(); !p.empty())
+      nonfinite_.micro = m, nonfinite_.param = std::move(p);
+}
+
+// From the output back: the order the backward reaches the parameters, so that a NaN born in the backward is named
+// where it starts (everything before it in the model then turns NaN too).
+std::string Trainer::first_nonfinite_grad() {
+  std::vector<float> staged;
+  const float* g = model_->grads().data();
+  if (model_->backend().kind() != DeviceKind::kCpu) staged = model_->grads_to_host(), g = staged.data();
+  const auto& store = model_->store();
+  const auto& params = model_->table().params();
+  for (auto p = params.rbegin(); p != params.rend(); ++p) {
+    if (!p->tied_to.empty() || !store.contains(p->name)) continue;
+    const float* x = g + store.offset(p->name);
+    for (int64_t i = 0; i < p->numel; ++i)
+      if (!std::isfinite(x[i])) return p->name;
+  }
+  return "";
+}
+
+std::string Trainer::nonfinite_culprit(int64_t micro, const std::string& param) {
+  // One record per rank: int64 micro-batch, then the gradient's and a non-finite weight's names (HF names are far
+  // shorter than their fields).
+  constexpr int64_t kRec = 8 + 2 * 124;
+  const std::string weight = micro >= 0 ? first_nonfinite_param() : "";
+  std::vector<uint8_t> mine(kRec, 0), all(kRec * world_.size());
+  std::memcpy(mine.data(), &micro, sizeof micro);
+  std::memcpy(mine.data() + 8, param.data(), std::min<size_t>(param.size(), 123));
+  std::memcpy(mine.data() + 8 + 124, weight.data(), std::min<size_t>(weight.size(), 123));
+  world_.allgather(mine.data(), kRec, all.data());
+  for (int r = 0; r < world_.size(); ++r) {
+    const uint8_t* rec = all.data() + r * kRec;
+    int64_t m = -1;
+    std::memcpy(&m, rec, sizeof m);
+    if (m < 0) continue;
+    const std::string g(reinterpret_cast<const char*>(rec + 8)),
+        w(reinterpret_cast<const char*>(rec + 8 + 124));
+    return "rank " + std::to_string(r) + ", micro-batch " + std::to_string(m) + " of " +
+           std::to_string(c_.num_micro_batches) +
+           "; first parameter with a non-finite gradient (from the output " +
+           "back): " + (g.empty() ? "none" : g) + (w.empty() ? "" : "; non-finite weight: " + w);
+  }
+  return "";
+}
+
+std::string Trainer::replay_for_nonfinite() {
+  nonfinite_ = NonFinite{};
+  nonfinite_.scan = true;
+  micro_batches();
+  nonfinite_.scan = false;
+  return nonfinite_culprit(nonfinite_.micro, nonfinite_.param);
 }
 
 // One iteration's micro-batches through the pipeline (parallel/pipeline.h: 1F1B). Each micro-batch's forward
 // state waits in its own slot until its backward; the loss scaling is the single-stage loop's.
-void Trainer::pipeline_step(IterStats& it, bool& nan_here, double& nan_value) {
+void Trainer::pipeline_step(IterStats& it, bool& nan_here, double& nan_value, int64_t& nan_micro) {
   const int64_t mbs = c_.micro_batch_size;
   in_flight_.resize(pg_.pp);
   PipelineSteps steps;
   steps.forward = [&](int64_t m, const float* input) -> const float* {
     fill_batch(*train_ds_, prog_.consumed_train_samples + m * mbs * pg_.dp + pg_.dp_rank * mbs, mbs);
     InFlight& slot = in_flight_[m % pg_.pp];
+    current_micro_ = m;
     model_->swap_activations(slot.acts);
     const ForwardStats st =
         model_->forward(ids_.data(), labels_.data(), mbs, c_.seq_length, true, nullptr, input);
     const float* out = model_->options().stage.post_process ? nullptr : model_->stage_output();
     model_->swap_activations(slot.acts);  // `out` stays valid: the slot now owns that buffer
     if (c_.check_nan && !nan_here && !std::isfinite(st.lm_loss_sum))
-      nan_here = true, nan_value = st.lm_loss_sum;
+      nan_here = true, nan_value = st.lm_loss_sum, nan_micro = m;
     slot.lm_tokens = st.lm_tokens;
     slot.mtp_tokens = st.mtp_tokens;
     it.add(st);
@@ -95,8 +150,9 @@ void Trainer::pipeline_step(IterStats& it, bool& nan_here, double& nan_value) {
   };
   steps.backward = [&](int64_t m, const float* output_grad) -> const float* {
     InFlight& slot = in_flight_[m % pg_.pp];
+    current_micro_ = m;
     model_->swap_activations(slot.acts);
-    backward_micro(slot.lm_tokens, slot.mtp_tokens, output_grad);
+    backward_micro(m, slot.lm_tokens, slot.mtp_tokens, output_grad);
     model_->swap_activations(slot.acts);
     return model_->stage_input_grad();
   };
@@ -104,15 +160,20 @@ void Trainer::pipeline_step(IterStats& it, bool& nan_here, double& nan_value) {
            pipeline_buffers_);
 }
 
-// An error inside the step names the rank and iteration (unless it already does) and says the checkpoint is
-// intact.
+// An error inside the step names the rank and iteration (unless it already does), the micro-batch it was in and a
+// weight that is not finite if one is (a NaN the model's own checks met first, as the router's), and says the
+// checkpoint is intact.
 IterStats Trainer::train_step() {
   try {
     return micro_batches();
   } catch (const Error& e) {
     const std::string what = e.what();
     if (what.rfind("Rank ", 0) == 0) throw;  // already names rank and iteration
-    fail("Rank ", pg_.rank, ", iteration ", prog_.iteration + 1, ": ", what,
+    std::string where;
+    if (current_micro_ >= 0)
+      where = "; in micro-batch " + std::to_string(current_micro_) + " of " + std::to_string(c_.num_micro_batches);
+    if (const std::string w = first_nonfinite_param(); !w.empty()) where += "; non-finite weight: " + w;
+    fail("Rank ", pg_.rank, ", iteration ", prog_.iteration + 1, ": ", what, where,
          "; the last checkpoint is left as it was");
   }
 }
@@ -125,21 +186,24 @@ IterStats Trainer::micro_batches() {
   const int64_t mbs = c_.micro_batch_size;
   bool nan_here = false;
   double nan_value = 0;
+  int64_t nan_micro = -1;
   const auto t0 = Clock::now();
   ep_dispatch_seconds_reset();
-  if (pg_.pp > 1) pipeline_step(it, nan_here, nan_value);
+  if (pg_.pp > 1) pipeline_step(it, nan_here, nan_value, nan_micro);
   for (int64_t m = 0; m < c_.num_micro_batches && pg_.pp == 1; ++m) {
     // MegatronPretrainingSampler: this rank's slice of the chunk of mbs·DP samples.
     const int64_t first = prog_.consumed_train_samples + m * mbs * pg_.dp + pg_.dp_rank * mbs;
+    current_micro_ = m;
     fill_batch(*train_ds_, first, mbs);
     ForwardStats st = model_->forward(ids_.data(), labels_.data(), mbs, c_.seq_length, true);
     // No early exit: under expert parallelism the other ranks wait for this one in the backward's
     // collectives.
     if (c_.check_nan && !nan_here && !std::isfinite(st.lm_loss_sum))
-      nan_here = true, nan_value = st.lm_loss_sum;
-    backward_micro(st.lm_tokens, st.mtp_tokens, nullptr);
+      nan_here = true, nan_value = st.lm_loss_sum, nan_micro = m;
+    backward_micro(m, st.lm_tokens, st.mtp_tokens, nullptr);
     it.add(st);
   }
+  current_micro_ = -1;
   const double fb = seconds_since(t0);
   timers_.add("forward-backward", fb);
   if (pg_.ep >
@@ -150,12 +214,17 @@ IterStats Trainer::micro_batches() {
   if (c_.check_nan) {
     int64_t worst = nan_here ? pg_.world - pg_.rank : 0;  // the max names the lowest rank that saw NaN
     world_.allreduce(&worst, 1, ReduceOp::kMax);
-    if (nan_here)
-      fail("Rank ", pg_.rank, ", iteration ", prog_.iteration + 1, ": Unexpected result ", nan_value,
-           " (message='found NaN in local forward loss calculation')");
-    if (worst)
+    if (worst) {
+      // Every rank is here: name where it happened (the lowest rank's first non-finite micro-batch loss and the
+      // first parameter whose accumulated gradient is not finite there).
+      const std::string where = nonfinite_culprit(nan_micro, nan_here ? first_nonfinite_grad() : "");
+      const std::string tail = "; " + where + "; the last checkpoint is left as it was";
+      if (nan_here)
+        fail("Rank ", pg_.rank, ", iteration ", prog_.iteration + 1, ": Unexpected result ", nan_value,
+             " (message='found NaN in local forward loss calculation')", tail);
       fail("Rank ", pg_.rank, ", iteration ", prog_.iteration + 1, ": stopping: rank ", pg_.world - worst,
-           " found NaN in its local forward loss");
+           " found NaN in its local forward loss", tail);
+    }
   }
   const auto t1 = Clock::now();
   if (embedding_group_ && embedding_group_->size() > 1)
@@ -267,10 +336,14 @@ double Trainer::optimizer_step(const IterStats& st) {
   const auto t0 = Clock::now();
   auto& grads = model_->grads();
   const double norm = grad_norm();
-  if (c_.check_nan && !std::isfinite(norm))
+  if (c_.check_nan && !std::isfinite(norm)) {
+    const std::string where = replay_for_nonfinite();
     fail("Rank ", pg_.rank, ", iteration ", prog_.iteration + 1,
          ": found NaN/Inf in the gradient (grad norm ", norm,
-         ") before the optimizer step; the last checkpoint is left as it was");
+         ") before the optimizer step; first non-finite gradient: ",
+         where.empty() ? std::string("not reproduced by a replay of the micro-batches") : where,
+         "; the last checkpoint is left as it was");
+  }
   const double coeff = c_.clip_grad > 0 ? clip_coefficient(norm, c_.clip_grad) : 1.0;
   const double lr = sched_->lr(), wd = c_.weight_decay;
   float* params = model_->params().data();

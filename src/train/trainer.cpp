@@ -28,6 +28,9 @@ void on_sigterm(int) {
 
 int Trainer::run() {
   const auto start = Clock::now();
+  // Before the first collective: a rank that stops making progress ends the job with its name (comm.h).
+  set_collective_timeout(c_.distributed_timeout_s);
+  set_collective_iteration(0);
   pg_ = ProcessGroups::build(world_.size(), world_.rank(), c_.parallel);  // first: it decides who prints
   if (any_rank(kill_switch_present())) {
     print_line("Detected kill switch at " + *c_.kill_switch_file + ". Exiting");
@@ -40,6 +43,7 @@ int Trainer::run() {
   build_data();
   open_tensorboard();
   while (prog_.iteration < c_.train_iters) {
+    set_collective_iteration(prog_.iteration + 1);  // the number the iteration's log line will carry
     const auto t0 = Clock::now();
     const IterStats stats = train_step();
     const double norm = optimizer_step(stats);
@@ -88,6 +92,7 @@ void Trainer::setup() {
     const bool member = pg_.pp_rank == 0 || pg_.pp_rank == pg_.pp - 1;
     const int position = pg_.tp_rank + pg_.tp * (pg_.cp_rank + pg_.cp * pg_.dp_rank);
     embedding_group_ = world_.split(member ? position : pg_.world + pg_.rank, pg_.pp_rank);
+    embedding_group_->set_name("embedding");
   }
   const ModelConfig& cfg = c_.model;
   model_ = std::make_unique<Model>(cfg, mo);
@@ -388,6 +393,17 @@ double Trainer::evaluate(const SampleDataset& ds, int64_t& consumed, const std::
 
 void Trainer::save(int64_t iteration) {
   if (!c_.save || last_saved_ == iteration) return;
+  // A NaN state never replaces a good checkpoint (it can reach the weights with the NaN check off): every rank
+  // looks at its own parameters and all agree, so that none writes (or waits for a writer) alone.
+  const std::string bad = first_nonfinite_param();
+  int64_t worst = bad.empty() ? 0 : pg_.world - pg_.rank;  // the max names the lowest rank
+  world_.allreduce(&worst, 1, ReduceOp::kMax);
+  if (worst)
+    fail("Rank ", pg_.rank, ", iteration ", iteration, ": not saving: ",
+         bad.empty() ? "rank " + std::to_string(pg_.world - worst) + " holds" : "parameter " + bad + " holds",
+         " NaN or Inf; the last checkpoint",
+         last_saved_ >= 0 ? " (iteration " + std::to_string(last_saved_) + ")" : std::string(),
+         " is left as it was");
   prog_.optimizer_step = adam().step();
   prog_.scheduler_num_steps = sched_->num_steps();
   const auto t0 = Clock::now();
@@ -400,17 +416,24 @@ void Trainer::save(int64_t iteration) {
                             dopt_ ? v.data() : opt_->exp_avg_sq().data()};
   RankInfo r;
   r.rank = pg_.rank, r.world = pg_.world;
-  if (pg_.ep == 1 && pg_.pp == 1) {
-    // Replicated state: rank 0 writes it; the others wait (below) so that no rank runs ahead (or exits)
-    // before the checkpoint is complete.
-    r.replicated = true;
-    if (pg_.is_first_rank()) save_checkpoint(*c_.save, prog_, t, c_.args.all_map(), c_.model, r);
-  } else {
-    // One shard per (stage, EP rank), written by its expert-DP rank 0 (the other replicas hold the same
-    // state).
-    r.comm = &world_, r.shards = pg_.pp * pg_.ep, r.stages = c_.stages;
-    r.shard = pg_.edp_rank == 0 ? pg_.pp_rank * pg_.ep + pg_.ep_rank : -1;
-    save_checkpoint(*c_.save, prog_, t, c_.args.all_map(), c_.model, r);
+  try {
+    if (pg_.ep == 1 && pg_.pp == 1) {
+      // Replicated state: rank 0 writes it; the others wait (below) so that no rank runs ahead (or exits)
+      // before the checkpoint is complete.
+      r.replicated = true;
+      if (pg_.is_first_rank()) save_checkpoint(*c_.save, prog_, t, c_.args.all_map(), c_.model, r);
+    } else {
+      // One shard per (stage, EP rank), written by its expert-DP rank 0 (the other replicas hold the same
+      // state).
+      r.comm = &world_, r.shards = pg_.pp * pg_.ep, r.stages = c_.stages;
+      r.shard = pg_.edp_rank == 0 ? pg_.pp_rank * pg_.ep + pg_.ep_rank : -1;
+      save_checkpoint(*c_.save, prog_, t, c_.args.all_map(), c_.model, r);
+    }
+  } catch (const Error& e) {
+    // save_checkpoint leaves the previous checkpoint (and the tracker) as they were; say so, and which one.
+    fail("saving the checkpoint of iteration ", iteration, " failed: ", e.what(), "; the last checkpoint",
+         last_saved_ >= 0 ? " (iteration " + std::to_string(last_saved_) + ")" : std::string(),
+         " is left as it was");
   }
   world_.barrier();
   last_saved_ = iteration;
@@ -418,6 +441,20 @@ void Trainer::save(int64_t iteration) {
              *c_.save + " [ t " + std::to_string(pg_.tp) + "/" + std::to_string(pg_.tp) + ", p " +
              std::to_string(pg_.pp) + "/" + std::to_string(pg_.pp) + " ] (" +
              std::to_string(seconds_since(t0)).substr(0, 5) + " s)");
+}
+
+std::string Trainer::first_nonfinite_param() {
+  std::vector<float> staged;
+  const float* w = model_->params().data();
+  if (model_->backend().kind() != DeviceKind::kCpu) staged = model_->params_to_host(), w = staged.data();
+  const auto& store = model_->store();
+  for (const auto& p : model_->table().params()) {
+    if (!p.tied_to.empty() || !store.contains(p.name)) continue;
+    const float* x = w + store.offset(p.name);
+    for (int64_t i = 0; i < p.numel; ++i)
+      if (!std::isfinite(x[i])) return p.name;
+  }
+  return "";
 }
 
 // The exit controls after each iteration's save, in Megatron's order: SIGTERM, duration, exit interval, kill

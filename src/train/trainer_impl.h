@@ -74,9 +74,26 @@ class Trainer {
   // one iteration (train_step.cpp)
   IterStats train_step();
   IterStats micro_batches();
-  void pipeline_step(IterStats& it, bool& nan_here, double& nan_value);
+  void pipeline_step(IterStats& it, bool& nan_here, double& nan_value, int64_t& nan_micro);
   void fill_batch(const SampleDataset& ds, int64_t first, int64_t count);
-  void backward_micro(int64_t lm_tokens, const std::vector<int64_t>& mtp_tokens, const float* output_grad);
+  void backward_micro(int64_t m, int64_t lm_tokens, const std::vector<int64_t>& mtp_tokens,
+                      const float* output_grad);
+  // NaN/Inf diagnosis, on the failure path only. The first parameter (the model's order) of this rank whose
+  // gradient holds a NaN or Inf ("" if none); gradients on a GPU are copied to the host for it.
+  std::string first_nonfinite_grad();
+  // Every rank's (micro-batch, parameter) gathered over the world (collective); the lowest rank that has one
+  // names it: "rank R, micro-batch M, parameter P" ("" when no rank has one).
+  std::string nonfinite_culprit(int64_t micro, const std::string& param);
+  // A non-finite grad norm with finite losses: the iteration's micro-batches again (the parameters have not moved),
+  // each backward followed by a scan, to find the micro-batch and parameter where the first NaN/Inf appears.
+  // Collective like the step itself: every rank gets here together (the norm is the same on all).
+  std::string replay_for_nonfinite();
+  struct NonFinite {
+    bool scan = false;  // set during the replay: scan the gradient after each backward
+    int64_t micro = -1;
+    std::string param;
+  } nonfinite_;
+  int64_t current_micro_ = -1;  // the micro-batch being run (-1: none), for an error's message
   void reduce_stats(IterStats& s);
   double grad_norm();
   static std::string expert_bias_name(int64_t layer);
@@ -94,6 +111,8 @@ class Trainer {
   bool validation_due() const;
   double evaluate(const SampleDataset& ds, int64_t& consumed, const std::string& label, int64_t iteration);
   void save(int64_t iteration);
+  // The first parameter of this rank whose value is NaN or Inf ("" if none): a save refuses such a state.
+  std::string first_nonfinite_param();
   std::string exit_requested(Clock::time_point start);
   void finish();
   bool kill_switch_present() const;

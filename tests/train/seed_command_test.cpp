@@ -71,12 +71,13 @@ void expect_trained(const testing::CmdResult& r) {
         "--use-fused-sdpa-with-recompute 1", "--use-fused-sdpa 1", "--use-fused-rmsnorm 1",
         "--use-fast-softmax 1", "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion",
         "--log-validation-ppl-to-tensorboard", "--log-timers-to-tensorboard", "--no-rope-fusion",
-        "--use-torch-compile 0", "--use-torch-compiled-autograd 0", "--distributed-timeout-minutes 60",
+        "--use-torch-compile 0", "--use-torch-compiled-autograd 0",
         "--save-distrib-optimizer-method parallel_multi_node",
         "--load-distrib-optimizer-method serial_per_node", "--ckpt-format torch_dist"})
     EXPECT_NE(r.out.find(f), std::string::npos) << f << "\n" << r.out;
   // Flags that apply are not listed.
-  for (const char* f : {"--swiglu", "--multi-latent-attention", "--moe-grouped-gemm", "--optimizer"})
+  for (const char* f : {"--swiglu", "--multi-latent-attention", "--moe-grouped-gemm", "--optimizer",
+                        "--distributed-timeout-minutes"})
     EXPECT_EQ(r.out.find(std::string(f) + " ("), std::string::npos) << f;
 }
 

@@ -8,9 +8,8 @@
 #include <cmath>
 #include <fstream>
 #include <iterator>
-#include <regex>
-
 #include <nlohmann/json.hpp>
+#include <regex>
 
 #include "data/indexed_dataset.h"
 #include "model/safetensors.h"
@@ -201,31 +200,61 @@ TEST(Train, NanInWeightsStopsNamingTheIteration) {
   const auto data = make_data(dir);
   auto r = run_dsv3(base_args(dir, data) + " --train-iters 2 --save " + (dir / "ckpt").string(), dir);
   ASSERT_EQ(r.rc, 0) << r.out;
-  // Poison one weight of the saved checkpoint, then resume from it.
-  const auto model = dir / "ckpt/iter_0000002/model.safetensors";
-  std::map<std::string, std::vector<float>> tensors;
-  std::map<std::string, std::vector<int64_t>> shapes;
-  {
-    SafetensorsReader rd(model.string());
-    for (const auto& n : rd.names()) tensors[n] = rd.read_f32(n), shapes[n] = rd.info(n).shape;
-  }
-  tensors["model.layers.0.self_attn.o_proj.weight"][0] = NAN;
-  SafetensorsWriter w;
-  for (auto& [n, v] : tensors) w.add(n, shapes[n], v.data());
-  w.write(model.string());
-  // The checkpoint lists each file's sha256; drop this file's entry so the edit is loaded, not refused.
-  {
-    const auto state_path = dir / "ckpt/iter_0000002/state.json";
+  // Poison one weight of the saved checkpoint (a copy of it), then resume from it.
+  auto poisoned = [&](const std::string& name, const std::string& to) {
+    std::filesystem::remove_all(dir / to);
+    std::filesystem::copy(dir / "ckpt", dir / to, std::filesystem::copy_options::recursive);
+    const auto model = dir / to / "iter_0000002/model.safetensors";
+    std::map<std::string, std::vector<float>> tensors;
+    std::map<std::string, std::vector<int64_t>> shapes;
+    {
+      SafetensorsReader rd(model.string());
+      for (const auto& n : rd.names()) tensors[n] = rd.read_f32(n), shapes[n] = rd.info(n).shape;
+    }
+    tensors[name][0] = NAN;
+    SafetensorsWriter w;
+    for (auto& [n, v] : tensors) w.add(n, shapes[n], v.data());
+    w.write(model.string());
+    // The checkpoint lists each file's sha256; drop this file's entry so the edit is loaded, not refused.
+    const auto state_path = dir / to / "iter_0000002/state.json";
     auto state = nlohmann::json::parse(slurp(state_path));
     state["files"].erase("model.safetensors");
     std::ofstream(state_path) << state.dump(1);
-  }
-  auto bad = run_dsv3(base_args(dir, data) + " --train-iters 4 --load " + (dir / "ckpt").string() + " --save " +
-                          (dir / "ckpt").string(), dir);
+    return (dir / to).string();
+  };
+  // A NaN in an attention weight: the router's own check meets it first; the message adds the micro-batch and
+  // the weight.
+  const std::string ck1 = poisoned("model.layers.0.self_attn.o_proj.weight", "ckpt-attn");
+  auto bad = run_dsv3(base_args(dir, data) + " --train-iters 4 --load " + ck1 + " --save " + ck1, dir);
   EXPECT_NE(bad.rc, 0);
   EXPECT_NE(bad.out.find("iteration 3"), std::string::npos) << bad.out;
   EXPECT_NE(bad.out.find("NaN"), std::string::npos) << bad.out;
-  EXPECT_EQ(slurp(dir / "ckpt/latest_checkpointed_iteration.txt").substr(0, 1), "2");
+  EXPECT_NE(bad.out.find("in micro-batch 0 of "), std::string::npos) << bad.out;
+  EXPECT_NE(bad.out.find("non-finite weight: model.layers.0.self_attn.o_proj.weight"), std::string::npos) << bad.out;
+  EXPECT_EQ(slurp(std::filesystem::path(ck1) / "latest_checkpointed_iteration.txt").substr(0, 1), "2");
+
+  // A NaN in the output layer: the forward loss is NaN. The message names the micro-batch, a parameter whose
+  // gradient is not finite, and the poisoned weight by its HF name.
+  const std::string ck2 = poisoned("lm_head.weight", "ckpt-head");
+  auto loss = run_dsv3(base_args(dir, data) + " --train-iters 4 --load " + ck2 + " --save " + ck2, dir);
+  EXPECT_NE(loss.rc, 0);
+  EXPECT_NE(loss.out.find("found NaN in local forward loss calculation"), std::string::npos) << loss.out;
+  EXPECT_NE(loss.out.find("rank 0, micro-batch 0 of "), std::string::npos) << loss.out;
+  EXPECT_NE(loss.out.find("first parameter with a non-finite gradient (from the output back): "), std::string::npos)
+      << loss.out;
+  EXPECT_NE(loss.out.find("non-finite weight: lm_head.weight"), std::string::npos) << loss.out;
+  EXPECT_EQ(slurp(std::filesystem::path(ck2) / "latest_checkpointed_iteration.txt").substr(0, 1), "2");
+
+  // With the check off the NaN reaches every weight through the update; the save refuses that state and the good
+  // checkpoint stays the newest.
+  auto off = run_dsv3(base_args(dir, data) + " --train-iters 3 --no-check-for-nan-in-loss-and-grad --load " + ck2 +
+                          " --save " + ck2,
+                      dir);
+  EXPECT_NE(off.rc, 0);
+  EXPECT_NE(off.out.find("not saving: parameter "), std::string::npos) << off.out;
+  EXPECT_NE(off.out.find("the last checkpoint (iteration 2) is left as it was"), std::string::npos) << off.out;
+  EXPECT_EQ(slurp(std::filesystem::path(ck2) / "latest_checkpointed_iteration.txt").substr(0, 1), "2");
+  EXPECT_FALSE(std::filesystem::exists(std::filesystem::path(ck2) / "iter_0000003"));
 }
 
 TEST(Train, BadInputIsAClearError) {
