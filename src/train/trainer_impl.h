@@ -78,6 +78,7 @@ class Trainer {
   void fill_batch(const SampleDataset& ds, int64_t first, int64_t count);
   void backward_micro(int64_t lm_tokens, const std::vector<int64_t>& mtp_tokens, const float* output_grad);
   void reduce_stats(IterStats& s);
+  void tp_grad_sum();
   double grad_norm();
   static std::string expert_bias_name(int64_t layer);
   // A MoE layer's expert bias where the host can read and write it: the parameter itself on the CPU, else a copy
