@@ -38,30 +38,33 @@ std::string gib(double bytes) {
   return b;
 }
 
-// Per pipeline stage, one rank's share (EP rank 0; every EP rank holds as many experts).
-void print_layout(const ParamTable& table, int pp, int ep, int dp, int64_t first_layers, int64_t last_layers,
-                  bool dist_opt, bool bf16) {
+// Per pipeline stage, one rank's share (EP rank 0; every EP rank holds as many experts; under TP, TP rank 0: every
+// TP rank holds as many elements of each split parameter, and the replicated ones whole).
+void print_layout(const ParamTable& table, int tp, int pp, int ep, int dp, int64_t first_layers,
+                  int64_t last_layers, bool dist_opt, bool bf16) {
   const ModelConfig& cfg = table.config();
-  DSV3_CHECK(pp >= 1 && ep >= 1 && dp >= 1, "model-info: parallel sizes must be >= 1");
+  DSV3_CHECK(tp >= 1 && pp >= 1 && ep >= 1 && dp >= 1, "model-info: parallel sizes must be >= 1");
   DSV3_CHECK(dp % ep == 0, "model-info: --data-parallel-size (", dp, ") must be a multiple of ",
              "--expert-model-parallel-size (", ep, "): EP ranks are data-parallel ranks");
   const int edp = dp / ep;
   const auto stages = plan_pipeline_stages(cfg.num_hidden_layers, pp, first_layers, last_layers,
                                            cfg.num_nextn_predict_layers > 0);
+  const std::string tp_part = tp > 1 ? "TP " + std::to_string(tp) + " x " : "";
   std::printf(
-      "layout: PP %d x DP %d (EP %d, expert-DP %d) = %d ranks%s%s; per rank, activations not counted:\n", pp,
-      dp, ep, edp, pp * dp, dist_opt ? ", distributed optimizer" : "", bf16 ? ", bf16" : "");
+      "layout: %sPP %d x DP %d (EP %d, expert-DP %d) = %d ranks%s%s; per rank, activations not counted:\n",
+      tp_part.c_str(), pp, dp, ep, edp, tp * pp * dp, dist_opt ? ", distributed optimizer" : "",
+      bf16 ? ", bf16" : "");
   std::printf("  %-7s %-11s %19s %11s %11s %11s %11s\n", "stage", "layers", "parameters", "fp32 w+g", "Adam",
               "bf16 copies", "total");
   for (size_t q = 0; q < stages.size(); ++q) {
-    const ParamStore store(table, ep, 0, stages[q]);
+    const ParamStore store(table, ep, 0, stages[q], tp, 0);
     int64_t dense = 0, expert = 0, bf16_dense = 0;  // trainable, held by this rank
     for (const auto& p : table.params()) {
       if (!p.tied_to.empty() || !p.trainable || !store.contains(p.name)) continue;
-      (p.is_expert ? expert : dense) += p.numel;
+      (p.is_expert ? expert : dense) += store.numel(p);
       if (!p.is_expert &&
           (p.role == ParamRole::kLinear || p.role == ParamRole::kOutputLinear || p.role == ParamRole::kHead))
-        bf16_dense += p.numel;
+        bf16_dense += store.numel(p);
     }
     const double wg = 8.0 * static_cast<double>(store.size());
     const double adam = 8.0 * (dist_opt ? static_cast<double>(dense) / dp + static_cast<double>(expert) / edp
@@ -83,9 +86,11 @@ int model_info_main(int argc, char** argv) {
   bool list_params = false;
   app.add_option("--model-config", config_path, "HuggingFace config.json of the model")->required();
   app.add_flag("--params", list_params, "Also list every parameter (HF name, shape, role, init)");
-  int pp = 1, ep = 1, dp = 1;
+  int tp = 1, pp = 1, ep = 1, dp = 1;
   int64_t first_layers = 0, last_layers = 0;
   bool dist_opt = false, bf16 = false;
+  app.add_option("--tensor-model-parallel-size", tp,
+                 "Tensor-parallel ranks (heads, FFN widths and vocabulary split; world = TP x DP x PP)");
   app.add_option("--pipeline-model-parallel-size", pp, "Pipeline stages of the layout to size");
   app.add_option("--expert-model-parallel-size", ep, "Expert-parallel ranks of the layout");
   app.add_option("--data-parallel-size", dp, "Data-parallel ranks (world = DP x PP)");
@@ -163,7 +168,7 @@ int model_info_main(int argc, char** argv) {
                 grouped(table.total_trainable_storage()).c_str());
     std::printf("  as the hub stores it (MTP embed/head copies):  %s\n", grouped(table.hub_total()).c_str());
   }
-  print_layout(table, pp, ep, dp, first_layers, last_layers, dist_opt, bf16);
+  print_layout(table, tp, pp, ep, dp, first_layers, last_layers, dist_opt, bf16);
   if (list_params) {
     std::printf("parameter table (%zu entries):\n", table.size());
     for (const auto& p : table.params()) {

@@ -30,6 +30,7 @@ void block_forward(Backend& be, const BlockDims& d, const BlockParams& p, const 
     DSV3_PROFILE("fwd.dense_ffn");
     const MlpParams mp{p.gate_FD, p.up_FD, p.down_DF, p.bf16_weights};
     mlp_forward(be, mp, a.xn2_TD.data(), T, D, d.F, a.tmp_TD.data(), 0.f, a.mlp, s.mlp, prec);
+    d.tp.reduce_from_forward(a.tmp_TD.data(), T * D);
   }
   be.add(out, a.h_mid_TD.data(), a.tmp_TD.data(), T * D);
 }
@@ -48,6 +49,7 @@ void block_backward(Backend& be, const BlockDims& d, const BlockParams& p, Block
     const MlpParams mp{p.gate_FD, p.up_FD, p.down_DF, p.bf16_weights};
     MlpGrads mg{g.gate_FD, g.up_FD, g.down_DF};
     mlp_backward(be, mp, a.mlp, dout, D, d.F, dxn, 0.f, mg, s.mlp, prec);
+    d.tp.copy_to_backward(dxn, T * D);
   }
   // The residual carries dout straight to h_mid; the post-attention norm adds its input gradient on top.
   {

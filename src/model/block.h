@@ -34,7 +34,8 @@ struct BlockGrads {
 };
 
 struct BlockDims {
-  int64_t D = 0, F = 0;  // F: dense width (unused for MoE blocks)
+  int64_t D = 0, F = 0;  // F: dense width (unused for MoE blocks); this rank's share under TP
+  TensorParallel tp;     // the dense FFN: gate/up column-parallel, down row-parallel
   float norm_eps = 1e-6f;
   bool is_moe = false;
   MlaDims mla;

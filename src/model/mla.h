@@ -16,6 +16,7 @@
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/linear.h"
 #include "kernels/cpu/rope.h"
+#include "parallel/tensor_parallel.h"
 
 namespace dsv3 {
 
@@ -27,6 +28,10 @@ struct MlaDims {
   float norm_eps = 1e-6f;     // q_a_layernorm / kv_a_layernorm eps (HF: always 1e-6)
   float softmax_scale = 0.f;  // qk_head_dim^-0.5 · mscale(factor, mscale_all_dim)²
   RopeFreqs rope;             // inv_freq [dr/2] (YaRN-adjusted) and cos/sin amplitude, from rope_inv_freq
+  // Tensor parallelism: H is then this rank's heads (q_b/q_proj and kv_b hold their rows, o_proj their
+  // columns); o_proj's partial output is reduced over TP, and the input gradient (partial: the latents reach
+  // only these heads) too, as is the gradient of the replicated latent path (ParamInfo::tp_grad_sum).
+  TensorParallel tp;
   int64_t qk_dim() const { return dn + dr; }
   int64_t kv_b_dim() const { return dn + dv; }
   int64_t kv_a_dim() const { return kv_lora + dr; }

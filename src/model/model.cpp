@@ -57,7 +57,7 @@ Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
     : cfg_(cfg),
       opt_(opt),
       table_(cfg),
-      store_(table_, opt.ep.size(), opt.ep.rank(), opt.stage),
+      store_(table_, opt.ep.size(), opt.ep.rank(), opt.stage, opt.tp.size, opt.tp.rank),
       params_(*opt.backend, store_.size()),
       grads_(*opt.backend, store_.size()) {
   cfg_.validate();
@@ -70,12 +70,29 @@ Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
              opt_.stage.pre_process, " and post_process ", opt_.stage.post_process, " do not form a stage");
   DSV3_CHECK(depths == 0 || !opt_.stage.post_process || opt_.stage.pre_process || opt_.stage.shared_embedding,
              "pipeline stage: the last stage runs MTP layers and needs the shared embedding");
+  const int tp = opt_.tp.size;
+  DSV3_CHECK(tp == 1 || be().kind() == DeviceKind::kCpu, "model: tensor parallelism runs on the CPU backend only "
+             "(its reductions move host memory); ", be().name(), " runs one rank");
+  DSV3_CHECK(cfg_.num_attention_heads % tp == 0, "num_attention_heads (", cfg_.num_attention_heads,
+             ") must be divisible by the tensor model parallel size (", tp, ")");
+  DSV3_CHECK(cfg_.intermediate_size % tp == 0, "intermediate_size / --ffn-hidden-size (", cfg_.intermediate_size,
+             ") must be divisible by the tensor model parallel size (", tp, ")");
+  DSV3_CHECK((cfg_.moe_intermediate_size * cfg_.n_shared_experts) % tp == 0, "the shared experts' width (",
+             cfg_.moe_intermediate_size * cfg_.n_shared_experts,
+             ") must be divisible by the tensor model parallel size (", tp, ")");
+  DSV3_CHECK(cfg_.vocab_size % tp == 0, "vocab_size (", cfg_.vocab_size,
+             ") must be divisible by the tensor model parallel size (", tp,
+             "): Megatron pads the vocabulary to a multiple of --make-vocab-size-divisible-by × TP");
+  vocab_ = {cfg_.vocab_size, opt_.tp.rank * (cfg_.vocab_size / tp), cfg_.vocab_size / tp};
   for (int64_t i = 0; i < cfg_.num_hidden_layers + depths; ++i) {
     BlockDims d;
-    d.D = cfg_.hidden_size, d.F = cfg_.intermediate_size;
+    d.D = cfg_.hidden_size, d.F = cfg_.intermediate_size / tp;
+    d.tp = opt_.tp;
     d.norm_eps = static_cast<float>(cfg_.rms_norm_eps);
     d.is_moe = cfg_.is_moe_layer(i);
     d.mla = mla_dims(cfg_);
+    d.mla.H /= tp;
+    d.mla.tp = opt_.tp;
     d.mla.validate();
     if (d.is_moe) {
       d.moe = moe_config_from_model(cfg_, opt_.precision);
@@ -84,6 +101,7 @@ Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
       d.moe.router.pad_to_capacity = opt_.pad_to_capacity;
       d.moe.router.seq_aux_coeff = opt_.seq_aux_coeff;
       d.moe.ep = opt_.ep;
+      d.moe.tp = opt_.tp;
       d.moe.validate();
     }
     dims_.push_back(d);
@@ -96,7 +114,7 @@ Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
     for (const auto& p : table_.params())
       if (p.tied_to.empty() && !p.is_expert && store_.contains(p.name) &&
           (p.role == ParamRole::kLinear || p.role == ParamRole::kOutputLinear || p.role == ParamRole::kHead))
-        bf16_weights_.add(be(), param(p.name), p.numel);
+        bf16_weights_.add(be(), param(p.name), store_.numel(p));
   for (int64_t k = 0; k < depths; ++k) depths_.push_back(std::make_unique<Depth>());
 }
 
@@ -109,7 +127,10 @@ void Model::init(uint64_t seed) {
   std::vector<float> staged(host ? 0 : static_cast<size_t>(params_.size()));
   float* base = host ? params_.data() : staged.data();
   for (const auto& p : table_.params())
-    if (p.tied_to.empty() && store_.contains(p.name)) init_param(p, seed, cfg_, base + store_.offset(p.name));
+    if (p.tied_to.empty() && store_.contains(p.name)) {
+      const TpShard s = tp_shard(p, opt_.tp.size, opt_.tp.rank);  // the whole tensor without TP
+      init_param_block(p, seed, cfg_, s.row0, s.rows, s.col0, s.cols, base + store_.offset(p.name));
+    }
   if (!host) params_.copy_from_host(staged.data(), params_.size());
   bf16_stale_ = true;
 }
@@ -135,7 +156,15 @@ void Model::load_safetensors(const std::string& path) {
     const auto& info = r.info(p.name);
     DSV3_CHECK(info.shape == p.shape, path, ": tensor ", p.name,
                " has the wrong shape for this model config");
-    r.read_f32(p.name, base + store_.offset(p.name), p.numel);
+    const TpShard s = tp_shard(p, opt_.tp.size, opt_.tp.rank);
+    if (s.numel() == p.numel) {
+      r.read_f32(p.name, base + store_.offset(p.name), p.numel);
+      continue;
+    }
+    const std::vector<float> whole = r.read_f32(p.name);  // this TP rank keeps its block
+    const int64_t C = p.numel / (p.shape.size() == 2 ? p.shape[0] : 1);
+    for (int64_t i = 0; i < s.rows; ++i)
+      std::copy_n(whole.data() + (s.row0 + i) * C + s.col0, s.cols, base + store_.offset(p.name) + i * s.cols);
   }
   if (!host) params_.copy_from_host(staged.data(), params_.size());
   bf16_stale_ = true;
@@ -200,7 +229,39 @@ BlockGrads Model::block_grads(int64_t i) {
 }
 
 const bf16* Model::head_bf16() {
-  return bf16_weights_.find(param("lm_head.weight"), cfg_.vocab_size * cfg_.hidden_size);
+  return bf16_weights_.find(param("lm_head.weight"), vocab_.rows * cfg_.hidden_size);
+}
+
+void Model::embed(const int32_t* ids, float* out, int64_t t) {
+  const float* table = param("model.embed_tokens.weight");
+  if (!opt_.tp.on()) return be().embedding_forward(ids, table, out, t, cfg_.vocab_size, cfg_.hidden_size);
+  vocab_parallel_embedding_forward(opt_.tp, vocab_, ids, table, out, t, cfg_.hidden_size);
+}
+
+void Model::embed_backward(const float* dout, const int32_t* ids, int64_t t) {
+  float* dtable = grad("model.embed_tokens.weight");
+  if (!opt_.tp.on()) return be().embedding_backward(dout, ids, dtable, t, cfg_.vocab_size, cfg_.hidden_size);
+  vocab_parallel_embedding_backward(vocab_, dout, ids, dtable, t, cfg_.hidden_size);
+}
+
+void Model::head_ce_forward(const float* h, const int32_t* labels, float* loss, float* lse, int64_t t) {
+  const float* head = param("lm_head.weight");
+  if (!opt_.tp.on())
+    return be().head_cross_entropy_forward(h, head, head_bf16(), labels, loss, lse, t, cfg_.hidden_size,
+                                           cfg_.vocab_size, opt_.precision);
+  vocab_parallel_head_ce_forward(be(), opt_.tp, vocab_, h, head, labels, loss, lse, t, cfg_.hidden_size,
+                                 opt_.precision, vp_scratch_);
+}
+
+void Model::head_ce_backward(const float* h, const int32_t* labels, const float* lse, float scale, float* dh,
+                             int64_t t) {
+  const float* head = param("lm_head.weight");
+  float* dhead = grad("lm_head.weight");
+  if (!opt_.tp.on())
+    return be().head_cross_entropy_backward(h, head, head_bf16(), labels, lse, scale, nullptr, dh, dhead, t,
+                                            cfg_.hidden_size, cfg_.vocab_size, opt_.precision);
+  vocab_parallel_head_ce_backward(be(), opt_.tp, vocab_, h, head, labels, lse, scale, dh, dhead, t,
+                                  cfg_.hidden_size, opt_.precision, vp_scratch_);
 }
 
 HeadLossResult Model::loss_sum(const float* loss_T, const int32_t* host_labels_T, int64_t t) {
@@ -212,6 +273,7 @@ HeadLossResult Model::loss_sum(const float* loss_T, const int32_t* host_labels_T
 }
 
 void Model::logits_to_host(const float* h, int64_t t, float* out) {
+  DSV3_CHECK(!opt_.tp.on(), "model: the full logits are not gathered under tensor parallelism");
   const int64_t D = cfg_.hidden_size, V = cfg_.vocab_size;
   const int64_t rows = std::max<int64_t>(1, (int64_t{64} << 20) / (V * 4));  // ~64 MiB of logits at a time
   float* chunk = grow(be(), logits_scratch_, std::min(rows, t) * V);
@@ -232,7 +294,7 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
   DSV3_CHECK(opt_.stage.pre_process || stage_input,
              "forward: a pipeline stage after the first needs its input");
   DSV3_PROFILE("fwd.other");
-  const int64_t T = B * S, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
+  const int64_t T = B * S, D = cfg_.hidden_size, L = cfg_.num_hidden_layers;
   const int64_t first = opt_.stage.first_layer, end = opt_.stage.end(L);
   B_ = B, S_ = S, training_ = training;
   // The kernels read ids and labels in the backend's memory; the host keeps the labels to count valid tokens.
@@ -260,7 +322,7 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
   for (int64_t i = first; i <= end; ++i) grow(be(), resid_[i], T * D);
   if (opt_.stage.pre_process) {
     DSV3_PROFILE("fwd.embedding");
-    be().embedding_forward(ids_.data(), param("model.embed_tokens.weight"), resid_[0].data(), T, V, D);
+    embed(ids_.data(), resid_[0].data(), T);
   } else {
     be().copy_to_device(resid_[first].data(), stage_input, T * D * sizeof(float));
   }
@@ -274,9 +336,7 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
   DSV3_PROFILE_BEGIN(head, "fwd.head_ce");
   be().rmsnorm_forward(resid_[L].data(), D, param("model.norm.weight"), hf_TD_.data(), D, rstd_f_T_.data(), T,
                        D, static_cast<float>(cfg_.rms_norm_eps));
-  const float* head = param("lm_head.weight");
-  be().head_cross_entropy_forward(hf_TD_.data(), head, head_bf16(), labels_.data(), loss_T_.data(),
-                                  lse_T_.data(), T, D, V, opt_.precision);
+  head_ce_forward(hf_TD_.data(), labels_.data(), loss_T_.data(), lse_T_.data(), T);
   const HeadLossResult r = loss_sum(loss_T_.data(), labels, T);
   st.lm_loss_sum = r.loss_sum, st.lm_tokens = r.n_valid;
   if (logits_out) logits_to_host(hf_TD_.data(), T, logits_out);
@@ -298,7 +358,7 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
     grow(b, dp.z_TD, T * D), grow(b, dp.zout_TD, T * D), grow(b, dp.h_TD, T * D), grow(b, dp.rstd_o_T, T);
     grow(b, dp.loss_T, T), grow(b, dp.lse_T, T);
     const float eps = static_cast<float>(cfg_.rms_norm_eps);
-    be().embedding_forward(dp.ids.data(), param("model.embed_tokens.weight"), dp.e_TD.data(), T, V, D);
+    embed(dp.ids.data(), dp.e_TD.data(), T);
     // eh_proj input: [enorm(embedding) | hnorm(hidden)] — embedding first, as the released weights expect.
     be().rmsnorm_forward(dp.e_TD.data(), D, param(P + "enorm.weight"), dp.cat_T2D.data(), 2 * D,
                          dp.rstd_e_T.data(), T, D, eps);
@@ -310,8 +370,7 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
     collect_moe(dims_[layer], dp.acts);
     be().rmsnorm_forward(dp.zout_TD.data(), D, param(P + "shared_head.norm.weight"), dp.h_TD.data(), D,
                          dp.rstd_o_T.data(), T, D, eps);
-    be().head_cross_entropy_forward(dp.h_TD.data(), head, head_bf16(), dp.labels.data(), dp.loss_T.data(),
-                                    dp.lse_T.data(), T, D, V, opt_.precision);
+    head_ce_forward(dp.h_TD.data(), dp.labels.data(), dp.loss_T.data(), dp.lse_T.data(), T);
     const HeadLossResult m = loss_sum(dp.loss_T.data(), dp.labels_host.data(), T);
     st.mtp_loss_sum.push_back(m.loss_sum);
     st.mtp_tokens.push_back(m.n_valid);
@@ -339,7 +398,7 @@ const float* Model::stage_input_grad() const {
 
 void Model::backward(float lm_scale, float aux_scale, const std::vector<float>& mtp_scales,
                      const float* doutput) {
-  const int64_t T = B_ * S_, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
+  const int64_t T = B_ * S_, D = cfg_.hidden_size, L = cfg_.num_hidden_layers;
   DSV3_CHECK(T > 0, "backward without forward");
   DSV3_CHECK(opt_.stage.post_process || doutput,
              "backward: a pipeline stage before the last needs its output's "
@@ -364,16 +423,14 @@ void Model::backward(float lm_scale, float aux_scale, const std::vector<float>& 
   }
   if (opt_.stage.pre_process) {
     DSV3_PROFILE("bwd.embedding");
-    be().embedding_backward(dB_TD_.data(), ids_.data(), grad("model.embed_tokens.weight"), T, V, D);
+    embed_backward(dB_TD_.data(), ids_.data(), T);
   }
 }
 
 // The last stage's part of the backward: MTP depths, the head and the final norm; leaves d(final hidden) in dB.
 void Model::head_backward(float lm_scale, float aux_scale, const std::vector<float>& mtp_scales) {
-  const int64_t T = B_ * S_, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
+  const int64_t T = B_ * S_, D = cfg_.hidden_size, L = cfg_.num_hidden_layers;
   const Precision prec = opt_.precision;
-  const float* head = param("lm_head.weight");
-  float* dhead = grad("lm_head.weight");
 
   // MTP depths, last to first. dhf_TD_ carries the gradient into the previous depth's output (finally hf).
   be().fill_zero(dhf_TD_.data(), T * D * sizeof(float));
@@ -385,8 +442,7 @@ void Model::head_backward(float lm_scale, float aux_scale, const std::vector<flo
     const float* h_prev = k == 0 ? hf_TD_.data() : depths_[k - 1]->h_TD.data();
     // dH = head gradient + what the next depth sent back through its hnorm.
     const float mtp_scale = k < static_cast<int64_t>(mtp_scales.size()) ? mtp_scales[k] : 0.f;
-    be().head_cross_entropy_backward(dp.h_TD.data(), head, head_bf16(), dp.labels.data(), dp.lse_T.data(),
-                                     mtp_scale, nullptr, dA_TD_.data(), dhead, T, D, V, prec);
+    head_ce_backward(dp.h_TD.data(), dp.labels.data(), dp.lse_T.data(), mtp_scale, dA_TD_.data(), T);
     be().add(dA_TD_.data(), dA_TD_.data(), dhf_TD_.data(), T * D);
     be().rmsnorm_backward(dA_TD_.data(), D, dp.zout_TD.data(), D, param(P + "shared_head.norm.weight"),
                           dp.rstd_o_T.data(), dB_TD_.data(), D, grad(P + "shared_head.norm.weight"), T, D,
@@ -403,15 +459,14 @@ void Model::head_backward(float lm_scale, float aux_scale, const std::vector<flo
                           scratch_.lin);
     be().rmsnorm_backward(dcat.data(), 2 * D, dp.e_TD.data(), D, param(P + "enorm.weight"),
                           dp.rstd_e_T.data(), dB_TD_.data(), D, grad(P + "enorm.weight"), T, D, 0.f);
-    be().embedding_backward(dB_TD_.data(), dp.ids.data(), grad("model.embed_tokens.weight"), T, V, D);
+    embed_backward(dB_TD_.data(), dp.ids.data(), T);
     be().rmsnorm_backward(dcat.data() + D, 2 * D, h_prev, D, param(P + "hnorm.weight"), dp.rstd_h_T.data(),
                           dhf_TD_.data(), D, grad(P + "hnorm.weight"), T, D, 0.f);
   }
 
   // Main head and final norm.
   DSV3_PROFILE_BEGIN(head, "bwd.head_ce");
-  be().head_cross_entropy_backward(hf_TD_.data(), head, head_bf16(), labels_.data(), lse_T_.data(), lm_scale,
-                                   nullptr, dA_TD_.data(), dhead, T, D, V, prec);
+  head_ce_backward(hf_TD_.data(), labels_.data(), lse_T_.data(), lm_scale, dA_TD_.data(), T);
   if (!depths_.empty()) be().add(dA_TD_.data(), dA_TD_.data(), dhf_TD_.data(), T * D);
   be().rmsnorm_backward(dA_TD_.data(), D, resid_[L].data(), D, param("model.norm.weight"), rstd_f_T_.data(),
                         dB_TD_.data(), D, grad("model.norm.weight"), T, D, 0.f);

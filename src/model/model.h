@@ -20,6 +20,8 @@
 #include "model/config.h"
 #include "model/param_store.h"
 #include "model/param_table.h"
+#include "model/vocab_parallel.h"
+#include "parallel/tensor_parallel.h"
 
 namespace dsv3 {
 
@@ -33,6 +35,9 @@ struct ModelOptions {
   bool mtp = true;            // run the config's num_nextn_predict_layers depths
   ExpertParallel ep;          // expert parallelism: this rank holds and runs E/EP experts per MoE layer
   PipelineStage stage;        // pipeline parallelism: the layers (and ends) this rank holds and runs
+  // Tensor parallelism (Megatron's layout, param_table.h TpSplit): this rank holds its heads, FFN columns and
+  // vocabulary rows; the CPU backend only.
+  TensorParallel tp;
   // The kernels' backend (kernels/backend.h): parameters, gradients and activations live in its memory. A device
   // backend runs one rank (no expert parallelism).
   Backend* backend = &cpu_backend();
@@ -122,6 +127,12 @@ class Model {
   // Σ loss_T over t tokens (the ignored ones hold 0), summed on the backend in token order; n_valid from the
   // host labels.
   HeadLossResult loss_sum(const float* loss_T, const int32_t* host_labels_T, int64_t t);
+  // The embedding and the head with its cross-entropy, whole or vocab-parallel (model/vocab_parallel.h).
+  void embed(const int32_t* ids_T, float* out_TD, int64_t t);
+  void embed_backward(const float* dout_TD, const int32_t* ids_T, int64_t t);
+  void head_ce_forward(const float* h_TD, const int32_t* labels_T, float* loss_T, float* lse_T, int64_t t);
+  void head_ce_backward(const float* h_TD, const int32_t* labels_T, const float* lse_T, float scale,
+                        float* dh_TD, int64_t t);
   // The full logits [t, V] into host memory (tests and HF goldens), on any backend.
   void logits_to_host(const float* h_TD, int64_t t, float* logits_host);
   void run_block(int64_t layer, const float* x, float* out, BlockActs& acts, bool training);
@@ -149,6 +160,8 @@ class Model {
   BlockScratch scratch_;
   DeviceBuffer loss_sum_;  // one double of backend memory
   DeviceArray<float> dA_TD_, dB_TD_, dhf_TD_, logits_scratch_;
+  VocabShard vocab_;  // this rank's rows of the embedding and lm_head
+  VocabParallelScratch vp_scratch_;
 };
 
 }  // namespace dsv3

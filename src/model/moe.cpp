@@ -218,7 +218,14 @@ void moe_forward(Backend& be, const MoeConfig& c, const MoeParams& p, const floa
   if (c.n_shared > 0 && t > 0) {
     DSV3_PROFILE("fwd.moe.shared");
     const MlpParams mp{p.shared_gate_SD, p.shared_up_SD, p.shared_down_DS, p.bf16_weights};
-    mlp_forward(be, mp, x, t, d, c.shared_ffn(), out, 1.f, a.shared, a.shared_scratch, c.precision);
+    if (!c.tp.on()) {
+      mlp_forward(be, mp, x, t, d, c.shared_ffn(), out, 1.f, a.shared, a.shared_scratch, c.precision);
+    } else {  // the partial sums over the TP ranks' columns are reduced before the routed part joins them
+      float* s = grow(be, a.shared_out_TD, t * d);
+      mlp_forward(be, mp, x, t, d, c.shared_ffn(), s, 0.f, a.shared, a.shared_scratch, c.precision);
+      c.tp.reduce_from_forward(s, t * d);
+      be.add(out, out, s, t * d);
+    }
   }
 }
 
@@ -235,7 +242,9 @@ void moe_backward(Backend& be, const MoeConfig& c, const MoeParams& p, MoeActs& 
     DSV3_PROFILE("bwd.moe.shared");
     const MlpParams mp{p.shared_gate_SD, p.shared_up_SD, p.shared_down_DS, p.bf16_weights};
     MlpGrads mg{g.shared_gate_SD, g.shared_up_SD, g.shared_down_DS};
+    DSV3_CHECK(!c.tp.on() || beta == 0.f, "moe_backward: under tensor parallelism dx is assigned (beta 0)");
     mlp_backward(be, mp, a.shared, dout, d, c.shared_ffn(), dx, beta, mg, a.shared_scratch, c.precision);
+    c.tp.copy_to_backward(dx, t * d);  // the shared expert's part only: the routed part is whole on every rank
     dx_beta = 1.f;
   }
 

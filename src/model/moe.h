@@ -35,6 +35,7 @@
 #include "kernels/cpu/router.h"
 #include "model/mlp.h"
 #include "parallel/ep_dispatcher.h"
+#include "parallel/tensor_parallel.h"
 
 namespace dsv3 {
 
@@ -47,8 +48,12 @@ struct MoeConfig {
   RouterConfig router;
   Precision precision = Precision::kF32;  // expert GEMM operands; the router is always fp32
   ExpertParallel ep;                      // default: one rank, every expert local
+  // Tensor parallelism splits the shared expert (gate/up column-parallel, down row-parallel); the router and
+  // the routed experts are replicated: every TP rank routes the same tokens and runs every local expert on them
+  // (expert tensor parallelism 1 without sequence parallelism), so their gradients agree without a reduction.
+  TensorParallel tp;
   int64_t local_experts() const { return ep.local_count(router.num_experts); }
-  int64_t shared_ffn() const { return n_shared * ffn; }
+  int64_t shared_ffn() const { return n_shared * ffn / tp.size; }  // this TP rank's shared-expert width
   void validate() const;
 };
 
@@ -94,6 +99,7 @@ struct MoeActs {
   DeviceArray<float> prob_R;               // gate weight per row
   DeviceArray<float> y_RD;                 // expert outputs (already weighted)
   MlpActs shared;                          // shared expert
+  DeviceArray<float> shared_out_TD;        // TP: the shared expert's partial output, reduced before the add
   // backward scratch
   DeviceArray<float> dy_RD, dz_RF, da_RF, db_RF, dx_RD, dprob_R, dweight_TK, dx_routed_TD;
   MlpScratch shared_scratch;

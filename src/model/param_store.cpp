@@ -50,7 +50,24 @@ std::vector<PipelineStage> plan_pipeline_stages(int64_t L, int pp, int64_t first
   return stages;
 }
 
-ParamStore::ParamStore(const ParamTable& table, int ep, int ep_rank, PipelineStage stage) : ep_(ep) {
+TpShard tp_shard(const ParamInfo& p, int tp, int tp_rank) {
+  TpShard s;
+  s.rows = p.shape.size() == 2 ? p.shape[0] : 1;
+  s.cols = p.numel / s.rows;
+  if (tp == 1 || p.tp_split == TpSplit::kReplicated) return s;
+  const bool by_rows = p.tp_split == TpSplit::kRows;
+  const int64_t n = by_rows ? s.rows : s.cols;
+  DSV3_CHECK(n % tp == 0, p.name, ": its ", by_rows ? "rows" : "columns", " (", n,
+             ") must be divisible by the tensor model parallel size (", tp,
+             ") — heads, FFN widths and the padded vocabulary are split over TP ranks");
+  (by_rows ? s.rows : s.cols) = n / tp;
+  (by_rows ? s.row0 : s.col0) = tp_rank * (n / tp);
+  return s;
+}
+
+ParamStore::ParamStore(const ParamTable& table, int ep, int ep_rank, PipelineStage stage, int tp, int tp_rank)
+    : ep_(ep), tp_(tp), tp_rank_(tp_rank) {
+  DSV3_CHECK(tp >= 1 && tp_rank >= 0 && tp_rank < tp, "ParamStore: TP rank ", tp_rank, " of ", tp);
   const int64_t L = table.config().num_hidden_layers;
   const int64_t n_experts = table.config().n_routed_experts;
   DSV3_CHECK(ep >= 1 && ep_rank >= 0 && ep_rank < ep, "ParamStore: EP rank ", ep_rank, " of ", ep);
@@ -71,7 +88,7 @@ ParamStore::ParamStore(const ParamTable& table, int ep, int ep_rank, PipelineSta
       offsets_[p.name] = it->second + (p.expert - first_expert_) * p.numel;
     } else {
       offsets_[p.name] = size_;
-      size_ += p.numel;
+      size_ += numel(p);
     }
   }
   for (const auto& p : table.params())

@@ -3,7 +3,8 @@
 // projection as one contiguous block; tied names (the MTP layer's embed_tokens / shared_head.head) map onto the
 // tensor they copy. Under expert parallelism (ep > 1) the store holds only this EP rank's experts
 // [ep_rank·E/ep, (ep_rank+1)·E/ep) of every MoE layer, and under pipeline parallelism only its stage's
-// parameters; the other names are not in it.
+// parameters; the other names are not in it. Under tensor parallelism (tp > 1) a parameter split over TP
+// (ParamInfo::tp_split) holds only this TP rank's block: rows [tp_rank·R/tp, +R/tp) or columns likewise.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -38,9 +39,22 @@ struct PipelineStage {
 std::vector<PipelineStage> plan_pipeline_stages(int64_t num_layers, int pp, int64_t first_layers = 0,
                                                 int64_t last_layers = 0, bool shared_embedding = false);
 
+// The block of a parameter's global [rows, cols] tensor (1-D: one row) that one TP rank holds.
+struct TpShard {
+  int64_t row0 = 0, rows = 1, col0 = 0, cols = 1;
+  int64_t numel() const { return rows * cols; }
+};
+// Throws naming the rule (Megatron's: the split dimension divisible by the TP size) when it does not divide.
+TpShard tp_shard(const ParamInfo& p, int tp, int tp_rank);
+
 class ParamStore {
  public:
-  explicit ParamStore(const ParamTable& table, int ep = 1, int ep_rank = 0, PipelineStage stage = {});
+  explicit ParamStore(const ParamTable& table, int ep = 1, int ep_rank = 0, PipelineStage stage = {}, int tp = 1,
+                      int tp_rank = 0);
+  int tp() const { return tp_; }
+  int tp_rank() const { return tp_rank_; }
+  // The elements this rank holds of a parameter (its TP shard; numel without TP).
+  int64_t numel(const ParamInfo& p) const { return tp_shard(p, tp_, tp_rank_).numel(); }
 
   int64_t size() const { return size_; }
   int ep() const { return ep_; }
@@ -57,7 +71,7 @@ class ParamStore {
   std::unordered_map<std::string, int64_t> offsets_;
   std::unordered_map<std::string, int64_t> expert_blocks_;  // "layer:proj" -> offset of expert 0
   int64_t size_ = 0;
-  int ep_ = 1;
+  int ep_ = 1, tp_ = 1, tp_rank_ = 0;
   int64_t first_expert_ = 0, local_experts_ = 0;
 };
 

@@ -52,6 +52,23 @@ void ParamTable::add(ParamInfo p) {
       p.init = InitKind::kNormal;
       p.init_std = sigma;
   }
+  // Tensor parallelism: column-parallel (rows) and row-parallel (columns) linears, the vocab-parallel
+  // embedding and head; MLA's latent path is replicated with its gradient summed over TP. Routed experts and
+  // the router stay whole (experts replicated over TP: expert tensor parallelism is not split).
+  auto ends = [&](const char* suffix) {
+    const std::string x(suffix);
+    return p.name.size() >= x.size() && p.name.compare(p.name.size() - x.size(), x.size(), x) == 0;
+  };
+  if (!p.is_expert) {
+    if (ends("q_b_proj.weight") || ends("q_proj.weight") || ends("kv_b_proj.weight") || ends("gate_proj.weight") ||
+        ends("up_proj.weight") || p.role == ParamRole::kEmbedding || p.role == ParamRole::kHead)
+      p.tp_split = TpSplit::kRows;
+    else if (ends("o_proj.weight") || ends("down_proj.weight"))
+      p.tp_split = TpSplit::kCols;
+    else if (ends("q_a_proj.weight") || ends("q_a_layernorm.weight") || ends("kv_a_proj_with_mqa.weight") ||
+             ends("kv_a_layernorm.weight"))
+      p.tp_grad_sum = true;
+  }
   DSV3_CHECK(index_.emplace(p.name, params_.size()).second, "duplicate parameter name ", p.name);
   params_.push_back(std::move(p));
 }

@@ -33,6 +33,11 @@ enum class ParamRole {
 
 enum class InitKind { kNormal, kOnes, kZeros };
 
+// How tensor parallelism (Megatron's layout, spec §8) splits a parameter over the TP ranks: whole on every rank,
+// by rows (column-parallel linears split by output: heads, FFN width, vocabulary) or by columns (row-parallel
+// linears split by input: o_proj over heads, down_proj over the FFN width).
+enum class TpSplit { kReplicated, kRows, kCols };
+
 struct ParamInfo {
   std::string name;            // HF checkpoint name
   std::vector<int64_t> shape;  // global shape, HF layout ([out, in] for linears)
@@ -50,6 +55,10 @@ struct ParamInfo {
   std::string tied_to;
   InitKind init = InitKind::kNormal;
   double init_std = 0.0;
+  TpSplit tp_split = TpSplit::kReplicated;
+  // Replicated over TP but fed by partial (per-TP-rank) gradients, so its gradient is summed over TP: MLA's
+  // down-projections and latent norms, whose outputs reach only the rank's heads (Megatron reduces them alike).
+  bool tp_grad_sum = false;
 };
 
 class ParamTable {

@@ -11,7 +11,7 @@ BackendAdamW::BackendAdamW(Backend& be, const ParamTable& table, const ParamStor
     : be_(be), cfg_(cfg), numel_(store.size()), m_(be, store.size()), v_(be, store.size()) {
   for (const auto& p : table.params())
     if (p.tied_to.empty() && p.trainable && store.contains(p.name))
-      ranges_.push_back({store.offset(p.name), p.numel, p.weight_decay});
+      ranges_.push_back({store.offset(p.name), store.numel(p), p.weight_decay});
   segments_.reserve(ranges_.size());
 }
 

@@ -14,7 +14,7 @@ std::vector<GradBucket> plan_grad_buckets(const ParamTable& table, const ParamSt
   std::vector<GradBucket> ranges;
   for (const auto& p : table.params()) {
     if (!p.tied_to.empty() || !p.trainable || !store.contains(p.name)) continue;  // other EP ranks' experts
-    ranges.push_back({store.offset(p.name), p.numel, p.is_expert});
+    ranges.push_back({store.offset(p.name), store.numel(p), p.is_expert});
   }
   std::sort(ranges.begin(), ranges.end(), [](const GradBucket& a, const GradBucket& b) { return a.offset < b.offset; });
   std::vector<GradBucket> merged;

@@ -23,7 +23,7 @@ DistributedOptimizer::DistributedOptimizer(const ParamTable& table, const ParamS
   }
   for (const auto& p : table.params()) {
     if (!p.tied_to.empty() || !p.trainable || !store.contains(p.name)) continue;
-    const int64_t p0 = store.offset(p.name), p1 = p0 + p.numel;
+    const int64_t p0 = store.offset(p.name), p1 = p0 + store.numel(p);
     for (const auto& s : shards_) {
       const int64_t a = std::max(p0, s.lo), z = std::min(p1, s.lo + s.n);
       if (a < z) segments_.push_back({a, z - a, s.moment + (a - s.lo), p.weight_decay});
@@ -50,6 +50,23 @@ double DistributedOptimizer::shard_sum_of_squares(const float* grads, int64_t sk
     const int64_t a = s.lo, z = s.lo + s.n;  // [a, z) minus [skip_begin, skip_end)
     const int64_t cut0 = std::clamp(skip_begin, a, z), cut1 = std::clamp(skip_end, cut0, z);
     sq += sum_of_squares(grads + a, cut0 - a) + sum_of_squares(grads + cut1, z - cut1);
+  }
+  return sq;
+}
+
+double DistributedOptimizer::shard_sum_of_squares(const float* grads,
+                                                  const std::vector<std::pair<int64_t, int64_t>>& skip) const {
+  double sq = 0;
+  for (const auto& s : shards_) {
+    int64_t a = s.lo;
+    const int64_t z = s.lo + s.n;
+    for (const auto& [b, e] : skip) {  // the gaps between the skipped ranges inside [a, z)
+      if (e <= a) continue;
+      if (b >= z) break;
+      if (b > a) sq += sum_of_squares(grads + a, b - a);
+      a = std::max(a, e);
+    }
+    if (a < z) sq += sum_of_squares(grads + a, z - a);
   }
   return sq;
 }

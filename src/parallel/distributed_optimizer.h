@@ -12,6 +12,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "model/param_store.h"
@@ -32,6 +33,9 @@ class DistributedOptimizer {
   // Σ g² over this rank's shards (sum it over the world for the global norm), leaving out elements [skip_begin,
   // skip_end) of the buffer (a copy of a tensor another rank counts).
   double shard_sum_of_squares(const float* grads, int64_t skip_begin = 0, int64_t skip_end = 0) const;
+  // The same, leaving out every range [begin, end) of `skip` (sorted by begin, disjoint): tensor parallelism
+  // counts a parameter replicated over TP on one TP rank only.
+  double shard_sum_of_squares(const float* grads, const std::vector<std::pair<int64_t, int64_t>>& skip) const;
   void scale_shards(float* grads, float s) const;
   // One AdamW step on this rank's shards (weight decay wd, 0 for 1-D parameters), then the all-gather.
   void step(float* params, const float* grads, double lr, double wd);

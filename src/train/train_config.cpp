@@ -50,6 +50,26 @@ void read_model(const TrainArgs& a, TrainConfig& c) {
   c.mtp_loss_scaling_factor = a.f("mtp_loss_scaling_factor");
 }
 
+// Tensor parallelism (Megatron's layout; model/param_table.h TpSplit): the sizes it splits must divide, and
+// what does not run with it yet is refused by name.
+void read_tensor_parallel(const TrainArgs& a, const TrainConfig& c) {
+  const int tp = c.parallel.tp;
+  const ModelConfig& m = c.model;
+  auto divides = [&](int64_t n, const char* what) {
+    DSV3_CHECK(n % tp == 0, "--tensor-model-parallel-size ", tp, ": ", what, " (", n,
+               ") must be divisible by the tensor model parallel size");
+  };
+  divides(m.num_attention_heads, "the number of attention heads");
+  divides(m.intermediate_size, "the dense FFN width (--ffn-hidden-size)");
+  divides(m.moe_intermediate_size * m.n_shared_experts, "the shared experts' width");
+  DSV3_CHECK(m.vocab_size % tp == 0, "--tensor-model-parallel-size ", tp, ": the vocabulary (", m.vocab_size,
+             ") must be divisible by the tensor model parallel size (Megatron pads it to a multiple of "
+             "--make-vocab-size-divisible-by × TP; a --model-config vocab_size must already be)");
+  DSV3_CHECK(!a.b("sequence_parallel"), "--sequence-parallel with --tensor-model-parallel-size ", tp,
+             ": sequence parallelism is not implemented yet in dsv3 (tensor parallelism runs without it: "
+             "drop the flag, or set HL_SEQ_PARALLEL=0)");
+}
+
 // The layout (spec §8): impossible sizes are refused with the rule they break (ProcessGroups::build, which
 // every rank calls again for itself); then the parts of the layout that are not implemented yet are refused
 // by flag.
@@ -62,14 +82,14 @@ void read_layout(const TrainArgs& a, int world_size, TrainConfig& c) {
   c.dp = ProcessGroups::build(world_size, 0, c.parallel).dp;
   const struct {
     const char *dest, *flag, *what;
-  } unimplemented[] = {{"tensor_model_parallel_size", "--tensor-model-parallel-size", "tensor"},
-                       {"context_parallel_size", "--context-parallel-size", "context"}};
+  } unimplemented[] = {{"context_parallel_size", "--context-parallel-size", "context"}};
   for (const auto& u : unimplemented)
     DSV3_CHECK(
         a.i(u.dest) == 1, u.flag, " ", a.i(u.dest), ": ", u.what,
         " parallelism is not implemented "
         "yet in dsv3's distributed runtime; data, expert and pipeline parallelism are (start the ranks with "
         "mpirun and leave the other parallel sizes at 1)");
+  if (c.parallel.tp > 1) read_tensor_parallel(a, c);
 }
 
 // Megatron's default global batch is one micro-batch per data-parallel rank; it is written back into the

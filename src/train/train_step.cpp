@@ -229,7 +229,8 @@ IterStats Trainer::micro_batches() {
   const auto t1 = Clock::now();
   if (embedding_group_ && embedding_group_->size() > 1)
     embedding_group_->allreduce(model_->grad("model.embed_tokens.weight"),
-                                c_.model.vocab_size * c_.model.hidden_size);
+                                model_->store().numel(model_->table().at("model.embed_tokens.weight")));
+  tp_grad_sum();
   if (dopt_)
     dopt_->reduce_scatter(model_->grads().data());
   else
@@ -237,6 +238,18 @@ IterStats Trainer::micro_batches() {
   reduce_stats(it);
   timers_.add("all-grads-sync", seconds_since(t1));
   return it;
+}
+
+// Tensor parallelism: the replicated parameters fed by partial gradients (MLA's latent path,
+// ParamInfo::tp_grad_sum) get their gradient summed over TP, once per step (the sum is linear in the
+// micro-batches), before the data-parallel reduction.
+void Trainer::tp_grad_sum() {
+  if (pg_.tp == 1) return;
+  Comm& tp = (*comms_)[Group::kTp];
+  const auto& store = model_->store();
+  for (const auto& p : model_->table().params())
+    if (p.tp_grad_sum && p.tied_to.empty() && store.contains(p.name))
+      tp.allreduce(model_->grad(p.name), store.numel(p));
 }
 
 // The iteration's sums over the data-parallel ranks (losses and token counts over DP×CP; the router's expert
@@ -271,7 +284,8 @@ void Trainer::reduce_stats(IterStats& s) {
     s.lm_tokens = n[0], s.moe_layers = n[1];
     std::copy(n.begin() + 2, n.end(), s.mtp_tokens.begin());
   }
-  Comm& cnt = (*comms_)[Group::kTpDpCp];
+  // Without sequence parallelism every TP rank routes the same tokens: their counts are summed over DP only.
+  Comm& cnt = (*comms_)[pg_.tp > 1 ? Group::kDpCp : Group::kTpDpCp];
   if (cnt.size() > 1 && !s.counts.empty()) {
     std::vector<int64_t> flat;
     for (const auto& c : s.counts) flat.insert(flat.end(), c.begin(), c.end());
@@ -310,21 +324,36 @@ double Trainer::grad_norm() {
   const bool skip_embedding =
       !model_->options().stage.pre_process && store.contains("model.embed_tokens.weight");
   const int64_t skip0 = skip_embedding ? store.offset("model.embed_tokens.weight") : 0;
-  const int64_t skip1 = skip_embedding ? skip0 + c_.model.vocab_size * c_.model.hidden_size : 0;
+  const int64_t skip1 =
+      skip_embedding ? skip0 + store.numel(model_->table().at("model.embed_tokens.weight")) : 0;
   if (dopt_) {  // each rank holds the reduced gradient of its shards only; together they cover every element
                 // once
-    double sq = dopt_->shard_sum_of_squares(g.data(), skip0, skip1);
+    double sq = 0;
+    if (pg_.tp == 1) {
+      sq = dopt_->shard_sum_of_squares(g.data(), skip0, skip1);
+    } else {  // TP ranks other than 0 leave out what is replicated over TP (and the embedding copy, as above)
+      std::vector<std::pair<int64_t, int64_t>> skip;
+      if (skip1 > skip0) skip.emplace_back(skip0, skip1);
+      for (const auto& p : model_->table().params())
+        if (pg_.tp_rank != 0 && p.tied_to.empty() && store.contains(p.name) && p.tp_split == TpSplit::kReplicated)
+          skip.emplace_back(store.offset(p.name), store.offset(p.name) + store.numel(p));
+      std::sort(skip.begin(), skip.end());
+      sq = dopt_->shard_sum_of_squares(g.data(), skip);
+    }
     world_.allreduce(&sq, 1, ReduceOp::kSum);
     return std::sqrt(sq);
   }
   if (bopt_) return bopt_->grad_norm(g.data());  // one process (train_config.cpp read_device)
-  if (pg_.ep == 1 && pg_.pp == 1) return l2_norm(g.data(), static_cast<int64_t>(g.size()));
+  if (pg_.ep == 1 && pg_.pp == 1 && pg_.tp == 1) return l2_norm(g.data(), static_cast<int64_t>(g.size()));
+  // Under TP a parameter split over TP counts on every TP rank (its block), a replicated one (the same gradient
+  // on every TP rank) on TP rank 0 only; routed experts are replicated over TP too.
   double sq[2] = {0, 0};  // dense, expert
   for (const auto& p : model_->table().params())
     if (p.tied_to.empty() && p.trainable && store.contains(p.name) &&
-        !(skip_embedding && store.offset(p.name) == skip0))
-      sq[p.is_expert] += sum_of_squares(g.data() + store.offset(p.name), p.numel);
-  (*comms_)[Group::kPp].allreduce(&sq[0], 1, ReduceOp::kSum);       // each stage's dense parameters
+        !(skip_embedding && store.offset(p.name) == skip0) &&
+        (pg_.tp_rank == 0 || p.tp_split != TpSplit::kReplicated))
+      sq[p.is_expert] += sum_of_squares(g.data() + store.offset(p.name), store.numel(p));
+  (*comms_)[Group::kTpPp].allreduce(&sq[0], 1, ReduceOp::kSum);     // each stage's dense parameters
   (*comms_)[Group::kEtpEpPp].allreduce(&sq[1], 1, ReduceOp::kSum);  // each (stage, EP rank)'s experts
   return std::sqrt(sq[0] + sq[1]);
 }
@@ -361,7 +390,7 @@ double Trainer::optimizer_step(const IterStats& st) {
     const auto& store = model_->store();
     for (const auto& p : model_->table().params()) {
       if (!p.tied_to.empty() || !p.trainable || !store.contains(p.name)) continue;  // other EP ranks' experts
-      opt_->update(params, grads.data(), store.offset(p.name), p.numel, lr, p.weight_decay ? wd : 0.0);
+      opt_->update(params, grads.data(), store.offset(p.name), store.numel(p), lr, p.weight_decay ? wd : 0.0);
     }
   }
   if (c_.expert_bias_update)

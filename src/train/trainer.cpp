@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "data/indexed_dataset.h"
 #include "train/log_format.h"
+#include "parallel/tensor_parallel_layout.h"
 #include "train/trainer_impl.h"
 
 namespace dsv3 {
@@ -83,6 +84,7 @@ void Trainer::setup() {
   comms_ = std::make_unique<GroupComms>(pg_, world_);
   ModelOptions mo = c_.model_options;
   if (pg_.ep > 1) mo.ep.comm = &(*comms_)[Group::kEp];
+  mo.tp = {pg_.tp, pg_.tp_rank, &(*comms_)[Group::kTp]};
   mo.stage = c_.stages[pg_.pp_rank];
   if (c_.shared_embedding) {
     // MTP on the last of several stages embeds tokens too: that stage keeps a copy of the embedding whose
@@ -139,21 +141,41 @@ void Trainer::load() {
   if (optim && dopt_) m.assign(model_->params().size(), 0.f), v.assign(model_->params().size(), 0.f);
   std::vector<float> staged;  // on a GPU the checkpoint is read into host memory, then copied over
   if (bopt_) staged = model_->params_to_host();
-  LoadTargets lt{&model_->table(), &model_->store(), bopt_ ? staged.data() : model_->params().data(),
-                 !optim  ? nullptr
-                 : dopt_ ? m.data()
-                         : opt_->exp_avg().data(),
-                 !optim  ? nullptr
-                 : dopt_ ? v.data()
-                         : opt_->exp_avg_sq().data()};
+  // Tensor parallelism: the checkpoint's whole tensors are read into the layout without TP (starting from the
+  // current values, which absent MTP tensors keep), then each rank keeps its blocks.
+  const bool tp = pg_.tp > 1;
+  const ParamStore& st = model_->store();
+  const ParamStore whole(model_->table(), pg_.ep, pg_.ep_rank, c_.stages[pg_.pp_rank]);
+  std::vector<float> wp, wm, wv;
+  if (tp) {
+    wp.resize(whole.size());
+    tp_gather(model_->table(), st, whole, model_->params().data(), wp.data(), (*comms_)[Group::kTp]);
+    if (optim) wm.assign(whole.size(), 0.f), wv.assign(whole.size(), 0.f);
+  }
+  // The moments in this rank's store layout (the distributed optimizer then keeps its shards of them).
+  float* const local_m = !optim ? nullptr : dopt_ ? m.data() : opt_->exp_avg().data();
+  float* const local_v = !optim ? nullptr : dopt_ ? v.data() : opt_->exp_avg_sq().data();
+  LoadTargets lt{&model_->table(), tp ? &whole : &st,
+                 tp     ? wp.data()
+                 : bopt_ ? staged.data()
+                         : model_->params().data(),
+                 local_m, local_v};
   // Rank 0 first (it may recover a directory left by an interrupted save), then the others.
   if (!pg_.is_first_rank()) world_.barrier();
   RankInfo r;
   r.rank = pg_.rank, r.world = pg_.world;
+  if (tp && optim) lt.exp_avg = wm.data(), lt.exp_avg_sq = wv.data();
   auto p = load_checkpoint(*c_.load, lt, c_.model, r, nullptr, &msg);
   if (pg_.is_first_rank()) world_.barrier();
   if (!msg.empty()) print_line(msg);
   if (!p) return;
+  if (tp) {
+    tp_scatter(model_->table(), st, whole, wp.data(), model_->params().data());
+    if (optim) {
+      tp_scatter(model_->table(), st, whole, wm.data(), local_m);
+      tp_scatter(model_->table(), st, whole, wv.data(), local_v);
+    }
+  }
   prog_ = *p;
   if (bopt_) model_->params_from_host(staged);
   if (optim) {
@@ -411,9 +433,19 @@ void Trainer::save(int64_t iteration) {
   if (dopt_) dopt_->gather_moments(m, v);
   std::vector<float> staged;  // on a GPU the state is copied to host memory, then written
   if (bopt_) staged = model_->params_to_host(), bopt_->moments_to_host(opt_->exp_avg(), opt_->exp_avg_sq());
-  const CheckpointTensors t{&model_->table(), &model_->store(), bopt_ ? staged.data() : model_->params().data(),
-                            dopt_ ? m.data() : opt_->exp_avg().data(),
-                            dopt_ ? v.data() : opt_->exp_avg_sq().data()};
+  CheckpointTensors t{&model_->table(), &model_->store(), bopt_ ? staged.data() : model_->params().data(),
+                      dopt_ ? m.data() : opt_->exp_avg().data(), dopt_ ? v.data() : opt_->exp_avg_sq().data()};
+  // Tensor parallelism: whole tensors (HF layout) gathered over TP, written by TP rank 0.
+  const ParamStore whole(model_->table(), pg_.ep, pg_.ep_rank, c_.stages[pg_.pp_rank]);
+  std::vector<float> wp, wm, wv;
+  if (pg_.tp > 1) {
+    Comm& tp = (*comms_)[Group::kTp];
+    wp.resize(whole.size()), wm.resize(whole.size()), wv.resize(whole.size());
+    tp_gather(model_->table(), model_->store(), whole, t.params, wp.data(), tp);
+    tp_gather(model_->table(), model_->store(), whole, t.exp_avg, wm.data(), tp);
+    tp_gather(model_->table(), model_->store(), whole, t.exp_avg_sq, wv.data(), tp);
+    t = {&model_->table(), &whole, wp.data(), wm.data(), wv.data()};
+  }
   RankInfo r;
   r.rank = pg_.rank, r.world = pg_.world;
   try {
@@ -426,7 +458,7 @@ void Trainer::save(int64_t iteration) {
       // One shard per (stage, EP rank), written by its expert-DP rank 0 (the other replicas hold the same
       // state).
       r.comm = &world_, r.shards = pg_.pp * pg_.ep, r.stages = c_.stages;
-      r.shard = pg_.edp_rank == 0 ? pg_.pp_rank * pg_.ep + pg_.ep_rank : -1;
+      r.shard = pg_.edp_rank == 0 && pg_.tp_rank == 0 ? pg_.pp_rank * pg_.ep + pg_.ep_rank : -1;
       save_checkpoint(*c_.save, prog_, t, c_.args.all_map(), c_.model, r);
     }
   } catch (const Error& e) {

@@ -95,6 +95,7 @@ class Trainer {
   } nonfinite_;
   int64_t current_micro_ = -1;  // the micro-batch being run (-1: none), for an error's message
   void reduce_stats(IterStats& s);
+  void tp_grad_sum();
   double grad_norm();
   static std::string expert_bias_name(int64_t layer);
   // A MoE layer's expert bias where the host can read and write it: the parameter itself on the CPU, else a copy

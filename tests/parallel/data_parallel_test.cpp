@@ -85,8 +85,8 @@ TEST_F(DataParallel, RefusesLayoutsNotImplementedOrImpossible) {
     EXPECT_NE(r.rc, 0) << args << "\n" << r.out;
     EXPECT_NE(r.out.find(needle), std::string::npos) << "expected '" << needle << "' in:\n" << r.out;
   };
-  expect_error(2, b + " --tensor-model-parallel-size 2",
-               "--tensor-model-parallel-size 2: tensor parallelism is not implemented yet");
+  expect_error(2, b + " --context-parallel-size 2",
+               "--context-parallel-size 2: context parallelism is not implemented yet");
   expect_error(3, b + " --pipeline-model-parallel-size 2", "rule: world % (TP·PP·CP) == 0");
   expect_error(3, b + " --expert-model-parallel-size 3", "rule: num_experts % EP == 0");
   expect_error(3, b, "--global-batch-size (4) is not divisible by micro-batch-size (1) times data-parallel size (3)");
