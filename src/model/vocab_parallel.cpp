@@ -18,8 +18,8 @@ void check_labels(const int32_t* labels, int64_t t, int64_t vocab) {
                labels[i], " at token ", i, " is outside the vocabulary [0, ", vocab, ")");
 }
 
-float* logits(Backend& be, const VocabShard& v, const float* h, const float* w, int64_t t, int64_t d, Precision p,
-              VocabParallelScratch& s) {
+float* logits(Backend& be, const VocabShard& v, const float* h, const float* w, int64_t t, int64_t d,
+              Precision p, VocabParallelScratch& s) {
   s.logits_TVr.resize(static_cast<size_t>(t * v.rows));
   linear_forward(be, h, w, s.logits_TVr.data(), t, d, v.rows, p, s.lin);
   return s.logits_TVr.data();
@@ -33,14 +33,14 @@ void vocab_parallel_embedding_forward(const TensorParallel& tp, const VocabShard
   tp.reduce_from_forward(out, t * d);  // one rank holds each row: the sum is exact
 }
 
-void vocab_parallel_embedding_backward(const VocabShard& v, const float* dout, const int32_t* ids, float* dtable,
-                                       int64_t t, int64_t d) {
+void vocab_parallel_embedding_backward(const VocabShard& v, const float* dout, const int32_t* ids,
+                                       float* dtable, int64_t t, int64_t d) {
   embedding_backward_shard(dout, ids, dtable, t, v.vocab, v.v0, v.rows, d);
 }
 
-void vocab_parallel_head_ce_forward(Backend& be, const TensorParallel& tp, const VocabShard& v, const float* h,
-                                    const float* w, const int32_t* labels, float* loss, float* lse, int64_t t,
-                                    int64_t d, Precision p, VocabParallelScratch& s) {
+void vocab_parallel_head_ce_forward(Backend& be, const TensorParallel& tp, const VocabShard& v,
+                                    const float* h, const float* w, const int32_t* labels, float* loss,
+                                    float* lse, int64_t t, int64_t d, Precision p, VocabParallelScratch& s) {
   check_labels(labels, t, v.vocab);
   const float* l = logits(be, v, h, w, t, d, p, s);
   const int64_t n = v.rows;
@@ -65,9 +65,9 @@ void vocab_parallel_head_ce_forward(Backend& be, const TensorParallel& tp, const
   }
 }
 
-void vocab_parallel_head_ce_backward(Backend& be, const TensorParallel& tp, const VocabShard& v, const float* h,
-                                     const float* w, const int32_t* labels, const float* lse, float dloss,
-                                     float* dh, float* dw, int64_t t, int64_t d, Precision p,
+void vocab_parallel_head_ce_backward(Backend& be, const TensorParallel& tp, const VocabShard& v,
+                                     const float* h, const float* w, const int32_t* labels, const float* lse,
+                                     float dloss, float* dh, float* dw, int64_t t, int64_t d, Precision p,
                                      VocabParallelScratch& s) {
   float* l = logits(be, v, h, w, t, d, p, s);
   const int64_t n = v.rows;

@@ -32,9 +32,10 @@ void vocab_parallel_embedding_backward(const VocabShard& v, const float* dout_TD
                                        float* dtable_VrD, int64_t t, int64_t d);
 
 // loss_T and lse_T (for the backward) assigned; both the same on every TP rank.
-void vocab_parallel_head_ce_forward(Backend& be, const TensorParallel& tp, const VocabShard& v, const float* h_TD,
-                                    const float* w_VrD, const int32_t* labels_T, float* loss_T, float* lse_T,
-                                    int64_t t, int64_t d, Precision p, VocabParallelScratch& s);
+void vocab_parallel_head_ce_forward(Backend& be, const TensorParallel& tp, const VocabShard& v,
+                                    const float* h_TD, const float* w_VrD, const int32_t* labels_T,
+                                    float* loss_T, float* lse_T, int64_t t, int64_t d, Precision p,
+                                    VocabParallelScratch& s);
 // dh_TD assigned (the whole gradient: the partial sums over the vocabulary shards are reduced over TP),
 // dw_VrD accumulated; dloss scales every non-ignored token's loss.
 void vocab_parallel_head_ce_backward(Backend& be, const TensorParallel& tp, const VocabShard& v,

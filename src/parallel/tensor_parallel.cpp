@@ -13,9 +13,17 @@ void reduce(const TensorParallel& tp, float* x, int64_t n, ReduceOp op) {
 }
 }  // namespace
 
-void TensorParallel::reduce_from_forward(float* x, int64_t n) const { reduce(*this, x, n, ReduceOp::kSum); }
-void TensorParallel::copy_to_backward(float* dx, int64_t n) const { reduce(*this, dx, n, ReduceOp::kSum); }
-void TensorParallel::max(float* x, int64_t n) const { reduce(*this, x, n, ReduceOp::kMax); }
-void TensorParallel::sum(float* x, int64_t n) const { reduce(*this, x, n, ReduceOp::kSum); }
+void TensorParallel::reduce_from_forward(float* x, int64_t n) const {
+  reduce(*this, x, n, ReduceOp::kSum);
+}
+void TensorParallel::copy_to_backward(float* dx, int64_t n) const {
+  reduce(*this, dx, n, ReduceOp::kSum);
+}
+void TensorParallel::max(float* x, int64_t n) const {
+  reduce(*this, x, n, ReduceOp::kMax);
+}
+void TensorParallel::sum(float* x, int64_t n) const {
+  reduce(*this, x, n, ReduceOp::kSum);
+}
 
 }  // namespace dsv3

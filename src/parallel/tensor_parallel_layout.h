@@ -10,10 +10,10 @@ namespace dsv3 {
 
 // `whole` is the store of the same table, EP rank and stage without TP; `local` this rank's. Collective over
 // `tp` (every TP rank calls it and receives the whole buffer).
-void tp_gather(const ParamTable& table, const ParamStore& local, const ParamStore& whole, const float* local_buf,
-               float* whole_buf, Comm& tp);
+void tp_gather(const ParamTable& table, const ParamStore& local, const ParamStore& whole,
+               const float* local_buf, float* whole_buf, Comm& tp);
 // This rank's blocks out of a whole-layout buffer (no communication).
-void tp_scatter(const ParamTable& table, const ParamStore& local, const ParamStore& whole, const float* whole_buf,
-                float* local_buf);
+void tp_scatter(const ParamTable& table, const ParamStore& local, const ParamStore& whole,
+                const float* whole_buf, float* local_buf);
 
 }  // namespace dsv3

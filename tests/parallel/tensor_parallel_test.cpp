@@ -35,8 +35,9 @@ TEST_F(TensorParallel, Tp2ReproducesSingleProcess) {
 }
 
 TEST_F(TensorParallel, Tp2WithRecomputeAndTokenDropReproducesSingleProcess) {
-  const std::string common = "--recompute-granularity full --recompute-method uniform --recompute-num-layers 1"
-                             " --moe-expert-capacity-factor 1.0 --moe-token-dispatcher-type alltoall";
+  const std::string common =
+      "--recompute-granularity full --recompute-method uniform --recompute-num-layers 1"
+      " --moe-expert-capacity-factor 1.0 --moe-token-dispatcher-type alltoall";
   expect_tp_parity("tp2_recompute_drop", 2, 3, kTp2, common, "single_recompute_drop");
 }
 
@@ -108,14 +109,16 @@ TEST_F(TensorParallel, RefusesWhatItCannotSplitOrDoesNotRunYet) {
   const std::string b = testing::tiny_train_args(dir_, data_, 1, 3) + " --train-iters 1 ";
   auto heads = testing::run_dsv3_mpi(3, b + "--tensor-model-parallel-size 3", dir_);
   EXPECT_NE(heads.rc, 0);
-  EXPECT_NE(heads.out.find("the number of attention heads (4) must be divisible by the tensor model parallel size"),
-            std::string::npos)
+  EXPECT_NE(
+      heads.out.find("the number of attention heads (4) must be divisible by the tensor model parallel size"),
+      std::string::npos)
       << heads.out;
   auto sp = testing::run_dsv3_mpi(2, b + kTp2 + " --global-batch-size 2 --sequence-parallel", dir_);
   EXPECT_NE(sp.rc, 0);
-  EXPECT_NE(sp.out.find("--sequence-parallel with --tensor-model-parallel-size 2: sequence parallelism is not "
-                        "implemented yet"),
-            std::string::npos)
+  EXPECT_NE(
+      sp.out.find("--sequence-parallel with --tensor-model-parallel-size 2: sequence parallelism is not "
+                  "implemented yet"),
+      std::string::npos)
       << sp.out;
   // A world TP does not divide: Megatron's rule, from the process groups.
   auto world = testing::run_dsv3_mpi(3, b + kTp2, dir_);
