@@ -483,7 +483,7 @@ std::string Trainer::first_nonfinite_param() {
   for (const auto& p : model_->table().params()) {
     if (!p.tied_to.empty() || !store.contains(p.name)) continue;
     const float* x = w + store.offset(p.name);
-    for (int64_t i = 0; i < p.numel; ++i)
+    for (int64_t i = 0, n = store.numel(p); i < n; ++i)
       if (!std::isfinite(x[i])) return p.name;
   }
   return "";
