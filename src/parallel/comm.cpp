@@ -399,7 +399,7 @@ void answer_queries() {
       }
     }
   }
-  // Who of the ranks this op waits on has not arrived: no answer (stopped, or busy outside communication), or
+  // Who of the ranks this op waits on has not arrived: no answer (its process is stopped or frozen), or
   // an answer showing it has not yet entered this op.
   std::vector<int> candidates;
   if (w.p2p) {
@@ -422,7 +422,7 @@ void answer_queries() {
     char line[320];
     if (!answered[r])
       std::snprintf(line, sizeof line,
-                    "\n  rank %d: no answer within %.1f s (stopped, or busy outside communication)", r,
+                    "\n  rank %d: no answer within %.1f s (its process is stopped or frozen)", r,
                     watchdog_grace_seconds());
     else if (a.waiting)
       std::snprintf(

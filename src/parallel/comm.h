@@ -126,14 +126,15 @@ class SingleComm final : public Comm {
   void allgather_v_raw(void*, const int64_t*, CommType) override {}
 };
 
-// The collective watchdog (Megatron's --distributed-timeout-minutes; NCCL's timeout there). With a timeout > 0
-// every MPI collective and point-to-point exchange is posted non-blocking and polled; a rank that waits longer
-// than the timeout asks every rank what it is doing (a side channel: a duplicate of the world communicator,
-// answered by ranks that are themselves waiting), then prints which op, group, iteration and which ranks did not
-// arrive, and ends the job (MPI_Abort, exit status kWatchdogExitCode). A rank that is stopped (SIGSTOP) or loops
-// outside communication never answers, and is named as not arrived. The whole job ends within the timeout plus
-// watchdog_grace_seconds() from the moment the first rank started waiting. 0 (the default until the trainer
-// sets it) keeps the blocking MPI calls. Process-wide; set before the first collective that should be guarded.
+// The collective watchdog (Megatron's --distributed-timeout-minutes; NCCL's timeout there). The MPI calls stay the
+// blocking ones; around each the calling thread records what it waits in (op, communicator, how many collectives
+// it has entered there, since when). With a timeout > 0 and an MpiSession, a watchdog thread looks every 20 ms:
+// when the training thread has waited longer than the timeout, it asks every rank what it is doing over a side
+// channel (a duplicate of the world communicator, answered by the other ranks' watchdog threads), then prints which
+// op, group and iteration, and which ranks did not arrive, and ends the job (MPI_Abort, exit status
+// kWatchdogExitCode). A stopped rank (SIGSTOP) cannot answer; a rank looping outside communication answers that it
+// is. The job ends within the timeout plus watchdog_grace_seconds() (and 20 ms) from the moment the first rank
+// started waiting. 0 (the default until the trainer sets it) starts no thread. Process-wide.
 constexpr int kWatchdogExitCode = 3;
 void set_collective_timeout(double seconds);
 double collective_timeout();
@@ -146,8 +147,9 @@ void set_collective_iteration(int64_t iteration);
 // PMIX_RANK in the environment). Without one, dsv3 runs as a plain single process and never initialises MPI.
 bool launched_by_mpi();
 
-// The MPI library for the life of this object: MPI_Init_thread (FUNNELED) on construction, MPI_Finalize on
-// destruction (after every Comm made from world() is gone). At most one per process.
+// The MPI library for the life of this object: MPI_Init_thread on construction, MPI_Finalize on destruction (after
+// every Comm made from world() is gone). At most one per process. It asks for MPI_THREAD_MULTIPLE so that the
+// collective watchdog's thread may call MPI; every other call comes from the thread that made the session.
 class MpiSession {
  public:
   MpiSession(int* argc, char*** argv);
