@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = pack ]; then
   set -e
   make build
-  bash ../shared/tools/device-pack.sh build/dsv3 build/dsv3_tests build/dsv3_cuda_tests build/bench_gpu "$(command -v mpirun)"
+  bash ../shared/tools/device-pack.sh build/dsv3 build/libdsv3_cuda.so build/dsv3_tests build/dsv3_cuda_tests build/bench_gpu \
+    "$(command -v mpirun)"
   grep -qx '/.devpack/' .git/info/exclude 2>/dev/null || echo '/.devpack/' >> .git/info/exclude
   echo "packed: $(du -h .devpack/pack.tar.gz | cut -f1); run on the GPU machine: scripts/device-check.sh (carry .devpack)"
   exit 0

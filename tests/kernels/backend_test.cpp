@@ -13,6 +13,7 @@
 #include "optim/adamw.h"
 #include "optim/grad_clip.h"
 #include "train/device_select.h"
+#include "train_util.h"
 
 namespace dsv3 {
 namespace {
@@ -71,6 +72,33 @@ TEST(Backend, CudaBackendIsNamedOrRefusedWithAReason) {
     EXPECT_FALSE(why.empty());
     EXPECT_EQ(why.find('\n'), std::string::npos) << why;
   }
+}
+
+// The CUDA backend is a plugin (kernels/cuda_loader.cpp): the dsv3 program does not link cudart or cuBLASLt (a CPU
+// rank would map ~200 MB of cuBLASLt for nothing), finds libdsv3_cuda.so beside itself, and a bad
+// DSV3_CUDA_LIBRARY is reported by name instead of falling back to another copy.
+TEST(Backend, CudaBackendIsAPluginThatCpuRunsNeverLoad) {
+  const auto dir = testing::scratch_dir();
+  const auto bin = testing::dsv3_binary();
+  const auto ldd = testing::run_shell("ldd " + bin.string(), dir);
+  ASSERT_EQ(ldd.rc, 0) << ldd.out;
+  EXPECT_EQ(ldd.out.find("libcublas"), std::string::npos) << ldd.out;
+  EXPECT_EQ(ldd.out.find("libcudart"), std::string::npos) << ldd.out;
+  if (!std::filesystem::exists(bin.parent_path() / "libdsv3_cuda.so"))
+    GTEST_SKIP() << "this build has no CUDA backend (no libdsv3_cuda.so beside " << bin << ")";
+  // The plugin loads and answers: a GPU's name, or the driver's reason (a text only the plugin produces).
+  const auto info = testing::run_shell(bin.string() + " device-info", dir);
+  ASSERT_EQ(info.rc, 0) << info.out;
+  EXPECT_TRUE(info.out.find("cuda: available") != std::string::npos ||
+              info.out.find("no CUDA GPU visible") != std::string::npos)
+      << info.out;
+  const auto bad = testing::run_shell("DSV3_CUDA_LIBRARY=" + (dir / "missing.so").string() + " " +
+                                          bin.string() + " device-info",
+                                      dir);
+  EXPECT_NE(bad.out.find("libdsv3_cuda.so could not be loaded (" + (dir / "missing.so").string() +
+                         ": no such file)"),
+            std::string::npos)
+      << bad.out;
 }
 
 }  // namespace

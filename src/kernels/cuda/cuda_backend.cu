@@ -503,7 +503,13 @@ void CudaBackend::head_cross_entropy_backward(const float* h, const float* w, co
 }  // namespace
 }  // namespace cuda
 
-std::unique_ptr<Backend> make_cuda_backend(int device, std::string* why_not) {
+}  // namespace dsv3
+
+// The plugin's one entry point (kernels/cuda_loader.cpp looks it up with dlsym): a new backend for GPU `device`,
+// or nullptr with *why_not set. Unmangled so the loader need not know the C++ signature's mangling.
+extern "C" __attribute__((visibility("default"))) dsv3::Backend* dsv3_cuda_make_backend(int device,
+                                                                                       std::string* why_not) {
+  using namespace dsv3;
   int count = 0;
   // Without a driver cudaGetDeviceCount fails (cudaErrorInsufficientDriver / NoDevice) rather than returning 0:
   // any error means "no GPU here".
@@ -522,7 +528,5 @@ std::unique_ptr<Backend> make_cuda_backend(int device, std::string* why_not) {
   }
   cudaDeviceProp prop{};
   cuda::check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
-  return std::make_unique<cuda::CudaBackend>(device, "cuda:" + std::to_string(device) + " " + prop.name);
+  return new cuda::CudaBackend(device, "cuda:" + std::to_string(device) + " " + prop.name);
 }
-
-}  // namespace dsv3
