@@ -16,6 +16,10 @@ int device_info_main(int, char**) {
     std::printf("cuda: available (%s)\n", gpu->name().c_str());
   else
     std::printf("cuda: unavailable: %s\n", why.c_str());
+  // The backend library, loaded even without a GPU: a build or packing problem shows here, not on the GPU machine.
+  std::string lib_why;
+  const std::string lib = cuda_library(&lib_why);
+  std::printf("cuda backend library: %s\n", lib.empty() ? ("not loaded: " + lib_why).c_str() : lib.c_str());
   return 0;
 }
 

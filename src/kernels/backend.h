@@ -138,8 +138,13 @@ class Backend {
 Backend& cpu_backend();
 
 // The CUDA backend on GPU `device`, or nullptr with *why_not set ("this build has no CUDA backend", "no CUDA GPU
-// visible: <driver's message>").
+// visible: <driver's message>"). It lives in libdsv3_cuda.so, opened on first use (kernels/cuda_loader.cpp).
 std::unique_ptr<Backend> make_cuda_backend(int device, std::string* why_not);
+// Whether the NVIDIA driver sees GPU `device` (its name in *name), asked without loading the CUDA backend (or
+// cuBLASLt) and without making a context: what a run that may stay on the CPU asks first.
+bool cuda_gpu_visible(int device, std::string* name, std::string* why_not);
+// The path of the CUDA backend library, loading it; "" with *why_not set when it cannot be loaded.
+std::string cuda_library(std::string* why_not);
 
 // The test backend above (kernels/guarded_backend.cpp): every op runs the CPU kernel; outside ops the memory is
 // PROT_NONE, so a host access to backend memory crashes.

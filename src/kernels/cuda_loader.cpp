@@ -22,8 +22,59 @@ namespace {
 
 using MakeFn = Backend* (*)(int, std::string*);
 
+// The driver, asked directly (libcuda.so.1, a few MB, no context made): is there a GPU? So that `--device auto`
+// on a machine without one, or a CPU rank on a machine with one, never loads the plugin and its cuBLASLt.
+struct Driver {
+  int devices = 0;
+  std::vector<std::string> names;
+  std::string why;  // when devices == 0
+};
+
+const Driver& driver() {
+  static Driver d;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!h) {
+      d.why = "no CUDA GPU visible (no NVIDIA driver: libcuda.so.1 not found)";
+      return;
+    }
+    using InitFn = int (*)(unsigned);
+    using CountFn = int (*)(int*);
+    using GetFn = int (*)(int*, int);
+    using NameFn = int (*)(char*, int, int);
+    using ErrFn = int (*)(int, const char**);
+    auto init = reinterpret_cast<InitFn>(dlsym(h, "cuInit"));
+    auto count = reinterpret_cast<CountFn>(dlsym(h, "cuDeviceGetCount"));
+    auto get = reinterpret_cast<GetFn>(dlsym(h, "cuDeviceGet"));
+    auto name = reinterpret_cast<NameFn>(dlsym(h, "cuDeviceGetName"));
+    auto err = reinterpret_cast<ErrFn>(dlsym(h, "cuGetErrorString"));
+    if (!init || !count || !get || !name) {
+      d.why = "no CUDA GPU visible (libcuda.so.1 lacks the driver API)";
+      return;
+    }
+    int rc = init(0);
+    if (rc == 0) rc = count(&d.devices);
+    if (rc != 0) {
+      const char* text = nullptr;
+      if (err) err(rc, &text);
+      d.devices = 0;
+      d.why = "no CUDA GPU visible (" + std::string(text ? text : "CUDA driver error " + std::to_string(rc)) + ")";
+      return;
+    }
+    if (d.devices == 0) d.why = "no CUDA GPU visible (0 devices)";
+    for (int i = 0; i < d.devices; ++i) {
+      char buf[256] = {};
+      int dev = 0;
+      d.names.push_back(get(&dev, i) == 0 && name(buf, sizeof buf, dev) == 0 ? buf : "?");
+    }
+  });
+  return d;
+}
+
 struct Plugin {
   MakeFn make = nullptr;
+  std::string path;   // what was opened
   std::string error;  // why it could not be opened (when make is null)
 };
 
@@ -58,6 +109,7 @@ const Plugin& plugin() {
         continue;
       }
       p.make = reinterpret_cast<MakeFn>(dlsym(h, "dsv3_cuda_make_backend"));
+      p.path = c;
       if (p.make) return;
       tried += (tried.empty() ? "" : "; ") + c + ": no dsv3_cuda_make_backend";
     }
@@ -69,7 +121,27 @@ const Plugin& plugin() {
 
 }  // namespace
 
+bool cuda_gpu_visible(int device, std::string* name, std::string* why_not) {
+  const Driver& d = driver();
+  if (d.devices == 0 || device < 0 || device >= d.devices) {
+    if (why_not)
+      *why_not = d.devices == 0 ? d.why
+                                : "GPU " + std::to_string(device) + " does not exist (" +
+                                      std::to_string(d.devices) + " visible)";
+    return false;
+  }
+  if (name) *name = d.names[static_cast<size_t>(device)];
+  return true;
+}
+
+std::string cuda_library(std::string* why_not) {
+  const Plugin& p = plugin();
+  if (!p.make && why_not) *why_not = p.error;
+  return p.make ? p.path : "";
+}
+
 std::unique_ptr<Backend> make_cuda_backend(int device, std::string* why_not) {
+  if (!cuda_gpu_visible(device, nullptr, why_not)) return nullptr;
   const Plugin& p = plugin();
   if (!p.make) {
     if (why_not) *why_not = p.error;
@@ -80,10 +152,22 @@ std::unique_ptr<Backend> make_cuda_backend(int device, std::string* why_not) {
 
 #else
 
+namespace {
+const char* kNoCuda = "this build of dsv3 has no CUDA backend (nvcc was not found at build time, or -DDSV3_CUDA=OFF)";
+}
+
+bool cuda_gpu_visible(int, std::string*, std::string* why_not) {
+  if (why_not) *why_not = kNoCuda;
+  return false;
+}
+
+std::string cuda_library(std::string* why_not) {
+  if (why_not) *why_not = kNoCuda;
+  return "";
+}
+
 std::unique_ptr<Backend> make_cuda_backend(int, std::string* why_not) {
-  if (why_not)
-    *why_not =
-        "this build of dsv3 has no CUDA backend (nvcc was not found at build time, or -DDSV3_CUDA=OFF)";
+  if (why_not) *why_not = kNoCuda;
   return nullptr;
 }
 

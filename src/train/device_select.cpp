@@ -14,7 +14,14 @@ DeviceChoice choose_device(const std::string& requested, const std::string& cuda
     return {DeviceKind::kHostGuarded, make_host_guarded_backend(),
             "device: host-guarded (a test device: the GPU code path with the CPU's kernels)"};
   }
-  std::string why;
+  std::string why, name;
+  // auto with a reason to stay on the CPU (a multi-rank run): the driver is asked, no backend made (no context or
+  // cuBLASLt per rank).
+  if (requested == "auto" && !cuda_blockers.empty()) {
+    if (!cuda_gpu_visible(0, &name, &why)) return {DeviceKind::kCpu, nullptr, "device: cpu (auto: " + why + ")"};
+    return {DeviceKind::kCpu, nullptr,
+            "device: cpu (auto: cuda:0 " + name + " is visible, but the CUDA path " + cuda_blockers + ")"};
+  }
   std::shared_ptr<Backend> gpu = make_cuda_backend(0, &why);
   if (requested == "cuda") {
     DSV3_CHECK(gpu, "--device cuda: ", why);
@@ -23,9 +30,6 @@ DeviceChoice choose_device(const std::string& requested, const std::string& cuda
     return {DeviceKind::kCuda, gpu, "device: " + gpu->name() + " (--device cuda)"};
   }
   if (!gpu) return {DeviceKind::kCpu, nullptr, "device: cpu (auto: " + why + ")"};
-  if (!cuda_blockers.empty())
-    return {DeviceKind::kCpu, nullptr,
-            "device: cpu (auto: " + gpu->name() + " is visible, but the CUDA path " + cuda_blockers + ")"};
   return {DeviceKind::kCuda, gpu, "device: " + gpu->name() + " (auto)"};
 }
 
