@@ -102,7 +102,8 @@ class Model {
                 const float* doutput_TD = nullptr);
   // One micro-batch's saved forward state. The pipeline schedule keeps several micro-batches in flight: it swaps
   // a micro-batch's set in before its forward or backward and out afterwards (O(1): buffers are exchanged, not
-  // copied). MTP depths are not part of it (pipeline stages run without MTP).
+  // copied). MTP depths are not part of it: the last stage, the only one that runs them, holds one micro-batch at a
+  // time.
   struct Activations {
     int64_t B = 0, S = 0;
     bool training = true;

@@ -127,14 +127,17 @@ std::string Trainer::replay_for_nonfinite() {
 }
 
 // One iteration's micro-batches through the pipeline (parallel/pipeline.h: 1F1B). Each micro-batch's forward
-// state waits in its own slot until its backward; the loss scaling is the single-stage loop's.
+// state waits in a slot until its backward; the loss scaling is the single-stage loop's. Stage s holds at most
+// PP - s micro-batches at once (its warm-up forwards and one more), and in 1F1B micro-batch m's forward comes after
+// the backward of m - (PP - s): a ring of that many slots, so later stages keep fewer activation sets.
 void Trainer::pipeline_step(IterStats& it, bool& nan_here, double& nan_value, int64_t& nan_micro) {
   const int64_t mbs = c_.micro_batch_size;
-  in_flight_.resize(pg_.pp);
+  const size_t slots = static_cast<size_t>(std::min<int64_t>(pg_.pp - pg_.pp_rank, c_.num_micro_batches));
+  in_flight_.resize(slots);
   PipelineSteps steps;
   steps.forward = [&](int64_t m, const float* input) -> const float* {
     fill_batch(*train_ds_, prog_.consumed_train_samples + m * mbs * pg_.dp + pg_.dp_rank * mbs, mbs);
-    InFlight& slot = in_flight_[m % pg_.pp];
+    InFlight& slot = in_flight_[static_cast<size_t>(m) % slots];
     current_micro_ = m;
     model_->swap_activations(slot.acts);
     const ForwardStats st =
@@ -149,7 +152,7 @@ void Trainer::pipeline_step(IterStats& it, bool& nan_here, double& nan_value, in
     return out;
   };
   steps.backward = [&](int64_t m, const float* output_grad) -> const float* {
-    InFlight& slot = in_flight_[m % pg_.pp];
+    InFlight& slot = in_flight_[static_cast<size_t>(m) % slots];
     current_micro_ = m;
     model_->swap_activations(slot.acts);
     backward_micro(m, slot.lm_tokens, slot.mtp_tokens, output_grad);
