@@ -182,8 +182,9 @@ std::vector<StageMemory> plan_memory(const ModelConfig& cfg, const MemoryLayout&
       // MPI's own staging for the gradient buckets (data_parallel.h: Megatron's max(40M, 1M·DP) elements; dense and
       // expert ranges share buckets when they share a group): measured with OpenMPI 4.1 on the proxy config, a
       // reduce-scatter holds about the part it receives from the other ranks, an all-reduce half a shard.
-      const int64_t largest = std::min(DataParallelGrads::default_bucket_numel(lay.dp),
-                                       lay.ep == 1 ? dense + expert : std::max(dense, expert));
+      const int64_t bucket = DataParallelGrads::default_bucket_numel(lay.dp);
+      const int64_t largest = lay.ep == 1 ? std::min(bucket, dense + expert)
+                                          : std::max(std::min(bucket, dense), edp > 1 ? std::min(bucket, expert) : 0);
       m.optimizer_buffers += lay.dist_opt ? kF32 * largest * (lay.dp - 1) / lay.dp : kF32 * largest / (2 * lay.dp);
     }
 
@@ -265,7 +266,7 @@ namespace {
 std::string mib(int64_t bytes) {
   char b[32];
   const double v = static_cast<double>(bytes);
-  if (v >= 1024.0 * 1024 * 1024 * 10)
+  if (v >= 1024.0 * 1024 * 1024)
     std::snprintf(b, sizeof b, "%.1f GiB", v / (1024.0 * 1024 * 1024));
   else
     std::snprintf(b, sizeof b, "%.1f MiB", v / (1024.0 * 1024));
