@@ -211,6 +211,8 @@ BlockParams Model::block_params(int64_t i) {
     p.down_DF = param(M + "down_proj.weight");
   }
   p.bf16_weights = p.mla.bf16_weights = p.moe.bf16_weights = &bf16_weights_;
+  if (dims_[i].is_moe && static_cast<size_t>(i) < expert_bf16_.size() && !expert_bf16_[i].w_gu.empty())
+    p.moe.expert_bf16 = &expert_bf16_[i];
   return p;
 }
 
@@ -304,6 +306,10 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
   if (opt_.precision == Precision::kBF16 && bf16_stale_) {
     DSV3_PROFILE("fwd.bf16_weights");
     bf16_weights_.refresh();
+    expert_bf16_.resize(dims_.size());
+    for (size_t i = 0; i < dims_.size(); ++i)
+      if (dims_[i].is_moe && store_.contains(layer_prefix(static_cast<int64_t>(i)) + "mlp.gate.weight"))
+        refresh_expert_bf16(be(), dims_[i].moe, block_params(static_cast<int64_t>(i)).moe, expert_bf16_[i]);
     bf16_stale_ = false;
   }
   ForwardStats st;

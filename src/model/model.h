@@ -145,8 +145,10 @@ class Model {
   ParamStore store_;
   DeviceArray<float> params_, grads_;
   bool bf16_stale_ = true;  // the bf16 copies may be older than the parameters
-  Bf16Weights
-      bf16_weights_;  // bf16 mode: copies of the dense projections and the head, refreshed per forward
+  // bf16 mode: copies of the dense projections and the head, and per MoE layer of its local experts, refreshed by
+  // the first forward after the parameters changed (once per optimizer step).
+  Bf16Weights bf16_weights_;
+  std::vector<ExpertBf16> expert_bf16_;  // per layer (incl. MTP); empty for dense layers and other stages
   std::vector<BlockDims> dims_;  // per layer incl. MTP
 
   // activations of the last forward

@@ -85,10 +85,7 @@ int64_t moe_acts(const Shapes& s, bool ep) {
     b += mlp_acts(s, s.Fs) + mlp_scratch(s, s.Fs);
     if (s.tp) b += kF32 * T * D;  // shared_out_TD
   }
-  if (s.bf16) {
-    b += kBf16 * s.e_local * 3 * F * D;                     // w_gu_bf, w_down_bf
-    b += kBf16 * (R * D + R * F + R * D + 2 * R * F);       // x_bf, z_bf, dy_bf, dab_bf
-  }
+  if (s.bf16) b += kBf16 * (R * D + R * F + R * D + 2 * R * F);  // x_bf, z_bf, dy_bf, dab_bf
   return b;
 }
 // The router's and the permutation's host vectors (router.h RouterActs, DispatchState), per MoE layer; under EP
@@ -162,8 +159,9 @@ std::vector<StageMemory> plan_memory(const ModelConfig& cfg, const MemoryLayout&
     for (const auto& p : table.params()) {
       if (!p.tied_to.empty() || !store.contains(p.name)) continue;
       if (p.trainable) (p.is_expert ? expert : dense) += store.numel(p);
-      if (!p.is_expert &&
-          (p.role == ParamRole::kLinear || p.role == ParamRole::kOutputLinear || p.role == ParamRole::kHead))
+      // bf16 copies: the dense projections and the head (Bf16Weights), and the local experts (ExpertBf16)
+      if (p.is_expert ||
+          p.role == ParamRole::kLinear || p.role == ParamRole::kOutputLinear || p.role == ParamRole::kHead)
         copies += store.numel(p);
     }
     m.params = store.size();
