@@ -115,6 +115,9 @@ int model_info_main(int argc, char** argv) {
   app.add_option("--moe-expert-capacity-factor", run.capacity_factor, "Token dropping capacity factor");
   app.add_option("--moe-token-dispatcher-type", dispatcher, "EP dispatcher: allgather or alltoall")
       ->check(CLI::IsMember({"allgather", "alltoall"}));
+  std::string device = "cpu";
+  app.add_option("--device", device, "Plan a CPU rank's resident memory or a GPU's device memory")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -197,14 +200,15 @@ int model_info_main(int argc, char** argv) {
   run.precision = bf16 ? Precision::kBF16 : Precision::kF32;
   run.recompute = recompute == "full";
   run.alltoall = dispatcher == "alltoall";
+  run.cpu = device == "cpu";
   DSV3_CHECK(run.seq > 0 && run.micro_batch > 0, "model-info: --seq-length and --micro-batch-size must be > 0");
   if (global_batch > 0) {
     DSV3_CHECK(global_batch % (run.micro_batch * dp) == 0, "model-info: --global-batch-size (", global_batch,
                ") must be a multiple of --micro-batch-size x --data-parallel-size (", run.micro_batch * dp, ")");
     run.micro_batches = global_batch / (run.micro_batch * dp);
   }
-  std::printf("memory plan per rank (CPU; seq %lld, micro-batch %lld, %lld micro-batches per iteration%s%s):\n",
-              static_cast<long long>(run.seq), static_cast<long long>(run.micro_batch),
+  std::printf("memory plan per rank (%s; seq %lld, micro-batch %lld, %lld micro-batches per iteration%s%s):\n",
+              run.cpu ? "CPU" : "GPU", static_cast<long long>(run.seq), static_cast<long long>(run.micro_batch),
               static_cast<long long>(run.micro_batches), run.recompute ? ", full recompute" : "",
               run.capacity_factor > 0 ? ", token drop" : "");
   std::fputs(format_memory_plan(plan_memory(cfg, layout, run), kRuntimeEstimate + kRuntimeGrowth,

@@ -37,7 +37,7 @@ struct Shapes {
   int64_t T, D, H, K, Ekv, C, Lkv, Lq, dv;  // MLA (Ekv: kv_b rows per head)
   int64_t F;                                // dense FFN width
   int64_t Fe, Fs, E, k, e_local, rows;      // MoE: expert width, shared width, experts, top-k, local, routed rows
-  bool bf16, tp;
+  bool bf16, tp, gpu;
 };
 
 // A SwiGLU MLP's saved forward state (mlp.h MlpActs) and backward scratch (MlpScratch), width f.
@@ -75,6 +75,7 @@ int64_t mla_scratch(const Shapes& s, int64_t seq, int64_t rope_dim) {
 int64_t moe_acts(const Shapes& s, bool ep) {
   const int64_t T = s.T, D = s.D, R = s.rows, F = s.Fe, k = s.k;
   int64_t b = 0;
+  if (s.gpu) b += kF32 * 2 * T * s.E;                      // logits_TE, dlogits_TE: the router's GEMMs on the GPU
   if (!ep) b += kI32 * (2 * R + T * k) + kF32 * T * k;      // token_R, slot_R, row_TK, weight_TK
   b += kF32 * (R * D + R + R * D);                          // x_RD, prob_R, y_RD
   b += kF32 * (s.bf16 ? 2 * R * F : R * F) + kF32 * 2 * R * F;  // a_RF (bf16: fused gate|up), b_RF, z_RF
@@ -135,7 +136,7 @@ std::vector<StageMemory> plan_memory(const ModelConfig& cfg, const MemoryLayout&
   s.F = cfg.intermediate_size / lay.tp;
   s.Fe = cfg.moe_intermediate_size, s.Fs = cfg.n_shared_experts * cfg.moe_intermediate_size / lay.tp;
   s.E = cfg.n_routed_experts, s.k = cfg.num_experts_per_tok, s.e_local = s.E / lay.ep;
-  s.bf16 = bf16, s.tp = lay.tp > 1;
+  s.bf16 = bf16, s.tp = lay.tp > 1, s.gpu = !run.cpu;
   // Routed rows per MoE layer: T·k (dropless; with EP the average a rank receives); the capacity rule keeps at
   // most E·capacity of them.
   s.rows = T * s.k;
@@ -255,6 +256,12 @@ std::vector<StageMemory> plan_memory(const ModelConfig& cfg, const MemoryLayout&
     if (run.cpu && !bf16 && (moe_layers > 0 || mtp)) m.kernels = kGemmMaxKernels * (20 << 10);
     m.scratch = scratch;
     m.host = host;
+    if (!run.cpu) {
+      // The CUDA backend's own: the context (~500 MiB), cuBLASLt's 32 MiB workspace, the head's ~256 MiB fp32 logits
+      // chunk with its bf16 gradient (cuda_backend.cu), attention and norm scratch: about 1 GiB in all.
+      m.gpu = true;
+      m.device_extras = int64_t{1} << 30;
+    }
     out.push_back(m);
   }
   return out;
@@ -285,10 +292,13 @@ std::string format_memory_plan(const std::vector<StageMemory>& stages, int64_t r
                   mib(m.weights_grads).c_str(), mib(m.bf16_copies).c_str(),
                   mib(m.adam + m.optimizer_buffers).c_str(), mib(m.activations).c_str(),
                   static_cast<long long>(m.sets), mib(m.scratch).c_str(), mib(m.host + m.kernels).c_str(),
-                  mib(m.total() + runtime).c_str());
+                  mib(m.gpu ? m.device() : m.total() + runtime).c_str());
     out += line;
   }
-  out += "  peak includes the runtime: " + mib(runtime) + " (" + note + ")\n";
+  if (!stages.empty() && stages[0].gpu)
+    out += "  peak: GPU memory (weights, gradients, copies, Adam moments, activations, scratch, ~1 GiB of CUDA's own)\n";
+  else
+    out += "  peak includes the runtime: " + mib(runtime) + " (" + note + ")\n";
   return out;
 }
 

@@ -55,10 +55,14 @@ struct StageMemory {
   int64_t scratch = 0;      // backend-memory temporaries (shared by layers, or per MoE layer)
   int64_t host = 0;         // host-memory per-step buffers (router maps, cross-entropy chunk, batch)
   int64_t kernels = 0;      // CPU GEMM kernels: fp32 MoE experts JIT one per row count, up to a cap (gemm.h)
+  bool gpu = false;         // a GPU rank: the backend part and the Adam moments are device memory
+  int64_t device_extras = 0;  // GPU: CUDA context, cuBLASLt workspace, the head's logits chunk (an estimate)
   // What the backend allocates (its byte counter's peak): weights, grads, bf16 copies, activations, scratch.
   int64_t backend() const { return weights_grads + bf16_copies + activations * sets + scratch; }
   // Everything but the runtime: on the CPU, where the Adam moments and host buffers are host memory too.
   int64_t total() const { return backend() + adam + optimizer_buffers + host + kernels; }
+  // GPU: what the device holds (the backend's buffers, the Adam moments, the CUDA runtime's own).
+  int64_t device() const { return backend() + adam + device_extras; }
 };
 
 // The runtime's own resident memory on a CPU rank: what the process holds before the model is built (program,
