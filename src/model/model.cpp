@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 
 #include "core/error.h"
 #include "core/profile.h"
@@ -266,12 +267,39 @@ void Model::head_ce_backward(const float* h, const int32_t* labels, const float*
                                   cfg_.hidden_size, opt_.precision, vp_scratch_);
 }
 
-HeadLossResult Model::loss_sum(const float* loss_T, const int32_t* host_labels_T, int64_t t) {
+HeadLossResult Model::loss_sum(const float* loss_T, const int32_t* host_labels_T, int64_t t, int64_t* slot) {
   HeadLossResult r;
+  for (int64_t i = 0; i < t; ++i) r.n_valid += host_labels_T[i] != kIgnoreLabel;
+  if (deferred_slots_ > 0) {
+    DSV3_CHECK(deferred_used_ < deferred_slots_, "model: more deferred losses (", deferred_used_ + 1,
+               ") than slots (", deferred_slots_, ") before resolve_losses");
+    *slot = deferred_used_++;
+    be().sum(loss_T, t, deferred_.data() + *slot, false);
+    r.loss_sum = std::numeric_limits<double>::quiet_NaN();
+    return r;
+  }
   be().sum(loss_T, t, loss_sum_.as<double>(), false);
   be().copy_to_host(&r.loss_sum, loss_sum_.data(), sizeof(double));
-  for (int64_t i = 0; i < t; ++i) r.n_valid += host_labels_T[i] != kIgnoreLabel;
   return r;
+}
+
+void Model::defer_losses(int64_t slots) {
+  DSV3_CHECK(deferred_used_ == 0, "model: defer_losses with ", deferred_used_, " losses not yet resolved");
+  deferred_slots_ = slots;
+  if (slots > 0) grow(be(), deferred_, slots);  // sized once: a step allocates nothing
+}
+
+void Model::resolve_losses(std::vector<ForwardStats>& stats) {
+  if (deferred_used_ == 0) return;
+  std::vector<double> v(static_cast<size_t>(deferred_used_));
+  be().copy_to_host(v.data(), deferred_.data(), v.size() * sizeof(double));  // the step's one loss read
+  for (ForwardStats& st : stats) {
+    if (st.lm_slot >= 0) st.lm_loss_sum = v[static_cast<size_t>(st.lm_slot)], st.lm_slot = -1;
+    for (size_t k = 0; k < st.mtp_slots.size(); ++k)
+      if (st.mtp_slots[k] >= 0) st.mtp_loss_sum[k] = v[static_cast<size_t>(st.mtp_slots[k])];
+    st.mtp_slots.clear();
+  }
+  deferred_used_ = 0;
 }
 
 void Model::logits_to_host(const float* h, int64_t t, float* out) {
@@ -343,7 +371,7 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
   be().rmsnorm_forward(resid_[L].data(), D, param("model.norm.weight"), hf_TD_.data(), D, rstd_f_T_.data(), T,
                        D, static_cast<float>(cfg_.rms_norm_eps));
   head_ce_forward(hf_TD_.data(), labels_.data(), loss_T_.data(), lse_T_.data(), T);
-  const HeadLossResult r = loss_sum(loss_T_.data(), labels, T);
+  const HeadLossResult r = loss_sum(loss_T_.data(), labels, T, &st.lm_slot);
   st.lm_loss_sum = r.loss_sum, st.lm_tokens = r.n_valid;
   if (logits_out) logits_to_host(hf_TD_.data(), T, logits_out);
   DSV3_PROFILE_END(head);
@@ -377,8 +405,10 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
     be().rmsnorm_forward(dp.zout_TD.data(), D, param(P + "shared_head.norm.weight"), dp.h_TD.data(), D,
                          dp.rstd_o_T.data(), T, D, eps);
     head_ce_forward(dp.h_TD.data(), dp.labels.data(), dp.loss_T.data(), dp.lse_T.data(), T);
-    const HeadLossResult m = loss_sum(dp.loss_T.data(), dp.labels_host.data(), T);
+    int64_t slot = -1;
+    const HeadLossResult m = loss_sum(dp.loss_T.data(), dp.labels_host.data(), T, &slot);
     st.mtp_loss_sum.push_back(m.loss_sum);
+    st.mtp_slots.push_back(slot);
     st.mtp_tokens.push_back(m.n_valid);
     h_prev = dp.h_TD.data();
   }

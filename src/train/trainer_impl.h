@@ -75,7 +75,7 @@ class Trainer {
   // one iteration (train_step.cpp)
   IterStats train_step();
   IterStats micro_batches();
-  void pipeline_step(IterStats& it, bool& nan_here, double& nan_value, int64_t& nan_micro);
+  void pipeline_step(std::vector<ForwardStats>& stats);
   void fill_batch(const SampleDataset& ds, int64_t first, int64_t count);
   void backward_micro(int64_t m, int64_t lm_tokens, const std::vector<int64_t>& mtp_tokens,
                       const float* output_grad);
