@@ -57,6 +57,9 @@ class Backend {
   // Bytes allocated and not yet freed, and the most there ever were (what the memory plan, train/memory_plan.h,
   // predicts); -1 where the backend does not count.
   virtual int64_t bytes_in_use() const { return -1; }
+  // copy_to_host calls so far: each is a wait for the device on a GPU (tests count them around a step); -1 where
+  // the backend does not count.
+  virtual int64_t host_reads() const { return -1; }
   virtual int64_t peak_bytes() const { return -1; }
 
   // ---- elementwise helpers

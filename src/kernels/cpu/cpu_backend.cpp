@@ -45,7 +45,11 @@ class CpuBackend final : public Backend {
   int64_t bytes_in_use() const override { return in_use_.load(); }
   int64_t peak_bytes() const override { return peak_.load(); }
   void copy_to_device(void* dst, const void* src, size_t bytes) override { copy(dst, src, bytes); }
-  void copy_to_host(void* dst, const void* src, size_t bytes) override { copy(dst, src, bytes); }
+  void copy_to_host(void* dst, const void* src, size_t bytes) override {
+    ++host_reads_;
+    copy(dst, src, bytes);
+  }
+  int64_t host_reads() const override { return host_reads_.load(); }
   void copy(void* dst, const void* src, size_t bytes) override {
     if (bytes && dst != src) std::memmove(dst, src, bytes);
   }
@@ -169,7 +173,7 @@ class CpuBackend final : public Backend {
     return s;
   }
   static constexpr size_t kHeader = 64;
-  std::atomic<int64_t> allocations_{0}, in_use_{0}, peak_{0};
+  std::atomic<int64_t> allocations_{0}, in_use_{0}, peak_{0}, host_reads_{0};
 };
 
 }  // namespace
