@@ -128,13 +128,14 @@ class SingleComm final : public Comm {
 
 // The collective watchdog (Megatron's --distributed-timeout-minutes; NCCL's timeout there). The MPI calls stay the
 // blocking ones; around each the calling thread records what it waits in (op, communicator, how many collectives
-// it has entered there, since when). With a timeout > 0 and an MpiSession, a watchdog thread looks every 20 ms:
+// it has entered there, since when). With a timeout > 0 and an MpiSession, a watchdog thread looks every poll
+// period (a quarter of the answer grace: 62 ms for timeouts up to a second, 500 ms from 8 s):
 // when the training thread has waited longer than the timeout, it asks every rank what it is doing over a side
 // channel (a duplicate of the world communicator, answered by the other ranks' watchdog threads), then prints which
 // op, group and iteration, and which ranks did not arrive, and ends the job (MPI_Abort, exit status
 // kWatchdogExitCode). A stopped rank (SIGSTOP) cannot answer; a rank looping outside communication answers that it
-// is. The job ends within the timeout plus watchdog_grace_seconds() (and 20 ms) from the moment the first rank
-// started waiting. 0 (the default until the trainer sets it) starts no thread. Process-wide.
+// is. The job ends within the timeout plus watchdog_grace_seconds() (and one poll period) from the moment the first
+// rank started waiting. 0 (the default until the trainer sets it) starts no thread. Process-wide.
 constexpr int kWatchdogExitCode = 3;
 void set_collective_timeout(double seconds);
 double collective_timeout();
