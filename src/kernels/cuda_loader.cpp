@@ -83,6 +83,12 @@ const Plugin& plugin() {
   static std::once_flag once;
   std::call_once(once, [] {
     const char* kName = "libdsv3_cuda.so";
+    // A program linked against the plugin (the CUDA op tests) has it loaded already: use that copy, not a second
+    // one from another path with its own state.
+    if (auto f = reinterpret_cast<MakeFn>(dlsym(RTLD_DEFAULT, "dsv3_cuda_make_backend"))) {
+      p.make = f, p.path = "(linked into this program)";
+      return;
+    }
     std::vector<std::string> candidates;
     std::error_code ec;
     if (const char* env = std::getenv("DSV3_CUDA_LIBRARY"); env && *env) {
