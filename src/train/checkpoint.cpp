@@ -669,8 +669,29 @@ std::optional<TrainProgress> load_checkpoint(const std::string& dir, const LoadT
   DSV3_CHECK(fs::is_regular_file(config_path, ec), "checkpoint ", iter_dir, " is incomplete: ", config_path,
              " is missing");
   const ModelConfig saved_cfg = ModelConfig::from_json_file(config_path);
-  if (const std::string d = first_config_math_difference(saved_cfg, cfg); !d.empty())
+  // A padded vocabulary of another size is the same model when the rows that carry tokens are all kept.
+  const int64_t saved_vocab = saved_cfg.vocab_size;
+  const bool repad = t.real_vocab > 0 && saved_vocab != cfg.vocab_size;
+  ModelConfig compared = saved_cfg;
+  if (repad) {
+    DSV3_CHECK(std::min(saved_vocab, cfg.vocab_size) >= t.real_vocab, "checkpoint ", iter_dir, " has ",
+               saved_vocab, " vocabulary rows and this run ", cfg.vocab_size, ", but the tokenizer has ",
+               t.real_vocab, " tokens: rows that carry tokens would be dropped");
+    compared.vocab_size = cfg.vocab_size;
+    note += " with its vocabulary re-padded from " + std::to_string(saved_vocab) + " to " +
+            std::to_string(cfg.vocab_size) + " rows (Megatron pads to a multiple of --make-vocab-size-divisible-by" +
+            " x TP; the tokenizer's " + std::to_string(t.real_vocab) + " rows are kept; " +
+            (cfg.vocab_size > saved_vocab ? "the added padding rows start as a fresh model's)"
+                                          : "padding rows dropped)");
+  }
+  if (const std::string d = first_config_math_difference(compared, cfg); !d.empty())
     fail("checkpoint ", iter_dir, " is of a different model than this run: ", d, " (", config_path, ")");
+  // The embedding and output-layer tensors have one row per (padded) vocabulary entry.
+  auto saved_shape = [&](const ParamInfo& pi) {
+    std::vector<int64_t> s = pi.shape;
+    if (repad && (pi.role == ParamRole::kEmbedding || pi.role == ParamRole::kHead)) s[0] = saved_vocab;
+    return s;
+  };
 
   const json& tensors = st["tensors"];
   auto check_entry = [&](const std::string& name, const std::vector<int64_t>& shape) {
@@ -691,10 +712,10 @@ std::optional<TrainProgress> load_checkpoint(const std::string& dir, const LoadT
   };
   const bool has_optim = st.value("has_optimizer", false);
   for (const auto& pi : t.table->params()) {
-    check_entry(pi.name, pi.shape);
+    check_entry(pi.name, saved_shape(pi));
     if (has_optim && pi.trainable && pi.tied_to.empty()) {
-      check_entry("exp_avg." + pi.name, pi.shape);
-      check_entry("exp_avg_sq." + pi.name, pi.shape);
+      check_entry("exp_avg." + pi.name, saved_shape(pi));
+      check_entry("exp_avg_sq." + pi.name, saved_shape(pi));
     }
   }
   for (auto it = tensors.begin(); it != tensors.end(); ++it) {
@@ -759,9 +780,15 @@ std::optional<TrainProgress> load_checkpoint(const std::string& dir, const LoadT
       const auto& info = rd.info(name);
       const std::string base = name.substr(name.rfind("exp_avg", 0) == 0 ? name.find('.') + 1 : 0);
       const ParamInfo& pi = t.table->at(base);
-      DSV3_CHECK(info.dtype == StDtype::kF32 && info.shape == pi.shape, path, ": tensor ", name, " is ",
-                 st_dtype_name(info.dtype), " ", shape_str(info.shape), ", expected F32 ", shape_str(pi.shape));
-      rd.read_f32(name, dst, pi.numel);
+      const std::vector<int64_t> want = saved_shape(pi);
+      DSV3_CHECK(info.dtype == StDtype::kF32 && info.shape == want, path, ": tensor ", name, " is ",
+                 st_dtype_name(info.dtype), " ", shape_str(info.shape), ", expected F32 ", shape_str(want));
+      if (want == pi.shape) {
+        rd.read_f32(name, dst, pi.numel);
+      } else {  // re-padded vocabulary: the rows both sizes have; the others keep what dst holds
+        const std::vector<float> saved = rd.read_f32(name);
+        std::copy_n(saved.data(), std::min(want[0], pi.shape[0]) * pi.shape[1], dst);
+      }
     }
   }
 

@@ -100,6 +100,11 @@ struct LoadTargets {
   float* params;
   float* exp_avg;     // null: do not load optimizer state (Megatron's --no-load-optim / --finetune)
   float* exp_avg_sq;  // null together with exp_avg
+  // The vocabulary rows that carry tokens (the tokenizer's size; 0: unknown). When > 0, a checkpoint whose padded
+  // vocabulary differs (Megatron pads to a multiple of --make-vocab-size-divisible-by × TP, so a layout change can
+  // change it) loads with its embedding and output rows cut or extended: rows this run adds keep their current
+  // values (a fresh model's) and zero moments; only padding rows (>= real_vocab) may be dropped.
+  int64_t real_vocab = 0;
 };
 
 // Reads DIR/latest_checkpointed_iteration.txt. When it is missing: nullopt, and *message (if given) is

@@ -213,6 +213,7 @@ void Trainer::load() {
   RankInfo r;
   r.rank = pg_.rank, r.world = pg_.world;
   if (tp && optim) lt.exp_avg = wm.data(), lt.exp_avg_sq = wv.data();
+  lt.real_vocab = c_.tokenizer_size;
   auto p = load_checkpoint(*c_.load, lt, c_.model, r, nullptr, &msg);
   if (pg_.is_first_rank()) world_.barrier();
   if (!msg.empty()) print_line(msg);

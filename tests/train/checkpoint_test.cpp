@@ -132,6 +132,72 @@ TEST(Checkpoint, RoundTripIsBitIdentical) {
   EXPECT_EQ(msg, "");  // the caller prints Megatron's success line
 }
 
+// Megatron pads the vocabulary to a multiple of --make-vocab-size-divisible-by × TP, so a checkpoint can move to a
+// layout whose padded size differs. Knowing the tokenizer's size, the load keeps every row both sizes have, leaves
+// added rows as this run's model made them (and their moments zero), drops only padding rows, and says so; not
+// knowing it, it refuses as before.
+TEST(Checkpoint, VocabularyIsRepaddedOnLoad) {
+  const ModelConfig small = tiny_config();  // vocab 128
+  ModelConfig big = small;
+  big.vocab_size = 192;
+  const int64_t tokens = 100, D = small.hidden_size;
+  const auto dir = testing::scratch_dir();
+  State saved(small, 3);
+  save_checkpoint(dir.string(), progress(5), saved.tensors(), kArgs, small, {});
+
+  State grown(big, 4);
+  const State fresh(big, 4);
+  std::fill(grown.m.begin(), grown.m.end(), 0.f), std::fill(grown.v.begin(), grown.v.end(), 0.f);
+  LoadTargets t = grown.targets();
+  t.real_vocab = tokens;
+  std::string msg;
+  ASSERT_TRUE(load_checkpoint(dir.string(), t, big, {}, nullptr, &msg));
+  EXPECT_NE(msg.find("re-padded from 128 to 192 rows"), std::string::npos) << msg;
+  for (const char* name : {"model.embed_tokens.weight", "lm_head.weight"}) {
+    SCOPED_TRACE(name);
+    const int64_t off_big = grown.model.store().offset(name), off_small = saved.model.store().offset(name);
+    const float* got = grown.model.params().data() + off_big;
+    EXPECT_EQ(std::memcmp(got, saved.model_params() + off_small, 128 * D * 4), 0) << "the saved rows";
+    EXPECT_EQ(std::memcmp(got + 128 * D, fresh.model_params() + off_big + 128 * D, 64 * D * 4), 0)
+        << "the added rows are this run's own";
+    EXPECT_EQ(std::memcmp(grown.m.data() + off_big, saved.m.data() + off_small, 128 * D * 4), 0);
+    for (int64_t i = 128 * D; i < 192 * D; ++i) ASSERT_EQ(grown.m[off_big + i], 0.f);
+  }
+  // Every other tensor loads as usual.
+  const int64_t o = grown.model.store().offset("model.norm.weight");
+  EXPECT_EQ(std::memcmp(grown.model.params().data() + o, saved.model_params() + saved.model.store().offset("model.norm.weight"),
+                        D * 4), 0);
+
+  // Back to 128 rows: rows 128..191 are padding (the tokenizer has 100) and are dropped.
+  const auto dir2 = dir / "grown";
+  save_checkpoint(dir2.string(), progress(6), grown.tensors(), kArgs, big, {});
+  State shrunk(small, 5);
+  LoadTargets t2 = shrunk.targets();
+  t2.real_vocab = tokens;
+  ASSERT_TRUE(load_checkpoint(dir2.string(), t2, small, {}, nullptr, &msg));
+  EXPECT_NE(msg.find("padding rows dropped"), std::string::npos) << msg;
+  const int64_t e = shrunk.model.store().offset("model.embed_tokens.weight");
+  EXPECT_EQ(std::memcmp(shrunk.model.params().data() + e, saved.model_params() + saved.model.store().offset("model.embed_tokens.weight"),
+                        128 * D * 4), 0);
+
+  // Rows that carry tokens are never dropped, and without the tokenizer's size the sizes must match.
+  t2.real_vocab = 150;
+  try {
+    load_checkpoint(dir2.string(), t2, small, {});
+    ADD_FAILURE() << "dropping rows that carry tokens was accepted";
+  } catch (const Error& ex) {
+    EXPECT_NE(std::string(ex.what()).find("rows that carry tokens would be dropped"), std::string::npos) << ex.what();
+  }
+  t2.real_vocab = 0;
+  try {
+    load_checkpoint(dir2.string(), t2, small, {});
+    ADD_FAILURE() << "a different vocabulary loaded without the tokenizer's size";
+  } catch (const Error& ex) {
+    EXPECT_NE(std::string(ex.what()).find("vocab_size: 192 in the checkpoint, 128 in this run"), std::string::npos)
+        << ex.what();
+  }
+}
+
 TEST(Checkpoint, FilesHoldHfNamesCopiesAndSliceMetadata) {
   const auto dir = testing::scratch_dir();
   const ModelConfig cfg = tiny_config();
