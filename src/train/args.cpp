@@ -103,6 +103,7 @@ const Spec kSpecs[] = {
     {"--tensor-model-parallel-size", Kind::kInt, "1"},
     {"--pipeline-model-parallel-size", Kind::kInt, "1"},
     {"--expert-model-parallel-size", Kind::kInt, "1"},
+    {"--expert-tensor-parallel-size", Kind::kInt, nullptr},
     {"--context-parallel-size", Kind::kInt, "1"},
     {"--decoder-first-pipeline-num-layers", Kind::kInt, nullptr},
     {"--decoder-last-pipeline-num-layers", Kind::kInt, nullptr},

@@ -89,6 +89,14 @@ void read_layout(const TrainArgs& a, int world_size, TrainConfig& c) {
         " parallelism is not implemented "
         "yet in dsv3's distributed runtime; data, expert and pipeline parallelism are (start the ranks with "
         "mpirun and leave the other parallel sizes at 1)");
+  // Routed experts are replicated over the TP ranks (expert tensor parallelism 1, what DeepSeek-V3's recipes set);
+  // Megatron's default (ETP = TP) splits each expert's FFN instead: the same numbers, another memory layout,
+  // which dsv3 does not have yet.
+  if (a.given("expert_tensor_parallel_size"))
+    DSV3_CHECK(a.i("expert_tensor_parallel_size") == 1, "--expert-tensor-parallel-size ",
+               a.i("expert_tensor_parallel_size"),
+               ": expert tensor parallelism is not implemented yet in dsv3; routed experts are replicated over "
+               "the tensor-parallel ranks (--expert-tensor-parallel-size 1, as DeepSeek-V3's recipes set)");
   if (c.parallel.tp > 1) read_tensor_parallel(a, c);
 }
 

@@ -93,6 +93,8 @@ TEST(TrainConfig, RefusesAtStartUp) {
       {{"--tensor-model-parallel-size", "2"}, "impossible distributed layout"},
       {{"--seq-length", "100000"}, "exceeds max_position_embeddings"},
       {{"--attention-dropout", "0.1"}, "--attention-dropout 0.1 is not supported"},
+      {{"--expert-tensor-parallel-size", "2"},
+       "--expert-tensor-parallel-size 2: expert tensor parallelism is not implemented yet"},
   };
   for (const auto& [flags, needle] : cases)
     EXPECT_NE(error_of(flags).find(needle), std::string::npos) << needle << ": " << error_of(flags);
@@ -108,6 +110,8 @@ TEST(TrainConfig, RefusesAtStartUp) {
                 .find("the number of attention heads (4) must be divisible by the tensor model parallel size"),
             std::string::npos)
       << error_of({"--tensor-model-parallel-size", "3"}, 3);
+  // Experts replicated over TP is what dsv3 computes: --expert-tensor-parallel-size 1 is accepted.
+  EXPECT_EQ(error_of({"--tensor-model-parallel-size", "2", "--expert-tensor-parallel-size", "1"}, 2), "no error");
   // Required flags.
   auto a = TrainArgs::parse({"--seq-length", "32", "--train-iters", "1", "--data-path", "x"});
   try {
