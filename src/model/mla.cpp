@@ -105,7 +105,6 @@ void mla_forward(Backend& be, const MlaDims& d, const MlaParams& p, const float*
   DSV3_PROFILE("fwd.attn.o_proj");
   const void* oo = linear_operand(be, o, T * H * d.dv, prec, a.o_bf);
   linear_forward_op(be, oo, W(p.o_proj_w, d.D * H * d.dv), y, T, H * d.dv, d.D, prec);
-  d.tp.reduce_from_forward(y, T * d.D);
 }
 
 void mla_backward(Backend& be, const MlaDims& d, const MlaParams& p, const MlaActs& a, const float* dy,
@@ -190,7 +189,6 @@ void mla_backward(Backend& be, const MlaDims& d, const MlaParams& p, const MlaAc
     linear_backward_weight_op(be, dqo, xo, g.q_proj_w, T, d.D, H * K, prec);
     linear_backward_input_op(be, dqo, W(p.q_proj_w, H * K * d.D), dx, T, d.D, H * K, prec, 1.f);
   }
-  d.tp.copy_to_backward(dx, T * d.D);
 }
 
 }  // namespace dsv3

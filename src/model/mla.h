@@ -16,7 +16,6 @@
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/linear.h"
 #include "kernels/cpu/rope.h"
-#include "parallel/tensor_parallel.h"
 
 namespace dsv3 {
 
@@ -29,9 +28,9 @@ struct MlaDims {
   float softmax_scale = 0.f;  // qk_head_dim^-0.5 · mscale(factor, mscale_all_dim)²
   RopeFreqs rope;             // inv_freq [dr/2] (YaRN-adjusted) and cos/sin amplitude, from rope_inv_freq
   // Tensor parallelism: H is then this rank's heads (q_b/q_proj and kv_b hold their rows, o_proj their
-  // columns); o_proj's partial output is reduced over TP, and the input gradient (partial: the latents reach
-  // only these heads) too, as is the gradient of the replicated latent path (ParamInfo::tp_grad_sum).
-  TensorParallel tp;
+  // columns). y and dx are then partial sums over the TP ranks (the latents reach only these heads): the caller
+  // (the decoder block) reduces them at the edges of its TP region, all-reduced or, with sequence parallelism,
+  // reduce-scattered; the replicated latent path's gradient is summed by the trainer (ParamInfo::tp_grad_sum).
   int64_t qk_dim() const { return dn + dr; }
   int64_t kv_b_dim() const { return dn + dv; }
   int64_t kv_a_dim() const { return kv_lora + dr; }

@@ -156,8 +156,9 @@ void Trainer::pipeline_step(IterStats& it, bool& nan_here, double& nan_value, in
     model_->swap_activations(slot.acts);
     return model_->stage_input_grad();
   };
-  run_1f1b((*comms_)[Group::kPp], c_.num_micro_batches, mbs * c_.seq_length * c_.model.hidden_size, steps,
-           pipeline_buffers_);
+  // With sequence parallelism a stage's output is its TP rank's shard of the sequence (Model::stage_output).
+  const int64_t tokens = model_->options().tp.local_tokens(mbs * c_.seq_length);
+  run_1f1b((*comms_)[Group::kPp], c_.num_micro_batches, tokens * c_.model.hidden_size, steps, pipeline_buffers_);
 }
 
 // An error inside the step names the rank and iteration (unless it already does), the micro-batch it was in and a
@@ -242,13 +243,17 @@ IterStats Trainer::micro_batches() {
 
 // Tensor parallelism: the replicated parameters fed by partial gradients (MLA's latent path,
 // ParamInfo::tp_grad_sum) get their gradient summed over TP, once per step (the sum is linear in the
-// micro-batches), before the data-parallel reduction.
+// micro-batches), before the data-parallel reduction. With sequence parallelism every replicated trainable
+// parameter is fed by partial gradients: the norms, the router, the routed experts and MTP's eh_proj see only
+// this rank's positions (Megatron all-reduces the sequence-parallel parameters' gradients over TP likewise).
 void Trainer::tp_grad_sum() {
   if (pg_.tp == 1) return;
   Comm& tp = (*comms_)[Group::kTp];
   const auto& store = model_->store();
+  const bool sp = model_->options().tp.sp();
   for (const auto& p : model_->table().params())
-    if (p.tp_grad_sum && p.tied_to.empty() && store.contains(p.name))
+    if ((p.tp_grad_sum || (sp && p.trainable && p.tp_split == TpSplit::kReplicated)) && p.tied_to.empty() &&
+        store.contains(p.name))
       tp.allreduce(model_->grad(p.name), store.numel(p));
 }
 
@@ -284,7 +289,8 @@ void Trainer::reduce_stats(IterStats& s) {
     s.lm_tokens = n[0], s.moe_layers = n[1];
     std::copy(n.begin() + 2, n.end(), s.mtp_tokens.begin());
   }
-  // Without sequence parallelism every TP rank routes the same tokens: their counts are summed over DP only.
+  // Every TP rank routes the same tokens (with sequence parallelism too: the router decides on the whole
+  // micro-batch, moe.h), so their counts are summed over DP only.
   Comm& cnt = (*comms_)[pg_.tp > 1 ? Group::kDpCp : Group::kTpDpCp];
   if (cnt.size() > 1 && !s.counts.empty()) {
     std::vector<int64_t> flat;

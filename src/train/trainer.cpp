@@ -84,7 +84,7 @@ void Trainer::setup() {
   comms_ = std::make_unique<GroupComms>(pg_, world_);
   ModelOptions mo = c_.model_options;
   if (pg_.ep > 1) mo.ep.comm = &(*comms_)[Group::kEp];
-  mo.tp = {pg_.tp, pg_.tp_rank, &(*comms_)[Group::kTp]};
+  mo.tp = {pg_.tp, pg_.tp_rank, &(*comms_)[Group::kTp], c_.model_options.tp.sequence_parallel};
   mo.stage = c_.stages[pg_.pp_rank];
   if (c_.shared_embedding) {
     // MTP on the last of several stages embeds tokens too: that stage keeps a copy of the embedding whose
