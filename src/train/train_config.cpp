@@ -226,8 +226,8 @@ TrainConfig TrainConfig::from_args(TrainArgs args, int world_size) {
   read_device(args, world_size, c);
   auto no_effect = args.no_effect();
   if (args.b("sequence_parallel") && c.parallel.tp == 1)
-    no_effect.emplace_back("--sequence-parallel", "with --tensor-model-parallel-size 1 there is no TP group to "
-                           "shard the sequence over (Megatron turns it off too)");
+    no_effect.emplace_back("--sequence-parallel", "tensor model parallel size 1: no TP group to shard the "
+                           "sequence over; Megatron turns it off too");
   c.no_effect_line = format_no_effect_line(no_effect);
   c.args = std::move(args);
   return c;
