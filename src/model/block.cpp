@@ -38,8 +38,8 @@ void block_forward(Backend& be, const BlockDims& d, const BlockParams& p, const 
   const int64_t T = B * S, Tl = d.tp.local_tokens(T), D = d.D;
   a.x_TD = x;
   a.B = B, a.S = S;
-  grow(be, a.xn1_TD, Tl * D), grow(be, a.rstd1_T, Tl), grow(be, a.h_mid_TD, Tl * D), grow(be, a.xn2_TD, Tl * D),
-      grow(be, a.rstd2_T, Tl);
+  grow(be, a.xn1_TD, Tl * D), grow(be, a.rstd1_T, Tl), grow(be, a.h_mid_TD, Tl * D),
+      grow(be, a.xn2_TD, Tl * D), grow(be, a.rstd2_T, Tl);
   grow(be, a.tmp_TD, Tl * D);
   // The regions' partial outputs: in place in tmp without SP, whole-sequence scratch with it.
   float* y = d.tp.sp() ? grow(be, s.full_TD, T * D) : a.tmp_TD.data();

@@ -50,7 +50,8 @@ struct Model::Depth {
   std::vector<int32_t> ids_host, labels_host;
   DeviceArray<int32_t> ids, labels;
   // [Tl, ·] (this rank's tokens under sequence parallelism) but the head's: h_full_TD (SP: h gathered), loss, lse.
-  DeviceArray<float> e_TD, rstd_e_T, rstd_h_T, cat_T2D, z_TD, zout_TD, h_TD, rstd_o_T, loss_T, lse_T, h_full_TD;
+  DeviceArray<float> e_TD, rstd_e_T, rstd_h_T, cat_T2D, z_TD, zout_TD, h_TD, rstd_o_T, loss_T, lse_T,
+      h_full_TD;
   BlockActs acts;
 };
 
@@ -236,8 +237,9 @@ void Model::embed(const int32_t* ids, float* out, int64_t t) {
   const float* table = param("model.embed_tokens.weight");
   if (!opt_.tp.on()) return be().embedding_forward(ids, table, out, t, cfg_.vocab_size, cfg_.hidden_size);
   if (opt_.tp.sp())
-    return vocab_parallel_embedding_forward_sp(opt_.tp, vocab_, ids, table, grow(be(), full_TD_, t * cfg_.hidden_size),
-                                               out, B_, S_, cfg_.hidden_size);
+    return vocab_parallel_embedding_forward_sp(opt_.tp, vocab_, ids, table,
+                                               grow(be(), full_TD_, t * cfg_.hidden_size), out, B_, S_,
+                                               cfg_.hidden_size);
   vocab_parallel_embedding_forward(opt_.tp, vocab_, ids, table, out, t, cfg_.hidden_size);
 }
 
@@ -245,8 +247,9 @@ void Model::embed_backward(const float* dout, const int32_t* ids, int64_t t) {
   float* dtable = grad("model.embed_tokens.weight");
   if (!opt_.tp.on()) return be().embedding_backward(dout, ids, dtable, t, cfg_.vocab_size, cfg_.hidden_size);
   if (opt_.tp.sp())
-    return vocab_parallel_embedding_backward_sp(opt_.tp, vocab_, dout, ids, grow(be(), full_TD_, t * cfg_.hidden_size),
-                                                dtable, B_, S_, cfg_.hidden_size);
+    return vocab_parallel_embedding_backward_sp(opt_.tp, vocab_, dout, ids,
+                                                grow(be(), full_TD_, t * cfg_.hidden_size), dtable, B_, S_,
+                                                cfg_.hidden_size);
   vocab_parallel_embedding_backward(vocab_, dout, ids, dtable, t, cfg_.hidden_size);
 }
 
@@ -355,8 +358,8 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
   if (!opt_.stage.post_process) return st;
   grow(be(), hf_TD_, Tl * D), grow(be(), rstd_f_T_, Tl), grow(be(), loss_T_, T), grow(be(), lse_T_, T);
   DSV3_PROFILE_BEGIN(head, "fwd.head_ce");
-  be().rmsnorm_forward(resid_[L].data(), D, param("model.norm.weight"), hf_TD_.data(), D, rstd_f_T_.data(), Tl,
-                       D, static_cast<float>(cfg_.rms_norm_eps));
+  be().rmsnorm_forward(resid_[L].data(), D, param("model.norm.weight"), hf_TD_.data(), D, rstd_f_T_.data(),
+                       Tl, D, static_cast<float>(cfg_.rms_norm_eps));
   const float* head_in = gather_for_head(hf_TD_, hf_full_TD_);
   head_ce_forward(head_in, labels_.data(), loss_T_.data(), lse_T_.data(), T);
   const HeadLossResult r = loss_sum(loss_T_.data(), labels, T);
@@ -376,7 +379,8 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
     grow(be(), dp.ids, T), grow(be(), dp.labels, T);
     dp.ids.copy_from_host(dp.ids_host.data(), T), dp.labels.copy_from_host(dp.labels_host.data(), T);
     Backend& b = be();
-    grow(b, dp.e_TD, Tl * D), grow(b, dp.rstd_e_T, Tl), grow(b, dp.rstd_h_T, Tl), grow(b, dp.cat_T2D, 2 * Tl * D);
+    grow(b, dp.e_TD, Tl * D), grow(b, dp.rstd_e_T, Tl), grow(b, dp.rstd_h_T, Tl),
+        grow(b, dp.cat_T2D, 2 * Tl * D);
     grow(b, dp.z_TD, Tl * D), grow(b, dp.zout_TD, Tl * D), grow(b, dp.h_TD, Tl * D), grow(b, dp.rstd_o_T, Tl);
     grow(b, dp.loss_T, T), grow(b, dp.lse_T, T);
     const float eps = static_cast<float>(cfg_.rms_norm_eps);
@@ -394,8 +398,8 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
     collect_moe(dims_[layer], dp.acts);
     be().rmsnorm_forward(dp.zout_TD.data(), D, param(P + "shared_head.norm.weight"), dp.h_TD.data(), D,
                          dp.rstd_o_T.data(), Tl, D, eps);
-    head_ce_forward(gather_for_head(dp.h_TD, dp.h_full_TD), dp.labels.data(), dp.loss_T.data(), dp.lse_T.data(),
-                    T);
+    head_ce_forward(gather_for_head(dp.h_TD, dp.h_full_TD), dp.labels.data(), dp.loss_T.data(),
+                    dp.lse_T.data(), T);
     const HeadLossResult m = loss_sum(dp.loss_T.data(), dp.labels_host.data(), T);
     st.mtp_loss_sum.push_back(m.loss_sum);
     st.mtp_tokens.push_back(m.n_valid);

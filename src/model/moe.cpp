@@ -178,8 +178,8 @@ void dispatch(Backend& be, const MoeConfig& c, const float* x, MoeActs& a) {
   if (c.ep.size() > 1) {
     // With pad-to-capacity the router's counts are the padded ones; the dispatcher decides what padding it needs
     // (under SP this rank's pairs are a subset of the counted ones: the rest of each block is padding).
-    const Routing routing{lr.idx_TK, lr.kept_TK, lr.weight_TK,
-                          c.router.pad_to_capacity ? r.tokens_per_expert_E.data() : nullptr, t, k, e};
+    const int64_t* padded = c.router.pad_to_capacity ? r.tokens_per_expert_E.data() : nullptr;
+    const Routing routing{lr.idx_TK, lr.kept_TK, lr.weight_TK, padded, t, k, e};
     return ep_dispatch(c.ep, routing, x, d, a.dispatch, a.x_RD, a.prob_R);
   }
   // One rank holds every expert: padding rows would only be zeros, so they are not made.
@@ -305,11 +305,13 @@ void moe_backward(Backend& be, const MoeConfig& c, const MoeParams& p, MoeActs& 
       float* dfull = grow(be, a.dshared_out_TD, T * d);
       c.tp.sp_all_gather(dout, dfull, a.batch, sl, d);
       float* dxfull = grow(be, a.dshared_in_TD, T * d);
-      mlp_backward(be, mp, a.shared, dfull, d, c.shared_ffn(), dxfull, 0.f, mg, a.shared_scratch, c.precision);
+      mlp_backward(be, mp, a.shared, dfull, d, c.shared_ffn(), dxfull, 0.f, mg, a.shared_scratch,
+                   c.precision);
       c.tp.sp_reduce_scatter(dxfull, dx, a.batch, sl, d);
     } else {
       mlp_backward(be, mp, a.shared, dout, d, c.shared_ffn(), dx, beta, mg, a.shared_scratch, c.precision);
-      c.tp.copy_to_backward(dx, t * d);  // the shared expert's part only: the routed part is whole on every rank
+      // The shared expert's part only: the routed part is whole on every rank.
+      c.tp.copy_to_backward(dx, t * d);
     }
     dx_beta = 1.f;
   }

@@ -95,7 +95,7 @@ struct MoeGrads {
 struct MoeActs {
   const float* x_TD = nullptr;  // the layer input (not owned; must stay alive until backward)
   int64_t t = 0, batch = 0;
-  RouterActs router;                       // host memory (with SP: the whole micro-batch's T = t·TP tokens)
+  RouterActs router;  // host memory (with SP: the whole micro-batch's T = t·TP tokens)
   // SP (host memory): this rank's logits, its rows of the routing, the gathered gate-weight gradient and this
   // rank's rows of the logits' gradient.
   std::vector<float> logits_local_TE, weight_local_TK, dweight_full_TK, dlogits_local_TE;

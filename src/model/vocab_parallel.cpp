@@ -46,8 +46,8 @@ void vocab_parallel_embedding_forward_sp(const TensorParallel& tp, const VocabSh
 }
 
 void vocab_parallel_embedding_backward_sp(const TensorParallel& tp, const VocabShard& v, const float* dout,
-                                          const int32_t* ids, float* full, float* dtable, int64_t b, int64_t s,
-                                          int64_t d) {
+                                          const int32_t* ids, float* full, float* dtable, int64_t b,
+                                          int64_t s, int64_t d) {
   tp.sp_all_gather(dout, full, b, s / tp.size, d);
   embedding_backward_shard(full, ids, dtable, b * s, v.vocab, v.v0, v.rows, d);
 }

@@ -37,9 +37,9 @@ void vocab_parallel_embedding_backward(const VocabShard& v, const float* dout_TD
 void vocab_parallel_embedding_forward_sp(const TensorParallel& tp, const VocabShard& v, const int32_t* ids_T,
                                          const float* table_VrD, float* full_TD, float* out_TlD, int64_t b,
                                          int64_t s, int64_t d);
-void vocab_parallel_embedding_backward_sp(const TensorParallel& tp, const VocabShard& v, const float* dout_TlD,
-                                          const int32_t* ids_T, float* full_TD, float* dtable_VrD, int64_t b,
-                                          int64_t s, int64_t d);
+void vocab_parallel_embedding_backward_sp(const TensorParallel& tp, const VocabShard& v,
+                                          const float* dout_TlD, const int32_t* ids_T, float* full_TD,
+                                          float* dtable_VrD, int64_t b, int64_t s, int64_t d);
 
 // loss_T and lse_T (for the backward) assigned; both the same on every TP rank.
 void vocab_parallel_head_ce_forward(Backend& be, const TensorParallel& tp, const VocabShard& v,

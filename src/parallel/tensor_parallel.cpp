@@ -31,7 +31,8 @@ void TensorParallel::sum(float* x, int64_t n) const {
 
 // The collectives concatenate blocks rank by rank; a sequence's positions are rank-major only within it, so the
 // blocks are unpacked (gather) or packed (reduce-scatter) per sequence. One sequence needs no copy.
-void TensorParallel::sp_all_gather(const float* local, float* full, int64_t b, int64_t s_local, int64_t w) const {
+void TensorParallel::sp_all_gather(const float* local, float* full, int64_t b, int64_t s_local,
+                                   int64_t w) const {
   const int64_t n = b * s_local * w, blk = s_local * w;
   if (!sp()) {
     std::memcpy(full, local, n * sizeof(float));

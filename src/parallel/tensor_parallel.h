@@ -22,8 +22,9 @@ class Comm;
 
 struct TensorParallel {
   int size = 1, rank = 0;
-  Comm* comm = nullptr;            // the TP group (needed when size > 1)
-  bool sequence_parallel = false;  // --sequence-parallel; only acts with size > 1 (Megatron ignores it at TP 1)
+  Comm* comm = nullptr;  // the TP group (needed when size > 1)
+  bool sequence_parallel =
+      false;  // --sequence-parallel; only acts with size > 1 (Megatron ignores it at TP 1)
   bool on() const { return size > 1; }
   bool sp() const { return sequence_parallel && size > 1; }
   // Tokens this rank holds outside the TP regions, of t = B·S.
@@ -48,7 +49,8 @@ struct TensorParallel {
   template <typename T>
   void sp_slice(const T* full, T* local, int64_t b, int64_t s_local, int64_t w) const {
     const int64_t s = s_local * size, n = s_local * w;
-    for (int64_t i = 0; i < b; ++i) std::memcpy(local + i * n, full + (i * s + rank * s_local) * w, n * sizeof(T));
+    for (int64_t i = 0; i < b; ++i)
+      std::memcpy(local + i * n, full + (i * s + rank * s_local) * w, n * sizeof(T));
   }
 
   // Scratch of the SP collectives, [TP, b, s_local, w]: their rank-major order (public: the struct stays an

@@ -158,7 +158,8 @@ void Trainer::pipeline_step(IterStats& it, bool& nan_here, double& nan_value, in
   };
   // With sequence parallelism a stage's output is its TP rank's shard of the sequence (Model::stage_output).
   const int64_t tokens = model_->options().tp.local_tokens(mbs * c_.seq_length);
-  run_1f1b((*comms_)[Group::kPp], c_.num_micro_batches, tokens * c_.model.hidden_size, steps, pipeline_buffers_);
+  run_1f1b((*comms_)[Group::kPp], c_.num_micro_batches, tokens * c_.model.hidden_size, steps,
+           pipeline_buffers_);
 }
 
 // An error inside the step names the rank and iteration (unless it already does), the micro-batch it was in and a

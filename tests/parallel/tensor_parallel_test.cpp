@@ -60,10 +60,10 @@ TEST_F(TensorParallel, Tp2SequenceParallelWithRecomputeAndTokenDropReproducesSin
 // with padded token dropping each rank's pairs fill part of the whole micro-batch's capacity blocks.
 TEST_F(TensorParallel, Tp2SequenceParallelxEp2ReproducesSingleProcess) {
   const std::string ep2 = kTp2Sp + " --expert-model-parallel-size 2";
-  expect_parity("tp2_sp_ep2_a2a", 4, 2, 4, 3, ep2 + " --moe-token-dispatcher-type alltoall", "", "single_mbs2",
-                kTpWeightsTol);
-  expect_parity("tp2_sp_ep2_ag", 4, 2, 4, 3, ep2 + " --moe-token-dispatcher-type allgather", "", "single_mbs2",
-                kTpWeightsTol);
+  expect_parity("tp2_sp_ep2_a2a", 4, 2, 4, 3, ep2 + " --moe-token-dispatcher-type alltoall", "",
+                "single_mbs2", kTpWeightsTol);
+  expect_parity("tp2_sp_ep2_ag", 4, 2, 4, 3, ep2 + " --moe-token-dispatcher-type allgather", "",
+                "single_mbs2", kTpWeightsTol);
   expect_parity("tp2_sp_ep2_pad", 4, 2, 4, 3, ep2,
                 "--moe-expert-capacity-factor 1.0 --moe-pad-expert-input-to-capacity "
                 "--moe-token-dispatcher-type alltoall",

@@ -105,10 +105,11 @@ TEST(TrainConfig, RefusesAtStartUp) {
   EXPECT_EQ(error_of({"--tensor-model-parallel-size", "2", "--sequence-parallel"}, 2), "no error");
   EXPECT_TRUE(config_of({"--tensor-model-parallel-size", "2", "--sequence-parallel"}, 2)
                   .model_options.tp.sequence_parallel);
-  EXPECT_NE(error_of({"--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "31"}, 2)
-                .find("--seq-length 31 must be divisible by the tensor model parallel size (rule: seq_length % TP "
-                      "== 0"),
-            std::string::npos)
+  EXPECT_NE(
+      error_of({"--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "31"}, 2)
+          .find("--seq-length 31 must be divisible by the tensor model parallel size (rule: seq_length % TP "
+                "== 0"),
+      std::string::npos)
       << error_of({"--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "31"}, 2);
   const TrainConfig tp1 = config_of({"--sequence-parallel"});
   EXPECT_FALSE(tp1.model_options.tp.sequence_parallel);
