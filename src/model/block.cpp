@@ -47,8 +47,8 @@ void block_forward(Backend& be, const BlockDims& d, const BlockParams& p, const 
     DSV3_PROFILE("fwd.norm");
     be.rmsnorm_forward(x, D, p.input_norm_w, a.xn1_TD.data(), D, a.rstd1_T.data(), Tl, D, d.norm_eps);
   }
-  const float* attn_in = enter(d, a.xn1_TD.data(), a.xn1_full_TD, be, B, S);
-  mla_forward(be, d.mla, p.mla, attn_in, B, S, y, a.mla, prec, s.mla);
+  // MLA takes this rank's positions and gathers its latents itself (mla.h), so its region is entered there.
+  mla_forward(be, d.mla, p.mla, a.xn1_TD.data(), B, S, y, a.mla, prec, s.mla);
   leave(d, y, a.tmp_TD.data(), B, S);
   {
     DSV3_PROFILE("fwd.norm");
@@ -95,8 +95,12 @@ void block_backward(Backend& be, const BlockDims& d, const BlockParams& p, Block
                         g.post_norm_w, Tl, D, 1.f);
   }
   const float* dattn = leave_backward(d, dh_mid, s.dfull_TD, be, B, S);
-  mla_backward(be, d.mla, p.mla, a.mla, dattn, dy, g.mla, prec, s.mla);
-  enter_backward(d, dy, dxn, B, S);
+  if (d.tp.sp()) {  // MLA's input gradient comes back whole for this rank's positions
+    mla_backward(be, d.mla, p.mla, a.mla, dattn, dxn, g.mla, prec, s.mla);
+  } else {
+    mla_backward(be, d.mla, p.mla, a.mla, dattn, dy, g.mla, prec, s.mla);
+    enter_backward(d, dy, dxn, B, S);
+  }
   DSV3_PROFILE("bwd.norm");
   be.copy(dx, dh_mid, Tl * D * sizeof(float));
   be.rmsnorm_backward(dxn, D, a.x_TD, D, p.input_norm_w, a.rstd1_T.data(), dx, D, g.input_norm_w, Tl, D, 1.f);

@@ -49,7 +49,7 @@ struct BlockActs {
   const float* x_TD = nullptr;
   int64_t B = 0, S = 0;
   DeviceArray<float> xn1_TD, rstd1_T, h_mid_TD, xn2_TD, rstd2_T, tmp_TD;  // [Tl, ·]
-  DeviceArray<float> xn1_full_TD, xn2_full_TD;  // SP: the normed inputs gathered (the regions' saved inputs)
+  DeviceArray<float> xn2_full_TD;  // SP: the dense FFN's normed input gathered (its saved input)
   MlaActs mla;
   MlpActs mlp;  // dense FFN
   MoeActs moe;

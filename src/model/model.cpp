@@ -94,6 +94,7 @@ Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
     d.is_moe = cfg_.is_moe_layer(i);
     d.mla = mla_dims(cfg_);
     d.mla.H /= tp;
+    d.mla.tp = opt_.tp;  // sequence parallelism: MLA gathers its latents (its TP reductions are the block's)
     d.mla.validate();
     if (d.is_moe) {
       d.moe = moe_config_from_model(cfg_, opt_.precision);
