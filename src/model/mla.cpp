@@ -182,8 +182,8 @@ void mla_backward(Backend& be, const MlaDims& d, const MlaParams& p, const MlaAc
   be.rmsnorm_backward(dckvn, L, a.ckv_TC.data(), C, p.kv_a_norm_w, a.rstd_kv_T.data(), dckv, C, g.kv_a_norm_w,
                       T, L, 0.f);
   // SP: the latent's gradient, partial over the heads for all positions, summed and kept for this rank's.
-  float* dckv_mine = dckv;
-  if (sp) d.tp.sp_reduce_scatter(dckv, dckv_mine = grow(be, sc.dckv_local_TC, Tl * C), B, Sl, C);
+  float* dckv_mine = sp ? grow(be, sc.dckv_local_TC, Tl * C) : dckv;
+  if (sp) d.tp.sp_reduce_scatter(dckv, dckv_mine, B, Sl, C);
   const void* dckvo = G(dckv_mine, Tl * C);
   linear_backward_weight_op(be, dckvo, xo, g.kv_a_proj_w, Tl, d.D, C, prec);
   linear_backward_input_op(be, dckvo, W(p.kv_a_proj_w, C * d.D), dx, Tl, d.D, C, prec);
@@ -196,8 +196,8 @@ void mla_backward(Backend& be, const MlaDims& d, const MlaParams& p, const MlaAc
     linear_backward_weight_op(be, dqo, saved_operand(a.cqn_TLq.data(), a.cqn_bf, prec), g.q_b_proj_w, T,
                               d.q_lora, H * K, prec);
     linear_backward_input_op(be, dqo, W(p.q_b_proj_w, H * K * d.q_lora), dcqn, T, d.q_lora, H * K, prec);
-    float* dcqn_mine = dcqn;
-    if (sp) d.tp.sp_reduce_scatter(dcqn, dcqn_mine = grow(be, sc.dcqn_local_TLq, Tl * d.q_lora), B, Sl, d.q_lora);
+    float* dcqn_mine = sp ? grow(be, sc.dcqn_local_TLq, Tl * d.q_lora) : dcqn;
+    if (sp) d.tp.sp_reduce_scatter(dcqn, dcqn_mine, B, Sl, d.q_lora);
     be.rmsnorm_backward(dcqn_mine, d.q_lora, a.cq_TLq.data(), d.q_lora, p.q_a_norm_w, a.rstd_q_T.data(), dcq,
                         d.q_lora, g.q_a_norm_w, Tl, d.q_lora, 0.f);
     const void* dcqo = G(dcq, Tl * d.q_lora);
