@@ -206,8 +206,8 @@ void mla_backward(Backend& be, const MlaDims& d, const MlaParams& p, const MlaAc
   } else if (sp) {  // q_proj read x gathered: its input gradient is reduce-scattered, then added
     float* dx_full = grow(be, sc.dx_full_TD, T * d.D);
     float* dx_mine = grow(be, sc.dx_local_TD, Tl * d.D);
-    linear_backward_weight_op(be, dqo, saved_operand(a.x_full_TD.data(), a.x_full_bf, prec), g.q_proj_w, T, d.D,
-                              H * K, prec);
+    linear_backward_weight_op(be, dqo, saved_operand(a.x_full_TD.data(), a.x_full_bf, prec), g.q_proj_w, T,
+                              d.D, H * K, prec);
     linear_backward_input_op(be, dqo, W(p.q_proj_w, H * K * d.D), dx_full, T, d.D, H * K, prec);
     d.tp.sp_reduce_scatter(dx_full, dx_mine, B, Sl, d.D);
     be.add(dx, dx, dx_mine, Tl * d.D);
