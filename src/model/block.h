@@ -3,7 +3,8 @@
 // The caller owns x (the residual stream) and keeps it alive until backward; everything else the backward needs
 // lives in BlockActs. Under tensor parallelism the attention and the dense FFN are TP regions whose edges the
 // block owns (tensor_parallel.h); with sequence parallelism x, out and the norms hold this rank's Tl = T/TP
-// tokens and each region is entered by an all-gather and left by a reduce-scatter.
+// tokens and each region is entered by an all-gather (MLA gathers its narrower latents itself, mla.h) and left
+// by a reduce-scatter.
 // Legend: T = B·S tokens, Tl this rank's tokens outside the TP regions (T without SP), D hidden, F dense FFN width.
 #pragma once
 #include <cstdint>
