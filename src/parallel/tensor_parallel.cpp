@@ -40,11 +40,11 @@ void TensorParallel::sp_all_gather(const float* local, float* full, int64_t b, i
   }
   check_group(*this);
   if (b == 1) return comm->allgather(local, n, full);
-  pack_.resize(static_cast<size_t>(n * size));
-  comm->allgather(local, n, pack_.data());
+  pack_->resize(static_cast<size_t>(n * size));
+  comm->allgather(local, n, pack_->data());
   for (int r = 0; r < size; ++r)
     for (int64_t i = 0; i < b; ++i)
-      std::memcpy(full + (i * size + r) * blk, pack_.data() + (r * b + i) * blk, blk * sizeof(float));
+      std::memcpy(full + (i * size + r) * blk, pack_->data() + (r * b + i) * blk, blk * sizeof(float));
 }
 
 void TensorParallel::sp_reduce_scatter(const float* full, float* local, int64_t b, int64_t s_local,
@@ -56,11 +56,11 @@ void TensorParallel::sp_reduce_scatter(const float* full, float* local, int64_t 
   }
   check_group(*this);
   if (b == 1) return comm->reduce_scatter(full, local, n);
-  pack_.resize(static_cast<size_t>(n * size));
+  pack_->resize(static_cast<size_t>(n * size));
   for (int r = 0; r < size; ++r)
     for (int64_t i = 0; i < b; ++i)
-      std::memcpy(pack_.data() + (r * b + i) * blk, full + (i * size + r) * blk, blk * sizeof(float));
-  comm->reduce_scatter(pack_.data(), local, n);
+      std::memcpy(pack_->data() + (r * b + i) * blk, full + (i * size + r) * blk, blk * sizeof(float));
+  comm->reduce_scatter(pack_->data(), local, n);
 }
 
 }  // namespace dsv3

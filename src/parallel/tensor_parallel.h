@@ -14,6 +14,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace dsv3 {
@@ -53,9 +54,10 @@ struct TensorParallel {
       std::memcpy(local + i * n, full + (i * s + rank * s_local) * w, n * sizeof(T));
   }
 
-  // Scratch of the SP collectives, [TP, b, s_local, w]: their rank-major order (public: the struct stays an
-  // aggregate).
-  mutable std::vector<float> pack_;
+  // Scratch of the SP collectives, [TP, b, s_local, w]: their rank-major order. Shared by the copies of one
+  // TensorParallel (every layer of a model holds a copy of the model's), so a model keeps one, not one per layer;
+  // public so that the struct stays an aggregate.
+  std::shared_ptr<std::vector<float>> pack_ = std::make_shared<std::vector<float>>();
 };
 
 }  // namespace dsv3
