@@ -2,8 +2,9 @@
 // (4 heads, dense FFN 320, shared expert 64, vocabulary 4352, one MTP depth) in fp32 reproduces the
 // single-process run — per-iteration losses and grad norms within 1e-6 relative, evaluation losses, and final
 // weights within 1e-5 (see kTpWeightsTol) — alone, under full recompute with token dropping, with DP2 (also with the distributed optimizer),
-// with EP2 and with PP2; with sequence parallelism likewise (TP2, TP2 under recompute with token dropping,
-// TP2 × EP2 with both dispatchers and padded token dropping, TP2 × DP2 with the distributed optimizer, TP2 × PP2);
+// with EP2 and with PP2; with sequence parallelism likewise (TP2 with and without q_lora, TP2 under recompute
+// with token dropping, TP2 × EP2 with both dispatchers and padded token dropping, TP2 × DP2 with the distributed
+// optimizer, TP2 × PP2);
 // checkpoints are written whole (HF layout) and continue in another layout with the same losses; sizes TP cannot
 // split, and a sequence length sequence parallelism cannot split, are refused by name. Skipped without mpirun.
 #include "parallel/parity_util.h"
@@ -48,6 +49,18 @@ TEST_F(TensorParallel, Tp2WithRecomputeAndTokenDropReproducesSingleProcess) {
 // the ranks' shards per sequence.
 TEST_F(TensorParallel, Tp2SequenceParallelReproducesSingleProcess) {
   expect_parity("tp2_sp", 2, 2, 4, 4, kTp2Sp, "", "single_mbs2", kTpWeightsTol);
+}
+
+// Without q_lora (q_lora_rank null) MLA gathers x for q_proj under SP and reduce-scatters its input gradient.
+TEST_F(TensorParallel, Tp2SequenceParallelWithoutQLoraReproducesSingleProcess) {
+  std::ifstream in(testing::source_dir() / "examples/deepseek/configs/demo-cpu.json");
+  std::string cfg((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string key = "\"q_lora_rank\": 64";
+  ASSERT_NE(cfg.find(key), std::string::npos) << cfg;
+  cfg.replace(cfg.find(key), key.size(), "\"q_lora_rank\": null");
+  std::ofstream(dir_ / "no_q_lora.json") << cfg;
+  const std::string common = "--model-config " + (dir_ / "no_q_lora.json").string();
+  expect_parity("tp2_sp_no_q_lora", 2, 2, 4, 3, kTp2Sp, common, "single_no_q_lora", kTpWeightsTol);
 }
 
 // The router decides on the whole micro-batch (its logits gathered over TP), so the capacity rule drops the
