@@ -21,6 +21,7 @@
 #include "kernels/backend.h"
 #include "model/config.h"
 #include "model/model.h"
+#include "train/memory_plan.h"
 #include "optim/backend_adamw.h"
 #include "train/log_format.h"
 
@@ -99,6 +100,13 @@ void our_step(Backend& gpu, const ModelConfig& cfg, int64_t batch, int64_t seq) 
   std::printf("ours: per-op self time of one synchronised step (%.1f ms in scopes):\n", total * 1e3);
   for (const auto& e : profile::entries())
     std::printf("ours:   %-22s %8.2f ms %5.1f%%\n", e.label, e.self_s * 1e3, 100 * e.self_s / total);
+  // Device memory: what the backend allocated at its peak (model, its bf16 copies, activations, scratch and the
+  // Adam moments) beside the memory plan's prediction of the same (train/memory_plan.h; CUDA's own not included).
+  MemoryRun run;
+  run.micro_batch = batch, run.seq = seq, run.precision = Precision::kBF16, run.cpu = false, run.mtp = true;
+  const StageMemory plan = plan_memory(cfg, MemoryLayout{}, run)[0];
+  std::printf("ours: memory: backend max allocated %.2f GiB, planned %.2f GiB\n",
+              static_cast<double>(gpu.peak_bytes()) / (1 << 30), static_cast<double>(plan.backend() + plan.adam) / (1 << 30));
   const double s = median(whole);
   std::printf("ours: mode=dsv3 tokens_per_s=%.1f step_s=%.4f forward_s=%.4f backward_s=%.4f optimizer_s=%.4f\n",
               t / s, s, median(fw), median(bw), median(up));

@@ -1,7 +1,8 @@
 // `dsv3 model-info`: loads a HF config.json, prints its layer plan, the Megatron/HF semantic fields and the
 // parameter counts from the parameter table (optionally the whole table), and, for a parallel layout, what
 // each rank of each pipeline stage holds: its parameters (the ParamStore a training rank builds) and their
-// static memory (fp32 weights and gradients, Adam moments, bf16 copies). Activations are not counted.
+// static memory (fp32 weights and gradients, Adam moments, bf16 copies), then the memory plan of a training rank
+// (train/memory_plan.h: activations, scratch, host buffers and the runtime) for the batch flags given.
 #include "cli/model_info.h"
 
 #include <CLI/CLI.hpp>
@@ -12,6 +13,7 @@
 #include "model/config.h"
 #include "model/param_store.h"
 #include "model/param_table.h"
+#include "train/memory_plan.h"
 
 namespace dsv3::cli {
 namespace {
@@ -51,7 +53,7 @@ void print_layout(const ParamTable& table, int tp, int pp, int ep, int dp, int64
                                            cfg.num_nextn_predict_layers > 0);
   const std::string tp_part = tp > 1 ? "TP " + std::to_string(tp) + " x " : "";
   std::printf(
-      "layout: %sPP %d x DP %d (EP %d, expert-DP %d) = %d ranks%s%s; per rank, activations not counted:\n",
+      "layout: %sPP %d x DP %d (EP %d, expert-DP %d) = %d ranks%s%s; per rank, the model's state:\n",
       tp_part.c_str(), pp, dp, ep, edp, tp * pp * dp, dist_opt ? ", distributed optimizer" : "",
       bf16 ? ", bf16" : "");
   std::printf("  %-7s %-11s %19s %11s %11s %11s %11s\n", "stage", "layers", "parameters", "fp32 w+g", "Adam",
@@ -99,12 +101,34 @@ int model_info_main(int argc, char** argv) {
   app.add_flag("--use-distributed-optimizer", dist_opt,
                "Adam moments sharded over DP (experts over expert-DP)");
   app.add_flag("--bf16", bf16, "Count the bf16 weight copies bf16 training keeps");
+  int64_t num_layers = 0;
+  app.add_option("--num-layers", num_layers, "Decoder layers (overrides the config's num_hidden_layers)");
+  MemoryRun run;
+  int64_t global_batch = 0;
+  std::string recompute, dispatcher = "allgather";
+  app.add_option("--seq-length", run.seq, "Sequence length of the memory plan (default 4096)");
+  app.add_option("--micro-batch-size", run.micro_batch, "Micro-batch size of the memory plan (default 1)");
+  app.add_option("--global-batch-size", global_batch,
+                 "Global batch (micro-batches per rank = global / (micro x DP); pipeline stages hold several)");
+  app.add_option("--recompute-granularity", recompute, "full: only each layer's input is kept")
+      ->check(CLI::IsMember({"full", "selective"}));
+  app.add_option("--moe-expert-capacity-factor", run.capacity_factor, "Token dropping capacity factor");
+  app.add_option("--moe-token-dispatcher-type", dispatcher, "EP dispatcher: allgather or alltoall")
+      ->check(CLI::IsMember({"allgather", "alltoall"}));
+  std::string device = "cpu";
+  app.add_option("--device", device, "Plan a CPU rank's resident memory or a GPU's device memory")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
-  const ModelConfig cfg = ModelConfig::from_json_file(config_path);
+  ModelConfig cfg = ModelConfig::from_json_file(config_path);
+  if (num_layers > 0) {
+    DSV3_CHECK(num_layers >= cfg.first_k_dense_replace, "model-info: --num-layers ", num_layers,
+               " is fewer than the config's first_k_dense_replace (", cfg.first_k_dense_replace, ")");
+    cfg.num_hidden_layers = num_layers;
+  }
   const ParamTable table(cfg);
 
   std::printf("model config: %s\n", config_path.c_str());
@@ -169,6 +193,28 @@ int model_info_main(int argc, char** argv) {
     std::printf("  as the hub stores it (MTP embed/head copies):  %s\n", grouped(table.hub_total()).c_str());
   }
   print_layout(table, tp, pp, ep, dp, first_layers, last_layers, dist_opt, bf16);
+
+  MemoryLayout layout;
+  layout.tp = tp, layout.pp = pp, layout.ep = ep, layout.dp = dp;
+  layout.first_layers = first_layers, layout.last_layers = last_layers, layout.dist_opt = dist_opt;
+  run.precision = bf16 ? Precision::kBF16 : Precision::kF32;
+  run.recompute = recompute == "full";
+  run.alltoall = dispatcher == "alltoall";
+  run.cpu = device == "cpu";
+  DSV3_CHECK(run.seq > 0 && run.micro_batch > 0, "model-info: --seq-length and --micro-batch-size must be > 0");
+  if (global_batch > 0) {
+    DSV3_CHECK(global_batch % (run.micro_batch * dp) == 0, "model-info: --global-batch-size (", global_batch,
+               ") must be a multiple of --micro-batch-size x --data-parallel-size (", run.micro_batch * dp, ")");
+    run.micro_batches = global_batch / (run.micro_batch * dp);
+  }
+  std::printf("memory plan per rank (%s; seq %lld, micro-batch %lld, %lld micro-batches per iteration%s%s):\n",
+              run.cpu ? "CPU" : "GPU", static_cast<long long>(run.seq), static_cast<long long>(run.micro_batch),
+              static_cast<long long>(run.micro_batches), run.recompute ? ", full recompute" : "",
+              run.capacity_factor > 0 ? ", token drop" : "");
+  std::fputs(format_memory_plan(plan_memory(cfg, layout, run), kRuntimeEstimate + kRuntimeGrowth,
+                                "an estimate; dsv3 train measures it")
+                 .c_str(),
+             stdout);
   if (list_params) {
     std::printf("parameter table (%zu entries):\n", table.size());
     for (const auto& p : table.params()) {

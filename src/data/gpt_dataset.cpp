@@ -293,7 +293,7 @@ SplitMatrix split_matrix_from_vector(const std::array<double, 3>& v) {
   return m;
 }
 
-std::vector<int64_t> build_sample_idx(std::span<const int32_t> sizes, std::span<const int32_t> document_index,
+std::vector<int64_t> build_sample_idx(UnalignedView<int32_t> sizes, std::span<const int32_t> document_index,
                                       int64_t seq_length, int64_t num_epochs, int64_t tokens_per_epoch,
                                       bool drop_last_partial_sequence, int add_extra_token) {
   int64_t total = num_epochs * tokens_per_epoch - add_extra_token;

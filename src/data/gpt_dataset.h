@@ -12,6 +12,8 @@
 #include <utility>
 #include <vector>
 
+#include "core/unaligned_view.h"
+
 #include "data/indexed_dataset.h"
 
 namespace dsv3 {
@@ -121,7 +123,7 @@ class GptDataset : public SampleDataset {
 };
 
 // helpers.cpp build_sample_idx (T = int64 here; callers narrow). Returns [rows][2] flattened.
-std::vector<int64_t> build_sample_idx(std::span<const int32_t> sizes, std::span<const int32_t> document_index,
+std::vector<int64_t> build_sample_idx(UnalignedView<int32_t> sizes, std::span<const int32_t> document_index,
                                       int64_t seq_length, int64_t num_epochs, int64_t tokens_per_epoch,
                                       bool drop_last_partial_sequence, int add_extra_token);
 

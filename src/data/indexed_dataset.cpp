@@ -219,11 +219,11 @@ IndexedDataset::IndexedDataset(std::string prefix) : prefix_(std::move(prefix)) 
                static_cast<uint64_t>(need), " for ", s, " sequences and ", d - 1, " documents)");
     DSV3_CHECK(need == idx_size_ || need + s == idx_size_, ip, ": ", idx_size_ - static_cast<uint64_t>(need),
                " unexpected trailing bytes");
-    // The arrays sit at unaligned offsets in general (34 + 4S); mmap is page-aligned, and x86 tolerates
-    // unaligned loads, so they are read in place as Megatron's numpy views are.
-    lengths_ = {reinterpret_cast<const int32_t*>(idx_map_ + kHeaderSize), s};
-    pointers_ = {reinterpret_cast<const int64_t*>(idx_map_ + kHeaderSize + 4 * s), s};
-    doc_idx_ = {reinterpret_cast<const int64_t*>(idx_map_ + kHeaderSize + 12 * s), d};
+    // The arrays sit at unaligned offsets in general (34 + 4S): read in place, as Megatron's numpy views are,
+    // through unaligned views.
+    lengths_ = {idx_map_ + kHeaderSize, s};
+    pointers_ = {idx_map_ + kHeaderSize + 4 * s, s};
+    doc_idx_ = {idx_map_ + kHeaderSize + 12 * s, d};
     bin_map_ = map_file(bp, bin_size_);
     const size_t item = dtype_size(dtype_);
     for (uint64_t i = 0; i < s; ++i) {

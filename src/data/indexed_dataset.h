@@ -20,6 +20,8 @@
 #include <string>
 #include <vector>
 
+#include "core/unaligned_view.h"
+
 namespace dsv3 {
 
 enum class DType : uint8_t { kUInt8 = 1, kInt8 = 2, kInt16 = 3, kInt32 = 4, kInt64 = 5, kFloat64 = 6,
@@ -77,9 +79,10 @@ class IndexedDataset {
   int64_t sequence_count() const { return static_cast<int64_t>(lengths_.size()); }
   int64_t document_count() const { return static_cast<int64_t>(doc_idx_.size()) - 1; }
   int64_t token_count() const { return tokens_; }
-  std::span<const int32_t> sequence_lengths() const { return lengths_; }
-  std::span<const int64_t> sequence_pointers() const { return pointers_; }
-  std::span<const int64_t> document_indices() const { return doc_idx_; }
+  // Views of the mapped index: its arrays sit at unaligned offsets (core/unaligned_view.h).
+  UnalignedView<int32_t> sequence_lengths() const { return lengths_; }
+  UnalignedView<int64_t> sequence_pointers() const { return pointers_; }
+  UnalignedView<int64_t> document_indices() const { return doc_idx_; }
 
   // Megatron's get(idx, offset, length): `length` tokens of sequence idx from `offset` (-1 = to the end),
   // appended to `out` as int64.
@@ -94,9 +97,9 @@ class IndexedDataset {
   size_t idx_size_ = 0;
   const uint8_t* bin_map_ = nullptr;
   size_t bin_size_ = 0;
-  std::span<const int32_t> lengths_;
-  std::span<const int64_t> pointers_;
-  std::span<const int64_t> doc_idx_;
+  UnalignedView<int32_t> lengths_;
+  UnalignedView<int64_t> pointers_;
+  UnalignedView<int64_t> doc_idx_;
   int64_t tokens_ = 0;
 };
 

@@ -54,6 +54,13 @@ class Backend {
   virtual void synchronize() = 0;
   // Allocations made so far (tests count them around a training step: 0 expected).
   virtual int64_t allocations() const = 0;
+  // Bytes allocated and not yet freed, and the most there ever were (what the memory plan, train/memory_plan.h,
+  // predicts); -1 where the backend does not count.
+  virtual int64_t bytes_in_use() const { return -1; }
+  // copy_to_host calls so far: each is a wait for the device on a GPU (tests count them around a step); -1 where
+  // the backend does not count.
+  virtual int64_t host_reads() const { return -1; }
+  virtual int64_t peak_bytes() const { return -1; }
 
   // ---- elementwise helpers
   virtual void to_bf16(const float* x_N, bf16* y_N, int64_t n) = 0;  // round to nearest even (core/bf16.h)

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 
 #include "core/error.h"
 #include "core/profile.h"
@@ -213,6 +214,8 @@ BlockParams Model::block_params(int64_t i) {
     p.down_DF = param(M + "down_proj.weight");
   }
   p.bf16_weights = p.mla.bf16_weights = p.moe.bf16_weights = &bf16_weights_;
+  if (dims_[i].is_moe && static_cast<size_t>(i) < expert_bf16_.size() && !expert_bf16_[i].w_gu.empty())
+    p.moe.expert_bf16 = &expert_bf16_[i];
   return p;
 }
 
@@ -285,12 +288,39 @@ const float* Model::gather_for_head(const DeviceArray<float>& h_local, DeviceArr
   return h_full.data();
 }
 
-HeadLossResult Model::loss_sum(const float* loss_T, const int32_t* host_labels_T, int64_t t) {
+HeadLossResult Model::loss_sum(const float* loss_T, const int32_t* host_labels_T, int64_t t, int64_t* slot) {
   HeadLossResult r;
+  for (int64_t i = 0; i < t; ++i) r.n_valid += host_labels_T[i] != kIgnoreLabel;
+  if (deferred_slots_ > 0) {
+    DSV3_CHECK(deferred_used_ < deferred_slots_, "model: more deferred losses (", deferred_used_ + 1,
+               ") than slots (", deferred_slots_, ") before resolve_losses");
+    *slot = deferred_used_++;
+    be().sum(loss_T, t, deferred_.data() + *slot, false);
+    r.loss_sum = std::numeric_limits<double>::quiet_NaN();
+    return r;
+  }
   be().sum(loss_T, t, loss_sum_.as<double>(), false);
   be().copy_to_host(&r.loss_sum, loss_sum_.data(), sizeof(double));
-  for (int64_t i = 0; i < t; ++i) r.n_valid += host_labels_T[i] != kIgnoreLabel;
   return r;
+}
+
+void Model::defer_losses(int64_t slots) {
+  DSV3_CHECK(deferred_used_ == 0, "model: defer_losses with ", deferred_used_, " losses not yet resolved");
+  deferred_slots_ = slots;
+  if (slots > 0) grow(be(), deferred_, slots);  // sized once: a step allocates nothing
+}
+
+void Model::resolve_losses(std::vector<ForwardStats>& stats) {
+  if (deferred_used_ == 0) return;
+  std::vector<double> v(static_cast<size_t>(deferred_used_));
+  be().copy_to_host(v.data(), deferred_.data(), v.size() * sizeof(double));  // the step's one loss read
+  for (ForwardStats& st : stats) {
+    if (st.lm_slot >= 0) st.lm_loss_sum = v[static_cast<size_t>(st.lm_slot)], st.lm_slot = -1;
+    for (size_t k = 0; k < st.mtp_slots.size(); ++k)
+      if (st.mtp_slots[k] >= 0) st.mtp_loss_sum[k] = v[static_cast<size_t>(st.mtp_slots[k])];
+    st.mtp_slots.clear();
+  }
+  deferred_used_ = 0;
 }
 
 void Model::logits_to_host(const float* h, int64_t t, float* out) {
@@ -329,6 +359,10 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
   if (opt_.precision == Precision::kBF16 && bf16_stale_) {
     DSV3_PROFILE("fwd.bf16_weights");
     bf16_weights_.refresh();
+    expert_bf16_.resize(dims_.size());
+    for (size_t i = 0; i < dims_.size(); ++i)
+      if (dims_[i].is_moe && store_.contains(layer_prefix(static_cast<int64_t>(i)) + "mlp.gate.weight"))
+        refresh_expert_bf16(be(), dims_[i].moe, block_params(static_cast<int64_t>(i)).moe, expert_bf16_[i]);
     bf16_stale_ = false;
   }
   ForwardStats st;
@@ -363,7 +397,7 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
                        Tl, D, static_cast<float>(cfg_.rms_norm_eps));
   const float* head_in = gather_for_head(hf_TD_, hf_full_TD_);
   head_ce_forward(head_in, labels_.data(), loss_T_.data(), lse_T_.data(), T);
-  const HeadLossResult r = loss_sum(loss_T_.data(), labels, T);
+  const HeadLossResult r = loss_sum(loss_T_.data(), labels, T, &st.lm_slot);
   st.lm_loss_sum = r.loss_sum, st.lm_tokens = r.n_valid;
   if (logits_out) logits_to_host(head_in, T, logits_out);
   DSV3_PROFILE_END(head);
@@ -401,8 +435,10 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
                          dp.rstd_o_T.data(), Tl, D, eps);
     head_ce_forward(gather_for_head(dp.h_TD, dp.h_full_TD), dp.labels.data(), dp.loss_T.data(),
                     dp.lse_T.data(), T);
-    const HeadLossResult m = loss_sum(dp.loss_T.data(), dp.labels_host.data(), T);
+    int64_t slot = -1;
+    const HeadLossResult m = loss_sum(dp.loss_T.data(), dp.labels_host.data(), T, &slot);
     st.mtp_loss_sum.push_back(m.loss_sum);
+    st.mtp_slots.push_back(slot);
     st.mtp_tokens.push_back(m.n_valid);
     h_prev = dp.h_TD.data();
   }

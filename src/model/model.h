@@ -58,6 +58,10 @@ struct ForwardStats {
   // before and after the capacity rule (equal when dropless), for the health log (train/moe_health.h).
   std::vector<double> layer_aux_loss;
   std::vector<int64_t> routed_pairs, kept_pairs;
+  // With deferred loss reads (Model::defer_losses): where the loss sums wait in backend memory; lm_loss_sum and
+  // mtp_loss_sum are NaN until resolve_losses() fills them.
+  int64_t lm_slot = -1;
+  std::vector<int64_t> mtp_slots;
 };
 
 class Model {
@@ -103,9 +107,16 @@ class Model {
   // of its input in stage_input_grad().
   void backward(float lm_scale, float aux_scale, const std::vector<float>& mtp_scales = {},
                 const float* doutput_TD = nullptr);
+  // Deferred loss reads: with slots > 0, each forward leaves its loss sums in backend memory (one slot per head,
+  // up to `slots` before the next resolve) instead of reading them back, so a step with several micro-batches
+  // syncs once for its losses (on a GPU a read is a wait for the stream). resolve_losses reads every pending sum
+  // at once into the stats that point at them; slots = 0 reads after each forward (evaluation, tests).
+  void defer_losses(int64_t slots);
+  void resolve_losses(std::vector<ForwardStats>& stats);
   // One micro-batch's saved forward state. The pipeline schedule keeps several micro-batches in flight: it swaps
   // a micro-batch's set in before its forward or backward and out afterwards (O(1): buffers are exchanged, not
-  // copied). MTP depths are not part of it (pipeline stages run without MTP).
+  // copied). MTP depths are not part of it: the last stage, the only one that runs them, holds one micro-batch at a
+  // time.
   struct Activations {
     int64_t B = 0, S = 0;
     bool training = true;
@@ -129,7 +140,7 @@ class Model {
   const bf16* head_bf16();  // lm_head's bf16 copy (nullptr in fp32)
   // Σ loss_T over t tokens (the ignored ones hold 0), summed on the backend in token order; n_valid from the
   // host labels.
-  HeadLossResult loss_sum(const float* loss_T, const int32_t* host_labels_T, int64_t t);
+  HeadLossResult loss_sum(const float* loss_T, const int32_t* host_labels_T, int64_t t, int64_t* slot);
   // The embedding and the head with its cross-entropy, whole or vocab-parallel (model/vocab_parallel.h).
   void embed(const int32_t* ids_T, float* out_TD, int64_t t);
   void embed_backward(const float* dout_TD, const int32_t* ids_T, int64_t t);
@@ -150,8 +161,10 @@ class Model {
   ParamStore store_;
   DeviceArray<float> params_, grads_;
   bool bf16_stale_ = true;  // the bf16 copies may be older than the parameters
-  Bf16Weights
-      bf16_weights_;  // bf16 mode: copies of the dense projections and the head, refreshed per forward
+  // bf16 mode: copies of the dense projections and the head, and per MoE layer of its local experts, refreshed by
+  // the first forward after the parameters changed (once per optimizer step).
+  Bf16Weights bf16_weights_;
+  std::vector<ExpertBf16> expert_bf16_;  // per layer (incl. MTP); empty for dense layers and other stages
   std::vector<BlockDims> dims_;  // per layer incl. MTP
 
   // activations of the last forward
@@ -166,6 +179,8 @@ class Model {
   std::vector<std::unique_ptr<Depth>> depths_;
   BlockScratch scratch_;
   DeviceBuffer loss_sum_;  // one double of backend memory
+  DeviceArray<double> deferred_;  // deferred loss sums (defer_losses)
+  int64_t deferred_slots_ = 0, deferred_used_ = 0;
   DeviceArray<float> dA_TD_, dB_TD_, dhf_TD_, logits_scratch_;
   DeviceArray<float> full_TD_;  // SP: the embedding's whole lookup and the head's input gradient, [B·S, D]
   VocabShard vocab_;  // this rank's rows of the embedding and lm_head

@@ -43,17 +43,12 @@ void for_each_expert(const Backend& be, const DispatchState& s, bool varying_row
 // rows do not depend on the row count of the GEMM, so parallel layouts reproduce the serial run to ~1e-7
 // (runtime-dimension GEMMs reach 1e-6).
 void experts_forward_bf16(Backend& be, const MoeConfig& c, const MoeParams& p, MoeActs& a) {
-  const int64_t d = c.hidden, f = c.ffn, e_n = c.local_experts(), r_n = a.dispatch.offsets_L1.back();
+  const int64_t d = c.hidden, f = c.ffn, r_n = a.dispatch.offsets_L1.back();
   const Precision bf = Precision::kBF16;
-  bf16* w_gu = grow(be, a.w_gu_bf, e_n * 2 * f * d);
-  bf16* w_down = grow(be, a.w_down_bf, e_n * d * f);
-  const bool host = be.kind() == DeviceKind::kCpu;
-#pragma omp parallel for schedule(static) if (host)
-  for (int64_t e = 0; e < e_n; ++e) {
-    be.to_bf16(p.gate_proj_EFD + e * f * d, w_gu + e * 2 * f * d, f * d);
-    be.to_bf16(p.up_proj_EFD + e * f * d, w_gu + e * 2 * f * d + f * d, f * d);
-    be.to_bf16(p.down_proj_EDF + e * d * f, w_down + e * d * f, d * f);
-  }
+  if (!p.expert_bf16) refresh_expert_bf16(be, c, p, a.own_bf);
+  const ExpertBf16& w = p.expert_bf16 ? *p.expert_bf16 : a.own_bf;
+  const bf16* w_gu = a.w_gu_bf = w.w_gu.data();
+  const bf16* w_down = a.w_down_bf = w.w_down.data();
   grow(be, a.a_RF, r_n * 2 * f);
   const bf16* x = static_cast<const bf16*>(linear_operand(be, a.x_RD.data(), r_n * d, bf, a.x_bf));
   for_each_expert(be, a.dispatch, true, [&](int64_t e, int64_t o, int64_t n) {
@@ -66,6 +61,23 @@ void experts_forward_bf16(Backend& be, const MoeConfig& c, const MoeParams& p, M
   });
 }
 
+}  // namespace
+
+void refresh_expert_bf16(Backend& be, const MoeConfig& c, const MoeParams& p, ExpertBf16& out) {
+  const int64_t d = c.hidden, f = c.ffn, e_n = c.local_experts();
+  bf16* w_gu = grow(be, out.w_gu, e_n * 2 * f * d);
+  bf16* w_down = grow(be, out.w_down, e_n * d * f);
+  const bool host = be.kind() == DeviceKind::kCpu;
+#pragma omp parallel for schedule(static) if (host)
+  for (int64_t e = 0; e < e_n; ++e) {
+    be.to_bf16(p.gate_proj_EFD + e * f * d, w_gu + e * 2 * f * d, f * d);
+    be.to_bf16(p.up_proj_EFD + e * f * d, w_gu + e * 2 * f * d + f * d, f * d);
+    be.to_bf16(p.down_proj_EDF + e * d * f, w_down + e * d * f, d * f);
+  }
+}
+
+namespace {
+
 void experts_backward_bf16(Backend& be, const MoeConfig& c, MoeGrads& g, MoeActs& a) {
   const int64_t d = c.hidden, f = c.ffn, r_n = a.dispatch.offsets_L1.back();
   const Precision bf = Precision::kBF16;
@@ -74,7 +86,7 @@ void experts_backward_bf16(Backend& be, const MoeConfig& c, MoeGrads& g, MoeActs
   const bf16* x = a.x_bf.data();
   for_each_expert(be, a.dispatch, true, [&](int64_t e, int64_t o, int64_t n) {
     linear_backward_weight_op(be, dy + o * d, z + o * f, g.down_proj_EDF + e * d * f, n, f, d, bf);
-    linear_backward_input_op(be, dy + o * d, a.w_down_bf.data() + e * d * f, a.dz_RF.data() + o * f, n, f, d, bf);
+    linear_backward_input_op(be, dy + o * d, a.w_down_bf + e * d * f, a.dz_RF.data() + o * f, n, f, d, bf);
   });
   grow(be, a.da_RF, r_n * 2 * f);
   be.swiglu_backward(a.dz_RF.data(), a.a_RF.data(), a.a_RF.data() + f, 2 * f, a.prob_R.data(), a.da_RF.data(),
@@ -85,7 +97,7 @@ void experts_backward_bf16(Backend& be, const MoeConfig& c, MoeGrads& g, MoeActs
                               2 * f);
     linear_backward_weight_op(be, dab + o * 2 * f + f, x + o * d, g.up_proj_EFD + e * f * d, n, d, f, bf,
                               2 * f);
-    linear_backward_input_op(be, dab + o * 2 * f, a.w_gu_bf.data() + e * 2 * f * d, a.dx_RD.data() + o * d, n,
+    linear_backward_input_op(be, dab + o * 2 * f, a.w_gu_bf + e * 2 * f * d, a.dx_RD.data() + o * d, n,
                              d, 2 * f, bf);
   });
 }

@@ -67,6 +67,15 @@ struct MoeConfig {
 // Megatron source → RouterConfig::megatron. Capacity and aux-loss fields stay off (training flags set them).
 MoeConfig moe_config_from_model(const ModelConfig& m, Precision p);
 
+// bf16 copies of a layer's local experts, stacked as the bf16 expert GEMMs read them: per expert its gate rows
+// then its up rows [2F, D] (one GEMM gives both), and down [D, F]. The model keeps one per MoE layer and refreshes
+// it once per optimizer step (with the dense layers' copies), not once per micro-batch.
+struct ExpertBf16 {
+  DeviceArray<bf16> w_gu, w_down;  // [L, 2F, D], [L, D, F]
+};
+struct MoeParams;
+void refresh_expert_bf16(Backend& be, const MoeConfig& c, const MoeParams& p, ExpertBf16& out);
+
 struct MoeParams {
   const float* gate_w_ED = nullptr;
   const float* expert_bias_E = nullptr;  // nullptr = zeros
@@ -77,6 +86,7 @@ struct MoeParams {
   const float* shared_up_SD = nullptr;
   const float* shared_down_DS = nullptr;
   const Bf16Weights* bf16_weights = nullptr;  // bf16 copies of the shared expert (nullable)
+  const ExpertBf16* expert_bf16 = nullptr;    // bf16 copies of the local experts (nullable: made per forward)
 };
 
 struct MoeGrads {
@@ -123,7 +133,8 @@ struct MoeActs {
   std::vector<float> bias_E, dweight_host_TK;
   // bf16 fast path (MoeConfig::precision == kBF16): every operand converted once per step and shared by the
   // expert GEMMs. a_RF then holds the fused [R, 2F] gate|up output (b_RF unused), da_RF its gradient.
-  DeviceArray<bf16> w_gu_bf, w_down_bf;  // [L, 2F, D] gate rows then up rows per expert; [L, D, F]
+  ExpertBf16 own_bf;                     // the expert copies when the caller has none (MoeParams::expert_bf16)
+  const bf16 *w_gu_bf = nullptr, *w_down_bf = nullptr;  // the copies the forward used (for the backward)
   DeviceArray<bf16> x_bf, z_bf, dy_bf, dab_bf;
 };
 

@@ -127,29 +127,29 @@ std::string Trainer::replay_for_nonfinite() {
 }
 
 // One iteration's micro-batches through the pipeline (parallel/pipeline.h: 1F1B). Each micro-batch's forward
-// state waits in its own slot until its backward; the loss scaling is the single-stage loop's.
-void Trainer::pipeline_step(IterStats& it, bool& nan_here, double& nan_value, int64_t& nan_micro) {
+// state waits in a slot until its backward; the loss scaling is the single-stage loop's. Stage s holds at most
+// PP - s micro-batches at once (its warm-up forwards and one more), and in 1F1B micro-batch m's forward comes after
+// the backward of m - (PP - s): a ring of that many slots, so later stages keep fewer activation sets.
+void Trainer::pipeline_step(std::vector<ForwardStats>& stats) {
   const int64_t mbs = c_.micro_batch_size;
-  in_flight_.resize(pg_.pp);
+  const size_t slots = static_cast<size_t>(std::min<int64_t>(pg_.pp - pg_.pp_rank, c_.num_micro_batches));
+  in_flight_.resize(slots);
   PipelineSteps steps;
   steps.forward = [&](int64_t m, const float* input) -> const float* {
     fill_batch(*train_ds_, prog_.consumed_train_samples + m * mbs * pg_.dp + pg_.dp_rank * mbs, mbs);
-    InFlight& slot = in_flight_[m % pg_.pp];
+    InFlight& slot = in_flight_[static_cast<size_t>(m) % slots];
     current_micro_ = m;
     model_->swap_activations(slot.acts);
-    const ForwardStats st =
-        model_->forward(ids_.data(), labels_.data(), mbs, c_.seq_length, true, nullptr, input);
+    ForwardStats& st = stats[static_cast<size_t>(m)];
+    st = model_->forward(ids_.data(), labels_.data(), mbs, c_.seq_length, true, nullptr, input);
     const float* out = model_->options().stage.post_process ? nullptr : model_->stage_output();
     model_->swap_activations(slot.acts);  // `out` stays valid: the slot now owns that buffer
-    if (c_.check_nan && !nan_here && !std::isfinite(st.lm_loss_sum))
-      nan_here = true, nan_value = st.lm_loss_sum, nan_micro = m;
     slot.lm_tokens = st.lm_tokens;
     slot.mtp_tokens = st.mtp_tokens;
-    it.add(st);
     return out;
   };
   steps.backward = [&](int64_t m, const float* output_grad) -> const float* {
-    InFlight& slot = in_flight_[m % pg_.pp];
+    InFlight& slot = in_flight_[static_cast<size_t>(m) % slots];
     current_micro_ = m;
     model_->swap_activations(slot.acts);
     backward_micro(m, slot.lm_tokens, slot.mtp_tokens, output_grad);
@@ -186,26 +186,34 @@ IterStats Trainer::micro_batches() {
   IterStats it;
   model_->zero_grads();
   const int64_t mbs = c_.micro_batch_size;
-  bool nan_here = false;
-  double nan_value = 0;
-  int64_t nan_micro = -1;
   const auto t0 = Clock::now();
   ep_dispatch_seconds_reset();
-  if (pg_.pp > 1) pipeline_step(it, nan_here, nan_value, nan_micro);
+  // The losses stay in backend memory until every micro-batch has run: one read per step (Model::defer_losses).
+  std::vector<ForwardStats> stats(static_cast<size_t>(c_.num_micro_batches));
+  model_->defer_losses(c_.num_micro_batches * (1 + c_.model.num_nextn_predict_layers));
+  if (pg_.pp > 1) pipeline_step(stats);
   for (int64_t m = 0; m < c_.num_micro_batches && pg_.pp == 1; ++m) {
     // MegatronPretrainingSampler: this rank's slice of the chunk of mbs·DP samples.
     const int64_t first = prog_.consumed_train_samples + m * mbs * pg_.dp + pg_.dp_rank * mbs;
     current_micro_ = m;
     fill_batch(*train_ds_, first, mbs);
-    ForwardStats st = model_->forward(ids_.data(), labels_.data(), mbs, c_.seq_length, true);
-    // No early exit: under expert parallelism the other ranks wait for this one in the backward's
-    // collectives.
-    if (c_.check_nan && !nan_here && !std::isfinite(st.lm_loss_sum))
-      nan_here = true, nan_value = st.lm_loss_sum, nan_micro = m;
+    ForwardStats& st = stats[static_cast<size_t>(m)];
+    st = model_->forward(ids_.data(), labels_.data(), mbs, c_.seq_length, true);
+    // No early exit on a NaN: under expert parallelism the other ranks wait for this one in the backward's
+    // collectives. The loss is checked below, once it is read.
     backward_micro(m, st.lm_tokens, st.mtp_tokens, nullptr);
-    it.add(st);
   }
   current_micro_ = -1;
+  model_->resolve_losses(stats);
+  model_->defer_losses(0);
+  bool nan_here = false;
+  double nan_value = 0;
+  int64_t nan_micro = -1;
+  for (size_t m = 0; m < stats.size(); ++m) {
+    if (c_.check_nan && !nan_here && !std::isfinite(stats[m].lm_loss_sum))
+      nan_here = true, nan_value = stats[m].lm_loss_sum, nan_micro = static_cast<int64_t>(m);
+    it.add(stats[m]);
+  }
   const double fb = seconds_since(t0);
   timers_.add("forward-backward", fb);
   if (pg_.ep >

@@ -81,6 +81,7 @@ bool Trainer::kill_switch_present() const {
 // This rank's communicators, the model with this rank's parameters (the same initial weights on every rank,
 // principle 4), the gradient reduction, the optimizer and the LR schedule.
 void Trainer::setup() {
+  runtime_rss_ = resident_bytes();
   comms_ = std::make_unique<GroupComms>(pg_, world_);
   ModelOptions mo = c_.model_options;
   if (pg_.ep > 1) mo.ep.comm = &(*comms_)[Group::kEp];
@@ -115,6 +116,50 @@ void Trainer::setup() {
   prog_.seed = c_.seed;
   flops_per_iteration_ = megatron_flops_per_iteration(cfg, c_.global_batch_size, c_.seq_length,
                                                       cfg.vocab_size, cfg.num_nextn_predict_layers);
+  memory_plan_ = plan_memory(cfg, memory_layout(), memory_run());
+}
+
+MemoryLayout Trainer::memory_layout() const {
+  MemoryLayout l;
+  l.tp = pg_.tp, l.pp = pg_.pp, l.ep = pg_.ep, l.dp = pg_.dp;
+  l.dist_opt = c_.distributed_optimizer && !c_.backend;
+  l.stages = c_.stages;
+  return l;
+}
+
+MemoryRun Trainer::memory_run() const {
+  MemoryRun r;
+  r.micro_batch = c_.micro_batch_size, r.seq = c_.seq_length, r.micro_batches = c_.num_micro_batches;
+  r.precision = c_.model_options.precision, r.recompute = c_.model_options.recompute;
+  r.mtp = c_.model_options.mtp, r.capacity_factor = c_.model_options.capacity_factor;
+  r.eval = c_.eval_iters > 0 && c_.eval_interval > 0 && c_.eval_interval <= c_.train_iters;
+  // Megatron's split sizes: train_iters·gbs, and eval_iters·gbs per evaluation (plus the test split's).
+  const int64_t evals = c_.eval_interval > 0 ? c_.train_iters / c_.eval_interval + 1 : 1;
+  r.samples = c_.global_batch_size * (c_.train_iters + c_.eval_iters * (evals + 1));
+  r.cpu = !c_.backend;
+  r.alltoall = c_.model_options.ep.type == DispatcherType::kAllToAll;
+  return r;
+}
+
+// Megatron prints "(after N iterations) memory (MB)" once, after the first logged iteration, from each rank of the
+// first data-parallel replica; dsv3 prints the process's resident memory and the backend's bytes beside the plan's,
+// then and at the end of training (the run's peak).
+void Trainer::report_memory(const std::string& when) {
+  if (pg_.dp_rank != 0 || memory_plan_.empty()) return;
+  const StageMemory& m = memory_plan_[static_cast<size_t>(pg_.pp_rank)];
+  const double MB = 1024.0 * 1024.0;
+  const int64_t predicted = m.total() + std::max<int64_t>(runtime_rss_, 0) + kRuntimeGrowth;
+  const Backend& be = model_->backend();
+  char line[512];
+  std::snprintf(line, sizeof line,
+                "[Rank %d] %s memory (MB) | resident: %.1f | max resident: %.1f | predicted max resident: %.1f | "
+                "backend allocated: %.1f | backend max allocated: %.1f | predicted backend: %.1f",
+                pg_.rank, when.c_str(), static_cast<double>(resident_bytes()) / MB,
+                static_cast<double>(peak_resident_bytes()) / MB, static_cast<double>(predicted) / MB,
+                static_cast<double>(be.bytes_in_use()) / MB, static_cast<double>(be.peak_bytes()) / MB,
+                static_cast<double>(m.backend()) / MB);
+  std::printf("%s\n", line);
+  std::fflush(stdout);
 }
 
 // The flags that change nothing (rank 0, once), Megatron's arguments block and the pipeline layout (last
@@ -124,6 +169,9 @@ void Trainer::print_start() const {
   if (!c_.no_effect_line.empty() && pg_.is_first_rank())
     std::printf("%s\n", c_.no_effect_line.c_str()), std::fflush(stdout);
   print_line(format_arguments_block(c_.args.all()));
+  print_line("memory plan per rank (train/memory_plan.h; measured after the first logged iteration):\n" +
+             format_memory_plan(memory_plan_, std::max<int64_t>(runtime_rss_, 0) + kRuntimeGrowth,
+                                "this process before the model was built, + what the first steps add"));
   if (pg_.pp > 1) {
     std::string layout = "pipeline stages (decoder layers):";
     for (const auto& st : c_.stages)
@@ -295,6 +343,7 @@ void Trainer::log_iteration(const IterStats& st, double norm, double seconds) {
     f.grad_norm = norm;
     print_line(format_iteration_line(f));
     log_moe_health(st, true);
+    if (!memory_reported_) report_memory("(after " + std::to_string(it) + " iterations)"), memory_reported_ = true;
     if (c_.timing_log_level >= 1) print_line(timers_block(interval_.iterations));
     if (tb_) {
       tb_->add_scalar("iteration-time", f.elapsed_ms / 1000.0, it);
@@ -516,6 +565,7 @@ void Trainer::finish() {
     int64_t consumed_test = 0;
     evaluate(*test_ds_, consumed_test, "test", prog_.iteration);
   }
+  report_memory("(end of training)");
 }
 
 }  // namespace train_detail

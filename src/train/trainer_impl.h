@@ -20,6 +20,7 @@
 #include "parallel/pipeline.h"
 #include "parallel/process_groups.h"
 #include "train/checkpoint.h"
+#include "train/memory_plan.h"
 #include "train/moe_health.h"
 #include "train/tensorboard.h"
 #include "train/train_config.h"
@@ -74,7 +75,7 @@ class Trainer {
   // one iteration (train_step.cpp)
   IterStats train_step();
   IterStats micro_batches();
-  void pipeline_step(IterStats& it, bool& nan_here, double& nan_value, int64_t& nan_micro);
+  void pipeline_step(std::vector<ForwardStats>& stats);
   void fill_batch(const SampleDataset& ds, int64_t first, int64_t count);
   void backward_micro(int64_t m, int64_t lm_tokens, const std::vector<int64_t>& mtp_tokens,
                       const float* output_grad);
@@ -142,6 +143,14 @@ class Trainer {
   std::unique_ptr<SampleDataset> train_ds_, valid_ds_, test_ds_;
   TrainProgress prog_;
   double flops_per_iteration_ = 0;
+  // The memory plan (train/memory_plan.h) for this run's layout, the process's resident memory before the model
+  // existed (the runtime part of the prediction), and whether the measured figures were printed yet.
+  std::vector<StageMemory> memory_plan_;
+  int64_t runtime_rss_ = -1;
+  bool memory_reported_ = false;
+  void report_memory(const std::string& when);
+  MemoryLayout memory_layout() const;
+  MemoryRun memory_run() const;
   std::vector<int32_t> ids_, labels_;
   std::vector<int64_t> moe_layer_ids_;
   std::unique_ptr<Comm> embedding_group_;  // MTP under PP: the first and last stage's embedding copies

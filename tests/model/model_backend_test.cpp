@@ -3,6 +3,7 @@
 // is bit-identical to the per-tensor AdamW, grad norm and clip the CPU trainer runs.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
 
 #include "core/profile.h"
@@ -46,6 +47,35 @@ TEST(ModelBackend, ASteadyStateStepAllocatesNothing) {
     step(m, b);
     EXPECT_EQ(cpu_backend().allocations(), before);
   }
+}
+
+// A step of several micro-batches reads backend memory once for its losses (on a GPU every read waits for the
+// stream): the sums wait in backend memory until resolve_losses, and equal the per-forward reads.
+TEST(ModelBackend, LossesAreReadOncePerStep) {
+  ModelOptions o;
+  Model m(dense_config(), o);
+  m.init(3);
+  const Batch b(m.config().vocab_size);
+  const int64_t depths = m.config().num_nextn_predict_layers;
+  std::vector<ForwardStats> immediate;
+  for (int k = 0; k < 3; ++k) immediate.push_back(m.forward(b.ids.data(), b.labels.data(), b.B, b.S, true));
+  m.defer_losses(3 * (1 + depths));
+  std::vector<ForwardStats> deferred;
+  const int64_t reads = cpu_backend().host_reads();
+  for (int k = 0; k < 3; ++k) {
+    deferred.push_back(m.forward(b.ids.data(), b.labels.data(), b.B, b.S, true));
+    m.zero_grads();
+    m.backward(1.f / deferred.back().lm_tokens, 0.f, {0.1f / deferred.back().mtp_tokens.at(0)});
+  }
+  EXPECT_EQ(cpu_backend().host_reads(), reads) << "a dense model's forward and backward read nothing back";
+  EXPECT_TRUE(std::isnan(deferred[0].lm_loss_sum));
+  m.resolve_losses(deferred);
+  EXPECT_EQ(cpu_backend().host_reads(), reads + 1);
+  for (int k = 0; k < 3; ++k) {
+    EXPECT_EQ(deferred[k].lm_loss_sum, immediate[k].lm_loss_sum);
+    EXPECT_EQ(deferred[k].mtp_loss_sum, immediate[k].mtp_loss_sum);
+  }
+  m.defer_losses(0);
 }
 
 // bf16 copies of the weights are made once per optimizer step, not per micro-batch: the next forward after

@@ -446,6 +446,40 @@ TEST(Moe, AllTokensToOneExpert) {
   }
 }
 
+// One token: its top-k experts get one row each, every other expert none. Their gradients match finite
+// differences, and the empty experts' weight gradients are exactly zero in fp32 and bf16 (empty experts turning
+// NaN is a bug users report in several stacks).
+TEST(Moe, EmptyAndOneRowExperts) {
+  const MoeConfig base = tiny_config();
+  check_fd(base, 1, 1, 700);
+  for (Precision prec : {Precision::kF32, Precision::kBF16}) {
+    MoeConfig c = base;
+    c.precision = prec;
+    Buffers b = random_buffers(c, 1, 710);
+    b.alloc_grads();
+    const auto dout = randn(719, c.hidden, 1.f);
+    MoeActs acts;
+    std::vector<float> out(c.hidden), dx(c.hidden);
+    moe_forward(cpu_backend(), c, b.params(), b.x.data(), 1, 1, true, acts, out.data());
+    MoeGrads g = b.grads();
+    moe_backward(cpu_backend(), c, b.params(), acts, dout.data(), 1.f, g, dx.data(), 0.f);
+    const int64_t per_expert = c.ffn * c.hidden;
+    int64_t empty = 0;
+    for (int64_t e = 0; e < c.router.num_experts; ++e) {
+      const bool has_row = acts.dispatch.offsets_L1[e + 1] > acts.dispatch.offsets_L1[e];
+      empty += !has_row;
+      for (const auto* grad : {&b.g_gate_proj, &b.g_up_proj, &b.g_down_proj})
+        for (int64_t i = 0; i < per_expert; ++i) {
+          const float v = (*grad)[e * per_expert + i];
+          ASSERT_TRUE(std::isfinite(v)) << "expert " << e;
+          if (!has_row) ASSERT_EQ(v, 0.f) << "expert " << e << " has no row but a gradient";
+        }
+    }
+    EXPECT_EQ(empty, c.router.num_experts - c.router.topk);
+    for (float v : dx) EXPECT_TRUE(std::isfinite(v));
+  }
+}
+
 TEST(Moe, Bf16ModeStaysCloseToFp32) {
   MoeConfig c = tiny_config();
   const int64_t t = 10;

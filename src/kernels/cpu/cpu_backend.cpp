@@ -25,15 +25,31 @@ class CpuBackend final : public Backend {
 
   void* alloc(size_t bytes) override {
     ++allocations_;
-    // 64-byte aligned (AVX-512 loads, oneDNN), zeroed as the interface promises.
-    void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64 + 64);
-    DSV3_CHECK(p, "cpu backend: out of memory allocating ", bytes, " bytes");
-    std::memset(p, 0, bytes);
-    return p;
+    // 64-byte aligned (AVX-512 loads, oneDNN), zeroed as the interface promises; a 64-byte header in front
+    // keeps the size for the byte counters, 64 bytes behind allow a vector load past the end.
+    char* base = static_cast<char*>(std::aligned_alloc(64, kHeader + (bytes + 63) / 64 * 64 + 64));
+    DSV3_CHECK(base, "cpu backend: out of memory allocating ", bytes, " bytes");
+    *reinterpret_cast<size_t*>(base) = bytes;
+    const int64_t now = in_use_ += static_cast<int64_t>(bytes);
+    for (int64_t peak = peak_.load(); now > peak && !peak_.compare_exchange_weak(peak, now);) {
+    }
+    std::memset(base + kHeader, 0, bytes);
+    return base + kHeader;
   }
-  void free(void* p) override { std::free(p); }
+  void free(void* p) override {
+    if (!p) return;
+    char* base = static_cast<char*>(p) - kHeader;
+    in_use_ -= static_cast<int64_t>(*reinterpret_cast<size_t*>(base));
+    std::free(base);
+  }
+  int64_t bytes_in_use() const override { return in_use_.load(); }
+  int64_t peak_bytes() const override { return peak_.load(); }
   void copy_to_device(void* dst, const void* src, size_t bytes) override { copy(dst, src, bytes); }
-  void copy_to_host(void* dst, const void* src, size_t bytes) override { copy(dst, src, bytes); }
+  void copy_to_host(void* dst, const void* src, size_t bytes) override {
+    ++host_reads_;
+    copy(dst, src, bytes);
+  }
+  int64_t host_reads() const override { return host_reads_.load(); }
   void copy(void* dst, const void* src, size_t bytes) override {
     if (bytes && dst != src) std::memmove(dst, src, bytes);
   }
@@ -156,7 +172,8 @@ class CpuBackend final : public Backend {
     thread_local HeadLossScratch s;
     return s;
   }
-  std::atomic<int64_t> allocations_{0};
+  static constexpr size_t kHeader = 64;
+  std::atomic<int64_t> allocations_{0}, in_use_{0}, peak_{0}, host_reads_{0};
 };
 
 }  // namespace

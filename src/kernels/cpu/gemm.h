@@ -51,6 +51,11 @@ void gemm_reference(const GemmArgs& g);
 // fp32 accumulation. gemm() takes it where oneDNN has no bf16 matmul for this CPU (AVX2-only machines), or
 // everywhere when DSV3_GEMM_BF16_VIA_F32=1.
 void gemm_bf16_via_f32(const GemmArgs& g);
+// Whether bf16 GEMMs run natively here (else through gemm_bf16_via_f32 and its per-thread fp32 copies).
+bool gemm_bf16_native();
+// The most fp32-path GEMM kernels one thread keeps (oneDNN primitives, each ~20 KB of JIT code and state): the
+// fp32 MoE experts make one per row count they meet, so a long fp32 MoE run holds up to this many.
+constexpr int64_t kGemmMaxKernels = 2048;
 
 // Common shapes: y[M,N] (+)= x[M,K] * w[N,K]^T (a linear layer with weight [out,in]) in fp32.
 void linear_f32(const float* x, const float* w, float* y, int64_t m, int64_t n, int64_t k, float beta = 0.f);

@@ -9,7 +9,9 @@
 #include <atomic>
 #include <cstring>
 #include <map>
+#include <mutex>
 #include <tuple>
+#include <unordered_map>
 
 #include "core/error.h"
 #include "kernels/backend.h"
@@ -100,17 +102,38 @@ class CudaBackend final : public Backend {
     DSV3_CHECK(e == cudaSuccess, "cuda backend: cannot allocate ", bytes, " bytes on ", name_, ": ",
                cudaGetErrorString(e));
     check(cudaMemsetAsync(p, 0, bytes, stream_), "cudaMemsetAsync");
+    {
+      std::lock_guard<std::mutex> lock(sizes_mutex_);  // allocations happen outside the step: no contention
+      sizes_[p] = bytes;
+      in_use_ += static_cast<int64_t>(bytes);
+      peak_ = std::max(peak_, in_use_);
+    }
     return p;
   }
   void free(void* p) override {
-    if (p) check(cudaFreeAsync(p, stream_), "cudaFreeAsync");
+    if (!p) return;
+    {
+      std::lock_guard<std::mutex> lock(sizes_mutex_);
+      if (auto it = sizes_.find(p); it != sizes_.end()) in_use_ -= static_cast<int64_t>(it->second), sizes_.erase(it);
+    }
+    check(cudaFreeAsync(p, stream_), "cudaFreeAsync");
   }
+  int64_t bytes_in_use() const override {
+    std::lock_guard<std::mutex> lock(sizes_mutex_);
+    return in_use_;
+  }
+  int64_t peak_bytes() const override {
+    std::lock_guard<std::mutex> lock(sizes_mutex_);
+    return peak_;
+  }
+  int64_t host_reads() const override { return host_reads_.load(); }
   void copy_to_device(void* dst, const void* src, size_t bytes) override {
     // From pageable memory the call returns once the source has been staged (CUDA's documented behaviour), so
     // the caller may reuse its host buffer at once.
     if (bytes) check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "copy to device");
   }
   void copy_to_host(void* dst, const void* src, size_t bytes) override {
+    ++host_reads_;
     if (bytes) check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_), "copy to host");
     synchronize();
   }
@@ -332,7 +355,10 @@ class CudaBackend final : public Backend {
   size_t segments_bytes_ = 0;
   DeviceErrors errors_;
   std::map<GemmKey, GemmPlan> plans_;
-  std::atomic<int64_t> allocations_{0};
+  std::atomic<int64_t> allocations_{0}, host_reads_{0};
+  mutable std::mutex sizes_mutex_;
+  std::unordered_map<void*, size_t> sizes_;  // what alloc() handed out, for the byte counters
+  int64_t in_use_ = 0, peak_ = 0;
   // Head loss scratch (chunk logits, bf16 copies, per-token stats), separate from scratch_ because the
   // GEMMs between the loss kernels use none of it but the loss keeps it across chunks.
   void* ce_scratch_ = nullptr;
