@@ -260,9 +260,11 @@ void Trainer::tp_grad_sum() {
   Comm& tp = (*comms_)[Group::kTp];
   const auto& store = model_->store();
   const bool sp = model_->options().tp.sp();
-  // Small tensors are packed into buckets of up to kBucket floats and reduced together: a few collectives per
-  // step rather than one per tensor (with SP ~35 tensors per MoE layer); larger ones in place. The sum per
-  // element is the same either way.
+  // Tensors are packed into buckets of up to kBucket floats and reduced together: a few collectives per step
+  // rather than one per tensor (with SP ~35 tensors per MoE layer); larger ones in place. The sum per element is
+  // the same either way. Measured on the proxy model, TP2+SP, 2 cores under load ~4.5: the sync took 171 ms a
+  // step packed, 1205 ms with the tensors over 64K floats (experts) reduced one by one — on an oversubscribed
+  // machine each collective waits for its peer to be scheduled, so their count matters more than two copies.
   constexpr int64_t kBucket = int64_t{4} << 20;  // 16 MiB of staging at most
   std::vector<std::pair<float*, int64_t>> parts;
   int64_t n = 0;
