@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Data-, expert-, tensor- and pipeline-parallel step time on this machine: `dsv3 train` on 1, 2 and 4 ranks (mpirun; 4 ranks
+# Data-, expert-, tensor- (± sequence-) and pipeline-parallel step time on this machine: `dsv3 train` on 1, 2 and 4 ranks (mpirun; 4 ranks
 # oversubscribe the 2 cores, so their compute is twice as slow by construction) at the same global batch, split by
 # Megatron's timers (--timing-log-level 1): compute (forward-backward minus the MoE dispatch/combine, per rank), dispatch/
 # combine (the expert-parallel token exchange, including any wait for the slower rank), all-grads-sync (bucketed
@@ -57,9 +57,11 @@ run "2 ranks DP2 distributed optimizer" $MPIRUN -np 2 -x OMP_NUM_THREADS=1 "$BIN
 run "2 ranks DP2 x EP2 alltoall" $MPIRUN -np 2 -x OMP_NUM_THREADS=1 "$BIN" $ARGS $EP 2 $A2A
 run "2 ranks DP2 x EP2 allgather" $MPIRUN -np 2 -x OMP_NUM_THREADS=1 "$BIN" $ARGS $EP 2 $AG
 run "2 ranks TP2" $MPIRUN -np 2 -x OMP_NUM_THREADS=1 "$BIN" $ARGS --tensor-model-parallel-size 2
+run "2 ranks TP2 + SP" $MPIRUN -np 2 -x OMP_NUM_THREADS=1 "$BIN" $ARGS --tensor-model-parallel-size 2 --sequence-parallel
 run "2 ranks PP2 (1F1B)" $MPIRUN -np 2 -x OMP_NUM_THREADS=1 "$BIN" $ARGS --pipeline-model-parallel-size 2
 run "4 ranks PP2 x DP2 x EP2 alltoall" $MPIRUN -np 4 -x OMP_NUM_THREADS=1 "$BIN" $ARGS --pipeline-model-parallel-size 2 $EP 2 $A2A
 run "4 ranks TP2 x DP2 x EP2 alltoall" $MPIRUN -np 4 -x OMP_NUM_THREADS=1 "$BIN" $ARGS --tensor-model-parallel-size 2 $EP 2 $A2A
+run "4 ranks TP2 x DP2 x EP2 a2a + SP" $MPIRUN -np 4 -x OMP_NUM_THREADS=1 "$BIN" $ARGS --tensor-model-parallel-size 2 $EP 2 $A2A --sequence-parallel
 run "4 ranks DP4 x EP4 alltoall" $MPIRUN -np 4 -x OMP_NUM_THREADS=1 "$BIN" $ARGS $EP 4 $A2A
 run "4 ranks DP4 x EP4 allgather" $MPIRUN -np 4 -x OMP_NUM_THREADS=1 "$BIN" $ARGS $EP 4 $AG
 run "4 ranks DP4 x EP2 (EDP2) alltoall" $MPIRUN -np 4 -x OMP_NUM_THREADS=1 "$BIN" $ARGS $EP 2 $A2A

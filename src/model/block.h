@@ -1,7 +1,11 @@
 // One DeepSeek-V3 decoder layer (pre-norm), forward and backward:
 //   h_mid = x + MLA(RMSNorm_in(x));   out = h_mid + FFN(RMSNorm_post(h_mid)),   FFN = dense SwiGLU or MoE.
 // The caller owns x (the residual stream) and keeps it alive until backward; everything else the backward needs
-// lives in BlockActs. Legend: T = B·S tokens, D hidden, F dense FFN width.
+// lives in BlockActs. Under tensor parallelism the attention and the dense FFN are TP regions whose edges the
+// block owns (tensor_parallel.h); with sequence parallelism x, out and the norms hold this rank's Tl = T/TP
+// tokens and each region is entered by an all-gather (MLA gathers its narrower latents itself, mla.h) and left
+// by a reduce-scatter.
+// Legend: T = B·S tokens, Tl this rank's tokens outside the TP regions (T without SP), D hidden, F dense FFN width.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -35,7 +39,7 @@ struct BlockGrads {
 
 struct BlockDims {
   int64_t D = 0, F = 0;  // F: dense width (unused for MoE blocks); this rank's share under TP
-  TensorParallel tp;     // the dense FFN: gate/up column-parallel, down row-parallel
+  TensorParallel tp;     // the attention's and the dense FFN's TP regions (and sequence parallelism)
   float norm_eps = 1e-6f;
   bool is_moe = false;
   MlaDims mla;
@@ -45,7 +49,8 @@ struct BlockDims {
 struct BlockActs {
   const float* x_TD = nullptr;
   int64_t B = 0, S = 0;
-  DeviceArray<float> xn1_TD, rstd1_T, h_mid_TD, xn2_TD, rstd2_T, tmp_TD;
+  DeviceArray<float> xn1_TD, rstd1_T, h_mid_TD, xn2_TD, rstd2_T, tmp_TD;  // [Tl, ·]
+  DeviceArray<float> xn2_full_TD;  // SP: the dense FFN's normed input gathered (its saved input)
   MlaActs mla;
   MlpActs mlp;  // dense FFN
   MoeActs moe;
@@ -57,6 +62,7 @@ struct BlockScratch {
   MlpScratch mlp;
   LinearScratch lin;
   DeviceArray<float> dxn_TD, dh_mid_TD, dh_TF;  // dh_TF: free for the caller between blocks
+  DeviceArray<float> full_TD, dfull_TD;         // SP: a region's whole-sequence output and input gradient
 };
 
 void block_forward(Backend& be, const BlockDims& d, const BlockParams& p, const float* x_TD, int64_t B,

@@ -54,6 +54,8 @@ void mla_forward(Backend& be, const MlaDims& d, const MlaParams& p, const float*
       qlora ? "MLA: q_a_proj / q_a_layernorm / q_b_proj weights missing" : "MLA: q_proj weight missing");
   DSV3_CHECK(p.kv_a_proj_w && p.kv_a_norm_w && p.kv_b_proj_w && p.o_proj_w, "MLA: kv/o weights missing");
   const int64_t T = B * S, H = d.H, K = d.qk_dim(), E = d.kv_b_dim(), C = d.kv_a_dim(), L = d.kv_lora;
+  const bool sp = d.tp.sp();
+  const int64_t Tl = d.tp.local_tokens(T), Sl = S / d.tp.size;  // x's rows (this rank's positions with SP)
   a.B = B, a.S = S, a.x_TD = x;
 
   // Queries: [T, H·K], per head [nope | rope]. Each projection input becomes a GEMM operand once (kept for
@@ -61,26 +63,35 @@ void mla_forward(Backend& be, const MlaDims& d, const MlaParams& p, const float*
   auto W = [&](const float* w, int64_t n) {
     return weight_operand(be, w, n, prec, p.bf16_weights, sc.lin.b);
   };
-  const void* xo = linear_operand(be, x, T * d.D, prec, a.x_bf);
+  const void* xo = linear_operand(be, x, Tl * d.D, prec, a.x_bf);
   float* q = grow(be, a.q_THK, T * H * K);
   DSV3_PROFILE_BEGIN(qkv, "fwd.attn.qkv_proj");
   if (qlora) {
-    float* cq = grow(be, a.cq_TLq, T * d.q_lora);
+    float* cq = grow(be, a.cq_TLq, Tl * d.q_lora);
     float* cqn = grow(be, a.cqn_TLq, T * d.q_lora);
-    linear_forward_op(be, xo, W(p.q_a_proj_w, d.q_lora * d.D), cq, T, d.D, d.q_lora, prec);
-    be.rmsnorm_forward(cq, d.q_lora, p.q_a_norm_w, cqn, d.q_lora, grow(be, a.rstd_q_T, T), T, d.q_lora,
+    float* cqn_mine = sp ? grow(be, sc.cqn_local_TLq, Tl * d.q_lora) : cqn;
+    linear_forward_op(be, xo, W(p.q_a_proj_w, d.q_lora * d.D), cq, Tl, d.D, d.q_lora, prec);
+    be.rmsnorm_forward(cq, d.q_lora, p.q_a_norm_w, cqn_mine, d.q_lora, grow(be, a.rstd_q_T, Tl), Tl, d.q_lora,
                        d.norm_eps);
+    if (sp) d.tp.sp_all_gather(cqn_mine, cqn, B, Sl, d.q_lora);
     const void* cqno = linear_operand(be, cqn, T * d.q_lora, prec, a.cqn_bf);
     linear_forward_op(be, cqno, W(p.q_b_proj_w, H * K * d.q_lora), q, T, d.q_lora, H * K, prec);
   } else {
-    linear_forward_op(be, xo, W(p.q_proj_w, H * K * d.D), q, T, d.D, H * K, prec);
+    const void* xqo = xo;
+    if (sp) {
+      d.tp.sp_all_gather(x, grow(be, a.x_full_TD, T * d.D), B, Sl, d.D);
+      xqo = linear_operand(be, a.x_full_TD.data(), T * d.D, prec, a.x_full_bf);
+    }
+    linear_forward_op(be, xqo, W(p.q_proj_w, H * K * d.D), q, T, d.D, H * K, prec);
   }
 
   // Latent kv: [T, C] = [ckv | k_pe]; only ckv is normed.
   float* ckv = grow(be, a.ckv_TC, T * C);
   float* ckvn = grow(be, a.ckvn_TLkv, T * L);
   float* kv = grow(be, a.kv_THE, T * H * E);
-  linear_forward_op(be, xo, W(p.kv_a_proj_w, C * d.D), ckv, T, d.D, C, prec);
+  float* ckv_mine = sp ? grow(be, sc.ckv_local_TC, Tl * C) : ckv;
+  linear_forward_op(be, xo, W(p.kv_a_proj_w, C * d.D), ckv_mine, Tl, d.D, C, prec);
+  if (sp) d.tp.sp_all_gather(ckv_mine, ckv, B, Sl, C);
   be.rmsnorm_forward(ckv, C, p.kv_a_norm_w, ckvn, L, grow(be, a.rstd_kv_T, T), T, L, d.norm_eps);
   const void* ckvno = linear_operand(be, ckvn, T * L, prec, a.ckvn_bf);
   linear_forward_op(be, ckvno, W(p.kv_b_proj_w, H * E * L), kv, T, L, H * E, prec);
@@ -105,7 +116,6 @@ void mla_forward(Backend& be, const MlaDims& d, const MlaParams& p, const float*
   DSV3_PROFILE("fwd.attn.o_proj");
   const void* oo = linear_operand(be, o, T * H * d.dv, prec, a.o_bf);
   linear_forward_op(be, oo, W(p.o_proj_w, d.D * H * d.dv), y, T, H * d.dv, d.D, prec);
-  d.tp.reduce_from_forward(y, T * d.D);
 }
 
 void mla_backward(Backend& be, const MlaDims& d, const MlaParams& p, const MlaActs& a, const float* dy,
@@ -118,6 +128,8 @@ void mla_backward(Backend& be, const MlaDims& d, const MlaParams& p, const MlaAc
              "MLA backward: a gradient buffer is missing");
   const int64_t B = a.B, S = a.S, T = B * S, H = d.H, K = d.qk_dim(), E = d.kv_b_dim(), C = d.kv_a_dim(),
                 L = d.kv_lora;
+  const bool sp = d.tp.sp();
+  const int64_t Tl = d.tp.local_tokens(T), Sl = S / d.tp.size;
   // Each output gradient becomes a GEMM operand once (sc.lin.a) and feeds both the weight and input
   // gradients.
   auto W = [&](const float* w, int64_t n) {
@@ -169,28 +181,40 @@ void mla_backward(Backend& be, const MlaDims& d, const MlaParams& p, const MlaAc
   linear_backward_input_op(be, dkvo, W(p.kv_b_proj_w, H * E * L), dckvn, T, L, H * E, prec);
   be.rmsnorm_backward(dckvn, L, a.ckv_TC.data(), C, p.kv_a_norm_w, a.rstd_kv_T.data(), dckv, C, g.kv_a_norm_w,
                       T, L, 0.f);
-  const void* dckvo = G(dckv, T * C);
-  linear_backward_weight_op(be, dckvo, xo, g.kv_a_proj_w, T, d.D, C, prec);
-  linear_backward_input_op(be, dckvo, W(p.kv_a_proj_w, C * d.D), dx, T, d.D, C, prec);
+  // SP: the latent's gradient, partial over the heads for all positions, summed and kept for this rank's.
+  float* dckv_mine = sp ? grow(be, sc.dckv_local_TC, Tl * C) : dckv;
+  if (sp) d.tp.sp_reduce_scatter(dckv, dckv_mine, B, Sl, C);
+  const void* dckvo = G(dckv_mine, Tl * C);
+  linear_backward_weight_op(be, dckvo, xo, g.kv_a_proj_w, Tl, d.D, C, prec);
+  linear_backward_input_op(be, dckvo, W(p.kv_a_proj_w, C * d.D), dx, Tl, d.D, C, prec);
 
   // Query path, accumulating into dx.
   const void* dqo = G(dq, T * H * K);
   if (qlora) {
     float* dcqn = grow(be, sc.dcqn_TLq, T * d.q_lora);
-    float* dcq = grow(be, sc.dcq_TLq, T * d.q_lora);
+    float* dcq = grow(be, sc.dcq_TLq, Tl * d.q_lora);
     linear_backward_weight_op(be, dqo, saved_operand(a.cqn_TLq.data(), a.cqn_bf, prec), g.q_b_proj_w, T,
                               d.q_lora, H * K, prec);
     linear_backward_input_op(be, dqo, W(p.q_b_proj_w, H * K * d.q_lora), dcqn, T, d.q_lora, H * K, prec);
-    be.rmsnorm_backward(dcqn, d.q_lora, a.cq_TLq.data(), d.q_lora, p.q_a_norm_w, a.rstd_q_T.data(), dcq,
-                        d.q_lora, g.q_a_norm_w, T, d.q_lora, 0.f);
-    const void* dcqo = G(dcq, T * d.q_lora);
-    linear_backward_weight_op(be, dcqo, xo, g.q_a_proj_w, T, d.D, d.q_lora, prec);
-    linear_backward_input_op(be, dcqo, W(p.q_a_proj_w, d.q_lora * d.D), dx, T, d.D, d.q_lora, prec, 1.f);
+    float* dcqn_mine = sp ? grow(be, sc.dcqn_local_TLq, Tl * d.q_lora) : dcqn;
+    if (sp) d.tp.sp_reduce_scatter(dcqn, dcqn_mine, B, Sl, d.q_lora);
+    be.rmsnorm_backward(dcqn_mine, d.q_lora, a.cq_TLq.data(), d.q_lora, p.q_a_norm_w, a.rstd_q_T.data(), dcq,
+                        d.q_lora, g.q_a_norm_w, Tl, d.q_lora, 0.f);
+    const void* dcqo = G(dcq, Tl * d.q_lora);
+    linear_backward_weight_op(be, dcqo, xo, g.q_a_proj_w, Tl, d.D, d.q_lora, prec);
+    linear_backward_input_op(be, dcqo, W(p.q_a_proj_w, d.q_lora * d.D), dx, Tl, d.D, d.q_lora, prec, 1.f);
+  } else if (sp) {  // q_proj read x gathered: its input gradient is reduce-scattered, then added
+    float* dx_full = grow(be, sc.dx_full_TD, T * d.D);
+    float* dx_mine = grow(be, sc.dx_local_TD, Tl * d.D);
+    linear_backward_weight_op(be, dqo, saved_operand(a.x_full_TD.data(), a.x_full_bf, prec), g.q_proj_w, T,
+                              d.D, H * K, prec);
+    linear_backward_input_op(be, dqo, W(p.q_proj_w, H * K * d.D), dx_full, T, d.D, H * K, prec);
+    d.tp.sp_reduce_scatter(dx_full, dx_mine, B, Sl, d.D);
+    be.add(dx, dx, dx_mine, Tl * d.D);
   } else {
     linear_backward_weight_op(be, dqo, xo, g.q_proj_w, T, d.D, H * K, prec);
     linear_backward_input_op(be, dqo, W(p.q_proj_w, H * K * d.D), dx, T, d.D, H * K, prec, 1.f);
   }
-  d.tp.copy_to_backward(dx, T * d.D);
 }
 
 }  // namespace dsv3

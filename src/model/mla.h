@@ -29,8 +29,15 @@ struct MlaDims {
   float softmax_scale = 0.f;  // qk_head_dim^-0.5 · mscale(factor, mscale_all_dim)²
   RopeFreqs rope;             // inv_freq [dr/2] (YaRN-adjusted) and cos/sin amplitude, from rope_inv_freq
   // Tensor parallelism: H is then this rank's heads (q_b/q_proj and kv_b hold their rows, o_proj their
-  // columns); o_proj's partial output is reduced over TP, and the input gradient (partial: the latents reach
-  // only these heads) too, as is the gradient of the replicated latent path (ParamInfo::tp_grad_sum).
+  // columns). y and dx are then partial sums over the TP ranks (the latents reach only these heads): the caller
+  // (the decoder block) reduces them at the edges of its TP region, all-reduced or, with sequence parallelism,
+  // reduce-scattered; the replicated latent path's gradient is summed by the trainer (ParamInfo::tp_grad_sum).
+  // With sequence parallelism (tp.sp()) x and dx hold this rank's Tl = T/TP positions, as Megatron's MLA takes
+  // them: the down-projections (and q_a_layernorm) run on those, and what the heads need of all positions is
+  // gathered — the normed q latent (Lq wide) and the kv latent with k_pe (C wide; kv_a_layernorm then runs on
+  // all positions), or x itself for q_proj without q_lora — instead of the D-wide input. Their gradients are
+  // reduce-scattered back, so dx is then whole for this rank's positions (no reduction left to the caller);
+  // y stays partial over the heads of all T positions.
   TensorParallel tp;
   int64_t qk_dim() const { return dn + dr; }
   int64_t kv_b_dim() const { return dn + dv; }
@@ -78,6 +85,10 @@ struct MlaActs {
   DeviceArray<float> k_THK;      // keys: [k_nope_h | rotated k_pe] (k_pe broadcast over heads)
   DeviceArray<float> o_THV;      // attention output (o_proj input)
   DeviceArray<float> lse_BHS;    // attention logsumexp per row
+  // SP: x gathered (q_proj's input without q_lora), and its GEMM operand in bf16 mode. With SP x_TD, cq_TLq and
+  // rstd_q_T hold Tl rows; everything else T.
+  DeviceArray<float> x_full_TD;
+  DeviceArray<bf16> x_full_bf;
   // bf16 mode: the projection inputs as GEMM operands, made once in forward and reused by the weight
   // gradients.
   DeviceArray<bf16> x_bf, cqn_bf, ckvn_bf, o_bf;
@@ -87,6 +98,8 @@ struct MlaActs {
 struct MlaScratch {
   LinearScratch lin;  // (the attention kernel's scratch is the backend's)
   DeviceArray<float> do_THV, dq_THK, dk_THK, dkv_THE, dckvn_TLkv, dckv_TC, dcqn_TLq, dcq_TLq;
+  // SP: this rank's latents before their gather, and their gradients after the reduce-scatter ([Tl, ·]).
+  DeviceArray<float> cqn_local_TLq, ckv_local_TC, dcqn_local_TLq, dckv_local_TC, dx_full_TD, dx_local_TD;
   RopeTable rope_table;  // cos/sin for positions [0, max_pos); rebuilt when S outgrows it or freqs change
   RopeFreqs rope_table_freqs;
   DeviceArray<float> rope_cos_PH, rope_sin_PH;  // the table in the backend's memory (what the kernels read)

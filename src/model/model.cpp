@@ -50,7 +50,9 @@ void roll_left(const int32_t* x, int32_t* y, int64_t B, int64_t S, int64_t k, in
 struct Model::Depth {
   std::vector<int32_t> ids_host, labels_host;
   DeviceArray<int32_t> ids, labels;
-  DeviceArray<float> e_TD, rstd_e_T, rstd_h_T, cat_T2D, z_TD, zout_TD, h_TD, rstd_o_T, loss_T, lse_T;
+  // [Tl, ·] (this rank's tokens under sequence parallelism) but the head's: h_full_TD (SP: h gathered), loss, lse.
+  DeviceArray<float> e_TD, rstd_e_T, rstd_h_T, cat_T2D, z_TD, zout_TD, h_TD, rstd_o_T, loss_T, lse_T,
+      h_full_TD;
   BlockActs acts;
 };
 
@@ -93,7 +95,7 @@ Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
     d.is_moe = cfg_.is_moe_layer(i);
     d.mla = mla_dims(cfg_);
     d.mla.H /= tp;
-    d.mla.tp = opt_.tp;
+    d.mla.tp = opt_.tp;  // sequence parallelism: MLA gathers its latents (its TP reductions are the block's)
     d.mla.validate();
     if (d.is_moe) {
       d.moe = moe_config_from_model(cfg_, opt_.precision);
@@ -238,12 +240,20 @@ const bf16* Model::head_bf16() {
 void Model::embed(const int32_t* ids, float* out, int64_t t) {
   const float* table = param("model.embed_tokens.weight");
   if (!opt_.tp.on()) return be().embedding_forward(ids, table, out, t, cfg_.vocab_size, cfg_.hidden_size);
+  if (opt_.tp.sp())
+    return vocab_parallel_embedding_forward_sp(opt_.tp, vocab_, ids, table,
+                                               grow(be(), full_TD_, t * cfg_.hidden_size), out, B_, S_,
+                                               cfg_.hidden_size);
   vocab_parallel_embedding_forward(opt_.tp, vocab_, ids, table, out, t, cfg_.hidden_size);
 }
 
 void Model::embed_backward(const float* dout, const int32_t* ids, int64_t t) {
   float* dtable = grad("model.embed_tokens.weight");
   if (!opt_.tp.on()) return be().embedding_backward(dout, ids, dtable, t, cfg_.vocab_size, cfg_.hidden_size);
+  if (opt_.tp.sp())
+    return vocab_parallel_embedding_backward_sp(opt_.tp, vocab_, dout, ids,
+                                                grow(be(), full_TD_, t * cfg_.hidden_size), dtable, B_, S_,
+                                                cfg_.hidden_size);
   vocab_parallel_embedding_backward(vocab_, dout, ids, dtable, t, cfg_.hidden_size);
 }
 
@@ -263,8 +273,19 @@ void Model::head_ce_backward(const float* h, const int32_t* labels, const float*
   if (!opt_.tp.on())
     return be().head_cross_entropy_backward(h, head, head_bf16(), labels, lse, scale, nullptr, dh, dhead, t,
                                             cfg_.hidden_size, cfg_.vocab_size, opt_.precision);
-  vocab_parallel_head_ce_backward(be(), opt_.tp, vocab_, h, head, labels, lse, scale, dh, dhead, t,
+  // With SP, h is the gathered head input and dh this rank's positions: the partial whole-sequence gradient is
+  // reduce-scattered (the backward of the gather).
+  float* dh_all = opt_.tp.sp() ? grow(be(), full_TD_, t * cfg_.hidden_size) : dh;
+  vocab_parallel_head_ce_backward(be(), opt_.tp, vocab_, h, head, labels, lse, scale, dh_all, dhead, t,
                                   cfg_.hidden_size, opt_.precision, vp_scratch_);
+  if (opt_.tp.sp()) opt_.tp.sp_reduce_scatter(dh_all, dh, B_, S_ / opt_.tp.size, cfg_.hidden_size);
+}
+
+const float* Model::gather_for_head(const DeviceArray<float>& h_local, DeviceArray<float>& h_full) {
+  if (!opt_.tp.sp()) return h_local.data();
+  const int64_t T = B_ * S_, D = cfg_.hidden_size;
+  opt_.tp.sp_all_gather(h_local.data(), grow(be(), h_full, T * D), B_, S_ / opt_.tp.size, D);
+  return h_full.data();
 }
 
 HeadLossResult Model::loss_sum(const float* loss_T, const int32_t* host_labels_T, int64_t t, int64_t* slot) {
@@ -324,7 +345,11 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
   DSV3_CHECK(opt_.stage.pre_process || stage_input,
              "forward: a pipeline stage after the first needs its input");
   DSV3_PROFILE("fwd.other");
-  const int64_t T = B * S, D = cfg_.hidden_size, L = cfg_.num_hidden_layers;
+  DSV3_CHECK(!opt_.tp.sp() || S % opt_.tp.size == 0, "sequence parallelism: the sequence length ", S,
+             " must be divisible by the tensor model parallel size ", opt_.tp.size,
+             " (rule: seq_length % TP == 0; each TP rank holds S/TP positions of every sequence)");
+  // T tokens in the micro-batch; Tl of them on this rank outside the TP regions (T/TP with SP).
+  const int64_t T = B * S, Tl = opt_.tp.local_tokens(T), D = cfg_.hidden_size, L = cfg_.num_hidden_layers;
   const int64_t first = opt_.stage.first_layer, end = opt_.stage.end(L);
   B_ = B, S_ = S, training_ = training;
   // The kernels read ids and labels in the backend's memory; the host keeps the labels to count valid tokens.
@@ -353,12 +378,12 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
   };
 
   resid_.resize(L + 1);
-  for (int64_t i = first; i <= end; ++i) grow(be(), resid_[i], T * D);
+  for (int64_t i = first; i <= end; ++i) grow(be(), resid_[i], Tl * D);
   if (opt_.stage.pre_process) {
     DSV3_PROFILE("fwd.embedding");
     embed(ids_.data(), resid_[0].data(), T);
   } else {
-    be().copy_to_device(resid_[first].data(), stage_input, T * D * sizeof(float));
+    be().copy_to_device(resid_[first].data(), stage_input, Tl * D * sizeof(float));
   }
   for (int64_t i = first; i < end; ++i) {
     BlockActs& a = acts_[opt_.recompute ? 0 : i];
@@ -366,14 +391,15 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
     collect_moe(dims_[i], a);
   }
   if (!opt_.stage.post_process) return st;
-  grow(be(), hf_TD_, T * D), grow(be(), rstd_f_T_, T), grow(be(), loss_T_, T), grow(be(), lse_T_, T);
+  grow(be(), hf_TD_, Tl * D), grow(be(), rstd_f_T_, Tl), grow(be(), loss_T_, T), grow(be(), lse_T_, T);
   DSV3_PROFILE_BEGIN(head, "fwd.head_ce");
-  be().rmsnorm_forward(resid_[L].data(), D, param("model.norm.weight"), hf_TD_.data(), D, rstd_f_T_.data(), T,
-                       D, static_cast<float>(cfg_.rms_norm_eps));
-  head_ce_forward(hf_TD_.data(), labels_.data(), loss_T_.data(), lse_T_.data(), T);
+  be().rmsnorm_forward(resid_[L].data(), D, param("model.norm.weight"), hf_TD_.data(), D, rstd_f_T_.data(),
+                       Tl, D, static_cast<float>(cfg_.rms_norm_eps));
+  const float* head_in = gather_for_head(hf_TD_, hf_full_TD_);
+  head_ce_forward(head_in, labels_.data(), loss_T_.data(), lse_T_.data(), T);
   const HeadLossResult r = loss_sum(loss_T_.data(), labels, T, &st.lm_slot);
   st.lm_loss_sum = r.loss_sum, st.lm_tokens = r.n_valid;
-  if (logits_out) logits_to_host(hf_TD_.data(), T, logits_out);
+  if (logits_out) logits_to_host(head_in, T, logits_out);
   DSV3_PROFILE_END(head);
 
   const float* h_prev = hf_TD_.data();
@@ -388,23 +414,27 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
     grow(be(), dp.ids, T), grow(be(), dp.labels, T);
     dp.ids.copy_from_host(dp.ids_host.data(), T), dp.labels.copy_from_host(dp.labels_host.data(), T);
     Backend& b = be();
-    grow(b, dp.e_TD, T * D), grow(b, dp.rstd_e_T, T), grow(b, dp.rstd_h_T, T), grow(b, dp.cat_T2D, 2 * T * D);
-    grow(b, dp.z_TD, T * D), grow(b, dp.zout_TD, T * D), grow(b, dp.h_TD, T * D), grow(b, dp.rstd_o_T, T);
+    grow(b, dp.e_TD, Tl * D), grow(b, dp.rstd_e_T, Tl), grow(b, dp.rstd_h_T, Tl),
+        grow(b, dp.cat_T2D, 2 * Tl * D);
+    grow(b, dp.z_TD, Tl * D), grow(b, dp.zout_TD, Tl * D), grow(b, dp.h_TD, Tl * D), grow(b, dp.rstd_o_T, Tl);
     grow(b, dp.loss_T, T), grow(b, dp.lse_T, T);
     const float eps = static_cast<float>(cfg_.rms_norm_eps);
     embed(dp.ids.data(), dp.e_TD.data(), T);
     // eh_proj input: [enorm(embedding) | hnorm(hidden)] — embedding first, as the released weights expect.
+    // With SP on this rank's positions: eh_proj is replicated over TP (Megatron splits it by columns and
+    // gathers its output; dsv3 keeps it whole, its gradient summed over TP like a norm's).
     be().rmsnorm_forward(dp.e_TD.data(), D, param(P + "enorm.weight"), dp.cat_T2D.data(), 2 * D,
-                         dp.rstd_e_T.data(), T, D, eps);
+                         dp.rstd_e_T.data(), Tl, D, eps);
     be().rmsnorm_forward(h_prev, D, param(P + "hnorm.weight"), dp.cat_T2D.data() + D, 2 * D,
-                         dp.rstd_h_T.data(), T, D, eps);
-    linear_forward(be(), dp.cat_T2D.data(), param(P + "eh_proj.weight"), dp.z_TD.data(), T, 2 * D, D,
+                         dp.rstd_h_T.data(), Tl, D, eps);
+    linear_forward(be(), dp.cat_T2D.data(), param(P + "eh_proj.weight"), dp.z_TD.data(), Tl, 2 * D, D,
                    opt_.precision, scratch_.lin);
     run_block(layer, dp.z_TD.data(), dp.zout_TD.data(), dp.acts, training);
     collect_moe(dims_[layer], dp.acts);
     be().rmsnorm_forward(dp.zout_TD.data(), D, param(P + "shared_head.norm.weight"), dp.h_TD.data(), D,
-                         dp.rstd_o_T.data(), T, D, eps);
-    head_ce_forward(dp.h_TD.data(), dp.labels.data(), dp.loss_T.data(), dp.lse_T.data(), T);
+                         dp.rstd_o_T.data(), Tl, D, eps);
+    head_ce_forward(gather_for_head(dp.h_TD, dp.h_full_TD), dp.labels.data(), dp.loss_T.data(),
+                    dp.lse_T.data(), T);
     int64_t slot = -1;
     const HeadLossResult m = loss_sum(dp.loss_T.data(), dp.labels_host.data(), T, &slot);
     st.mtp_loss_sum.push_back(m.loss_sum);
@@ -421,7 +451,7 @@ void Model::swap_activations(Activations& a) {
   std::swap(a.ids, ids_), std::swap(a.labels, labels_), a.labels_host.swap(labels_host_);
   a.resid.swap(resid_), a.acts.swap(acts_);
   std::swap(a.hf_TD, hf_TD_), std::swap(a.rstd_f_T, rstd_f_T_), std::swap(a.loss_T, loss_T_),
-      std::swap(a.lse_T, lse_T_);
+      std::swap(a.lse_T, lse_T_), std::swap(a.hf_full_TD, hf_full_TD_);
 }
 
 const float* Model::stage_output() const {
@@ -434,7 +464,7 @@ const float* Model::stage_input_grad() const {
 
 void Model::backward(float lm_scale, float aux_scale, const std::vector<float>& mtp_scales,
                      const float* doutput) {
-  const int64_t T = B_ * S_, D = cfg_.hidden_size, L = cfg_.num_hidden_layers;
+  const int64_t T = B_ * S_, Tl = opt_.tp.local_tokens(T), D = cfg_.hidden_size, L = cfg_.num_hidden_layers;
   DSV3_CHECK(T > 0, "backward without forward");
   DSV3_CHECK(opt_.stage.post_process || doutput,
              "backward: a pipeline stage before the last needs its output's "
@@ -442,11 +472,11 @@ void Model::backward(float lm_scale, float aux_scale, const std::vector<float>& 
   DSV3_PROFILE("bwd.other");
   const Precision prec = opt_.precision;
   const int64_t first = opt_.stage.first_layer, end = opt_.stage.end(L);
-  grow(be(), dA_TD_, T * D), grow(be(), dB_TD_, T * D), grow(be(), dhf_TD_, T * D);
+  grow(be(), dA_TD_, Tl * D), grow(be(), dB_TD_, Tl * D), grow(be(), dhf_TD_, Tl * D);
   if (opt_.stage.post_process)
     head_backward(lm_scale, aux_scale, mtp_scales);
   else
-    be().copy_to_device(dB_TD_.data(), doutput, T * D * sizeof(float));
+    be().copy_to_device(dB_TD_.data(), doutput, Tl * D * sizeof(float));
 
   // Layers in reverse; dB holds d(layer output), dA receives d(layer input).
   for (int64_t i = end - 1; i >= first; --i) {
@@ -465,11 +495,14 @@ void Model::backward(float lm_scale, float aux_scale, const std::vector<float>& 
 
 // The last stage's part of the backward: MTP depths, the head and the final norm; leaves d(final hidden) in dB.
 void Model::head_backward(float lm_scale, float aux_scale, const std::vector<float>& mtp_scales) {
-  const int64_t T = B_ * S_, D = cfg_.hidden_size, L = cfg_.num_hidden_layers;
+  const int64_t T = B_ * S_, Tl = opt_.tp.local_tokens(T), D = cfg_.hidden_size, L = cfg_.num_hidden_layers;
   const Precision prec = opt_.precision;
+  auto head_in = [&](const DeviceArray<float>& local, const DeviceArray<float>& full) {
+    return opt_.tp.sp() ? full.data() : local.data();  // what the head read in forward
+  };
 
   // MTP depths, last to first. dhf_TD_ carries the gradient into the previous depth's output (finally hf).
-  be().fill_zero(dhf_TD_.data(), T * D * sizeof(float));
+  be().fill_zero(dhf_TD_.data(), Tl * D * sizeof(float));
   for (int64_t k = static_cast<int64_t>(depths_.size()) - 1; k >= 0; --k) {
     DSV3_PROFILE("bwd.mtp");
     Depth& dp = *depths_[k];
@@ -478,34 +511,35 @@ void Model::head_backward(float lm_scale, float aux_scale, const std::vector<flo
     const float* h_prev = k == 0 ? hf_TD_.data() : depths_[k - 1]->h_TD.data();
     // dH = head gradient + what the next depth sent back through its hnorm.
     const float mtp_scale = k < static_cast<int64_t>(mtp_scales.size()) ? mtp_scales[k] : 0.f;
-    head_ce_backward(dp.h_TD.data(), dp.labels.data(), dp.lse_T.data(), mtp_scale, dA_TD_.data(), T);
-    be().add(dA_TD_.data(), dA_TD_.data(), dhf_TD_.data(), T * D);
+    head_ce_backward(head_in(dp.h_TD, dp.h_full_TD), dp.labels.data(), dp.lse_T.data(), mtp_scale,
+                     dA_TD_.data(), T);
+    be().add(dA_TD_.data(), dA_TD_.data(), dhf_TD_.data(), Tl * D);
     be().rmsnorm_backward(dA_TD_.data(), D, dp.zout_TD.data(), D, param(P + "shared_head.norm.weight"),
-                          dp.rstd_o_T.data(), dB_TD_.data(), D, grad(P + "shared_head.norm.weight"), T, D,
+                          dp.rstd_o_T.data(), dB_TD_.data(), D, grad(P + "shared_head.norm.weight"), Tl, D,
                           0.f);
     BlockGrads g = block_grads(layer);
     block_backward(be(), dims_[layer], block_params(layer), dp.acts, dB_TD_.data(), aux_scale, dA_TD_.data(),
                    g, scratch_, prec);
     // eh_proj: dz (dA) → dcat [T, 2D]; the cat buffer is reused for its gradient once dW is formed.
     DeviceArray<float>& dcat = scratch_.dh_TF;  // free between blocks
-    grow(be(), dcat, 2 * T * D);
-    linear_backward_weight(be(), dA_TD_.data(), dp.cat_T2D.data(), grad(P + "eh_proj.weight"), T, 2 * D, D,
+    grow(be(), dcat, 2 * Tl * D);
+    linear_backward_weight(be(), dA_TD_.data(), dp.cat_T2D.data(), grad(P + "eh_proj.weight"), Tl, 2 * D, D,
                            prec, scratch_.lin);
-    linear_backward_input(be(), dA_TD_.data(), param(P + "eh_proj.weight"), dcat.data(), T, 2 * D, D, prec,
+    linear_backward_input(be(), dA_TD_.data(), param(P + "eh_proj.weight"), dcat.data(), Tl, 2 * D, D, prec,
                           scratch_.lin);
     be().rmsnorm_backward(dcat.data(), 2 * D, dp.e_TD.data(), D, param(P + "enorm.weight"),
-                          dp.rstd_e_T.data(), dB_TD_.data(), D, grad(P + "enorm.weight"), T, D, 0.f);
+                          dp.rstd_e_T.data(), dB_TD_.data(), D, grad(P + "enorm.weight"), Tl, D, 0.f);
     embed_backward(dB_TD_.data(), dp.ids.data(), T);
     be().rmsnorm_backward(dcat.data() + D, 2 * D, h_prev, D, param(P + "hnorm.weight"), dp.rstd_h_T.data(),
-                          dhf_TD_.data(), D, grad(P + "hnorm.weight"), T, D, 0.f);
+                          dhf_TD_.data(), D, grad(P + "hnorm.weight"), Tl, D, 0.f);
   }
 
   // Main head and final norm.
   DSV3_PROFILE_BEGIN(head, "bwd.head_ce");
-  head_ce_backward(hf_TD_.data(), labels_.data(), lse_T_.data(), lm_scale, dA_TD_.data(), T);
-  if (!depths_.empty()) be().add(dA_TD_.data(), dA_TD_.data(), dhf_TD_.data(), T * D);
+  head_ce_backward(head_in(hf_TD_, hf_full_TD_), labels_.data(), lse_T_.data(), lm_scale, dA_TD_.data(), T);
+  if (!depths_.empty()) be().add(dA_TD_.data(), dA_TD_.data(), dhf_TD_.data(), Tl * D);
   be().rmsnorm_backward(dA_TD_.data(), D, resid_[L].data(), D, param("model.norm.weight"), rstd_f_T_.data(),
-                        dB_TD_.data(), D, grad("model.norm.weight"), T, D, 0.f);
+                        dB_TD_.data(), D, grad("model.norm.weight"), Tl, D, 0.f);
   DSV3_PROFILE_END(head);
 }
 

@@ -36,7 +36,10 @@ struct ModelOptions {
   ExpertParallel ep;          // expert parallelism: this rank holds and runs E/EP experts per MoE layer
   PipelineStage stage;        // pipeline parallelism: the layers (and ends) this rank holds and runs
   // Tensor parallelism (Megatron's layout, param_table.h TpSplit): this rank holds its heads, FFN columns and
-  // vocabulary rows; the CPU backend only.
+  // vocabulary rows; the CPU backend only. With tp.sequence_parallel the residual stream, the norms, the MoE
+  // layers and MTP's norms and eh_proj hold only this rank's S/TP positions of each sequence (tensor_parallel.h):
+  // the embedding's output is reduce-scattered, the heads' inputs gathered; stage inputs and outputs of a
+  // pipeline stage are then [B·S/TP, D].
   TensorParallel tp;
   // The kernels' backend (kernels/backend.h): parameters, gradients and activations live in its memory. A device
   // backend runs one rank (no expert parallelism).
@@ -121,7 +124,7 @@ class Model {
     DeviceArray<int32_t> ids, labels;
     std::vector<DeviceArray<float>> resid;
     std::vector<BlockActs> acts;
-    DeviceArray<float> hf_TD, rstd_f_T, loss_T, lse_T;
+    DeviceArray<float> hf_TD, rstd_f_T, loss_T, lse_T, hf_full_TD;
   };
   void swap_activations(Activations& a);
   // Backend memory: [B·S, D], after forward (not the last stage) / after backward (not the first stage).
@@ -142,8 +145,11 @@ class Model {
   void embed(const int32_t* ids_T, float* out_TD, int64_t t);
   void embed_backward(const float* dout_TD, const int32_t* ids_T, int64_t t);
   void head_ce_forward(const float* h_TD, const int32_t* labels_T, float* loss_T, float* lse_T, int64_t t);
+  // t = B·S tokens; with SP, h_TD is the gathered head input and dh_TD this rank's [t/TP, D] (assigned).
   void head_ce_backward(const float* h_TD, const int32_t* labels_T, const float* lse_T, float scale,
                         float* dh_TD, int64_t t);
+  // The head's input: h_local itself, or with SP all of it gathered into h_full.
+  const float* gather_for_head(const DeviceArray<float>& h_local, DeviceArray<float>& h_full);
   // The full logits [t, V] into host memory (tests and HF goldens), on any backend.
   void logits_to_host(const float* h_TD, int64_t t, float* logits_host);
   void run_block(int64_t layer, const float* x, float* out, BlockActs& acts, bool training);
@@ -169,12 +175,14 @@ class Model {
   std::vector<DeviceArray<float>> resid_;  // layer inputs h_0..h_L, [T,D] each
   std::vector<BlockActs> acts_;            // per main layer (one shared entry under recompute)
   DeviceArray<float> hf_TD_, rstd_f_T_, loss_T_, lse_T_;
+  DeviceArray<float> hf_full_TD_;  // SP: hf gathered, the head's input (kept for its backward)
   std::vector<std::unique_ptr<Depth>> depths_;
   BlockScratch scratch_;
   DeviceBuffer loss_sum_;  // one double of backend memory
   DeviceArray<double> deferred_;  // deferred loss sums (defer_losses)
   int64_t deferred_slots_ = 0, deferred_used_ = 0;
   DeviceArray<float> dA_TD_, dB_TD_, dhf_TD_, logits_scratch_;
+  DeviceArray<float> full_TD_;  // SP: the embedding's whole lookup and the head's input gradient, [B·S, D]
   VocabShard vocab_;  // this rank's rows of the embedding and lm_head
   VocabParallelScratch vp_scratch_;
 };

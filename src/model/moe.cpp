@@ -102,9 +102,54 @@ void experts_backward_bf16(Backend& be, const MoeConfig& c, MoeGrads& g, MoeActs
   });
 }
 
+// This rank's rows of the routing (dispatch reads them): the router's own, or under SP the local slice of the
+// whole micro-batch's routing.
+struct LocalRouting {
+  const int32_t* idx_TK;
+  const uint8_t* kept_TK;
+  const float* weight_TK;
+};
+LocalRouting local_routing(const MoeConfig& c, const MoeActs& a) {
+  if (c.tp.sp()) return {a.idx_local_TK.data(), a.kept_local_TK.data(), a.weight_local_TK.data()};
+  return {a.router.idx_TK.data(), a.router.kept_TK.data(), a.router.weight_TK.data()};
+}
+
+// Sequence parallelism (moe.h): this rank's logits gathered over TP, the whole micro-batch routed (the same on
+// every TP rank), then this rank's rows kept. TP runs on the CPU backend.
+void route_sequence_parallel(Backend& be, const MoeConfig& c, const MoeParams& p, const float* x, int64_t t,
+                             int64_t batch, bool training, MoeActs& a) {
+  const int64_t e = c.router.num_experts, k = c.router.topk, sl = t / batch, T = t * c.tp.size;
+  a.logits_local_TE.resize(t * e);
+  linear_forward(be, x, p.gate_w_ED, a.logits_local_TE.data(), t, c.hidden, e, Precision::kF32, a.router.lin);
+  a.router.logits_TE.resize(T * e);
+  c.tp.sp_all_gather(a.logits_local_TE.data(), a.router.logits_TE.data(), batch, sl, e);
+  router_route(c.router, p.expert_bias_E, T, batch, training, a.router);
+  a.idx_local_TK.resize(t * k), a.kept_local_TK.resize(t * k), a.weight_local_TK.resize(t * k);
+  c.tp.sp_slice(a.router.idx_TK.data(), a.idx_local_TK.data(), batch, sl, k);
+  c.tp.sp_slice(a.router.kept_TK.data(), a.kept_local_TK.data(), batch, sl, k);
+  c.tp.sp_slice(a.router.weight_TK.data(), a.weight_local_TK.data(), batch, sl, k);
+}
+
+// Its backward: the gate-weight gradients of every TP rank's rows gathered, the logits' gradient of the whole
+// micro-batch (the aux loss term needs every token's), then this rank's rows through the GEMMs.
+void router_backward_sequence_parallel(Backend& be, const MoeConfig& c, const MoeParams& p, const float* x,
+                                       float aux_grad, MoeActs& a, MoeGrads& g, float* dx) {
+  const int64_t t = a.t, e = c.router.num_experts, k = c.router.topk, sl = t / a.batch;
+  a.dweight_full_TK.resize(t * c.tp.size * k);
+  c.tp.sp_all_gather(a.dweight_TK.data(), a.dweight_full_TK.data(), a.batch, sl, k);
+  router_backward_logits(c.router, a.router, a.dweight_full_TK.data(), aux_grad);
+  a.dlogits_local_TE.resize(t * e);
+  c.tp.sp_slice(a.router.dlogits_TE.data(), a.dlogits_local_TE.data(), a.batch, sl, e);
+  linear_backward_weight(be, a.dlogits_local_TE.data(), x, g.gate_w_ED, t, c.hidden, e, Precision::kF32,
+                         a.router.lin);
+  linear_backward_input(be, a.dlogits_local_TE.data(), p.gate_w_ED, dx, t, c.hidden, e, Precision::kF32,
+                        a.router.lin, 1.f);
+}
+
 // The router: its GEMMs on the backend, the selection on the host (see moe.h).
 void route(Backend& be, const MoeConfig& c, const MoeParams& p, const float* x, int64_t t, int64_t batch,
            bool training, MoeActs& a) {
+  if (c.tp.sp()) return route_sequence_parallel(be, c, p, x, t, batch, training, a);
   const RouterParams rp{p.gate_w_ED, p.expert_bias_E};
   if (be.kind() == DeviceKind::kCpu) return router_forward(c.router, rp, x, t, c.hidden, batch, training, a.router);
   const int64_t e = c.router.num_experts;
@@ -120,6 +165,7 @@ void route(Backend& be, const MoeConfig& c, const MoeParams& p, const float* x, 
 
 void router_backward_on(Backend& be, const MoeConfig& c, const MoeParams& p, const float* x, float aux_grad,
                         MoeActs& a, MoeGrads& g, float* dx) {
+  if (c.tp.sp()) return router_backward_sequence_parallel(be, c, p, x, aux_grad, a, g, dx);
   const RouterParams rp{p.gate_w_ED, p.expert_bias_E};
   RouterGrads rg{g.gate_w_ED};
   if (be.kind() == DeviceKind::kCpu)
@@ -140,21 +186,23 @@ void router_backward_on(Backend& be, const MoeConfig& c, const MoeParams& p, con
 void dispatch(Backend& be, const MoeConfig& c, const float* x, MoeActs& a) {
   const int64_t t = a.t, d = c.hidden, k = c.router.topk, e = c.router.num_experts;
   const RouterActs& r = a.router;
+  const LocalRouting lr = local_routing(c, a);
   if (c.ep.size() > 1) {
-    // With pad-to-capacity the router's counts are the padded ones; the dispatcher decides what padding it needs.
-    const Routing routing{r.idx_TK.data(), r.kept_TK.data(), r.weight_TK.data(),
-                          c.router.pad_to_capacity ? r.tokens_per_expert_E.data() : nullptr, t, k, e};
+    // With pad-to-capacity the router's counts are the padded ones; the dispatcher decides what padding it needs
+    // (under SP this rank's pairs are a subset of the counted ones: the rest of each block is padding).
+    const int64_t* padded = c.router.pad_to_capacity ? r.tokens_per_expert_E.data() : nullptr;
+    const Routing routing{lr.idx_TK, lr.kept_TK, lr.weight_TK, padded, t, k, e};
     return ep_dispatch(c.ep, routing, x, d, a.dispatch, a.x_RD, a.prob_R);
   }
   // One rank holds every expert: padding rows would only be zeros, so they are not made.
   DispatchState& s = a.dispatch;
   s.t = t, s.k = k, s.d = d, s.local_experts = e;
-  build_permutation(r.idx_TK.data(), r.kept_TK.data(), t, k, e, s.perm);
+  build_permutation(lr.idx_TK, lr.kept_TK, t, k, e, s.perm);
   s.offsets_L1 = s.perm.offsets_E1;
   const int64_t r_n = s.perm.rows();
   grow(be, a.token_R, r_n), grow(be, a.slot_R, r_n), grow(be, a.row_TK, t * k), grow(be, a.weight_TK, t * k);
   a.token_R.copy_from_host(s.perm.token_R.data(), r_n), a.slot_R.copy_from_host(s.perm.slot_R.data(), r_n);
-  a.row_TK.copy_from_host(s.perm.row_TK.data(), t * k), a.weight_TK.copy_from_host(r.weight_TK.data(), t * k);
+  a.row_TK.copy_from_host(s.perm.row_TK.data(), t * k), a.weight_TK.copy_from_host(lr.weight_TK, t * k);
   be.permute_rows(x, a.token_R.data(), r_n, d, grow(be, a.x_RD, r_n * d));
   be.gather_or_zero(a.weight_TK.data(), a.slot_R.data(), r_n, grow(be, a.prob_R, r_n));
 }
@@ -193,7 +241,7 @@ void moe_forward(Backend& be, const MoeConfig& c, const MoeParams& p, const floa
              "moe_forward: shared expert weights are null");
   const int64_t d = c.hidden, f = c.ffn, k_n = c.router.topk;
   a.x_TD = x;
-  a.t = t;
+  a.t = t, a.batch = batch;
   {
     DSV3_PROFILE("fwd.moe.router");
     route(be, c, p, x, t, batch, training, a);
@@ -232,6 +280,15 @@ void moe_forward(Backend& be, const MoeConfig& c, const MoeParams& p, const floa
     const MlpParams mp{p.shared_gate_SD, p.shared_up_SD, p.shared_down_DS, p.bf16_weights};
     if (!c.tp.on()) {
       mlp_forward(be, mp, x, t, d, c.shared_ffn(), out, 1.f, a.shared, a.shared_scratch, c.precision);
+    } else if (c.tp.sp()) {  // a TP region over the whole sequence: gathered in, reduce-scattered out
+      const int64_t T = t * c.tp.size, sl = t / batch;
+      float* in = grow(be, a.shared_in_TD, T * d);
+      c.tp.sp_all_gather(x, in, batch, sl, d);
+      float* s = grow(be, a.shared_out_TD, T * d);
+      mlp_forward(be, mp, in, T, d, c.shared_ffn(), s, 0.f, a.shared, a.shared_scratch, c.precision);
+      float* mine = grow(be, a.shared_local_TD, t * d);
+      c.tp.sp_reduce_scatter(s, mine, batch, sl, d);
+      be.add(out, out, mine, t * d);
     } else {  // the partial sums over the TP ranks' columns are reduced before the routed part joins them
       float* s = grow(be, a.shared_out_TD, t * d);
       mlp_forward(be, mp, x, t, d, c.shared_ffn(), s, 0.f, a.shared, a.shared_scratch, c.precision);
@@ -255,8 +312,19 @@ void moe_backward(Backend& be, const MoeConfig& c, const MoeParams& p, MoeActs& 
     const MlpParams mp{p.shared_gate_SD, p.shared_up_SD, p.shared_down_DS, p.bf16_weights};
     MlpGrads mg{g.shared_gate_SD, g.shared_up_SD, g.shared_down_DS};
     DSV3_CHECK(!c.tp.on() || beta == 0.f, "moe_backward: under tensor parallelism dx is assigned (beta 0)");
-    mlp_backward(be, mp, a.shared, dout, d, c.shared_ffn(), dx, beta, mg, a.shared_scratch, c.precision);
-    c.tp.copy_to_backward(dx, t * d);  // the shared expert's part only: the routed part is whole on every rank
+    if (c.tp.sp()) {
+      const int64_t T = t * c.tp.size, sl = t / a.batch;
+      float* dfull = grow(be, a.dshared_out_TD, T * d);
+      c.tp.sp_all_gather(dout, dfull, a.batch, sl, d);
+      float* dxfull = grow(be, a.dshared_in_TD, T * d);
+      mlp_backward(be, mp, a.shared, dfull, d, c.shared_ffn(), dxfull, 0.f, mg, a.shared_scratch,
+                   c.precision);
+      c.tp.sp_reduce_scatter(dxfull, dx, a.batch, sl, d);
+    } else {
+      mlp_backward(be, mp, a.shared, dout, d, c.shared_ffn(), dx, beta, mg, a.shared_scratch, c.precision);
+      // The shared expert's part only: the routed part is whole on every rank.
+      c.tp.copy_to_backward(dx, t * d);
+    }
     dx_beta = 1.f;
   }
 

@@ -49,8 +49,14 @@ struct MoeConfig {
   Precision precision = Precision::kF32;  // expert GEMM operands; the router is always fp32
   ExpertParallel ep;                      // default: one rank, every expert local
   // Tensor parallelism splits the shared expert (gate/up column-parallel, down row-parallel); the router and
-  // the routed experts are replicated: every TP rank routes the same tokens and runs every local expert on them
-  // (expert tensor parallelism 1 without sequence parallelism), so their gradients agree without a reduction.
+  // the routed experts are replicated. Without sequence parallelism every TP rank routes the same tokens and runs
+  // every local expert on them, so their gradients agree without a reduction. With it (tp.sp()) the layer takes
+  // this rank's Tl = T/TP tokens, as Megatron's MoE layer does under ETP 1: the routed experts run on those only
+  // (their gradients and the router's are partial, summed over TP by the trainer), and the shared expert is a TP
+  // region entered by an all-gather and left by a reduce-scatter. The router decides on the whole micro-batch:
+  // its [Tl, E] logits are all-gathered and every TP rank routes all T tokens, then keeps its own rows, so the
+  // capacity rule and the sequence aux loss see the same tokens as one process (Megatron drops per TP shard;
+  // dsv3 keeps one-process parity, the bar its parallel tests hold every layout to).
   TensorParallel tp;
   int64_t local_experts() const { return ep.local_count(router.num_experts); }
   int64_t shared_ffn() const { return n_shared * ffn / tp.size; }  // this TP rank's shared-expert width
@@ -98,8 +104,16 @@ struct MoeGrads {
 // up, once per layer and pass; the expert GEMMs need the token counts per expert on the host anyway.
 struct MoeActs {
   const float* x_TD = nullptr;  // the layer input (not owned; must stay alive until backward)
-  int64_t t = 0;
-  RouterActs router;                       // host memory
+  int64_t t = 0, batch = 0;
+  RouterActs router;  // host memory (with SP: the whole micro-batch's T = t·TP tokens)
+  // SP (host memory): this rank's logits, its rows of the routing, the gathered gate-weight gradient and this
+  // rank's rows of the logits' gradient.
+  std::vector<float> logits_local_TE, weight_local_TK, dweight_full_TK, dlogits_local_TE;
+  std::vector<int32_t> idx_local_TK;
+  std::vector<uint8_t> kept_local_TK;
+  // SP: the shared expert's gathered input [T, D], its output summed and scattered [t, D], and in backward the
+  // gathered output gradient and the partial input gradient [T, D].
+  DeviceArray<float> shared_in_TD, shared_local_TD, dshared_out_TD, dshared_in_TD;
   DispatchState dispatch;                  // rows of the local experts (from every EP rank); host maps
   DeviceArray<int32_t> token_R, row_TK, slot_R;  // one rank: the permutation's maps in backend memory
   DeviceArray<float> weight_TK;                  // one rank: the gate weights in backend memory

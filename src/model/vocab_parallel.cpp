@@ -38,6 +38,20 @@ void vocab_parallel_embedding_backward(const VocabShard& v, const float* dout, c
   embedding_backward_shard(dout, ids, dtable, t, v.vocab, v.v0, v.rows, d);
 }
 
+void vocab_parallel_embedding_forward_sp(const TensorParallel& tp, const VocabShard& v, const int32_t* ids,
+                                         const float* table, float* full, float* out, int64_t b, int64_t s,
+                                         int64_t d) {
+  embedding_forward_shard(ids, table, full, b * s, v.vocab, v.v0, v.rows, d);
+  tp.sp_reduce_scatter(full, out, b, s / tp.size, d);
+}
+
+void vocab_parallel_embedding_backward_sp(const TensorParallel& tp, const VocabShard& v, const float* dout,
+                                          const int32_t* ids, float* full, float* dtable, int64_t b,
+                                          int64_t s, int64_t d) {
+  tp.sp_all_gather(dout, full, b, s / tp.size, d);
+  embedding_backward_shard(full, ids, dtable, b * s, v.vocab, v.v0, v.rows, d);
+}
+
 void vocab_parallel_head_ce_forward(Backend& be, const TensorParallel& tp, const VocabShard& v,
                                     const float* h, const float* w, const int32_t* labels, float* loss,
                                     float* lse, int64_t t, int64_t d, Precision p, VocabParallelScratch& s) {
@@ -85,7 +99,8 @@ void vocab_parallel_head_ce_backward(Backend& be, const TensorParallel& tp, cons
   }
   linear_backward_weight(be, l, h, dw, t, d, n, p, s.lin);
   linear_backward_input(be, l, w, dh, t, d, n, p, s.lin);
-  tp.copy_to_backward(dh, t * d);  // the head's input is copied to every TP rank: its gradient is the sum
+  // The head's input is copied to every TP rank (or gathered): its gradient is the sum over them.
+  if (!tp.sp()) tp.copy_to_backward(dh, t * d);
 }
 
 }  // namespace dsv3

@@ -31,13 +31,24 @@ void vocab_parallel_embedding_forward(const TensorParallel& tp, const VocabShard
 void vocab_parallel_embedding_backward(const VocabShard& v, const float* dout_TD, const int32_t* ids_T,
                                        float* dtable_VrD, int64_t t, int64_t d);
 
+// Sequence parallelism (tensor_parallel.h): the lookup of all B·S ids into full_TD (scratch), reduce-scattered
+// into out_TlD, this rank's positions (Megatron's embedding with reduce_scatter_embeddings); the backward
+// all-gathers dout_TlD into full_TD and accumulates every token's row this rank holds.
+void vocab_parallel_embedding_forward_sp(const TensorParallel& tp, const VocabShard& v, const int32_t* ids_T,
+                                         const float* table_VrD, float* full_TD, float* out_TlD, int64_t b,
+                                         int64_t s, int64_t d);
+void vocab_parallel_embedding_backward_sp(const TensorParallel& tp, const VocabShard& v,
+                                          const float* dout_TlD, const int32_t* ids_T, float* full_TD,
+                                          float* dtable_VrD, int64_t b, int64_t s, int64_t d);
+
 // loss_T and lse_T (for the backward) assigned; both the same on every TP rank.
 void vocab_parallel_head_ce_forward(Backend& be, const TensorParallel& tp, const VocabShard& v,
                                     const float* h_TD, const float* w_VrD, const int32_t* labels_T,
                                     float* loss_T, float* lse_T, int64_t t, int64_t d, Precision p,
                                     VocabParallelScratch& s);
-// dh_TD assigned (the whole gradient: the partial sums over the vocabulary shards are reduced over TP),
-// dw_VrD accumulated; dloss scales every non-ignored token's loss.
+// dh_TD assigned (the whole gradient: the partial sums over the vocabulary shards are reduced over TP; with
+// sequence parallelism left partial, for the caller to reduce-scatter to its sequence shard), dw_VrD
+// accumulated; dloss scales every non-ignored token's loss.
 void vocab_parallel_head_ce_backward(Backend& be, const TensorParallel& tp, const VocabShard& v,
                                      const float* h_TD, const float* w_VrD, const int32_t* labels_T,
                                      const float* lse_T, float dloss, float* dh_TD, float* dw_VrD, int64_t t,

@@ -6,9 +6,12 @@
 
 namespace dsv3 {
 namespace {
+void check_group(const TensorParallel& tp) {
+  DSV3_CHECK(tp.comm && tp.comm->size() == tp.size, "tensor parallelism: no TP group of size ", tp.size);
+}
 void reduce(const TensorParallel& tp, float* x, int64_t n, ReduceOp op) {
   if (!tp.on() || n == 0) return;
-  DSV3_CHECK(tp.comm && tp.comm->size() == tp.size, "tensor parallelism: no TP group of size ", tp.size);
+  check_group(tp);
   tp.comm->allreduce(x, n, op);
 }
 }  // namespace
@@ -24,6 +27,40 @@ void TensorParallel::max(float* x, int64_t n) const {
 }
 void TensorParallel::sum(float* x, int64_t n) const {
   reduce(*this, x, n, ReduceOp::kSum);
+}
+
+// The collectives concatenate blocks rank by rank; a sequence's positions are rank-major only within it, so the
+// blocks are unpacked (gather) or packed (reduce-scatter) per sequence. One sequence needs no copy.
+void TensorParallel::sp_all_gather(const float* local, float* full, int64_t b, int64_t s_local,
+                                   int64_t w) const {
+  const int64_t n = b * s_local * w, blk = s_local * w;
+  if (!sp()) {
+    std::memcpy(full, local, n * sizeof(float));
+    return;
+  }
+  check_group(*this);
+  if (b == 1) return comm->allgather(local, n, full);
+  pack_->resize(static_cast<size_t>(n * size));
+  comm->allgather(local, n, pack_->data());
+  for (int r = 0; r < size; ++r)
+    for (int64_t i = 0; i < b; ++i)
+      std::memcpy(full + (i * size + r) * blk, pack_->data() + (r * b + i) * blk, blk * sizeof(float));
+}
+
+void TensorParallel::sp_reduce_scatter(const float* full, float* local, int64_t b, int64_t s_local,
+                                       int64_t w) const {
+  const int64_t n = b * s_local * w, blk = s_local * w;
+  if (!sp()) {
+    std::memcpy(local, full, n * sizeof(float));
+    return;
+  }
+  check_group(*this);
+  if (b == 1) return comm->reduce_scatter(full, local, n);
+  pack_->resize(static_cast<size_t>(n * size));
+  for (int r = 0; r < size; ++r)
+    for (int64_t i = 0; i < b; ++i)
+      std::memcpy(pack_->data() + (r * b + i) * blk, full + (i * size + r) * blk, blk * sizeof(float));
+  comm->reduce_scatter(pack_->data(), local, n);
 }
 
 }  // namespace dsv3

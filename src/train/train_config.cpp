@@ -65,9 +65,11 @@ void read_tensor_parallel(const TrainArgs& a, const TrainConfig& c) {
   DSV3_CHECK(m.vocab_size % tp == 0, "--tensor-model-parallel-size ", tp, ": the vocabulary (", m.vocab_size,
              ") must be divisible by the tensor model parallel size (Megatron pads it to a multiple of "
              "--make-vocab-size-divisible-by × TP; a --model-config vocab_size must already be)");
-  DSV3_CHECK(!a.b("sequence_parallel"), "--sequence-parallel with --tensor-model-parallel-size ", tp,
-             ": sequence parallelism is not implemented yet in dsv3 (tensor parallelism runs without it: "
-             "drop the flag, or set HL_SEQ_PARALLEL=0)");
+  // Sequence parallelism splits every sequence into TP equal shards (Megatron's scatter of dim 0, [S, B, h]).
+  const int64_t seq = a.i("seq_length");
+  DSV3_CHECK(!a.b("sequence_parallel") || seq % tp == 0, "--sequence-parallel with --tensor-model-parallel-size ",
+             tp, ": --seq-length ", seq, " must be divisible by the tensor model parallel size (rule: seq_length "
+             "% TP == 0; each TP rank holds seq_length/TP positions of every sequence)");
 }
 
 // The layout (spec §8): impossible sizes are refused with the rule they break (ProcessGroups::build, which
@@ -123,6 +125,7 @@ void read_batch(TrainArgs& a, TrainConfig& c) {
 void read_model_options(const TrainArgs& a, TrainConfig& c) {
   ModelOptions& mo = c.model_options;
   mo.precision = a.b("bf16") ? Precision::kBF16 : Precision::kF32;
+  mo.tp.sequence_parallel = a.b("sequence_parallel") && c.parallel.tp > 1;  // TP 1 ignores it, as Megatron
   mo.ep.type = parse_dispatcher_type(a.s("moe_token_dispatcher_type"));
   c.shared_embedding = c.parallel.pp > 1 && c.model.num_nextn_predict_layers > 0;
   auto end_stage_layers = [&](const char* dest, const char* flag) -> int64_t {
@@ -229,7 +232,12 @@ TrainConfig TrainConfig::from_args(TrainArgs args, int world_size) {
   read_data(args, c);
   read_run_controls(args, c);
   read_device(args, world_size, c);
-  c.no_effect_line = format_no_effect_line(args.no_effect());
+  auto no_effect = args.no_effect();
+  if (args.b("sequence_parallel") && c.parallel.tp == 1)
+    no_effect.emplace_back("--sequence-parallel",
+                           "tensor model parallel size 1: no TP group to shard the "
+                           "sequence over; Megatron turns it off too");
+  c.no_effect_line = format_no_effect_line(no_effect);
   c.args = std::move(args);
   return c;
 }

@@ -85,7 +85,7 @@ void Trainer::setup() {
   comms_ = std::make_unique<GroupComms>(pg_, world_);
   ModelOptions mo = c_.model_options;
   if (pg_.ep > 1) mo.ep.comm = &(*comms_)[Group::kEp];
-  mo.tp = {pg_.tp, pg_.tp_rank, &(*comms_)[Group::kTp]};
+  mo.tp = {pg_.tp, pg_.tp_rank, &(*comms_)[Group::kTp], c_.model_options.tp.sequence_parallel};
   mo.stage = c_.stages[pg_.pp_rank];
   if (c_.shared_embedding) {
     // MTP on the last of several stages embeds tokens too: that stage keeps a copy of the embedding whose
@@ -169,7 +169,12 @@ void Trainer::print_start() const {
   if (!c_.no_effect_line.empty() && pg_.is_first_rank())
     std::printf("%s\n", c_.no_effect_line.c_str()), std::fflush(stdout);
   print_line(format_arguments_block(c_.args.all()));
-  print_line("memory plan per rank (train/memory_plan.h; measured after the first logged iteration):\n" +
+  // The plan does not model sequence parallelism yet (its activations are planned as without it): say so.
+  const std::string sp_note = c_.model_options.tp.sequence_parallel
+                                  ? " (sequence parallelism not modelled: activations planned as without it)"
+                                  : "";
+  print_line("memory plan per rank (train/memory_plan.h; measured after the first logged iteration)" +
+             sp_note + ":\n" +
              format_memory_plan(memory_plan_, std::max<int64_t>(runtime_rss_, 0) + kRuntimeGrowth,
                                 "this process before the model was built, + what the first steps add"));
   if (pg_.pp > 1) {

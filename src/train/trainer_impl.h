@@ -97,6 +97,7 @@ class Trainer {
   int64_t current_micro_ = -1;  // the micro-batch being run (-1: none), for an error's message
   void reduce_stats(IterStats& s);
   void tp_grad_sum();
+  std::vector<float> tp_grad_staging_;  // tp_grad_sum's gradients packed for one all-reduce
   double grad_norm();
   static std::string expert_bias_name(int64_t layer);
   // A MoE layer's expert bias where the host can read and write it: the parameter itself on the CPU, else a copy

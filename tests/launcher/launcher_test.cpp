@@ -279,6 +279,21 @@ TEST(Launcher, TokenDropAuxCoeffAndDispatcher) {
       << r.err;
 }
 
+// HL_TP passes --tensor-model-parallel-size, and HL_SEQ_PARALLEL (on by default, as in the seed) turns on
+// sequence parallelism with it; HL_SEQ_PARALLEL=0 leaves the flag out.
+TEST(Launcher, TensorAndSequenceParallel) {
+  const auto dir = testing::scratch_dir();
+  Result r = run_script(with(seed_basic_example(), {{"HL_TP", "2"}, {"HL_DP", "4"}}), dir);
+  ASSERT_EQ(r.rc, 0) << r.err;
+  EXPECT_EQ(value_of(r, "--tensor-model-parallel-size"), "2");
+  EXPECT_TRUE(has(r, "--sequence-parallel"));
+  EXPECT_NE(value_of(r, "--tensorboard-dir").find("_sp1_D4_T2_P1_"), std::string::npos);
+  r = run_script(with(seed_basic_example(), {{"HL_TP", "2"}, {"HL_DP", "4"}, {"HL_SEQ_PARALLEL", "0"}}), dir);
+  ASSERT_EQ(r.rc, 0) << r.err;
+  EXPECT_EQ(value_of(r, "--tensor-model-parallel-size"), "2");
+  EXPECT_FALSE(has(r, "--sequence-parallel"));
+}
+
 TEST(Launcher, KillSwitchAliasAndRecompute) {
   const auto dir = testing::scratch_dir();
   Result r =

@@ -2,9 +2,11 @@
 // (4 heads, dense FFN 320, shared expert 64, vocabulary 4352, one MTP depth) in fp32 reproduces the
 // single-process run — per-iteration losses and grad norms within 1e-6 relative, evaluation losses, and final
 // weights within 1e-5 (see kTpWeightsTol) — alone, under full recompute with token dropping, with DP2 (also with the distributed optimizer),
-// with EP2 and with PP2; checkpoints are written whole (HF layout) and
-// continue in another layout with the same losses; sizes TP cannot split, and what does not run with TP yet,
-// are refused by name. Skipped without mpirun.
+// with EP2 and with PP2; with sequence parallelism likewise (TP2 with and without q_lora, TP2 under recompute
+// with token dropping, TP2 × EP2 with both dispatchers and padded token dropping, TP2 × DP2 with the distributed
+// optimizer, TP2 × PP2);
+// checkpoints are written whole (HF layout) and continue in another layout with the same losses; sizes TP cannot
+// split, and a sequence length sequence parallelism cannot split, are refused by name. Skipped without mpirun.
 #include "parallel/parity_util.h"
 
 namespace dsv3 {
@@ -28,6 +30,10 @@ class TensorParallel : public testing::LayoutParity {
 };
 
 const std::string kTp2 = "--tensor-model-parallel-size 2";
+const std::string kTp2Sp = kTp2 + " --sequence-parallel";
+const std::string kRecomputeDrop =
+    "--recompute-granularity full --recompute-method uniform --recompute-num-layers 1"
+    " --moe-expert-capacity-factor 1.0 --moe-token-dispatcher-type alltoall";
 
 TEST_F(TensorParallel, Tp2ReproducesSingleProcess) {
   expect_tp_parity("tp2", 2, 4, kTp2);
@@ -35,10 +41,53 @@ TEST_F(TensorParallel, Tp2ReproducesSingleProcess) {
 }
 
 TEST_F(TensorParallel, Tp2WithRecomputeAndTokenDropReproducesSingleProcess) {
-  const std::string common =
-      "--recompute-granularity full --recompute-method uniform --recompute-num-layers 1"
-      " --moe-expert-capacity-factor 1.0 --moe-token-dispatcher-type alltoall";
-  expect_tp_parity("tp2_recompute_drop", 2, 3, kTp2, common, "single_recompute_drop");
+  expect_tp_parity("tp2_recompute_drop", 2, 3, kTp2, kRecomputeDrop, "single_recompute_drop");
+}
+
+// Sequence parallelism: the residual stream, norms, MoE layers and MTP's norms hold 16 of the 32 positions of
+// each sequence on each TP rank. Two sequences per micro-batch, so every gather and reduce-scatter interleaves
+// the ranks' shards per sequence.
+TEST_F(TensorParallel, Tp2SequenceParallelReproducesSingleProcess) {
+  expect_parity("tp2_sp", 2, 2, 4, 4, kTp2Sp, "", "single_mbs2", kTpWeightsTol);
+}
+
+// Without q_lora (q_lora_rank null) MLA gathers x for q_proj under SP and reduce-scatters its input gradient.
+TEST_F(TensorParallel, Tp2SequenceParallelWithoutQLoraReproducesSingleProcess) {
+  std::ifstream in(testing::source_dir() / "examples/deepseek/configs/demo-cpu.json");
+  std::string cfg((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string key = "\"q_lora_rank\": 64";
+  ASSERT_NE(cfg.find(key), std::string::npos) << cfg;
+  cfg.replace(cfg.find(key), key.size(), "\"q_lora_rank\": null");
+  std::ofstream(dir_ / "no_q_lora.json") << cfg;
+  const std::string common = "--model-config " + (dir_ / "no_q_lora.json").string();
+  expect_parity("tp2_sp_no_q_lora", 2, 2, 4, 3, kTp2Sp, common, "single_no_q_lora", kTpWeightsTol);
+}
+
+// The router decides on the whole micro-batch (its logits gathered over TP), so the capacity rule drops the
+// one-process run's pairs; full recompute replays the layer's collectives in its backward.
+TEST_F(TensorParallel, Tp2SequenceParallelWithRecomputeAndTokenDropReproducesSingleProcess) {
+  expect_tp_parity("tp2_sp_recompute_drop", 2, 3, kTp2Sp, kRecomputeDrop, "single_recompute_drop");
+}
+
+// 4 ranks: TP 2 × EP 2 with SP: each TP rank dispatches only its own positions' tokens (both dispatchers), and
+// with padded token dropping each rank's pairs fill part of the whole micro-batch's capacity blocks.
+TEST_F(TensorParallel, Tp2SequenceParallelxEp2ReproducesSingleProcess) {
+  const std::string ep2 = kTp2Sp + " --expert-model-parallel-size 2";
+  expect_parity("tp2_sp_ep2_a2a", 4, 2, 4, 3, ep2 + " --moe-token-dispatcher-type alltoall", "",
+                "single_mbs2", kTpWeightsTol);
+  expect_parity("tp2_sp_ep2_ag", 4, 2, 4, 3, ep2 + " --moe-token-dispatcher-type allgather", "",
+                "single_mbs2", kTpWeightsTol);
+  expect_parity("tp2_sp_ep2_pad", 4, 2, 4, 3, ep2,
+                "--moe-expert-capacity-factor 1.0 --moe-pad-expert-input-to-capacity "
+                "--moe-token-dispatcher-type alltoall",
+                "single_pad_mbs2", kTpWeightsTol);
+}
+
+// 4 ranks: TP 2 × DP 2 with SP and the distributed optimizer (the TP-summed replicated gradients are then
+// reduce-scattered over DP), and TP 2 × PP 2 with SP (stages exchange their TP rank's [B·S/TP, D] shard).
+TEST_F(TensorParallel, Tp2SequenceParallelxDp2AndPp2ReproduceSingleProcess) {
+  expect_tp_parity("tp2_sp_dp2_dopt", 4, 3, kTp2Sp + " --use-distributed-optimizer");
+  expect_tp_parity("tp2_sp_pp2", 4, 3, kTp2Sp + " --pipeline-model-parallel-size 2");
 }
 
 // 4 ranks: TP 2 × DP 2 (each TP pair reads its own micro-batches; gradients reduced over DP per TP shard), with
@@ -105,7 +154,7 @@ TEST_F(TensorParallel, CheckpointsMoveBetweenLayouts) {
             << w8.l2_rel << " (" << w8.l2_worst << ")\n";
 }
 
-TEST_F(TensorParallel, RefusesWhatItCannotSplitOrDoesNotRunYet) {
+TEST_F(TensorParallel, RefusesWhatItCannotSplit) {
   const std::string b = testing::tiny_train_args(dir_, data_, 1, 3) + " --train-iters 1 ";
   auto heads = testing::run_dsv3_mpi(3, b + "--tensor-model-parallel-size 3", dir_);
   EXPECT_NE(heads.rc, 0);
@@ -113,12 +162,11 @@ TEST_F(TensorParallel, RefusesWhatItCannotSplitOrDoesNotRunYet) {
       heads.out.find("the number of attention heads (4) must be divisible by the tensor model parallel size"),
       std::string::npos)
       << heads.out;
-  auto sp = testing::run_dsv3_mpi(2, b + kTp2 + " --global-batch-size 2 --sequence-parallel", dir_);
+  auto sp = testing::run_dsv3_mpi(2, b + kTp2Sp + " --global-batch-size 2 --seq-length 31", dir_);
   EXPECT_NE(sp.rc, 0);
-  EXPECT_NE(
-      sp.out.find("--sequence-parallel with --tensor-model-parallel-size 2: sequence parallelism is not "
-                  "implemented yet"),
-      std::string::npos)
+  EXPECT_NE(sp.out.find("--sequence-parallel with --tensor-model-parallel-size 2: --seq-length 31 must be "
+                        "divisible by the tensor model parallel size (rule: seq_length % TP == 0"),
+            std::string::npos)
       << sp.out;
   // A world TP does not divide: Megatron's rule, from the process groups.
   auto world = testing::run_dsv3_mpi(3, b + kTp2, dir_);

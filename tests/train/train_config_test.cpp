@@ -102,10 +102,20 @@ TEST(TrainConfig, RefusesAtStartUp) {
   // name.
   EXPECT_EQ(error_of({"--tensor-model-parallel-size", "2"}, 2), "no error");
   EXPECT_EQ(config_of({"--tensor-model-parallel-size", "2"}, 2).dp, 1);
-  EXPECT_NE(error_of({"--tensor-model-parallel-size", "2", "--sequence-parallel"}, 2)
-                .find("--sequence-parallel with --tensor-model-parallel-size 2: sequence parallelism is not "
-                      "implemented yet"),
-            std::string::npos);
+  // Sequence parallelism runs with TP; a sequence TP cannot split is refused with the rule, and at TP 1 the flag
+  // is accepted and reported as having no effect (Megatron turns it off).
+  EXPECT_EQ(error_of({"--tensor-model-parallel-size", "2", "--sequence-parallel"}, 2), "no error");
+  EXPECT_TRUE(config_of({"--tensor-model-parallel-size", "2", "--sequence-parallel"}, 2)
+                  .model_options.tp.sequence_parallel);
+  EXPECT_NE(
+      error_of({"--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "31"}, 2)
+          .find("--seq-length 31 must be divisible by the tensor model parallel size (rule: seq_length % TP "
+                "== 0"),
+      std::string::npos)
+      << error_of({"--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "31"}, 2);
+  const TrainConfig tp1 = config_of({"--sequence-parallel"});
+  EXPECT_FALSE(tp1.model_options.tp.sequence_parallel);
+  EXPECT_NE(tp1.no_effect_line.find("--sequence-parallel"), std::string::npos) << tp1.no_effect_line;
   EXPECT_NE(error_of({"--tensor-model-parallel-size", "3"}, 3)
                 .find("the number of attention heads (4) must be divisible by the tensor model parallel size"),
             std::string::npos)
