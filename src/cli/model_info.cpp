@@ -115,6 +115,7 @@ int model_info_main(int argc, char** argv) {
   app.add_option("--moe-expert-capacity-factor", run.capacity_factor, "Token dropping capacity factor");
   app.add_option("--moe-token-dispatcher-type", dispatcher, "EP dispatcher: allgather or alltoall")
       ->check(CLI::IsMember({"allgather", "alltoall"}));
+  app.add_flag("--sequence-parallel", run.sequence_parallel, "Sequence parallelism (with TP > 1)");
   std::string device = "cpu";
   app.add_option("--device", device, "Plan a CPU rank's resident memory or a GPU's device memory")
       ->check(CLI::IsMember({"cpu", "cuda"}));

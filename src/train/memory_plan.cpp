@@ -34,10 +34,11 @@ int64_t grown(std::initializer_list<int64_t> sizes) {
 
 // One rank's share of a layer's shapes (TP splits heads and FFN widths; EP the routed experts).
 struct Shapes {
-  int64_t T, D, H, K, Ekv, C, Lkv, Lq, dv;  // MLA (Ekv: kv_b rows per head)
+  int64_t T, Tl;                            // tokens of a micro-batch, and this rank's (T / TP with SP)
+  int64_t D, H, K, Ekv, C, Lkv, Lq, dv;     // MLA (Ekv: kv_b rows per head)
   int64_t F;                                // dense FFN width
   int64_t Fe, Fs, E, k, e_local, rows;      // MoE: expert width, shared width, experts, top-k, local, routed rows
-  bool bf16, tp, gpu;
+  bool bf16, tp, gpu, sp;
 };
 
 // A SwiGLU MLP's saved forward state (mlp.h MlpActs) and backward scratch (MlpScratch), width f.
@@ -52,18 +53,22 @@ int64_t mlp_scratch(const Shapes& s, int64_t f) {
   return b;
 }
 
-// MlaActs: the projections' outputs, q and k with rope, the attention output and its logsumexp.
+// MlaActs: the projections' outputs, q and k with rope, the attention output and its logsumexp. With SP the
+// down-projections run on this rank's Tl positions and their latents are gathered (mla.cpp).
 int64_t mla_acts(const Shapes& s) {
-  const int64_t T = s.T, HK = s.H * s.K;
+  const int64_t T = s.T, Tl = s.Tl, HK = s.H * s.K;
   int64_t b = kF32 * (T * HK + T * s.C + T * s.Lkv + T * s.H * s.Ekv + T + T * HK + T * s.H * s.dv + T * s.H);
-  if (s.Lq) b += kF32 * (2 * T * s.Lq + T);                                   // cq, cqn, rstd_q
-  if (s.bf16) b += kBf16 * (T * s.D + T * s.Lq + T * s.Lkv + T * s.H * s.dv);  // x, cqn, ckvn, o operands
+  if (s.Lq) b += kF32 * (Tl * s.Lq + T * s.Lq + Tl);                            // cq, cqn (gathered), rstd_q
+  if (s.bf16) b += kBf16 * (Tl * s.D + T * s.Lq + T * s.Lkv + T * s.H * s.dv);  // x, cqn, ckvn, o operands
+  if (s.sp && !s.Lq) b += (kF32 + (s.bf16 ? kBf16 : 0)) * T * s.D;             // x gathered for q_proj
   return b;
 }
 // MlaScratch (shared by every layer).
 int64_t mla_scratch(const Shapes& s, int64_t seq, int64_t rope_dim) {
-  const int64_t T = s.T, HK = s.H * s.K;
-  int64_t b = kF32 * (T * s.H * s.dv + 2 * T * HK + T * s.H * s.Ekv + T * s.C + T * s.Lkv + 2 * T * s.Lq);
+  const int64_t T = s.T, Tl = s.Tl, HK = s.H * s.K;
+  int64_t b = kF32 * (T * s.H * s.dv + 2 * T * HK + T * s.H * s.Ekv + T * s.C + T * s.Lkv + T * s.Lq + Tl * s.Lq);
+  if (s.sp) b += kF32 * (2 * Tl * s.Lq + 2 * Tl * s.C);  // this rank's cqn, ckv and their gradients
+  if (s.sp && !s.Lq) b += kF32 * (T + Tl) * s.D;          // q_proj's input gradient, whole and reduce-scattered
   b += kF32 * 2 * seq * (rope_dim / 2);  // rope cos/sin table
   // lin.a: each output gradient as a bf16 operand, in the backward's order (o_proj, kv_b, q_b, kv_a, q_a).
   if (s.bf16) b += kBf16 * grown({T * s.D, T * s.H * s.Ekv, T * HK, T * s.C, T * s.Lq});
@@ -73,7 +78,7 @@ int64_t mla_scratch(const Shapes& s, int64_t seq, int64_t rope_dim) {
 // MoeActs (moe.h): the router's maps, the permuted rows and their SwiGLU, the backward's row buffers, the
 // shared expert, the bf16 expert operands. Per MoE layer (one set under recompute).
 int64_t moe_acts(const Shapes& s, bool ep) {
-  const int64_t T = s.T, D = s.D, R = s.rows, F = s.Fe, k = s.k;
+  const int64_t T = s.Tl, D = s.D, R = s.rows, F = s.Fe, k = s.k;  // the MoE runs on this rank's tokens
   int64_t b = 0;
   if (s.gpu) b += kF32 * 2 * T * s.E;                      // logits_TE, dlogits_TE: the router's GEMMs on the GPU
   if (!ep) b += kI32 * (2 * R + T * k) + kF32 * T * k;      // token_R, slot_R, row_TK, weight_TK
@@ -83,8 +88,9 @@ int64_t moe_acts(const Shapes& s, bool ep) {
   b += kF32 * (s.bf16 ? grown({R * F, 2 * R * F}) : R * F) + kF32 * 2 * R * F;  // da_RF (bf16: regrown), dz, db
   if (s.Fs) {
     b += kF32 * T * D;  // dx_routed_TD: the routed part added after the shared expert's
-    b += mlp_acts(s, s.Fs) + mlp_scratch(s, s.Fs);
-    if (s.tp) b += kF32 * T * D;  // shared_out_TD
+    b += mlp_acts(s, s.Fs) + mlp_scratch(s, s.Fs);  // the shared expert: every token of the micro-batch
+    if (s.tp) b += kF32 * s.T * D;  // shared_out_TD
+    if (s.sp) b += kF32 * (3 * s.T + T) * D;  // shared_in, dshared_out, dshared_in (whole), shared_local
   }
   if (s.bf16) b += kBf16 * (R * D + R * F + R * D + 2 * R * F);  // x_bf, z_bf, dy_bf, dab_bf
   return b;
@@ -105,11 +111,11 @@ int64_t moe_host(const Shapes& s, bool capacity, int ep, bool alltoall) {
 
 // A decoder block's BlockActs for one micro-batch: the norms' state, MLA's, then the FFN's.
 int64_t block_acts_common(const Shapes& s) {
-  return kF32 * (4 * s.T * s.D + 2 * s.T) + mla_acts(s);  // xn1, rstd1, h_mid, xn2, rstd2, tmp
+  return kF32 * (4 * s.Tl * s.D + 2 * s.Tl) + mla_acts(s);  // xn1, rstd1, h_mid, xn2, rstd2, tmp
 }
 int64_t block_acts(const Shapes& s, bool moe, bool ep) {
   int64_t b = block_acts_common(s);
-  b += moe ? moe_acts(s, ep) : mlp_acts(s, s.F);
+  b += moe ? moe_acts(s, ep) : mlp_acts(s, s.F) + (s.sp ? kF32 * s.T * s.D : 0);  // SP: xn2 gathered
   return b;
 }
 
@@ -129,7 +135,9 @@ std::vector<StageMemory> plan_memory(const ModelConfig& cfg, const MemoryLayout&
   const int64_t T = run.micro_batch * run.seq, D = cfg.hidden_size, L = cfg.num_hidden_layers;
 
   Shapes s{};
-  s.T = T, s.D = D;
+  const bool sp = run.sequence_parallel && lay.tp > 1;
+  const int64_t Tl = sp ? T / lay.tp : T;  // with SP the residual stream holds this rank's positions
+  s.T = T, s.Tl = Tl, s.D = D, s.sp = sp;
   s.H = cfg.num_attention_heads / lay.tp, s.K = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim;
   s.Ekv = cfg.qk_nope_head_dim + cfg.v_head_dim, s.C = cfg.kv_lora_rank + cfg.qk_rope_head_dim;
   s.Lkv = cfg.kv_lora_rank, s.Lq = cfg.has_q_lora() ? cfg.q_lora_rank : 0, s.dv = cfg.v_head_dim;
@@ -139,7 +147,7 @@ std::vector<StageMemory> plan_memory(const ModelConfig& cfg, const MemoryLayout&
   s.bf16 = bf16, s.tp = lay.tp > 1, s.gpu = !run.cpu;
   // Routed rows per MoE layer: T·k (dropless; with EP the average a rank receives); the capacity rule keeps at
   // most E·capacity of them.
-  s.rows = T * s.k;
+  s.rows = Tl * s.k;
   const bool capacity = run.capacity_factor > 0;
   if (capacity && s.E > 0) {
     const auto cap = static_cast<int64_t>(
@@ -195,14 +203,14 @@ std::vector<StageMemory> plan_memory(const ModelConfig& cfg, const MemoryLayout&
 
     // One micro-batch's set (Model::Activations): ids, labels, the residual stream h_first..h_end, the blocks'
     // state (one block under recompute: the largest of the stage's kinds), the final norm and the loss.
-    int64_t set = kI32 * 2 * T + kF32 * (layers + 1) * T * D;
+    int64_t set = kI32 * 2 * T + kF32 * (layers + 1) * Tl * D;
     const int64_t moe_block = block_acts(s, true, ep), dense_block = block_acts(s, false, ep);
     if (run.recompute)  // one BlockActs serves every layer: it grows the dense MLP's and the MoE's members both
       set += moe_layers && dense_layers ? moe_block + dense_block - block_acts_common(s)
                                         : (moe_layers ? moe_block : dense_block);
     else
       set += moe_layers * moe_block + dense_layers * dense_block;
-    if (post) set += kF32 * (T * D + 3 * T);  // hf, rstd_f, loss, lse
+    if (post) set += kF32 * (Tl * D + Tl + 2 * T) + (sp ? kF32 * T * D : 0);  // hf, rstd_f, loss, lse; SP: hf gathered
     m.activations = set;
     // 1F1B: stage q holds PP - q micro-batches (train_step.cpp's ring); evaluation under PP runs on the model's
     // own set, one more.
@@ -210,7 +218,8 @@ std::vector<StageMemory> plan_memory(const ModelConfig& cfg, const MemoryLayout&
     m.sets = lay.pp == 1 ? 1 : std::min<int64_t>(lay.pp - q, run.micro_batches) + (run.eval ? 1 : 0);
 
     // Shared backward scratch: dA/dB/dhf, the block's dxn/dh_mid, the dense MLP's and MLA's scratch.
-    int64_t scratch = kF32 * 3 * T * D + kF32 * 2 * T * D + 8;
+    int64_t scratch = kF32 * 3 * Tl * D + kF32 * 2 * Tl * D + 8;
+    if (sp) scratch += kF32 * 3 * T * D;  // the regions' whole-sequence partials and gradients; the model's full_TD
     if (layers > 0) scratch += mla_scratch(s, run.seq, cfg.qk_rope_head_dim);
     if (dense_layers > 0) scratch += mlp_scratch(s, s.F);
     int64_t host = kI32 * 2 * run.micro_batch * run.seq;  // the trainer's batch (ids, labels)
@@ -223,11 +232,12 @@ std::vector<StageMemory> plan_memory(const ModelConfig& cfg, const MemoryLayout&
       for (int64_t k = 0; k < cfg.num_nextn_predict_layers; ++k) {
         const bool moe = cfg.is_moe_layer(L + k);
         // Depth: ids, labels, e, rstd_e, rstd_h, cat [T,2D], z, zout, h, rstd_o, loss, lse, and its block.
-        scratch += kI32 * 2 * T + kF32 * (6 * T * D + 5 * T) + block_acts(s, moe, ep);
+        scratch += kI32 * 2 * T + kF32 * (6 * Tl * D + 3 * Tl + 2 * T) + block_acts(s, moe, ep);
+        if (sp) scratch += kF32 * T * D;  // the depth's head input, gathered
         if (moe) host += moe_host(s, capacity, lay.ep, run.alltoall);
       }
-      scratch += kF32 * 2 * T * D;  // dh_TF: eh_proj's input gradient [T, 2D]
-      if (bf16) scratch += kBf16 * (2 * T * D + grown({2 * D * D, 2 * T * D}));  // eh_proj operands (lin.a/b)
+      scratch += kF32 * 2 * Tl * D;  // dh_TF: eh_proj's input gradient [T, 2D]
+      if (bf16) scratch += kBf16 * (2 * Tl * D + grown({2 * D * D, 2 * Tl * D}));  // eh_proj operands (lin.a/b)
       if (dense_layers == 0 && !cfg.is_moe_layer(L)) scratch += mlp_scratch(s, s.F);
     }
     // The head's cross-entropy works through vocabulary chunks of about 32 MiB of fp32 logits (cross_entropy.cpp);

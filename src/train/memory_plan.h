@@ -43,6 +43,7 @@ struct MemoryRun {
   int64_t samples = 0;            // samples the datasets index (train iterations x global batch, + evaluation)
   bool cpu = true;                // host terms of the CPU kernels (cross-entropy chunk, GEMM copies and kernels)
   bool alltoall = false;          // the EP token dispatcher: --moe-token-dispatcher-type alltoall (else allgather)
+  bool sequence_parallel = false;  // --sequence-parallel (with TP > 1): the residual stream holds S/TP positions
 };
 
 // Bytes, for one rank of a stage.

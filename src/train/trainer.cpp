@@ -138,6 +138,7 @@ MemoryRun Trainer::memory_run() const {
   r.samples = c_.global_batch_size * (c_.train_iters + c_.eval_iters * (evals + 1));
   r.cpu = !c_.backend;
   r.alltoall = c_.model_options.ep.type == DispatcherType::kAllToAll;
+  r.sequence_parallel = c_.model_options.tp.sequence_parallel;
   return r;
 }
 
@@ -170,11 +171,7 @@ void Trainer::print_start() const {
     std::printf("%s\n", c_.no_effect_line.c_str()), std::fflush(stdout);
   print_line(format_arguments_block(c_.args.all()));
   // The plan does not model sequence parallelism yet (its activations are planned as without it): say so.
-  const std::string sp_note = c_.model_options.tp.sequence_parallel
-                                  ? " (sequence parallelism not modelled: activations planned as without it)"
-                                  : "";
-  print_line("memory plan per rank (train/memory_plan.h; measured after the first logged iteration)" +
-             sp_note + ":\n" +
+  print_line("memory plan per rank (train/memory_plan.h; measured after the first logged iteration):\n" +
              format_memory_plan(memory_plan_, std::max<int64_t>(runtime_rss_, 0) + kRuntimeGrowth,
                                 "this process before the model was built, + what the first steps add"));
   if (pg_.pp > 1) {

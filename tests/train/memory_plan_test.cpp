@@ -3,8 +3,8 @@
 //    fp32 and bf16, with and without recompute and token dropping, MTP on: a buffer the model grows that the plan
 //    does not know fails here;
 //  - the whole prediction dsv3 train prints is within 10% of the peak resident memory it measures (VmHWM) for
-//    three layouts of the tiny config (one process with recompute, DP 2 with the distributed optimizer, PP 2 with
-//    four micro-batches per iteration), bf16: the bound. (fp32 MoE runs add up to kGemmMaxKernels GEMM
+//    four layouts of the tiny config (one process with recompute, DP 2 with the distributed optimizer, PP 2 with
+//    four micro-batches per iteration, TP 2 with sequence parallelism), bf16: the bound. (fp32 MoE runs add up to kGemmMaxKernels GEMM
 //    kernels as expert row counts vary; the plan counts the cap, which a three-iteration run does not reach.)
 #include "train/memory_plan.h"
 
@@ -122,6 +122,7 @@ TEST(MemoryPlan, PredictedPeakIsWithinTenPercentOfTheMeasuredPeak) {
       {"one process, recompute", 1, "--recompute-granularity full --recompute-method uniform --recompute-num-layers 1", 8},
       {"DP 2, distributed optimizer", 2, "--use-distributed-optimizer", 16},
       {"PP 2, 4 micro-batches", 2, "--pipeline-model-parallel-size 2", 32},
+      {"TP 2 with sequence parallelism", 2, "--tensor-model-parallel-size 2 --sequence-parallel", 8},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);
@@ -130,8 +131,9 @@ TEST(MemoryPlan, PredictedPeakIsWithinTenPercentOfTheMeasuredPeak) {
                              : testing::run_dsv3_mpi(c.np, args(c.gbs) + c.extra, dir);
     ASSERT_EQ(r.rc, 0) << r.out;
     const auto lines = memory_lines(r.out);
-    // Every rank of the first data-parallel replica reports: one per pipeline stage.
-    ASSERT_EQ(lines.size(), c.extra.find("pipeline") != std::string::npos ? 2u : 1u) << r.out;
+    // Every rank of the first data-parallel replica reports: both stages of PP 2, both ranks of TP 2.
+    const bool two = c.extra.find("pipeline") != std::string::npos || c.extra.find("tensor") != std::string::npos;
+    ASSERT_EQ(lines.size(), two ? 2u : 1u) << r.out;
     for (const auto& [rank, m] : lines) {
       std::printf("%s, rank %d: max resident %.1f MB, predicted %.1f MB (%+.1f%%); backend %.1f MB, predicted %.1f\n",
                   c.name, rank, m.rss, m.predicted, (m.predicted - m.rss) / m.rss * 100, m.backend,
