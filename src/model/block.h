@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "model/mla.h"
-#include "model/moe.h"
+#include "moe/moe.h"
 
 namespace dsv3 {
 

@@ -6,7 +6,7 @@
 
 #include "core/error.h"
 #include "data/tokenizer/tokenizer.h"
-#include "parallel/ep_dispatcher.h"
+#include "moe/ep_dispatcher.h"
 #include "train/device_select.h"
 #include "train/model_from_args.h"
 

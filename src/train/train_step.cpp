@@ -7,7 +7,7 @@
 // grad-norm (before clipping) and clipping, AdamW at the scheduler's current lr (replicated state, or sharded
 // and then all-gathered), the expert-bias update from the global expert counts, and the scheduler stepped by
 // GBS samples. Under expert parallelism each rank holds and updates only its experts (model/param_store.h,
-// parallel/ep_dispatcher.h).
+// moe/ep_dispatcher.h).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -15,7 +15,7 @@
 #include "core/error.h"
 #include "optim/expert_bias.h"
 #include "optim/grad_clip.h"
-#include "parallel/ep_dispatcher.h"
+#include "moe/ep_dispatcher.h"
 #include "train/trainer_impl.h"
 
 namespace dsv3::train_detail {

@@ -15,7 +15,7 @@
 #include "core/error.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/adamw.h"
-#include "kernels/cpu/moe_permute.h"
+#include "moe/permute.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/rope.h"
 #include "kernels/cuda/kernels.cuh"

@@ -2,7 +2,7 @@
 // and sequence aux loss included), forward/backward vs HF transformers 4.57.6 DeepseekV3MoE fixtures
 // (tests/reference/moe_golden.py) and vs Megatron-Core 0.16.1 semantics
 // (tests/reference/moe_megatron_ref.py), unbalanced routing, and bf16 mode.
-#include "model/moe.h"
+#include "moe/moe.h"
 
 #include <gtest/gtest.h>
 

@@ -16,7 +16,7 @@
 //   expert_bias_E    = mlp.gate.e_score_correction_bias    [E]  (fp32, no gradient)
 //   shared_{gate,up} = mlp.shared_experts.{gate,up}_proj.weight [Fs, D];  shared_down [D, Fs];  Fs = n_shared·F
 // Expert parallelism (MoeConfig::ep) hands a rank the contiguous slice of experts ExpertParallel::first_local..;
-// the expert pointers then point at that slice ([L, F, D] etc.) and the dispatcher (parallel/ep_dispatcher.h)
+// the expert pointers then point at that slice ([L, F, D] etc.) and the dispatcher (moe/ep_dispatcher.h)
 // brings the rows of every rank's tokens routed to them.
 //
 // Backward: parameter grads accumulate (+=); dx is assigned (beta 0) or accumulated (beta 1). The router
@@ -31,10 +31,10 @@
 
 #include "kernels/backend.h"
 #include "kernels/cpu/linear.h"
-#include "kernels/cpu/moe_permute.h"
-#include "kernels/cpu/router.h"
+#include "moe/permute.h"
+#include "moe/router.h"
 #include "model/mlp.h"
-#include "parallel/ep_dispatcher.h"
+#include "moe/ep_dispatcher.h"
 #include "parallel/tensor_parallel.h"
 
 namespace dsv3 {

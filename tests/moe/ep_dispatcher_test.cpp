@@ -10,7 +10,7 @@
 // grid in
 // [-1, 1): any sum of a few of them is exact in fp32, so every result is compared bit for bit whatever order
 // the dispatcher sums in, and each rank can compute its expected outputs without gathering the expert rows.
-#include "parallel/ep_dispatcher.h"
+#include "moe/ep_dispatcher.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>

@@ -2,7 +2,7 @@
 // sender's permutation order (grouped by global expert, hence by owner rank then local expert), so the only
 // reordering is on the owner: received blocks [source][local expert] ↔ expert rows [local expert][source],
 // one index map (recv_of_R) used both ways.
-#include "parallel/ep_dispatcher.h"
+#include "moe/ep_dispatcher.h"
 
 #include <algorithm>
 #include <chrono>

@@ -1,6 +1,6 @@
 // Router: selection semantics on hand-made cases, and routing / capacity dropping / sequence aux loss /
 // logits gradient against megatron-core 0.16.1 fixtures (tests/reference/moe_megatron_ref.py).
-#include "kernels/cpu/router.h"
+#include "moe/router.h"
 
 #include <gtest/gtest.h>
 

@@ -1,5 +1,5 @@
 // DeepSeek-V3 router forward/backward (see router.h for the math and the HF/Megatron choices).
-#include "kernels/cpu/router.h"
+#include "moe/router.h"
 
 #include <omp.h>
 

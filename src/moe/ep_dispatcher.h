@@ -33,7 +33,7 @@
 #include <string>
 #include <vector>
 
-#include "kernels/cpu/moe_permute.h"
+#include "moe/permute.h"
 #include "kernels/device_array.h"
 #include "parallel/comm.h"
 

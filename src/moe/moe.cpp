@@ -6,8 +6,8 @@
 //
 // Backend seam (kernels/backend.h): the GEMMs (router, routed experts, shared expert), the SwiGLUs and, on one
 // rank, the token permutation run on the Backend passed in; the router's selection runs on the host (moe.h);
-// expert parallelism (ep_dispatch and the rest, parallel/ep_dispatcher.h) is host memory, so the CPU's.
-#include "model/moe.h"
+// expert parallelism (ep_dispatch and the rest, moe/ep_dispatcher.h) is host memory, so the CPU's.
+#include "moe/moe.h"
 
 #include <optional>
 

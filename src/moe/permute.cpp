@@ -1,5 +1,5 @@
 // Counting-sort permutation of routed (token, k) pairs by expert, and the gather/combine around it.
-#include "kernels/cpu/moe_permute.h"
+#include "moe/permute.h"
 
 #include <algorithm>
 
