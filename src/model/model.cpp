@@ -7,14 +7,11 @@
 
 #include "core/error.h"
 #include "core/profile.h"
+#include "model/mtp.h"
 #include "model/safetensors.h"
 
 namespace dsv3 {
 namespace {
-
-std::string layer_prefix(int64_t i) {
-  return "model.layers." + std::to_string(i) + ".";
-}
 
 MlaDims mla_dims(const ModelConfig& c) {
   MlaDims d;
@@ -38,23 +35,9 @@ MlaDims mla_dims(const ModelConfig& c) {
   return d;
 }
 
-// Megatron's roll_tensor(shifts=-k) within each sequence, with the vacated tail set to `fill` (on the host
-// copies of ids and labels, before their upload).
-void roll_left(const int32_t* x, int32_t* y, int64_t B, int64_t S, int64_t k, int32_t fill) {
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t s = 0; s < S; ++s) y[b * S + s] = s + k < S ? x[b * S + s + k] : fill;
-}
 
 }  // namespace
 
-struct Model::Depth {
-  std::vector<int32_t> ids_host, labels_host;
-  DeviceArray<int32_t> ids, labels;
-  // [Tl, ·] (this rank's tokens under sequence parallelism) but the head's: h_full_TD (SP: h gathered), loss, lse.
-  DeviceArray<float> e_TD, rstd_e_T, rstd_h_T, cat_T2D, z_TD, zout_TD, h_TD, rstd_o_T, loss_T, lse_T,
-      h_full_TD;
-  BlockActs acts;
-};
 
 Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
     : cfg_(cfg),
@@ -335,6 +318,17 @@ void Model::logits_to_host(const float* h, int64_t t, float* out) {
   }
 }
 
+void Model::collect_moe_stats(const BlockDims& d, const BlockActs& a, ForwardStats& st) {
+  if (!d.is_moe) return;
+  st.moe_layers++;
+  st.aux_loss_sum += a.moe.router.seq_aux_loss;
+  st.tokens_per_expert.push_back(a.moe.router.tokens_per_expert_E);
+  const auto& kept = a.moe.router.kept_TK;
+  st.layer_aux_loss.push_back(a.moe.router.seq_aux_loss);
+  st.routed_pairs.push_back(static_cast<int64_t>(kept.size()));
+  st.kept_pairs.push_back(std::count(kept.begin(), kept.end(), uint8_t{1}));
+}
+
 void Model::run_block(int64_t i, const float* x, float* out, BlockActs& acts, bool training) {
   block_forward(be(), dims_[i], block_params(i), x, B_, S_, training, out, acts, scratch_, opt_.precision);
 }
@@ -366,16 +360,6 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
     bf16_stale_ = false;
   }
   ForwardStats st;
-  auto collect_moe = [&](const BlockDims& d, const BlockActs& a) {
-    if (!d.is_moe) return;
-    st.moe_layers++;
-    st.aux_loss_sum += a.moe.router.seq_aux_loss;
-    st.tokens_per_expert.push_back(a.moe.router.tokens_per_expert_E);
-    const auto& kept = a.moe.router.kept_TK;
-    st.layer_aux_loss.push_back(a.moe.router.seq_aux_loss);
-    st.routed_pairs.push_back(static_cast<int64_t>(kept.size()));
-    st.kept_pairs.push_back(std::count(kept.begin(), kept.end(), uint8_t{1}));
-  };
 
   resid_.resize(L + 1);
   for (int64_t i = first; i <= end; ++i) grow(be(), resid_[i], Tl * D);
@@ -388,7 +372,7 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
   for (int64_t i = first; i < end; ++i) {
     BlockActs& a = acts_[opt_.recompute ? 0 : i];
     run_block(i, resid_[i].data(), resid_[i + 1].data(), a, training);
-    collect_moe(dims_[i], a);
+    collect_moe_stats(dims_[i], a, st);
   }
   if (!opt_.stage.post_process) return st;
   grow(be(), hf_TD_, Tl * D), grow(be(), rstd_f_T_, Tl), grow(be(), loss_T_, T), grow(be(), lse_T_, T);
@@ -403,45 +387,7 @@ ForwardStats Model::forward(const int32_t* ids, const int32_t* labels, int64_t B
   DSV3_PROFILE_END(head);
 
   const float* h_prev = hf_TD_.data();
-  for (size_t k = 0; k < depths_.size(); ++k) {
-    DSV3_PROFILE("fwd.mtp");
-    Depth& dp = *depths_[k];
-    const int64_t layer = L + static_cast<int64_t>(k);
-    const std::string P = layer_prefix(layer);
-    dp.ids_host.resize(T), dp.labels_host.resize(T);
-    roll_left(ids, dp.ids_host.data(), B, S, k + 1, 0);
-    roll_left(labels, dp.labels_host.data(), B, S, k + 1, kIgnoreLabel);
-    grow(be(), dp.ids, T), grow(be(), dp.labels, T);
-    dp.ids.copy_from_host(dp.ids_host.data(), T), dp.labels.copy_from_host(dp.labels_host.data(), T);
-    Backend& b = be();
-    grow(b, dp.e_TD, Tl * D), grow(b, dp.rstd_e_T, Tl), grow(b, dp.rstd_h_T, Tl),
-        grow(b, dp.cat_T2D, 2 * Tl * D);
-    grow(b, dp.z_TD, Tl * D), grow(b, dp.zout_TD, Tl * D), grow(b, dp.h_TD, Tl * D), grow(b, dp.rstd_o_T, Tl);
-    grow(b, dp.loss_T, T), grow(b, dp.lse_T, T);
-    const float eps = static_cast<float>(cfg_.rms_norm_eps);
-    embed(dp.ids.data(), dp.e_TD.data(), T);
-    // eh_proj input: [enorm(embedding) | hnorm(hidden)] — embedding first, as the released weights expect.
-    // With SP on this rank's positions: eh_proj is replicated over TP (Megatron splits it by columns and
-    // gathers its output; dsv3 keeps it whole, its gradient summed over TP like a norm's).
-    be().rmsnorm_forward(dp.e_TD.data(), D, param(P + "enorm.weight"), dp.cat_T2D.data(), 2 * D,
-                         dp.rstd_e_T.data(), Tl, D, eps);
-    be().rmsnorm_forward(h_prev, D, param(P + "hnorm.weight"), dp.cat_T2D.data() + D, 2 * D,
-                         dp.rstd_h_T.data(), Tl, D, eps);
-    linear_forward(be(), dp.cat_T2D.data(), param(P + "eh_proj.weight"), dp.z_TD.data(), Tl, 2 * D, D,
-                   opt_.precision, scratch_.lin);
-    run_block(layer, dp.z_TD.data(), dp.zout_TD.data(), dp.acts, training);
-    collect_moe(dims_[layer], dp.acts);
-    be().rmsnorm_forward(dp.zout_TD.data(), D, param(P + "shared_head.norm.weight"), dp.h_TD.data(), D,
-                         dp.rstd_o_T.data(), Tl, D, eps);
-    head_ce_forward(gather_for_head(dp.h_TD, dp.h_full_TD), dp.labels.data(), dp.loss_T.data(),
-                    dp.lse_T.data(), T);
-    int64_t slot = -1;
-    const HeadLossResult m = loss_sum(dp.loss_T.data(), dp.labels_host.data(), T, &slot);
-    st.mtp_loss_sum.push_back(m.loss_sum);
-    st.mtp_slots.push_back(slot);
-    st.mtp_tokens.push_back(m.n_valid);
-    h_prev = dp.h_TD.data();
-  }
+  mtp_forward(ids, labels, h_prev, training, st);
   return st;
 }
 
@@ -496,47 +442,11 @@ void Model::backward(float lm_scale, float aux_scale, const std::vector<float>& 
 // The last stage's part of the backward: MTP depths, the head and the final norm; leaves d(final hidden) in dB.
 void Model::head_backward(float lm_scale, float aux_scale, const std::vector<float>& mtp_scales) {
   const int64_t T = B_ * S_, Tl = opt_.tp.local_tokens(T), D = cfg_.hidden_size, L = cfg_.num_hidden_layers;
-  const Precision prec = opt_.precision;
-  auto head_in = [&](const DeviceArray<float>& local, const DeviceArray<float>& full) {
-    return opt_.tp.sp() ? full.data() : local.data();  // what the head read in forward
-  };
-
-  // MTP depths, last to first. dhf_TD_ carries the gradient into the previous depth's output (finally hf).
-  be().fill_zero(dhf_TD_.data(), Tl * D * sizeof(float));
-  for (int64_t k = static_cast<int64_t>(depths_.size()) - 1; k >= 0; --k) {
-    DSV3_PROFILE("bwd.mtp");
-    Depth& dp = *depths_[k];
-    const int64_t layer = L + k;
-    const std::string P = layer_prefix(layer);
-    const float* h_prev = k == 0 ? hf_TD_.data() : depths_[k - 1]->h_TD.data();
-    // dH = head gradient + what the next depth sent back through its hnorm.
-    const float mtp_scale = k < static_cast<int64_t>(mtp_scales.size()) ? mtp_scales[k] : 0.f;
-    head_ce_backward(head_in(dp.h_TD, dp.h_full_TD), dp.labels.data(), dp.lse_T.data(), mtp_scale,
-                     dA_TD_.data(), T);
-    be().add(dA_TD_.data(), dA_TD_.data(), dhf_TD_.data(), Tl * D);
-    be().rmsnorm_backward(dA_TD_.data(), D, dp.zout_TD.data(), D, param(P + "shared_head.norm.weight"),
-                          dp.rstd_o_T.data(), dB_TD_.data(), D, grad(P + "shared_head.norm.weight"), Tl, D,
-                          0.f);
-    BlockGrads g = block_grads(layer);
-    block_backward(be(), dims_[layer], block_params(layer), dp.acts, dB_TD_.data(), aux_scale, dA_TD_.data(),
-                   g, scratch_, prec);
-    // eh_proj: dz (dA) → dcat [T, 2D]; the cat buffer is reused for its gradient once dW is formed.
-    DeviceArray<float>& dcat = scratch_.dh_TF;  // free between blocks
-    grow(be(), dcat, 2 * Tl * D);
-    linear_backward_weight(be(), dA_TD_.data(), dp.cat_T2D.data(), grad(P + "eh_proj.weight"), Tl, 2 * D, D,
-                           prec, scratch_.lin);
-    linear_backward_input(be(), dA_TD_.data(), param(P + "eh_proj.weight"), dcat.data(), Tl, 2 * D, D, prec,
-                          scratch_.lin);
-    be().rmsnorm_backward(dcat.data(), 2 * D, dp.e_TD.data(), D, param(P + "enorm.weight"),
-                          dp.rstd_e_T.data(), dB_TD_.data(), D, grad(P + "enorm.weight"), Tl, D, 0.f);
-    embed_backward(dB_TD_.data(), dp.ids.data(), T);
-    be().rmsnorm_backward(dcat.data() + D, 2 * D, h_prev, D, param(P + "hnorm.weight"), dp.rstd_h_T.data(),
-                          dhf_TD_.data(), D, grad(P + "hnorm.weight"), Tl, D, 0.f);
-  }
+  mtp_backward(aux_scale, mtp_scales);
 
   // Main head and final norm.
   DSV3_PROFILE_BEGIN(head, "bwd.head_ce");
-  head_ce_backward(head_in(hf_TD_, hf_full_TD_), labels_.data(), lse_T_.data(), lm_scale, dA_TD_.data(), T);
+  head_ce_backward(opt_.tp.sp() ? hf_full_TD_.data() : hf_TD_.data(), labels_.data(), lse_T_.data(), lm_scale, dA_TD_.data(), T);
   if (!depths_.empty()) be().add(dA_TD_.data(), dA_TD_.data(), dhf_TD_.data(), Tl * D);
   be().rmsnorm_backward(dA_TD_.data(), D, resid_[L].data(), D, param("model.norm.weight"), rstd_f_T_.data(),
                         dB_TD_.data(), D, grad("model.norm.weight"), Tl, D, 0.f);

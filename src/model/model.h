@@ -64,6 +64,9 @@ struct ForwardStats {
   std::vector<int64_t> mtp_slots;
 };
 
+// "model.layers.{i}." — the HF name prefix of decoder layer i (MTP depths continue the numbering).
+inline std::string layer_prefix(int64_t i) { return "model.layers." + std::to_string(i) + "."; }
+
 class Model {
  public:
   Model(const ModelConfig& cfg, const ModelOptions& opt);
@@ -132,7 +135,7 @@ class Model {
   const float* stage_input_grad() const;
 
  private:
-  struct Depth;  // one MTP depth's state
+  struct Depth;  // one MTP depth's state (mtp.h)
   BlockDims block_dims(int64_t layer) const;
   BlockParams block_params(int64_t layer);
   BlockGrads block_grads(int64_t layer);
@@ -154,6 +157,10 @@ class Model {
   void logits_to_host(const float* h_TD, int64_t t, float* logits_host);
   void run_block(int64_t layer, const float* x, float* out, BlockActs& acts, bool training);
   void head_backward(float lm_scale, float aux_scale, const std::vector<float>& mtp_scales);
+  // MTP depths (mtp.cpp): forward from the main model's final-normed hidden state h_prev, backward into dhf_TD_.
+  void mtp_forward(const int32_t* ids, const int32_t* labels, const float* h_prev, bool training, ForwardStats& st);
+  void mtp_backward(float aux_scale, const std::vector<float>& mtp_scales);
+  static void collect_moe_stats(const BlockDims& d, const BlockActs& a, ForwardStats& st);
 
   ModelConfig cfg_;
   ModelOptions opt_;
