@@ -1,7 +1,7 @@
 # Thin wrapper: the real build is CMake. `make test` is what CI runs.
 BUILD ?= build
 JOBS ?= $(shell nproc)
-.PHONY: setup build test demo bench bench-preprocess bench-step bench-alltoall bench-parallel bench-gpu clean format \
+.PHONY: setup build test demo bench bench-preprocess bench-step bench-alltoall bench-parallel bench-gpu clean format format-check \
         check-interop fuzz
 
 setup:
@@ -46,7 +46,10 @@ bench-alltoall: setup build
 	BUILD=$(BUILD) bash bench/alltoall.sh
 
 format:
-	clang-format -i $$(git ls-files '*.cpp' '*.h')
+	clang-format -i $$(git ls-files '*.cpp' '*.h' '*.cu' '*.cuh')
+
+format-check:
+	bash scripts/check-format.sh
 
 # 1/2/4-rank data- and expert-parallel steps split into compute, dispatch/combine, gradient sync and optimizer.
 bench-parallel: setup build

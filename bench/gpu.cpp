@@ -21,9 +21,9 @@
 #include "kernels/backend.h"
 #include "model/config.h"
 #include "model/model.h"
-#include "train/memory_plan.h"
 #include "optim/backend_adamw.h"
 #include "train/log_format.h"
+#include "train/memory_plan.h"
 
 using namespace dsv3;
 
@@ -106,10 +106,12 @@ void our_step(Backend& gpu, const ModelConfig& cfg, int64_t batch, int64_t seq) 
   run.micro_batch = batch, run.seq = seq, run.precision = Precision::kBF16, run.cpu = false, run.mtp = true;
   const StageMemory plan = plan_memory(cfg, MemoryLayout{}, run)[0];
   std::printf("ours: memory: backend max allocated %.2f GiB, planned %.2f GiB\n",
-              static_cast<double>(gpu.peak_bytes()) / (1 << 30), static_cast<double>(plan.backend() + plan.adam) / (1 << 30));
+              static_cast<double>(gpu.peak_bytes()) / (1 << 30),
+              static_cast<double>(plan.backend() + plan.adam) / (1 << 30));
   const double s = median(whole);
-  std::printf("ours: mode=dsv3 tokens_per_s=%.1f step_s=%.4f forward_s=%.4f backward_s=%.4f optimizer_s=%.4f\n",
-              t / s, s, median(fw), median(bw), median(up));
+  std::printf(
+      "ours: mode=dsv3 tokens_per_s=%.1f step_s=%.4f forward_s=%.4f backward_s=%.4f optimizer_s=%.4f\n",
+      t / s, s, median(fw), median(bw), median(up));
 }
 
 }  // namespace

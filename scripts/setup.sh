@@ -4,7 +4,7 @@
 set -euo pipefail
 pkgs=(build-essential cmake pkg-config git libgtest-dev libgmock-dev libbenchmark-dev
       nlohmann-json3-dev libsimdjson-dev libcli11-dev libonig-dev libssl-dev zlib1g-dev
-      libdnnl-dev ocl-icd-opencl-dev libopenmpi-dev openmpi-bin libicu-dev python3)
+      libdnnl-dev ocl-icd-opencl-dev libopenmpi-dev openmpi-bin libicu-dev python3 clang-format)
 missing=()
 for p in "${pkgs[@]}"; do
   [[ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)" == *'install ok installed'* ]] || missing+=("$p")

@@ -30,8 +30,8 @@ void put(std::string& out, T v) {
 }
 
 // A Megatron .idx (version 1) with the given arrays, as the writer lays it out.
-std::string idx_bytes(uint8_t dtype_code, const std::vector<int32_t>& lengths, const std::vector<int64_t>& pointers,
-                      const std::vector<int64_t>& doc_idx) {
+std::string idx_bytes(uint8_t dtype_code, const std::vector<int32_t>& lengths,
+                      const std::vector<int64_t>& pointers, const std::vector<int64_t>& doc_idx) {
   std::string out("MMIDIDX\0\0", 9);
   put<uint64_t>(out, 1);
   put<uint8_t>(out, dtype_code);
@@ -62,7 +62,8 @@ TEST(FuzzRegressions, IndexedDatasetPointerOutsideBin) {
   // uint16 tokens: sequence 0 claims byte 1000 of a 6-byte .bin; the last one ends exactly at the end.
   write_bytes(idx_path(prefix), idx_bytes(8, {2, 1}, {1000, 4}, {0, 2}));
   write_bytes(bin_path(prefix), std::string(6, '\1'));
-  expect_error([&] { IndexedDataset ds(prefix); }, {"ds.idx", "sequence 0", "byte 1000", "lies outside", "ds.bin"});
+  expect_error([&] { IndexedDataset ds(prefix); },
+               {"ds.idx", "sequence 0", "byte 1000", "lies outside", "ds.bin"});
   // A negative pointer likewise.
   write_bytes(idx_path(prefix), idx_bytes(8, {2, 1}, {-2, 4}, {0, 2}));
   expect_error([&] { IndexedDataset ds(prefix); }, {"sequence 0", "byte -2", "lies outside"});
@@ -111,8 +112,9 @@ std::vector<std::string> seed_parts(const std::string& target, const std::string
 // with static_cast<int64_t> (undefined behaviour; UBSan float-cast-overflow); one above INT64_MAX as an
 // unsigned JSON integer wrapped to a negative number.
 TEST(FuzzRegressions, ConfigIntegerOutOfRange) {
-  expect_error([] { ModelConfig::from_json_string(seed_parts("config", "regression_vocab_size_1e49")[0], "c.json"); },
-               {"c.json", "vocab_size", "out of range"});
+  expect_error(
+      [] { ModelConfig::from_json_string(seed_parts("config", "regression_vocab_size_1e49")[0], "c.json"); },
+      {"c.json", "vocab_size", "out of range"});
   std::string tiny = testing::slurp(testing::source_dir() / "examples/deepseek/configs/tiny.json");
   const std::string field = "\"hidden_size\": 32";
   const size_t at = tiny.find(field);
@@ -120,7 +122,8 @@ TEST(FuzzRegressions, ConfigIntegerOutOfRange) {
   for (const char* big : {"18446744073709551615", "9.3e18", "-1e300"}) {
     std::string cfg = tiny;
     cfg.replace(at, field.size(), std::string("\"hidden_size\": ") + big);
-    expect_error([&] { ModelConfig::from_json_string(cfg, "c.json"); }, {"c.json", "hidden_size", "out of range"});
+    expect_error([&] { ModelConfig::from_json_string(cfg, "c.json"); },
+                 {"c.json", "hidden_size", "out of range"});
   }
 }
 
@@ -131,8 +134,8 @@ TEST(FuzzRegressions, TokenizerVocabIdNotAnInt32) {
   expect_error([&] { Tokenizer::from_json_strings(parts[0], parts.size() > 1 ? parts[1] : ""); },
                {"BPE vocab entry", "expected an integer in [0, 2147483647]"});
   for (const char* id : {"1.5", "-1", "4294967296"}) {
-    const std::string tj = std::string(R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": )") + id +
-                           R"(}, "merges": []}})";
+    const std::string tj =
+        std::string(R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": )") + id + R"(}, "merges": []}})";
     expect_error([&] { Tokenizer::from_json_strings(tj, ""); }, {"BPE vocab entry \"b\" has id", id});
   }
 }

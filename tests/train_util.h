@@ -40,7 +40,9 @@ inline CmdResult run_dsv3_single(const std::string& args, const std::filesystem:
   return run_shell("OMP_NUM_THREADS=1 " + dsv3_binary().string() + " " + args, dir);
 }
 
-inline bool have_mpirun() { return std::system("command -v mpirun >/dev/null 2>&1") == 0; }
+inline bool have_mpirun() {
+  return std::system("command -v mpirun >/dev/null 2>&1") == 0;
+}
 
 // mpirun as root on a machine with fewer cores than ranks, one OpenMP thread per rank.
 inline std::string mpirun_prefix(int np) {
@@ -57,25 +59,28 @@ inline CmdResult run_dsv3_mpi(int np, const std::string& args, const std::filesy
 // and returns that prefix.
 inline std::string make_tiny_data(const std::filesystem::path& dir) {
   const auto src = source_dir();
-  auto r = run_shell(dsv3_binary().string() + " preprocess --input " +
-                         (src / "tests/golden/preprocess/input.jsonl").string() + " --output-prefix " +
-                         (dir / "data").string() + " --tokenizer-type HuggingFaceTokenizer --tokenizer-model " +
-                         (src / "data/tiny-4k").string() + " --workers 1 --append-eod",
-                     dir);
+  auto r =
+      run_shell(dsv3_binary().string() + " preprocess --input " +
+                    (src / "tests/golden/preprocess/input.jsonl").string() + " --output-prefix " +
+                    (dir / "data").string() + " --tokenizer-type HuggingFaceTokenizer --tokenizer-model " +
+                    (src / "data/tiny-4k").string() + " --workers 1 --append-eod",
+                dir);
   EXPECT_EQ(r.rc, 0) << r.out;
   return (dir / "data_text_document").string();
 }
 
 // `train` flags for the demo-cpu model in fp32 on the tiny dataset (without --train-iters).
-inline std::string tiny_train_args(const std::filesystem::path& dir, const std::string& data, int mbs, int gbs) {
+inline std::string tiny_train_args(const std::filesystem::path& dir, const std::string& data, int mbs,
+                                   int gbs) {
   const auto src = source_dir();
-  return "train --model-config " + (src / "examples/deepseek/configs/demo-cpu.json").string() + " --data-path " +
-         data + " --split 90,5,5 --data-cache-path " + (dir / "cache").string() +
+  return "train --model-config " + (src / "examples/deepseek/configs/demo-cpu.json").string() +
+         " --data-path " + data + " --split 90,5,5 --data-cache-path " + (dir / "cache").string() +
          " --tokenizer-type HuggingFaceTokenizer --tokenizer-model " + (src / "data/tiny-4k").string() +
          " --seq-length 32 --micro-batch-size " + std::to_string(mbs) + " --global-batch-size " +
          std::to_string(gbs) +
          " --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters 1 --lr-decay-style cosine --weight-decay 0.1"
-         " --adam-beta2 0.95 --clip-grad 1.0 --moe-router-load-balancing-type seq_aux_loss --moe-aux-loss-coeff 1e-2"
+         " --adam-beta2 0.95 --clip-grad 1.0 --moe-router-load-balancing-type seq_aux_loss "
+         "--moe-aux-loss-coeff 1e-2"
          " --moe-router-enable-expert-bias --log-interval 1 --eval-interval 1000 --eval-iters 1 --seed 7";
 }
 
@@ -112,8 +117,8 @@ inline std::map<std::string, std::vector<float>> read_weights(const std::filesys
   std::map<std::string, std::vector<float>> t;
   for (const auto& e : std::filesystem::directory_iterator(iter_dir)) {
     const std::string f = e.path().filename().string();
-    if (f != "model.safetensors" && !(f.rfind("model-", 0) == 0 && f.size() > 12 &&
-                                      f.compare(f.size() - 12, 12, ".safetensors") == 0))
+    if (f != "model.safetensors" &&
+        !(f.rfind("model-", 0) == 0 && f.size() > 12 && f.compare(f.size() - 12, 12, ".safetensors") == 0))
       continue;
     SafetensorsReader rd(e.path().string());
     for (const auto& n : rd.names()) t[n] = rd.read_f32(n);
@@ -135,7 +140,8 @@ inline WeightDiff weights_diff(const std::map<std::string, std::vector<float>>& 
   if (a.size() != b.size()) return {NAN, NAN, "tensor count differs", ""};
   for (const auto& [name, va] : a) {
     auto it = b.find(name);
-    if (it == b.end() || it->second.size() != va.size()) return {NAN, NAN, name + " missing or of another size", ""};
+    if (it == b.end() || it->second.size() != va.size())
+      return {NAN, NAN, name + " missing or of another size", ""};
     double scale = 0, diff = 0, n2 = 0, d2 = 0;
     for (size_t i = 0; i < va.size(); ++i) {
       const double x = va[i], d = x - double(it->second[i]);

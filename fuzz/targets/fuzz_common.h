@@ -37,8 +37,8 @@ inline std::vector<std::string_view> split_parts(const uint8_t* data, size_t siz
 inline const std::filesystem::path& scratch_dir() {
   static const std::filesystem::path dir = [] {
     const char* t = std::getenv("TMPDIR");
-    std::filesystem::path d = std::filesystem::path(t && *t ? t : "/tmp") /
-                              ("dsv3-fuzz-" + std::to_string(::getpid()));
+    std::filesystem::path d =
+        std::filesystem::path(t && *t ? t : "/tmp") / ("dsv3-fuzz-" + std::to_string(::getpid()));
     std::filesystem::remove_all(d);
     std::filesystem::create_directories(d);
     static struct Cleanup {

@@ -14,14 +14,16 @@ int data_inspect_main(int argc, char** argv) {
   std::string prefix, tokenizer_model;
   int64_t max_tokens = 256;
   app.add_option("prefix", prefix, "Dataset prefix (PREFIX.bin and PREFIX.idx)")->required();
-  app.add_option("--tokenizer-model", tokenizer_model, "HF tokenizer directory to decode with (else ids are shown)");
+  app.add_option("--tokenizer-model", tokenizer_model,
+                 "HF tokenizer directory to decode with (else ids are shown)");
   app.add_option("--max-tokens", max_tokens, "Show at most this many tokens of the first document");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
-  if (prefix.size() > 4 && (prefix.ends_with(".bin") || prefix.ends_with(".idx"))) prefix.resize(prefix.size() - 4);
+  if (prefix.size() > 4 && (prefix.ends_with(".bin") || prefix.ends_with(".idx")))
+    prefix.resize(prefix.size() - 4);
   IndexedDataset ds(prefix);
   std::printf("dataset: %s\n", prefix.c_str());
   std::printf("dtype: %s\n", dtype_name(ds.dtype()));
@@ -41,10 +43,13 @@ int data_inspect_main(int argc, char** argv) {
   if (!tokenizer_model.empty()) {
     Tokenizer tok = Tokenizer::from_directory(tokenizer_model);
     std::vector<int32_t> ids32(ids.begin(), ids.end());
-    for (auto id : ids32) DSV3_CHECK(id >= 0 && id < tok.size(), "token id ", id, " is outside the tokenizer (size ", tok.size(), ")");
+    for (auto id : ids32)
+      DSV3_CHECK(id >= 0 && id < tok.size(), "token id ", id, " is outside the tokenizer (size ", tok.size(),
+                 ")");
     std::printf("%s\n", tok.decode(ids32).c_str());
   } else {
-    for (size_t i = 0; i < ids.size(); ++i) std::printf("%s%lld", i ? " " : "", static_cast<long long>(ids[i]));
+    for (size_t i = 0; i < ids.size(); ++i)
+      std::printf("%s%lld", i ? " " : "", static_cast<long long>(ids[i]));
     std::printf("\n");
   }
   return 0;

@@ -52,10 +52,9 @@ void print_layout(const ParamTable& table, int tp, int pp, int ep, int dp, int64
   const auto stages = plan_pipeline_stages(cfg.num_hidden_layers, pp, first_layers, last_layers,
                                            cfg.num_nextn_predict_layers > 0);
   const std::string tp_part = tp > 1 ? "TP " + std::to_string(tp) + " x " : "";
-  std::printf(
-      "layout: %sPP %d x DP %d (EP %d, expert-DP %d) = %d ranks%s%s; per rank, the model's state:\n",
-      tp_part.c_str(), pp, dp, ep, edp, tp * pp * dp, dist_opt ? ", distributed optimizer" : "",
-      bf16 ? ", bf16" : "");
+  std::printf("layout: %sPP %d x DP %d (EP %d, expert-DP %d) = %d ranks%s%s; per rank, the model's state:\n",
+              tp_part.c_str(), pp, dp, ep, edp, tp * pp * dp, dist_opt ? ", distributed optimizer" : "",
+              bf16 ? ", bf16" : "");
   std::printf("  %-7s %-11s %19s %11s %11s %11s %11s\n", "stage", "layers", "parameters", "fp32 w+g", "Adam",
               "bf16 copies", "total");
   for (size_t q = 0; q < stages.size(); ++q) {
@@ -108,8 +107,9 @@ int model_info_main(int argc, char** argv) {
   std::string recompute, dispatcher = "allgather";
   app.add_option("--seq-length", run.seq, "Sequence length of the memory plan (default 4096)");
   app.add_option("--micro-batch-size", run.micro_batch, "Micro-batch size of the memory plan (default 1)");
-  app.add_option("--global-batch-size", global_batch,
-                 "Global batch (micro-batches per rank = global / (micro x DP); pipeline stages hold several)");
+  app.add_option(
+      "--global-batch-size", global_batch,
+      "Global batch (micro-batches per rank = global / (micro x DP); pipeline stages hold several)");
   app.add_option("--recompute-granularity", recompute, "full: only each layer's input is kept")
       ->check(CLI::IsMember({"full", "selective"}));
   app.add_option("--moe-expert-capacity-factor", run.capacity_factor, "Token dropping capacity factor");
@@ -202,16 +202,19 @@ int model_info_main(int argc, char** argv) {
   run.recompute = recompute == "full";
   run.alltoall = dispatcher == "alltoall";
   run.cpu = device == "cpu";
-  DSV3_CHECK(run.seq > 0 && run.micro_batch > 0, "model-info: --seq-length and --micro-batch-size must be > 0");
+  DSV3_CHECK(run.seq > 0 && run.micro_batch > 0,
+             "model-info: --seq-length and --micro-batch-size must be > 0");
   if (global_batch > 0) {
     DSV3_CHECK(global_batch % (run.micro_batch * dp) == 0, "model-info: --global-batch-size (", global_batch,
-               ") must be a multiple of --micro-batch-size x --data-parallel-size (", run.micro_batch * dp, ")");
+               ") must be a multiple of --micro-batch-size x --data-parallel-size (", run.micro_batch * dp,
+               ")");
     run.micro_batches = global_batch / (run.micro_batch * dp);
   }
-  std::printf("memory plan per rank (%s; seq %lld, micro-batch %lld, %lld micro-batches per iteration%s%s):\n",
-              run.cpu ? "CPU" : "GPU", static_cast<long long>(run.seq), static_cast<long long>(run.micro_batch),
-              static_cast<long long>(run.micro_batches), run.recompute ? ", full recompute" : "",
-              run.capacity_factor > 0 ? ", token drop" : "");
+  std::printf(
+      "memory plan per rank (%s; seq %lld, micro-batch %lld, %lld micro-batches per iteration%s%s):\n",
+      run.cpu ? "CPU" : "GPU", static_cast<long long>(run.seq), static_cast<long long>(run.micro_batch),
+      static_cast<long long>(run.micro_batches), run.recompute ? ", full recompute" : "",
+      run.capacity_factor > 0 ? ", token drop" : "");
   std::fputs(format_memory_plan(plan_memory(cfg, layout, run), kRuntimeEstimate + kRuntimeGrowth,
                                 "an estimate; dsv3 train measures it")
                  .c_str(),

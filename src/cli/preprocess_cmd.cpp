@@ -28,18 +28,24 @@ int preprocess_main(int argc, char** argv) {
   app.add_option("--log-interval", o.log_interval, "Print progress every N documents");
   app.add_flag("--keep-sequential-samples", o.keep_sequential_samples,
                "Contiguous instead of round-robin partitions");
-  app.add_flag("--skip-bad-lines", o.skip_bad_lines, "Skip malformed lines (counted and reported) instead of stopping");
-  app.add_option("--seq-length", seq_length, "Accepted for compatibility: a warning threshold only, no truncation");
+  app.add_flag("--skip-bad-lines", o.skip_bad_lines,
+               "Skip malformed lines (counted and reported) instead of stopping");
+  app.add_option("--seq-length", seq_length,
+                 "Accepted for compatibility: a warning threshold only, no truncation");
   app.add_flag("--read-only-input-path", read_only_input_path,
                "Accepted for compatibility: dsv3 writes no files next to the input anyway");
   // Megatron options dsv3 does not implement: present so that using them is an error naming them.
-  const char* unsupported[][2] = {
-      {"--split-sentences", "NLTK sentence splitting"}, {"--keep-newlines", "NLTK sentence splitting"},
-      {"--lang", "NLTK sentence splitting"},            {"--binarize-only", "pre-tokenized input"},
-      {"--vocab-file", "non-HuggingFace tokenizers"},   {"--merge-file", "non-HuggingFace tokenizers"},
-      {"--vocab-size", "non-HuggingFace tokenizers"},   {"--vocab-extra-ids", "non-HuggingFace tokenizers"},
-      {"--tiktoken-pattern", "TikTokenizer"},           {"--tiktoken-num-special-tokens", "TikTokenizer"},
-      {"--tiktoken-special-tokens", "TikTokenizer"}};
+  const char* unsupported[][2] = {{"--split-sentences", "NLTK sentence splitting"},
+                                  {"--keep-newlines", "NLTK sentence splitting"},
+                                  {"--lang", "NLTK sentence splitting"},
+                                  {"--binarize-only", "pre-tokenized input"},
+                                  {"--vocab-file", "non-HuggingFace tokenizers"},
+                                  {"--merge-file", "non-HuggingFace tokenizers"},
+                                  {"--vocab-size", "non-HuggingFace tokenizers"},
+                                  {"--vocab-extra-ids", "non-HuggingFace tokenizers"},
+                                  {"--tiktoken-pattern", "TikTokenizer"},
+                                  {"--tiktoken-num-special-tokens", "TikTokenizer"},
+                                  {"--tiktoken-special-tokens", "TikTokenizer"}};
   std::vector<std::pair<CLI::Option*, std::string>> rejected;
   for (auto& u : unsupported) {
     auto* opt = app.add_option(u[0])->expected(0, -1)->group("");

@@ -17,7 +17,7 @@ class AtomicFile {
 
   void write(const void* data, size_t n);  // all of it, or throws naming the file
   void write(std::string_view s) { write(s.data(), s.size()); }
-  void commit();                           // fsync, close, rename onto the target
+  void commit();  // fsync, close, rename onto the target
   const std::string& path() const { return path_; }
 
  private:

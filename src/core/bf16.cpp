@@ -4,9 +4,8 @@
 // threads for large arrays.
 #include "core/bf16.h"
 
-#include <omp.h>
-
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
 
@@ -16,8 +15,9 @@ namespace {
 constexpr int64_t kParallelMin = 1 << 18;
 
 __attribute__((target("avx512f,avx512bw"))) void to_bf16_avx512(const float* src, bf16* dst, int64_t n) {
-  const __m512i round = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1), abs = _mm512_set1_epi32(0x7fffffff),
-                inf = _mm512_set1_epi32(0x7f800000), qnan = _mm512_set1_epi32(0x40);
+  const __m512i round = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1),
+                abs = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000),
+                qnan = _mm512_set1_epi32(0x40);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const __m512i u = _mm512_loadu_si512(src + i);
@@ -25,7 +25,8 @@ __attribute__((target("avx512f,avx512bw"))) void to_bf16_avx512(const float* src
         _mm512_add_epi32(u, _mm512_add_epi32(round, _mm512_and_si512(_mm512_srli_epi32(u, 16), one))), 16);
     const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, abs), inf);
     const __m512i q = _mm512_or_si512(_mm512_srli_epi32(u, 16), qnan);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, nan, q)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, nan, q)));
   }
   for (; i < n; ++i) dst[i] = to_bf16(src[i]);
 }
@@ -36,8 +37,10 @@ void to_bf16_generic(const float* src, bf16* dst, int64_t n) {
 
 void to_bf16_serial(const float* src, bf16* dst, int64_t n) {
   static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-  if (avx512) to_bf16_avx512(src, dst, n);
-  else to_bf16_generic(src, dst, n);
+  if (avx512)
+    to_bf16_avx512(src, dst, n);
+  else
+    to_bf16_generic(src, dst, n);
 }
 
 }  // namespace

@@ -25,7 +25,9 @@ inline bf16 to_bf16(float f) {
 }
 
 // Rounds fp32 through bf16 and back (what a bf16 cast does to a value).
-inline float round_bf16(float f) { return to_float(to_bf16(f)); }
+inline float round_bf16(float f) {
+  return to_float(to_bf16(f));
+}
 
 void to_bf16(const float* src, bf16* dst, int64_t n);
 void to_float(const bf16* src, float* dst, int64_t n);

@@ -27,7 +27,7 @@ template <typename... Args>
 }  // namespace dsv3
 
 // DSV3_CHECK(cond, "what", value, "more") throws dsv3::Error with the pieces streamed together.
-#define DSV3_CHECK(cond, ...)                            \
-  do {                                                   \
-    if (!(cond)) ::dsv3::fail(__VA_ARGS__);              \
+#define DSV3_CHECK(cond, ...)               \
+  do {                                      \
+    if (!(cond)) ::dsv3::fail(__VA_ARGS__); \
   } while (0)

@@ -29,12 +29,14 @@ uint64_t name_hash(std::string_view name) {
 
 namespace {
 std::array<uint32_t, 4> block(uint64_t seed, uint64_t stream, uint64_t index) {
-  return philox4x32({static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32), static_cast<uint32_t>(stream),
-                     static_cast<uint32_t>(stream >> 32)},
+  return philox4x32({static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32),
+                     static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32)},
                     {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)});
 }
 // 24 random bits -> (0, 1], never 0 so the log below is finite.
-double unit_open(uint32_t v) { return ((v >> 8) + 1.0) / 16777216.0; }
+double unit_open(uint32_t v) {
+  return ((v >> 8) + 1.0) / 16777216.0;
+}
 }  // namespace
 
 float philox_normal(uint64_t seed, uint64_t stream, uint64_t index) {

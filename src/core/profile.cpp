@@ -30,22 +30,31 @@ Entry& find(const char* label) {
 
 }  // namespace
 
-void set_enabled(bool on) { g_enabled = on; }
-bool enabled() { return g_enabled; }
+void set_enabled(bool on) {
+  g_enabled = on;
+}
+bool enabled() {
+  return g_enabled;
+}
 
 void reset() {
   for (auto& x : state().entries) x.calls = 0, x.total_s = 0, x.self_s = 0;
   state().child_ns.clear();
 }
 
-std::vector<Entry> entries() { return state().entries; }
+std::vector<Entry> entries() {
+  return state().entries;
+}
 
 int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }
 
-void push() { state().child_ns.push_back(0); }
+void push() {
+  state().child_ns.push_back(0);
+}
 
 void pop(const char* label, int64_t dt) {
   State& s = state();

@@ -55,5 +55,6 @@ class Scope {
 #define DSV3_PROFILE_CAT(a, b) DSV3_PROFILE_CAT2(a, b)
 #define DSV3_PROFILE(label) ::dsv3::profile::Scope DSV3_PROFILE_CAT(dsv3_profile_scope_, __LINE__)(label)
 // A scope that does not follow a C++ block: DSV3_PROFILE_BEGIN(name, "label") ... DSV3_PROFILE_END(name).
-#define DSV3_PROFILE_BEGIN(name, label) std::optional<::dsv3::profile::Scope> dsv3_profile_##name(std::in_place, label)
+#define DSV3_PROFILE_BEGIN(name, label) \
+  std::optional<::dsv3::profile::Scope> dsv3_profile_##name(std::in_place, label)
 #define DSV3_PROFILE_END(name) dsv3_profile_##name.reset()

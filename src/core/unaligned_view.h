@@ -43,7 +43,11 @@ class UnalignedView {
     T operator*() const { return (*v_)[i_]; }
     T operator[](difference_type k) const { return (*v_)[i_ + k]; }
     iterator& operator++() { return ++i_, *this; }
-    iterator operator++(int) { iterator t = *this; ++i_; return t; }
+    iterator operator++(int) {
+      iterator t = *this;
+      ++i_;
+      return t;
+    }
     iterator& operator--() { return --i_, *this; }
     iterator& operator+=(difference_type k) { return i_ += k, *this; }
     iterator operator+(difference_type k) const { return {v_, i_ + k}; }

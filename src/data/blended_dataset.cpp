@@ -39,7 +39,6 @@ std::optional<double> parse_python_float(const std::string& s) {
   return v;
 }
 
-
 }  // namespace
 
 DataBlend parse_data_path(const std::vector<std::string>& tokens) {

@@ -248,7 +248,6 @@ double pairwise_sum(const double* a, size_t n) {
   return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
 }
 
-
 }  // namespace
 
 std::string python_json_dumps(const nlohmann::ordered_json& value) {

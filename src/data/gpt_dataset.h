@@ -13,7 +13,6 @@
 #include <vector>
 
 #include "core/unaligned_view.h"
-
 #include "data/indexed_dataset.h"
 
 namespace dsv3 {

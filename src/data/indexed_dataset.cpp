@@ -26,7 +26,9 @@ void flush_and_sync(std::FILE* f, const std::string& path) {
   if (std::fflush(f) != 0 || ::fsync(fileno(f)) != 0) fail("cannot flush ", path, ": ", std::strerror(errno));
 }
 
-std::string temp_name(const std::string& path) { return path + ".tmp." + std::to_string(::getpid()); }
+std::string temp_name(const std::string& path) {
+  return path + ".tmp." + std::to_string(::getpid());
+}
 
 // Maps a whole file read-only; an empty file maps to nullptr with size 0.
 const uint8_t* map_file(const std::string& path, size_t& size) {
@@ -61,32 +63,54 @@ T read_le(const uint8_t* p) {
 
 size_t dtype_size(DType d) {
   switch (d) {
-    case DType::kUInt8: case DType::kInt8: return 1;
-    case DType::kInt16: case DType::kUInt16: return 2;
-    case DType::kInt32: case DType::kFloat32: return 4;
-    case DType::kInt64: case DType::kFloat64: return 8;
+    case DType::kUInt8:
+    case DType::kInt8:
+      return 1;
+    case DType::kInt16:
+    case DType::kUInt16:
+      return 2;
+    case DType::kInt32:
+    case DType::kFloat32:
+      return 4;
+    case DType::kInt64:
+    case DType::kFloat64:
+      return 8;
   }
   fail("unknown dtype code ", static_cast<int>(d));
 }
 
 const char* dtype_name(DType d) {
   switch (d) {
-    case DType::kUInt8: return "uint8";
-    case DType::kInt8: return "int8";
-    case DType::kInt16: return "int16";
-    case DType::kInt32: return "int32";
-    case DType::kInt64: return "int64";
-    case DType::kFloat64: return "float64";
-    case DType::kFloat32: return "float32";
-    case DType::kUInt16: return "uint16";
+    case DType::kUInt8:
+      return "uint8";
+    case DType::kInt8:
+      return "int8";
+    case DType::kInt16:
+      return "int16";
+    case DType::kInt32:
+      return "int32";
+    case DType::kInt64:
+      return "int64";
+    case DType::kFloat64:
+      return "float64";
+    case DType::kFloat32:
+      return "float32";
+    case DType::kUInt16:
+      return "uint16";
   }
   return "unknown";
 }
 
-DType optimal_dtype(int64_t vocab_size) { return vocab_size < 65500 ? DType::kUInt16 : DType::kInt32; }
+DType optimal_dtype(int64_t vocab_size) {
+  return vocab_size < 65500 ? DType::kUInt16 : DType::kInt32;
+}
 
-std::string idx_path(const std::string& prefix) { return prefix + ".idx"; }
-std::string bin_path(const std::string& prefix) { return prefix + ".bin"; }
+std::string idx_path(const std::string& prefix) {
+  return prefix + ".idx";
+}
+std::string bin_path(const std::string& prefix) {
+  return prefix + ".bin";
+}
 
 // ---------------------------------------------------------------------------------------------- builder
 
@@ -103,7 +127,9 @@ IndexedDatasetBuilder::~IndexedDatasetBuilder() {
   if (!finalized_) std::remove(bin_tmp_.c_str());
 }
 
-void IndexedDatasetBuilder::write_bin(const void* data, size_t n) { write_all(bin_, data, n, bin_tmp_); }
+void IndexedDatasetBuilder::write_bin(const void* data, size_t n) {
+  write_all(bin_, data, n, bin_tmp_);
+}
 
 void IndexedDatasetBuilder::add_document(std::span<const int32_t> ids, std::span<const int32_t> lengths) {
   DSV3_CHECK(!finalized_, "add_document after finalize on ", prefix_);
@@ -112,8 +138,8 @@ void IndexedDatasetBuilder::add_document(std::span<const int32_t> ids, std::span
     DSV3_CHECK(len >= 0, "negative sequence length ", len);
     total += len;
   }
-  DSV3_CHECK(total == static_cast<int64_t>(ids.size()), "sequence lengths sum to ", total, " but the document has ",
-             ids.size(), " tokens");
+  DSV3_CHECK(total == static_cast<int64_t>(ids.size()), "sequence lengths sum to ", total,
+             " but the document has ", ids.size(), " tokens");
   switch (dtype_) {
     case DType::kUInt16: {
       std::vector<uint16_t> buf(ids.size());
@@ -139,8 +165,8 @@ void IndexedDatasetBuilder::add_document(std::span<const int32_t> ids, std::span
 
 void IndexedDatasetBuilder::add_index(const std::string& other_prefix) {
   IndexedDataset other(other_prefix);
-  DSV3_CHECK(other.dtype() == dtype_, "cannot merge ", other_prefix, " (", dtype_name(other.dtype()), ") into ",
-             prefix_, " (", dtype_name(dtype_), ")");
+  DSV3_CHECK(other.dtype() == dtype_, "cannot merge ", other_prefix, " (", dtype_name(other.dtype()),
+             ") into ", prefix_, " (", dtype_name(dtype_), ")");
   const int64_t offset = static_cast<int64_t>(lengths_.size());
   auto lens = other.sequence_lengths();
   lengths_.insert(lengths_.end(), lens.begin(), lens.end());
@@ -206,15 +232,16 @@ IndexedDataset::IndexedDataset(std::string prefix) : prefix_(std::move(prefix)) 
   idx_map_ = map_file(ip, idx_size_);
   try {
     DSV3_CHECK(idx_size_ >= kHeaderSize, ip, ": truncated header (", idx_size_, " bytes)");
-    DSV3_CHECK(std::memcmp(idx_map_, kMagic, sizeof kMagic) == 0, ip, ": not a Megatron index file (bad magic)");
+    DSV3_CHECK(std::memcmp(idx_map_, kMagic, sizeof kMagic) == 0, ip,
+               ": not a Megatron index file (bad magic)");
     const uint64_t version = read_le<uint64_t>(idx_map_ + 9);
     DSV3_CHECK(version == kVersion, ip, ": unsupported index version ", version, " (expected 1)");
     dtype_ = static_cast<DType>(idx_map_[17]);
     DSV3_CHECK(idx_map_[17] >= 1 && idx_map_[17] <= 8, ip, ": unknown dtype code ", int(idx_map_[17]));
     const uint64_t s = read_le<uint64_t>(idx_map_ + 18), d = read_le<uint64_t>(idx_map_ + 26);
     DSV3_CHECK(d >= 1, ip, ": document count is 0 (must be at least 1)");
-    const unsigned __int128 need = kHeaderSize + static_cast<unsigned __int128>(s) * 12 +
-                                   static_cast<unsigned __int128>(d) * 8;
+    const unsigned __int128 need =
+        kHeaderSize + static_cast<unsigned __int128>(s) * 12 + static_cast<unsigned __int128>(d) * 8;
     DSV3_CHECK(need <= idx_size_, ip, ": truncated (", idx_size_, " bytes, header promises ",
                static_cast<uint64_t>(need), " for ", s, " sequences and ", d - 1, " documents)");
     DSV3_CHECK(need == idx_size_ || need + s == idx_size_, ip, ": ", idx_size_ - static_cast<uint64_t>(need),
@@ -240,8 +267,8 @@ IndexedDataset::IndexedDataset(std::string prefix) : prefix_(std::move(prefix)) 
       DSV3_CHECK(ptr >= 0 && static_cast<unsigned __int128>(ptr) +
                                      static_cast<unsigned __int128>(lengths_[i]) * item <=
                                  bin_size_,
-                 ip, ": sequence ", i, " (", lengths_[i], " tokens at byte ", ptr, ") lies outside ", bp, " (",
-                 bin_size_, " bytes)");
+                 ip, ": sequence ", i, " (", lengths_[i], " tokens at byte ", ptr, ") lies outside ", bp,
+                 " (", bin_size_, " bytes)");
     }
     DSV3_CHECK(doc_idx_[0] == 0, ip, ": document indices do not start at 0");
     for (uint64_t i = 1; i < d; ++i)
@@ -253,7 +280,9 @@ IndexedDataset::IndexedDataset(std::string prefix) : prefix_(std::move(prefix)) 
   }
 }
 
-IndexedDataset::~IndexedDataset() { unmap(); }
+IndexedDataset::~IndexedDataset() {
+  unmap();
+}
 
 void IndexedDataset::unmap() {
   if (idx_map_) ::munmap(const_cast<uint8_t*>(idx_map_), idx_size_);
@@ -273,13 +302,26 @@ void IndexedDataset::get(int64_t idx, int64_t offset, int64_t length, std::vecto
   out.reserve(out.size() + length);
   for (int64_t i = 0; i < length; ++i, p += item) {
     switch (dtype_) {
-      case DType::kUInt8: out.push_back(*p); break;
-      case DType::kInt8: out.push_back(static_cast<int8_t>(*p)); break;
-      case DType::kInt16: out.push_back(read_le<int16_t>(p)); break;
-      case DType::kUInt16: out.push_back(read_le<uint16_t>(p)); break;
-      case DType::kInt32: out.push_back(read_le<int32_t>(p)); break;
-      case DType::kInt64: out.push_back(read_le<int64_t>(p)); break;
-      default: fail(prefix_, ": token dtype ", dtype_name(dtype_), " is not an integer type");
+      case DType::kUInt8:
+        out.push_back(*p);
+        break;
+      case DType::kInt8:
+        out.push_back(static_cast<int8_t>(*p));
+        break;
+      case DType::kInt16:
+        out.push_back(read_le<int16_t>(p));
+        break;
+      case DType::kUInt16:
+        out.push_back(read_le<uint16_t>(p));
+        break;
+      case DType::kInt32:
+        out.push_back(read_le<int32_t>(p));
+        break;
+      case DType::kInt64:
+        out.push_back(read_le<int64_t>(p));
+        break;
+      default:
+        fail(prefix_, ": token dtype ", dtype_name(dtype_), " is not an integer type");
     }
   }
 }

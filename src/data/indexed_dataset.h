@@ -24,8 +24,16 @@
 
 namespace dsv3 {
 
-enum class DType : uint8_t { kUInt8 = 1, kInt8 = 2, kInt16 = 3, kInt32 = 4, kInt64 = 5, kFloat64 = 6,
-                             kFloat32 = 7, kUInt16 = 8 };
+enum class DType : uint8_t {
+  kUInt8 = 1,
+  kInt8 = 2,
+  kInt16 = 3,
+  kInt32 = 4,
+  kInt64 = 5,
+  kFloat64 = 6,
+  kFloat32 = 7,
+  kUInt16 = 8
+};
 
 size_t dtype_size(DType d);
 const char* dtype_name(DType d);

@@ -1,8 +1,6 @@
 // numpy .npy reader/writer (see npy.h for the layout).
 #include "data/npy.h"
 
-#include "core/atomic_file.h"
-
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -12,6 +10,8 @@
 #include <fstream>
 #include <iterator>
 #include <random>
+
+#include "core/atomic_file.h"
 
 namespace dsv3 {
 namespace {

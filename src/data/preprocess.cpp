@@ -40,12 +40,20 @@ struct Chunk {
 const char* json_type_name(simdjson::dom::element_type t) {
   using T = simdjson::dom::element_type;
   switch (t) {
-    case T::ARRAY: return "an array";
-    case T::OBJECT: return "an object";
-    case T::INT64: case T::UINT64: case T::DOUBLE: return "a number";
-    case T::STRING: return "a string";
-    case T::BOOL: return "a boolean";
-    case T::NULL_VALUE: return "null";
+    case T::ARRAY:
+      return "an array";
+    case T::OBJECT:
+      return "an object";
+    case T::INT64:
+    case T::UINT64:
+    case T::DOUBLE:
+      return "a number";
+    case T::STRING:
+      return "a string";
+    case T::BOOL:
+      return "a boolean";
+    case T::NULL_VALUE:
+      return "null";
   }
   return "unknown";
 }
@@ -181,8 +189,9 @@ std::string output_prefix_for_key(const std::string& prefix, const std::string& 
 PreprocessStats preprocess(const PreprocessOptions& opt, const std::function<void(const std::string&)>& log) {
   DSV3_CHECK(opt.workers >= 1, "--workers must be at least 1 (got ", opt.workers, ")");
   DSV3_CHECK(opt.partitions >= 1, "--partitions must be at least 1 (got ", opt.partitions, ")");
-  DSV3_CHECK(opt.workers % opt.partitions == 0, "--workers (", opt.workers, ") must be divisible by --partitions (",
-             opt.partitions, "), as in Megatron's preprocess_data.py");
+  DSV3_CHECK(opt.workers % opt.partitions == 0, "--workers (", opt.workers,
+             ") must be divisible by --partitions (", opt.partitions,
+             "), as in Megatron's preprocess_data.py");
   DSV3_CHECK(opt.log_interval >= 1, "--log-interval must be at least 1");
   DSV3_CHECK(!opt.json_keys.empty(), "--json-keys needs at least one key");
   DSV3_CHECK(!opt.output_prefix.empty(), "--output-prefix is empty");
@@ -207,8 +216,9 @@ PreprocessStats preprocess(const PreprocessOptions& opt, const std::function<voi
   std::vector<std::string> part_prefixes;
   for (int p = 0; p < parts; ++p) {
     for (const auto& key : opt.json_keys) {
-      std::string prefix = parts == 1 ? output_prefix_for_key(opt.output_prefix, key)
-                                      : output_prefix_for_key(opt.output_prefix + "_" + std::to_string(p), key);
+      std::string prefix = parts == 1
+                               ? output_prefix_for_key(opt.output_prefix, key)
+                               : output_prefix_for_key(opt.output_prefix + "_" + std::to_string(p), key);
       builders[p].push_back(std::make_unique<IndexedDatasetBuilder>(prefix, dtype));
       if (parts > 1) part_prefixes.push_back(prefix);
     }
@@ -225,7 +235,8 @@ PreprocessStats preprocess(const PreprocessOptions& opt, const std::function<voi
       while (Chunk* c = pipe.claim()) {
         try {
           c->docs.resize(c->lines.size());
-          for (size_t i = 0; i < c->lines.size(); ++i) encode_line(c->lines[i], opt, tok, eod, parser, c->docs[i]);
+          for (size_t i = 0; i < c->lines.size(); ++i)
+            encode_line(c->lines[i], opt, tok, eod, parser, c->docs[i]);
         } catch (...) {
           std::lock_guard lk(err_mu);
           if (!worker_error) worker_error = std::current_exception();

@@ -10,7 +10,7 @@
 namespace dsv3 {
 
 struct PreprocessOptions {
-  std::string input;           // path or glob; .gz files are decompressed
+  std::string input;  // path or glob; .gz files are decompressed
   std::string output_prefix;
   std::string tokenizer_model;  // HF tokenizer directory
   std::vector<std::string> json_keys{"text"};
@@ -23,11 +23,11 @@ struct PreprocessOptions {
 };
 
 struct PreprocessStats {
-  int64_t documents = 0;      // lines turned into documents
-  int64_t bad_lines = 0;      // skipped with skip_bad_lines
+  int64_t documents = 0;               // lines turned into documents
+  int64_t bad_lines = 0;               // skipped with skip_bad_lines
   std::vector<std::string> first_bad;  // "file:line: reason" of the first few
-  int64_t bytes = 0;          // input bytes read (lines with their newline)
-  int64_t tokens = 0;         // over all keys
+  int64_t bytes = 0;                   // input bytes read (lines with their newline)
+  int64_t tokens = 0;                  // over all keys
   double seconds = 0;
   std::vector<std::string> outputs;  // final prefixes written, one per key
 };
@@ -36,10 +36,10 @@ class Tokenizer;
 
 // One JSONL line as the workers encode it: every key's sentences' ids, key after key.
 struct EncodedLine {
-  std::vector<int32_t> ids;            // all keys' ids, key after key
-  std::vector<int32_t> lengths;        // sequence lengths, key after key
-  std::vector<uint32_t> key_seq_end;   // per key: end index into lengths
-  std::string error;                   // non-empty: the line is bad (the job stops or skips it)
+  std::vector<int32_t> ids;           // all keys' ids, key after key
+  std::vector<int32_t> lengths;       // sequence lengths, key after key
+  std::vector<uint32_t> key_seq_end;  // per key: end index into lengths
+  std::string error;                  // non-empty: the line is bad (the job stops or skips it)
 };
 
 // Encodes one line exactly as preprocess() does for each input line (the JSON parse, the key lookups and

@@ -18,8 +18,8 @@
 #include "core/bf16.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/gemm.h"
-#include "kernels/precision.h"
 #include "kernels/cpu/rope.h"
+#include "kernels/precision.h"
 
 namespace dsv3 {
 

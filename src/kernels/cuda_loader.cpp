@@ -59,7 +59,8 @@ const Driver& driver() {
       const char* text = nullptr;
       if (err) err(rc, &text);
       d.devices = 0;
-      d.why = "no CUDA GPU visible (" + std::string(text ? text : "CUDA driver error " + std::to_string(rc)) + ")";
+      d.why = "no CUDA GPU visible (" + std::string(text ? text : "CUDA driver error " + std::to_string(rc)) +
+              ")";
       return;
     }
     if (d.devices == 0) d.why = "no CUDA GPU visible (0 devices)";
@@ -159,7 +160,8 @@ std::unique_ptr<Backend> make_cuda_backend(int device, std::string* why_not) {
 #else
 
 namespace {
-const char* kNoCuda = "this build of dsv3 has no CUDA backend (nvcc was not found at build time, or -DDSV3_CUDA=OFF)";
+const char* kNoCuda =
+    "this build of dsv3 has no CUDA backend (nvcc was not found at build time, or -DDSV3_CUDA=OFF)";
 }
 
 bool cuda_gpu_visible(int, std::string*, std::string* why_not) {

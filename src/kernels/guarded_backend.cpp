@@ -41,7 +41,8 @@ class GuardedHostBackend final : public Backend {
     char* p = base_ + used_;
     used_ += n;
     sizes_[p] = n;
-    if (depth_) DSV3_CHECK(mprotect(p, n, PROT_READ | PROT_WRITE) == 0, "host-guarded backend: mprotect failed");
+    if (depth_)
+      DSV3_CHECK(mprotect(p, n, PROT_READ | PROT_WRITE) == 0, "host-guarded backend: mprotect failed");
     return p;  // zero: fresh anonymous pages
   }
   void free(void* p) override {
@@ -83,11 +84,13 @@ class GuardedHostBackend final : public Backend {
     const Open open(*this);
     cpu_backend().add(y_N, a_N, b_N, n);
   }
-  void copy_rows(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t rows, int64_t cols) override {
+  void copy_rows(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t rows,
+                 int64_t cols) override {
     const Open open(*this);
     cpu_backend().copy_rows(dst, ld_dst, src, ld_src, rows, cols);
   }
-  void sum_heads(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t t, int64_t heads, int64_t n) override {
+  void sum_heads(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t t, int64_t heads,
+                 int64_t n) override {
     const Open open(*this);
     cpu_backend().sum_heads(x, ld_x, hs_x, y, ld_y, t, heads, n);
   }
@@ -95,7 +98,8 @@ class GuardedHostBackend final : public Backend {
     const Open open(*this);
     cpu_backend().permute_rows(x_TD, token_R, r, d, x_RD);
   }
-  void unpermute_sum(const float* y_RD, const int32_t* row_TK, int64_t t, int64_t k, int64_t d, float* out_TD, float beta) override {
+  void unpermute_sum(const float* y_RD, const int32_t* row_TK, int64_t t, int64_t k, int64_t d, float* out_TD,
+                     float beta) override {
     const Open open(*this);
     cpu_backend().unpermute_sum(y_RD, row_TK, t, k, d, out_TD, beta);
   }
@@ -107,55 +111,76 @@ class GuardedHostBackend final : public Backend {
     const Open open(*this);
     cpu_backend().gemm(g);
   }
-  void rmsnorm_forward(const float* x, int64_t ld_x, const float* w_D, float* y, int64_t ld_y, float* rstd_T, int64_t t, int64_t d, float eps) override {
+  void rmsnorm_forward(const float* x, int64_t ld_x, const float* w_D, float* y, int64_t ld_y, float* rstd_T,
+                       int64_t t, int64_t d, float eps) override {
     const Open open(*this);
     cpu_backend().rmsnorm_forward(x, ld_x, w_D, y, ld_y, rstd_T, t, d, eps);
   }
-  void rmsnorm_backward(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, const float* w_D, const float* rstd_T, float* dx, int64_t ld_dx, float* dw_D, int64_t t, int64_t d, float beta) override {
+  void rmsnorm_backward(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, const float* w_D,
+                        const float* rstd_T, float* dx, int64_t ld_dx, float* dw_D, int64_t t, int64_t d,
+                        float beta) override {
     const Open open(*this);
     cpu_backend().rmsnorm_backward(dy, ld_dy, x, ld_x, w_D, rstd_T, dx, ld_dx, dw_D, t, d, beta);
   }
-  void swiglu_forward(const float* a, const float* b, int64_t ld_ab, const float* p_T, float* h_TF, int64_t t, int64_t f) override {
+  void swiglu_forward(const float* a, const float* b, int64_t ld_ab, const float* p_T, float* h_TF, int64_t t,
+                      int64_t f) override {
     const Open open(*this);
     cpu_backend().swiglu_forward(a, b, ld_ab, p_T, h_TF, t, f);
   }
-  void swiglu_backward(const float* dh_TF, const float* a, const float* b, int64_t ld_ab, const float* p_T, float* da, float* db, int64_t ld_dab, float* dp_T, int64_t t, int64_t f) override {
+  void swiglu_backward(const float* dh_TF, const float* a, const float* b, int64_t ld_ab, const float* p_T,
+                       float* da, float* db, int64_t ld_dab, float* dp_T, int64_t t, int64_t f) override {
     const Open open(*this);
     cpu_backend().swiglu_backward(dh_TF, a, b, ld_ab, p_T, da, db, ld_dab, dp_T, t, f);
   }
-  void embedding_forward(const int32_t* ids_T, const float* table_VD, float* out_TD, int64_t t, int64_t vocab, int64_t d) override {
+  void embedding_forward(const int32_t* ids_T, const float* table_VD, float* out_TD, int64_t t, int64_t vocab,
+                         int64_t d) override {
     const Open open(*this);
     cpu_backend().embedding_forward(ids_T, table_VD, out_TD, t, vocab, d);
   }
-  void embedding_backward(const float* dout_TD, const int32_t* ids_T, float* dtable_VD, int64_t t, int64_t vocab, int64_t d) override {
+  void embedding_backward(const float* dout_TD, const int32_t* ids_T, float* dtable_VD, int64_t t,
+                          int64_t vocab, int64_t d) override {
     const Open open(*this);
     cpu_backend().embedding_backward(dout_TD, ids_T, dtable_VD, t, vocab, d);
   }
-  void rope_forward(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t hs_y, int64_t t, int64_t heads, int64_t seq_len, const RopeTableView& table, bool interleave) override {
+  void rope_forward(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t hs_y,
+                    int64_t t, int64_t heads, int64_t seq_len, const RopeTableView& table,
+                    bool interleave) override {
     const Open open(*this);
     cpu_backend().rope_forward(x, ld_x, hs_x, y, ld_y, hs_y, t, heads, seq_len, table, interleave);
   }
-  void rope_backward(const float* dy, int64_t ld_dy, int64_t hs_dy, float* dx, int64_t ld_dx, int64_t hs_dx, int64_t t, int64_t heads, int64_t seq_len, const RopeTableView& table, bool interleave) override {
+  void rope_backward(const float* dy, int64_t ld_dy, int64_t hs_dy, float* dx, int64_t ld_dx, int64_t hs_dx,
+                     int64_t t, int64_t heads, int64_t seq_len, const RopeTableView& table,
+                     bool interleave) override {
     const Open open(*this);
     cpu_backend().rope_backward(dy, ld_dy, hs_dy, dx, ld_dx, hs_dx, t, heads, seq_len, table, interleave);
   }
-  void attention_forward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v, HeadsViewMut o, float* lse_BHS, Precision p) override {
+  void attention_forward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v, HeadsViewMut o,
+                         float* lse_BHS, Precision p) override {
     const Open open(*this);
     cpu_backend().attention_forward(s, q, k, v, o, lse_BHS, p);
   }
-  void attention_backward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v, HeadsView o, const float* lse_BHS, HeadsView do_, HeadsViewMut dq, HeadsViewMut dk, HeadsViewMut dv, Precision p) override {
+  void attention_backward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v, HeadsView o,
+                          const float* lse_BHS, HeadsView do_, HeadsViewMut dq, HeadsViewMut dk,
+                          HeadsViewMut dv, Precision p) override {
     const Open open(*this);
     cpu_backend().attention_backward(s, q, k, v, o, lse_BHS, do_, dq, dk, dv, p);
   }
-  void head_cross_entropy_forward(const float* h_TD, const float* w_VD, const bf16* w_bf_VD, const int32_t* labels_T, float* loss_T, float* lse_T, int64_t t, int64_t d, int64_t v, Precision p) override {
+  void head_cross_entropy_forward(const float* h_TD, const float* w_VD, const bf16* w_bf_VD,
+                                  const int32_t* labels_T, float* loss_T, float* lse_T, int64_t t, int64_t d,
+                                  int64_t v, Precision p) override {
     const Open open(*this);
     cpu_backend().head_cross_entropy_forward(h_TD, w_VD, w_bf_VD, labels_T, loss_T, lse_T, t, d, v, p);
   }
-  void head_cross_entropy_backward(const float* h_TD, const float* w_VD, const bf16* w_bf_VD, const int32_t* labels_T, const float* lse_T, float dloss, const float* dloss_T, float* dh_TD, float* dw_VD, int64_t t, int64_t d, int64_t v, Precision p) override {
+  void head_cross_entropy_backward(const float* h_TD, const float* w_VD, const bf16* w_bf_VD,
+                                   const int32_t* labels_T, const float* lse_T, float dloss,
+                                   const float* dloss_T, float* dh_TD, float* dw_VD, int64_t t, int64_t d,
+                                   int64_t v, Precision p) override {
     const Open open(*this);
-    cpu_backend().head_cross_entropy_backward(h_TD, w_VD, w_bf_VD, labels_T, lse_T, dloss, dloss_T, dh_TD, dw_VD, t, d, v, p);
+    cpu_backend().head_cross_entropy_backward(h_TD, w_VD, w_bf_VD, labels_T, lse_T, dloss, dloss_T, dh_TD,
+                                              dw_VD, t, d, v, p);
   }
-  void adamw(float* params, const float* grads, float* exp_avg, float* exp_avg_sq, const std::vector<AdamWSegment>& segments) override {
+  void adamw(float* params, const float* grads, float* exp_avg, float* exp_avg_sq,
+             const std::vector<AdamWSegment>& segments) override {
     const Open open(*this);
     cpu_backend().adamw(params, grads, exp_avg, exp_avg_sq, segments);
   }

@@ -137,13 +137,14 @@ struct Reader {
     const json& v = j.at(k);
     // Out of int64 range is an error, never a wrapped (unsigned) or undefined (float) conversion.
     if (v.is_number_unsigned())
-      DSV3_CHECK(v.get<uint64_t>() <= uint64_t(INT64_MAX), origin, ": config field '", k, "' is out of range, got ",
-                 v.dump());
+      DSV3_CHECK(v.get<uint64_t>() <= uint64_t(INT64_MAX), origin, ": config field '", k,
+                 "' is out of range, got ", v.dump());
     if (v.is_number_integer()) return v.get<int64_t>();
     if (v.is_number_float()) {
       double d = v.get<double>();
       DSV3_CHECK(d == std::floor(d), origin, ": config field '", k, "' must be an integer, got ", d);
-      DSV3_CHECK(d >= -0x1p63 && d < 0x1p63, origin, ": config field '", k, "' is out of range, got ", v.dump());
+      DSV3_CHECK(d >= -0x1p63 && d < 0x1p63, origin, ": config field '", k, "' is out of range, got ",
+                 v.dump());
       return static_cast<int64_t>(d);
     }
     fail(origin, ": config field '", k, "' must be an integer, got ", v.dump());

@@ -166,7 +166,7 @@ void mla_backward(Backend& be, const MlaDims& d, const MlaParams& p, const MlaAc
   {
     DSV3_PROFILE("bwd.attn.rope");
     const RopeTableView tab = rope_table(be, d, S, sc);
-    be.copy_rows(dkv, E, dk, K, T * H, d.dn);                       // dk_nope of every head → dkv cols [0, dn)
+    be.copy_rows(dkv, E, dk, K, T * H, d.dn);                    // dk_nope of every head → dkv cols [0, dn)
     be.sum_heads(dk + d.dn, H * K, K, dckv + L, C, T, H, d.dr);  // dk_pe summed over the heads, in order
     be.rope_backward(dq + d.dn, H * K, K, dq + d.dn, H * K, K, T, H, S, tab, true);
     be.rope_backward(dckv + L, C, 0, dckv + L, C, 0, T, 1, S, tab, true);

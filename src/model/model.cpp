@@ -35,9 +35,7 @@ MlaDims mla_dims(const ModelConfig& c) {
   return d;
 }
 
-
 }  // namespace
-
 
 Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
     : cfg_(cfg),
@@ -57,12 +55,14 @@ Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
   DSV3_CHECK(depths == 0 || !opt_.stage.post_process || opt_.stage.pre_process || opt_.stage.shared_embedding,
              "pipeline stage: the last stage runs MTP layers and needs the shared embedding");
   const int tp = opt_.tp.size;
-  DSV3_CHECK(tp == 1 || be().kind() == DeviceKind::kCpu, "model: tensor parallelism runs on the CPU backend only "
-             "(its reductions move host memory); ", be().name(), " runs one rank");
+  DSV3_CHECK(tp == 1 || be().kind() == DeviceKind::kCpu,
+             "model: tensor parallelism runs on the CPU backend only "
+             "(its reductions move host memory); ",
+             be().name(), " runs one rank");
   DSV3_CHECK(cfg_.num_attention_heads % tp == 0, "num_attention_heads (", cfg_.num_attention_heads,
              ") must be divisible by the tensor model parallel size (", tp, ")");
-  DSV3_CHECK(cfg_.intermediate_size % tp == 0, "intermediate_size / --ffn-hidden-size (", cfg_.intermediate_size,
-             ") must be divisible by the tensor model parallel size (", tp, ")");
+  DSV3_CHECK(cfg_.intermediate_size % tp == 0, "intermediate_size / --ffn-hidden-size (",
+             cfg_.intermediate_size, ") must be divisible by the tensor model parallel size (", tp, ")");
   DSV3_CHECK((cfg_.moe_intermediate_size * cfg_.n_shared_experts) % tp == 0, "the shared experts' width (",
              cfg_.moe_intermediate_size * cfg_.n_shared_experts,
              ") must be divisible by the tensor model parallel size (", tp, ")");
@@ -92,8 +92,10 @@ Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
     }
     dims_.push_back(d);
   }
-  DSV3_CHECK(be().kind() == DeviceKind::kCpu || opt_.ep.size() == 1, "model: expert parallelism runs on the CPU "
-             "only (its dispatcher moves host memory); ", be().name(), " runs one rank");
+  DSV3_CHECK(be().kind() == DeviceKind::kCpu || opt_.ep.size() == 1,
+             "model: expert parallelism runs on the CPU "
+             "only (its dispatcher moves host memory); ",
+             be().name(), " runs one rank");
   acts_.resize(opt_.recompute ? 1 : cfg_.num_hidden_layers);
   // Routed experts are converted by the MoE layer itself (stacked gate|up per expert); the router stays fp32.
   if (opt_.precision == Precision::kBF16)
@@ -150,7 +152,8 @@ void Model::load_safetensors(const std::string& path) {
     const std::vector<float> whole = r.read_f32(p.name);  // this TP rank keeps its block
     const int64_t C = p.numel / (p.shape.size() == 2 ? p.shape[0] : 1);
     for (int64_t i = 0; i < s.rows; ++i)
-      std::copy_n(whole.data() + (s.row0 + i) * C + s.col0, s.cols, base + store_.offset(p.name) + i * s.cols);
+      std::copy_n(whole.data() + (s.row0 + i) * C + s.col0, s.cols,
+                  base + store_.offset(p.name) + i * s.cols);
   }
   if (!host) params_.copy_from_host(staged.data(), params_.size());
   bf16_stale_ = true;
@@ -446,7 +449,8 @@ void Model::head_backward(float lm_scale, float aux_scale, const std::vector<flo
 
   // Main head and final norm.
   DSV3_PROFILE_BEGIN(head, "bwd.head_ce");
-  head_ce_backward(opt_.tp.sp() ? hf_full_TD_.data() : hf_TD_.data(), labels_.data(), lse_T_.data(), lm_scale, dA_TD_.data(), T);
+  head_ce_backward(opt_.tp.sp() ? hf_full_TD_.data() : hf_TD_.data(), labels_.data(), lse_T_.data(), lm_scale,
+                   dA_TD_.data(), T);
   if (!depths_.empty()) be().add(dA_TD_.data(), dA_TD_.data(), dhf_TD_.data(), Tl * D);
   be().rmsnorm_backward(dA_TD_.data(), D, resid_[L].data(), D, param("model.norm.weight"), rstd_f_T_.data(),
                         dB_TD_.data(), D, grad("model.norm.weight"), Tl, D, 0.f);

@@ -65,7 +65,9 @@ struct ForwardStats {
 };
 
 // "model.layers.{i}." — the HF name prefix of decoder layer i (MTP depths continue the numbering).
-inline std::string layer_prefix(int64_t i) { return "model.layers." + std::to_string(i) + "."; }
+inline std::string layer_prefix(int64_t i) {
+  return "model.layers." + std::to_string(i) + ".";
+}
 
 class Model {
  public:
@@ -158,7 +160,8 @@ class Model {
   void run_block(int64_t layer, const float* x, float* out, BlockActs& acts, bool training);
   void head_backward(float lm_scale, float aux_scale, const std::vector<float>& mtp_scales);
   // MTP depths (mtp.cpp): forward from the main model's final-normed hidden state h_prev, backward into dhf_TD_.
-  void mtp_forward(const int32_t* ids, const int32_t* labels, const float* h_prev, bool training, ForwardStats& st);
+  void mtp_forward(const int32_t* ids, const int32_t* labels, const float* h_prev, bool training,
+                   ForwardStats& st);
   void mtp_backward(float aux_scale, const std::vector<float>& mtp_scales);
   static void collect_moe_stats(const BlockDims& d, const BlockActs& a, ForwardStats& st);
 
@@ -172,7 +175,7 @@ class Model {
   // the first forward after the parameters changed (once per optimizer step).
   Bf16Weights bf16_weights_;
   std::vector<ExpertBf16> expert_bf16_;  // per layer (incl. MTP); empty for dense layers and other stages
-  std::vector<BlockDims> dims_;  // per layer incl. MTP
+  std::vector<BlockDims> dims_;          // per layer incl. MTP
 
   // activations of the last forward
   int64_t B_ = 0, S_ = 0;
@@ -185,12 +188,12 @@ class Model {
   DeviceArray<float> hf_full_TD_;  // SP: hf gathered, the head's input (kept for its backward)
   std::vector<std::unique_ptr<Depth>> depths_;
   BlockScratch scratch_;
-  DeviceBuffer loss_sum_;  // one double of backend memory
+  DeviceBuffer loss_sum_;         // one double of backend memory
   DeviceArray<double> deferred_;  // deferred loss sums (defer_losses)
   int64_t deferred_slots_ = 0, deferred_used_ = 0;
   DeviceArray<float> dA_TD_, dB_TD_, dhf_TD_, logits_scratch_;
   DeviceArray<float> full_TD_;  // SP: the embedding's whole lookup and the head's input gradient, [B·S, D]
-  VocabShard vocab_;  // this rank's rows of the embedding and lm_head
+  VocabShard vocab_;            // this rank's rows of the embedding and lm_head
   VocabParallelScratch vp_scratch_;
 };
 

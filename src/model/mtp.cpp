@@ -98,7 +98,6 @@ void Model::mtp_backward(float aux_scale, const std::vector<float>& mtp_scales) 
     be().rmsnorm_backward(dcat.data() + D, 2 * D, h_prev, D, param(P + "hnorm.weight"), dp.rstd_h_T.data(),
                           dhf_TD_.data(), D, grad(P + "hnorm.weight"), Tl, D, 0.f);
   }
-
 }
 
 }  // namespace dsv3

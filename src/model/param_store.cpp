@@ -13,7 +13,9 @@ std::string expert_proj(const std::string& name) {
   return name.substr(begin + 1, end - begin - 1);
 }
 
-std::string block_key(int64_t layer, const std::string& proj) { return std::to_string(layer) + ":" + proj; }
+std::string block_key(int64_t layer, const std::string& proj) {
+  return std::to_string(layer) + ":" + proj;
+}
 
 }  // namespace
 
@@ -38,9 +40,12 @@ std::vector<PipelineStage> plan_pipeline_stages(int64_t L, int pp, int64_t first
   if (free_stages == pp) {
     for (int q = 0; q < pp; ++q) per[q] = L / pp + (q < L % pp ? 1 : 0);
   } else {
-    DSV3_CHECK(fixed <= L && (free_stages == 0 ? fixed == L : (L - fixed) % free_stages == 0 && L - fixed > 0),
-               "the ", L - fixed, " layers left by --decoder-first/last-pipeline-num-layers do not split evenly "
-               "over the other ", free_stages, " pipeline stages");
+    DSV3_CHECK(
+        fixed <= L && (free_stages == 0 ? fixed == L : (L - fixed) % free_stages == 0 && L - fixed > 0),
+        "the ", L - fixed,
+        " layers left by --decoder-first/last-pipeline-num-layers do not split evenly "
+        "over the other ",
+        free_stages, " pipeline stages");
     for (auto& n : per)
       if (n < 0) n = (L - fixed) / free_stages;
   }
@@ -71,8 +76,8 @@ ParamStore::ParamStore(const ParamTable& table, int ep, int ep_rank, PipelineSta
   const int64_t L = table.config().num_hidden_layers;
   const int64_t n_experts = table.config().n_routed_experts;
   DSV3_CHECK(ep >= 1 && ep_rank >= 0 && ep_rank < ep, "ParamStore: EP rank ", ep_rank, " of ", ep);
-  DSV3_CHECK(n_experts % ep == 0, "num_experts (", n_experts, ") must be divisible by the expert parallel size (",
-             ep, ")");
+  DSV3_CHECK(n_experts % ep == 0, "num_experts (", n_experts,
+             ") must be divisible by the expert parallel size (", ep, ")");
   local_experts_ = n_experts / ep;
   first_expert_ = ep_rank * local_experts_;
   for (const auto& p : table.params()) {

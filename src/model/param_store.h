@@ -49,8 +49,8 @@ TpShard tp_shard(const ParamInfo& p, int tp, int tp_rank);
 
 class ParamStore {
  public:
-  explicit ParamStore(const ParamTable& table, int ep = 1, int ep_rank = 0, PipelineStage stage = {}, int tp = 1,
-                      int tp_rank = 0);
+  explicit ParamStore(const ParamTable& table, int ep = 1, int ep_rank = 0, PipelineStage stage = {},
+                      int tp = 1, int tp_rank = 0);
   int tp() const { return tp_; }
   int tp_rank() const { return tp_rank_; }
   // The elements this rank holds of a parameter (its TP shard; numel without TP).

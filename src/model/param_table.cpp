@@ -60,8 +60,9 @@ void ParamTable::add(ParamInfo p) {
     return p.name.size() >= x.size() && p.name.compare(p.name.size() - x.size(), x.size(), x) == 0;
   };
   if (!p.is_expert) {
-    if (ends("q_b_proj.weight") || ends("q_proj.weight") || ends("kv_b_proj.weight") || ends("gate_proj.weight") ||
-        ends("up_proj.weight") || p.role == ParamRole::kEmbedding || p.role == ParamRole::kHead)
+    if (ends("q_b_proj.weight") || ends("q_proj.weight") || ends("kv_b_proj.weight") ||
+        ends("gate_proj.weight") || ends("up_proj.weight") || p.role == ParamRole::kEmbedding ||
+        p.role == ParamRole::kHead)
       p.tp_split = TpSplit::kRows;
     else if (ends("o_proj.weight") || ends("down_proj.weight"))
       p.tp_split = TpSplit::kCols;

@@ -14,8 +14,8 @@
 #include <nlohmann/json.hpp>
 #include <random>
 
-#include "core/bf16.h"
 #include "core/atomic_file.h"
+#include "core/bf16.h"
 #include "core/error.h"
 
 namespace dsv3 {

@@ -33,8 +33,8 @@
 #include <string>
 #include <vector>
 
-#include "moe/permute.h"
 #include "kernels/device_array.h"
+#include "moe/permute.h"
 #include "parallel/comm.h"
 
 namespace dsv3 {

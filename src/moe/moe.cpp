@@ -97,8 +97,8 @@ void experts_backward_bf16(Backend& be, const MoeConfig& c, MoeGrads& g, MoeActs
                               2 * f);
     linear_backward_weight_op(be, dab + o * 2 * f + f, x + o * d, g.up_proj_EFD + e * f * d, n, d, f, bf,
                               2 * f);
-    linear_backward_input_op(be, dab + o * 2 * f, a.w_gu_bf + e * 2 * f * d, a.dx_RD.data() + o * d, n,
-                             d, 2 * f, bf);
+    linear_backward_input_op(be, dab + o * 2 * f, a.w_gu_bf + e * 2 * f * d, a.dx_RD.data() + o * d, n, d,
+                             2 * f, bf);
   });
 }
 
@@ -151,7 +151,8 @@ void route(Backend& be, const MoeConfig& c, const MoeParams& p, const float* x, 
            bool training, MoeActs& a) {
   if (c.tp.sp()) return route_sequence_parallel(be, c, p, x, t, batch, training, a);
   const RouterParams rp{p.gate_w_ED, p.expert_bias_E};
-  if (be.kind() == DeviceKind::kCpu) return router_forward(c.router, rp, x, t, c.hidden, batch, training, a.router);
+  if (be.kind() == DeviceKind::kCpu)
+    return router_forward(c.router, rp, x, t, c.hidden, batch, training, a.router);
   const int64_t e = c.router.num_experts;
   a.router.logits_TE.resize(t * e);
   if (t > 0) {
@@ -159,7 +160,8 @@ void route(Backend& be, const MoeConfig& c, const MoeParams& p, const float* x, 
     linear_forward(be, x, p.gate_w_ED, logits, t, c.hidden, e, Precision::kF32, a.lin);
     be.copy_to_host(a.router.logits_TE.data(), logits, t * e * sizeof(float));
   }
-  if (p.expert_bias_E) a.bias_E.resize(e), be.copy_to_host(a.bias_E.data(), p.expert_bias_E, e * sizeof(float));
+  if (p.expert_bias_E)
+    a.bias_E.resize(e), be.copy_to_host(a.bias_E.data(), p.expert_bias_E, e * sizeof(float));
   router_route(c.router, p.expert_bias_E ? a.bias_E.data() : nullptr, t, batch, training, a.router);
 }
 
@@ -258,15 +260,15 @@ void moe_forward(Backend& be, const MoeConfig& c, const MoeParams& p, const floa
     experts_forward_bf16(be, c, p, a);
   } else {
     for_each_expert(be, a.dispatch, false, [&](int64_t e, int64_t o, int64_t n) {
-      linear_forward(be, a.x_RD.data() + o * d, p.gate_proj_EFD + e * f * d, a.a_RF.data() + o * f, n, d, f, c.precision,
-                     a.lin);
-      linear_forward(be, a.x_RD.data() + o * d, p.up_proj_EFD + e * f * d, a.b_RF.data() + o * f, n, d, f, c.precision,
-                     a.lin);
+      linear_forward(be, a.x_RD.data() + o * d, p.gate_proj_EFD + e * f * d, a.a_RF.data() + o * f, n, d, f,
+                     c.precision, a.lin);
+      linear_forward(be, a.x_RD.data() + o * d, p.up_proj_EFD + e * f * d, a.b_RF.data() + o * f, n, d, f,
+                     c.precision, a.lin);
     });
     be.swiglu_forward(a.a_RF.data(), a.b_RF.data(), f, a.prob_R.data(), a.z_RF.data(), r_n, f);
     for_each_expert(be, a.dispatch, false, [&](int64_t e, int64_t o, int64_t n) {
-      linear_forward(be, a.z_RF.data() + o * f, p.down_proj_EDF + e * d * f, a.y_RD.data() + o * d, n, f, d, c.precision,
-                     a.lin);
+      linear_forward(be, a.z_RF.data() + o * f, p.down_proj_EDF + e * d * f, a.y_RD.data() + o * d, n, f, d,
+                     c.precision, a.lin);
     });
   }
   DSV3_PROFILE_END(fwd_experts);
@@ -344,23 +346,24 @@ void moe_backward(Backend& be, const MoeConfig& c, const MoeParams& p, MoeActs& 
     experts_backward_bf16(be, c, g, a);
   } else {
     for_each_expert(be, a.dispatch, false, [&](int64_t e, int64_t o, int64_t n) {
-      linear_backward_weight(be, a.dy_RD.data() + o * d, a.z_RF.data() + o * f, g.down_proj_EDF + e * d * f, n, f, d,
-                             c.precision, a.lin);
-      linear_backward_input(be, a.dy_RD.data() + o * d, p.down_proj_EDF + e * d * f, a.dz_RF.data() + o * f, n, f, d,
-                            c.precision, a.lin);
+      linear_backward_weight(be, a.dy_RD.data() + o * d, a.z_RF.data() + o * f, g.down_proj_EDF + e * d * f,
+                             n, f, d, c.precision, a.lin);
+      linear_backward_input(be, a.dy_RD.data() + o * d, p.down_proj_EDF + e * d * f, a.dz_RF.data() + o * f,
+                            n, f, d, c.precision, a.lin);
     });
     // z = silu(a)⊙b·w: the gate weight w of each row gets dw = Σ_f dz·silu(a)·b here.
     be.swiglu_backward(a.dz_RF.data(), a.a_RF.data(), a.b_RF.data(), f, a.prob_R.data(), a.da_RF.data(),
                        a.db_RF.data(), f, a.dprob_R.data(), r_n, f);
     for_each_expert(be, a.dispatch, false, [&](int64_t e, int64_t o, int64_t n) {
       const float* xe = a.x_RD.data() + o * d;
-      linear_backward_weight(be, a.da_RF.data() + o * f, xe, g.gate_proj_EFD + e * f * d, n, d, f, c.precision,
+      linear_backward_weight(be, a.da_RF.data() + o * f, xe, g.gate_proj_EFD + e * f * d, n, d, f,
+                             c.precision, a.lin);
+      linear_backward_weight(be, a.db_RF.data() + o * f, xe, g.up_proj_EFD + e * f * d, n, d, f, c.precision,
                              a.lin);
-      linear_backward_weight(be, a.db_RF.data() + o * f, xe, g.up_proj_EFD + e * f * d, n, d, f, c.precision, a.lin);
-      linear_backward_input(be, a.da_RF.data() + o * f, p.gate_proj_EFD + e * f * d, a.dx_RD.data() + o * d, n, d, f,
-                            c.precision, a.lin);
-      linear_backward_input(be, a.db_RF.data() + o * f, p.up_proj_EFD + e * f * d, a.dx_RD.data() + o * d, n, d, f,
-                            c.precision, a.lin, 1.f);
+      linear_backward_input(be, a.da_RF.data() + o * f, p.gate_proj_EFD + e * f * d, a.dx_RD.data() + o * d,
+                            n, d, f, c.precision, a.lin);
+      linear_backward_input(be, a.db_RF.data() + o * f, p.up_proj_EFD + e * f * d, a.dx_RD.data() + o * d, n,
+                            d, f, c.precision, a.lin, 1.f);
     });
   }
   DSV3_PROFILE_END(bwd_experts);

@@ -31,10 +31,10 @@
 
 #include "kernels/backend.h"
 #include "kernels/cpu/linear.h"
-#include "moe/permute.h"
-#include "moe/router.h"
 #include "model/mlp.h"
 #include "moe/ep_dispatcher.h"
+#include "moe/permute.h"
+#include "moe/router.h"
 #include "parallel/tensor_parallel.h"
 
 namespace dsv3 {
@@ -114,16 +114,16 @@ struct MoeActs {
   // SP: the shared expert's gathered input [T, D], its output summed and scattered [t, D], and in backward the
   // gathered output gradient and the partial input gradient [T, D].
   DeviceArray<float> shared_in_TD, shared_local_TD, dshared_out_TD, dshared_in_TD;
-  DispatchState dispatch;                  // rows of the local experts (from every EP rank); host maps
+  DispatchState dispatch;                        // rows of the local experts (from every EP rank); host maps
   DeviceArray<int32_t> token_R, row_TK, slot_R;  // one rank: the permutation's maps in backend memory
   DeviceArray<float> weight_TK;                  // one rank: the gate weights in backend memory
-  DeviceArray<float> x_RD;                 // gathered inputs
-  DeviceArray<float> a_RF, b_RF;           // gate / up pre-activations
-  DeviceArray<float> z_RF;                 // silu(a)⊙b·w: the down_proj input
-  DeviceArray<float> prob_R;               // gate weight per row
-  DeviceArray<float> y_RD;                 // expert outputs (already weighted)
-  MlpActs shared;                          // shared expert
-  DeviceArray<float> shared_out_TD;        // TP: the shared expert's partial output, reduced before the add
+  DeviceArray<float> x_RD;                       // gathered inputs
+  DeviceArray<float> a_RF, b_RF;                 // gate / up pre-activations
+  DeviceArray<float> z_RF;                       // silu(a)⊙b·w: the down_proj input
+  DeviceArray<float> prob_R;                     // gate weight per row
+  DeviceArray<float> y_RD;                       // expert outputs (already weighted)
+  MlpActs shared;                                // shared expert
+  DeviceArray<float> shared_out_TD;  // TP: the shared expert's partial output, reduced before the add
   // backward scratch
   DeviceArray<float> dy_RD, dz_RF, da_RF, db_RF, dx_RD, dprob_R, dweight_TK, dx_routed_TD;
   MlpScratch shared_scratch;
@@ -133,7 +133,7 @@ struct MoeActs {
   std::vector<float> bias_E, dweight_host_TK;
   // bf16 fast path (MoeConfig::precision == kBF16): every operand converted once per step and shared by the
   // expert GEMMs. a_RF then holds the fused [R, 2F] gate|up output (b_RF unused), da_RF its gradient.
-  ExpertBf16 own_bf;                     // the expert copies when the caller has none (MoeParams::expert_bf16)
+  ExpertBf16 own_bf;  // the expert copies when the caller has none (MoeParams::expert_bf16)
   const bf16 *w_gu_bf = nullptr, *w_down_bf = nullptr;  // the copies the forward used (for the backward)
   DeviceArray<bf16> x_bf, z_bf, dy_bf, dab_bf;
 };

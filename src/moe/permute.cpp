@@ -18,8 +18,8 @@ void build_permutation(const int32_t* idx, const uint8_t* kept, int64_t t, int64
   }
   if (padded)
     for (int64_t x = 0; x < e; ++x) {
-      DSV3_CHECK(padded[x] >= p.offsets_E1[x + 1], "build_permutation: expert ", x, " has ", p.offsets_E1[x + 1],
-                 " routed pairs but only ", padded[x], " padded rows");
+      DSV3_CHECK(padded[x] >= p.offsets_E1[x + 1], "build_permutation: expert ", x, " has ",
+                 p.offsets_E1[x + 1], " routed pairs but only ", padded[x], " padded rows");
       p.offsets_E1[x + 1] = padded[x];
     }
   for (int64_t x = 0; x < e; ++x) p.offsets_E1[x + 1] += p.offsets_E1[x];
@@ -44,8 +44,10 @@ void build_permutation(const int32_t* idx, const uint8_t* kept, int64_t t, int64
 void permute_rows(const float* x, const int32_t* token_R, int64_t r_n, int64_t d, float* y) {
 #pragma omp parallel for schedule(static) if (r_n * d > 65536)
   for (int64_t r = 0; r < r_n; ++r) {
-    if (token_R[r] < 0) std::fill_n(y + r * d, d, 0.f);
-    else std::copy_n(x + static_cast<int64_t>(token_R[r]) * d, d, y + r * d);
+    if (token_R[r] < 0)
+      std::fill_n(y + r * d, d, 0.f);
+    else
+      std::copy_n(x + static_cast<int64_t>(token_R[r]) * d, d, y + r * d);
   }
 }
 

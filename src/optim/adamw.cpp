@@ -1,6 +1,5 @@
 #include "optim/adamw.h"
 
-
 #include <algorithm>
 #include <cmath>
 
@@ -18,7 +17,9 @@ AdamW::AdamW(int64_t numel, AdamWConfig cfg) : numel_(numel), cfg_(cfg) {
   v_.assign(static_cast<size_t>(numel), 0.f);
 }
 
-void AdamW::begin_step() { ++step_; }
+void AdamW::begin_step() {
+  ++step_;
+}
 
 void AdamW::set_step(int64_t s) {
   DSV3_CHECK(s >= 0, "AdamW: negative step ", s);

@@ -24,33 +24,48 @@ namespace {
 
 size_t type_bytes(CommType t) {
   switch (t) {
-    case CommType::kF32: return 4;
-    case CommType::kF64: return 8;
-    case CommType::kI32: return 4;
-    case CommType::kI64: return 8;
-    case CommType::kU8: return 1;
-    case CommType::kBF16: return 2;
+    case CommType::kF32:
+      return 4;
+    case CommType::kF64:
+      return 8;
+    case CommType::kI32:
+      return 4;
+    case CommType::kI64:
+      return 8;
+    case CommType::kU8:
+      return 1;
+    case CommType::kBF16:
+      return 2;
   }
   return 1;
 }
 
 MPI_Datatype mpi_type(CommType t) {
   switch (t) {
-    case CommType::kF32: return MPI_FLOAT;
-    case CommType::kF64: return MPI_DOUBLE;
-    case CommType::kI32: return MPI_INT32_T;
-    case CommType::kI64: return MPI_INT64_T;
-    case CommType::kU8: return MPI_UINT8_T;
-    case CommType::kBF16: return MPI_UINT16_T;  // moved as bits; reductions are refused before MPI sees them
+    case CommType::kF32:
+      return MPI_FLOAT;
+    case CommType::kF64:
+      return MPI_DOUBLE;
+    case CommType::kI32:
+      return MPI_INT32_T;
+    case CommType::kI64:
+      return MPI_INT64_T;
+    case CommType::kU8:
+      return MPI_UINT8_T;
+    case CommType::kBF16:
+      return MPI_UINT16_T;  // moved as bits; reductions are refused before MPI sees them
   }
   return MPI_BYTE;
 }
 
 MPI_Op mpi_op(ReduceOp op) {
   switch (op) {
-    case ReduceOp::kSum: return MPI_SUM;
-    case ReduceOp::kMax: return MPI_MAX;
-    case ReduceOp::kMin: return MPI_MIN;
+    case ReduceOp::kSum:
+      return MPI_SUM;
+    case ReduceOp::kMax:
+      return MPI_MAX;
+    case ReduceOp::kMin:
+      return MPI_MIN;
   }
   return MPI_SUM;
 }
@@ -205,7 +220,8 @@ class MpiComm final : public Comm {
 
  protected:
   void allreduce_raw(void* buf, int64_t n, CommType t, ReduceOp op) override {
-    DSV3_CHECK(t != CommType::kBF16, "allreduce of bf16 elements: reduce in fp32 (bf16 sums lose the low bits)");
+    DSV3_CHECK(t != CommType::kBF16,
+               "allreduce of bf16 elements: reduce in fp32 (bf16 sums lose the low bits)");
     auto* p = static_cast<char*>(buf);
     for (int64_t i = 0; i < n; i += kMaxChunk) {
       const int c = static_cast<int>(std::min(kMaxChunk, n - i));
@@ -480,7 +496,9 @@ void watchdog_loop() {
 
 }  // namespace
 
-size_t comm_type_bytes(CommType t) { return type_bytes(t); }
+size_t comm_type_bytes(CommType t) {
+  return type_bytes(t);
+}
 
 void set_collective_timeout(double seconds) {
   std::lock_guard<std::mutex> l(g_wd.mu);
@@ -515,8 +533,8 @@ void SingleComm::allgather_raw(const void* send, int64_t n, void* recv, CommType
   if (send != recv) std::memmove(recv, send, n * type_bytes(t));
 }
 
-void SingleComm::alltoallv_raw(const void* send, const int64_t* send_counts, void* recv, const int64_t* recv_counts,
-                               CommType t) {
+void SingleComm::alltoallv_raw(const void* send, const int64_t* send_counts, void* recv,
+                               const int64_t* recv_counts, CommType t) {
   DSV3_CHECK(send_counts[0] == recv_counts[0], "alltoallv on one rank: sending ", send_counts[0],
              " elements but receiving ", recv_counts[0]);
   if (send != recv) std::memmove(recv, send, send_counts[0] * type_bytes(t));
@@ -582,16 +600,16 @@ Runtime::Runtime(int* argc, char*** argv) {
 Runtime::~Runtime() = default;
 
 GroupComms::GroupComms(const ProcessGroups& pg, Comm& world) : world_(world) {
-  DSV3_CHECK(world.size() == pg.world && world.rank() == pg.rank, "GroupComms: the layout is for rank ", pg.rank,
-             " of ", pg.world, " but this process is rank ", world.rank(), " of ", world.size());
+  DSV3_CHECK(world.size() == pg.world && world.rank() == pg.rank, "GroupComms: the layout is for rank ",
+             pg.rank, " of ", pg.world, " but this process is rank ", world.rank(), " of ", world.size());
   // Decisions use the whole partition of each kind (the same on every rank), so every rank makes the same
   // sequence of MPI_Comm_split calls.
   std::vector<std::pair<std::vector<std::vector<int>>, Comm*>> made;
   std::vector<int> all(pg.world);
   for (int r = 0; r < pg.world; ++r) all[r] = r;
-  for (Group g : {Group::kWorld, Group::kTp, Group::kCp, Group::kDp, Group::kPp, Group::kDpCp, Group::kTpCp,
-                  Group::kTpPp, Group::kTpDpCp, Group::kEtp, Group::kEp, Group::kEdp, Group::kEtpEp,
-                  Group::kEtpEpPp}) {
+  for (Group g :
+       {Group::kWorld, Group::kTp, Group::kCp, Group::kDp, Group::kPp, Group::kDpCp, Group::kTpCp,
+        Group::kTpPp, Group::kTpDpCp, Group::kEtp, Group::kEp, Group::kEdp, Group::kEtpEp, Group::kEtpEpPp}) {
     const auto parts = pg.all_groups(g);
     Comm* c = nullptr;
     for (auto& [p, comm] : made)

@@ -25,13 +25,19 @@ size_t comm_type_bytes(CommType t);
 
 template <typename T>
 constexpr CommType comm_type() {
-  if constexpr (std::is_same_v<T, float>) return CommType::kF32;
-  else if constexpr (std::is_same_v<T, double>) return CommType::kF64;
-  else if constexpr (std::is_same_v<T, int32_t>) return CommType::kI32;
-  else if constexpr (std::is_same_v<T, int64_t>) return CommType::kI64;
-  else if constexpr (std::is_same_v<T, bf16>) return CommType::kBF16;
+  if constexpr (std::is_same_v<T, float>)
+    return CommType::kF32;
+  else if constexpr (std::is_same_v<T, double>)
+    return CommType::kF64;
+  else if constexpr (std::is_same_v<T, int32_t>)
+    return CommType::kI32;
+  else if constexpr (std::is_same_v<T, int64_t>)
+    return CommType::kI64;
+  else if constexpr (std::is_same_v<T, bf16>)
+    return CommType::kBF16;
   else {
-    static_assert(std::is_same_v<T, uint8_t>, "Comm supports float, double, int32_t, int64_t, uint8_t and bf16");
+    static_assert(std::is_same_v<T, uint8_t>,
+                  "Comm supports float, double, int32_t, int64_t, uint8_t and bf16");
     return CommType::kU8;
   }
 }
@@ -83,7 +89,8 @@ class Comm {
   // so two ranks exchanging in opposite directions cannot deadlock.
   void send(const float* buf, int64_t n, int dest) { sendrecv(buf, n, dest, nullptr, 0, -1); }
   void recv(float* buf, int64_t n, int src) { sendrecv(nullptr, 0, -1, buf, n, src); }
-  virtual void sendrecv(const float* send, int64_t send_n, int dest, float* recv, int64_t recv_n, int src) = 0;
+  virtual void sendrecv(const float* send, int64_t send_n, int dest, float* recv, int64_t recv_n,
+                        int src) = 0;
   virtual void barrier() = 0;
   // The ranks of this communicator with the same color, ordered by key (MPI_Comm_split); collective.
   virtual std::unique_ptr<Comm> split(int color, int key) = 0;
@@ -97,8 +104,8 @@ class Comm {
  protected:
   virtual void allreduce_raw(void* buf, int64_t n, CommType t, ReduceOp op) = 0;
   virtual void allgather_raw(const void* send, int64_t n, void* recv, CommType t) = 0;
-  virtual void alltoallv_raw(const void* send, const int64_t* send_counts, void* recv, const int64_t* recv_counts,
-                             CommType t) = 0;
+  virtual void alltoallv_raw(const void* send, const int64_t* send_counts, void* recv,
+                             const int64_t* recv_counts, CommType t) = 0;
   virtual void broadcast_raw(void* buf, int64_t n, CommType t, int root) = 0;
   virtual void reduce_scatter_raw(const void* send, void* recv, int64_t n, CommType t) = 0;
   virtual void reduce_scatter_v_raw(void* buf, const int64_t* counts, void* recv, CommType t) = 0;

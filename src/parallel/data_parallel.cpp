@@ -8,20 +8,22 @@
 
 namespace dsv3 {
 
-std::vector<GradBucket> plan_grad_buckets(const ParamTable& table, const ParamStore& store, int64_t bucket_numel,
-                                          bool merge_kinds) {
+std::vector<GradBucket> plan_grad_buckets(const ParamTable& table, const ParamStore& store,
+                                          int64_t bucket_numel, bool merge_kinds) {
   DSV3_CHECK(bucket_numel >= 1, "gradient bucket size must be >= 1, got ", bucket_numel);
   std::vector<GradBucket> ranges;
   for (const auto& p : table.params()) {
     if (!p.tied_to.empty() || !p.trainable || !store.contains(p.name)) continue;  // other EP ranks' experts
     ranges.push_back({store.offset(p.name), store.numel(p), p.is_expert});
   }
-  std::sort(ranges.begin(), ranges.end(), [](const GradBucket& a, const GradBucket& b) { return a.offset < b.offset; });
+  std::sort(ranges.begin(), ranges.end(),
+            [](const GradBucket& a, const GradBucket& b) { return a.offset < b.offset; });
   std::vector<GradBucket> merged;
   for (const auto& r : ranges) {
     if (!merged.empty()) {
       auto& m = merged.back();
-      DSV3_CHECK(m.offset + m.numel <= r.offset, "gradient buckets: overlapping parameters at offset ", r.offset);
+      DSV3_CHECK(m.offset + m.numel <= r.offset, "gradient buckets: overlapping parameters at offset ",
+                 r.offset);
       if (m.offset + m.numel == r.offset && (merge_kinds || m.expert == r.expert)) {
         m.numel += r.numel;
         continue;
@@ -36,8 +38,8 @@ std::vector<GradBucket> plan_grad_buckets(const ParamTable& table, const ParamSt
   return out;
 }
 
-DataParallelGrads::DataParallelGrads(const ParamTable& table, const ParamStore& store, const ProcessGroups& pg,
-                                     GroupComms& comms, int64_t bucket_numel)
+DataParallelGrads::DataParallelGrads(const ParamTable& table, const ParamStore& store,
+                                     const ProcessGroups& pg, GroupComms& comms, int64_t bucket_numel)
     : dense_(&comms[Group::kDpCp]), expert_(&comms[Group::kEdp]) {
   const bool same = comms.same(Group::kDpCp, Group::kEdp);
   buckets_ = plan_grad_buckets(table, store, bucket_numel, same);

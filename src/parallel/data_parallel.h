@@ -24,16 +24,16 @@ struct GradBucket {
 // The buckets of a layout: the trainable, untied parameters' ranges sorted by offset, adjacent ranges of the same
 // kind merged (of any kind when merge_kinds), then cut into pieces of at most bucket_numel elements. Ranges that
 // hold no trainable parameter (the expert bias) are left out.
-std::vector<GradBucket> plan_grad_buckets(const ParamTable& table, const ParamStore& store, int64_t bucket_numel,
-                                          bool merge_kinds);
+std::vector<GradBucket> plan_grad_buckets(const ParamTable& table, const ParamStore& store,
+                                          int64_t bucket_numel, bool merge_kinds);
 
 class DataParallelGrads {
  public:
   // Megatron's default bucket: max(40M, 1M·DP) elements.
   static int64_t default_bucket_numel(int dp) { return std::max<int64_t>(40'000'000, 1'000'000LL * dp); }
 
-  DataParallelGrads(const ParamTable& table, const ParamStore& store, const ProcessGroups& pg, GroupComms& comms,
-                    int64_t bucket_numel);
+  DataParallelGrads(const ParamTable& table, const ParamStore& store, const ProcessGroups& pg,
+                    GroupComms& comms, int64_t bucket_numel);
   // Scales and all-reduces grads (the whole ParamStore-layout buffer) in place. A no-op on one rank.
   void reduce(float* grads);
   const std::vector<GradBucket>& buckets() const { return buckets_; }

@@ -44,7 +44,8 @@ void DistributedOptimizer::reduce_scatter(float* grads) {
   }
 }
 
-double DistributedOptimizer::shard_sum_of_squares(const float* grads, int64_t skip_begin, int64_t skip_end) const {
+double DistributedOptimizer::shard_sum_of_squares(const float* grads, int64_t skip_begin,
+                                                  int64_t skip_end) const {
   double sq = 0;
   for (const auto& s : shards_) {
     const int64_t a = s.lo, z = s.lo + s.n;  // [a, z) minus [skip_begin, skip_end)
@@ -54,8 +55,8 @@ double DistributedOptimizer::shard_sum_of_squares(const float* grads, int64_t sk
   return sq;
 }
 
-double DistributedOptimizer::shard_sum_of_squares(const float* grads,
-                                                  const std::vector<std::pair<int64_t, int64_t>>& skip) const {
+double DistributedOptimizer::shard_sum_of_squares(
+    const float* grads, const std::vector<std::pair<int64_t, int64_t>>& skip) const {
   double sq = 0;
   for (const auto& s : shards_) {
     int64_t a = s.lo;

@@ -100,34 +100,50 @@ std::vector<int> RankGrid::group_of(int rank, const std::string& token) const {
   DSV3_CHECK(rank >= 0 && rank < world_, "rank grid: rank ", rank, " outside [0, ", world_, ")");
   for (auto& g : groups(token))
     if (std::find(g.begin(), g.end(), rank) != g.end()) return g;
-  fail("rank grid: rank ", rank, " is in no '", token, "' group");  // unreachable: the groups partition the ranks
+  fail("rank grid: rank ", rank, " is in no '", token,
+       "' group");  // unreachable: the groups partition the ranks
 }
 
 const char* group_name(Group g) {
   switch (g) {
-    case Group::kWorld: return "world";
-    case Group::kTp: return "tp";
-    case Group::kCp: return "cp";
-    case Group::kDp: return "dp";
-    case Group::kPp: return "pp";
-    case Group::kDpCp: return "dp-cp";
-    case Group::kTpCp: return "tp-cp";
-    case Group::kTpPp: return "tp-pp";
-    case Group::kTpDpCp: return "tp-dp-cp";
-    case Group::kEtp: return "expert tp";
-    case Group::kEp: return "ep";
-    case Group::kEdp: return "expert dp";
-    case Group::kEtpEp: return "expert tp-ep";
-    case Group::kEtpEpPp: return "expert tp-ep-pp";
+    case Group::kWorld:
+      return "world";
+    case Group::kTp:
+      return "tp";
+    case Group::kCp:
+      return "cp";
+    case Group::kDp:
+      return "dp";
+    case Group::kPp:
+      return "pp";
+    case Group::kDpCp:
+      return "dp-cp";
+    case Group::kTpCp:
+      return "tp-cp";
+    case Group::kTpPp:
+      return "tp-pp";
+    case Group::kTpDpCp:
+      return "tp-dp-cp";
+    case Group::kEtp:
+      return "expert tp";
+    case Group::kEp:
+      return "ep";
+    case Group::kEdp:
+      return "expert dp";
+    case Group::kEtpEp:
+      return "expert tp-ep";
+    case Group::kEtpEpPp:
+      return "expert tp-ep-pp";
   }
   return "?";
 }
 
 ProcessGroups ProcessGroups::build(int world, int rank, const ParallelSizes& s) {
-  DSV3_CHECK(world >= 1 && rank >= 0 && rank < world, "rank ", rank, " of world size ", world, " is impossible");
+  DSV3_CHECK(world >= 1 && rank >= 0 && rank < world, "rank ", rank, " of world size ", world,
+             " is impossible");
   DSV3_CHECK(s.tp >= 1 && s.cp >= 1 && s.ep >= 1 && s.pp >= 1,
-             "parallel sizes must be >= 1: --tensor-model-parallel-size ", s.tp, ", --context-parallel-size ", s.cp,
-             ", --expert-model-parallel-size ", s.ep, ", --pipeline-model-parallel-size ", s.pp);
+             "parallel sizes must be >= 1: --tensor-model-parallel-size ", s.tp, ", --context-parallel-size ",
+             s.cp, ", --expert-model-parallel-size ", s.ep, ", --pipeline-model-parallel-size ", s.pp);
   // Megatron's RankGenerator: each of tp, cp, ep, dp, pp at most once; ep, when named, next to dp; a dimension
   // missing from the order must have size 1 and is appended (in Megatron's order tp, pp, dp, ep, cp).
   auto tokens = split_dash(s.order);
@@ -140,8 +156,8 @@ ProcessGroups ProcessGroups::build(int world, int rank, const ParallelSizes& s) 
     const auto d = std::find(tokens.begin(), tokens.end(), "dp") - tokens.begin();
     DSV3_CHECK(e - d == 1 || d - e == 1, "parallel order '", s.order, "': ep and dp must be adjacent");
   }
-  for (const auto& [t, n] : {std::pair<const char*, int>{"tp", s.tp}, {"pp", s.pp}, {"dp", 0}, {"ep", s.ep},
-                             {"cp", s.cp}})
+  for (const auto& [t, n] :
+       {std::pair<const char*, int>{"tp", s.tp}, {"pp", s.pp}, {"dp", 0}, {"ep", s.ep}, {"cp", s.cp}})
     if (std::find(tokens.begin(), tokens.end(), t) == tokens.end()) {
       DSV3_CHECK(n <= 1, "parallel order '", s.order, "' does not name ", t, ", whose size is ", n);
       tokens.emplace_back(t);
@@ -152,14 +168,16 @@ ProcessGroups ProcessGroups::build(int world, int rank, const ParallelSizes& s) 
              " (ranks started by mpirun) is not divisible by --tensor-model-parallel-size ", s.tp,
              " × --pipeline-model-parallel-size ", s.pp, " × --context-parallel-size ", s.cp, " = ", mp,
              " (rule: world % (TP·PP·CP) == 0)");
-  DSV3_CHECK(s.num_experts < 0 || s.num_experts % s.ep == 0, "impossible distributed layout: the number of experts ",
-             s.num_experts, " is not divisible by --expert-model-parallel-size ", s.ep,
-             " (rule: num_experts % EP == 0)");
+  DSV3_CHECK(s.num_experts < 0 || s.num_experts % s.ep == 0,
+             "impossible distributed layout: the number of experts ", s.num_experts,
+             " is not divisible by --expert-model-parallel-size ", s.ep, " (rule: num_experts % EP == 0)");
   const int etp = s.tp;
   const int emp = etp * s.ep * s.pp;
   DSV3_CHECK(world % emp == 0, "impossible distributed layout: the world size ", world,
-             " is not divisible by expert-tensor-parallel size ", etp, " (= --tensor-model-parallel-size) × "
-             "--expert-model-parallel-size ", s.ep, " × --pipeline-model-parallel-size ", s.pp, " = ", emp,
+             " is not divisible by expert-tensor-parallel size ", etp,
+             " (= --tensor-model-parallel-size) × "
+             "--expert-model-parallel-size ",
+             s.ep, " × --pipeline-model-parallel-size ", s.pp, " = ", emp,
              " (rule: world % (ETP·EP·PP) == 0)");
 
   ProcessGroups pg;
@@ -208,20 +226,34 @@ namespace {
 // (expert grid?, token) of a group kind.
 std::pair<bool, const char*> group_token(Group g) {
   switch (g) {
-    case Group::kWorld: return {false, "tp-cp-dp-pp"};
-    case Group::kTp: return {false, "tp"};
-    case Group::kCp: return {false, "cp"};
-    case Group::kDp: return {false, "dp"};
-    case Group::kPp: return {false, "pp"};
-    case Group::kDpCp: return {false, "dp-cp"};
-    case Group::kTpCp: return {false, "tp-cp"};
-    case Group::kTpPp: return {false, "tp-pp"};
-    case Group::kTpDpCp: return {false, "tp-dp-cp"};
-    case Group::kEtp: return {true, "tp"};
-    case Group::kEp: return {true, "ep"};
-    case Group::kEdp: return {true, "dp"};
-    case Group::kEtpEp: return {true, "tp-ep"};
-    case Group::kEtpEpPp: return {true, "tp-ep-pp"};
+    case Group::kWorld:
+      return {false, "tp-cp-dp-pp"};
+    case Group::kTp:
+      return {false, "tp"};
+    case Group::kCp:
+      return {false, "cp"};
+    case Group::kDp:
+      return {false, "dp"};
+    case Group::kPp:
+      return {false, "pp"};
+    case Group::kDpCp:
+      return {false, "dp-cp"};
+    case Group::kTpCp:
+      return {false, "tp-cp"};
+    case Group::kTpPp:
+      return {false, "tp-pp"};
+    case Group::kTpDpCp:
+      return {false, "tp-dp-cp"};
+    case Group::kEtp:
+      return {true, "tp"};
+    case Group::kEp:
+      return {true, "ep"};
+    case Group::kEdp:
+      return {true, "dp"};
+    case Group::kEtpEp:
+      return {true, "tp-ep"};
+    case Group::kEtpEpPp:
+      return {true, "tp-ep-pp"};
   }
   return {false, "tp-cp-dp-pp"};
 }
@@ -239,8 +271,8 @@ std::vector<int> ProcessGroups::members(Group g) const {
 
 std::string ProcessGroups::describe() const {
   std::ostringstream os;
-  os << "world " << world << " (" << order << "): tp " << tp << ", cp " << cp << ", dp " << dp << ", pp " << pp
-     << "; expert grid etp " << etp << ", ep " << ep << ", edp " << edp;
+  os << "world " << world << " (" << order << "): tp " << tp << ", cp " << cp << ", dp " << dp << ", pp "
+     << pp << "; expert grid etp " << etp << ", ep " << ep << ", edp " << edp;
   return os.str();
 }
 

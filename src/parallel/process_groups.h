@@ -40,25 +40,25 @@ class RankGrid {
 // The groups a rank belongs to. Dense-grid groups first, then the expert grid's.
 enum class Group {
   kWorld,
-  kTp,       // tensor parallel
-  kCp,       // context parallel
-  kDp,       // data parallel (without cp)
-  kPp,       // pipeline
-  kDpCp,     // data × context: where dense gradients are reduced (Megatron's data_parallel_group with cp)
+  kTp,    // tensor parallel
+  kCp,    // context parallel
+  kDp,    // data parallel (without cp)
+  kPp,    // pipeline
+  kDpCp,  // data × context: where dense gradients are reduced (Megatron's data_parallel_group with cp)
   kTpCp,
-  kTpPp,     // model parallel (tp × pp)
-  kTpDpCp,   // where the router's per-expert token counts are summed (spec §9 item 7)
-  kEtp,      // expert tensor parallel
-  kEp,       // expert parallel
-  kEdp,      // expert data parallel: where expert gradients are reduced
-  kEtpEp,    // expert model parallel (etp × ep)
+  kTpPp,    // model parallel (tp × pp)
+  kTpDpCp,  // where the router's per-expert token counts are summed (spec §9 item 7)
+  kEtp,     // expert tensor parallel
+  kEp,      // expert parallel
+  kEdp,     // expert data parallel: where expert gradients are reduced
+  kEtpEp,   // expert model parallel (etp × ep)
   kEtpEpPp,
 };
 const char* group_name(Group g);
 
 struct ParallelSizes {
   int tp = 1, cp = 1, ep = 1, pp = 1;
-  int64_t num_experts = -1;            // < 0: not checked (a dense model, or not known yet)
+  int64_t num_experts = -1;              // < 0: not checked (a dense model, or not known yet)
   std::string order = "tp-cp-ep-dp-pp";  // Megatron's default; --use-tp-pp-dp-mapping gives tp-cp-ep-pp-dp
 };
 

@@ -129,11 +129,11 @@ const Spec kApplied[] = {
     {"--disable-bias-linear", Kind::kFlag, nullptr},
     {"--attention-dropout", Kind::kFloat, "0.1"},
     {"--hidden-dropout", Kind::kFloat, "0.1"},
-    {"--num-query-groups", Kind::kInt, nullptr},  // used by Megatron only with --group-query-attention
-    {"--kv-channels", Kind::kInt, nullptr},       // unused by MLA, whose head dims have their own flags
+    {"--num-query-groups", Kind::kInt, nullptr},   // used by Megatron only with --group-query-attention
+    {"--kv-channels", Kind::kInt, nullptr},        // unused by MLA, whose head dims have their own flags
     {"--moe-grouped-gemm", Kind::kFlag, nullptr},  // dsv3 always runs each rank's experts as one group
-    {"--optimizer", Kind::kString, "adam"},        // Megatron's adam is AdamW; the seed's fusedadamw is the same
-    {"--device", Kind::kString, "auto"},           // dsv3's own: auto | cpu | cuda | host-guarded (tests)
+    {"--optimizer", Kind::kString, "adam"},  // Megatron's adam is AdamW; the seed's fusedadamw is the same
+    {"--device", Kind::kString, "auto"},     // dsv3's own: auto | cpu | cuda | host-guarded (tests)
     // The collective watchdog (parallel/comm.h): Megatron's default, fractions accepted; 0 turns it off.
     {"--distributed-timeout-minutes", Kind::kFloat, "10"},
     // dsv3's own, for tests and short jobs: the same timeout in seconds; when given it wins over the minutes.
@@ -154,7 +154,8 @@ const char* const kCkpt = "checkpoint format: dsv3 writes HF safetensors with it
 const char* const kTb = "TensorBoard extras: dsv3 always writes validation PPL, never timers or memory";
 const char* const kDet = "dsv3's runs are always deterministic";
 const char* const kProf = "PyTorch/Gaudi profiler: dsv3 times its steps with --timing-log-level";
-const char* const kRecompute = "selective recompute: dsv3 recomputes whole layers (--recompute-granularity full) or none";
+const char* const kRecompute =
+    "selective recompute: dsv3 recomputes whole layers (--recompute-granularity full) or none";
 const NoEffect kNoEffect[] = {
     {"--transformer-impl", Kind::kString, kImpl},
     {"--use-fused-sdpa", Kind::kString, kImpl},
@@ -242,8 +243,9 @@ void check_value(const char* flag, Kind kind, const std::string& v) {
 
 // The values of the flag at args[k] (k is left on its last value), as argparse reads them: none for a switch, one
 // for a typed option (inline after '=' or the next word), the following words up to the next flag for a list.
-std::vector<std::string> take_values(const std::vector<std::string>& args, size_t& k, const char* flag, Kind kind,
-                                     bool has_inline, const std::string& inline_value, bool list_may_be_empty) {
+std::vector<std::string> take_values(const std::vector<std::string>& args, size_t& k, const char* flag,
+                                     Kind kind, bool has_inline, const std::string& inline_value,
+                                     bool list_may_be_empty) {
   if (kind == Kind::kFlag) {
     DSV3_CHECK(!has_inline, "argument ", flag, ": ignored explicit argument '", inline_value, "'");
     return {};
@@ -256,7 +258,8 @@ std::vector<std::string> take_values(const std::vector<std::string>& args, size_
     return vals;
   }
   if (!has_inline) {
-    DSV3_CHECK(k + 1 < args.size() && args[k + 1].rfind("--", 0) != 0, "argument ", flag, ": expected one argument");
+    DSV3_CHECK(k + 1 < args.size() && args[k + 1].rfind("--", 0) != 0, "argument ", flag,
+               ": expected one argument");
     vals.push_back(args[++k]);
   }
   check_value(flag, kind, vals[0]);
@@ -330,7 +333,9 @@ TrainArgs TrainArgs::parse(const std::vector<std::string>& args) {
   return out;
 }
 
-bool TrainArgs::given(const std::string& dest) const { return given_.count(dest) && given_.at(dest); }
+bool TrainArgs::given(const std::string& dest) const {
+  return given_.count(dest) && given_.at(dest);
+}
 
 const std::string& TrainArgs::s(const std::string& dest) const {
   auto it = values_.find(dest);
@@ -338,8 +343,12 @@ const std::string& TrainArgs::s(const std::string& dest) const {
   return it->second[0];
 }
 
-int64_t TrainArgs::i(const std::string& dest) const { return std::strtoll(s(dest).c_str(), nullptr, 10); }
-double TrainArgs::f(const std::string& dest) const { return std::strtod(s(dest).c_str(), nullptr); }
+int64_t TrainArgs::i(const std::string& dest) const {
+  return std::strtoll(s(dest).c_str(), nullptr, 10);
+}
+double TrainArgs::f(const std::string& dest) const {
+  return std::strtod(s(dest).c_str(), nullptr);
+}
 bool TrainArgs::b(const std::string& dest) const {
   auto it = values_.find(dest);
   return it != values_.end() && !it->second.empty() && it->second[0] == "true";
@@ -364,7 +373,9 @@ std::optional<std::string> TrainArgs::opt_s(const std::string& dest) const {
   return s(dest);
 }
 
-void TrainArgs::set(const std::string& dest, const std::string& value) { values_[dest] = {value}; }
+void TrainArgs::set(const std::string& dest, const std::string& value) {
+  values_[dest] = {value};
+}
 
 std::vector<std::pair<std::string, std::string>> TrainArgs::all() const {
   std::vector<std::pair<std::string, std::string>> out;

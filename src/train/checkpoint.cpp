@@ -135,7 +135,8 @@ bool process_alive(long pid) {
   std::string line;
   if (stat && std::getline(stat, line)) {
     const size_t close = line.rfind(')');  // "pid (comm) state ...": comm may hold spaces and parentheses
-    if (close != std::string::npos && close + 2 < line.size() && (line[close + 2] == 'Z' || line[close + 2] == 'X'))
+    if (close != std::string::npos && close + 2 < line.size() &&
+        (line[close + 2] == 'Z' || line[close + 2] == 'X'))
       return false;
   }
   return true;
@@ -350,8 +351,9 @@ int shard_of(const ParamInfo& pi, const ParamTable& table, const RankInfo& r) {
 }
 
 // Writes this shard's model file (and optimizer file) into tmp and returns their digests, in that order.
-std::vector<std::pair<std::string, FileDigest>> write_shard(const std::string& tmp, const CheckpointTensors& t,
-                                                            const RankInfo& r, int shard) {
+std::vector<std::pair<std::string, FileDigest>> write_shard(const std::string& tmp,
+                                                            const CheckpointTensors& t, const RankInfo& r,
+                                                            int shard) {
   const int shards = std::max(1, r.shards);
   std::vector<std::pair<std::string, FileDigest>> out;
   SafetensorsWriter model;
@@ -420,8 +422,8 @@ struct ShardReport {
 // directory), then the directory takes its final name and the tracker is replaced.
 void commit_checkpoint(const std::string& dir, const std::string& tmp, const std::string& final_dir,
                        const TrainProgress& p, const CheckpointTensors& t,
-                       const std::map<std::string, std::string>& args, const ModelConfig& cfg, const RankInfo& r,
-                       const std::vector<std::pair<std::string, FileDigest>>& written) {
+                       const std::map<std::string, std::string>& args, const ModelConfig& cfg,
+                       const RankInfo& r, const std::vector<std::pair<std::string, FileDigest>>& written) {
   const int shards = std::max(1, r.shards);
   const bool has_optim = t.exp_avg != nullptr;
   ojson tensors = ojson::object();
@@ -512,12 +514,13 @@ void save_checkpoint(const std::string& dir, const TrainProgress& p, const Check
   DSV3_CHECK((t.exp_avg == nullptr) == (t.exp_avg_sq == nullptr),
              "save_checkpoint: exp_avg and exp_avg_sq must be given together");
   const bool sharded = r.shards > 1;
-  DSV3_CHECK(sharded ? r.comm != nullptr : (r.rank == 0 && (r.world == 1 || r.replicated)), "save_checkpoint: rank ",
-             r.rank, " of ", r.world, ": a multi-rank save is either rank 0's of replicated state or sharded");
+  DSV3_CHECK(sharded ? r.comm != nullptr : (r.rank == 0 && (r.world == 1 || r.replicated)),
+             "save_checkpoint: rank ", r.rank, " of ", r.world,
+             ": a multi-rank save is either rank 0's of replicated state or sharded");
   const int ep_shards = std::max(1, r.shards) / std::max<int>(1, static_cast<int>(r.stages.size()));
   DSV3_CHECK(!sharded || (ep_shards >= 1 && t.table->config().n_routed_experts % ep_shards == 0),
-             "save_checkpoint: ", t.table->config().n_routed_experts, " experts do not split into ", ep_shards,
-             " EP shards");
+             "save_checkpoint: ", t.table->config().n_routed_experts, " experts do not split into ",
+             ep_shards, " EP shards");
   DSV3_CHECK(p.iteration >= 0, "save_checkpoint: negative iteration ", p.iteration);
   const std::string mismatch = first_config_math_difference(t.table->config(), cfg);
   DSV3_CHECK(mismatch.empty(), "save_checkpoint: the parameter table was built for another config (",
@@ -679,7 +682,8 @@ std::optional<TrainProgress> load_checkpoint(const std::string& dir, const LoadT
                t.real_vocab, " tokens: rows that carry tokens would be dropped");
     compared.vocab_size = cfg.vocab_size;
     note += " with its vocabulary re-padded from " + std::to_string(saved_vocab) + " to " +
-            std::to_string(cfg.vocab_size) + " rows (Megatron pads to a multiple of --make-vocab-size-divisible-by" +
+            std::to_string(cfg.vocab_size) +
+            " rows (Megatron pads to a multiple of --make-vocab-size-divisible-by" +
             " x TP; the tokenizer's " + std::to_string(t.real_vocab) + " rows are kept; " +
             (cfg.vocab_size > saved_vocab ? "the added padding rows start as a fresh model's)"
                                           : "padding rows dropped)");
@@ -738,7 +742,8 @@ std::optional<TrainProgress> load_checkpoint(const std::string& dir, const LoadT
              "(--no-load-optim or --finetune)");
   auto file_of = [&](const std::string& name) {
     const json& te = tensors[name];
-    DSV3_CHECK(te.contains("file") && te["file"].is_string(), state_path, ": tensor ", name, " names no file");
+    DSV3_CHECK(te.contains("file") && te["file"].is_string(), state_path, ": tensor ", name,
+               " names no file");
     const std::string f = te["file"].get<std::string>();
     DSV3_CHECK(!f.empty() && f.find('/') == std::string::npos, state_path, ": tensor ", name, " is in '", f,
                "', which is not a file name");

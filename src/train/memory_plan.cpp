@@ -34,22 +34,22 @@ int64_t grown(std::initializer_list<int64_t> sizes) {
 
 // One rank's share of a layer's shapes (TP splits heads and FFN widths; EP the routed experts).
 struct Shapes {
-  int64_t T, Tl;                            // tokens of a micro-batch, and this rank's (T / TP with SP)
-  int64_t D, H, K, Ekv, C, Lkv, Lq, dv;     // MLA (Ekv: kv_b rows per head)
-  int64_t F;                                // dense FFN width
-  int64_t Fe, Fs, E, k, e_local, rows;      // MoE: expert width, shared width, experts, top-k, local, routed rows
+  int64_t T, Tl;                         // tokens of a micro-batch, and this rank's (T / TP with SP)
+  int64_t D, H, K, Ekv, C, Lkv, Lq, dv;  // MLA (Ekv: kv_b rows per head)
+  int64_t F;                             // dense FFN width
+  int64_t Fe, Fs, E, k, e_local, rows;  // MoE: expert width, shared width, experts, top-k, local, routed rows
   bool bf16, tp, gpu, sp;
 };
 
 // A SwiGLU MLP's saved forward state (mlp.h MlpActs) and backward scratch (MlpScratch), width f.
 int64_t mlp_acts(const Shapes& s, int64_t f) {
-  int64_t b = kF32 * (2 * s.T * f + s.T * f);                // ab_T2F, h_TF
-  if (s.bf16) b += kBf16 * (s.T * s.D + s.T * f);           // x_bf, h_bf
+  int64_t b = kF32 * (2 * s.T * f + s.T * f);      // ab_T2F, h_TF
+  if (s.bf16) b += kBf16 * (s.T * s.D + s.T * f);  // x_bf, h_bf
   return b;
 }
 int64_t mlp_scratch(const Shapes& s, int64_t f) {
-  int64_t b = kF32 * (s.T * f + 2 * s.T * f);                                // dh_TF, dab_T2F
-  if (s.bf16) b += kBf16 * grown({s.T * s.D, 2 * s.T * f});                 // lin.a: dy, then dab
+  int64_t b = kF32 * (s.T * f + 2 * s.T * f);                // dh_TF, dab_T2F
+  if (s.bf16) b += kBf16 * grown({s.T * s.D, 2 * s.T * f});  // lin.a: dy, then dab
   return b;
 }
 
@@ -60,16 +60,17 @@ int64_t mla_acts(const Shapes& s) {
   int64_t b = kF32 * (T * HK + T * s.C + T * s.Lkv + T * s.H * s.Ekv + T + T * HK + T * s.H * s.dv + T * s.H);
   if (s.Lq) b += kF32 * (Tl * s.Lq + T * s.Lq + Tl);                            // cq, cqn (gathered), rstd_q
   if (s.bf16) b += kBf16 * (Tl * s.D + T * s.Lq + T * s.Lkv + T * s.H * s.dv);  // x, cqn, ckvn, o operands
-  if (s.sp && !s.Lq) b += (kF32 + (s.bf16 ? kBf16 : 0)) * T * s.D;             // x gathered for q_proj
+  if (s.sp && !s.Lq) b += (kF32 + (s.bf16 ? kBf16 : 0)) * T * s.D;              // x gathered for q_proj
   return b;
 }
 // MlaScratch (shared by every layer).
 int64_t mla_scratch(const Shapes& s, int64_t seq, int64_t rope_dim) {
   const int64_t T = s.T, Tl = s.Tl, HK = s.H * s.K;
-  int64_t b = kF32 * (T * s.H * s.dv + 2 * T * HK + T * s.H * s.Ekv + T * s.C + T * s.Lkv + T * s.Lq + Tl * s.Lq);
+  int64_t b =
+      kF32 * (T * s.H * s.dv + 2 * T * HK + T * s.H * s.Ekv + T * s.C + T * s.Lkv + T * s.Lq + Tl * s.Lq);
   if (s.sp) b += kF32 * (2 * Tl * s.Lq + 2 * Tl * s.C);  // this rank's cqn, ckv and their gradients
-  if (s.sp && !s.Lq) b += kF32 * (T + Tl) * s.D;          // q_proj's input gradient, whole and reduce-scattered
-  b += kF32 * 2 * seq * (rope_dim / 2);  // rope cos/sin table
+  if (s.sp && !s.Lq) b += kF32 * (T + Tl) * s.D;  // q_proj's input gradient, whole and reduce-scattered
+  b += kF32 * 2 * seq * (rope_dim / 2);           // rope cos/sin table
   // lin.a: each output gradient as a bf16 operand, in the backward's order (o_proj, kv_b, q_b, kv_a, q_a).
   if (s.bf16) b += kBf16 * grown({T * s.D, T * s.H * s.Ekv, T * HK, T * s.C, T * s.Lq});
   return b;
@@ -80,16 +81,17 @@ int64_t mla_scratch(const Shapes& s, int64_t seq, int64_t rope_dim) {
 int64_t moe_acts(const Shapes& s, bool ep) {
   const int64_t T = s.Tl, D = s.D, R = s.rows, F = s.Fe, k = s.k;  // the MoE runs on this rank's tokens
   int64_t b = 0;
-  if (s.gpu) b += kF32 * 2 * T * s.E;                      // logits_TE, dlogits_TE: the router's GEMMs on the GPU
-  if (!ep) b += kI32 * (2 * R + T * k) + kF32 * T * k;      // token_R, slot_R, row_TK, weight_TK
-  b += kF32 * (R * D + R + R * D);                          // x_RD, prob_R, y_RD
+  if (s.gpu) b += kF32 * 2 * T * s.E;  // logits_TE, dlogits_TE: the router's GEMMs on the GPU
+  if (!ep) b += kI32 * (2 * R + T * k) + kF32 * T * k;          // token_R, slot_R, row_TK, weight_TK
+  b += kF32 * (R * D + R + R * D);                              // x_RD, prob_R, y_RD
   b += kF32 * (s.bf16 ? 2 * R * F : R * F) + kF32 * 2 * R * F;  // a_RF (bf16: fused gate|up), b_RF, z_RF
-  b += kF32 * (2 * R * D + R + T * k);                      // dy_RD, dx_RD, dprob_R, dweight_TK
-  b += kF32 * (s.bf16 ? grown({R * F, 2 * R * F}) : R * F) + kF32 * 2 * R * F;  // da_RF (bf16: regrown), dz, db
+  b += kF32 * (2 * R * D + R + T * k);                          // dy_RD, dx_RD, dprob_R, dweight_TK
+  b += kF32 * (s.bf16 ? grown({R * F, 2 * R * F}) : R * F) +
+       kF32 * 2 * R * F;  // da_RF (bf16: regrown), dz, db
   if (s.Fs) {
     b += kF32 * T * D;  // dx_routed_TD: the routed part added after the shared expert's
     b += mlp_acts(s, s.Fs) + mlp_scratch(s, s.Fs);  // the shared expert: every token of the micro-batch
-    if (s.tp) b += kF32 * s.T * D;  // shared_out_TD
+    if (s.tp) b += kF32 * s.T * D;                  // shared_out_TD
     if (s.sp) b += kF32 * (3 * s.T + T) * D;  // shared_in, dshared_out, dshared_in (whole), shared_local
   }
   if (s.bf16) b += kBf16 * (R * D + R * F + R * D + 2 * R * F);  // x_bf, z_bf, dy_bf, dab_bf
@@ -100,12 +102,13 @@ int64_t moe_acts(const Shapes& s, bool ep) {
 // rank's, allgather gathers every rank's tokens and sums.
 int64_t moe_host(const Shapes& s, bool capacity, int ep, bool alltoall) {
   const int64_t T = s.T, E = s.E, k = s.k;
-  int64_t b = kF32 * 4 * T * E;                    // logits, scores, aux_dlogits, dlogits
+  int64_t b = kF32 * 4 * T * E;                         // logits, scores, aux_dlogits, dlogits
   b += kI32 * T * k + kF32 * T * k + T * k + kF32 * T;  // idx, weight, kept, denom
-  if (capacity) b += kI32 * T * k;                 // candidates per expert
-  b += kI32 * (2 * s.rows + T * k);                // permutation: token_R, slot_R, row_TK
+  if (capacity) b += kI32 * T * k;                      // candidates per expert
+  b += kI32 * (2 * s.rows + T * k);                     // permutation: token_R, slot_R, row_TK
   if (ep > 1 && alltoall) b += kF32 * (s.D + 1) * (T * k * (ep - 1) / ep + s.rows);  // send_RD/R, recv_RD/R
-  if (ep > 1 && !alltoall) b += kF32 * ep * T * (2 * s.D + 2 * k) + kI32 * ep * T * k;  // x/sum/pair/weight_all
+  if (ep > 1 && !alltoall)
+    b += kF32 * ep * T * (2 * s.D + 2 * k) + kI32 * ep * T * k;  // x/sum/pair/weight_all
   return b;
 }
 
@@ -122,14 +125,16 @@ int64_t block_acts(const Shapes& s, bool moe, bool ep) {
 }  // namespace
 
 std::vector<StageMemory> plan_memory(const ModelConfig& cfg, const MemoryLayout& lay, const MemoryRun& run) {
-  DSV3_CHECK(lay.tp >= 1 && lay.pp >= 1 && lay.ep >= 1 && lay.dp >= 1, "memory plan: parallel sizes must be >= 1");
+  DSV3_CHECK(lay.tp >= 1 && lay.pp >= 1 && lay.ep >= 1 && lay.dp >= 1,
+             "memory plan: parallel sizes must be >= 1");
   DSV3_CHECK(lay.dp % lay.ep == 0, "memory plan: the data-parallel size (", lay.dp,
              ") must be a multiple of the expert-parallel size (", lay.ep, ")");
   const ParamTable table(cfg);
   const bool mtp_model = cfg.num_nextn_predict_layers > 0;
-  const auto stages = !lay.stages.empty() ? lay.stages
-                                           : plan_pipeline_stages(cfg.num_hidden_layers, lay.pp, lay.first_layers,
-                                                                  lay.last_layers, mtp_model);
+  const auto stages =
+      !lay.stages.empty()
+          ? lay.stages
+          : plan_pipeline_stages(cfg.num_hidden_layers, lay.pp, lay.first_layers, lay.last_layers, mtp_model);
   const int edp = lay.dp / lay.ep;
   const bool bf16 = run.precision == Precision::kBF16;
   const int64_t T = run.micro_batch * run.seq, D = cfg.hidden_size, L = cfg.num_hidden_layers;
@@ -169,8 +174,8 @@ std::vector<StageMemory> plan_memory(const ModelConfig& cfg, const MemoryLayout&
       if (!p.tied_to.empty() || !store.contains(p.name)) continue;
       if (p.trainable) (p.is_expert ? expert : dense) += store.numel(p);
       // bf16 copies: the dense projections and the head (Bf16Weights), and the local experts (ExpertBf16)
-      if (p.is_expert ||
-          p.role == ParamRole::kLinear || p.role == ParamRole::kOutputLinear || p.role == ParamRole::kHead)
+      if (p.is_expert || p.role == ParamRole::kLinear || p.role == ParamRole::kOutputLinear ||
+          p.role == ParamRole::kHead)
         copies += store.numel(p);
     }
     m.params = store.size();
@@ -190,9 +195,11 @@ std::vector<StageMemory> plan_memory(const ModelConfig& cfg, const MemoryLayout&
       // expert ranges share buckets when they share a group): measured with OpenMPI 4.1 on the proxy config, a
       // reduce-scatter holds about the part it receives from the other ranks, an all-reduce half a shard.
       const int64_t bucket = DataParallelGrads::default_bucket_numel(lay.dp);
-      const int64_t largest = lay.ep == 1 ? std::min(bucket, dense + expert)
-                                          : std::max(std::min(bucket, dense), edp > 1 ? std::min(bucket, expert) : 0);
-      m.optimizer_buffers += lay.dist_opt ? kF32 * largest * (lay.dp - 1) / lay.dp : kF32 * largest / (2 * lay.dp);
+      const int64_t largest = lay.ep == 1
+                                  ? std::min(bucket, dense + expert)
+                                  : std::max(std::min(bucket, dense), edp > 1 ? std::min(bucket, expert) : 0);
+      m.optimizer_buffers +=
+          lay.dist_opt ? kF32 * largest * (lay.dp - 1) / lay.dp : kF32 * largest / (2 * lay.dp);
     }
 
     const bool post = st.post_process;
@@ -210,7 +217,9 @@ std::vector<StageMemory> plan_memory(const ModelConfig& cfg, const MemoryLayout&
                                         : (moe_layers ? moe_block : dense_block);
     else
       set += moe_layers * moe_block + dense_layers * dense_block;
-    if (post) set += kF32 * (Tl * D + Tl + 2 * T) + (sp ? kF32 * T * D : 0);  // hf, rstd_f, loss, lse; SP: hf gathered
+    if (post)
+      set +=
+          kF32 * (Tl * D + Tl + 2 * T) + (sp ? kF32 * T * D : 0);  // hf, rstd_f, loss, lse; SP: hf gathered
     m.activations = set;
     // 1F1B: stage q holds PP - q micro-batches (train_step.cpp's ring); evaluation under PP runs on the model's
     // own set, one more.
@@ -219,14 +228,16 @@ std::vector<StageMemory> plan_memory(const ModelConfig& cfg, const MemoryLayout&
 
     // Shared backward scratch: dA/dB/dhf, the block's dxn/dh_mid, the dense MLP's and MLA's scratch.
     int64_t scratch = kF32 * 3 * Tl * D + kF32 * 2 * Tl * D + 8;
-    if (sp) scratch += kF32 * 3 * T * D;  // the regions' whole-sequence partials and gradients; the model's full_TD
+    if (sp)
+      scratch += kF32 * 3 * T * D;  // the regions' whole-sequence partials and gradients; the model's full_TD
     if (layers > 0) scratch += mla_scratch(s, run.seq, cfg.qk_rope_head_dim);
     if (dense_layers > 0) scratch += mlp_scratch(s, s.F);
     int64_t host = kI32 * 2 * run.micro_batch * run.seq;  // the trainer's batch (ids, labels)
     if (lay.pp > 1) host += 2 * kF32 * T * D;             // pipeline send/receive buffers
     // The router's host maps live in the block's state: one set per MoE layer (one block under recompute) and
     // activation set.
-    host += (run.recompute ? std::min<int64_t>(moe_layers, 1) : moe_layers) * moe_host(s, capacity, lay.ep, run.alltoall) * m.sets;
+    host += (run.recompute ? std::min<int64_t>(moe_layers, 1) : moe_layers) *
+            moe_host(s, capacity, lay.ep, run.alltoall) * m.sets;
     host += 12 * run.samples;  // the dataset's sample and shuffle indices (int32 pairs, uint32)
     if (mtp) {
       for (int64_t k = 0; k < cfg.num_nextn_predict_layers; ++k) {
@@ -237,14 +248,16 @@ std::vector<StageMemory> plan_memory(const ModelConfig& cfg, const MemoryLayout&
         if (moe) host += moe_host(s, capacity, lay.ep, run.alltoall);
       }
       scratch += kF32 * 2 * Tl * D;  // dh_TF: eh_proj's input gradient [T, 2D]
-      if (bf16) scratch += kBf16 * (2 * Tl * D + grown({2 * D * D, 2 * Tl * D}));  // eh_proj operands (lin.a/b)
+      if (bf16)
+        scratch += kBf16 * (2 * Tl * D + grown({2 * D * D, 2 * Tl * D}));  // eh_proj operands (lin.a/b)
       if (dense_layers == 0 && !cfg.is_moe_layer(L)) scratch += mlp_scratch(s, s.F);
     }
     // The head's cross-entropy works through vocabulary chunks of about 32 MiB of fp32 logits (cross_entropy.cpp);
     // under TP the vocab-parallel head holds [T, V/TP] logits (vocab_parallel.h).
     int64_t chunk = 0;
     if (post && run.cpu) {
-      const int64_t v_local = store.contains("lm_head.weight") ? store.numel(table.at("lm_head.weight")) / D : 0;
+      const int64_t v_local =
+          store.contains("lm_head.weight") ? store.numel(table.at("lm_head.weight")) / D : 0;
       if (lay.tp > 1) {
         chunk = v_local;  // the vocab-parallel head works on all of this rank's columns at once
         host += kF32 * (T * v_local + 3 * T);  // vocab_parallel.h: this rank's [T, V/TP] logits
@@ -289,7 +302,8 @@ std::string mib(int64_t bytes) {
 }
 }  // namespace
 
-std::string format_memory_plan(const std::vector<StageMemory>& stages, int64_t runtime, const std::string& note) {
+std::string format_memory_plan(const std::vector<StageMemory>& stages, int64_t runtime,
+                               const std::string& note) {
   std::string out;
   char line[256];
   std::snprintf(line, sizeof line, "  %-7s %-9s %11s %11s %11s %11s %5s %11s %11s %11s\n", "stage", "layers",
@@ -298,15 +312,17 @@ std::string format_memory_plan(const std::vector<StageMemory>& stages, int64_t r
   for (size_t q = 0; q < stages.size(); ++q) {
     const StageMemory& m = stages[q];
     const std::string layers = std::to_string(m.first_layer) + "-" + std::to_string(m.end_layer - 1);
-    std::snprintf(line, sizeof line, "  %-7zu %-9s %11s %11s %11s %11s %5lld %11s %11s %11s\n", q, layers.c_str(),
-                  mib(m.weights_grads).c_str(), mib(m.bf16_copies).c_str(),
+    std::snprintf(line, sizeof line, "  %-7zu %-9s %11s %11s %11s %11s %5lld %11s %11s %11s\n", q,
+                  layers.c_str(), mib(m.weights_grads).c_str(), mib(m.bf16_copies).c_str(),
                   mib(m.adam + m.optimizer_buffers).c_str(), mib(m.activations).c_str(),
                   static_cast<long long>(m.sets), mib(m.scratch).c_str(), mib(m.host + m.kernels).c_str(),
                   mib(m.gpu ? m.device() : m.total() + runtime).c_str());
     out += line;
   }
   if (!stages.empty() && stages[0].gpu)
-    out += "  peak: GPU memory (weights, gradients, copies, Adam moments, activations, scratch, ~1 GiB of CUDA's own)\n";
+    out +=
+        "  peak: GPU memory (weights, gradients, copies, Adam moments, activations, scratch, ~1 GiB of "
+        "CUDA's own)\n";
   else
     out += "  peak includes the runtime: " + mib(runtime) + " (" + note + ")\n";
   return out;

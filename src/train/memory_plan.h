@@ -37,19 +37,20 @@ struct MemoryRun {
   int64_t micro_batches = 1;  // per iteration and DP rank (global batch / (micro batch x DP))
   Precision precision = Precision::kF32;
   bool recompute = false;
-  bool mtp = true;                // the config's MTP depths run (on the last stage)
-  double capacity_factor = -1;    // < 0: dropless
-  bool eval = false;              // evaluation runs (under PP it grows one more activation set)
-  int64_t samples = 0;            // samples the datasets index (train iterations x global batch, + evaluation)
-  bool cpu = true;                // host terms of the CPU kernels (cross-entropy chunk, GEMM copies and kernels)
-  bool alltoall = false;          // the EP token dispatcher: --moe-token-dispatcher-type alltoall (else allgather)
-  bool sequence_parallel = false;  // --sequence-parallel (with TP > 1): the residual stream holds S/TP positions
+  bool mtp = true;              // the config's MTP depths run (on the last stage)
+  double capacity_factor = -1;  // < 0: dropless
+  bool eval = false;            // evaluation runs (under PP it grows one more activation set)
+  int64_t samples = 0;          // samples the datasets index (train iterations x global batch, + evaluation)
+  bool cpu = true;        // host terms of the CPU kernels (cross-entropy chunk, GEMM copies and kernels)
+  bool alltoall = false;  // the EP token dispatcher: --moe-token-dispatcher-type alltoall (else allgather)
+  bool sequence_parallel =
+      false;  // --sequence-parallel (with TP > 1): the residual stream holds S/TP positions
 };
 
 // Bytes, for one rank of a stage.
 struct StageMemory {
   int64_t first_layer = 0, end_layer = 0;
-  int64_t params = 0;       // elements this rank holds
+  int64_t params = 0;  // elements this rank holds
   int64_t weights_grads = 0, bf16_copies = 0, adam = 0, optimizer_buffers = 0;
   int64_t activations = 0;  // one micro-batch's saved state
   int64_t sets = 1;         // activation sets held at once
@@ -72,7 +73,8 @@ struct StageMemory {
 constexpr int64_t kRuntimeEstimate = int64_t{24} << 20;
 constexpr int64_t kRuntimeGrowth = int64_t{8} << 20;
 
-std::vector<StageMemory> plan_memory(const ModelConfig& cfg, const MemoryLayout& layout, const MemoryRun& run);
+std::vector<StageMemory> plan_memory(const ModelConfig& cfg, const MemoryLayout& layout,
+                                     const MemoryRun& run);
 
 // The table model-info prints (and dsv3 train, for its own layout): one row per stage.
 std::string format_memory_plan(const std::vector<StageMemory>& stages, int64_t runtime_bytes,

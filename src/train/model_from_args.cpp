@@ -16,10 +16,12 @@ std::string dash_name(std::string dest) {
 
 }  // namespace
 
-void parse_moe_layer_freq(const std::string& expr_in, int64_t num_layers, int64_t& first_k_dense, int64_t& freq) {
+void parse_moe_layer_freq(const std::string& expr_in, int64_t num_layers, int64_t& first_k_dense,
+                          int64_t& freq) {
   // Megatron evaluates the string as Python, so the seed's "([0]*3+[1]*58)" is valid too.
   std::string expr = expr_in;
-  while (expr.size() >= 2 && expr.front() == '(' && expr.back() == ')') expr = expr.substr(1, expr.size() - 2);
+  while (expr.size() >= 2 && expr.front() == '(' && expr.back() == ')')
+    expr = expr.substr(1, expr.size() - 2);
   std::smatch m;
   if (std::regex_match(expr, m, std::regex(R"(\s*(\d+)\s*)"))) {
     first_k_dense = 0, freq = std::stoll(m[1]);
@@ -78,8 +80,10 @@ void check_architecture_flags(const TrainArgs& a) {
   std::string missing;
   for (const auto& r : required)
     if (!a.given(r.dest)) missing += std::string(missing.empty() ? "" : " ") + r.flag;
-  DSV3_CHECK(missing.empty(), "a model built from flags (no --model-config) must name DeepSeek-V3's architecture, "
-             "or Megatron would build another model from its defaults; missing: ", missing);
+  DSV3_CHECK(missing.empty(),
+             "a model built from flags (no --model-config) must name DeepSeek-V3's architecture, "
+             "or Megatron would build another model from its defaults; missing: ",
+             missing);
 }
 
 ModelConfig model_config_from_args(const TrainArgs& a, int64_t tokenizer_size) {
@@ -89,8 +93,8 @@ ModelConfig model_config_from_args(const TrainArgs& a, int64_t tokenizer_size) {
   if (from_file) {
     c = ModelConfig::from_json_file(a.s("model_config"));
   } else {
-    for (const char* req : {"num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "kv_lora_rank",
-                            "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "num_experts",
+    for (const char* req : {"num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                            "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "num_experts",
                             "moe_ffn_hidden_size", "moe_router_topk"})
       DSV3_CHECK(a.given(req), "--", req, " is required when no --model-config is given");
     c.rope_theta = 10000.0, c.rms_norm_eps = 1e-5, c.initializer_range = 0.02;
@@ -129,7 +133,8 @@ ModelConfig model_config_from_args(const TrainArgs& a, int64_t tokenizer_size) {
     c.n_shared_experts = s / c.moe_intermediate_size;
   }
   if (a.given("moe_layer_freq"))
-    parse_moe_layer_freq(a.s("moe_layer_freq"), c.num_hidden_layers, c.first_k_dense_replace, c.moe_layer_freq);
+    parse_moe_layer_freq(a.s("moe_layer_freq"), c.num_hidden_layers, c.first_k_dense_replace,
+                         c.moe_layer_freq);
   if (a.given("max_position_embeddings")) c.max_position_embeddings = a.i("max_position_embeddings");
   // Flag-built models size their positions from --seq-length, as Megatron does without the flag.
   if (!from_file && !a.given("max_position_embeddings") && a.given("seq_length"))
@@ -138,7 +143,8 @@ ModelConfig model_config_from_args(const TrainArgs& a, int64_t tokenizer_size) {
              a.s("moe_router_score_function"), " is not supported (DeepSeek-V3 routes with sigmoid)");
   if (!from_file) {
     // Megatron pads the tokenizer's vocab to a multiple of make_vocab_size_divisible_by × TP.
-    DSV3_CHECK(tokenizer_size > 0, "--tokenizer-model is needed to size the vocabulary without --model-config");
+    DSV3_CHECK(tokenizer_size > 0,
+               "--tokenizer-model is needed to size the vocabulary without --model-config");
     const int64_t mult = a.i("make_vocab_size_divisible_by") * a.i("tensor_model_parallel_size");
     c.vocab_size = (tokenizer_size + mult - 1) / mult * mult;
     fill_semantics(c, ConfigSource::kMegatron);

@@ -67,8 +67,9 @@ void read_tensor_parallel(const TrainArgs& a, const TrainConfig& c) {
              "--make-vocab-size-divisible-by × TP; a --model-config vocab_size must already be)");
   // Sequence parallelism splits every sequence into TP equal shards (Megatron's scatter of dim 0, [S, B, h]).
   const int64_t seq = a.i("seq_length");
-  DSV3_CHECK(!a.b("sequence_parallel") || seq % tp == 0, "--sequence-parallel with --tensor-model-parallel-size ",
-             tp, ": --seq-length ", seq, " must be divisible by the tensor model parallel size (rule: seq_length "
+  DSV3_CHECK(!a.b("sequence_parallel") || seq % tp == 0,
+             "--sequence-parallel with --tensor-model-parallel-size ", tp, ": --seq-length ", seq,
+             " must be divisible by the tensor model parallel size (rule: seq_length "
              "% TP == 0; each TP rank holds seq_length/TP positions of every sequence)");
 }
 
@@ -95,10 +96,11 @@ void read_layout(const TrainArgs& a, int world_size, TrainConfig& c) {
   // Megatron's default (ETP = TP) splits each expert's FFN instead: the same numbers, another memory layout,
   // which dsv3 does not have yet.
   if (a.given("expert_tensor_parallel_size"))
-    DSV3_CHECK(a.i("expert_tensor_parallel_size") == 1, "--expert-tensor-parallel-size ",
-               a.i("expert_tensor_parallel_size"),
-               ": expert tensor parallelism is not implemented yet in dsv3; routed experts are replicated over "
-               "the tensor-parallel ranks (--expert-tensor-parallel-size 1, as DeepSeek-V3's recipes set)");
+    DSV3_CHECK(
+        a.i("expert_tensor_parallel_size") == 1, "--expert-tensor-parallel-size ",
+        a.i("expert_tensor_parallel_size"),
+        ": expert tensor parallelism is not implemented yet in dsv3; routed experts are replicated over "
+        "the tensor-parallel ranks (--expert-tensor-parallel-size 1, as DeepSeek-V3's recipes set)");
   if (c.parallel.tp > 1) read_tensor_parallel(a, c);
 }
 

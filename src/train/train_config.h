@@ -2,8 +2,8 @@
 // bad, contradictory or unsupported flag value comes from TrainConfig::from_args, before any model or data is
 // built, and the trainer reads typed fields instead of looking flags up by name.
 #pragma once
-#include <memory>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -24,7 +24,7 @@ struct TrainConfig {
   // The flags as given, with the derived --global-batch-size filled in: the arguments block, the TensorBoard
   // text and the checkpoint's args print these.
   TrainArgs args;
-  std::string no_effect_line;   // the flags that change nothing in dsv3, with the reasons ("" when none)
+  std::string no_effect_line;        // the flags that change nothing in dsv3, with the reasons ("" when none)
   std::string device = "auto";       // auto | cpu | cuda
   std::string device_line;           // the choice and why, printed at start-up (train/device_select.h)
   std::shared_ptr<Backend> backend;  // the GPU's backend when the run trains there (null: the CPU)

@@ -13,9 +13,9 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "moe/ep_dispatcher.h"
 #include "optim/expert_bias.h"
 #include "optim/grad_clip.h"
-#include "moe/ep_dispatcher.h"
 #include "train/trainer_impl.h"
 
 namespace dsv3::train_detail {
@@ -173,7 +173,8 @@ IterStats Trainer::train_step() {
     if (what.rfind("Rank ", 0) == 0) throw;  // already names rank and iteration
     std::string where;
     if (current_micro_ >= 0)
-      where = "; in micro-batch " + std::to_string(current_micro_) + " of " + std::to_string(c_.num_micro_batches);
+      where = "; in micro-batch " + std::to_string(current_micro_) + " of " +
+              std::to_string(c_.num_micro_batches);
     if (const std::string w = first_nonfinite_param(); !w.empty()) where += "; non-finite weight: " + w;
     fail("Rank ", pg_.rank, ", iteration ", prog_.iteration + 1, ": ", what, where,
          "; the last checkpoint is left as it was");
@@ -376,7 +377,8 @@ double Trainer::grad_norm() {
       std::vector<std::pair<int64_t, int64_t>> skip;
       if (skip1 > skip0) skip.emplace_back(skip0, skip1);
       for (const auto& p : model_->table().params())
-        if (pg_.tp_rank != 0 && p.tied_to.empty() && store.contains(p.name) && p.tp_split == TpSplit::kReplicated)
+        if (pg_.tp_rank != 0 && p.tied_to.empty() && store.contains(p.name) &&
+            p.tp_split == TpSplit::kReplicated)
           skip.emplace_back(store.offset(p.name), store.offset(p.name) + store.numel(p));
       std::sort(skip.begin(), skip.end());
       sq = dopt_->shard_sum_of_squares(g.data(), skip);
@@ -439,7 +441,8 @@ double Trainer::optimizer_step(const IterStats& st) {
       // On a GPU: E floats down, updated on the host, and back up.
       std::vector<float> staged;
       float* bias = expert_bias_on_host(moe_layer_ids_[l], staged);
-      update_expert_bias(bias, st.counts[l].data(), static_cast<int64_t>(st.counts[l].size()), c_.expert_bias_rate);
+      update_expert_bias(bias, st.counts[l].data(), static_cast<int64_t>(st.counts[l].size()),
+                         c_.expert_bias_rate);
       if (bias == staged.data())
         model_->backend().copy_to_device(model_->param(expert_bias_name(moe_layer_ids_[l])), bias,
                                          staged.size() * sizeof(float));

@@ -12,8 +12,8 @@
 
 #include "core/error.h"
 #include "data/indexed_dataset.h"
-#include "train/log_format.h"
 #include "parallel/tensor_parallel_layout.h"
+#include "train/log_format.h"
 #include "train/trainer_impl.h"
 
 namespace dsv3 {
@@ -111,7 +111,8 @@ void Trainer::setup() {
     dopt_ = std::make_unique<DistributedOptimizer>(model_->table(), model_->store(), *ddp_, c_.adam);
   else
     opt_ = std::make_unique<AdamW>(static_cast<int64_t>(model_->params().size()), c_.adam);
-  if (c_.backend) bopt_ = std::make_unique<BackendAdamW>(*c_.backend, model_->table(), model_->store(), c_.adam);
+  if (c_.backend)
+    bopt_ = std::make_unique<BackendAdamW>(*c_.backend, model_->table(), model_->store(), c_.adam);
   sched_ = std::make_unique<LrScheduler>(c_.lr_schedule);
   prog_.seed = c_.seed;
   flops_per_iteration_ = megatron_flops_per_iteration(cfg, c_.global_batch_size, c_.seq_length,
@@ -152,13 +153,14 @@ void Trainer::report_memory(const std::string& when) {
   const int64_t predicted = m.total() + std::max<int64_t>(runtime_rss_, 0) + kRuntimeGrowth;
   const Backend& be = model_->backend();
   char line[512];
-  std::snprintf(line, sizeof line,
-                "[Rank %d] %s memory (MB) | resident: %.1f | max resident: %.1f | predicted max resident: %.1f | "
-                "backend allocated: %.1f | backend max allocated: %.1f | predicted backend: %.1f",
-                pg_.rank, when.c_str(), static_cast<double>(resident_bytes()) / MB,
-                static_cast<double>(peak_resident_bytes()) / MB, static_cast<double>(predicted) / MB,
-                static_cast<double>(be.bytes_in_use()) / MB, static_cast<double>(be.peak_bytes()) / MB,
-                static_cast<double>(m.backend()) / MB);
+  std::snprintf(
+      line, sizeof line,
+      "[Rank %d] %s memory (MB) | resident: %.1f | max resident: %.1f | predicted max resident: %.1f | "
+      "backend allocated: %.1f | backend max allocated: %.1f | predicted backend: %.1f",
+      pg_.rank, when.c_str(), static_cast<double>(resident_bytes()) / MB,
+      static_cast<double>(peak_resident_bytes()) / MB, static_cast<double>(predicted) / MB,
+      static_cast<double>(be.bytes_in_use()) / MB, static_cast<double>(be.peak_bytes()) / MB,
+      static_cast<double>(m.backend()) / MB);
   std::printf("%s\n", line);
   std::fflush(stdout);
 }
@@ -206,7 +208,7 @@ void Trainer::load() {
   float* const local_m = !optim ? nullptr : dopt_ ? m.data() : opt_->exp_avg().data();
   float* const local_v = !optim ? nullptr : dopt_ ? v.data() : opt_->exp_avg_sq().data();
   LoadTargets lt{&model_->table(), tp ? &whole : &st,
-                 tp     ? wp.data()
+                 tp      ? wp.data()
                  : bopt_ ? staged.data()
                          : model_->params().data(),
                  local_m, local_v};
@@ -346,7 +348,8 @@ void Trainer::log_iteration(const IterStats& st, double norm, double seconds) {
     f.grad_norm = norm;
     print_line(format_iteration_line(f));
     log_moe_health(st, true);
-    if (!memory_reported_) report_memory("(after " + std::to_string(it) + " iterations)"), memory_reported_ = true;
+    if (!memory_reported_)
+      report_memory("(after " + std::to_string(it) + " iterations)"), memory_reported_ = true;
     if (c_.timing_log_level >= 1) print_line(timers_block(interval_.iterations));
     if (tb_) {
       tb_->add_scalar("iteration-time", f.elapsed_ms / 1000.0, it);
@@ -361,14 +364,15 @@ void Trainer::log_moe_health(const IterStats& st, bool log_now) {
   if (moe_layer_ids_.empty() && pg_.pp == 1) return;
   std::vector<MoeLayerHealth> layers;
   const double aux_scale =
-      c_.aux_loss_coeff > 0 ? 1.0 / (c_.aux_loss_coeff * static_cast<double>(c_.num_micro_batches * pg_.dp)) : 0.0;
+      c_.aux_loss_coeff > 0 ? 1.0 / (c_.aux_loss_coeff * static_cast<double>(c_.num_micro_batches * pg_.dp))
+                            : 0.0;
   const int64_t experts = c_.model.n_routed_experts;
   std::vector<float> staged;
   for (size_t l = 0; l < st.counts.size() && l < moe_layer_ids_.size(); ++l) {
     const bool has_bias = model_->store().contains(expert_bias_name(moe_layer_ids_[l]));
-    layers.push_back(moe_layer_health(moe_layer_ids_[l], st.counts[l], st.kept[l], st.routed[l],
-                                      st.layer_aux[l] * aux_scale,
-                                      has_bias ? expert_bias_on_host(moe_layer_ids_[l], staged) : nullptr, experts));
+    layers.push_back(moe_layer_health(
+        moe_layer_ids_[l], st.counts[l], st.kept[l], st.routed[l], st.layer_aux[l] * aux_scale,
+        has_bias ? expert_bias_on_host(moe_layer_ids_[l], staged) : nullptr, experts));
   }
   moe_health_.add(layers);
   if (!log_now) return;
@@ -388,7 +392,8 @@ void Trainer::log_moe_health(const IterStats& st, bool log_now) {
   for (const auto& h : all) {
     const std::string l = "_layer_" + std::to_string(h.layer);
     tb_->add_scalar("moe/max_over_mean_load" + l, h.max_over_mean, prog_.iteration);
-    tb_->add_scalar("moe/experts_without_tokens" + l, static_cast<double>(h.experts_without_tokens), prog_.iteration);
+    tb_->add_scalar("moe/experts_without_tokens" + l, static_cast<double>(h.experts_without_tokens),
+                    prog_.iteration);
     tb_->add_scalar("moe/dropped_fraction" + l, h.dropped_fraction, prog_.iteration);
     tb_->add_scalar("moe/seq_load_balancing_loss" + l, h.seq_aux_loss, prog_.iteration);
     tb_->add_scalar("moe/expert_bias_spread" + l, h.bias_spread, prog_.iteration);
@@ -486,7 +491,8 @@ void Trainer::save(int64_t iteration) {
   std::vector<float> staged;  // on a GPU the state is copied to host memory, then written
   if (bopt_) staged = model_->params_to_host(), bopt_->moments_to_host(opt_->exp_avg(), opt_->exp_avg_sq());
   CheckpointTensors t{&model_->table(), &model_->store(), bopt_ ? staged.data() : model_->params().data(),
-                      dopt_ ? m.data() : opt_->exp_avg().data(), dopt_ ? v.data() : opt_->exp_avg_sq().data()};
+                      dopt_ ? m.data() : opt_->exp_avg().data(),
+                      dopt_ ? v.data() : opt_->exp_avg_sq().data()};
   // Tensor parallelism: whole tensors (HF layout) gathered over TP, written by TP rank 0.
   const ParamStore whole(model_->table(), pg_.ep, pg_.ep_rank, c_.stages[pg_.pp_rank]);
   std::vector<float> wp, wm, wv;

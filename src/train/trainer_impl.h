@@ -41,8 +41,8 @@ struct IterStats {
   std::vector<double> mtp_sum;
   std::vector<int64_t> mtp_tokens;
   std::vector<std::vector<int64_t>> counts;  // per MoE layer, summed over micro-batches
-  std::vector<double> layer_aux;               // per MoE layer: Σ micro-batches of its seq aux loss (× coeff)
-  std::vector<int64_t> routed, kept;           // per MoE layer: routed pairs, and those the capacity rule kept
+  std::vector<double> layer_aux;             // per MoE layer: Σ micro-batches of its seq aux loss (× coeff)
+  std::vector<int64_t> routed, kept;         // per MoE layer: routed pairs, and those the capacity rule kept
   void add(const ForwardStats& st);
 };
 

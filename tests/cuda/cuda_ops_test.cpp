@@ -15,11 +15,11 @@
 #include "core/error.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/adamw.h"
-#include "moe/permute.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/rope.h"
 #include "kernels/cuda/kernels.cuh"
 #include "kernels/kernel_test_util.h"
+#include "moe/permute.h"
 
 namespace dsv3 {
 namespace {
@@ -561,7 +561,8 @@ TEST_F(CudaOps, MoePermutationIsBitIdenticalToCpuForSkewedRoutings) {
     MoePermutation perm;
     build_permutation(idx.data(), kept.data(), t, kk, e, perm);
     const int64_t r = perm.rows();
-    const auto x = philox_normals(21, t * d, 1), y = philox_normals(21, r * d, 2), w = philox_normals(21, t * kk, 3);
+    const auto x = philox_normals(21, t * d, 1), y = philox_normals(21, r * d, 2),
+               w = philox_normals(21, t * kk, 3);
     std::vector<float> xr(r * d), out(t * d), out1 = x, pr(r), back(t * kk);
     cpu().permute_rows(x.data(), perm.token_R.data(), r, d, xr.data());
     cpu().unpermute_sum(y.data(), perm.row_TK.data(), t, kk, d, out.data(), 0.f);
@@ -569,8 +570,9 @@ TEST_F(CudaOps, MoePermutationIsBitIdenticalToCpuForSkewedRoutings) {
     cpu().gather_or_zero(w.data(), perm.slot_R.data(), r, pr.data());
     cpu().gather_or_zero(pr.data(), perm.row_TK.data(), t * kk, back.data());
     DeviceBuffer gx = up(x), gy = up(y), gw = up(w), tok = up(perm.token_R), row = up(perm.row_TK),
-                 slot = up(perm.slot_R), gxr = up(std::vector<float>(r * d)), go = up(std::vector<float>(t * d)),
-                 go1 = up(x), gpr = up(std::vector<float>(r)), gback = up(std::vector<float>(t * kk));
+                 slot = up(perm.slot_R), gxr = up(std::vector<float>(r * d)),
+                 go = up(std::vector<float>(t * d)), go1 = up(x), gpr = up(std::vector<float>(r)),
+                 gback = up(std::vector<float>(t * kk));
     gpu_->permute_rows(gx.as<float>(), tok.as<int32_t>(), r, d, gxr.as<float>());
     gpu_->unpermute_sum(gy.as<float>(), row.as<int32_t>(), t, kk, d, go.as<float>(), 0.f);
     gpu_->unpermute_sum(gy.as<float>(), row.as<int32_t>(), t, kk, d, go1.as<float>(), 1.f);
@@ -595,7 +597,8 @@ TEST_F(CudaOps, RopeBroadcastsAnInputWithHeadStrideZero) {
   std::vector<float> y(t * ld_y, 0.f);
   cpu().rope_forward(x.data() + 512, ld_x, 0, y.data() + 128, ld_y, 192, t, heads, 33, view_of(tab), true);
   DeviceBuffer gx = up(x), gy = up(std::vector<float>(t * ld_y, 0.f));
-  gpu_->rope_forward(gx.as<float>() + 512, ld_x, 0, gy.as<float>() + 128, ld_y, 192, t, heads, 33, gtab, true);
+  gpu_->rope_forward(gx.as<float>() + 512, ld_x, 0, gy.as<float>() + 128, ld_y, 192, t, heads, 33, gtab,
+                     true);
   EXPECT_LE(max_rel(down<float>(gy, y.size()), y), 1e-6);
 }
 

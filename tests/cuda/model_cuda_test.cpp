@@ -32,11 +32,14 @@ std::unique_ptr<Backend> gpu_or_skip() {
 ModelConfig config(const std::string& name) {
   return ModelConfig::from_json_file((testing::source_dir() / "examples/deepseek/configs" / name).string());
 }
-ModelConfig dense_config() { return config("demo-dense.json"); }
+ModelConfig dense_config() {
+  return config("demo-dense.json");
+}
 
 double rel(const std::vector<float>& a, const std::vector<float>& b) {
   double d = 0, m = 0;
-  for (size_t i = 0; i < b.size(); ++i) d = std::max(d, std::fabs(double(a[i]) - b[i])), m = std::max(m, std::fabs(double(b[i])));
+  for (size_t i = 0; i < b.size(); ++i)
+    d = std::max(d, std::fabs(double(a[i]) - b[i])), m = std::max(m, std::fabs(double(b[i])));
   return m > 0 ? d / m : d;
 }
 
@@ -47,7 +50,8 @@ struct Batch {
     auto r = testing::philox_normals(11, B * S, 3);
     for (int64_t i = 0; i < B * S; ++i) {
       ids.push_back(static_cast<int32_t>(std::fabs(r[i]) * 997) % vocab);
-      labels.push_back(i % 9 == 4 ? -100 : static_cast<int32_t>(std::fabs(r[(i + 5) % (B * S)]) * 1009) % vocab);
+      labels.push_back(i % 9 == 4 ? -100
+                                  : static_cast<int32_t>(std::fabs(r[(i + 5) % (B * S)]) * 1009) % vocab);
     }
   }
 };
@@ -61,7 +65,8 @@ struct StepResult {
 StepResult step(Model& m, const Batch& b, bool logits = true) {
   StepResult r;
   if (logits) r.logits.resize(b.B * b.S * m.config().vocab_size);
-  ForwardStats st = m.forward(b.ids.data(), b.labels.data(), b.B, b.S, true, logits ? r.logits.data() : nullptr);
+  ForwardStats st =
+      m.forward(b.ids.data(), b.labels.data(), b.B, b.S, true, logits ? r.logits.data() : nullptr);
   r.loss = st.lm_loss_sum / st.lm_tokens;
   r.mtp_loss = st.mtp_loss_sum.at(0) / st.mtp_tokens.at(0);
   r.aux_loss = st.aux_loss_sum;
@@ -72,12 +77,14 @@ StepResult step(Model& m, const Batch& b, bool logits = true) {
 }
 
 // Per tensor max-relative gradient error; the worst, named.
-std::pair<double, std::string> worst_grad(const Model& m, const std::vector<float>& g, const std::vector<float>& ref) {
+std::pair<double, std::string> worst_grad(const Model& m, const std::vector<float>& g,
+                                          const std::vector<float>& ref) {
   std::pair<double, std::string> w{0, ""};
   for (const auto& p : m.table().params()) {
     if (!p.tied_to.empty() || !m.store().contains(p.name)) continue;
     const int64_t o = m.store().offset(p.name);
-    std::vector<float> a(g.begin() + o, g.begin() + o + p.numel), b(ref.begin() + o, ref.begin() + o + p.numel);
+    std::vector<float> a(g.begin() + o, g.begin() + o + p.numel),
+        b(ref.begin() + o, ref.begin() + o + p.numel);
     const double e = rel(a, b);
     if (e > w.first || w.second.empty()) w = {e, p.name};
   }
@@ -108,9 +115,11 @@ void compare(const ModelConfig& cfg, ModelOptions o, const char* what, double to
   const Batch b(cfg.vocab_size);
   const StepResult c = step(cpu_m, b), g = step(gpu_m, b);
   const auto [gerr, gname] = worst_grad(cpu_m, g.grads, c.grads);
-  std::printf("%s: loss cpu %.9g gpu %.9g | mtp cpu %.9g gpu %.9g | aux cpu %.9g gpu %.9g | logits %.3g | worst grad %.3g (%s)\n",
-              what, c.loss, g.loss, c.mtp_loss, g.mtp_loss, c.aux_loss, g.aux_loss, rel(g.logits, c.logits), gerr,
-              gname.c_str());
+  std::printf(
+      "%s: loss cpu %.9g gpu %.9g | mtp cpu %.9g gpu %.9g | aux cpu %.9g gpu %.9g | logits %.3g | worst grad "
+      "%.3g (%s)\n",
+      what, c.loss, g.loss, c.mtp_loss, g.mtp_loss, c.aux_loss, g.aux_loss, rel(g.logits, c.logits), gerr,
+      gname.c_str());
   EXPECT_LE(testing::rel_diff(g.loss, c.loss), tol_loss);
   EXPECT_LE(testing::rel_diff(g.mtp_loss, c.mtp_loss), tol_loss);
   EXPECT_LE(testing::rel_diff(g.aux_loss, c.aux_loss), tol_loss);
@@ -192,14 +201,16 @@ TEST(CudaModel, MoeRecomputeIsBitIdenticalToStoredActivationsAndRerunsAgree) {
 
 // The MoE runs add: --model-config .../demo-cpu.json plus kMoeFlags (a later --model-config wins).
 const std::string kMoeFlags =
-    " --moe-router-load-balancing-type seq_aux_loss --moe-aux-loss-coeff 1e-2 --moe-router-enable-expert-bias";
+    " --moe-router-load-balancing-type seq_aux_loss --moe-aux-loss-coeff 1e-2 "
+    "--moe-router-enable-expert-bias";
 
 std::string train_args(const fs::path& dir, const std::string& data, const std::string& extra) {
   const auto src = testing::source_dir();
-  return "train --model-config " + (src / "examples/deepseek/configs/demo-dense.json").string() + " --data-path " +
-         data + " --split 90,5,5 --data-cache-path " + (dir / "cache").string() +
+  return "train --model-config " + (src / "examples/deepseek/configs/demo-dense.json").string() +
+         " --data-path " + data + " --split 90,5,5 --data-cache-path " + (dir / "cache").string() +
          " --tokenizer-type HuggingFaceTokenizer --tokenizer-model " + (src / "data/tiny-4k").string() +
-         " --seq-length 32 --micro-batch-size 2 --global-batch-size 4 --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters 1"
+         " --seq-length 32 --micro-batch-size 2 --global-batch-size 4 --lr 3e-3 --min-lr 3e-4 "
+         "--lr-warmup-iters 1"
          " --lr-decay-style cosine --weight-decay 0.1 --adam-beta2 0.95 --clip-grad 1.0 --log-interval 1"
          " --eval-interval 1000 --eval-iters 1 --seed 7 --train-iters 10 " +
          extra;
@@ -213,8 +224,10 @@ struct Curve {
 Curve curve(const fs::path& tb) {
   Curve c;
   const testing::Scalars s = testing::read_scalars(tb);
-  for (const auto& [it, v] : s.count("lm loss") ? s.at("lm loss") : std::map<int64_t, double>{}) c.loss.push_back(v);
-  for (const auto& [it, v] : s.count("grad-norm") ? s.at("grad-norm") : std::map<int64_t, double>{}) c.norm.push_back(v);
+  for (const auto& [it, v] : s.count("lm loss") ? s.at("lm loss") : std::map<int64_t, double>{})
+    c.loss.push_back(v);
+  for (const auto& [it, v] : s.count("grad-norm") ? s.at("grad-norm") : std::map<int64_t, double>{})
+    c.norm.push_back(v);
   return c;
 }
 
@@ -234,7 +247,9 @@ class CudaTrain : public ::testing::Test {
   // A run writing TensorBoard into dir/tb-<n>; returns its output and that folder.
   std::pair<testing::CmdResult, fs::path> train(const std::string& extra) {
     const fs::path tb = dir_ / ("tb-" + std::to_string(runs_++));
-    return {testing::run_dsv3_single(train_args(dir_, data_, extra + " --tensorboard-dir " + tb.string()), dir_), tb};
+    return {
+        testing::run_dsv3_single(train_args(dir_, data_, extra + " --tensorboard-dir " + tb.string()), dir_),
+        tb};
   }
   int runs_ = 0;
   fs::path dir_;
@@ -255,8 +270,10 @@ TEST_F(CudaTrain, TenIterationsGiveTheCpuLossesAndGradNorms) {
     // fp32: 1e-5. bf16: 1e-2 (see the file's header; Adam turns
     // gradient differences of one bf16 rounding into weight differences of the same order each step).
     const double tol = prec.empty() ? 1e-5 : 1e-2;
-    std::printf("%s: max rel diff over 10 iterations: loss %.3g, grad norm %.3g (cpu loss[9] %.7g, gpu %.7g)\n",
-                prec.empty() ? "fp32" : "bf16", max_rel(gc.loss, cc.loss), max_rel(gc.norm, cc.norm), cc.loss[9], gc.loss[9]);
+    std::printf(
+        "%s: max rel diff over 10 iterations: loss %.3g, grad norm %.3g (cpu loss[9] %.7g, gpu %.7g)\n",
+        prec.empty() ? "fp32" : "bf16", max_rel(gc.loss, cc.loss), max_rel(gc.norm, cc.norm), cc.loss[9],
+        gc.loss[9]);
     EXPECT_LE(max_rel(gc.loss, cc.loss), tol);
     EXPECT_LE(max_rel(gc.norm, cc.norm), tol);
     EXPECT_EQ(gc.loss, gc2.loss) << "two GPU runs differ";
@@ -268,25 +285,28 @@ TEST_F(CudaTrain, TenIterationsGiveTheCpuLossesAndGradNorms) {
 // give the CPU's losses and grad norms, and the final biases (from the checkpoints) equal the CPU's.
 TEST_F(CudaTrain, MoeTrainingGivesTheCpuLossesNormsAndExpertBiases) {
   const std::string moe = " --model-config " +
-                          (testing::source_dir() / "examples/deepseek/configs/demo-cpu.json").string() + kMoeFlags +
-                          " --save-interval 10 --save ";
+                          (testing::source_dir() / "examples/deepseek/configs/demo-cpu.json").string() +
+                          kMoeFlags + " --save-interval 10 --save ";
   const auto [c, c_tb] = train("--device cpu" + moe + (dir_ / "moe-cpu").string());
   const auto [g, g_tb] = train("--device cuda" + moe + (dir_ / "moe-gpu").string());
   ASSERT_EQ(c.rc, 0) << c.out;
   ASSERT_EQ(g.rc, 0) << g.out;
   const Curve cc = curve(c_tb), gc = curve(g_tb);
   ASSERT_EQ(cc.loss.size(), 10u) << c.out;
-  const auto wc = testing::read_weights(dir_ / "moe-cpu/iter_0000010"), wg = testing::read_weights(dir_ / "moe-gpu/iter_0000010");
+  const auto wc = testing::read_weights(dir_ / "moe-cpu/iter_0000010"),
+             wg = testing::read_weights(dir_ / "moe-gpu/iter_0000010");
   double bias_err = 0;
   int biases = 0;
   for (const auto& [name, v] : wc)
     if (name.find("e_score_correction_bias") != std::string::npos) {
       ASSERT_TRUE(wg.count(name)) << name;
-      for (size_t i = 0; i < v.size(); ++i) bias_err = std::max(bias_err, std::fabs(double(v[i]) - wg.at(name)[i]));
+      for (size_t i = 0; i < v.size(); ++i)
+        bias_err = std::max(bias_err, std::fabs(double(v[i]) - wg.at(name)[i]));
       ++biases;
     }
-  std::printf("moe: max rel diff over 10 iterations: loss %.3g, grad norm %.3g; %d bias tensors, max |diff| %.3g\n",
-              max_rel(gc.loss, cc.loss), max_rel(gc.norm, cc.norm), biases, bias_err);
+  std::printf(
+      "moe: max rel diff over 10 iterations: loss %.3g, grad norm %.3g; %d bias tensors, max |diff| %.3g\n",
+      max_rel(gc.loss, cc.loss), max_rel(gc.norm, cc.norm), biases, bias_err);
   EXPECT_GT(biases, 0);
   EXPECT_LE(max_rel(gc.loss, cc.loss), 1e-5);
   EXPECT_LE(max_rel(gc.norm, cc.norm), 1e-5);
@@ -298,7 +318,8 @@ TEST_F(CudaTrain, CheckpointsMoveBetweenGpuAndCpu) {
   // One uninterrupted run per device, each saving at iteration 5; the other device resumes from it.
   for (const auto& [from, to] : {std::pair<std::string, std::string>{"cuda", "cpu"}, {"cpu", "cuda"}}) {
     const fs::path ckpt = dir_ / ("ckpt-" + from);
-    const auto [full, full_tb] = train("--device " + from + " --save " + ckpt.string() + " --save-interval 5");
+    const auto [full, full_tb] =
+        train("--device " + from + " --save " + ckpt.string() + " --save-interval 5");
     ASSERT_EQ(full.rc, 0) << full.out;
     fs::remove(ckpt / "latest_checkpointed_iteration.txt");
     std::ofstream(ckpt / "latest_checkpointed_iteration.txt") << 5;
@@ -308,7 +329,8 @@ TEST_F(CudaTrain, CheckpointsMoveBetweenGpuAndCpu) {
     ASSERT_EQ(a.loss.size(), 10u);
     ASSERT_EQ(b.loss.size(), 5u) << resumed.out;
     const std::vector<double> tail(a.loss.begin() + 5, a.loss.end());
-    std::printf("%s -> %s: resumed losses max rel diff %.3g\n", from.c_str(), to.c_str(), max_rel(b.loss, tail));
+    std::printf("%s -> %s: resumed losses max rel diff %.3g\n", from.c_str(), to.c_str(),
+                max_rel(b.loss, tail));
     EXPECT_LE(max_rel(b.loss, tail), 1e-5);
   }
 }

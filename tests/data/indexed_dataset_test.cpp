@@ -47,7 +47,8 @@ TEST(IndexedDataset, ReaderCountsAndSlices) {
   int64_t sum = 0;
   for (auto l : ds.sequence_lengths()) sum += l;
   EXPECT_EQ(ds.token_count(), sum);
-  EXPECT_EQ(static_cast<int64_t>(std::filesystem::file_size(kGolden / "tiny_p1_eod_text_document.bin")), sum * 2);
+  EXPECT_EQ(static_cast<int64_t>(std::filesystem::file_size(kGolden / "tiny_p1_eod_text_document.bin")),
+            sum * 2);
   auto all = ds.get(0);
   auto part = ds.get(0, 3, 4);
   ASSERT_EQ(part.size(), 4u);

@@ -2,9 +2,8 @@
 // (tests/reference/preprocess_golden.py), plus its behaviour on bad input.
 #include "data/preprocess.h"
 
-#include <zlib.h>
-
 #include <unistd.h>
+#include <zlib.h>
 
 #include <fstream>
 #include <iterator>
@@ -35,7 +34,8 @@ PreprocessOptions tiny_options(const fs::path& out_dir) {
 
 void quiet(const std::string&) {}
 
-void expect_same_as_golden(const fs::path& out_dir, const std::string& golden, const std::string& key = "text") {
+void expect_same_as_golden(const fs::path& out_dir, const std::string& golden,
+                           const std::string& key = "text") {
   const auto ours = out_dir / ("out_" + key + "_document");
   const auto ref = kGolden / (golden + "_" + key + "_document");
   EXPECT_EQ(slurp(ours.string() + ".idx"), slurp(ref.string() + ".idx")) << golden << " " << key;
@@ -166,7 +166,8 @@ TEST(Preprocess, FlagErrors) {
 // The command line: Megatron's flags work, flags we do not implement are refused by name.
 int run(const std::string& args, std::string* err = nullptr) {
   const auto log = fs::temp_directory_path() / ("dsv3-cli-" + std::to_string(::getpid()) + ".log");
-  int rc = std::system((testing::dsv3_binary().string() + " " + args + " >" + log.string() + " 2>&1").c_str());
+  int rc =
+      std::system((testing::dsv3_binary().string() + " " + args + " >" + log.string() + " 2>&1").c_str());
   if (err) *err = slurp(log);
   return WEXITSTATUS(rc);
 }
@@ -176,19 +177,28 @@ TEST(PreprocessCli, MegatronFlagsAndInspect) {
   const std::string common = "--input " + kInput.string() + " --output-prefix " + (dir / "out").string() +
                              " --tokenizer-type HuggingFaceTokenizer --tokenizer-model " + kTiny.string();
   std::string out;
-  ASSERT_EQ(run("preprocess " + common + " --workers 2 --partitions 1 --append-eod --json-keys text "
-                "--log-interval 10", &out), 0) << out;
+  ASSERT_EQ(run("preprocess " + common +
+                    " --workers 2 --partitions 1 --append-eod --json-keys text "
+                    "--log-interval 10",
+                &out),
+            0)
+      << out;
   EXPECT_NE(out.find("Processed 30 documents"), std::string::npos) << out;
   expect_same_as_golden(dir, "tiny_p1_eod");
-  ASSERT_EQ(run("data inspect " + (dir / "out_text_document").string() + " --tokenizer-model " + kTiny.string(),
-                &out), 0) << out;
+  ASSERT_EQ(
+      run("data inspect " + (dir / "out_text_document").string() + " --tokenizer-model " + kTiny.string(),
+          &out),
+      0)
+      << out;
   EXPECT_NE(out.find("documents: 39"), std::string::npos) << out;
   EXPECT_NE(out.find("<｜begin▁of▁sentence｜>Fellow-Citizens"), std::string::npos) << out;
 
   EXPECT_EQ(run("preprocess " + common + " --workers 1 --split-sentences", &out), 1);
   EXPECT_NE(out.find("--split-sentences is not supported"), std::string::npos) << out;
   EXPECT_EQ(run("preprocess --input " + kInput.string() + " --output-prefix " + (dir / "x").string() +
-                " --tokenizer-type GPT2BPETokenizer --tokenizer-model " + kTiny.string() + " --workers 1", &out), 1);
+                    " --tokenizer-type GPT2BPETokenizer --tokenizer-model " + kTiny.string() + " --workers 1",
+                &out),
+            1);
   EXPECT_NE(out.find("GPT2BPETokenizer"), std::string::npos) << out;
 }
 
@@ -198,8 +208,9 @@ TEST(Preprocess, EncodeJsonlLineIsThePerLineStep) {
   PreprocessOptions opt;
   opt.append_eod = true;
   opt.json_keys = {"text", "title"};
-  const EncodedLine ok =
-      encode_jsonl_line(R"({"title": "T", "text": ["a b", "", "c"]})" "\n", opt, tok, tok.eos_id());
+  const EncodedLine ok = encode_jsonl_line(R"({"title": "T", "text": ["a b", "", "c"]})"
+                                           "\n",
+                                           opt, tok, tok.eos_id());
   EXPECT_EQ(ok.error, "");
   // Megatron's Encoder: every non-empty encoding is a sequence (with BOS, "" is not empty), EOD after a key's last.
   std::vector<int32_t> want, lengths;

@@ -19,7 +19,12 @@ struct Strided {
   int64_t T, H, D, ld_token, ld_head;
   std::vector<float> buf;
   Strided(int64_t t, int64_t h, int64_t d, int64_t head_pad, int64_t token_pad)
-      : T(t), H(h), D(d), ld_token(h * (d + head_pad) + token_pad), ld_head(d + head_pad), buf(t * ld_token, 7.f) {}
+      : T(t),
+        H(h),
+        D(d),
+        ld_token(h * (d + head_pad) + token_pad),
+        ld_head(d + head_pad),
+        buf(t * ld_token, 7.f) {}
   float& at(int64_t t, int64_t h, int64_t d) { return buf[t * ld_token + h * ld_head + d]; }
   HeadsView view() const { return {buf.data(), ld_token, ld_head}; }
   HeadsViewMut mut() { return {buf.data(), ld_token, ld_head}; }
@@ -87,8 +92,8 @@ TEST(Attention, FastMatchesReference) {
   // Ragged last blocks (S % 64 != 0), several key blocks, Dqk != Dv, Dqk not a multiple of 16, B > 1.
   const Case cases[] = {{2, 7, 2, 12, 6}, {1, 130, 3, 20, 16}, {2, 64, 1, 48, 32}, {2, 200, 2, 192, 128}};
   for (const auto& c : cases) {
-    SCOPED_TRACE(::testing::Message() << "B=" << c.B << " S=" << c.S << " H=" << c.H << " Dqk=" << c.Dqk
-                                      << " Dv=" << c.Dv);
+    SCOPED_TRACE(::testing::Message()
+                 << "B=" << c.B << " S=" << c.S << " H=" << c.H << " Dqk=" << c.Dqk << " Dv=" << c.Dv);
     const int64_t T = c.B * c.S;
     AttentionShape s{c.B, c.S, c.H, c.Dqk, c.Dv, 1.7f / std::sqrt(float(c.Dqk))};
     Strided q(T, c.H, c.Dqk, 3, 5), k(T, c.H, c.Dqk, 0, 0), v(T, c.H, c.Dv, 2, 1), dout(T, c.H, c.Dv, 0, 4);

@@ -98,9 +98,8 @@ TEST(Backend, CudaBackendIsAPluginThatCpuRunsNeverLoad) {
   EXPECT_NE(info.out.find("cuda backend library: " + (bin.parent_path() / "libdsv3_cuda.so").string() + "\n"),
             std::string::npos)
       << info.out;
-  const auto bad = testing::run_shell("DSV3_CUDA_LIBRARY=" + (dir / "missing.so").string() + " " +
-                                          bin.string() + " device-info",
-                                      dir);
+  const auto bad = testing::run_shell(
+      "DSV3_CUDA_LIBRARY=" + (dir / "missing.so").string() + " " + bin.string() + " device-info", dir);
   EXPECT_NE(bad.out.find("libdsv3_cuda.so could not be loaded (" + (dir / "missing.so").string() +
                          ": no such file)"),
             std::string::npos)

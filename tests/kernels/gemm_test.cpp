@@ -42,8 +42,21 @@ TEST(Gemm, MatchesReference) {
     const bool in_bf = cs.ab == GemmType::kBF16, out_bf = cs.c == GemmType::kBF16;
     std::vector<float> cf_fast = c0, cf_ref = c0;
     std::vector<bf16> cb_fast = cb0, cb_ref = cb0;
-    GemmArgs g{cs.m, cs.n, cs.k, in_bf ? (void*)ab.data() : (void*)a.data(), lda, cs.ta,
-               in_bf ? (void*)bb.data() : (void*)b.data(), ldb, cs.tb, nullptr, ldc, cs.ab, cs.c, cs.alpha, cs.beta};
+    GemmArgs g{cs.m,
+               cs.n,
+               cs.k,
+               in_bf ? (void*)ab.data() : (void*)a.data(),
+               lda,
+               cs.ta,
+               in_bf ? (void*)bb.data() : (void*)b.data(),
+               ldb,
+               cs.tb,
+               nullptr,
+               ldc,
+               cs.ab,
+               cs.c,
+               cs.alpha,
+               cs.beta};
     GemmArgs r = g;
     g.c = out_bf ? (void*)cb_fast.data() : (void*)cf_fast.data();
     r.c = out_bf ? (void*)cb_ref.data() : (void*)cf_ref.data();
@@ -63,12 +76,15 @@ TEST(Gemm, MatchesReference) {
         }
       // fp32 accumulation order differs from the double reference; a bf16 output adds one rounding.
       const double tol = out_bf ? 8e-3 : 1e-5;
-      EXPECT_LE(max_err, tol * std::max(1.0, max_ref)) << cs.m << "x" << cs.n << "x" << cs.k << " via_f32=" << via_f32;
+      EXPECT_LE(max_err, tol * std::max(1.0, max_ref))
+          << cs.m << "x" << cs.n << "x" << cs.k << " via_f32=" << via_f32;
       // Padding columns of C are untouched.
       for (int64_t i = 0; i < cs.m; ++i)
         for (int64_t j = cs.n; j < ldc; ++j) {
-          if (out_bf) EXPECT_EQ(cb_fast[i * ldc + j].bits, cb0[i * ldc + j].bits);
-          else EXPECT_EQ(cf_fast[i * ldc + j], c0[i * ldc + j]);
+          if (out_bf)
+            EXPECT_EQ(cb_fast[i * ldc + j].bits, cb0[i * ldc + j].bits);
+          else
+            EXPECT_EQ(cf_fast[i * ldc + j], c0[i * ldc + j]);
         }
     }
   }
@@ -110,7 +126,8 @@ TEST(Gemm, VaryingRowsMatchReference) {
       for (bool wgrad : {false, true}) {
         GemmArgs g;
         g.m = wgrad ? width : v, g.n = n, g.k = wgrad ? v : width;
-        g.a = A, g.lda = width, g.trans_a = wgrad, g.b = B, g.ldb = n, g.ab_type = t, g.beta = wgrad ? 1.f : 0.f;
+        g.a = A, g.lda = width, g.trans_a = wgrad, g.b = B, g.ldb = n, g.ab_type = t,
+        g.beta = wgrad ? 1.f : 0.f;
         std::vector<float> c(width * n, 0.5f);
         std::fill(r.begin(), r.end(), 0.5f);
         g.c = c.data(), g.ldc = n;
@@ -121,7 +138,8 @@ TEST(Gemm, VaryingRowsMatchReference) {
         }
         g.c = r.data();
         gemm_reference(g);
-        for (int64_t i = 0; i < g.m * n; ++i) ASSERT_NEAR(c[i], r[i], 1e-4) << "v=" << v << " wgrad=" << wgrad;
+        for (int64_t i = 0; i < g.m * n; ++i)
+          ASSERT_NEAR(c[i], r[i], 1e-4) << "v=" << v << " wgrad=" << wgrad;
       }
     }
   }
@@ -136,7 +154,8 @@ TEST(Gemm, VaryingRowsMatchReference) {
 
 // Known-answer vectors of Philox4x32-10 from the Random123 distribution (kat_vectors).
 TEST(Philox, KnownAnswers) {
-  EXPECT_EQ(philox4x32({0, 0, 0, 0}, {0, 0}), (std::array<uint32_t, 4>{0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8}));
+  EXPECT_EQ(philox4x32({0, 0, 0, 0}, {0, 0}),
+            (std::array<uint32_t, 4>{0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8}));
   EXPECT_EQ(philox4x32({0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff}, {0xffffffff, 0xffffffff}),
             (std::array<uint32_t, 4>{0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd}));
   EXPECT_EQ(philox4x32({0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344}, {0xa4093822, 0x299f31d0}),

@@ -89,7 +89,9 @@ int available_cores() {
 }
 
 // The seed README's "DeepSeek V3 Basic Training" example (8 ranks), as written there.
-Env seed_basic_example() { return testing::seed_readme_basic_example(); }
+Env seed_basic_example() {
+  return testing::seed_readme_basic_example();
+}
 
 Env with(Env e, const Env& more) {
   for (const auto& kv : more) {
@@ -237,15 +239,17 @@ TEST(Launcher, DryRunIsTheSeedCommand) {
   // The multi-node example (4 nodes of 8, PP 2, recompute) from a hostfile.
   const fs::path hosts = dir / "hosts";
   std::ofstream(hosts) << "10.0.0.7 slots=8\n10.0.0.8 slots=8\n10.0.0.9 slots=8\n10.0.0.10 slots=8\n";
-  const Env multi = with(testing::seed_readme_multinode_example(), {{"HL_RESULTS_DIR", out}, {"HL_HOSTSFILE", hosts.string()}});
+  const Env multi = with(testing::seed_readme_multinode_example(),
+                         {{"HL_RESULTS_DIR", out}, {"HL_HOSTSFILE", hosts.string()}});
   r = run_script(multi, dir);
   ASSERT_EQ(r.rc, 0) << r.err;
   EXPECT_EQ(train_args_of(r), testing::seed_pretrain_args(multi)) << r.out;
   EXPECT_EQ(value_of(r, "-hostfile"), hosts.string());
 
   // Every optional flag of the seed, on one process (run directly) and with an uneven pipeline split.
-  const Env every = with(with(with(basic, kWorld1), testing::seed_every_optional_flag(dir.string())),
-                         {{"HL_CKP_ACT", "2"}, {"HL_FISRT_PP_STAGE_LAYERS", "1"}, {"HL_LAST_PP_STAGE_LAYERS", "1"}});
+  const Env every =
+      with(with(with(basic, kWorld1), testing::seed_every_optional_flag(dir.string())),
+           {{"HL_CKP_ACT", "2"}, {"HL_FISRT_PP_STAGE_LAYERS", "1"}, {"HL_LAST_PP_STAGE_LAYERS", "1"}});
   r = run_script(every, dir);
   ASSERT_EQ(r.rc, 0) << r.err;
   EXPECT_EQ(testing::shell_words(r.out).at(0), testing::dsv3_binary().string());
@@ -569,18 +573,27 @@ TEST(Launcher, SingleProcessRunPrintsMegatronIterationLines) {
 TEST(Launcher, SeedEightRankExpertParallelRun) {
   if (std::system("command -v mpirun >/dev/null 2>&1") != 0) GTEST_SKIP() << "mpirun is not installed";
   const auto dir = testing::scratch_dir();
-  const Env env = with(tiny_run_env(dir), {{"HL_NUM_NODES", "1"}, {"HL_DEVICES_PER_NODE", "8"}, {"HL_DP", "8"},
-                                           {"HL_TP", "1"}, {"HL_PP", "1"}, {"HL_EP", "8"}, {"HL_GBS", "8"},
-                                           {"HL_MICRO_BATCH", "1"}, {"HL_TRAIN_ITERS", "2"}});
+  const Env env = with(tiny_run_env(dir), {{"HL_NUM_NODES", "1"},
+                                           {"HL_DEVICES_PER_NODE", "8"},
+                                           {"HL_DP", "8"},
+                                           {"HL_TP", "1"},
+                                           {"HL_PP", "1"},
+                                           {"HL_EP", "8"},
+                                           {"HL_GBS", "8"},
+                                           {"HL_MICRO_BATCH", "1"},
+                                           {"HL_TRAIN_ITERS", "2"}});
   Result r = run_script(env, dir, /*dry=*/false);
   ASSERT_EQ(r.rc, 0) << r.out << r.err;
   EXPECT_NE(r.err.find("mpirun --allow-run-as-root "), std::string::npos) << r.err;
-  for (const char* line : {"  expert_model_parallel_size ...................... 8", " iteration        2/       2 |",
-                           "| lm loss: ", "validation loss at iteration 2", "successfully saved checkpoint from iteration 2"})
+  for (const char* line :
+       {"  expert_model_parallel_size ...................... 8", " iteration        2/       2 |",
+        "| lm loss: ", "validation loss at iteration 2", "successfully saved checkpoint from iteration 2"})
     EXPECT_NE(r.out.find(line), std::string::npos) << line << "\n" << r.out;
   // One set of lines: only the last rank logs.
   size_t n = 0;
-  for (size_t p = r.out.find(" iteration        2/"); p != std::string::npos; p = r.out.find(" iteration        2/", p + 1)) ++n;
+  for (size_t p = r.out.find(" iteration        2/"); p != std::string::npos;
+       p = r.out.find(" iteration        2/", p + 1))
+    ++n;
   EXPECT_EQ(n, 1u) << r.out;
 }
 
@@ -589,16 +602,23 @@ TEST(Launcher, SeedEightRankExpertParallelRun) {
 TEST(Launcher, PipelineExpertDataParallelRun) {
   if (std::system("command -v mpirun >/dev/null 2>&1") != 0) GTEST_SKIP() << "mpirun is not installed";
   const auto dir = testing::scratch_dir();
-  const Env env = with(tiny_run_env(dir), {{"HL_NUM_NODES", "1"}, {"HL_DEVICES_PER_NODE", "4"}, {"HL_DP", "2"},
-                                           {"HL_TP", "1"}, {"HL_PP", "2"}, {"HL_EP", "2"}, {"HL_CKP_ACT", "1"},
-                                           {"HL_MICRO_BATCH", "1"}, {"HL_TRAIN_ITERS", "2"}});
+  const Env env = with(tiny_run_env(dir), {{"HL_NUM_NODES", "1"},
+                                           {"HL_DEVICES_PER_NODE", "4"},
+                                           {"HL_DP", "2"},
+                                           {"HL_TP", "1"},
+                                           {"HL_PP", "2"},
+                                           {"HL_EP", "2"},
+                                           {"HL_CKP_ACT", "1"},
+                                           {"HL_MICRO_BATCH", "1"},
+                                           {"HL_TRAIN_ITERS", "2"}});
   // HL_FISRT_PP_STAGE_LAYERS (sic) becomes --decoder-first-pipeline-num-layers: here 1 of the 4 layers on stage 0.
   Result r = run_script(with(env, {{"HL_FISRT_PP_STAGE_LAYERS", "1"}}), dir, /*dry=*/false);
   ASSERT_EQ(r.rc, 0) << r.out << r.err;
-  for (const char* line : {"  decoder_first_pipeline_num_layers ............... 1",
-                           "  pipeline_model_parallel_size .................... 2", " iteration        2/       2 |",
-                           "| mtp_1 loss: ", "validation loss at iteration 2",
-                           "successfully saved checkpoint from iteration 2", " layers | max/mean load "})
+  for (const char* line :
+       {"  decoder_first_pipeline_num_layers ............... 1",
+        "  pipeline_model_parallel_size .................... 2", " iteration        2/       2 |",
+        "| mtp_1 loss: ", "validation loss at iteration 2", "successfully saved checkpoint from iteration 2",
+        " layers | max/mean load "})
     EXPECT_NE(r.out.find(line), std::string::npos) << line << "\n" << r.out;
 }
 

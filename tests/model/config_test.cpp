@@ -318,8 +318,9 @@ namespace {
 // norm/head/MTP on the last), and 8 bytes of fp32 weight + gradient each.
 TEST(ModelInfo, LayoutCountsWhatEachStageHolds) {
   const std::string cfg_path = preset("demo-cpu.json");
-  const std::string out = run_model_info({"model-info", "--model-config", cfg_path, "--pipeline-model-parallel-size",
-                                          "2", "--expert-model-parallel-size", "2", "--data-parallel-size", "2"});
+  const std::string out =
+      run_model_info({"model-info", "--model-config", cfg_path, "--pipeline-model-parallel-size", "2",
+                      "--expert-model-parallel-size", "2", "--data-parallel-size", "2"});
   const ModelConfig cfg = ModelConfig::from_json_file(cfg_path);
   const ParamTable table(cfg);
   const int64_t L = cfg.num_hidden_layers, half = L / 2, E = cfg.n_routed_experts;
@@ -329,19 +330,22 @@ TEST(ModelInfo, LayoutCountsWhatEachStageHolds) {
     int64_t n = 0;
     for (const auto& p : table.params()) {
       if (!p.tied_to.empty() || (p.is_expert && p.expert >= E / 2)) continue;
-      const bool mine = p.layer >= L                          ? q == 1
-                        : p.layer >= 0                        ? p.layer >= first && p.layer < last
-                        : p.name == "model.embed_tokens.weight" ? true  // stage 0, and the MTP copy on stage 1
-                                                                : q == 1;
+      const bool mine = p.layer >= L   ? q == 1
+                        : p.layer >= 0 ? p.layer >= first && p.layer < last
+                        : p.name == "model.embed_tokens.weight"
+                            ? true  // stage 0, and the MTP copy on stage 1
+                            : q == 1;
       if (mine) n += p.numel;
     }
     char layers[32];
     std::snprintf(layers, sizeof layers, "%d-%d", static_cast<int>(first), static_cast<int>(last - 1));
     std::string grouped = std::to_string(n);
-    for (int i = static_cast<int>(grouped.size()) - 3; i > 0; i -= 3) grouped.insert(static_cast<size_t>(i), ",");
+    for (int i = static_cast<int>(grouped.size()) - 3; i > 0; i -= 3)
+      grouped.insert(static_cast<size_t>(i), ",");
     const std::regex row("\n  " + std::to_string(q) + " +" + layers + " +" + grouped + " +([0-9.]+) GiB");
     std::smatch m;
-    ASSERT_TRUE(std::regex_search(out, m, row)) << "stage " << q << " should hold " << grouped << ":\n" << out;
+    ASSERT_TRUE(std::regex_search(out, m, row)) << "stage " << q << " should hold " << grouped << ":\n"
+                                                << out;
     EXPECT_NEAR(std::stod(m[1]), 8.0 * n / (1 << 30), 0.006) << out;
   }
   EXPECT_NE(out.find("layout: PP 2 x DP 2 (EP 2, expert-DP 1) = 4 ranks"), std::string::npos) << out;
@@ -373,7 +377,8 @@ TEST(ModelInfo, LayoutCountsTheTensorParallelShard) {
     n += split ? p.numel / 2 : p.numel;
   }
   std::string grouped = std::to_string(n);
-  for (int i = static_cast<int>(grouped.size()) - 3; i > 0; i -= 3) grouped.insert(static_cast<size_t>(i), ",");
+  for (int i = static_cast<int>(grouped.size()) - 3; i > 0; i -= 3)
+    grouped.insert(static_cast<size_t>(i), ",");
   EXPECT_NE(out.find("layout: TP 2 x PP 1 x DP 1 (EP 1, expert-DP 1) = 2 ranks"), std::string::npos) << out;
   EXPECT_TRUE(std::regex_search(out, std::regex("\n  0 +0-3 +" + grouped + " "))) << grouped << "\n" << out;
 }

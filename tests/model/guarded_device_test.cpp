@@ -5,8 +5,8 @@
 // Against the CPU backend the numbers are the same: the same kernels, the same order.
 #include <gtest/gtest.h>
 
-#include <csignal>
 #include <cmath>
+#include <csignal>
 
 #include "kernels/backend.h"
 #include "model/model.h"
@@ -23,7 +23,8 @@ ModelConfig config(const std::string& name) {
 
 double max_rel(const std::vector<float>& a, const std::vector<float>& b) {
   double d = 0, m = 0;
-  for (size_t i = 0; i < b.size(); ++i) d = std::max(d, std::fabs(double(a[i]) - b[i])), m = std::max(m, std::fabs(double(b[i])));
+  for (size_t i = 0; i < b.size(); ++i)
+    d = std::max(d, std::fabs(double(a[i]) - b[i])), m = std::max(m, std::fabs(double(b[i])));
   return m > 0 ? d / m : d;
 }
 
@@ -35,7 +36,13 @@ TEST(GuardedDevice, HostAccessOutsideAnOpCrashes) {
   float back = 0;
   be->copy_to_host(&back, b.data(), sizeof back);
   EXPECT_EQ(back, 1.f);
-  EXPECT_EXIT({ volatile float x = *b.as<float>(); (void)x; std::exit(0); }, ::testing::KilledBySignal(SIGSEGV), ".*");
+  EXPECT_EXIT(
+      {
+        volatile float x = *b.as<float>();
+        (void)x;
+        std::exit(0);
+      },
+      ::testing::KilledBySignal(SIGSEGV), ".*");
 }
 
 struct Run {
@@ -50,11 +57,13 @@ Run run(const ModelConfig& cfg, ModelOptions o, Backend& be) {
   std::vector<float> p = m.params_to_host();
   for (const auto& info : m.table().params())  // biased routing: the selection differs from the plain top-k
     if (info.name.find("e_score_correction_bias") != std::string::npos && m.store().contains(info.name))
-      for (int64_t i = 0; i < info.numel; ++i) p[m.store().offset(info.name) + i] = 0.01f * static_cast<float>((i * 7) % 5);
+      for (int64_t i = 0; i < info.numel; ++i)
+        p[m.store().offset(info.name) + i] = 0.01f * static_cast<float>((i * 7) % 5);
   m.params_from_host(p);
   const int64_t B = 2, S = 23, T = B * S;
   std::vector<int32_t> ids(T), labels(T);
-  for (int64_t i = 0; i < T; ++i) ids[i] = (i * 131 + 7) % cfg.vocab_size, labels[i] = i % 7 == 3 ? -100 : (i * 37 + 1) % cfg.vocab_size;
+  for (int64_t i = 0; i < T; ++i)
+    ids[i] = (i * 131 + 7) % cfg.vocab_size, labels[i] = i % 7 == 3 ? -100 : (i * 37 + 1) % cfg.vocab_size;
   Run r;
   r.logits.resize(T * cfg.vocab_size);
   for (int pass = 0; pass < 2; ++pass) {  // the second pass: steady state (buffers reused)
@@ -110,8 +119,8 @@ class GuardedTrain : public ::testing::Test {
     const fs::path tb = dir_ / ("tb-" + std::to_string(runs_++));
     const auto src = testing::source_dir();
     // tiny_train_args: demo-cpu.json (MoE, MTP), seq aux loss, expert bias; 6 iterations.
-    return {testing::run_dsv3_single(testing::tiny_train_args(dir_, data_, 2, 4) + " --train-iters 6 --tensorboard-dir " +
-                                         tb.string() + " " + extra,
+    return {testing::run_dsv3_single(testing::tiny_train_args(dir_, data_, 2, 4) +
+                                         " --train-iters 6 --tensorboard-dir " + tb.string() + " " + extra,
                                      dir_),
             tb};
   }
@@ -129,12 +138,15 @@ class GuardedTrain : public ::testing::Test {
 
 TEST_F(GuardedTrain, SixIterationsGiveTheCpuLossesGradNormsAndBiases) {
   for (const std::string prec : {"", "--bf16"}) {
-    const auto [c, c_tb] = train("--device cpu --save-interval 6 --save " + (dir_ / ("c" + prec)).string() + " " + prec);
-    const auto [g, g_tb] = train("--device host-guarded --save-interval 6 --save " + (dir_ / ("g" + prec)).string() + " " + prec);
+    const auto [c, c_tb] =
+        train("--device cpu --save-interval 6 --save " + (dir_ / ("c" + prec)).string() + " " + prec);
+    const auto [g, g_tb] = train("--device host-guarded --save-interval 6 --save " +
+                                 (dir_ / ("g" + prec)).string() + " " + prec);
     ASSERT_EQ(c.rc, 0) << c.out;
     ASSERT_EQ(g.rc, 0) << g.out;
     EXPECT_NE(g.out.find("device: host-guarded"), std::string::npos) << g.out;
-    EXPECT_NE(g.out.find("moe: "), std::string::npos) << g.out;  // the health line reads the biases through a copy
+    EXPECT_NE(g.out.find("moe: "), std::string::npos)
+        << g.out;  // the health line reads the biases through a copy
     ASSERT_EQ(series(c_tb, "lm loss").size(), 6u) << c.out;
     EXPECT_EQ(series(g_tb, "lm loss"), series(c_tb, "lm loss")) << prec;
     EXPECT_EQ(series(g_tb, "grad-norm"), series(c_tb, "grad-norm")) << prec;
@@ -145,9 +157,11 @@ TEST_F(GuardedTrain, SixIterationsGiveTheCpuLossesGradNormsAndBiases) {
 }
 
 TEST_F(GuardedTrain, CheckpointsMoveBetweenTheDevicePathAndTheCpu) {
-  for (const auto& [from, to] : {std::pair<std::string, std::string>{"host-guarded", "cpu"}, {"cpu", "host-guarded"}}) {
+  for (const auto& [from, to] :
+       {std::pair<std::string, std::string>{"host-guarded", "cpu"}, {"cpu", "host-guarded"}}) {
     const fs::path ckpt = dir_ / ("ckpt-" + from);
-    const auto [full, full_tb] = train("--device " + from + " --save " + ckpt.string() + " --save-interval 3");
+    const auto [full, full_tb] =
+        train("--device " + from + " --save " + ckpt.string() + " --save-interval 3");
     ASSERT_EQ(full.rc, 0) << full.out;
     std::ofstream(ckpt / "latest_checkpointed_iteration.txt", std::ios::trunc) << 3;
     const auto [resumed, resumed_tb] = train("--device " + to + " --load " + ckpt.string());

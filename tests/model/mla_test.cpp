@@ -31,11 +31,13 @@ struct Layer {
   std::map<std::string, std::vector<float>> w, g;
   std::vector<std::string> names() const {
     std::vector<std::string> n;
-    if (d.q_lora > 0) n = {"q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight"};
+    if (d.q_lora > 0)
+      n = {"q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight"};
     else {
       n = {"q_proj.weight"};
     }
-    for (const char* s : {"kv_a_proj_with_mqa.weight", "kv_a_layernorm.weight", "kv_b_proj.weight", "o_proj.weight"})
+    for (const char* s :
+         {"kv_a_proj_with_mqa.weight", "kv_a_layernorm.weight", "kv_b_proj.weight", "o_proj.weight"})
       n.push_back(s);
     return n;
   }
@@ -60,15 +62,17 @@ struct Layer {
   }
   MlaParams params() const {
     auto get = [&](const char* n) { return w.count(n) ? w.at(n).data() : nullptr; };
-    return {get("q_a_proj.weight"),          get("q_a_layernorm.weight"), get("q_b_proj.weight"),
-            get("q_proj.weight"),            get("kv_a_proj_with_mqa.weight"), get("kv_a_layernorm.weight"),
-            get("kv_b_proj.weight"),         get("o_proj.weight")};
+    return {get("q_a_proj.weight"),           get("q_a_layernorm.weight"),
+            get("q_b_proj.weight"),           get("q_proj.weight"),
+            get("kv_a_proj_with_mqa.weight"), get("kv_a_layernorm.weight"),
+            get("kv_b_proj.weight"),          get("o_proj.weight")};
   }
   MlaGrads grads() {
     auto get = [&](const char* n) { return g.count(n) ? g.at(n).data() : nullptr; };
-    return {get("q_a_proj.weight"),          get("q_a_layernorm.weight"), get("q_b_proj.weight"),
-            get("q_proj.weight"),            get("kv_a_proj_with_mqa.weight"), get("kv_a_layernorm.weight"),
-            get("kv_b_proj.weight"),         get("o_proj.weight")};
+    return {get("q_a_proj.weight"),           get("q_a_layernorm.weight"),
+            get("q_b_proj.weight"),           get("q_proj.weight"),
+            get("kv_a_proj_with_mqa.weight"), get("kv_a_layernorm.weight"),
+            get("kv_b_proj.weight"),          get("o_proj.weight")};
   }
 };
 
@@ -132,8 +136,12 @@ void fd_check(int64_t q_lora) {
   for (const auto& n : L.names()) check(L.w[n], L.g[n], n);
 }
 
-TEST(Mla, BackwardMatchesFiniteDifferences) { fd_check(16); }
-TEST(Mla, BackwardMatchesFiniteDifferencesNoQLora) { fd_check(0); }
+TEST(Mla, BackwardMatchesFiniteDifferences) {
+  fd_check(16);
+}
+TEST(Mla, BackwardMatchesFiniteDifferencesNoQLora) {
+  fd_check(0);
+}
 
 struct Golden {
   Layer L;

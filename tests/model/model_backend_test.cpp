@@ -18,14 +18,16 @@ namespace dsv3 {
 namespace {
 
 ModelConfig dense_config() {
-  return ModelConfig::from_json_file((testing::source_dir() / "examples/deepseek/configs/demo-dense.json").string());
+  return ModelConfig::from_json_file(
+      (testing::source_dir() / "examples/deepseek/configs/demo-dense.json").string());
 }
 
 struct Batch {
   int64_t B = 2, S = 19;
   std::vector<int32_t> ids, labels;
   explicit Batch(int64_t vocab) {
-    for (int64_t i = 0; i < B * S; ++i) ids.push_back((i * 131 + 7) % vocab), labels.push_back((i * 37 + 3) % vocab);
+    for (int64_t i = 0; i < B * S; ++i)
+      ids.push_back((i * 131 + 7) % vocab), labels.push_back((i * 37 + 3) % vocab);
   }
 };
 
@@ -137,7 +139,8 @@ TEST(ModelBackend, SegmentListOptimizerIsBitIdenticalToThePerTensorOne) {
     per_tensor.begin_step();
     for (const auto& p : m.table().params())
       if (p.tied_to.empty() && p.trainable && m.store().contains(p.name))
-        per_tensor.update(p_ref.data(), g.data(), m.store().offset(p.name), p.numel, 1e-3, p.weight_decay ? 0.1 : 0);
+        per_tensor.update(p_ref.data(), g.data(), m.store().offset(p.name), p.numel, 1e-3,
+                          p.weight_decay ? 0.1 : 0);
     segments.step(p_seg.data(), g_seg.data(), s, 1e-3, 0.1);
     ASSERT_EQ(0, std::memcmp(p_ref.data(), p_seg.data(), p_ref.size() * sizeof(float))) << "step " << s;
   }

@@ -205,7 +205,8 @@ TEST(ModelPipeline, StagesReproduceTheWholeModel) {
 
     const auto ws = whole.forward(g.ids.data(), g.labels.data(), g.B, g.S, true);
     const auto s1 = first.forward(g.ids.data(), g.labels.data(), g.B, g.S, true);
-    const auto s2 = last.forward(g.ids.data(), g.labels.data(), g.B, g.S, true, nullptr, first.stage_output());
+    const auto s2 =
+        last.forward(g.ids.data(), g.labels.data(), g.B, g.S, true, nullptr, first.stage_output());
     EXPECT_EQ(s2.lm_loss_sum, ws.lm_loss_sum);
     EXPECT_EQ(s1.aux_loss_sum + s2.aux_loss_sum, ws.aux_loss_sum);
     EXPECT_EQ(s1.moe_layers + s2.moe_layers, ws.moe_layers);
@@ -221,7 +222,8 @@ TEST(ModelPipeline, StagesReproduceTheWholeModel) {
       ASSERT_TRUE(m.store().contains(p.name)) << p.name;
       const float* a = whole.grad(p.name);
       const float* b = m.grad(p.name);
-      for (int64_t i = 0; i < p.numel; ++i) ASSERT_EQ(a[i], b[i]) << p.name << "[" << i << "] recompute " << recompute;
+      for (int64_t i = 0; i < p.numel; ++i)
+        ASSERT_EQ(a[i], b[i]) << p.name << "[" << i << "] recompute " << recompute;
       ++compared;
     }
     EXPECT_GT(compared, 20);

@@ -143,7 +143,8 @@ void check(const ExpertParallel& ep, const Case& c, const std::vector<int64_t>* 
   const int64_t rows = s.offsets_L1.back();
   ASSERT_GE(x_dev.size(), rows * D);
   ASSERT_GE(prob_dev.size(), rows);
-  const std::vector<float> x_RD(x_dev.begin(), x_dev.begin() + rows * D), prob_R(prob_dev.begin(), prob_dev.begin() + rows);
+  const std::vector<float> x_RD(x_dev.begin(), x_dev.begin() + rows * D),
+      prob_R(prob_dev.begin(), prob_dev.begin() + rows);
 
   std::vector<int64_t> src;  // the reference row of each dispatched row; -1 for padding
   if (!pad) {

@@ -1,6 +1,8 @@
 // The MPI Comm under mpirun: this test binary re-launches itself with `mpirun -np 4` (DSV3_MPI_CHILD set), and
 // each rank checks every collective, the per-group communicators of a tp 2 layout, and the data-parallel
 // gradient reduction of the demo model's buffer against the mean computed locally. Skipped without mpirun.
+#include "parallel/comm.h"
+
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -8,16 +10,15 @@
 #include <cstdlib>
 #include <numeric>
 
+#include "core/error.h"
+#include "kernels/backend.h"
 #include "model/config.h"
 #include "model/param_store.h"
 #include "model/param_table.h"
-#include "parallel/comm.h"
 #include "parallel/data_parallel.h"
+#include "parallel/mpi_children.h"
 #include "parallel/process_groups.h"
 #include "parallel/staged_comm.h"
-#include "core/error.h"
-#include "kernels/backend.h"
-#include "parallel/mpi_children.h"
 
 namespace dsv3 {
 namespace {
@@ -65,7 +66,8 @@ void check_collectives(Comm& w) {
   for (int q = 0; q < n; ++q)
     for (int j = 0; j < 3; ++j) contrib[q * 3 + j] = (r + 1) * (10 * q + j);
   w.reduce_scatter(contrib.data(), mine_sum.data(), 3);
-  for (int j = 0; j < 3; ++j) EXPECT_EQ(mine_sum[j], 10 * (10 * r + j)) << j;  // Σ_{r'} (r'+1) = 10 on 4 ranks
+  for (int j = 0; j < 3; ++j)
+    EXPECT_EQ(mine_sum[j], 10 * (10 * r + j)) << j;  // Σ_{r'} (r'+1) = 10 on 4 ranks
 
   // Uneven blocks of 3, 2, 1, 0 elements: rank r's block of the sum holds (its value) × 4 ranks, and the in-place
   // allgather_v brings every rank's block back.
@@ -126,7 +128,8 @@ TEST(CommMpi, CollectivesOnFourRanks) {
   EXPECT_TRUE(gc.same(Group::kDpCp, Group::kEdp));  // ep 1: the expert-DP group is the DP group
 
   // Data-parallel gradient reduction over 4 ranks, small buckets: every element becomes the mean over ranks.
-  const auto cfg = ModelConfig::from_json_file((testing::source_dir() / "examples/deepseek/configs/demo-cpu.json").string());
+  const auto cfg = ModelConfig::from_json_file(
+      (testing::source_dir() / "examples/deepseek/configs/demo-cpu.json").string());
   ParamTable table(cfg);
   ParamStore store(table);
   const auto pg4 = ProcessGroups::build(n, r, ParallelSizes{});

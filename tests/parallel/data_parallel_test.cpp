@@ -14,10 +14,14 @@ using testing::scalars_rel_diff;
 class DataParallel : public testing::LayoutParity {};
 
 // DP2 with two micro-batches of 2 per rank: gradient accumulation and the all-reduce together.
-TEST_F(DataParallel, Dp2ReproducesSingleProcess) { expect_parity("dp", 2, 2, 8, 5, ""); }
+TEST_F(DataParallel, Dp2ReproducesSingleProcess) {
+  expect_parity("dp", 2, 2, 8, 5, "");
+}
 
 // DP4 (oversubscribed): one micro-batch of 1 per rank.
-TEST_F(DataParallel, Dp4ReproducesSingleProcess) { expect_parity("dp", 4, 1, 4, 4, ""); }
+TEST_F(DataParallel, Dp4ReproducesSingleProcess) {
+  expect_parity("dp", 4, 1, 4, 4, "");
+}
 
 // Megatron's distributed optimizer (ZeRO-1: reduce-scatter, sharded Adam moments, all-gather) is the same
 // arithmetic as the replicated one.
@@ -56,7 +60,8 @@ TEST_F(DataParallel, CheckpointsMoveBetweenLayouts) {
   auto resumed = train("resumed", 1, 1, 4, 6, "--load " + ck3.string());
   ASSERT_EQ(resumed.rc, 0) << resumed.out;
   EXPECT_NE(resumed.out.find("successfully loaded checkpoint from " + ck3.string() + " at iteration 3"),
-            std::string::npos) << resumed.out;
+            std::string::npos)
+      << resumed.out;
   ASSERT_EQ(testing::iteration_log_lines(resumed.out).size(), 3u) << resumed.out;
   std::string where;
   const double d = scalars_rel_diff(dir_ / "dp/tb", dir_ / "resumed/tb", 4, 6, &where);
@@ -75,7 +80,8 @@ TEST_F(DataParallel, CheckpointsMoveBetweenLayouts) {
   const double d2 = scalars_rel_diff(dir_ / "single_cont/tb", dir_ / "dp_cont/tb", 7, 8, &where2);
   EXPECT_LE(d2, kParityTol) << where2;
   std::cout << "[ parity  ] DP2 checkpoint → 1 process: losses/grad norm " << d << " (" << where
-            << "), final weights per-tensor L2 " << w.l2_rel << " (max elementwise " << w.max_rel << "); 1-process checkpoint → DP2: losses/grad norm " << d2 << "\n";
+            << "), final weights per-tensor L2 " << w.l2_rel << " (max elementwise " << w.max_rel
+            << "); 1-process checkpoint → DP2: losses/grad norm " << d2 << "\n";
 }
 
 TEST_F(DataParallel, RefusesLayoutsNotImplementedOrImpossible) {
@@ -89,7 +95,8 @@ TEST_F(DataParallel, RefusesLayoutsNotImplementedOrImpossible) {
                "--context-parallel-size 2: context parallelism is not implemented yet");
   expect_error(3, b + " --pipeline-model-parallel-size 2", "rule: world % (TP·PP·CP) == 0");
   expect_error(3, b + " --expert-model-parallel-size 3", "rule: num_experts % EP == 0");
-  expect_error(3, b, "--global-batch-size (4) is not divisible by micro-batch-size (1) times data-parallel size (3)");
+  expect_error(
+      3, b, "--global-batch-size (4) is not divisible by micro-batch-size (1) times data-parallel size (3)");
 }
 
 }  // namespace

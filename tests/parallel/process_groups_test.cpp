@@ -1,11 +1,12 @@
 // ProcessGroups against Megatron-Core's RankGenerator (tests/golden/parallel/rank_groups.json, from
 // tests/reference/rank_groups_golden.py): every group of every rank of small grids, the README's two layouts,
 // the size rules, and the data-parallel gradient buckets.
+#include "parallel/process_groups.h"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <fstream>
-
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -13,7 +14,6 @@
 #include "model/param_store.h"
 #include "model/param_table.h"
 #include "parallel/data_parallel.h"
-#include "parallel/process_groups.h"
 #include "test_util.h"
 
 namespace dsv3 {
@@ -22,10 +22,13 @@ namespace {
 using Groups = std::vector<std::vector<int>>;
 
 const std::vector<std::pair<std::string, Group>> kDense = {
-    {"tp", Group::kTp},       {"cp", Group::kCp},       {"dp", Group::kDp},     {"pp", Group::kPp},
-    {"dp-cp", Group::kDpCp},  {"tp-cp", Group::kTpCp},  {"tp-pp", Group::kTpPp}, {"tp-dp-cp", Group::kTpDpCp}};
-const std::vector<std::pair<std::string, Group>> kExpert = {
-    {"tp", Group::kEtp}, {"ep", Group::kEp}, {"dp", Group::kEdp}, {"tp-ep", Group::kEtpEp}, {"tp-ep-pp", Group::kEtpEpPp}};
+    {"tp", Group::kTp},      {"cp", Group::kCp},      {"dp", Group::kDp},      {"pp", Group::kPp},
+    {"dp-cp", Group::kDpCp}, {"tp-cp", Group::kTpCp}, {"tp-pp", Group::kTpPp}, {"tp-dp-cp", Group::kTpDpCp}};
+const std::vector<std::pair<std::string, Group>> kExpert = {{"tp", Group::kEtp},
+                                                            {"ep", Group::kEp},
+                                                            {"dp", Group::kEdp},
+                                                            {"tp-ep", Group::kEtpEp},
+                                                            {"tp-ep-pp", Group::kEtpEpPp}};
 
 int position(const std::vector<int>& g, int rank) {
   return static_cast<int>(std::find(g.begin(), g.end(), rank) - g.begin());
@@ -101,7 +104,8 @@ TEST(ProcessGroups, ReadmeLayouts) {
   EXPECT_EQ(pg.members(Group::kEp).back(), 31);
   EXPECT_EQ(pg.is_last_rank(), false);
   EXPECT_EQ(ProcessGroups::build(32, 31, s32).is_last_rank(), true);
-  EXPECT_EQ(pg.describe(), "world 32 (tp-cp-ep-dp-pp): tp 1, cp 1, dp 16, pp 2; expert grid etp 1, ep 16, edp 1");
+  EXPECT_EQ(pg.describe(),
+            "world 32 (tp-cp-ep-dp-pp): tp 1, cp 1, dp 16, pp 2; expert grid etp 1, ep 16, edp 1");
 }
 
 TEST(ProcessGroups, ImpossibleSizesNameTheRule) {
@@ -137,7 +141,8 @@ TEST(ProcessGroups, ImpossibleSizesNameTheRule) {
 
 // Buckets cover every trainable element once, never cross a kind when kinds are kept apart, and respect the size.
 TEST(DataParallelBuckets, CoverTrainableParamsOnce) {
-  const auto cfg = ModelConfig::from_json_file((testing::source_dir() / "examples/deepseek/configs/demo-cpu.json").string());
+  const auto cfg = ModelConfig::from_json_file(
+      (testing::source_dir() / "examples/deepseek/configs/demo-cpu.json").string());
   ParamTable table(cfg);
   ParamStore store(table);
   std::vector<int> kind(store.size(), -1);  // -1: not trainable, 0 dense, 1 expert

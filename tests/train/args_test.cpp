@@ -9,8 +9,8 @@ namespace dsv3 {
 namespace {
 
 TEST(TrainArgs, ParsesMegatronFlags) {
-  auto a = TrainArgs::parse({"--micro-batch-size", "2", "--lr=3e-4", "--bf16", "--data-path", "0.3", "a", "0.7", "b",
-                             "--no-check-for-nan-in-loss-and-grad", "--data-path", "c"});
+  auto a = TrainArgs::parse({"--micro-batch-size", "2", "--lr=3e-4", "--bf16", "--data-path", "0.3", "a",
+                             "0.7", "b", "--no-check-for-nan-in-loss-and-grad", "--data-path", "c"});
   EXPECT_EQ(a.i("micro_batch_size"), 2);
   EXPECT_DOUBLE_EQ(a.f("lr"), 3e-4);
   EXPECT_TRUE(a.b("bf16"));
@@ -56,20 +56,23 @@ TEST(TrainArgs, OneFlagOfEachKind) {
     return more;
   };
   // Applies: given, checked, and the arguments block (and so the checkpoint's args) is the same as without it.
-  const auto applied = TrainArgs::parse(plus({"--swiglu", "--normalization", "RMSNorm", "--moe-grouped-gemm"}));
+  const auto applied =
+      TrainArgs::parse(plus({"--swiglu", "--normalization", "RMSNorm", "--moe-grouped-gemm"}));
   EXPECT_TRUE(applied.b("swiglu"));
   EXPECT_EQ(applied.s("normalization"), "RMSNorm");
   EXPECT_EQ(applied.all(), TrainArgs::parse(base).all());
   EXPECT_TRUE(applied.no_effect().empty());
   // No effect: accepted with its argument (also inline), listed once with the reason, block unchanged.
-  const auto none = TrainArgs::parse(plus({"--ckpt-format", "torch_dist", "--use-torch-compile=0", "--no-rope-fusion"}));
+  const auto none =
+      TrainArgs::parse(plus({"--ckpt-format", "torch_dist", "--use-torch-compile=0", "--no-rope-fusion"}));
   ASSERT_EQ(none.no_effect().size(), 3u);
   EXPECT_EQ(none.no_effect()[0].first, "--ckpt-format torch_dist");
   EXPECT_EQ(none.no_effect()[1].first, "--use-torch-compile 0");
   EXPECT_EQ(none.all(), TrainArgs::parse(base).all());
   const std::string line = format_no_effect_line(none.no_effect());
-  EXPECT_EQ(line.rfind("note: these flags have no effect in dsv3: --ckpt-format torch_dist (checkpoint format", 0),
-            0u)
+  EXPECT_EQ(
+      line.rfind("note: these flags have no effect in dsv3: --ckpt-format torch_dist (checkpoint format", 0),
+      0u)
       << line;
   EXPECT_NE(line.find("--use-torch-compile 0 (PyTorch compilation"), std::string::npos) << line;
   EXPECT_EQ(line.find('\n'), std::string::npos);
@@ -80,24 +83,37 @@ TEST(TrainArgs, OneFlagOfEachKind) {
             std::string::npos);
   EXPECT_NE(error_of(plus({"--attention-dropout", "0.1"})).find("--attention-dropout 0.1 is not supported"),
             std::string::npos);
-  EXPECT_NE(error_of(plus({"--normalization", "LayerNorm"})).find("--normalization LayerNorm is not supported"),
-            std::string::npos);
+  EXPECT_NE(
+      error_of(plus({"--normalization", "LayerNorm"})).find("--normalization LayerNorm is not supported"),
+      std::string::npos);
   EXPECT_EQ(error_of(plus({"--attention-dropout", "0.0", "--hidden-dropout", "0"})), "no error");
   // A flag-built model must name DeepSeek-V3's architecture; the refusal lists every missing flag.
-  const std::vector<std::string> arch = {"--multi-latent-attention", "--qk-layernorm", "--swiglu", "--normalization",
-                                         "RMSNorm", "--position-embedding-type", "rope",
-                                         "--untie-embeddings-and-output-weights", "--disable-bias-linear",
-                                         "--attention-dropout", "0", "--hidden-dropout", "0",
-                                         "--moe-router-score-function", "sigmoid"};
+  const std::vector<std::string> arch = {"--multi-latent-attention",
+                                         "--qk-layernorm",
+                                         "--swiglu",
+                                         "--normalization",
+                                         "RMSNorm",
+                                         "--position-embedding-type",
+                                         "rope",
+                                         "--untie-embeddings-and-output-weights",
+                                         "--disable-bias-linear",
+                                         "--attention-dropout",
+                                         "0",
+                                         "--hidden-dropout",
+                                         "0",
+                                         "--moe-router-score-function",
+                                         "sigmoid"};
   EXPECT_EQ(error_of(arch), "no error");
   std::vector<std::string> partial(arch.begin() + 3, arch.end());  // without MLA, its latent norms and SwiGLU
-  EXPECT_NE(error_of(partial).find("missing: --multi-latent-attention --qk-layernorm --swiglu"), std::string::npos)
-      << error_of(partial);
-  EXPECT_NE(error_of({}).find("missing: --multi-latent-attention --qk-layernorm --swiglu --normalization RMSNorm "
-                              "--position-embedding-type rope --untie-embeddings-and-output-weights "
-                              "--disable-bias-linear --attention-dropout 0 --hidden-dropout 0 "
-                              "--moe-router-score-function sigmoid"),
+  EXPECT_NE(error_of(partial).find("missing: --multi-latent-attention --qk-layernorm --swiglu"),
             std::string::npos)
+      << error_of(partial);
+  EXPECT_NE(
+      error_of({}).find("missing: --multi-latent-attention --qk-layernorm --swiglu --normalization RMSNorm "
+                        "--position-embedding-type rope --untie-embeddings-and-output-weights "
+                        "--disable-bias-linear --attention-dropout 0 --hidden-dropout 0 "
+                        "--moe-router-score-function sigmoid"),
+      std::string::npos)
       << error_of({});
 }
 

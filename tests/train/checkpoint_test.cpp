@@ -165,8 +165,9 @@ TEST(Checkpoint, VocabularyIsRepaddedOnLoad) {
   }
   // Every other tensor loads as usual.
   const int64_t o = grown.model.store().offset("model.norm.weight");
-  EXPECT_EQ(std::memcmp(grown.model.params().data() + o, saved.model_params() + saved.model.store().offset("model.norm.weight"),
-                        D * 4), 0);
+  EXPECT_EQ(std::memcmp(grown.model.params().data() + o,
+                        saved.model_params() + saved.model.store().offset("model.norm.weight"), D * 4),
+            0);
 
   // Back to 128 rows: rows 128..191 are padding (the tokenizer has 100) and are dropped.
   const auto dir2 = dir / "grown";
@@ -177,8 +178,10 @@ TEST(Checkpoint, VocabularyIsRepaddedOnLoad) {
   ASSERT_TRUE(load_checkpoint(dir2.string(), t2, small, {}, nullptr, &msg));
   EXPECT_NE(msg.find("padding rows dropped"), std::string::npos) << msg;
   const int64_t e = shrunk.model.store().offset("model.embed_tokens.weight");
-  EXPECT_EQ(std::memcmp(shrunk.model.params().data() + e, saved.model_params() + saved.model.store().offset("model.embed_tokens.weight"),
-                        128 * D * 4), 0);
+  EXPECT_EQ(std::memcmp(shrunk.model.params().data() + e,
+                        saved.model_params() + saved.model.store().offset("model.embed_tokens.weight"),
+                        128 * D * 4),
+            0);
 
   // Rows that carry tokens are never dropped, and without the tokenizer's size the sizes must match.
   t2.real_vocab = 150;
@@ -186,14 +189,16 @@ TEST(Checkpoint, VocabularyIsRepaddedOnLoad) {
     load_checkpoint(dir2.string(), t2, small, {});
     ADD_FAILURE() << "dropping rows that carry tokens was accepted";
   } catch (const Error& ex) {
-    EXPECT_NE(std::string(ex.what()).find("rows that carry tokens would be dropped"), std::string::npos) << ex.what();
+    EXPECT_NE(std::string(ex.what()).find("rows that carry tokens would be dropped"), std::string::npos)
+        << ex.what();
   }
   t2.real_vocab = 0;
   try {
     load_checkpoint(dir2.string(), t2, small, {});
     ADD_FAILURE() << "a different vocabulary loaded without the tokenizer's size";
   } catch (const Error& ex) {
-    EXPECT_NE(std::string(ex.what()).find("vocab_size: 192 in the checkpoint, 128 in this run"), std::string::npos)
+    EXPECT_NE(std::string(ex.what()).find("vocab_size: 192 in the checkpoint, 128 in this run"),
+              std::string::npos)
         << ex.what();
   }
 }

@@ -21,7 +21,8 @@ namespace dsv3 {
 namespace {
 
 ModelConfig tiny_config() {
-  return ModelConfig::from_json_file((testing::source_dir() / "examples/deepseek/configs/demo-cpu.json").string());
+  return ModelConfig::from_json_file(
+      (testing::source_dir() / "examples/deepseek/configs/demo-cpu.json").string());
 }
 
 TEST(MemoryPlan, BackendPartIsWhatTheModelAllocates) {
@@ -30,12 +31,13 @@ TEST(MemoryPlan, BackendPartIsWhatTheModelAllocates) {
   const int64_t B = 3, S = 40;
   std::vector<int32_t> ids(B * S), labels(B * S);
   for (int64_t i = 0; i < B * S; ++i)
-    ids[i] = static_cast<int32_t>((i * 131 + 7) % cfg.vocab_size), labels[i] = static_cast<int32_t>((i * 37 + 3) % cfg.vocab_size);
+    ids[i] = static_cast<int32_t>((i * 131 + 7) % cfg.vocab_size),
+    labels[i] = static_cast<int32_t>((i * 37 + 3) % cfg.vocab_size);
   for (Precision prec : {Precision::kF32, Precision::kBF16})
     for (bool recompute : {false, true})
       for (double capacity : {-1.0, 1.0}) {
-        SCOPED_TRACE(std::string(prec == Precision::kBF16 ? "bf16" : "fp32") + (recompute ? " recompute" : "") +
-                     (capacity > 0 ? " token drop" : ""));
+        SCOPED_TRACE(std::string(prec == Precision::kBF16 ? "bf16" : "fp32") +
+                     (recompute ? " recompute" : "") + (capacity > 0 ? " token drop" : ""));
         const int64_t before = cpu_backend().bytes_in_use();
         {
           ModelOptions o;
@@ -96,7 +98,8 @@ std::map<int, Measured> memory_lines(const std::string& out) {
       R"(predicted max resident: ([0-9.]+) \| backend allocated: [0-9.]+ \| backend max allocated: ([0-9.]+) \| )"
       R"(predicted backend: ([0-9.]+))");
   for (std::sregex_iterator it(out.begin(), out.end(), re), end; it != end; ++it)
-    m[std::stoi((*it)[1])] = {std::stod((*it)[2]), std::stod((*it)[3]), std::stod((*it)[4]), std::stod((*it)[5])};
+    m[std::stoi((*it)[1])] = {std::stod((*it)[2]), std::stod((*it)[3]), std::stod((*it)[4]),
+                              std::stod((*it)[5])};
   return m;
 }
 
@@ -105,11 +108,12 @@ TEST(MemoryPlan, PredictedPeakIsWithinTenPercentOfTheMeasuredPeak) {
   const std::string data = testing::make_tiny_data(dir);
   const auto src = testing::source_dir();
   auto args = [&](int gbs) {
-    return "train --model-config " + (src / "examples/deepseek/configs/demo-cpu.json").string() + " --data-path " +
-           data + " --split 90,5,5 --data-cache-path " + (dir / "cache").string() +
+    return "train --model-config " + (src / "examples/deepseek/configs/demo-cpu.json").string() +
+           " --data-path " + data + " --split 90,5,5 --data-cache-path " + (dir / "cache").string() +
            " --tokenizer-type HuggingFaceTokenizer --tokenizer-model " + (src / "data/tiny-4k").string() +
            " --seq-length 128 --micro-batch-size 8 --global-batch-size " + std::to_string(gbs) +
-           " --train-iters 3 --lr 1e-3 --bf16 --log-interval 1 --eval-iters 0 --moe-router-load-balancing-type "
+           " --train-iters 3 --lr 1e-3 --bf16 --log-interval 1 --eval-iters 0 "
+           "--moe-router-load-balancing-type "
            "seq_aux_loss --moe-aux-loss-coeff 1e-2 --moe-router-enable-expert-bias ";
   };
   struct Case {
@@ -119,7 +123,8 @@ TEST(MemoryPlan, PredictedPeakIsWithinTenPercentOfTheMeasuredPeak) {
     int gbs;
   };
   const std::vector<Case> cases = {
-      {"one process, recompute", 1, "--recompute-granularity full --recompute-method uniform --recompute-num-layers 1", 8},
+      {"one process, recompute", 1,
+       "--recompute-granularity full --recompute-method uniform --recompute-num-layers 1", 8},
       {"DP 2, distributed optimizer", 2, "--use-distributed-optimizer", 16},
       {"PP 2, 4 micro-batches", 2, "--pipeline-model-parallel-size 2", 32},
       {"TP 2 with sequence parallelism", 2, "--tensor-model-parallel-size 2 --sequence-parallel", 8},
@@ -132,12 +137,14 @@ TEST(MemoryPlan, PredictedPeakIsWithinTenPercentOfTheMeasuredPeak) {
     ASSERT_EQ(r.rc, 0) << r.out;
     const auto lines = memory_lines(r.out);
     // Every rank of the first data-parallel replica reports: both stages of PP 2, both ranks of TP 2.
-    const bool two = c.extra.find("pipeline") != std::string::npos || c.extra.find("tensor") != std::string::npos;
+    const bool two =
+        c.extra.find("pipeline") != std::string::npos || c.extra.find("tensor") != std::string::npos;
     ASSERT_EQ(lines.size(), two ? 2u : 1u) << r.out;
     for (const auto& [rank, m] : lines) {
-      std::printf("%s, rank %d: max resident %.1f MB, predicted %.1f MB (%+.1f%%); backend %.1f MB, predicted %.1f\n",
-                  c.name, rank, m.rss, m.predicted, (m.predicted - m.rss) / m.rss * 100, m.backend,
-                  m.predicted_backend);
+      std::printf(
+          "%s, rank %d: max resident %.1f MB, predicted %.1f MB (%+.1f%%); backend %.1f MB, predicted %.1f\n",
+          c.name, rank, m.rss, m.predicted, (m.predicted - m.rss) / m.rss * 100, m.backend,
+          m.predicted_backend);
       EXPECT_LE(std::abs(m.predicted - m.rss), 0.10 * m.rss) << "rank " << rank;
       EXPECT_LE(std::abs(m.predicted_backend - m.backend), 0.01 * m.backend + 0.2) << "rank " << rank;
     }

@@ -39,8 +39,8 @@ std::vector<float> floats(const json& j) {
 
 // |a-b| <= rel·|b|, with the elements that are tiny relative to the tensor (|b| < 1e-3·max|b|, where the
 // difference of two fp32 computations is dominated by cancellation) held to rel·1e-3·max|b| instead.
-void expect_close(const std::vector<float>& a, const std::vector<float>& b, double rel, const std::string& what,
-                  double* worst_rel = nullptr) {
+void expect_close(const std::vector<float>& a, const std::vector<float>& b, double rel,
+                  const std::string& what, double* worst_rel = nullptr) {
   ASSERT_EQ(a.size(), b.size()) << what;
   double amax = 0;
   for (float x : b) amax = std::max(amax, std::fabs(double(x)));
@@ -117,8 +117,15 @@ TEST(OptimAdamW, LargeBufferThreadsAndResume) {
   const int64_t n = (1 << 20) + 37;
   std::vector<float> p0(n), g1(n), g2(n);
   uint32_t s = 12345;
-  auto rnd = [&] { s = s * 1664525u + 1013904223u; return (float(s >> 8) / float(1 << 24)) * 2.f - 1.f; };
-  for (int64_t i = 0; i < n; ++i) { p0[i] = rnd(); g1[i] = rnd() * 1e-2f; g2[i] = rnd(); }
+  auto rnd = [&] {
+    s = s * 1664525u + 1013904223u;
+    return (float(s >> 8) / float(1 << 24)) * 2.f - 1.f;
+  };
+  for (int64_t i = 0; i < n; ++i) {
+    p0[i] = rnd();
+    g1[i] = rnd() * 1e-2f;
+    g2[i] = rnd();
+  }
   auto run = [&](int threads, std::vector<float>& p, AdamW& opt, const std::vector<float>& g, double lr) {
     const int saved = omp_get_max_threads();
     omp_set_num_threads(threads);
@@ -179,8 +186,8 @@ TEST(OptimLrSchedule, MatchesMegatronOptimizerParamScheduler) {
       const double want = smp[1];
       ASSERT_EQ(sch.num_steps(), n) << name;
       const double got = sch.lr();
-      EXPECT_LE(std::fabs(got - want), 1e-12 * std::fabs(want)) << name << " at num_steps " << n << ": ours "
-                                                                << got << " megatron " << want;
+      EXPECT_LE(std::fabs(got - want), 1e-12 * std::fabs(want))
+          << name << " at num_steps " << n << ": ours " << got << " megatron " << want;
       EXPECT_EQ(sch.lr_at(n), got);
       ++checked;
     };
@@ -262,7 +269,10 @@ TEST(OptimGradClip, DeterministicAcrossThreadsAndPropagatesNonFinite) {
   const int64_t n = 3'000'017;
   std::vector<float> g(n);
   uint32_t s = 7;
-  for (auto& x : g) { s = s * 1664525u + 1013904223u; x = (float(s >> 8) / float(1 << 24) - 0.5f) * 3.f; }
+  for (auto& x : g) {
+    s = s * 1664525u + 1013904223u;
+    x = (float(s >> 8) / float(1 << 24) - 0.5f) * 3.f;
+  }
   const int saved = omp_get_max_threads();
   std::vector<double> r;
   for (int t : {1, 2, 3, 8}) {

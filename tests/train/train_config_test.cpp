@@ -116,12 +116,14 @@ TEST(TrainConfig, RefusesAtStartUp) {
   const TrainConfig tp1 = config_of({"--sequence-parallel"});
   EXPECT_FALSE(tp1.model_options.tp.sequence_parallel);
   EXPECT_NE(tp1.no_effect_line.find("--sequence-parallel"), std::string::npos) << tp1.no_effect_line;
-  EXPECT_NE(error_of({"--tensor-model-parallel-size", "3"}, 3)
-                .find("the number of attention heads (4) must be divisible by the tensor model parallel size"),
-            std::string::npos)
+  EXPECT_NE(
+      error_of({"--tensor-model-parallel-size", "3"}, 3)
+          .find("the number of attention heads (4) must be divisible by the tensor model parallel size"),
+      std::string::npos)
       << error_of({"--tensor-model-parallel-size", "3"}, 3);
   // Experts replicated over TP is what dsv3 computes: --expert-tensor-parallel-size 1 is accepted.
-  EXPECT_EQ(error_of({"--tensor-model-parallel-size", "2", "--expert-tensor-parallel-size", "1"}, 2), "no error");
+  EXPECT_EQ(error_of({"--tensor-model-parallel-size", "2", "--expert-tensor-parallel-size", "1"}, 2),
+            "no error");
   // Required flags.
   auto a = TrainArgs::parse({"--seq-length", "32", "--train-iters", "1", "--data-path", "x"});
   try {

@@ -29,7 +29,8 @@ struct Run {
 
 Run run_dsv3(const std::string& args, const fs::path& dir) {
   const auto log = dir / ("run-" + std::to_string(::getpid()) + "-" + std::to_string(std::rand()) + ".log");
-  const int rc = std::system((testing::dsv3_binary().string() + " " + args + " >" + log.string() + " 2>&1").c_str());
+  const int rc =
+      std::system((testing::dsv3_binary().string() + " " + args + " >" + log.string() + " 2>&1").c_str());
   return {WEXITSTATUS(rc), slurp(log)};
 }
 
@@ -38,8 +39,8 @@ std::string make_data(const fs::path& dir) {
   const auto src = testing::source_dir();
   auto r = run_dsv3("preprocess --input " + (src / "tests/golden/preprocess/input.jsonl").string() +
                         " --output-prefix " + (dir / "data").string() +
-                        " --tokenizer-type HuggingFaceTokenizer --tokenizer-model " + (src / "data/tiny-4k").string() +
-                        " --workers 1 --append-eod",
+                        " --tokenizer-type HuggingFaceTokenizer --tokenizer-model " +
+                        (src / "data/tiny-4k").string() + " --workers 1 --append-eod",
                     dir);
   EXPECT_EQ(r.rc, 0) << r.out;
   return (dir / "data_text_document").string();
@@ -70,15 +71,17 @@ std::vector<std::string> iteration_lines(const std::string& out) {
 TEST(Train, LogsMegatronLinesAndLossFalls) {
   const auto dir = testing::scratch_dir();
   const auto data = make_data(dir);
-  auto r = run_dsv3(base_args(dir, data) + " --train-iters 12 --tensorboard-dir " + (dir / "tb").string(), dir);
+  auto r =
+      run_dsv3(base_args(dir, data) + " --train-iters 12 --tensorboard-dir " + (dir / "tb").string(), dir);
   ASSERT_EQ(r.rc, 0) << r.out;
   EXPECT_NE(r.out.find("------------------------ arguments ------------------------"), std::string::npos);
   auto lines = iteration_lines(r.out);
   ASSERT_EQ(lines.size(), 12u) << r.out;
-  std::regex fmt(R"( iteration +1/ +12 \| actual seqlen: +32 \| consumed samples: +4 \| .*learning rate: )"
-                 R"([0-9.]+E[-+][0-9]+ \| global batch size: +4 \| lm loss: [0-9.]+E[-+][0-9]+ \| )"
-                 R"(load_balancing_loss: [0-9.]+E[-+][0-9]+ \| mtp_1 loss: [0-9.]+E[-+][0-9]+ \| loss scale: 1\.0 \| )"
-                 R"(grad norm: [0-9.]+ \| number of skipped iterations: +0 \| number of nan iterations: +0 \|)");
+  std::regex fmt(
+      R"( iteration +1/ +12 \| actual seqlen: +32 \| consumed samples: +4 \| .*learning rate: )"
+      R"([0-9.]+E[-+][0-9]+ \| global batch size: +4 \| lm loss: [0-9.]+E[-+][0-9]+ \| )"
+      R"(load_balancing_loss: [0-9.]+E[-+][0-9]+ \| mtp_1 loss: [0-9.]+E[-+][0-9]+ \| loss scale: 1\.0 \| )"
+      R"(grad norm: [0-9.]+ \| number of skipped iterations: +0 \| number of nan iterations: +0 \|)");
   EXPECT_TRUE(std::regex_search(lines[0], fmt)) << lines[0];
   auto loss_of = [](const std::string& l) {
     std::smatch m;
@@ -117,8 +120,12 @@ void expect_resume_is_exact(const std::string& precision) {
   for (int k = 0; k < 3; ++k) EXPECT_EQ(a[3 + k], c[k]);
 }
 
-TEST(Train, ResumeIsBitIdenticalFp32) { expect_resume_is_exact(""); }
-TEST(Train, ResumeIsBitIdenticalBf16) { expect_resume_is_exact("--bf16"); }
+TEST(Train, ResumeIsBitIdenticalFp32) {
+  expect_resume_is_exact("");
+}
+TEST(Train, ResumeIsBitIdenticalBf16) {
+  expect_resume_is_exact("--bf16");
+}
 
 TEST(Train, KillSwitchSavesAndExits) {
   const auto dir = testing::scratch_dir();
@@ -154,12 +161,14 @@ TEST(Train, KillSwitchMidRunAndDurationLimitSave) {
   ASSERT_TRUE(WIFEXITED(status)) << out;
   EXPECT_EQ(WEXITSTATUS(status), 0) << out;
   std::smatch m;
-  ASSERT_TRUE(std::regex_search(out, m, std::regex("Detected kill switch at " + ks.string() + ", iteration=([0-9]+). Exiting")))
+  ASSERT_TRUE(std::regex_search(
+      out, m, std::regex("Detected kill switch at " + ks.string() + ", iteration=([0-9]+). Exiting")))
       << out;
   EXPECT_EQ(slurp(dir / "ckpt/latest_checkpointed_iteration.txt"), m[1].str());
 
   auto r = run_dsv3(base_args(dir, data) + " --train-iters 100 --exit-duration-in-mins 0 --save " +
-                        (dir / "ckpt2").string(), dir);
+                        (dir / "ckpt2").string(),
+                    dir);
   EXPECT_EQ(r.rc, 0) << r.out;
   EXPECT_NE(r.out.find("exiting program after "), std::string::npos) << r.out;
   EXPECT_EQ(iteration_lines(r.out).size(), 1u);
@@ -171,8 +180,8 @@ TEST(Train, SigtermSavesAndExits) {
   const auto data = make_data(dir);
   const auto log = dir / "sigterm.log";
   const std::string cmd = testing::dsv3_binary().string() + " " + base_args(dir, data) +
-                          " --train-iters 100000 --exit-signal-handler --save " + (dir / "ckpt").string() + " >" +
-                          log.string() + " 2>&1";
+                          " --train-iters 100000 --exit-signal-handler --save " + (dir / "ckpt").string() +
+                          " >" + log.string() + " 2>&1";
   pid_t pid = fork();
   ASSERT_GE(pid, 0);
   if (pid == 0) {
@@ -230,7 +239,8 @@ TEST(Train, NanInWeightsStopsNamingTheIteration) {
   EXPECT_NE(bad.out.find("iteration 3"), std::string::npos) << bad.out;
   EXPECT_NE(bad.out.find("NaN"), std::string::npos) << bad.out;
   EXPECT_NE(bad.out.find("in micro-batch 0 of "), std::string::npos) << bad.out;
-  EXPECT_NE(bad.out.find("non-finite weight: model.layers.0.self_attn.o_proj.weight"), std::string::npos) << bad.out;
+  EXPECT_NE(bad.out.find("non-finite weight: model.layers.0.self_attn.o_proj.weight"), std::string::npos)
+      << bad.out;
   EXPECT_EQ(slurp(std::filesystem::path(ck1) / "latest_checkpointed_iteration.txt").substr(0, 1), "2");
 
   // A NaN in the output layer: the forward loss is NaN. The message names the micro-batch, a parameter whose
@@ -240,19 +250,21 @@ TEST(Train, NanInWeightsStopsNamingTheIteration) {
   EXPECT_NE(loss.rc, 0);
   EXPECT_NE(loss.out.find("found NaN in local forward loss calculation"), std::string::npos) << loss.out;
   EXPECT_NE(loss.out.find("rank 0, micro-batch 0 of "), std::string::npos) << loss.out;
-  EXPECT_NE(loss.out.find("first parameter with a non-finite gradient (from the output back): "), std::string::npos)
+  EXPECT_NE(loss.out.find("first parameter with a non-finite gradient (from the output back): "),
+            std::string::npos)
       << loss.out;
   EXPECT_NE(loss.out.find("non-finite weight: lm_head.weight"), std::string::npos) << loss.out;
   EXPECT_EQ(slurp(std::filesystem::path(ck2) / "latest_checkpointed_iteration.txt").substr(0, 1), "2");
 
   // With the check off the NaN reaches every weight through the update; the save refuses that state and the good
   // checkpoint stays the newest.
-  auto off = run_dsv3(base_args(dir, data) + " --train-iters 3 --no-check-for-nan-in-loss-and-grad --load " + ck2 +
-                          " --save " + ck2,
+  auto off = run_dsv3(base_args(dir, data) + " --train-iters 3 --no-check-for-nan-in-loss-and-grad --load " +
+                          ck2 + " --save " + ck2,
                       dir);
   EXPECT_NE(off.rc, 0);
   EXPECT_NE(off.out.find("not saving: parameter "), std::string::npos) << off.out;
-  EXPECT_NE(off.out.find("the last checkpoint (iteration 2) is left as it was"), std::string::npos) << off.out;
+  EXPECT_NE(off.out.find("the last checkpoint (iteration 2) is left as it was"), std::string::npos)
+      << off.out;
   EXPECT_EQ(slurp(std::filesystem::path(ck2) / "latest_checkpointed_iteration.txt").substr(0, 1), "2");
   EXPECT_FALSE(std::filesystem::exists(std::filesystem::path(ck2) / "iter_0000003"));
 }

@@ -40,8 +40,8 @@ void attention_forward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsV
 
 // Flash-attention-2 backward (D_i = rowsum(dO ⊙ O)): dq, dk, dv are assigned. o and lse come from the forward.
 void attention_backward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v, HeadsView o,
-                        const float* lse_BHS, HeadsView do_, HeadsViewMut dq, HeadsViewMut dk, HeadsViewMut dv,
-                        Precision p, AttentionScratch& scratch);
+                        const float* lse_BHS, HeadsView do_, HeadsViewMut dq, HeadsViewMut dk,
+                        HeadsViewMut dv, Precision p, AttentionScratch& scratch);
 
 // Test oracles: full-matrix attention in double on contiguous [B,S,H,D] arrays.
 void attention_forward_reference(const AttentionShape& s, const double* q, const double* k, const double* v,

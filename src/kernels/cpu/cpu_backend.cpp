@@ -10,10 +10,10 @@
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/cross_entropy.h"
 #include "kernels/cpu/embedding.h"
-#include "moe/permute.h"
 #include "kernels/cpu/reduce.h"
 #include "kernels/cpu/rmsnorm.h"
 #include "kernels/cpu/swiglu.h"
+#include "moe/permute.h"
 
 namespace dsv3 {
 namespace {
@@ -102,7 +102,9 @@ class CpuBackend final : public Backend {
     dsv3::gather_or_zero(v, index, n, out);
   }
 
-  void gemm(const GemmArgs& g) override { dsv3::gemm(g); }
+  void gemm(const GemmArgs& g) override {
+    dsv3::gemm(g);
+  }
 
   void rmsnorm_forward(const float* x, int64_t ld_x, const float* w, float* y, int64_t ld_y, float* rstd,
                        int64_t t, int64_t d, float eps) override {

@@ -91,7 +91,8 @@ struct ThreadCache {
     if (it == prims.end()) {
       // MoE expert GEMMs see a new row count almost every step; bound the cache so a long run neither grows
       // without limit nor keeps stale JIT kernels (a full clear is rare and costs one re-creation per shape).
-      if (prims.size() >= static_cast<size_t>(kGemmMaxKernels)) prims.clear(), last = nullptr, last_key = nullptr;
+      if (prims.size() >= static_cast<size_t>(kGemmMaxKernels))
+        prims.clear(), last = nullptr, last_key = nullptr;
       it = prims.emplace(key, make_prim(key)).first;
     }
     last_key = &it->first, last = &it->second;
@@ -137,7 +138,9 @@ void widen(const bf16* src, int64_t rows, int64_t cols, int64_t ld, std::vector<
 
 }  // namespace
 
-bool gemm_bf16_native() { return bf16_matmul_native(); }
+bool gemm_bf16_native() {
+  return bf16_matmul_native();
+}
 
 void gemm_bf16_via_f32(const GemmArgs& g) {
   DSV3_CHECK(g.ab_type == GemmType::kBF16, "gemm_bf16_via_f32: operands must be bf16");

@@ -12,7 +12,6 @@
 
 namespace dsv3 {
 
-
 // Scratch for the bf16 operand copies; grows on first use and is reused after (no allocation in steady state).
 struct LinearScratch {
   DeviceArray<bf16> a, b;

@@ -15,7 +15,9 @@ inline v8 ld(const float* p) {
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline void st(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
+inline void st(float* p, v8 v) {
+  std::memcpy(p, &v, sizeof v);
+}
 inline float hsum(v8 v) {
   float s = 0.f;
   for (int c = 0; c < 8; ++c) s += v[c];

@@ -114,7 +114,8 @@ class CudaBackend final : public Backend {
     if (!p) return;
     {
       std::lock_guard<std::mutex> lock(sizes_mutex_);
-      if (auto it = sizes_.find(p); it != sizes_.end()) in_use_ -= static_cast<int64_t>(it->second), sizes_.erase(it);
+      if (auto it = sizes_.find(p); it != sizes_.end())
+        in_use_ -= static_cast<int64_t>(it->second), sizes_.erase(it);
     }
     check(cudaFreeAsync(p, stream_), "cudaFreeAsync");
   }
@@ -186,8 +187,8 @@ class CudaBackend final : public Backend {
   void copy_rows(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t rows,
                  int64_t cols) override {
     if (rows <= 0 || cols <= 0) return;
-    check(cudaMemcpy2DAsync(dst, ld_dst * sizeof(float), src, ld_src * sizeof(float), cols * sizeof(float), rows,
-                            cudaMemcpyDeviceToDevice, stream_),
+    check(cudaMemcpy2DAsync(dst, ld_dst * sizeof(float), src, ld_src * sizeof(float), cols * sizeof(float),
+                            rows, cudaMemcpyDeviceToDevice, stream_),
           "cudaMemcpy2DAsync(copy_rows)");
   }
   void sum_heads(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t t, int64_t heads,
@@ -533,8 +534,8 @@ void CudaBackend::head_cross_entropy_backward(const float* h, const float* w, co
 
 // The plugin's one entry point (kernels/cuda_loader.cpp looks it up with dlsym): a new backend for GPU `device`,
 // or nullptr with *why_not set. Unmangled so the loader need not know the C++ signature's mangling.
-extern "C" __attribute__((visibility("default"))) dsv3::Backend* dsv3_cuda_make_backend(int device,
-                                                                                       std::string* why_not) {
+extern "C" __attribute__((visibility("default"))) dsv3::Backend* dsv3_cuda_make_backend(
+    int device, std::string* why_not) {
   using namespace dsv3;
   int count = 0;
   // Without a driver cudaGetDeviceCount fails (cudaErrorInsufficientDriver / NoDevice) rather than returning 0:

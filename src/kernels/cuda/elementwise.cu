@@ -52,8 +52,8 @@ __global__ void add_kernel(float* y, const float* a, const float* b, int64_t n) 
 }
 
 // One thread per (token, column); the heads are added in order from 0.f, as the CPU does.
-__global__ void sum_heads_kernel(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t t,
-                                 int64_t heads, int64_t n) {
+__global__ void sum_heads_kernel(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y,
+                                 int64_t t, int64_t heads, int64_t n) {
   for (int64_t j = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; j < t * n;
        j += int64_t{gridDim.x} * blockDim.x) {
     const int64_t r = j / n, i = j % n;
@@ -74,8 +74,8 @@ __global__ void permute_rows_kernel(const float* x, const int32_t* token, int64_
 
 // One thread per (token, column); the token's k rows added in ascending k, from 0 or from out (beta 1), as the
 // CPU does: no atomics, so the result is deterministic and equal to the CPU's.
-__global__ void unpermute_sum_kernel(const float* y, const int32_t* row_TK, int64_t t_n, int64_t k_n, int64_t d,
-                                     float* out, float beta) {
+__global__ void unpermute_sum_kernel(const float* y, const int32_t* row_TK, int64_t t_n, int64_t k_n,
+                                     int64_t d, float* out, float beta) {
   for (int64_t j = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; j < t_n * d;
        j += int64_t{gridDim.x} * blockDim.x) {
     const int64_t t = j / d, c = j % d;
@@ -89,7 +89,8 @@ __global__ void unpermute_sum_kernel(const float* y, const int32_t* row_TK, int6
 }
 
 __global__ void gather_or_zero_kernel(const float* v, const int32_t* index, int64_t n, float* out) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x)
     out[i] = index[i] < 0 ? 0.f : v[index[i]];
 }
 
@@ -316,7 +317,8 @@ void launch_sum_heads(const float* x, int64_t ld_x, int64_t hs_x, float* y, int6
   check_launch("sum_heads");
 }
 
-void launch_permute_rows(const float* x, const int32_t* token_R, int64_t r, int64_t d, float* y, cudaStream_t st) {
+void launch_permute_rows(const float* x, const int32_t* token_R, int64_t r, int64_t d, float* y,
+                         cudaStream_t st) {
   if (r <= 0 || d <= 0) return;
   permute_rows_kernel<<<blocks_for(r * d, 4), kThreads, 0, st>>>(x, token_R, r, d, y);
   check_launch("permute_rows");
@@ -412,7 +414,8 @@ void launch_rope(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t l
   const int64_t blocks = (rows + per_block - 1) / per_block;
   DSV3_CHECK(blocks < (int64_t{1} << 31), "rope: ", rows, " rows are too many for one launch");
   rope_kernel<<<static_cast<unsigned>(blocks), static_cast<unsigned>(per_block * half), 0, st>>>(
-      x, ld_x, hs_x, y, ld_y, hs_y, rows, heads, seq_len, table.cos_PH, table.sin_PH, half, interleave, forward);
+      x, ld_x, hs_x, y, ld_y, hs_y, rows, heads, seq_len, table.cos_PH, table.sin_PH, half, interleave,
+      forward);
   check_launch(forward ? "rope_forward" : "rope_backward");
 }
 

@@ -20,7 +20,8 @@ enum ErrorCode : int { kNoError = 0, kBadEmbeddingId = 1, kBadLabel = 2 };
 void launch_to_bf16(const float* x, bf16* y, int64_t n, cudaStream_t st);
 void launch_scale(float* x, int64_t n, float s, cudaStream_t st);
 void launch_add(float* y, const float* a, const float* b, int64_t n, cudaStream_t st);
-void launch_permute_rows(const float* x, const int32_t* token_R, int64_t r, int64_t d, float* y, cudaStream_t st);
+void launch_permute_rows(const float* x, const int32_t* token_R, int64_t r, int64_t d, float* y,
+                         cudaStream_t st);
 void launch_unpermute_sum(const float* y, const int32_t* row_TK, int64_t t, int64_t k, int64_t d, float* out,
                           float beta, cudaStream_t st);
 void launch_gather_or_zero(const float* v, const int32_t* index, int64_t n, float* out, cudaStream_t st);
