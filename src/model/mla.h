@@ -3,10 +3,11 @@
 // latents, a decoupled RoPE part shared by all heads for k, causal attention, o_proj.
 //
 // Legend: T = B·S tokens (t = b·S + s, RoPE position = s), D hidden, H heads, Lq q_lora_rank, Lkv kv_lora_rank,
-// dn qk_nope_head_dim, dr qk_rope_head_dim, dv v_head_dim, K = dn + dr (qk head dim), E = dn + dv (kv_b rows per
-// head), C = Lkv + dr (kv_a_proj_with_mqa rows).
-// Per-head layouts are HF's: q_b_proj rows h·K + [0,dn) are q_nope, + [dn,K) q_pe; kv_b_proj rows h·E + [0,dn) are
-// k_nope, + [dn,E) v. The rope part is rotated HF-style (de-interleave, then rotate_half), so rotated q_pe/k_pe
+// dn qk_nope_head_dim, dr qk_rope_head_dim, dv v_head_dim, Q = dn + dr (the q/k head size), U = dn + dv (kv_b rows
+// per head: k_nope | v), A = Lkv + dr (kv_a_proj_with_mqa rows). Each letter means one thing across the model's
+// files (the MoE's K is top-k, E experts, L local experts; the cross-entropy's C a vocabulary chunk).
+// Per-head layouts are HF's: q_b_proj rows h·Q + [0,dn) are q_nope, + [dn,Q) q_pe; kv_b_proj rows h·U + [0,dn) are
+// k_nope, + [dn,U) v. The rope part is rotated HF-style (de-interleave, then rotate_half), so rotated q_pe/k_pe
 // are stored in HF's permuted order; scores are identical to the official interleaved form.
 #pragma once
 #include <cstdint>
@@ -34,7 +35,7 @@ struct MlaDims {
   // reduce-scattered; the replicated latent path's gradient is summed by the trainer (ParamInfo::tp_grad_sum).
   // With sequence parallelism (tp.sp()) x and dx hold this rank's Tl = T/TP positions, as Megatron's MLA takes
   // them: the down-projections (and q_a_layernorm) run on those, and what the heads need of all positions is
-  // gathered — the normed q latent (Lq wide) and the kv latent with k_pe (C wide; kv_a_layernorm then runs on
+  // gathered — the normed q latent (Lq wide) and the kv latent with k_pe (A wide; kv_a_layernorm then runs on
   // all positions), or x itself for q_proj without q_lora — instead of the D-wide input. Their gradients are
   // reduce-scattered back, so dx is then whole for this rank's positions (no reduction left to the caller);
   // y stays partial over the heads of all T positions.
@@ -48,11 +49,11 @@ struct MlaDims {
 struct MlaParams {
   const float* q_a_proj_w = nullptr;   // [Lq, D]        self_attn.q_a_proj.weight        (q_lora > 0)
   const float* q_a_norm_w = nullptr;   // [Lq]           self_attn.q_a_layernorm.weight   (q_lora > 0)
-  const float* q_b_proj_w = nullptr;   // [H·K, Lq]      self_attn.q_b_proj.weight        (q_lora > 0)
-  const float* q_proj_w = nullptr;     // [H·K, D]       self_attn.q_proj.weight          (q_lora == 0)
-  const float* kv_a_proj_w = nullptr;  // [C, D]         self_attn.kv_a_proj_with_mqa.weight
+  const float* q_b_proj_w = nullptr;   // [H·Q, Lq]      self_attn.q_b_proj.weight        (q_lora > 0)
+  const float* q_proj_w = nullptr;     // [H·Q, D]       self_attn.q_proj.weight          (q_lora == 0)
+  const float* kv_a_proj_w = nullptr;  // [A, D]         self_attn.kv_a_proj_with_mqa.weight
   const float* kv_a_norm_w = nullptr;  // [Lkv]          self_attn.kv_a_layernorm.weight
-  const float* kv_b_proj_w = nullptr;  // [H·E, Lkv]     self_attn.kv_b_proj.weight
+  const float* kv_b_proj_w = nullptr;  // [H·U, Lkv]     self_attn.kv_b_proj.weight
   const float* o_proj_w = nullptr;     // [D, H·dv]      self_attn.o_proj.weight
   const Bf16Weights* bf16_weights = nullptr;  // bf16 copies of the projections (nullable: convert per GEMM)
 };
@@ -77,12 +78,12 @@ struct MlaActs {
   DeviceArray<float> cq_TLq;     // q_a_proj output (pre-norm)
   DeviceArray<float> rstd_q_T;   // q_a_layernorm 1/rms
   DeviceArray<float> cqn_TLq;    // q_a_layernorm output (q_b_proj input)
-  DeviceArray<float> q_THK;      // queries with the rope part rotated (attention input)
-  DeviceArray<float> ckv_TC;     // kv_a_proj_with_mqa output: [ckv (Lkv) | k_pe raw (dr)]
+  DeviceArray<float> q_THQ;      // queries with the rope part rotated (attention input)
+  DeviceArray<float> ckv_TA;     // kv_a_proj_with_mqa output: [ckv (Lkv) | k_pe raw (dr)]
   DeviceArray<float> rstd_kv_T;  // kv_a_layernorm 1/rms
   DeviceArray<float> ckvn_TLkv;  // kv_a_layernorm output (kv_b_proj input)
-  DeviceArray<float> kv_THE;     // kv_b_proj output: per head [k_nope (dn) | v (dv)]
-  DeviceArray<float> k_THK;      // keys: [k_nope_h | rotated k_pe] (k_pe broadcast over heads)
+  DeviceArray<float> kv_THU;     // kv_b_proj output: per head [k_nope (dn) | v (dv)]
+  DeviceArray<float> k_THQ;      // keys: [k_nope_h | rotated k_pe] (k_pe broadcast over heads)
   DeviceArray<float> o_THV;      // attention output (o_proj input)
   DeviceArray<float> lse_BHS;    // attention logsumexp per row
   // SP: x gathered (q_proj's input without q_lora), and its GEMM operand in bf16 mode. With SP x_TD, cq_TLq and
@@ -97,9 +98,9 @@ struct MlaActs {
 // Backward temporaries and kernel scratch; grown on first use, reused afterwards.
 struct MlaScratch {
   LinearScratch lin;  // (the attention kernel's scratch is the backend's)
-  DeviceArray<float> do_THV, dq_THK, dk_THK, dkv_THE, dckvn_TLkv, dckv_TC, dcqn_TLq, dcq_TLq;
+  DeviceArray<float> do_THV, dq_THQ, dk_THQ, dkv_THU, dckvn_TLkv, dckv_TA, dcqn_TLq, dcq_TLq;
   // SP: this rank's latents before their gather, and their gradients after the reduce-scatter ([Tl, ·]).
-  DeviceArray<float> cqn_local_TLq, ckv_local_TC, dcqn_local_TLq, dckv_local_TC, dx_full_TD, dx_local_TD;
+  DeviceArray<float> cqn_local_TLq, ckv_local_TA, dcqn_local_TLq, dckv_local_TA, dx_full_TD, dx_local_TD;
   RopeTable rope_table;  // cos/sin for positions [0, max_pos); rebuilt when S outgrows it or freqs change
   RopeFreqs rope_table_freqs;
   DeviceArray<float> rope_cos_PH, rope_sin_PH;  // the table in the backend's memory (what the kernels read)

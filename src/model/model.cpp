@@ -190,9 +190,9 @@ BlockParams Model::block_params(int64_t i) {
     p.moe.up_proj_EFD = params_.data() + store_.expert_block(i, "up_proj");
     p.moe.down_proj_EDF = params_.data() + store_.expert_block(i, "down_proj");
     if (cfg_.n_shared_experts > 0) {
-      p.moe.shared_gate_SD = param(M + "shared_experts.gate_proj.weight");
-      p.moe.shared_up_SD = param(M + "shared_experts.up_proj.weight");
-      p.moe.shared_down_DS = param(M + "shared_experts.down_proj.weight");
+      p.moe.shared_gate_FsD = param(M + "shared_experts.gate_proj.weight");
+      p.moe.shared_up_FsD = param(M + "shared_experts.up_proj.weight");
+      p.moe.shared_down_DFs = param(M + "shared_experts.down_proj.weight");
     }
   } else {
     p.gate_FD = param(M + "gate_proj.weight");
@@ -214,8 +214,9 @@ BlockGrads Model::block_grads(int64_t i) {
   out.mla = {g(p.mla.q_a_proj_w),  g(p.mla.q_a_norm_w),  g(p.mla.q_b_proj_w),  g(p.mla.q_proj_w),
              g(p.mla.kv_a_proj_w), g(p.mla.kv_a_norm_w), g(p.mla.kv_b_proj_w), g(p.mla.o_proj_w)};
   out.gate_FD = g(p.gate_FD), out.up_FD = g(p.up_FD), out.down_DF = g(p.down_DF);
-  out.moe = {g(p.moe.gate_w_ED),      g(p.moe.gate_proj_EFD), g(p.moe.up_proj_EFD),   g(p.moe.down_proj_EDF),
-             g(p.moe.shared_gate_SD), g(p.moe.shared_up_SD),  g(p.moe.shared_down_DS)};
+  out.moe = {g(p.moe.gate_w_ED),      g(p.moe.gate_proj_EFD),   g(p.moe.up_proj_EFD),
+             g(p.moe.down_proj_EDF),  g(p.moe.shared_gate_FsD), g(p.moe.shared_up_FsD),
+             g(p.moe.shared_down_DFs)};
   return out;
 }
 

@@ -239,7 +239,7 @@ void moe_forward(Backend& be, const MoeConfig& c, const MoeParams& p, const floa
                  int64_t batch, bool training, MoeActs& a, float* out) {
   c.validate();
   DSV3_CHECK(p.gate_proj_EFD && p.up_proj_EFD && p.down_proj_EDF, "moe_forward: expert weights are null");
-  DSV3_CHECK(c.n_shared == 0 || (p.shared_gate_SD && p.shared_up_SD && p.shared_down_DS),
+  DSV3_CHECK(c.n_shared == 0 || (p.shared_gate_FsD && p.shared_up_FsD && p.shared_down_DFs),
              "moe_forward: shared expert weights are null");
   const int64_t d = c.hidden, f = c.ffn, k_n = c.router.topk;
   a.x_TD = x;
@@ -279,7 +279,7 @@ void moe_forward(Backend& be, const MoeConfig& c, const MoeParams& p, const floa
     ep_combine(c.ep, a.dispatch, a.y_RD.data(), out);
   if (c.n_shared > 0 && t > 0) {
     DSV3_PROFILE("fwd.moe.shared");
-    const MlpParams mp{p.shared_gate_SD, p.shared_up_SD, p.shared_down_DS, p.bf16_weights};
+    const MlpParams mp{p.shared_gate_FsD, p.shared_up_FsD, p.shared_down_DFs, p.bf16_weights};
     if (!c.tp.on()) {
       mlp_forward(be, mp, x, t, d, c.shared_ffn(), out, 1.f, a.shared, a.shared_scratch, c.precision);
     } else if (c.tp.sp()) {  // a TP region over the whole sequence: gathered in, reduce-scattered out
@@ -304,15 +304,15 @@ void moe_backward(Backend& be, const MoeConfig& c, const MoeParams& p, MoeActs& 
                   float aux_grad, MoeGrads& g, float* dx, float beta) {
   DSV3_CHECK(g.gate_w_ED && g.gate_proj_EFD && g.up_proj_EFD && g.down_proj_EDF,
              "moe_backward: null gradients");
-  DSV3_CHECK(c.n_shared == 0 || (g.shared_gate_SD && g.shared_up_SD && g.shared_down_DS),
+  DSV3_CHECK(c.n_shared == 0 || (g.shared_gate_FsD && g.shared_up_FsD && g.shared_down_DFs),
              "moe_backward: null shared expert gradients");
   const int64_t d = c.hidden, f = c.ffn, k_n = c.router.topk, t = a.t;
   const float* x = a.x_TD;
   float dx_beta = beta;
   if (c.n_shared > 0 && t > 0) {
     DSV3_PROFILE("bwd.moe.shared");
-    const MlpParams mp{p.shared_gate_SD, p.shared_up_SD, p.shared_down_DS, p.bf16_weights};
-    MlpGrads mg{g.shared_gate_SD, g.shared_up_SD, g.shared_down_DS};
+    const MlpParams mp{p.shared_gate_FsD, p.shared_up_FsD, p.shared_down_DFs, p.bf16_weights};
+    MlpGrads mg{g.shared_gate_FsD, g.shared_up_FsD, g.shared_down_DFs};
     DSV3_CHECK(!c.tp.on() || beta == 0.f, "moe_backward: under tensor parallelism dx is assigned (beta 0)");
     if (c.tp.sp()) {
       const int64_t T = t * c.tp.size, sl = t / a.batch;

@@ -23,7 +23,7 @@
 // receives dL/dw per (token, k) = ⟨d(down input), silu(gate)⊙up⟩ and adds its own gradient into dx. Padding
 // rows of pad-to-capacity are never computed (probability 0: no output, no gradient).
 //
-// Legend: T tokens, D hidden, F expert width, S = Fs shared width, E experts, K topk, R routed rows (kept
+// Legend: T tokens, D hidden, F expert width, Fs shared width, E experts, K topk, R routed rows (kept
 // pairs).
 #pragma once
 #include <cstdint>
@@ -82,9 +82,9 @@ struct MoeParams {
   const float* gate_proj_EFD = nullptr;  // the local experts: [L, F, D]
   const float* up_proj_EFD = nullptr;
   const float* down_proj_EDF = nullptr;
-  const float* shared_gate_SD = nullptr;
-  const float* shared_up_SD = nullptr;
-  const float* shared_down_DS = nullptr;
+  const float* shared_gate_FsD = nullptr;
+  const float* shared_up_FsD = nullptr;
+  const float* shared_down_DFs = nullptr;
   const Bf16Weights* bf16_weights = nullptr;  // bf16 copies of the shared expert (nullable)
   const ExpertBf16* expert_bf16 = nullptr;    // bf16 copies of the local experts (nullable: made per forward)
 };
@@ -94,9 +94,9 @@ struct MoeGrads {
   float* gate_proj_EFD = nullptr;  // the local experts, as MoeParams
   float* up_proj_EFD = nullptr;
   float* down_proj_EDF = nullptr;
-  float* shared_gate_SD = nullptr;
-  float* shared_up_SD = nullptr;
-  float* shared_down_DS = nullptr;
+  float* shared_gate_FsD = nullptr;
+  float* shared_up_FsD = nullptr;
+  float* shared_down_DFs = nullptr;
 };
 
 // Every float buffer is memory of the layer's backend. On a device backend the router's selection runs on the
