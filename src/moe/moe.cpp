@@ -236,7 +236,7 @@ MoeConfig moe_config_from_model(const ModelConfig& m, Precision p) {
 }
 
 void moe_forward(Backend& be, const MoeConfig& c, const MoeParams& p, const float* x, int64_t t,
-                 int64_t batch, bool training, MoeActs& a, float* out) {
+                 int64_t batch, bool training, float* out, MoeActs& a) {
   c.validate();
   DSV3_CHECK(p.gate_proj_EFD && p.up_proj_EFD && p.down_proj_EDF, "moe_forward: expert weights are null");
   DSV3_CHECK(c.n_shared == 0 || (p.shared_gate_FsD && p.shared_up_FsD && p.shared_down_DFs),
@@ -301,7 +301,7 @@ void moe_forward(Backend& be, const MoeConfig& c, const MoeParams& p, const floa
 }
 
 void moe_backward(Backend& be, const MoeConfig& c, const MoeParams& p, MoeActs& a, const float* dout,
-                  float aux_grad, MoeGrads& g, float* dx, float beta) {
+                  float aux_grad, float* dx, MoeGrads& g, float beta) {
   DSV3_CHECK(g.gate_w_ED && g.gate_proj_EFD && g.up_proj_EFD && g.down_proj_EDF,
              "moe_backward: null gradients");
   DSV3_CHECK(c.n_shared == 0 || (g.shared_gate_FsD && g.shared_up_FsD && g.shared_down_DFs),

@@ -140,9 +140,9 @@ struct MoeActs {
 
 // out_TD = MoE(x_TD). batch: the number of sequences among the T tokens (sequence aux loss only).
 void moe_forward(Backend& be, const MoeConfig& c, const MoeParams& p, const float* x_TD, int64_t t,
-                 int64_t batch, bool training, MoeActs& a, float* out_TD);
+                 int64_t batch, bool training, float* out_TD, MoeActs& a);
 // aux_grad: dL_total/dL_seq_aux (ignored when the aux loss is off).
 void moe_backward(Backend& be, const MoeConfig& c, const MoeParams& p, MoeActs& a, const float* dout_TD,
-                  float aux_grad, MoeGrads& g, float* dx_TD, float beta);
+                  float aux_grad, float* dx_TD, MoeGrads& g, float beta);
 
 }  // namespace dsv3

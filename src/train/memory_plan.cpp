@@ -209,10 +209,11 @@ std::vector<StageMemory> plan_memory(const ModelConfig& cfg, const MemoryLayout&
     for (int64_t i = m.first_layer; i < m.end_layer; ++i) (cfg.is_moe_layer(i) ? moe_layers : dense_layers)++;
 
     // One micro-batch's set (Model::Activations): ids, labels, the residual stream h_first..h_end, the blocks'
-    // state (one block under recompute: the largest of the stage's kinds), the final norm and the loss.
+    // state (under recompute one block's, holding both the dense MLP's and the MoE's members when the stage has
+    // both kinds), the final norm and the loss.
     int64_t set = kI32 * 2 * T + kF32 * (layers + 1) * Tl * D;
     const int64_t moe_block = block_acts(s, true, ep), dense_block = block_acts(s, false, ep);
-    if (run.recompute)  // one BlockActs serves every layer: it grows the dense MLP's and the MoE's members both
+    if (run.recompute)
       set += moe_layers && dense_layers ? moe_block + dense_block - block_acts_common(s)
                                         : (moe_layers ? moe_block : dense_block);
     else
