@@ -48,7 +48,7 @@ void block_forward(Backend& be, const BlockDims& d, const BlockParams& p, const 
     be.rmsnorm_forward(x, D, p.input_norm_w, a.xn1_TD.data(), D, a.rstd1_T.data(), Tl, D, d.norm_eps);
   }
   // MLA takes this rank's positions and gathers its latents itself (mla.h), so its region is entered there.
-  mla_forward(be, d.mla, p.mla, a.xn1_TD.data(), B, S, y, a.mla, prec, s.mla);
+  mla_forward(be, d.mla, p.mla, a.xn1_TD.data(), B, S, y, a.mla, s.mla, prec);
   leave(d, y, a.tmp_TD.data(), B, S);
   {
     DSV3_PROFILE("fwd.norm");
@@ -62,7 +62,7 @@ void block_forward(Backend& be, const BlockDims& d, const BlockParams& p, const 
     DSV3_PROFILE("fwd.dense_ffn");
     const MlpParams mp{p.gate_FD, p.up_FD, p.down_DF, p.bf16_weights};
     const float* ffn_in = enter(d, a.xn2_TD.data(), a.xn2_full_TD, be, B, S);
-    mlp_forward(be, mp, ffn_in, T, D, d.F, y, 0.f, a.mlp, s.mlp, prec);
+    mlp_forward(be, D, d.F, mp, ffn_in, T, y, 0.f, a.mlp, s.mlp, prec);
     leave(d, y, a.tmp_TD.data(), B, S);
   }
   be.add(out, a.h_mid_TD.data(), a.tmp_TD.data(), Tl * D);
@@ -84,7 +84,7 @@ void block_backward(Backend& be, const BlockDims& d, const BlockParams& p, Block
     const MlpParams mp{p.gate_FD, p.up_FD, p.down_DF, p.bf16_weights};
     MlpGrads mg{g.gate_FD, g.up_FD, g.down_DF};
     const float* dffn = leave_backward(d, dout, s.dfull_TD, be, B, S);
-    mlp_backward(be, mp, a.mlp, dffn, D, d.F, dy, 0.f, mg, s.mlp, prec);
+    mlp_backward(be, D, d.F, mp, a.mlp, dffn, dy, 0.f, mg, s.mlp, prec);
     enter_backward(d, dy, dxn, B, S);
   }
   // The residual carries dout straight to h_mid; the post-attention norm adds its input gradient on top.
@@ -96,9 +96,9 @@ void block_backward(Backend& be, const BlockDims& d, const BlockParams& p, Block
   }
   const float* dattn = leave_backward(d, dh_mid, s.dfull_TD, be, B, S);
   if (d.tp.sp()) {  // MLA's input gradient comes back whole for this rank's positions
-    mla_backward(be, d.mla, p.mla, a.mla, dattn, dxn, g.mla, prec, s.mla);
+    mla_backward(be, d.mla, p.mla, a.mla, dattn, dxn, g.mla, s.mla, prec);
   } else {
-    mla_backward(be, d.mla, p.mla, a.mla, dattn, dy, g.mla, prec, s.mla);
+    mla_backward(be, d.mla, p.mla, a.mla, dattn, dy, g.mla, s.mla, prec);
     enter_backward(d, dy, dxn, B, S);
   }
   DSV3_PROFILE("bwd.norm");

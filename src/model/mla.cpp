@@ -45,7 +45,7 @@ void MlaDims::validate() const {
 }
 
 void mla_forward(Backend& be, const MlaDims& d, const MlaParams& p, const float* x, int64_t B, int64_t S,
-                 float* y, MlaActs& a, Precision prec, MlaScratch& sc) {
+                 float* y, MlaActs& a, MlaScratch& sc, Precision prec) {
   d.validate();
   DSV3_CHECK(B > 0 && S > 0, "MLA: batch and sequence length must be positive (B=", B, " S=", S, ")");
   const bool qlora = d.q_lora > 0;
@@ -119,7 +119,7 @@ void mla_forward(Backend& be, const MlaDims& d, const MlaParams& p, const float*
 }
 
 void mla_backward(Backend& be, const MlaDims& d, const MlaParams& p, const MlaActs& a, const float* dy,
-                  float* dx, MlaGrads& g, Precision prec, MlaScratch& sc) {
+                  float* dx, MlaGrads& g, MlaScratch& sc, Precision prec) {
   d.validate();
   DSV3_CHECK(a.x_TD != nullptr && a.B > 0 && a.S > 0, "MLA backward: no saved forward activations");
   const bool qlora = d.q_lora > 0;

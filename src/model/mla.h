@@ -109,10 +109,10 @@ struct MlaScratch {
 // y_TD = MLA(x_TD) for B packed sequences of length S. Every kernel runs on `be` (kernels/backend.h), and every
 // pointer is memory of `be`.
 void mla_forward(Backend& be, const MlaDims& d, const MlaParams& p, const float* x_TD, int64_t B, int64_t S,
-                 float* y_TD, MlaActs& acts, Precision prec, MlaScratch& scratch);
+                 float* y_TD, MlaActs& acts, MlaScratch& scratch, Precision prec);
 
 // dx_TD is assigned; parameter gradients accumulate into g.
 void mla_backward(Backend& be, const MlaDims& d, const MlaParams& p, const MlaActs& acts, const float* dy_TD,
-                  float* dx_TD, MlaGrads& g, Precision prec, MlaScratch& scratch);
+                  float* dx_TD, MlaGrads& g, MlaScratch& scratch, Precision prec);
 
 }  // namespace dsv3

@@ -3,7 +3,7 @@
 
 namespace dsv3 {
 
-void mlp_forward(Backend& be, const MlpParams& p, const float* x, int64_t t, int64_t d, int64_t f, float* y,
+void mlp_forward(Backend& be, int64_t d, int64_t f, const MlpParams& p, const float* x, int64_t t, float* y,
                  float beta, MlpActs& a, MlpScratch& s, Precision prec) {
   a.x_TD = x, a.t = t;
   grow(be, a.ab_T2F, t * 2 * f), grow(be, a.h_TF, t * f);
@@ -21,7 +21,7 @@ void mlp_forward(Backend& be, const MlpParams& p, const float* x, int64_t t, int
   linear_forward_op(be, ho, W(p.down_DF, d * f), y, t, f, d, prec, beta);
 }
 
-void mlp_backward(Backend& be, const MlpParams& p, const MlpActs& a, const float* dy, int64_t d, int64_t f,
+void mlp_backward(Backend& be, int64_t d, int64_t f, const MlpParams& p, const MlpActs& a, const float* dy,
                   float* dx, float beta, MlpGrads& g, MlpScratch& s, Precision prec) {
   const int64_t t = a.t;
   grow(be, s.dh_TF, t * f), grow(be, s.dab_T2F, t * 2 * f);

@@ -32,10 +32,10 @@ struct MlpScratch {
   DeviceArray<float> dh_TF, dab_T2F;
   LinearScratch lin;  // a: output-gradient operands, b: weights without a bf16 copy
 };
-void mlp_forward(Backend& be, const MlpParams& p, const float* x_TD, int64_t t, int64_t d, int64_t f,
+void mlp_forward(Backend& be, int64_t d, int64_t f, const MlpParams& p, const float* x_TD, int64_t t,
                  float* y_TD, float beta, MlpActs& a, MlpScratch& s, Precision prec);
 // dx (beta 0: assign, 1: accumulate); parameter gradients accumulate.
-void mlp_backward(Backend& be, const MlpParams& p, const MlpActs& a, const float* dy_TD, int64_t d, int64_t f,
+void mlp_backward(Backend& be, int64_t d, int64_t f, const MlpParams& p, const MlpActs& a, const float* dy_TD,
                   float* dx_TD, float beta, MlpGrads& g, MlpScratch& s, Precision prec);
 
 }  // namespace dsv3

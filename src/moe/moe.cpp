@@ -281,19 +281,19 @@ void moe_forward(Backend& be, const MoeConfig& c, const MoeParams& p, const floa
     DSV3_PROFILE("fwd.moe.shared");
     const MlpParams mp{p.shared_gate_FsD, p.shared_up_FsD, p.shared_down_DFs, p.bf16_weights};
     if (!c.tp.on()) {
-      mlp_forward(be, mp, x, t, d, c.shared_ffn(), out, 1.f, a.shared, a.shared_scratch, c.precision);
+      mlp_forward(be, d, c.shared_ffn(), mp, x, t, out, 1.f, a.shared, a.shared_scratch, c.precision);
     } else if (c.tp.sp()) {  // a TP region over the whole sequence: gathered in, reduce-scattered out
       const int64_t T = t * c.tp.size, sl = t / batch;
       float* in = grow(be, a.shared_in_TD, T * d);
       c.tp.sp_all_gather(x, in, batch, sl, d);
       float* s = grow(be, a.shared_out_TD, T * d);
-      mlp_forward(be, mp, in, T, d, c.shared_ffn(), s, 0.f, a.shared, a.shared_scratch, c.precision);
+      mlp_forward(be, d, c.shared_ffn(), mp, in, T, s, 0.f, a.shared, a.shared_scratch, c.precision);
       float* mine = grow(be, a.shared_local_TD, t * d);
       c.tp.sp_reduce_scatter(s, mine, batch, sl, d);
       be.add(out, out, mine, t * d);
     } else {  // the partial sums over the TP ranks' columns are reduced before the routed part joins them
       float* s = grow(be, a.shared_out_TD, t * d);
-      mlp_forward(be, mp, x, t, d, c.shared_ffn(), s, 0.f, a.shared, a.shared_scratch, c.precision);
+      mlp_forward(be, d, c.shared_ffn(), mp, x, t, s, 0.f, a.shared, a.shared_scratch, c.precision);
       c.tp.reduce_from_forward(s, t * d);
       be.add(out, out, s, t * d);
     }
@@ -319,11 +319,11 @@ void moe_backward(Backend& be, const MoeConfig& c, const MoeParams& p, MoeActs& 
       float* dfull = grow(be, a.dshared_out_TD, T * d);
       c.tp.sp_all_gather(dout, dfull, a.batch, sl, d);
       float* dxfull = grow(be, a.dshared_in_TD, T * d);
-      mlp_backward(be, mp, a.shared, dfull, d, c.shared_ffn(), dxfull, 0.f, mg, a.shared_scratch,
+      mlp_backward(be, d, c.shared_ffn(), mp, a.shared, dfull, dxfull, 0.f, mg, a.shared_scratch,
                    c.precision);
       c.tp.sp_reduce_scatter(dxfull, dx, a.batch, sl, d);
     } else {
-      mlp_backward(be, mp, a.shared, dout, d, c.shared_ffn(), dx, beta, mg, a.shared_scratch, c.precision);
+      mlp_backward(be, d, c.shared_ffn(), mp, a.shared, dout, dx, beta, mg, a.shared_scratch, c.precision);
       // The shared expert's part only: the routed part is whole on every rank.
       c.tp.copy_to_backward(dx, t * d);
     }

@@ -104,7 +104,7 @@ void fd_check(int64_t q_lora) {
   MlaActs acts;
   MlaScratch sc;
   auto loss = [&] {
-    mla_forward(cpu_backend(), L.d, L.params(), x.data(), B, S, y.data(), acts, Precision::kF32, sc);
+    mla_forward(cpu_backend(), L.d, L.params(), x.data(), B, S, y.data(), acts, sc, Precision::kF32);
     double l = 0;
     for (size_t i = 0; i < y.size(); ++i) l += double(y[i]) * wy[i];
     return l;
@@ -112,7 +112,7 @@ void fd_check(int64_t q_lora) {
   loss();
   L.zero_grads();
   MlaGrads g = L.grads();
-  mla_backward(cpu_backend(), L.d, L.params(), acts, wy.data(), dx.data(), g, Precision::kF32, sc);
+  mla_backward(cpu_backend(), L.d, L.params(), acts, wy.data(), dx.data(), g, sc, Precision::kF32);
 
   // fp32 forward: central differences with h = 1e-2 have O(h²) truncation and ~1e-7·|L|/h rounding, so compare
   // against a bound relative to the largest gradient of the tensor.
@@ -178,10 +178,10 @@ double golden_error(const std::string& file, Precision prec, bool verbose_expect
   std::vector<float> y(T * L.d.D), dx(T * L.d.D, 123.f);
   MlaActs acts;
   MlaScratch sc;
-  mla_forward(cpu_backend(), L.d, L.params(), gd.t["x"].data(), gd.B, gd.S, y.data(), acts, prec, sc);
+  mla_forward(cpu_backend(), L.d, L.params(), gd.t["x"].data(), gd.B, gd.S, y.data(), acts, sc, prec);
   L.zero_grads();
   MlaGrads g = L.grads();
-  mla_backward(cpu_backend(), L.d, L.params(), acts, gd.t["w_out"].data(), dx.data(), g, prec, sc);
+  mla_backward(cpu_backend(), L.d, L.params(), acts, gd.t["w_out"].data(), dx.data(), g, sc, prec);
   double worst = 0;
   auto cmp = [&](const std::vector<float>& got, const std::vector<float>& want, const std::string& name) {
     const double e = rel_err(got, want);
@@ -233,12 +233,12 @@ TEST(Mla, GradientsAccumulate) {
   std::vector<float> y(T * L.d.D), dx(T * L.d.D);
   MlaActs acts;
   MlaScratch sc;
-  mla_forward(cpu_backend(), L.d, L.params(), gd.t["x"].data(), gd.B, gd.S, y.data(), acts, Precision::kF32,
-              sc);
+  mla_forward(cpu_backend(), L.d, L.params(), gd.t["x"].data(), gd.B, gd.S, y.data(), acts, sc,
+              Precision::kF32);
   L.zero_grads();
   MlaGrads g = L.grads();
-  mla_backward(cpu_backend(), L.d, L.params(), acts, gd.t["w_out"].data(), dx.data(), g, Precision::kF32, sc);
-  mla_backward(cpu_backend(), L.d, L.params(), acts, gd.t["w_out"].data(), dx.data(), g, Precision::kF32, sc);
+  mla_backward(cpu_backend(), L.d, L.params(), acts, gd.t["w_out"].data(), dx.data(), g, sc, Precision::kF32);
+  mla_backward(cpu_backend(), L.d, L.params(), acts, gd.t["w_out"].data(), dx.data(), g, sc, Precision::kF32);
   for (const auto& n : L.names()) {
     std::vector<float> twice = gd.t["grad." + n];
     for (float& v : twice) v *= 2.f;
