@@ -102,23 +102,24 @@ const Plugin& plugin() {
       }
       candidates.push_back(kName);
     }
-    std::string tried;
+    std::string tried;  // why each candidate failed, "; "-separated
+    auto failed = [&](const std::string& why) { tried += (tried.empty() ? "" : "; ") + why; };
     for (const auto& c : candidates) {
       if (c.find('/') != std::string::npos && !std::filesystem::exists(c, ec)) {
-        tried += (tried.empty() ? "" : "; ") + c + ": no such file";
+        failed(c + ": no such file");
         continue;
       }
       // RTLD_LOCAL: the plugin's CUDA symbols stay its own; it holds no state dsv3 shares.
       void* h = dlopen(c.c_str(), RTLD_NOW | RTLD_LOCAL);
       if (!h) {
         const char* e = dlerror();
-        tried += (tried.empty() ? "" : "; ") + std::string(e ? e : c.c_str());
+        failed(e ? e : c);
         continue;
       }
       p.make = reinterpret_cast<MakeFn>(dlsym(h, "dsv3_cuda_make_backend"));
       p.path = c;
       if (p.make) return;
-      tried += (tried.empty() ? "" : "; ") + c + ": no dsv3_cuda_make_backend";
+      failed(c + ": no dsv3_cuda_make_backend");
     }
     p.error = "the CUDA backend library " + std::string(kName) + " could not be loaded (" + tried +
               "); set DSV3_CUDA_LIBRARY to its path";

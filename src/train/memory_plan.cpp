@@ -37,7 +37,7 @@ struct Shapes {
   int64_t T, Tl;                         // tokens of a micro-batch, and this rank's (T / TP with SP)
   int64_t D, H, K, Ekv, C, Lkv, Lq, dv;  // MLA (Ekv: kv_b rows per head)
   int64_t F;                             // dense FFN width
-  int64_t Fe, Fs, E, k, e_local, rows;  // MoE: expert width, shared width, experts, top-k, local, routed rows
+  int64_t Fe, Fs, E, k, rows;            // MoE: expert width, shared width, experts, top-k, routed rows
   bool bf16, tp, gpu, sp;
 };
 
@@ -148,7 +148,7 @@ std::vector<StageMemory> plan_memory(const ModelConfig& cfg, const MemoryLayout&
   s.Lkv = cfg.kv_lora_rank, s.Lq = cfg.has_q_lora() ? cfg.q_lora_rank : 0, s.dv = cfg.v_head_dim;
   s.F = cfg.intermediate_size / lay.tp;
   s.Fe = cfg.moe_intermediate_size, s.Fs = cfg.n_shared_experts * cfg.moe_intermediate_size / lay.tp;
-  s.E = cfg.n_routed_experts, s.k = cfg.num_experts_per_tok, s.e_local = s.E / lay.ep;
+  s.E = cfg.n_routed_experts, s.k = cfg.num_experts_per_tok;
   s.bf16 = bf16, s.tp = lay.tp > 1, s.gpu = !run.cpu;
   // Routed rows per MoE layer: T·k (dropless; with EP the average a rank receives); the capacity rule keeps at
   // most E·capacity of them.

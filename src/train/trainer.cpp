@@ -81,7 +81,7 @@ bool Trainer::kill_switch_present() const {
 // This rank's communicators, the model with this rank's parameters (the same initial weights on every rank,
 // principle 4), the gradient reduction, the optimizer and the LR schedule.
 void Trainer::setup() {
-  runtime_rss_ = resident_bytes();
+  runtime_bytes_ = std::max<int64_t>(resident_bytes(), 0) + kRuntimeGrowth;
   comms_ = std::make_unique<GroupComms>(pg_, world_);
   ModelOptions mo = c_.model_options;
   if (pg_.ep > 1) mo.ep.comm = &(*comms_)[Group::kEp];
@@ -150,7 +150,7 @@ void Trainer::report_memory(const std::string& when) {
   if (pg_.dp_rank != 0 || memory_plan_.empty()) return;
   const StageMemory& m = memory_plan_[static_cast<size_t>(pg_.pp_rank)];
   const double MB = 1024.0 * 1024.0;
-  const int64_t predicted = m.total() + std::max<int64_t>(runtime_rss_, 0) + kRuntimeGrowth;
+  const int64_t predicted = m.total() + runtime_bytes_;
   const Backend& be = model_->backend();
   char line[512];
   std::snprintf(
@@ -174,7 +174,7 @@ void Trainer::print_start() const {
   print_line(format_arguments_block(c_.args.all()));
   // The plan does not model sequence parallelism yet (its activations are planned as without it): say so.
   print_line("memory plan per rank (train/memory_plan.h; measured after the first logged iteration):\n" +
-             format_memory_plan(memory_plan_, std::max<int64_t>(runtime_rss_, 0) + kRuntimeGrowth,
+             format_memory_plan(memory_plan_, runtime_bytes_,
                                 "this process before the model was built, + what the first steps add"));
   if (pg_.pp > 1) {
     std::string layout = "pipeline stages (decoder layers):";

@@ -143,10 +143,11 @@ class Trainer {
   std::unique_ptr<SampleDataset> train_ds_, valid_ds_, test_ds_;
   TrainProgress prog_;
   double flops_per_iteration_ = 0;
-  // The memory plan (train/memory_plan.h) for this run's layout, the process's resident memory before the model
-  // existed (the runtime part of the prediction), and whether the measured figures were printed yet.
+  // The memory plan (train/memory_plan.h) for this run's layout, the runtime part of its prediction (the process's
+  // resident memory before the model existed, plus what the first steps add), and whether the measured figures
+  // were printed yet.
   std::vector<StageMemory> memory_plan_;
-  int64_t runtime_rss_ = -1;
+  int64_t runtime_bytes_ = 0;
   bool memory_reported_ = false;
   void report_memory(const std::string& when);
   MemoryLayout memory_layout() const;
