@@ -41,20 +41,24 @@ std::string gib(double bytes) {
 }
 
 // Per pipeline stage, one rank's share (EP rank 0; every EP rank holds as many experts; under TP, TP rank 0: every
-// TP rank holds as many elements of each split parameter, and the replicated ones whole).
-void print_layout(const ParamTable& table, int tp, int pp, int ep, int dp, int64_t first_layers,
+// TP rank holds as many elements of each split parameter, and the replicated ones whole). The expert grid folds
+// TP x DP into ETP x EP x expert-DP (spec §8).
+void print_layout(const ParamTable& table, int tp, int etp, int pp, int ep, int dp, int64_t first_layers,
                   int64_t last_layers, bool dist_opt, bool bf16) {
   const ModelConfig& cfg = table.config();
-  DSV3_CHECK(tp >= 1 && pp >= 1 && ep >= 1 && dp >= 1, "model-info: parallel sizes must be >= 1");
-  DSV3_CHECK(dp % ep == 0, "model-info: --data-parallel-size (", dp, ") must be a multiple of ",
-             "--expert-model-parallel-size (", ep, "): EP ranks are data-parallel ranks");
-  const int edp = dp / ep;
+  DSV3_CHECK(tp >= 1 && etp >= 1 && pp >= 1 && ep >= 1 && dp >= 1, "model-info: parallel sizes must be >= 1");
+  DSV3_CHECK((tp * dp) % (etp * ep) == 0, "model-info: --tensor-model-parallel-size x --data-parallel-size (",
+             tp * dp,
+             ") must be a multiple of --expert-tensor-parallel-size x --expert-model-parallel-size (",
+             etp * ep, "): the expert grid folds the same ranks (rule: world % (ETP·EP·PP) == 0)");
+  const int edp = tp * dp / (etp * ep);
   const auto stages = plan_pipeline_stages(cfg.num_hidden_layers, pp, first_layers, last_layers,
                                            cfg.num_nextn_predict_layers > 0);
   const std::string tp_part = tp > 1 ? "TP " + std::to_string(tp) + " x " : "";
-  std::printf("layout: %sPP %d x DP %d (EP %d, expert-DP %d) = %d ranks%s%s; per rank, the model's state:\n",
-              tp_part.c_str(), pp, dp, ep, edp, tp * pp * dp, dist_opt ? ", distributed optimizer" : "",
-              bf16 ? ", bf16" : "");
+  std::printf(
+      "layout: %sPP %d x DP %d (ETP %d, EP %d, expert-DP %d) = %d ranks%s%s; per rank, the model's state:\n",
+      tp_part.c_str(), pp, dp, etp, ep, edp, tp * pp * dp, dist_opt ? ", distributed optimizer" : "",
+      bf16 ? ", bf16" : "");
   std::printf("  %-7s %-11s %19s %11s %11s %11s %11s\n", "stage", "layers", "parameters", "fp32 w+g", "Adam",
               "bf16 copies", "total");
   for (size_t q = 0; q < stages.size(); ++q) {
@@ -87,11 +91,13 @@ int model_info_main(int argc, char** argv) {
   bool list_params = false;
   app.add_option("--model-config", config_path, "HuggingFace config.json of the model")->required();
   app.add_flag("--params", list_params, "Also list every parameter (HF name, shape, role, init)");
-  int tp = 1, pp = 1, ep = 1, dp = 1;
+  int tp = 1, etp = -1, pp = 1, ep = 1, dp = 1;
   int64_t first_layers = 0, last_layers = 0;
   bool dist_opt = false, bf16 = false;
   app.add_option("--tensor-model-parallel-size", tp,
                  "Tensor-parallel ranks (heads, FFN widths and vocabulary split; world = TP x DP x PP)");
+  app.add_option("--expert-tensor-parallel-size", etp,
+                 "Routed experts split over this many TP ranks: TP (the default, Megatron's) or 1 (whole)");
   app.add_option("--pipeline-model-parallel-size", pp, "Pipeline stages of the layout to size");
   app.add_option("--expert-model-parallel-size", ep, "Expert-parallel ranks of the layout");
   app.add_option("--data-parallel-size", dp, "Data-parallel ranks (world = DP x PP)");
@@ -130,7 +136,10 @@ int model_info_main(int argc, char** argv) {
                " is fewer than the config's first_k_dense_replace (", cfg.first_k_dense_replace, ")");
     cfg.num_hidden_layers = num_layers;
   }
-  const ParamTable table(cfg);
+  if (etp < 0) etp = tp;
+  DSV3_CHECK(etp == 1 || etp == tp, "model-info: --expert-tensor-parallel-size ", etp,
+             ": 1 or the tensor model parallel size (", tp, ")");
+  const ParamTable table(cfg, etp > 1);
 
   std::printf("model config: %s\n", config_path.c_str());
   std::printf(
@@ -193,10 +202,10 @@ int model_info_main(int argc, char** argv) {
                 grouped(table.total_trainable_storage()).c_str());
     std::printf("  as the hub stores it (MTP embed/head copies):  %s\n", grouped(table.hub_total()).c_str());
   }
-  print_layout(table, tp, pp, ep, dp, first_layers, last_layers, dist_opt, bf16);
+  print_layout(table, tp, etp, pp, ep, dp, first_layers, last_layers, dist_opt, bf16);
 
   MemoryLayout layout;
-  layout.tp = tp, layout.pp = pp, layout.ep = ep, layout.dp = dp;
+  layout.tp = tp, layout.etp = etp, layout.pp = pp, layout.ep = ep, layout.dp = dp;
   layout.first_layers = first_layers, layout.last_layers = last_layers, layout.dist_opt = dist_opt;
   run.precision = bf16 ? Precision::kBF16 : Precision::kF32;
   run.recompute = recompute == "full";

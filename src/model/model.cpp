@@ -40,7 +40,7 @@ MlaDims mla_dims(const ModelConfig& c) {
 Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
     : cfg_(cfg),
       opt_(opt),
-      table_(cfg),
+      table_(cfg, opt.expert_tensor_parallel && opt.tp.size > 1),
       store_(table_, opt.ep.size(), opt.ep.rank(), opt.stage, opt.tp.size, opt.tp.rank),
       params_(*opt.backend, store_.size()),
       grads_(*opt.backend, store_.size()) {
@@ -66,6 +66,9 @@ Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
   DSV3_CHECK((cfg_.moe_intermediate_size * cfg_.n_shared_experts) % tp == 0, "the shared experts' width (",
              cfg_.moe_intermediate_size * cfg_.n_shared_experts,
              ") must be divisible by the tensor model parallel size (", tp, ")");
+  DSV3_CHECK(!opt_.expert_tensor_parallel || cfg_.moe_intermediate_size % tp == 0,
+             "moe_intermediate_size / --moe-ffn-hidden-size (", cfg_.moe_intermediate_size,
+             ") must be divisible by the expert tensor parallel size (", tp, ")");
   DSV3_CHECK(cfg_.vocab_size % tp == 0, "vocab_size (", cfg_.vocab_size,
              ") must be divisible by the tensor model parallel size (", tp,
              "): Megatron pads the vocabulary to a multiple of --make-vocab-size-divisible-by × TP");
@@ -88,6 +91,7 @@ Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
       d.moe.router.seq_aux_coeff = opt_.seq_aux_coeff;
       d.moe.ep = opt_.ep;
       d.moe.tp = opt_.tp;
+      d.moe.expert_tp = opt_.expert_tensor_parallel && tp > 1;
       d.moe.validate();
     }
     dims_.push_back(d);

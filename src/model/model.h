@@ -41,6 +41,9 @@ struct ModelOptions {
   // the embedding's output is reduce-scattered, the heads' inputs gathered; stage inputs and outputs of a
   // pipeline stage are then [B·S/TP, D].
   TensorParallel tp;
+  // Expert tensor parallelism (--expert-tensor-parallel-size = TP > 1): each routed expert's gate/up rows and
+  // down columns are split over tp like the dense FFN (moe.h); false: experts whole on every TP rank.
+  bool expert_tensor_parallel = false;
   // The kernels' backend (kernels/backend.h): parameters, gradients and activations live in its memory. A device
   // backend runs one rank (no expert parallelism).
   Backend* backend = &cpu_backend();

@@ -88,9 +88,9 @@ ParamStore::ParamStore(const ParamTable& table, int ep, int ep_rank, PipelineSta
       auto it = expert_blocks_.find(key);
       if (it == expert_blocks_.end()) {
         it = expert_blocks_.emplace(key, size_).first;
-        size_ += local_experts_ * p.numel;
+        size_ += local_experts_ * numel(p);
       }
-      offsets_[p.name] = it->second + (p.expert - first_expert_) * p.numel;
+      offsets_[p.name] = it->second + (p.expert - first_expert_) * numel(p);
     } else {
       offsets_[p.name] = size_;
       size_ += numel(p);

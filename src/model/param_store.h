@@ -4,7 +4,8 @@
 // tensor they copy. Under expert parallelism (ep > 1) the store holds only this EP rank's experts
 // [ep_rank·E/ep, (ep_rank+1)·E/ep) of every MoE layer, and under pipeline parallelism only its stage's
 // parameters; the other names are not in it. Under tensor parallelism (tp > 1) a parameter split over TP
-// (ParamInfo::tp_split) holds only this TP rank's block: rows [tp_rank·R/tp, +R/tp) or columns likewise.
+// (ParamInfo::tp_split) holds only this TP rank's block: rows [tp_rank·R/tp, +R/tp) or columns likewise (routed
+// experts under expert tensor parallelism too: [E, F/tp, D] blocks).
 #pragma once
 #include <cstdint>
 #include <string>

@@ -53,13 +53,13 @@ void ParamTable::add(ParamInfo p) {
       p.init_std = sigma;
   }
   // Tensor parallelism: column-parallel (rows) and row-parallel (columns) linears, the vocab-parallel
-  // embedding and head; MLA's latent path is replicated with its gradient summed over TP. Routed experts and
-  // the router stay whole (experts replicated over TP: expert tensor parallelism is not split).
+  // embedding and head; MLA's latent path is replicated with its gradient summed over TP. The router stays
+  // whole; routed experts are split like the dense FFN under expert tensor parallelism, else whole.
   auto ends = [&](const char* suffix) {
     const std::string x(suffix);
     return p.name.size() >= x.size() && p.name.compare(p.name.size() - x.size(), x.size(), x) == 0;
   };
-  if (!p.is_expert) {
+  if (!p.is_expert || split_experts_) {
     if (ends("q_b_proj.weight") || ends("q_proj.weight") || ends("kv_b_proj.weight") ||
         ends("gate_proj.weight") || ends("up_proj.weight") || p.role == ParamRole::kEmbedding ||
         p.role == ParamRole::kHead)
@@ -74,7 +74,8 @@ void ParamTable::add(ParamInfo p) {
   params_.push_back(std::move(p));
 }
 
-ParamTable::ParamTable(const ModelConfig& cfg) : cfg_(cfg) {
+ParamTable::ParamTable(const ModelConfig& cfg, bool split_experts)
+    : cfg_(cfg), split_experts_(split_experts) {
   cfg_.validate();
   const int64_t d = cfg.hidden_size, V = cfg.vocab_size, H = cfg.num_attention_heads;
   auto P = [](std::string name, std::vector<int64_t> shape, ParamRole role, int64_t layer) {

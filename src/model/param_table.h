@@ -63,7 +63,9 @@ struct ParamInfo {
 
 class ParamTable {
  public:
-  explicit ParamTable(const ModelConfig& cfg);
+  // split_experts: expert tensor parallelism (ETP = TP): routed experts' gate/up split by rows, down by columns,
+  // like the dense FFN; otherwise they are whole on every TP rank.
+  explicit ParamTable(const ModelConfig& cfg, bool split_experts = false);
 
   const ModelConfig& config() const { return cfg_; }
   // Every entry in order: embedding, layers 0..L-1 (attention, norms, MLP/MoE), final norm, lm_head, MTP
@@ -86,6 +88,7 @@ class ParamTable {
  private:
   void add(ParamInfo p);
   ModelConfig cfg_;
+  bool split_experts_ = false;
   std::vector<ParamInfo> params_;
   std::unordered_map<std::string, size_t> index_;
 };

@@ -43,7 +43,7 @@ void for_each_expert(const Backend& be, const DispatchState& s, bool varying_row
 // rows do not depend on the row count of the GEMM, so parallel layouts reproduce the serial run to ~1e-7
 // (runtime-dimension GEMMs reach 1e-6).
 void experts_forward_bf16(Backend& be, const MoeConfig& c, const MoeParams& p, MoeActs& a) {
-  const int64_t d = c.hidden, f = c.ffn, r_n = a.dispatch.offsets_L1.back();
+  const int64_t d = c.hidden, f = c.expert_ffn(), r_n = a.dispatch.offsets_L1.back();
   const Precision bf = Precision::kBF16;
   if (!p.expert_bf16) refresh_expert_bf16(be, c, p, a.own_bf);
   const ExpertBf16& w = p.expert_bf16 ? *p.expert_bf16 : a.own_bf;
@@ -64,7 +64,7 @@ void experts_forward_bf16(Backend& be, const MoeConfig& c, const MoeParams& p, M
 }  // namespace
 
 void refresh_expert_bf16(Backend& be, const MoeConfig& c, const MoeParams& p, ExpertBf16& out) {
-  const int64_t d = c.hidden, f = c.ffn, e_n = c.local_experts();
+  const int64_t d = c.hidden, f = c.expert_ffn(), e_n = c.local_experts();
   bf16* w_gu = grow(be, out.w_gu, e_n * 2 * f * d);
   bf16* w_down = grow(be, out.w_down, e_n * d * f);
   const bool host = be.kind() == DeviceKind::kCpu;
@@ -79,7 +79,7 @@ void refresh_expert_bf16(Backend& be, const MoeConfig& c, const MoeParams& p, Ex
 namespace {
 
 void experts_backward_bf16(Backend& be, const MoeConfig& c, MoeGrads& g, MoeActs& a) {
-  const int64_t d = c.hidden, f = c.ffn, r_n = a.dispatch.offsets_L1.back();
+  const int64_t d = c.hidden, f = c.expert_ffn(), r_n = a.dispatch.offsets_L1.back();
   const Precision bf = Precision::kBF16;
   const bf16* dy = static_cast<const bf16*>(linear_operand(be, a.dy_RD.data(), r_n * d, bf, a.dy_bf));
   const bf16* z = a.z_bf.data();
@@ -102,15 +102,16 @@ void experts_backward_bf16(Backend& be, const MoeConfig& c, MoeGrads& g, MoeActs
   });
 }
 
-// This rank's rows of the routing (dispatch reads them): the router's own, or under SP the local slice of the
-// whole micro-batch's routing.
+// The routing of the rows the routed experts see (dispatch reads it): the router's own (under SP with expert_tp
+// the whole micro-batch's, the experts' TP region), or under SP the local slice of the whole micro-batch's.
 struct LocalRouting {
   const int32_t* idx_TK;
   const uint8_t* kept_TK;
   const float* weight_TK;
 };
 LocalRouting local_routing(const MoeConfig& c, const MoeActs& a) {
-  if (c.tp.sp()) return {a.idx_local_TK.data(), a.kept_local_TK.data(), a.weight_local_TK.data()};
+  if (c.tp.sp() && !c.expert_tp)
+    return {a.idx_local_TK.data(), a.kept_local_TK.data(), a.weight_local_TK.data()};
   return {a.router.idx_TK.data(), a.router.kept_TK.data(), a.router.weight_TK.data()};
 }
 
@@ -130,14 +131,18 @@ void route_sequence_parallel(Backend& be, const MoeConfig& c, const MoeParams& p
   c.tp.sp_slice(a.router.weight_TK.data(), a.weight_local_TK.data(), batch, sl, k);
 }
 
-// Its backward: the gate-weight gradients of every TP rank's rows gathered, the logits' gradient of the whole
-// micro-batch (the aux loss term needs every token's), then this rank's rows through the GEMMs.
+// Its backward: the gate-weight gradients of every TP rank's rows gathered (under expert_tp they are already
+// the whole micro-batch's), the logits' gradient of the whole micro-batch (the aux loss term needs every token's), then this rank's rows through the GEMMs.
 void router_backward_sequence_parallel(Backend& be, const MoeConfig& c, const MoeParams& p, const float* x,
                                        float aux_grad, MoeActs& a, MoeGrads& g, float* dx) {
   const int64_t t = a.t, e = c.router.num_experts, k = c.router.topk, sl = t / a.batch;
-  a.dweight_full_TK.resize(t * c.tp.size * k);
-  c.tp.sp_all_gather(a.dweight_TK.data(), a.dweight_full_TK.data(), a.batch, sl, k);
-  router_backward_logits(c.router, a.router, a.dweight_full_TK.data(), aux_grad);
+  const float* dweight = a.dweight_TK.data();  // expert_tp: already the whole micro-batch's (summed over TP)
+  if (!c.expert_tp) {
+    a.dweight_full_TK.resize(t * c.tp.size * k);
+    c.tp.sp_all_gather(a.dweight_TK.data(), a.dweight_full_TK.data(), a.batch, sl, k);
+    dweight = a.dweight_full_TK.data();
+  }
+  router_backward_logits(c.router, a.router, dweight, aux_grad);
   a.dlogits_local_TE.resize(t * e);
   c.tp.sp_slice(a.router.dlogits_TE.data(), a.dlogits_local_TE.data(), a.batch, sl, e);
   linear_backward_weight(be, a.dlogits_local_TE.data(), x, g.gate_w_ED, t, c.hidden, e, Precision::kF32,
@@ -183,10 +188,11 @@ void router_backward_on(Backend& be, const MoeConfig& c, const MoeParams& p, con
   linear_backward_input(be, dl, p.gate_w_ED, dx, t, c.hidden, e, Precision::kF32, a.lin, 1.f);
 }
 
-// The local experts' rows and their gate weights. One rank: the permutation is built on the host (a counting
-// sort of T·K ids) and its maps go to the backend, which gathers; expert parallelism: the dispatcher.
-void dispatch(Backend& be, const MoeConfig& c, const float* x, MoeActs& a) {
-  const int64_t t = a.t, d = c.hidden, k = c.router.topk, e = c.router.num_experts;
+// The local experts' rows and their gate weights, from the t tokens x the routed experts see. One rank: the
+// permutation is built on the host (a counting sort of T·K ids) and its maps go to the backend, which gathers;
+// expert parallelism: the dispatcher.
+void dispatch(Backend& be, const MoeConfig& c, const float* x, int64_t t, MoeActs& a) {
+  const int64_t d = c.hidden, k = c.router.topk, e = c.router.num_experts;
   const RouterActs& r = a.router;
   const LocalRouting lr = local_routing(c, a);
   if (c.ep.size() > 1) {
@@ -241,14 +247,25 @@ void moe_forward(Backend& be, const MoeConfig& c, const MoeParams& p, const floa
   DSV3_CHECK(p.gate_proj_EFD && p.up_proj_EFD && p.down_proj_EDF, "moe_forward: expert weights are null");
   DSV3_CHECK(c.n_shared == 0 || (p.shared_gate_FsD && p.shared_up_FsD && p.shared_down_DFs),
              "moe_forward: shared expert weights are null");
-  const int64_t d = c.hidden, f = c.ffn, k_n = c.router.topk;
+  const int64_t d = c.hidden, f = c.expert_ffn(), k_n = c.router.topk;
   a.x_TD = x;
   a.t = t, a.batch = batch;
   {
     DSV3_PROFILE("fwd.moe.router");
     route(be, c, p, x, t, batch, training, a);
   }
-  dispatch(be, c, x, a);
+  // Under SP the TP region (the shared expert; with expert_tp the routed experts too) runs on the gathered
+  // micro-batch [T, D].
+  const int64_t T = c.tp.sp() ? t * c.tp.size : t;
+  const float* x_all = x;
+  if (c.tp.sp() && (c.n_shared > 0 || c.expert_tp)) {
+    float* in = grow(be, a.shared_in_TD, T * d);
+    if (t > 0) c.tp.sp_all_gather(x, in, batch, t / batch, d);
+    x_all = in;
+  }
+  const float* x_routed = c.expert_tp ? x_all : x;
+  const int64_t t_routed = c.expert_tp ? T : t;
+  dispatch(be, c, x_routed, t_routed, a);
   const int64_t r_n = a.dispatch.offsets_L1.back();
   grow(be, a.a_RF, r_n * f);
   grow(be, a.b_RF, r_n * f);
@@ -272,24 +289,24 @@ void moe_forward(Backend& be, const MoeConfig& c, const MoeParams& p, const floa
     });
   }
   DSV3_PROFILE_END(fwd_experts);
-  // Routed sum first, then the shared expert added on top (HF's order).
+  // Routed sum first, then the shared expert added on top (HF's order). Under expert_tp both are partial sums
+  // over the TP ranks' F slices, added into one buffer and reduced together.
+  const bool sp_region = c.expert_tp && c.tp.sp();
+  float* routed = sp_region ? grow(be, a.shared_out_TD, T * d) : out;
   if (c.ep.size() == 1)
-    be.unpermute_sum(a.y_RD.data(), a.row_TK.data(), t, k_n, d, out, 0.f);
+    be.unpermute_sum(a.y_RD.data(), a.row_TK.data(), t_routed, k_n, d, routed, 0.f);
   else
-    ep_combine(c.ep, a.dispatch, a.y_RD.data(), out);
+    ep_combine(c.ep, a.dispatch, a.y_RD.data(), routed);
   if (c.n_shared > 0 && t > 0) {
     DSV3_PROFILE("fwd.moe.shared");
     const MlpParams mp{p.shared_gate_FsD, p.shared_up_FsD, p.shared_down_DFs, p.bf16_weights};
-    if (!c.tp.on()) {
-      mlp_forward(be, d, c.shared_ffn(), mp, x, t, out, 1.f, a.shared, a.shared_scratch, c.precision);
+    if (!c.tp.on() || c.expert_tp) {
+      mlp_forward(be, d, c.shared_ffn(), mp, x_all, T, routed, 1.f, a.shared, a.shared_scratch, c.precision);
     } else if (c.tp.sp()) {  // a TP region over the whole sequence: gathered in, reduce-scattered out
-      const int64_t T = t * c.tp.size, sl = t / batch;
-      float* in = grow(be, a.shared_in_TD, T * d);
-      c.tp.sp_all_gather(x, in, batch, sl, d);
       float* s = grow(be, a.shared_out_TD, T * d);
-      mlp_forward(be, d, c.shared_ffn(), mp, in, T, s, 0.f, a.shared, a.shared_scratch, c.precision);
+      mlp_forward(be, d, c.shared_ffn(), mp, x_all, T, s, 0.f, a.shared, a.shared_scratch, c.precision);
       float* mine = grow(be, a.shared_local_TD, t * d);
-      c.tp.sp_reduce_scatter(s, mine, batch, sl, d);
+      c.tp.sp_reduce_scatter(s, mine, batch, t / batch, d);
       be.add(out, out, mine, t * d);
     } else {  // the partial sums over the TP ranks' columns are reduced before the routed part joins them
       float* s = grow(be, a.shared_out_TD, t * d);
@@ -298,6 +315,10 @@ void moe_forward(Backend& be, const MoeConfig& c, const MoeParams& p, const floa
       be.add(out, out, s, t * d);
     }
   }
+  if (sp_region && t > 0)
+    c.tp.sp_reduce_scatter(routed, out, batch, t / batch, d);
+  else if (c.expert_tp)
+    c.tp.reduce_from_forward(out, t * d);
 }
 
 void moe_backward(Backend& be, const MoeConfig& c, const MoeParams& p, MoeActs& a, const float* dout,
@@ -306,41 +327,52 @@ void moe_backward(Backend& be, const MoeConfig& c, const MoeParams& p, MoeActs& 
              "moe_backward: null gradients");
   DSV3_CHECK(c.n_shared == 0 || (g.shared_gate_FsD && g.shared_up_FsD && g.shared_down_DFs),
              "moe_backward: null shared expert gradients");
-  const int64_t d = c.hidden, f = c.ffn, k_n = c.router.topk, t = a.t;
+  DSV3_CHECK(!c.tp.on() || beta == 0.f, "moe_backward: under tensor parallelism dx is assigned (beta 0)");
+  const int64_t d = c.hidden, f = c.expert_ffn(), k_n = c.router.topk, t = a.t;
+  const int64_t T = c.tp.sp() ? t * c.tp.size : t;
   const float* x = a.x_TD;
+  // Under SP the region's output gradient is gathered (the shared expert's; with expert_tp the routed experts'
+  // too), and under expert_tp the region's input gradient dx_all is partial until reduced below.
+  const float* dout_all = dout;
+  if (c.tp.sp() && (c.n_shared > 0 || c.expert_tp)) {
+    float* dfull = grow(be, a.dshared_out_TD, T * d);
+    if (t > 0) c.tp.sp_all_gather(dout, dfull, a.batch, t / a.batch, d);
+    dout_all = dfull;
+  }
+  const bool sp_region = c.expert_tp && c.tp.sp();
+  float* dx_all = sp_region ? grow(be, a.dshared_in_TD, T * d) : dx;
   float dx_beta = beta;
   if (c.n_shared > 0 && t > 0) {
     DSV3_PROFILE("bwd.moe.shared");
     const MlpParams mp{p.shared_gate_FsD, p.shared_up_FsD, p.shared_down_DFs, p.bf16_weights};
     MlpGrads mg{g.shared_gate_FsD, g.shared_up_FsD, g.shared_down_DFs};
-    DSV3_CHECK(!c.tp.on() || beta == 0.f, "moe_backward: under tensor parallelism dx is assigned (beta 0)");
-    if (c.tp.sp()) {
-      const int64_t T = t * c.tp.size, sl = t / a.batch;
-      float* dfull = grow(be, a.dshared_out_TD, T * d);
-      c.tp.sp_all_gather(dout, dfull, a.batch, sl, d);
+    if (c.tp.sp() && !c.expert_tp) {
       float* dxfull = grow(be, a.dshared_in_TD, T * d);
-      mlp_backward(be, d, c.shared_ffn(), mp, a.shared, dfull, dxfull, 0.f, mg, a.shared_scratch,
+      mlp_backward(be, d, c.shared_ffn(), mp, a.shared, dout_all, dxfull, 0.f, mg, a.shared_scratch,
                    c.precision);
-      c.tp.sp_reduce_scatter(dxfull, dx, a.batch, sl, d);
+      c.tp.sp_reduce_scatter(dxfull, dx, a.batch, t / a.batch, d);
     } else {
-      mlp_backward(be, d, c.shared_ffn(), mp, a.shared, dout, dx, beta, mg, a.shared_scratch, c.precision);
-      // The shared expert's part only: the routed part is whole on every rank.
-      c.tp.copy_to_backward(dx, t * d);
+      mlp_backward(be, d, c.shared_ffn(), mp, a.shared, dout_all, dx_all, beta, mg, a.shared_scratch,
+                   c.precision);
+      // Without expert_tp: the shared expert's part only (the routed part is whole on every rank).
+      if (!c.expert_tp) c.tp.copy_to_backward(dx, t * d);
     }
     dx_beta = 1.f;
   }
 
+  const float* dout_routed = c.expert_tp ? dout_all : dout;
+  const int64_t t_routed = a.dispatch.t;
   const int64_t r_n = a.dispatch.offsets_L1.back();
   if (c.ep.size() == 1)
-    be.permute_rows(dout, a.token_R.data(), r_n, d, grow(be, a.dy_RD, r_n * d));
+    be.permute_rows(dout_routed, a.token_R.data(), r_n, d, grow(be, a.dy_RD, r_n * d));
   else
-    ep_dispatch_grad(c.ep, a.dispatch, dout, a.dy_RD);
+    ep_dispatch_grad(c.ep, a.dispatch, dout_routed, a.dy_RD);
   grow(be, a.dz_RF, r_n * f);
   grow(be, a.da_RF, r_n * f);
   grow(be, a.db_RF, r_n * f);
   grow(be, a.dx_RD, r_n * d);
   grow(be, a.dprob_R, r_n);
-  grow(be, a.dweight_TK, t * k_n);
+  grow(be, a.dweight_TK, t_routed * k_n);
   DSV3_PROFILE_BEGIN(bwd_experts, "bwd.moe.experts");
   if (c.precision == Precision::kBF16) {
     experts_backward_bf16(be, c, g, a);
@@ -370,14 +402,22 @@ void moe_backward(Backend& be, const MoeConfig& c, const MoeParams& p, MoeActs& 
   // The routed rows are summed per token first, then added to what is already in dx (the shared expert's part):
   // the order the allgather dispatcher's reduce-scatter imposes, so every dispatcher and layout adds the same
   // terms in the same order (exactly, for top-2 routing).
-  float* routed = dx_beta == 0.f ? dx : grow(be, a.dx_routed_TD, t * d);
+  float* dx_routed = c.expert_tp ? dx_all : dx;
+  float* routed = dx_beta == 0.f ? dx_routed : grow(be, a.dx_routed_TD, t_routed * d);
   if (c.ep.size() == 1) {
-    be.unpermute_sum(a.dx_RD.data(), a.row_TK.data(), t, k_n, d, routed, 0.f);
-    be.gather_or_zero(a.dprob_R.data(), a.row_TK.data(), t * k_n, a.dweight_TK.data());
+    be.unpermute_sum(a.dx_RD.data(), a.row_TK.data(), t_routed, k_n, d, routed, 0.f);
+    be.gather_or_zero(a.dprob_R.data(), a.row_TK.data(), t_routed * k_n, a.dweight_TK.data());
   } else {
     ep_combine_grad(c.ep, a.dispatch, a.dx_RD.data(), a.dprob_R.data(), routed, 0.f, a.dweight_TK.data());
   }
-  if (routed != dx) be.add(dx, dx, routed, t * d);
+  if (routed != dx_routed) be.add(dx_routed, dx_routed, routed, t_routed * d);
+  if (c.expert_tp) {  // the region's gradients are partial over the F slices: summed over TP
+    c.tp.sum(a.dweight_TK.data(), t_routed * k_n);
+    if (sp_region && t > 0)
+      c.tp.sp_reduce_scatter(dx_all, dx, a.batch, t / a.batch, d);
+    else
+      c.tp.copy_to_backward(dx, t * d);
+  }
   DSV3_PROFILE("bwd.moe.router");
   router_backward_on(be, c, p, x, aux_grad, a, g, dx);
 }

@@ -48,16 +48,27 @@ struct MoeConfig {
   RouterConfig router;
   Precision precision = Precision::kF32;  // expert GEMM operands; the router is always fp32
   ExpertParallel ep;                      // default: one rank, every expert local
-  // Tensor parallelism splits the shared expert (gate/up column-parallel, down row-parallel); the router and
-  // the routed experts are replicated. Without sequence parallelism every TP rank routes the same tokens and runs
-  // every local expert on them, so their gradients agree without a reduction. With it (tp.sp()) the layer takes
-  // this rank's Tl = T/TP tokens, as Megatron's MoE layer does under ETP 1: the routed experts run on those only
-  // (their gradients and the router's are partial, summed over TP by the trainer), and the shared expert is a TP
-  // region entered by an all-gather and left by a reduce-scatter. The router decides on the whole micro-batch:
-  // its [Tl, E] logits are all-gathered and every TP rank routes all T tokens, then keeps its own rows, so the
-  // capacity rule and the sequence aux loss see the same tokens as one process (Megatron drops per TP shard;
-  // dsv3 keeps one-process parity, the bar its parallel tests hold every layout to).
+  // Tensor parallelism splits the shared expert (gate/up column-parallel, down row-parallel); the router is
+  // replicated. The routed experts follow expert tensor parallelism:
+  // - expert_tp (ETP = TP): each routed expert is split like the shared one (expert_ffn() = F/TP rows of
+  //   gate/up, columns of down), and the routed experts and the shared expert form one TP region: every TP rank
+  //   runs its slice of each expert on the TP group's tokens (with SP the all-gathered micro-batch, routed as
+  //   below), and the partial outputs of both are reduced together (all-reduce, or reduce-scatter with SP); the
+  //   gate-weight gradients, partial over the F slices, are summed over TP before the router's backward.
+  // - otherwise (ETP 1) the experts are whole. Without SP every TP rank routes the same tokens and runs every
+  //   local expert on them, so their gradients agree without a reduction (a layer test setting; training refuses
+  //   ETP 1 under TP without SP, as Megatron does). With SP the layer takes this rank's Tl = T/TP tokens, as
+  //   Megatron's MoE layer does under ETP 1: the routed experts run on those only (their gradients are partial,
+  //   summed over expert-DP, which then holds the TP ranks), and the shared expert is a TP region entered by an
+  //   all-gather and left by a reduce-scatter.
+  // Under SP the router decides on the whole micro-batch: its [Tl, E] logits are all-gathered and every TP rank
+  // routes all T tokens, so the capacity rule and the sequence aux loss see the same tokens as one process
+  // (Megatron drops per TP shard; dsv3 keeps one-process parity, the bar its parallel tests hold every layout to).
   TensorParallel tp;
+  bool expert_tp = false;
+  int64_t expert_ffn() const {
+    return expert_tp ? ffn / tp.size : ffn;
+  }  // this TP rank's routed-expert width
   int64_t local_experts() const { return ep.local_count(router.num_experts); }
   int64_t shared_ffn() const { return n_shared * ffn / tp.size; }  // this TP rank's shared-expert width
   void validate() const;
@@ -111,8 +122,9 @@ struct MoeActs {
   std::vector<float> logits_local_TE, weight_local_TK, dweight_full_TK, dlogits_local_TE;
   std::vector<int32_t> idx_local_TK;
   std::vector<uint8_t> kept_local_TK;
-  // SP: the shared expert's gathered input [T, D], its output summed and scattered [t, D], and in backward the
-  // gathered output gradient and the partial input gradient [T, D].
+  // SP: the TP region's gathered input [T, D] (the shared expert's; under expert_tp the routed experts' too), its
+  // output summed and scattered [t, D], and in backward the gathered output gradient and the partial input
+  // gradient [T, D].
   DeviceArray<float> shared_in_TD, shared_local_TD, dshared_out_TD, dshared_in_TD;
   DispatchState dispatch;                        // rows of the local experts (from every EP rank); host maps
   DeviceArray<int32_t> token_R, row_TK, slot_R;  // one rank: the permutation's maps in backend memory
@@ -123,7 +135,7 @@ struct MoeActs {
   DeviceArray<float> prob_R;                     // gate weight per row
   DeviceArray<float> y_RD;                       // expert outputs (already weighted)
   MlpActs shared;                                // shared expert
-  DeviceArray<float> shared_out_TD;  // TP: the shared expert's partial output, reduced before the add
+  DeviceArray<float> shared_out_TD;  // TP: the region's partial output, reduced before the add (SP: [T, D])
   // backward scratch
   DeviceArray<float> dy_RD, dz_RF, da_RF, db_RF, dx_RD, dprob_R, dweight_TK, dx_routed_TD;
   MlpScratch shared_scratch;

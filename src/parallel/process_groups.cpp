@@ -171,12 +171,11 @@ ProcessGroups ProcessGroups::build(int world, int rank, const ParallelSizes& s) 
   DSV3_CHECK(s.num_experts < 0 || s.num_experts % s.ep == 0,
              "impossible distributed layout: the number of experts ", s.num_experts,
              " is not divisible by --expert-model-parallel-size ", s.ep, " (rule: num_experts % EP == 0)");
-  const int etp = s.tp;
+  const int etp = s.etp < 0 ? s.tp : s.etp;
+  DSV3_CHECK(etp >= 1, "--expert-tensor-parallel-size must be >= 1, got ", etp);
   const int emp = etp * s.ep * s.pp;
   DSV3_CHECK(world % emp == 0, "impossible distributed layout: the world size ", world,
-             " is not divisible by expert-tensor-parallel size ", etp,
-             " (= --tensor-model-parallel-size) × "
-             "--expert-model-parallel-size ",
+             " is not divisible by --expert-tensor-parallel-size ", etp, " × --expert-model-parallel-size ",
              s.ep, " × --pipeline-model-parallel-size ", s.pp, " = ", emp,
              " (rule: world % (ETP·EP·PP) == 0)");
 
@@ -192,6 +191,11 @@ ProcessGroups ProcessGroups::build(int world, int rank, const ParallelSizes& s) 
   DSV3_CHECK(dense.groups("pp") == expert.groups("pp"), "impossible distributed layout: with order ", order,
              " the pipeline groups of the dense grid (tp ", pg.tp, ", cp ", pg.cp, ", dp ", pg.dp,
              ") and of the expert grid (etp ", pg.etp, ", ep ", pg.ep, ", edp ", pg.edp, ") differ");
+  // Megatron-Core >= 0.10 asserts this too: with an order whose last dimension is not pp, the two grids' DP sizes
+  // must agree (else their pipeline stages would interleave differently).
+  DSV3_CHECK(order.size() >= 2 && (order.substr(order.size() - 2) == "pp" || pg.pp == 1 || pg.edp == pg.dp),
+             "impossible distributed layout: with order ", order, " (pp not last) and pipeline size ", pg.pp,
+             " the expert-data-parallel size ", pg.edp, " must equal the data-parallel size ", pg.dp);
   pg.tp_rank = dense.coord(rank, "tp"), pg.cp_rank = dense.coord(rank, "cp");
   pg.dp_rank = dense.coord(rank, "dp"), pg.pp_rank = dense.coord(rank, "pp");
   pg.etp_rank = expert.coord(rank, "tp"), pg.ep_rank = expert.coord(rank, "ep");

@@ -5,7 +5,7 @@
 //
 // Two grids share the ranks, as in Megatron-Core ≥ 0.10 (MoE parallel folding):
 //   dense:  tp, cp, dp, pp          dp  = world / (tp·cp·pp)      rank = tp + TP·(cp + CP·(dp + DP·pp))
-//   expert: etp (= tp), ep, edp, pp edp = world / (etp·ep·pp)     rank = etp + ETP·(ep + EP·(edp + EDP·pp))
+//   expert: etp, ep, edp, pp       edp = world / (etp·ep·pp)     rank = etp + ETP·(ep + EP·(edp + EDP·pp))
 // (with the default order; RankGrid takes any order). The pipeline groups of the two grids must coincide.
 #pragma once
 #include <cstdint>
@@ -58,6 +58,7 @@ const char* group_name(Group g);
 
 struct ParallelSizes {
   int tp = 1, cp = 1, ep = 1, pp = 1;
+  int etp = -1;                          // --expert-tensor-parallel-size; < 0: tp (Megatron's default)
   int64_t num_experts = -1;              // < 0: not checked (a dense model, or not known yet)
   std::string order = "tp-cp-ep-dp-pp";  // Megatron's default; --use-tp-pp-dp-mapping gives tp-cp-ep-pp-dp
 };

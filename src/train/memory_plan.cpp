@@ -34,11 +34,11 @@ int64_t grown(std::initializer_list<int64_t> sizes) {
 
 // One rank's share of a layer's shapes (TP splits heads and FFN widths; EP the routed experts).
 struct Shapes {
-  int64_t T, Tl;                         // tokens of a micro-batch, and this rank's (T / TP with SP)
+  int64_t T, Tl, Tr;  // tokens of a micro-batch, this rank's (T / TP with SP), the routed experts' (ETP: T)
   int64_t D, H, K, Ekv, C, Lkv, Lq, dv;  // MLA (Ekv: kv_b rows per head)
   int64_t F;                             // dense FFN width
   int64_t Fe, Fs, E, k, rows;            // MoE: expert width, shared width, experts, top-k, routed rows
-  bool bf16, tp, gpu, sp;
+  bool bf16, tp, gpu, sp, etp;           // etp: routed experts split over TP (expert tensor parallelism)
 };
 
 // A SwiGLU MLP's saved forward state (mlp.h MlpActs) and backward scratch (MlpScratch), width f.
@@ -79,9 +79,9 @@ int64_t mla_scratch(const Shapes& s, int64_t seq, int64_t rope_dim) {
 // MoeActs (moe.h): the router's maps, the permuted rows and their SwiGLU, the backward's row buffers, the
 // shared expert, the bf16 expert operands. Per MoE layer (one set under recompute).
 int64_t moe_acts(const Shapes& s, bool ep) {
-  const int64_t T = s.Tl, D = s.D, R = s.rows, F = s.Fe, k = s.k;  // the MoE runs on this rank's tokens
+  const int64_t T = s.Tr, D = s.D, R = s.rows, F = s.Fe, k = s.k;  // the routed experts' tokens
   int64_t b = 0;
-  if (s.gpu) b += kF32 * 2 * T * s.E;  // logits_TE, dlogits_TE: the router's GEMMs on the GPU
+  if (s.gpu) b += kF32 * 2 * s.Tl * s.E;  // logits_TE, dlogits_TE: the router's GEMMs on the GPU
   if (!ep) b += kI32 * (2 * R + T * k) + kF32 * T * k;          // token_R, slot_R, row_TK, weight_TK
   b += kF32 * (R * D + R + R * D);                              // x_RD, prob_R, y_RD
   b += kF32 * (s.bf16 ? 2 * R * F : R * F) + kF32 * 2 * R * F;  // a_RF (bf16: fused gate|up), b_RF, z_RF
@@ -91,9 +91,11 @@ int64_t moe_acts(const Shapes& s, bool ep) {
   if (s.Fs) {
     b += kF32 * T * D;  // dx_routed_TD: the routed part added after the shared expert's
     b += mlp_acts(s, s.Fs) + mlp_scratch(s, s.Fs);  // the shared expert: every token of the micro-batch
-    if (s.tp) b += kF32 * s.T * D;                  // shared_out_TD
-    if (s.sp) b += kF32 * (3 * s.T + T) * D;  // shared_in, dshared_out, dshared_in (whole), shared_local
+    if (s.tp && !s.etp) b += kF32 * s.T * D;        // shared_out_TD
+    if (s.sp && !s.etp) b += kF32 * (3 * s.T + s.Tl) * D;  // shared_in, dshared_out, dshared_in, shared_local
   }
+  // ETP with SP: the region's gathered input, partial output, gathered output gradient and partial input gradient.
+  if (s.sp && s.etp) b += kF32 * 4 * s.T * D;
   if (s.bf16) b += kBf16 * (R * D + R * F + R * D + 2 * R * F);  // x_bf, z_bf, dy_bf, dab_bf
   return b;
 }
@@ -127,32 +129,36 @@ int64_t block_acts(const Shapes& s, bool moe, bool ep) {
 std::vector<StageMemory> plan_memory(const ModelConfig& cfg, const MemoryLayout& lay, const MemoryRun& run) {
   DSV3_CHECK(lay.tp >= 1 && lay.pp >= 1 && lay.ep >= 1 && lay.dp >= 1,
              "memory plan: parallel sizes must be >= 1");
-  DSV3_CHECK(lay.dp % lay.ep == 0, "memory plan: the data-parallel size (", lay.dp,
-             ") must be a multiple of the expert-parallel size (", lay.ep, ")");
-  const ParamTable table(cfg);
+  const int etp = lay.expert_tp();
+  DSV3_CHECK(etp >= 1 && (lay.tp * lay.dp) % (etp * lay.ep) == 0, "memory plan: TP x DP (", lay.tp * lay.dp,
+             ") must be a multiple of the expert tensor parallel size x the expert-parallel size (",
+             etp * lay.ep, ")");
+  const bool split_experts = etp > 1 && lay.tp > 1;
+  const ParamTable table(cfg, split_experts);
   const bool mtp_model = cfg.num_nextn_predict_layers > 0;
   const auto stages =
       !lay.stages.empty()
           ? lay.stages
           : plan_pipeline_stages(cfg.num_hidden_layers, lay.pp, lay.first_layers, lay.last_layers, mtp_model);
-  const int edp = lay.dp / lay.ep;
+  const int edp = lay.expert_dp();
   const bool bf16 = run.precision == Precision::kBF16;
   const int64_t T = run.micro_batch * run.seq, D = cfg.hidden_size, L = cfg.num_hidden_layers;
 
   Shapes s{};
   const bool sp = run.sequence_parallel && lay.tp > 1;
   const int64_t Tl = sp ? T / lay.tp : T;  // with SP the residual stream holds this rank's positions
-  s.T = T, s.Tl = Tl, s.D = D, s.sp = sp;
+  s.T = T, s.Tl = Tl, s.Tr = split_experts ? T : Tl, s.D = D, s.sp = sp, s.etp = split_experts;
   s.H = cfg.num_attention_heads / lay.tp, s.K = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim;
   s.Ekv = cfg.qk_nope_head_dim + cfg.v_head_dim, s.C = cfg.kv_lora_rank + cfg.qk_rope_head_dim;
   s.Lkv = cfg.kv_lora_rank, s.Lq = cfg.has_q_lora() ? cfg.q_lora_rank : 0, s.dv = cfg.v_head_dim;
   s.F = cfg.intermediate_size / lay.tp;
-  s.Fe = cfg.moe_intermediate_size, s.Fs = cfg.n_shared_experts * cfg.moe_intermediate_size / lay.tp;
+  s.Fe = cfg.moe_intermediate_size / (split_experts ? lay.tp : 1),
+  s.Fs = cfg.n_shared_experts * cfg.moe_intermediate_size / lay.tp;
   s.E = cfg.n_routed_experts, s.k = cfg.num_experts_per_tok;
   s.bf16 = bf16, s.tp = lay.tp > 1, s.gpu = !run.cpu;
   // Routed rows per MoE layer: T·k (dropless; with EP the average a rank receives); the capacity rule keeps at
   // most E·capacity of them.
-  s.rows = Tl * s.k;
+  s.rows = s.Tr * s.k;
   const bool capacity = run.capacity_factor > 0;
   if (capacity && s.E > 0) {
     const auto cap = static_cast<int64_t>(
@@ -190,17 +196,18 @@ std::vector<StageMemory> plan_memory(const ModelConfig& cfg, const MemoryLayout&
     } else {
       m.adam = 2 * kF32 * store.size();
     }
-    if (lay.dp > 1) {
-      // MPI's own staging for the gradient buckets (data_parallel.h: Megatron's max(40M, 1M·DP) elements; dense and
-      // expert ranges share buckets when they share a group): measured with OpenMPI 4.1 on the proxy config, a
-      // reduce-scatter holds about the part it receives from the other ranks, an all-reduce half a shard.
-      const int64_t bucket = DataParallelGrads::default_bucket_numel(lay.dp);
-      const int64_t largest = lay.ep == 1
-                                  ? std::min(bucket, dense + expert)
-                                  : std::max(std::min(bucket, dense), edp > 1 ? std::min(bucket, expert) : 0);
-      m.optimizer_buffers +=
-          lay.dist_opt ? kF32 * largest * (lay.dp - 1) / lay.dp : kF32 * largest / (2 * lay.dp);
-    }
+    // MPI's own staging for the gradient buckets (data_parallel.h: Megatron's max(40M, 1M·DP) elements; dense and
+    // expert ranges share buckets when they share a group): measured with OpenMPI 4.1 on the proxy config, a
+    // reduce-scatter holds about the part it receives from the other ranks, an all-reduce half a shard.
+    const int64_t bucket = DataParallelGrads::default_bucket_numel(lay.dp);
+    auto staging = [&](int64_t n, int group) -> int64_t {
+      if (group <= 1) return 0;
+      n = std::min(bucket, n);
+      return lay.dist_opt ? kF32 * n * (group - 1) / group : kF32 * n / (2 * group);
+    };
+    const bool one_group = lay.ep == 1 && etp == lay.tp;  // the DP and expert-DP groups coincide
+    m.optimizer_buffers +=
+        one_group ? staging(dense + expert, lay.dp) : std::max(staging(dense, lay.dp), staging(expert, edp));
 
     const bool post = st.post_process;
     const bool mtp = run.mtp && mtp_model && post;

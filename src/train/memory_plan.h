@@ -27,7 +27,10 @@ namespace dsv3 {
 
 struct MemoryLayout {
   int tp = 1, pp = 1, ep = 1, dp = 1;
-  int64_t first_layers = 0, last_layers = 0;  // --decoder-first/last-pipeline-num-layers
+  int etp = -1;  // expert tensor parallel size; < 0: tp (Megatron's default)
+  int expert_tp() const { return etp < 0 ? tp : etp; }
+  int expert_dp() const { return tp * dp / (expert_tp() * ep); }  // world / (ETP·EP·PP)
+  int64_t first_layers = 0, last_layers = 0;                      // --decoder-first/last-pipeline-num-layers
   bool dist_opt = false;
   std::vector<PipelineStage> stages;  // the run's stages when known (else planned from the sizes above)
 };

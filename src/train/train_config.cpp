@@ -62,6 +62,10 @@ void read_tensor_parallel(const TrainArgs& a, const TrainConfig& c) {
   divides(m.num_attention_heads, "the number of attention heads");
   divides(m.intermediate_size, "the dense FFN width (--ffn-hidden-size)");
   divides(m.moe_intermediate_size * m.n_shared_experts, "the shared experts' width");
+  if (c.model_options.expert_tensor_parallel)
+    divides(m.moe_intermediate_size,
+            "the routed experts' width (--moe-ffn-hidden-size; expert tensor parallelism "
+            "splits it)");
   DSV3_CHECK(m.vocab_size % tp == 0, "--tensor-model-parallel-size ", tp, ": the vocabulary (", m.vocab_size,
              ") must be divisible by the tensor model parallel size (Megatron pads it to a multiple of "
              "--make-vocab-size-divisible-by × TP; a --model-config vocab_size must already be)");
@@ -76,11 +80,13 @@ void read_tensor_parallel(const TrainArgs& a, const TrainConfig& c) {
 // The layout (spec §8): impossible sizes are refused with the rule they break (ProcessGroups::build, which
 // every rank calls again for itself); then the parts of the layout that are not implemented yet are refused
 // by flag.
-void read_layout(const TrainArgs& a, int world_size, TrainConfig& c) {
+void read_layout(TrainArgs& a, int world_size, TrainConfig& c) {
   c.parallel.tp = static_cast<int>(a.i("tensor_model_parallel_size"));
   c.parallel.cp = static_cast<int>(a.i("context_parallel_size"));
   c.parallel.ep = static_cast<int>(a.i("expert_model_parallel_size"));
   c.parallel.pp = static_cast<int>(a.i("pipeline_model_parallel_size"));
+  if (a.given("expert_tensor_parallel_size"))
+    c.parallel.etp = static_cast<int>(a.i("expert_tensor_parallel_size"));
   if (c.model.n_routed_experts > 0) c.parallel.num_experts = c.model.n_routed_experts;
   c.dp = ProcessGroups::build(world_size, 0, c.parallel).dp;
   const struct {
@@ -92,15 +98,30 @@ void read_layout(const TrainArgs& a, int world_size, TrainConfig& c) {
         " parallelism is not implemented "
         "yet in dsv3's distributed runtime; data, expert and pipeline parallelism are (start the ranks with "
         "mpirun and leave the other parallel sizes at 1)");
-  // Routed experts are replicated over the TP ranks (expert tensor parallelism 1, what DeepSeek-V3's recipes set);
-  // Megatron's default (ETP = TP) splits each expert's FFN instead: the same numbers, another memory layout,
-  // which dsv3 does not have yet.
-  if (a.given("expert_tensor_parallel_size"))
-    DSV3_CHECK(
-        a.i("expert_tensor_parallel_size") == 1, "--expert-tensor-parallel-size ",
-        a.i("expert_tensor_parallel_size"),
-        ": expert tensor parallelism is not implemented yet in dsv3; routed experts are replicated over "
-        "the tensor-parallel ranks (--expert-tensor-parallel-size 1, as DeepSeek-V3's recipes set)");
+  // Expert tensor parallelism (Megatron's default: TP). ETP = TP splits every routed expert's FFN over the TP
+  // ranks as the dense FFN is split; ETP 1 keeps experts whole and folds the TP ranks into the expert grid's EP
+  // and expert-DP dimensions (what DeepSeek-V3's recipes set). Other sizes would give expert-TP groups that are
+  // not the TP group, which dsv3's MoE layer does not implement.
+  const int tp = c.parallel.tp;
+  const int etp = c.parallel.etp < 0 ? tp : c.parallel.etp;
+  DSV3_CHECK(
+      etp == 1 || etp == tp, "--expert-tensor-parallel-size ", etp,
+      ": dsv3 splits routed experts over the tensor-parallel ranks (--expert-tensor-parallel-size equal to "
+      "--tensor-model-parallel-size ",
+      tp, ", Megatron's default) or keeps them whole (1); other sizes are not implemented");
+  // With ETP 1 a TP rank's peers in the expert grid are other TP ranks: each must bring its own tokens, which
+  // only sequence parallelism gives (without it the experts would see every token TP times). Megatron refuses
+  // MoE training with TP > 1 and without sequence parallelism altogether.
+  DSV3_CHECK(
+      etp > 1 || tp == 1 || c.model.n_routed_experts == 0 || a.b("sequence_parallel"),
+      "--expert-tensor-parallel-size 1 with --tensor-model-parallel-size ", tp,
+      " needs --sequence-parallel: with ETP 1 the TP ranks are folded into expert parallelism and expert "
+      "data parallelism, so each must route tokens of its own (or leave --expert-tensor-parallel-size "
+      "at TP, which splits the experts instead)");
+  c.parallel.etp = etp;
+  a.set("expert_tensor_parallel_size",
+        std::to_string(etp));  // the arguments block shows it, as Megatron's does
+  c.model_options.expert_tensor_parallel = etp > 1;
   if (c.parallel.tp > 1) read_tensor_parallel(a, c);
 }
 

@@ -254,8 +254,10 @@ IterStats Trainer::micro_batches() {
 // Tensor parallelism: the replicated parameters fed by partial gradients (MLA's latent path,
 // ParamInfo::tp_grad_sum) get their gradient summed over TP, once per step (the sum is linear in the
 // micro-batches), before the data-parallel reduction. With sequence parallelism every replicated trainable
-// parameter is fed by partial gradients: the norms, the router, the routed experts and MTP's eh_proj see only
-// this rank's positions (Megatron all-reduces the sequence-parallel parameters' gradients over TP likewise).
+// parameter is fed by partial gradients: the norms, the router and MTP's eh_proj see only this rank's positions
+// (Megatron all-reduces the sequence-parallel parameters' gradients over TP likewise). Routed experts are not
+// summed here: split over TP (expert tensor parallelism) each rank's slice saw the whole TP group's tokens, and
+// whole (ETP 1) they are reduced over expert-DP, which then holds the TP ranks.
 void Trainer::tp_grad_sum() {
   if (pg_.tp == 1) return;
   Comm& tp = (*comms_)[Group::kTp];
@@ -279,8 +281,8 @@ void Trainer::tp_grad_sum() {
     parts.clear(), n = 0;
   };
   for (const auto& p : model_->table().params()) {
-    if (!(p.tp_grad_sum || (sp && p.trainable && p.tp_split == TpSplit::kReplicated)) || !p.tied_to.empty() ||
-        !store.contains(p.name))
+    if (!(p.tp_grad_sum || (sp && p.trainable && !p.is_expert && p.tp_split == TpSplit::kReplicated)) ||
+        !p.tied_to.empty() || !store.contains(p.name))
       continue;
     const int64_t k = store.numel(p);
     if (k >= kBucket) {
@@ -377,7 +379,7 @@ double Trainer::grad_norm() {
       std::vector<std::pair<int64_t, int64_t>> skip;
       if (skip1 > skip0) skip.emplace_back(skip0, skip1);
       for (const auto& p : model_->table().params())
-        if (pg_.tp_rank != 0 && p.tied_to.empty() && store.contains(p.name) &&
+        if (pg_.tp_rank != 0 && p.tied_to.empty() && store.contains(p.name) && !p.is_expert &&
             p.tp_split == TpSplit::kReplicated)
           skip.emplace_back(store.offset(p.name), store.offset(p.name) + store.numel(p));
       std::sort(skip.begin(), skip.end());
@@ -388,13 +390,14 @@ double Trainer::grad_norm() {
   }
   if (bopt_) return bopt_->grad_norm(g.data());  // one process (train_config.cpp read_device)
   if (pg_.ep == 1 && pg_.pp == 1 && pg_.tp == 1) return l2_norm(g.data(), static_cast<int64_t>(g.size()));
-  // Under TP a parameter split over TP counts on every TP rank (its block), a replicated one (the same gradient
-  // on every TP rank) on TP rank 0 only; routed experts are replicated over TP too.
+  // Under TP a dense parameter split over TP counts on every TP rank (its block), a replicated one (the same
+  // gradient on every TP rank) on TP rank 0 only. Routed experts count on every rank: their group (expert TP ×
+  // EP × PP) holds each expert block once, the TP ranks only when the experts are split over them.
   double sq[2] = {0, 0};  // dense, expert
   for (const auto& p : model_->table().params())
     if (p.tied_to.empty() && p.trainable && store.contains(p.name) &&
         !(skip_embedding && store.offset(p.name) == skip0) &&
-        (pg_.tp_rank == 0 || p.tp_split != TpSplit::kReplicated))
+        (pg_.tp_rank == 0 || p.is_expert || p.tp_split != TpSplit::kReplicated))
       sq[p.is_expert] += sum_of_squares(g.data() + store.offset(p.name), store.numel(p));
   (*comms_)[Group::kTpPp].allreduce(&sq[0], 1, ReduceOp::kSum);     // each stage's dense parameters
   (*comms_)[Group::kEtpEpPp].allreduce(&sq[1], 1, ReduceOp::kSum);  // each (stage, EP rank)'s experts

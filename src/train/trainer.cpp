@@ -86,6 +86,10 @@ void Trainer::setup() {
   ModelOptions mo = c_.model_options;
   if (pg_.ep > 1) mo.ep.comm = &(*comms_)[Group::kEp];
   mo.tp = {pg_.tp, pg_.tp_rank, &(*comms_)[Group::kTp], c_.model_options.tp.sequence_parallel};
+  // Split experts reduce over the TP group (moe.h): the expert-TP group must be it, as it is in Megatron's orders.
+  DSV3_CHECK(!mo.expert_tensor_parallel || pg_.members(Group::kEtp) == pg_.members(Group::kTp),
+             "expert tensor parallelism: with order ", pg_.order,
+             " the expert-TP group differs from the TP group");
   mo.stage = c_.stages[pg_.pp_rank];
   if (c_.shared_embedding) {
     // MTP on the last of several stages embeds tokens too: that stage keeps a copy of the embedding whose
@@ -122,7 +126,7 @@ void Trainer::setup() {
 
 MemoryLayout Trainer::memory_layout() const {
   MemoryLayout l;
-  l.tp = pg_.tp, l.pp = pg_.pp, l.ep = pg_.ep, l.dp = pg_.dp;
+  l.tp = pg_.tp, l.pp = pg_.pp, l.ep = pg_.ep, l.dp = pg_.dp, l.etp = pg_.etp;
   l.dist_opt = c_.distributed_optimizer && !c_.backend;
   l.stages = c_.stages;
   return l;
@@ -513,10 +517,10 @@ void Trainer::save(int64_t iteration) {
       r.replicated = true;
       if (pg_.is_first_rank()) save_checkpoint(*c_.save, prog_, t, c_.args.all_map(), c_.model, r);
     } else {
-      // One shard per (stage, EP rank), written by its expert-DP rank 0 (the other replicas hold the same
-      // state).
+      // One shard per (stage, EP rank), written by its expert-DP rank 0 of expert-TP rank 0 (the other
+      // replicas hold the same state, gathered over TP above).
       r.comm = &world_, r.shards = pg_.pp * pg_.ep, r.stages = c_.stages;
-      r.shard = pg_.edp_rank == 0 && pg_.tp_rank == 0 ? pg_.pp_rank * pg_.ep + pg_.ep_rank : -1;
+      r.shard = pg_.edp_rank == 0 && pg_.etp_rank == 0 ? pg_.pp_rank * pg_.ep + pg_.ep_rank : -1;
       save_checkpoint(*c_.save, prog_, t, c_.args.all_map(), c_.model, r);
     }
   } catch (const Error& e) {

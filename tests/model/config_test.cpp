@@ -348,7 +348,7 @@ TEST(ModelInfo, LayoutCountsWhatEachStageHolds) {
                                                 << out;
     EXPECT_NEAR(std::stod(m[1]), 8.0 * n / (1 << 30), 0.006) << out;
   }
-  EXPECT_NE(out.find("layout: PP 2 x DP 2 (EP 2, expert-DP 1) = 4 ranks"), std::string::npos) << out;
+  EXPECT_NE(out.find("layout: PP 2 x DP 2 (ETP 1, EP 2, expert-DP 1) = 4 ranks"), std::string::npos) << out;
 }
 
 }  // namespace
@@ -358,29 +358,38 @@ namespace dsv3 {
 namespace {
 
 // Under TP 2 a rank holds half of every head-, FFN- or vocabulary-split tensor (q_b/kv_b/gate/up rows, o_proj and
-// down columns, embedding and head rows; not the routed experts, replicated over TP) and the rest whole.
+// down columns, embedding and head rows) and the rest whole; the routed experts are split too under expert tensor
+// parallelism (ETP 2, the default) and whole with ETP 1, whose expert grid then holds the two TP ranks as
+// expert-DP.
 TEST(ModelInfo, LayoutCountsTheTensorParallelShard) {
   const std::string cfg_path = preset("demo-cpu.json");
-  const std::string out =
-      run_model_info({"model-info", "--model-config", cfg_path, "--tensor-model-parallel-size", "2"});
   const ParamTable table(ModelConfig::from_json_file(cfg_path));
   auto ends = [](const std::string& s, const std::string& x) {
     return s.size() >= x.size() && s.compare(s.size() - x.size(), x.size(), x) == 0;
   };
-  int64_t n = 0;
-  for (const auto& p : table.params()) {
-    if (!p.tied_to.empty()) continue;
-    const bool split = !p.is_expert && (ends(p.name, "q_b_proj.weight") || ends(p.name, "kv_b_proj.weight") ||
-                                        ends(p.name, "o_proj.weight") || ends(p.name, "gate_proj.weight") ||
-                                        ends(p.name, "up_proj.weight") || ends(p.name, "down_proj.weight") ||
-                                        p.name == "model.embed_tokens.weight" || p.name == "lm_head.weight");
-    n += split ? p.numel / 2 : p.numel;
+  for (const int etp : {2, 1}) {
+    std::vector<std::string> args = {"model-info", "--model-config", cfg_path, "--tensor-model-parallel-size",
+                                     "2"};
+    if (etp == 1) args.insert(args.end(), {"--expert-tensor-parallel-size", "1"});
+    const std::string out = run_model_info(args);
+    int64_t n = 0;
+    for (const auto& p : table.params()) {
+      if (!p.tied_to.empty()) continue;
+      const bool split = (!p.is_expert || etp == 2) &&
+                         (ends(p.name, "q_b_proj.weight") || ends(p.name, "kv_b_proj.weight") ||
+                          ends(p.name, "o_proj.weight") || ends(p.name, "gate_proj.weight") ||
+                          ends(p.name, "up_proj.weight") || ends(p.name, "down_proj.weight") ||
+                          p.name == "model.embed_tokens.weight" || p.name == "lm_head.weight");
+      n += split ? p.numel / 2 : p.numel;
+    }
+    std::string grouped = std::to_string(n);
+    for (int i = static_cast<int>(grouped.size()) - 3; i > 0; i -= 3)
+      grouped.insert(static_cast<size_t>(i), ",");
+    const std::string layout = etp == 2 ? "layout: TP 2 x PP 1 x DP 1 (ETP 2, EP 1, expert-DP 1) = 2 ranks"
+                                        : "layout: TP 2 x PP 1 x DP 1 (ETP 1, EP 1, expert-DP 2) = 2 ranks";
+    EXPECT_NE(out.find(layout), std::string::npos) << out;
+    EXPECT_TRUE(std::regex_search(out, std::regex("\n  0 +0-3 +" + grouped + " "))) << grouped << "\n" << out;
   }
-  std::string grouped = std::to_string(n);
-  for (int i = static_cast<int>(grouped.size()) - 3; i > 0; i -= 3)
-    grouped.insert(static_cast<size_t>(i), ",");
-  EXPECT_NE(out.find("layout: TP 2 x PP 1 x DP 1 (EP 1, expert-DP 1) = 2 ranks"), std::string::npos) << out;
-  EXPECT_TRUE(std::regex_search(out, std::regex("\n  0 +0-3 +" + grouped + " "))) << grouped << "\n" << out;
 }
 
 }  // namespace

@@ -41,7 +41,7 @@ TEST(ProcessGroups, MatchMegatronRankGenerator) {
   int checked = 0;
   for (const auto& c : golden["cases"]) {
     ParallelSizes s;
-    s.tp = c["tp"], s.cp = c["cp"], s.ep = c["ep"], s.pp = c["pp"], s.order = c["order"];
+    s.tp = c["tp"], s.cp = c["cp"], s.ep = c["ep"], s.pp = c["pp"], s.etp = c["etp"], s.order = c["order"];
     const int world = c["world"];
     const std::string what = c.dump().substr(0, 120);
     if (c.contains("error")) {

@@ -4,7 +4,8 @@
 // weights within 1e-5 (see kTpWeightsTol) — alone, under full recompute with token dropping, with DP2 (also with the distributed optimizer),
 // with EP2 and with PP2; with sequence parallelism likewise (TP2 with and without q_lora, TP2 under recompute
 // with token dropping, TP2 × EP2 with both dispatchers and padded token dropping, TP2 × DP2 with the distributed
-// optimizer, TP2 × PP2);
+// optimizer, TP2 × PP2); routed experts split over TP (ETP 2, Megatron's default) and whole (ETP 1, with EP
+// folded over the TP ranks);
 // checkpoints are written whole (HF layout) and continue in another layout with the same losses; sizes TP cannot
 // split, and a sequence length sequence parallelism cannot split, are refused by name. Skipped without mpirun.
 #include "parallel/parity_util.h"
@@ -105,13 +106,35 @@ TEST_F(TensorParallel, Tp2xDp2ReproducesSingleProcess) {
       << where;
 }
 
-// 4 ranks: TP 2 × EP 2 (DP 2): routed experts are split over EP and replicated over TP, whose ranks route the
-// same tokens; both dispatchers.
+// 4 ranks: TP 2 × EP 2 (DP 2): routed experts are split over EP, and each over the TP ranks (ETP 2, the default),
+// whose ranks route the same tokens; both dispatchers.
 TEST_F(TensorParallel, Tp2xEp2ReproducesSingleProcess) {
   expect_tp_parity("tp2_ep2_a2a", 4, 3,
                    kTp2 + " --expert-model-parallel-size 2 --moe-token-dispatcher-type alltoall");
   expect_tp_parity("tp2_ep2_ag", 4, 3,
                    kTp2 + " --expert-model-parallel-size 2 --moe-token-dispatcher-type allgather");
+}
+
+// Expert tensor parallelism. Megatron's default, ETP = TP (every test above), splits each routed expert's FFN
+// over the TP ranks; ETP 1 (DeepSeek-V3's recipes) keeps the experts whole and folds the TP ranks into the expert
+// grid: on 2 ranks they are expert-DP 2 (each runs every expert on its own sequence shard, the expert gradients
+// summed over expert-DP), or with EP 2 they hold different experts and send each other their shards' tokens
+// (both dispatchers); on 4 ranks TP 2 × EP 2 with ETP 1 gives EP 2 × expert-DP 2. Expert tensor parallelism
+// needs sequence parallelism with ETP 1 (below), so these run with SP; ETP 2 on the same layouts for comparison.
+TEST_F(TensorParallel, Tp2WithEtp1AndEtp2ReproduceSingleProcess) {
+  const std::string etp1 = kTp2Sp + " --expert-tensor-parallel-size 1";
+  const std::string etp2 = kTp2Sp + " --expert-tensor-parallel-size 2";
+  expect_parity("tp2_sp_etp1", 2, 2, 4, 3, etp1, "", "single_mbs2", kTpWeightsTol);
+  EXPECT_NE(last_out_.find("expert_tensor_parallel_size ..................... 1"), std::string::npos)
+      << last_out_;
+  expect_parity("tp2_sp_etp2", 2, 2, 4, 3, etp2, "", "single_mbs2", kTpWeightsTol);
+  EXPECT_NE(last_out_.find("expert_tensor_parallel_size ..................... 2"), std::string::npos)
+      << last_out_;
+  const std::string ep2 = " --expert-model-parallel-size 2 --moe-token-dispatcher-type ";
+  expect_parity("tp2_sp_etp1_ep2_a2a", 2, 2, 4, 3, etp1 + ep2 + "alltoall", "", "single_mbs2", kTpWeightsTol);
+  expect_parity("tp2_sp_etp1_ep2_ag", 2, 2, 4, 3, etp1 + ep2 + "allgather", "", "single_mbs2", kTpWeightsTol);
+  expect_parity("tp2_sp_etp1_ep2_np4", 4, 2, 4, 3, etp1 + ep2 + "alltoall", "", "single_mbs2", kTpWeightsTol);
+  expect_parity("tp2_sp_etp2_ep2_np4", 4, 2, 4, 3, etp2 + ep2 + "alltoall", "", "single_mbs2", kTpWeightsTol);
 }
 
 // 4 ranks: TP 2 × PP 2 (two stages of two layers; MTP on the last, with its copy of the vocab-parallel
@@ -168,6 +191,22 @@ TEST_F(TensorParallel, RefusesWhatItCannotSplit) {
                         "divisible by the tensor model parallel size (rule: seq_length % TP == 0"),
             std::string::npos)
       << sp.out;
+  // Expert tensor parallelism: 1 or TP; ETP 1 under TP needs SP; ETP × EP × PP must divide the world.
+  auto etp3 = testing::run_dsv3_mpi(2, b + kTp2 + " --expert-tensor-parallel-size 4", dir_);
+  EXPECT_NE(etp3.rc, 0);
+  EXPECT_NE(etp3.out.find("rule: world % (ETP·EP·PP) == 0"), std::string::npos) << etp3.out;
+  auto etp_other = testing::run_dsv3_mpi(4, b + kTp2 + " --expert-tensor-parallel-size 4", dir_);
+  EXPECT_NE(etp_other.rc, 0);
+  EXPECT_NE(etp_other.out.find("--expert-tensor-parallel-size 4: dsv3 splits routed experts over the "
+                               "tensor-parallel ranks"),
+            std::string::npos)
+      << etp_other.out;
+  auto no_sp = testing::run_dsv3_mpi(2, b + kTp2 + " --expert-tensor-parallel-size 1", dir_);
+  EXPECT_NE(no_sp.rc, 0);
+  EXPECT_NE(no_sp.out.find("--expert-tensor-parallel-size 1 with --tensor-model-parallel-size 2 needs "
+                           "--sequence-parallel"),
+            std::string::npos)
+      << no_sp.out;
   // A world TP does not divide: Megatron's rule, from the process groups.
   auto world = testing::run_dsv3_mpi(3, b + kTp2, dir_);
   EXPECT_NE(world.rc, 0);

@@ -93,8 +93,7 @@ TEST(TrainConfig, RefusesAtStartUp) {
       {{"--tensor-model-parallel-size", "2"}, "impossible distributed layout"},
       {{"--seq-length", "100000"}, "exceeds max_position_embeddings"},
       {{"--attention-dropout", "0.1"}, "--attention-dropout 0.1 is not supported"},
-      {{"--expert-tensor-parallel-size", "2"},
-       "--expert-tensor-parallel-size 2: expert tensor parallelism is not implemented yet"},
+      {{"--expert-tensor-parallel-size", "2"}, "rule: world % (ETP·EP·PP) == 0"},
   };
   for (const auto& [flags, needle] : cases)
     EXPECT_NE(error_of(flags).find(needle), std::string::npos) << needle << ": " << error_of(flags);
@@ -121,9 +120,21 @@ TEST(TrainConfig, RefusesAtStartUp) {
           .find("the number of attention heads (4) must be divisible by the tensor model parallel size"),
       std::string::npos)
       << error_of({"--tensor-model-parallel-size", "3"}, 3);
-  // Experts replicated over TP is what dsv3 computes: --expert-tensor-parallel-size 1 is accepted.
-  EXPECT_EQ(error_of({"--tensor-model-parallel-size", "2", "--expert-tensor-parallel-size", "1"}, 2),
+  // Expert tensor parallelism: TP (the default) or 1, which needs sequence parallelism under TP (its expert grid
+  // folds the TP ranks into expert-DP); other sizes are refused by name.
+  EXPECT_EQ(error_of({"--tensor-model-parallel-size", "2", "--expert-tensor-parallel-size", "2"}, 2),
             "no error");
+  EXPECT_EQ(error_of({"--tensor-model-parallel-size", "2", "--expert-tensor-parallel-size", "1",
+                      "--sequence-parallel"},
+                     2),
+            "no error");
+  EXPECT_NE(error_of({"--tensor-model-parallel-size", "2", "--expert-tensor-parallel-size", "1"}, 2)
+                .find("needs --sequence-parallel"),
+            std::string::npos);
+  EXPECT_NE(
+      error_of({"--tensor-model-parallel-size", "2", "--expert-tensor-parallel-size", "4"}, 4)
+          .find("--expert-tensor-parallel-size 4: dsv3 splits routed experts over the tensor-parallel ranks"),
+      std::string::npos);
   // Required flags.
   auto a = TrainArgs::parse({"--seq-length", "32", "--train-iters", "1", "--data-path", "x"});
   try {
