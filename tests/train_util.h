@@ -128,20 +128,22 @@ inline std::map<std::string, std::vector<float>> read_weights(const std::filesys
 
 // How far two checkpoints' weights are apart: per tensor ‖a − b‖₂ / ‖a‖₂ (the parity criterion; elementwise
 // differences of single elements can be larger, where Adam divides a near-zero gradient by its own tiny scale), and
-// per tensor max|a − b| / max|a|; each the maximum over tensors, with the tensor that reaches it. NaN if the names
-// or sizes differ.
+// per tensor max|a − b| / max|a|; each the maximum over tensors, with the tensor that reaches it; and the whole
+// model's ‖a − b‖₂ / ‖a‖₂. NaN if the names or sizes differ.
 struct WeightDiff {
   double l2_rel = 0, max_rel = 0;
   std::string l2_worst, max_worst;
+  double model_l2_rel = 0;
 };
 inline WeightDiff weights_diff(const std::map<std::string, std::vector<float>>& a,
                                const std::map<std::string, std::vector<float>>& b) {
   WeightDiff out;
-  if (a.size() != b.size()) return {NAN, NAN, "tensor count differs", ""};
+  if (a.size() != b.size()) return {NAN, NAN, "tensor count differs", "", NAN};
+  double all_n2 = 0, all_d2 = 0;
   for (const auto& [name, va] : a) {
     auto it = b.find(name);
     if (it == b.end() || it->second.size() != va.size())
-      return {NAN, NAN, name + " missing or of another size", ""};
+      return {NAN, NAN, name + " missing or of another size", "", NAN};
     double scale = 0, diff = 0, n2 = 0, d2 = 0;
     for (size_t i = 0; i < va.size(); ++i) {
       const double x = va[i], d = x - double(it->second[i]);
@@ -151,7 +153,9 @@ inline WeightDiff weights_diff(const std::map<std::string, std::vector<float>>& 
     const double l2 = n2 == 0 ? std::sqrt(d2) : std::sqrt(d2 / n2), mx = scale == 0 ? diff : diff / scale;
     if (l2 >= out.l2_rel) out.l2_rel = l2, out.l2_worst = name;
     if (mx >= out.max_rel) out.max_rel = mx, out.max_worst = name;
+    all_n2 += n2, all_d2 += d2;
   }
+  out.model_l2_rel = all_n2 == 0 ? std::sqrt(all_d2) : std::sqrt(all_d2 / all_n2);
   return out;
 }
 

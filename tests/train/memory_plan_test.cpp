@@ -128,6 +128,8 @@ TEST(MemoryPlan, PredictedPeakIsWithinTenPercentOfTheMeasuredPeak) {
       {"DP 2, distributed optimizer", 2, "--use-distributed-optimizer", 16},
       {"PP 2, 4 micro-batches", 2, "--pipeline-model-parallel-size 2", 32},
       {"TP 2 with sequence parallelism", 2, "--tensor-model-parallel-size 2 --sequence-parallel", 8},
+      {"TP 2 with sequence parallelism, whole experts (ETP 1)", 2,
+       "--tensor-model-parallel-size 2 --sequence-parallel --expert-tensor-parallel-size 1", 8},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);
