@@ -31,9 +31,18 @@ void TensorParallel::sum(float* x, int64_t n) const {
 
 // The collectives concatenate blocks rank by rank; a sequence's positions are rank-major only within it, so the
 // blocks are unpacked (gather) or packed (reduce-scatter) per sequence. One sequence needs no copy.
+namespace {
+// dst[j][i] = src[i][j]: blocks of blk floats, src [outer][inner] (rank-major [TP][b] <-> sequence-major [b][TP]).
+void transpose_blocks(const float* src, float* dst, int64_t outer, int64_t inner, int64_t blk) {
+  for (int64_t i = 0; i < outer; ++i)
+    for (int64_t j = 0; j < inner; ++j)
+      std::memcpy(dst + (j * outer + i) * blk, src + (i * inner + j) * blk, blk * sizeof(float));
+}
+}  // namespace
+
 void TensorParallel::sp_all_gather(const float* local, float* full, int64_t b, int64_t s_local,
                                    int64_t w) const {
-  const int64_t n = b * s_local * w, blk = s_local * w;
+  const int64_t n = b * s_local * w;
   if (!sp()) {
     std::memcpy(full, local, n * sizeof(float));
     return;
@@ -42,14 +51,12 @@ void TensorParallel::sp_all_gather(const float* local, float* full, int64_t b, i
   if (b == 1) return comm->allgather(local, n, full);
   pack_->resize(static_cast<size_t>(n * size));
   comm->allgather(local, n, pack_->data());
-  for (int r = 0; r < size; ++r)
-    for (int64_t i = 0; i < b; ++i)
-      std::memcpy(full + (i * size + r) * blk, pack_->data() + (r * b + i) * blk, blk * sizeof(float));
+  transpose_blocks(pack_->data(), full, size, b, s_local * w);
 }
 
 void TensorParallel::sp_reduce_scatter(const float* full, float* local, int64_t b, int64_t s_local,
                                        int64_t w) const {
-  const int64_t n = b * s_local * w, blk = s_local * w;
+  const int64_t n = b * s_local * w;
   if (!sp()) {
     std::memcpy(local, full, n * sizeof(float));
     return;
@@ -57,9 +64,7 @@ void TensorParallel::sp_reduce_scatter(const float* full, float* local, int64_t 
   check_group(*this);
   if (b == 1) return comm->reduce_scatter(full, local, n);
   pack_->resize(static_cast<size_t>(n * size));
-  for (int r = 0; r < size; ++r)
-    for (int64_t i = 0; i < b; ++i)
-      std::memcpy(pack_->data() + (r * b + i) * blk, full + (i * size + r) * blk, blk * sizeof(float));
+  transpose_blocks(full, pack_->data(), b, size, s_local * w);
   comm->reduce_scatter(pack_->data(), local, n);
 }
 

@@ -143,6 +143,20 @@ TEST_F(TensorParallel, Tp2WithEtp1AndEtp2ReproduceSingleProcess) {
   expect_parity("tp2_sp_etp2_ep2_np4", 4, 2, 4, 3, etp2 + ep2 + "alltoall", "", "single_mbs2", kTpWeightsTol);
 }
 
+// 4 ranks: TP 4 (one head, a quarter of every FFN width and of the vocabulary per rank) with SP (8 of the 32
+// positions), routed experts split four ways (ETP 4); and with ETP 1 and EP 4, which folds the four TP ranks into
+// expert parallelism: two whole experts per rank, each TP rank sending its positions' tokens to the others.
+TEST_F(TensorParallel, Tp4SequenceParallelReproducesSingleProcess) {
+  const std::string tp4 = "--tensor-model-parallel-size 4 --sequence-parallel";
+  expect_parity("tp4_sp", 4, 2, 4, 3, tp4, "", "single_mbs2", kTpWeightsTol);
+  expect_parity(
+      "tp4_sp_etp1_ep4", 4, 2, 4, 3,
+      tp4 +
+          " --expert-tensor-parallel-size 1 --expert-model-parallel-size 4 --moe-token-dispatcher-type "
+          "alltoall",
+      "", "single_mbs2", kTpWeightsTol);
+}
+
 // 4 ranks: TP 2 × PP 2 (two stages of two layers; MTP on the last, with its copy of the vocab-parallel
 // embedding summed with the first stage's per TP rank).
 TEST_F(TensorParallel, Tp2xPp2ReproducesSingleProcess) {
