@@ -132,7 +132,8 @@ void route_sequence_parallel(Backend& be, const MoeConfig& c, const MoeParams& p
 }
 
 // Its backward: the gate-weight gradients of every TP rank's rows gathered (under expert_tp they are already
-// the whole micro-batch's), the logits' gradient of the whole micro-batch (the aux loss term needs every token's), then this rank's rows through the GEMMs.
+// the whole micro-batch's), the logits' gradient of the whole micro-batch (the aux loss term needs every
+// token's), then this rank's rows through the GEMMs.
 void router_backward_sequence_parallel(Backend& be, const MoeConfig& c, const MoeParams& p, const float* x,
                                        float aux_grad, MoeActs& a, MoeGrads& g, float* dx) {
   const int64_t t = a.t, e = c.router.num_experts, k = c.router.topk, sl = t / a.batch;
@@ -220,6 +221,9 @@ void dispatch(Backend& be, const MoeConfig& c, const float* x, int64_t t, MoeAct
 void MoeConfig::validate() const {
   DSV3_CHECK(hidden > 0 && ffn > 0, "moe: hidden and ffn must be > 0, got ", hidden, ", ", ffn);
   DSV3_CHECK(n_shared >= 0, "moe: n_shared must be >= 0, got ", n_shared);
+  DSV3_CHECK(!expert_tp || (tp.on() && ffn % tp.size == 0),
+             "moe: expert tensor parallelism splits the expert width ", ffn, " over the ", tp.size,
+             " TP ranks: it must divide");
   router.validate();
 }
 

@@ -66,9 +66,8 @@ struct MoeConfig {
   // (Megatron drops per TP shard; dsv3 keeps one-process parity, the bar its parallel tests hold every layout to).
   TensorParallel tp;
   bool expert_tp = false;
-  int64_t expert_ffn() const {
-    return expert_tp ? ffn / tp.size : ffn;
-  }  // this TP rank's routed-expert width
+  // This TP rank's routed-expert width.
+  int64_t expert_ffn() const { return expert_tp ? ffn / tp.size : ffn; }
   int64_t local_experts() const { return ep.local_count(router.num_experts); }
   int64_t shared_ffn() const { return n_shared * ffn / tp.size; }  // this TP rank's shared-expert width
   void validate() const;

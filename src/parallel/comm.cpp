@@ -4,8 +4,10 @@
 
 #define OMPI_SKIP_MPICXX 1  // the C API only; no deprecated C++ bindings
 #include <mpi.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <climits>
 #include <condition_variable>
@@ -138,6 +140,10 @@ struct Watchdog {
   std::thread thread;
   bool stop = false;
   std::condition_variable cv;
+  // Set by the watchdog thread before it aborts the job: the training thread then goes no further than the
+  // collective it was in (a stopped rank that MPI's teardown resumes can complete it), so it never races the
+  // abort into MPI_Finalize, which once left an aborted 3-rank job hanging under load.
+  std::atomic<bool> aborting{false};
 };
 Watchdog g_wd;
 
@@ -309,9 +315,12 @@ class MpiComm final : public Comm {
       g_wd.in_op = true;
     }
     ~Entered() {
-      std::lock_guard<std::mutex> l(g_wd.mu);
-      g_wd.in_op = false;
-      g_wd.last_end = WdClock::now();
+      {
+        std::lock_guard<std::mutex> l(g_wd.mu);
+        g_wd.in_op = false;
+        g_wd.last_end = WdClock::now();
+      }
+      while (g_wd.aborting.load()) pause();  // the job is being ended by this process's watchdog
     }
   };
   template <typename Blocking>
@@ -466,6 +475,7 @@ void answer_queries() {
   msg += missing.empty() ? "every rank of the group arrived (a mismatched collective?)"
                          : "rank(s) that did not arrive: " + missing;
   msg += detail + "\n";
+  g_wd.aborting = true;
   std::fflush(stdout);
   std::fputs(msg.c_str(), stderr);
   std::fflush(stderr);

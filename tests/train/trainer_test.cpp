@@ -188,12 +188,16 @@ TEST(Train, SigtermSavesAndExits) {
     execl("/bin/sh", "sh", "-c", ("exec " + cmd).c_str(), (char*)nullptr);
     _exit(127);
   }
-  // Wait for training to be under way, then ask it to stop.
-  for (int k = 0; k < 600 && iteration_lines(slurp(log)).size() < 2; ++k) usleep(100000);
+  // Wait for training to be under way (the signal handler is installed before the first iteration), then ask it
+  // to stop. The wait ends at the second iteration line; its bound only matters on a machine loaded by other tests
+  // (a SIGTERM before the handler exists kills the process, which once made this test fail under load).
+  for (int k = 0; k < 3000 && iteration_lines(slurp(log)).size() < 2; ++k) usleep(100000);
+  const bool under_way = iteration_lines(slurp(log)).size() >= 2;
   kill(pid, SIGTERM);
   int status = 0;
   waitpid(pid, &status, 0);
   const std::string out = slurp(log);
+  ASSERT_TRUE(under_way) << "no two iterations in 300 s:\n" << out;
   ASSERT_TRUE(WIFEXITED(status)) << out;
   EXPECT_EQ(WEXITSTATUS(status), 0) << out;
   EXPECT_NE(out.find("exiting program after receiving SIGTERM."), std::string::npos) << out;
