@@ -79,12 +79,16 @@ class CudaBackend final : public Backend {
     check_lt(cublasLtCreate(&lt_), "cublasLtCreate");
     check(cudaMalloc(&workspace_, kWorkspaceBytes), "cudaMalloc(cuBLASLt workspace)");
     check(cudaMalloc(&errors_.word, 4 * sizeof(int)), "cudaMalloc(error word)");
-    check(cudaMemset(errors_.word, 0, 4 * sizeof(int)), "cudaMemset");
+    // On stream_, not the legacy default stream: stream_ is non-blocking, so a plain cudaMemset would not be
+    // ordered before the kernels that report into the word.
+    check(cudaMemsetAsync(errors_.word, 0, 4 * sizeof(int), stream_), "cudaMemsetAsync(error word)");
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
     clear_plans();
-    for (void* s : {scratch_, workspace_, static_cast<void*>(errors_.word), static_cast<void*>(segments_)})
+    // ce_scratch_ too: it was left out, so every backend that ran the head loss leaked its chunk buffer.
+    for (void* s :
+         {scratch_, ce_scratch_, workspace_, static_cast<void*>(errors_.word), static_cast<void*>(segments_)})
       if (s) cudaFree(s);
     cublasLtDestroy(lt_);
     cudaStreamDestroy(stream_);
@@ -150,7 +154,9 @@ class CudaBackend final : public Backend {
     int word[4];
     check(cudaMemcpy(word, errors_.word, sizeof word, cudaMemcpyDeviceToHost), "read error word");
     if (word[0] == kNoError) return;
-    check(cudaMemset(errors_.word, 0, sizeof word), "cudaMemset");
+    // Cleared in stream order (see the constructor): a legacy-stream memset could land after later kernels
+    // on the non-blocking stream_ have reported, and erase their report.
+    check(cudaMemsetAsync(errors_.word, 0, sizeof word, stream_), "cudaMemsetAsync(error word)");
     if (word[0] == kBadEmbeddingId)
       fail("embedding: token id ", word[2], " at token index ", word[1], " is outside the vocabulary");
     if (word[0] == kBadLabel)
