@@ -235,8 +235,6 @@ __global__ void swiglu_backward_kernel(const float* dh, const float* a, const fl
   }
 }
 
-// One thread per (token, head, rotated pair k): the pair (lo_k, hi_k) is read and written by the same thread,
-// so in-place operation is safe.
 // Each block owns whole rope vectors (rows = (token, head)), rows_per_block of them, one thread per rotated pair:
 // every thread reads its pair, the block synchronises, then writes. So y may alias x (in place): no thread can
 // read a value another has already overwritten, whatever the warp schedule.
