@@ -91,6 +91,14 @@ class Backend {
 
   // ---- GEMM (cpu/gemm.h)
   virtual void gemm(const GemmArgs& g) = 0;
+  // Independent GEMMs in lanes (the MoE's experts, moe.cpp): GEMMs issued after lane(i) may run concurrently
+  // with other lanes' and stay in order with their own lane's; lanes_end() orders every lane before whatever
+  // follows. Only GEMMs may be issued between lanes_begin() and lanes_end(). The CUDA backend runs lanes on
+  // several streams (as TransformerEngine issues per-expert GEMMs on Hopper); a backend without concurrency
+  // ignores the calls (the CPU runs experts over its threads instead).
+  virtual void lanes_begin() {}
+  virtual void lane(int64_t i) { (void)i; }
+  virtual void lanes_end() {}
 
   // ---- layer ops
   // cpu/rmsnorm.h rmsnorm_forward_strided / rmsnorm_backward_strided (dw_D accumulates, deterministic).

@@ -1,8 +1,8 @@
 // DeepSeek-V3 MoE layer forward/backward (see moe.h). On the CPU, experts run in parallel over the threads, each
 // GEMM on one thread (oneDNN runs single-threaded inside a parallel region): per-expert GEMMs are small, and one
 // fork/join per expert loop instead of one per GEMM keeps the threads busy (and a descheduled thread on a shared
-// machine stalls the others once per loop, not once per GEMM). On a device backend the experts' GEMMs are issued
-// in order on its stream. Element-wise kernels (swiglu, permutation) parallelise themselves.
+// machine stalls the others once per loop, not once per GEMM). On a device backend each expert's GEMMs are issued
+// in its own lane (several streams on a GPU). Element-wise kernels (swiglu, permutation) parallelise themselves.
 //
 // Backend seam (kernels/backend.h): the GEMMs (router, routed experts, shared expert), the SwiGLUs and, on one
 // rank, the token permutation run on the Backend passed in; the router's selection runs on the host (moe.h);
@@ -20,12 +20,24 @@ namespace dsv3 {
 namespace {
 
 // f(e, o, n) for each local expert e that has rows (its rows are [o, o + n)), experts spread over the
-// threads, each GEMM on one thread (see the top of this file). varying_rows: the bf16 GEMMs' runtime
-// dimensions (below).
+// threads, each GEMM on one thread (see the top of this file); on a device each expert's GEMMs in a lane of their
+// own (Backend::lane: several streams on a GPU), so f may issue GEMMs only. varying_rows: the bf16 GEMMs'
+// runtime dimensions (below).
 template <typename F>
-void for_each_expert(const Backend& be, const DispatchState& s, bool varying_rows, F&& f) {
+void for_each_expert(Backend& be, const DispatchState& s, bool varying_rows, F&& f) {
   const int64_t e_n = static_cast<int64_t>(s.offsets_L1.size()) - 1;
-#pragma omp parallel for schedule(dynamic, 1) if (be.kind() == DeviceKind::kCpu)
+  if (be.kind() != DeviceKind::kCpu) {
+    be.lanes_begin();
+    for (int64_t e = 0; e < e_n; ++e) {
+      const int64_t o = s.offsets_L1[e], n = s.offsets_L1[e + 1] - o;
+      if (n == 0) continue;
+      be.lane(e);
+      f(e, o, n);
+    }
+    be.lanes_end();
+    return;
+  }
+#pragma omp parallel for schedule(dynamic, 1)
   for (int64_t e = 0; e < e_n; ++e) {
     const int64_t o = s.offsets_L1[e], n = s.offsets_L1[e + 1] - o;
     if (n == 0) continue;

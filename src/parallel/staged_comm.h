@@ -5,6 +5,7 @@
 // this for multi-GPU runs later; this path is what parity tests with several ranks on one GPU need anyway (NCCL
 // refuses two ranks on one GPU).
 #pragma once
+#include <cstdlib>
 #include <memory>
 #include <vector>
 
@@ -21,7 +22,10 @@ class StagedComm final : public Comm {
   void sendrecv(const float* send, int64_t send_n, int dest, float* recv, int64_t recv_n, int src) override;
   void barrier() override { host_.barrier(); }
   std::unique_ptr<Comm> split(int color, int key) override;
-  [[noreturn]] void abort(int code) override { host_.abort(code); }
+  [[noreturn]] void abort(int code) override {
+    host_.abort(code);
+    std::_Exit(code);  // not reached (Comm::abort does not return); tells the compiler so
+  }
   void set_name(const std::string& n) override { host_.set_name(n); }
 
  protected:

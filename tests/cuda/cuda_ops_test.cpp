@@ -602,6 +602,57 @@ TEST_F(CudaOps, RopeBroadcastsAnInputWithHeadStrideZero) {
   EXPECT_LE(max_rel(down<float>(gy, y.size()), y), 1e-6);
 }
 
+// The MoE's expert GEMMs in lanes (Backend::lanes_begin: several streams): each expert's chain (a GEMM, then one
+// accumulating into the same rows) stays in order on its lane, lanes run concurrently, and stream order resumes
+// after lanes_end (the scale below must see every lane's result). Nine experts over the default four lanes, with
+// 0- and 1-row experts: the same bits as the GEMMs in order on one stream, in fp32 and with bf16 operands, and
+// the CPU's results within the GEMM test's bound.
+TEST_F(CudaOps, ExpertLanesGiveTheInOrderResults) {
+  const int64_t d = 96, f = 64;
+  const std::vector<int64_t> rows = {37, 0, 1, 128, 5, 64, 0, 200, 3};
+  const int64_t e_n = static_cast<int64_t>(rows.size());
+  std::vector<int64_t> off(1, 0);
+  for (int64_t n : rows) off.push_back(off.back() + n);
+  const int64_t r = off.back();
+  const auto x = philox_normals(17, r * d, 1), w1 = philox_normals(17, e_n * f * d, 2),
+             w2 = philox_normals(17, e_n * f * d, 3);
+  for (const GemmType ab : {GemmType::kF32, GemmType::kBF16}) {
+    SCOPED_TRACE(ab == GemmType::kBF16 ? "bf16 operands" : "fp32");
+    const bool bf = ab == GemmType::kBF16;
+    const auto xb = rounded(x), w1b = rounded(w1), w2b = rounded(w2);
+    DeviceBuffer gx = bf ? up(xb) : up(x), gw1 = bf ? up(w1b) : up(w1), gw2 = bf ? up(w2b) : up(w2);
+    const size_t el = bf ? 2 : 4;
+    // y_e = x_e·w1_eᵀ, then y_e += x_e·w2_eᵀ, for every expert with rows, on `be`.
+    auto experts = [&](Backend& be, const void* px, const void* pw1, const void* pw2, float* y, bool lanes) {
+      if (lanes) be.lanes_begin();
+      for (int64_t e = 0; e < e_n; ++e) {
+        if (rows[e] == 0) continue;
+        if (lanes) be.lane(e);
+        const auto* xe = static_cast<const char*>(px) + off[e] * d * el;
+        for (int k = 0; k < 2; ++k) {
+          const auto* we = static_cast<const char*>(k ? pw2 : pw1) + e * f * d * el;
+          be.gemm(GemmArgs{rows[e], f, d, xe, d, false, we, d, true, y + off[e] * f, f, ab, GemmType::kF32,
+                           1.f, k ? 1.f : 0.f});
+        }
+      }
+      if (lanes) be.lanes_end();
+      be.scale(y, r * f, 2.f);
+    };
+    auto on_gpu = [&](bool lanes) {
+      DeviceBuffer y = up(std::vector<float>(r * f, NAN));  // beta 0 overwrites whatever is there
+      experts(*gpu_, gx.data(), gw1.data(), gw2.data(), y.as<float>(), lanes);
+      return down<float>(y, r * f);
+    };
+    const auto in_lanes = on_gpu(true), in_order = on_gpu(false);
+    ASSERT_EQ(in_lanes.size(), in_order.size());
+    EXPECT_EQ(std::memcmp(in_lanes.data(), in_order.data(), in_lanes.size() * sizeof(float)), 0);
+    std::vector<float> want(r * f, NAN);
+    experts(cpu(), bf ? (const void*)xb.data() : x.data(), bf ? (const void*)w1b.data() : w1.data(),
+            bf ? (const void*)w2b.data() : w2.data(), want.data(), false);
+    EXPECT_LE(max_rel(in_lanes, want), 1e-5);
+  }
+}
+
 // Once its scratch has grown, repeating the same ops allocates nothing.
 TEST_F(CudaOps, RepeatedOpsAllocateNothing) {
   const int64_t t = 64, d = 128, v = 500;

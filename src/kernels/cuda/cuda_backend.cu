@@ -7,11 +7,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
 #include <tuple>
 #include <unordered_map>
+#include <vector>
 
 #include "core/error.h"
 #include "kernels/backend.h"
@@ -85,6 +87,11 @@ class CudaBackend final : public Backend {
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
+    for (Lane& l : lanes_) {
+      cudaStreamSynchronize(l.stream);
+      cudaFree(l.workspace), cudaEventDestroy(l.done), cudaStreamDestroy(l.stream);
+    }
+    if (fork_) cudaEventDestroy(fork_);
     clear_plans();
     // ce_scratch_ too: it was left out, so every backend that ran the head loss leaked its chunk buffer.
     for (void* s :
@@ -214,6 +221,9 @@ class CudaBackend final : public Backend {
 
   // ---- GEMM
   void gemm(const GemmArgs& g) override;
+  void lanes_begin() override;
+  void lane(int64_t i) override;
+  void lanes_end() override;
 
   // ---- layer ops
   void rmsnorm_forward(const float* x, int64_t ld_x, const float* w, float* y, int64_t ld_y, float* rstd,
@@ -351,6 +361,20 @@ class CudaBackend final : public Backend {
   void ce_chunk_logits(const CeBuffers& b, const float* h, const float* w, const bf16* w_bf, int64_t c0,
                        int64_t c, int64_t t, int64_t d, bool bf);
 
+  // Expert lanes (Backend::lanes_begin): side streams, each with its own cuBLASLt workspace (a workspace is in
+  // use until its GEMM ends), joined into stream_ by events. Made on first use; DSV3_EXPERT_STREAMS sets their
+  // number (default 4, TransformerEngine's; 1: every GEMM on stream_).
+  struct Lane {
+    cudaStream_t stream = nullptr;
+    void* workspace = nullptr;
+    cudaEvent_t done = nullptr;
+    bool used = false;  // waited for the fork in this round
+  };
+  std::vector<Lane> lanes_;
+  cudaEvent_t fork_ = nullptr;
+  int lane_ = -1;  // the lane GEMMs go to; -1: stream_
+  bool in_lanes_ = false;
+
   int device_;
   std::string name_;
   cudaStream_t stream_ = nullptr;
@@ -422,14 +446,60 @@ const GemmPlan& CudaBackend::plan(const GemmKey& key) {
   return plans_.emplace(key, p).first->second;
 }
 
+int expert_streams() {
+  static const int n = [] {
+    const char* v = std::getenv("DSV3_EXPERT_STREAMS");
+    return std::clamp(v && *v ? std::atoi(v) : 4, 1, 16);
+  }();
+  return n;
+}
+
+void CudaBackend::lanes_begin() {
+  DSV3_CHECK(!in_lanes_, "lanes_begin: lanes already open");
+  in_lanes_ = true;
+  if (expert_streams() == 1) return;
+  if (lanes_.empty()) {
+    lanes_.resize(static_cast<size_t>(expert_streams()));
+    for (Lane& l : lanes_) {
+      check(cudaStreamCreateWithFlags(&l.stream, cudaStreamNonBlocking), "cudaStreamCreate(lane)");
+      check(cudaMalloc(&l.workspace, kWorkspaceBytes), "cudaMalloc(lane workspace)");
+      check(cudaEventCreateWithFlags(&l.done, cudaEventDisableTiming), "cudaEventCreate(lane)");
+    }
+    check(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming), "cudaEventCreate(fork)");
+  }
+  check(cudaEventRecord(fork_, stream_), "cudaEventRecord(fork)");  // the lanes start after stream_'s work
+  for (Lane& l : lanes_) l.used = false;
+}
+
+void CudaBackend::lane(int64_t i) {
+  DSV3_CHECK(in_lanes_, "lane: outside lanes_begin/lanes_end");
+  if (lanes_.empty()) return;
+  lane_ = static_cast<int>(i % static_cast<int64_t>(lanes_.size()));
+  Lane& l = lanes_[static_cast<size_t>(lane_)];
+  if (!l.used) check(cudaStreamWaitEvent(l.stream, fork_, 0), "cudaStreamWaitEvent(fork)"), l.used = true;
+}
+
+void CudaBackend::lanes_end() {
+  DSV3_CHECK(in_lanes_, "lanes_end: no lanes open");
+  for (Lane& l : lanes_)
+    if (l.used) {  // stream_ goes on once every lane's GEMMs are done
+      check(cudaEventRecord(l.done, l.stream), "cudaEventRecord(lane)");
+      check(cudaStreamWaitEvent(stream_, l.done, 0), "cudaStreamWaitEvent(lane)");
+    }
+  lane_ = -1, in_lanes_ = false;
+}
+
 void CudaBackend::gemm(const GemmArgs& g) {
   DSV3_CHECK(g.m >= 0 && g.n >= 0 && g.k >= 0, "gemm: negative size");
   DSV3_CHECK(g.beta == 0.f || g.beta == 1.f, "gemm: beta must be 0 or 1, got ", g.beta);
+  const bool on_lane = lane_ >= 0;
+  cudaStream_t stream = on_lane ? lanes_[static_cast<size_t>(lane_)].stream : stream_;
+  void* workspace = on_lane ? lanes_[static_cast<size_t>(lane_)].workspace : workspace_;
   if (g.m == 0 || g.n == 0) return;
   if (g.k == 0) {  // an empty product: C = beta·C
     if (g.beta == 0.f) {
       const size_t el = g.c_type == GemmType::kF32 ? 4 : 2;
-      check(cudaMemset2DAsync(g.c, g.ldc * el, 0, g.n * el, g.m, stream_), "gemm: zero C");
+      check(cudaMemset2DAsync(g.c, g.ldc * el, 0, g.n * el, g.m, stream), "gemm: zero C");
     }
     return;
   }
@@ -450,7 +520,7 @@ void CudaBackend::gemm(const GemmArgs& g) {
   const GemmPlan& p = plan(key);
   const float alpha = g.alpha, beta = g.beta;
   check_lt(cublasLtMatmul(lt_, p.op, &alpha, g.b, p.a, g.a, p.b, &beta, g.c, p.c, g.c, p.c, &p.algo,
-                          workspace_, kWorkspaceBytes, stream_),
+                          workspace, kWorkspaceBytes, stream),
            "cublasLtMatmul");
 }
 
