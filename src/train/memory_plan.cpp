@@ -288,8 +288,9 @@ std::vector<StageMemory> plan_memory(const ModelConfig& cfg, const MemoryLayout&
     m.scratch = scratch;
     m.host = host;
     if (!run.cpu) {
-      // The CUDA backend's own: the context (~500 MiB), cuBLASLt's 32 MiB workspace, the head's ~256 MiB fp32 logits
-      // chunk with its bf16 gradient (cuda_backend.cu), attention and norm scratch: about 1 GiB in all.
+      // The CUDA backend's own: the context (~500 MiB), cuBLASLt's 32 MiB workspaces (one per expert lane, 4 more
+      // with MoE layers), the head's ~256 MiB fp32 logits chunk with its bf16 gradient (cuda_backend.cu), attention
+      // and norm scratch: about 1 GiB in all.
       m.gpu = true;
       m.device_extras = int64_t{1} << 30;
     }
