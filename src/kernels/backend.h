@@ -20,6 +20,7 @@
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/rope.h"
 #include "kernels/precision.h"
+#include "kernels/route.h"
 
 namespace dsv3 {
 
@@ -88,6 +89,10 @@ class Backend {
                              float* out_TD, float beta) = 0;
   // out[i] = index[i] < 0 ? 0 : v[index[i]] (a pair's gate weight into its row, and back).
   virtual void gather_or_zero(const float* v, const int32_t* index_N, int64_t n, float* out_N) = 0;
+  // The router from its logits on the backend (kernels/route.h; one rank, dropless): selection, gate weights,
+  // the permutation by expert and the sequence aux loss, reading nothing back; and the logits' gradient.
+  virtual void route_forward(const RouteForwardArgs& a) = 0;
+  virtual void route_backward(const RouteBackwardArgs& a) = 0;
 
   // ---- GEMM (cpu/gemm.h)
   virtual void gemm(const GemmArgs& g) = 0;

@@ -52,7 +52,11 @@ class GuardedHostBackend final : public Backend {
     sizes_.erase(it);
   }
   void copy_to_device(void* dst, const void* src, size_t bytes) override { copy(dst, src, bytes); }
-  void copy_to_host(void* dst, const void* src, size_t bytes) override { copy(dst, src, bytes); }
+  void copy_to_host(void* dst, const void* src, size_t bytes) override {
+    ++host_reads_;  // what would be a wait for the device on a GPU
+    copy(dst, src, bytes);
+  }
+  int64_t host_reads() const override { return host_reads_.load(); }
   void copy(void* dst, const void* src, size_t bytes) override {
     const Open open(*this);
     if (bytes && dst != src) std::memmove(dst, src, bytes);
@@ -107,6 +111,15 @@ class GuardedHostBackend final : public Backend {
     const Open open(*this);
     cpu_backend().gather_or_zero(v, index_N, n, out_N);
   }
+  void route_forward(const RouteForwardArgs& a) override {
+    const Open open(*this);
+    cpu_backend().route_forward(a);
+  }
+  void route_backward(const RouteBackwardArgs& a) override {
+    const Open open(*this);
+    cpu_backend().route_backward(a);
+  }
+
   void gemm(const GemmArgs& g) override {
     const Open open(*this);
     cpu_backend().gemm(g);
@@ -207,7 +220,7 @@ class GuardedHostBackend final : public Backend {
   size_t used_ = 0;
   std::map<char*, size_t> sizes_;
   int depth_ = 0;
-  std::atomic<int64_t> allocations_{0};
+  std::atomic<int64_t> allocations_{0}, host_reads_{0};
 };
 
 }  // namespace

@@ -9,7 +9,10 @@
 // expert parallelism (ep_dispatch and the rest, moe/ep_dispatcher.h) is host memory, so the CPU's.
 #include "moe/moe.h"
 
+#include <cstdlib>
+#include <cstring>
 #include <optional>
+#include <string>
 
 #include "core/error.h"
 #include "core/profile.h"
@@ -164,10 +167,67 @@ void router_backward_sequence_parallel(Backend& be, const MoeConfig& c, const Mo
                         a.router.lin, 1.f);
 }
 
-// The router: its GEMMs on the backend, the selection on the host (see moe.h).
-void route(Backend& be, const MoeConfig& c, const MoeParams& p, const float* x, int64_t t, int64_t batch,
-           bool training, MoeActs& a) {
+// Whether the router runs on the layer's device (moe.h MoeActs): a device backend, one rank, dropless.
+// DSV3_ROUTER=host keeps it on the host (the A/B and the fallback).
+bool routes_on_device(const Backend& be, const MoeConfig& c) {
+  static const bool host = [] {
+    const char* v = std::getenv("DSV3_ROUTER");
+    return v && std::string(v) == "host";
+  }();
+  return be.kind() != DeviceKind::kCpu && !host && c.router.dropless() && c.ep.size() == 1 && !c.tp.on();
+}
+
+RouteSelect route_select(const RouterConfig& r) {
+  RouteSelect s;
+  s.e = static_cast<int32_t>(r.num_experts), s.k = static_cast<int32_t>(r.topk);
+  s.n_group = static_cast<int32_t>(r.n_group), s.topk_group = static_cast<int32_t>(r.topk_group);
+  s.group_score_topk = static_cast<int32_t>(r.group_score_topk);
+  s.mask_neg_inf = r.group_mask == GroupMaskValue::kNegInf, s.normalise = r.normalise;
+  s.scaling = r.scaling_factor;
+  return s;
+}
+
+// The router on the device: logits, selection, permutation and aux loss in backend memory; the offsets and the
+// loss come down in one read. RouterActs gets what the trainer reads (counts, aux loss, the kept pairs).
+void route_on_device(Backend& be, const MoeConfig& c, const MoeParams& p, const float* x, int64_t t,
+                     int64_t batch, bool training, MoeActs& a) {
+  const int64_t e = c.router.num_experts, k = c.router.topk;
+  RouteForwardArgs f;
+  f.cfg = route_select(c.router), f.t = t, f.batch = batch;
+  f.logits_TE = grow(be, a.logits_TE, t * e);
+  if (t > 0)
+    linear_forward(be, x, p.gate_w_ED, grow(be, a.logits_TE, t * e), t, c.hidden, e, Precision::kF32, a.lin);
+  f.bias_E = p.expert_bias_E;
+  f.scores_TE = grow(be, a.scores_TE, t * e), f.denom_T = grow(be, a.denom_T, t);
+  f.weight_TK = grow(be, a.weight_TK, t * k), f.idx_TK = grow(be, a.idx_TK, t * k);
+  f.token_R = grow(be, a.token_R, t * k), f.slot_R = grow(be, a.slot_R, t * k),
+  f.row_TK = grow(be, a.row_TK, t * k);
+  int32_t* rb = grow(be, a.readback, e + 2);
+  f.offsets_E1 = rb;
+  RouterActs& r = a.router;
+  r.has_aux_grad = training && c.router.seq_aux_coeff > 0.f;
+  if (r.has_aux_grad) {
+    f.aux_coeff = c.router.seq_aux_coeff;
+    f.aux_loss_1 = reinterpret_cast<float*>(rb + e + 1);
+    f.aux_dlogits_TE = grow(be, a.aux_dlogits_TE, t * e);
+  }
+  be.route_forward(f);
+  a.readback_host.resize(e + 2);
+  be.copy_to_host(a.readback_host.data(), rb, (e + 2) * sizeof(int32_t));
+  r.t = t, r.capacity = -1;
+  r.seq_aux_loss = 0.f;
+  if (r.has_aux_grad) std::memcpy(&r.seq_aux_loss, &a.readback_host[e + 1], sizeof(float));
+  r.routed_per_expert_E.resize(e), r.tokens_per_expert_E.resize(e);
+  for (int64_t i = 0; i < e; ++i)
+    r.routed_per_expert_E[i] = r.tokens_per_expert_E[i] = a.readback_host[i + 1] - a.readback_host[i];
+  r.kept_TK.assign(t * k, 1);  // dropless
+}
+
+// The router: its GEMMs on the backend, the selection on the device or the host (see moe.h).
+void run_router(Backend& be, const MoeConfig& c, const MoeParams& p, const float* x, int64_t t, int64_t batch,
+                bool training, MoeActs& a) {
   if (c.tp.sp()) return route_sequence_parallel(be, c, p, x, t, batch, training, a);
+  if (routes_on_device(be, c)) return route_on_device(be, c, p, x, t, batch, training, a);
   const RouterParams rp{p.gate_w_ED, p.expert_bias_E};
   if (be.kind() == DeviceKind::kCpu)
     return router_forward(c.router, rp, x, t, c.hidden, batch, training, a.router);
@@ -192,11 +252,21 @@ void router_backward_on(Backend& be, const MoeConfig& c, const MoeParams& p, con
     return router_backward(c.router, rp, x, c.hidden, a.router, a.dweight_TK.data(), aux_grad, rg, dx, 1.f);
   const int64_t t = a.t, e = c.router.num_experts, k = c.router.topk;
   if (t == 0) return;
-  a.dweight_host_TK.resize(t * k);
-  be.copy_to_host(a.dweight_host_TK.data(), a.dweight_TK.data(), t * k * sizeof(float));
-  router_backward_logits(c.router, a.router, a.dweight_host_TK.data(), aux_grad);
   float* dl = grow(be, a.dlogits_TE, t * e);
-  a.dlogits_TE.copy_from_host(a.router.dlogits_TE.data(), t * e);
+  if (routes_on_device(be, c)) {
+    RouteBackwardArgs b;
+    b.cfg = route_select(c.router), b.t = t;
+    b.scores_TE = a.scores_TE.data(), b.denom_T = a.denom_T.data(), b.idx_TK = a.idx_TK.data();
+    b.dweight_TK = a.dweight_TK.data();
+    b.aux_dlogits_TE = a.router.has_aux_grad ? a.aux_dlogits_TE.data() : nullptr, b.aux_grad = aux_grad;
+    b.dlogits_TE = dl;
+    be.route_backward(b);
+  } else {
+    a.dweight_host_TK.resize(t * k);
+    be.copy_to_host(a.dweight_host_TK.data(), a.dweight_TK.data(), t * k * sizeof(float));
+    router_backward_logits(c.router, a.router, a.dweight_host_TK.data(), aux_grad);
+    a.dlogits_TE.copy_from_host(a.router.dlogits_TE.data(), t * e);
+  }
   linear_backward_weight(be, dl, x, g.gate_w_ED, t, c.hidden, e, Precision::kF32, a.lin);
   linear_backward_input(be, dl, p.gate_w_ED, dx, t, c.hidden, e, Precision::kF32, a.lin, 1.f);
 }
@@ -218,6 +288,13 @@ void dispatch(Backend& be, const MoeConfig& c, const float* x, int64_t t, MoeAct
   // One rank holds every expert: padding rows would only be zeros, so they are not made.
   DispatchState& s = a.dispatch;
   s.t = t, s.k = k, s.d = d, s.local_experts = e;
+  if (routes_on_device(be, c)) {  // the permutation is already in backend memory; its offsets came down
+    s.offsets_L1.assign(a.readback_host.begin(), a.readback_host.begin() + e + 1);
+    const int64_t r_n = t * k;
+    be.permute_rows(x, a.token_R.data(), r_n, d, grow(be, a.x_RD, r_n * d));
+    be.gather_or_zero(a.weight_TK.data(), a.slot_R.data(), r_n, grow(be, a.prob_R, r_n));
+    return;
+  }
   build_permutation(lr.idx_TK, lr.kept_TK, t, k, e, s.perm);
   s.offsets_L1 = s.perm.offsets_E1;
   const int64_t r_n = s.perm.rows();
@@ -268,7 +345,7 @@ void moe_forward(Backend& be, const MoeConfig& c, const MoeParams& p, const floa
   a.t = t, a.batch = batch;
   {
     DSV3_PROFILE("fwd.moe.router");
-    route(be, c, p, x, t, batch, training, a);
+    run_router(be, c, p, x, t, batch, training, a);
   }
   // Under SP the TP region (the shared expert; with expert_tp the routed experts too) runs on the gathered
   // micro-batch [T, D].

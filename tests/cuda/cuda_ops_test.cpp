@@ -653,6 +653,126 @@ TEST_F(CudaOps, ExpertLanesGiveTheInOrderResults) {
   }
 }
 
+// The router on the GPU (kernels/route.h, route.cu) against the same bodies on the CPU: DeepSeek-V3's 256 experts
+// top-8 in 8 groups choosing 4, the MoE proxy's 64 top-6, and 8 experts top-2 with HF's 0.0 group mask; biased
+// selection, the sequence aux loss over 3 sequences, the permutation and the backward. Logits on a grid 0.05
+// apart per token (no near-ties: a 1-ulp difference in a device sigmoid cannot flip a choice), so the choices and
+// the permutation must be equal; values within fp32 rounding.
+TEST_F(CudaOps, RouterMatchesCpu) {
+  struct Case {
+    int32_t e, k, g, tg, gstk;
+    bool neg_inf;
+  };
+  for (const Case cs :
+       {Case{256, 8, 8, 4, 2, true}, Case{64, 6, 8, 3, 2, true}, Case{8, 2, 4, 2, 2, false}}) {
+    SCOPED_TRACE(::testing::Message() << "E=" << cs.e << " K=" << cs.k);
+    RouteSelect c;
+    c.e = cs.e, c.k = cs.k, c.n_group = cs.g, c.topk_group = cs.tg, c.group_score_topk = cs.gstk;
+    c.mask_neg_inf = cs.neg_inf, c.normalise = true, c.scaling = 2.5f;
+    const int64_t batch = 3, seq = 100, t = batch * seq, e = cs.e, k = cs.k;
+    std::vector<float> logits(t * e), bias(e), dweight = philox_normals(19, t * k, 2);
+    for (int64_t i = 0; i < t; ++i)
+      for (int64_t j = 0; j < e; ++j)
+        logits[i * e + j] = 0.05f * static_cast<float>((i * 7 + j * 13) % e) - 1.5f;
+    for (int64_t j = 0; j < e; ++j) bias[j] = 0.003f * static_cast<float>(j % 5);
+    struct Out {
+      std::vector<float> scores, weight, denom, aux_dl, dl;
+      std::vector<int32_t> idx, readback, token, slot, row;
+    };
+    auto sizes = [&](Out& o) {
+      o.scores.resize(t * e), o.weight.resize(t * k), o.denom.resize(t), o.aux_dl.resize(t * e),
+          o.dl.resize(t * e);
+      o.idx.resize(t * k), o.readback.resize(e + 2), o.token.resize(t * k), o.slot.resize(t * k),
+          o.row.resize(t * k);
+    };
+    auto args = [&](Out& o, const float* lg, const float* b) {
+      RouteForwardArgs f;
+      f.cfg = c, f.t = t, f.batch = batch, f.logits_TE = lg, f.bias_E = b;
+      f.scores_TE = o.scores.data(), f.weight_TK = o.weight.data(), f.denom_T = o.denom.data();
+      f.idx_TK = o.idx.data(), f.offsets_E1 = o.readback.data(), f.token_R = o.token.data();
+      f.slot_R = o.slot.data(), f.row_TK = o.row.data();
+      f.aux_coeff = 1e-2f, f.aux_loss_1 = reinterpret_cast<float*>(o.readback.data() + e + 1);
+      f.aux_dlogits_TE = o.aux_dl.data();
+      return f;
+    };
+    Out want;
+    sizes(want);
+    cpu().route_forward(args(want, logits.data(), bias.data()));
+    RouteBackwardArgs bw{c,
+                         t,
+                         want.scores.data(),
+                         want.denom.data(),
+                         dweight.data(),
+                         want.idx.data(),
+                         want.aux_dl.data(),
+                         0.5f,
+                         want.dl.data()};
+    cpu().route_backward(bw);
+    // The same on the GPU, every buffer in device memory.
+    Out got;
+    sizes(got);
+    DeviceBuffer glg = up(logits), gb = up(bias), gdw = up(dweight), gs = up(got.scores), gw = up(got.weight),
+                 gd = up(got.denom), gaux = up(got.aux_dl), gdl = up(got.dl), gi = up(got.idx),
+                 grb = up(got.readback), gt = up(got.token), gsl = up(got.slot), gr = up(got.row);
+    RouteForwardArgs f = args(got, glg.as<float>(), gb.as<float>());
+    f.scores_TE = gs.as<float>(), f.weight_TK = gw.as<float>(), f.denom_T = gd.as<float>();
+    f.idx_TK = gi.as<int32_t>(), f.offsets_E1 = grb.as<int32_t>(), f.token_R = gt.as<int32_t>();
+    f.slot_R = gsl.as<int32_t>(), f.row_TK = gr.as<int32_t>();
+    f.aux_loss_1 = reinterpret_cast<float*>(grb.as<int32_t>() + e + 1), f.aux_dlogits_TE = gaux.as<float>();
+    gpu_->route_forward(f);
+    RouteBackwardArgs gbw{c,
+                          t,
+                          gs.as<float>(),
+                          gd.as<float>(),
+                          gdw.as<float>(),
+                          gi.as<int32_t>(),
+                          gaux.as<float>(),
+                          0.5f,
+                          gdl.as<float>()};
+    gpu_->route_backward(gbw);
+    EXPECT_EQ(down<int32_t>(gi, t * k), want.idx);
+    EXPECT_EQ(down<int32_t>(gt, t * k), want.token);
+    EXPECT_EQ(down<int32_t>(gsl, t * k), want.slot);
+    EXPECT_EQ(down<int32_t>(gr, t * k), want.row);
+    const auto rb = down<int32_t>(grb, e + 2);
+    EXPECT_TRUE(std::equal(rb.begin(), rb.begin() + e + 1, want.readback.begin()));
+    float loss = 0, want_loss = 0;
+    std::memcpy(&loss, &rb[e + 1], 4), std::memcpy(&want_loss, &want.readback[e + 1], 4);
+    EXPECT_NEAR(loss, want_loss, 1e-5 * std::fabs(want_loss));
+    EXPECT_LE(max_rel(down<float>(gs, t * e), want.scores), 1e-6);
+    EXPECT_LE(max_rel(down<float>(gw, t * k), want.weight), 1e-6);
+    EXPECT_LE(max_rel(down<float>(gd, t), want.denom), 1e-6);
+    EXPECT_LE(max_rel(down<float>(gaux, t * e), want.aux_dl), 1e-5);
+    EXPECT_LE(max_rel(down<float>(gdl, t * e), want.dl), 1e-5);
+  }
+}
+
+// A non-finite router logit is reported at the next synchronisation, naming the token and the expert.
+TEST_F(CudaOps, RouterReportsANonFiniteLogit) {
+  RouteSelect c;
+  c.e = 8, c.k = 2;
+  const int64_t t = 4;
+  std::vector<float> logits(t * c.e, 0.1f);
+  logits[2 * c.e + 5] = NAN;
+  DeviceBuffer lg = up(logits), s(*gpu_, t * c.e * 4), w(*gpu_, t * c.k * 4), d(*gpu_, t * 4),
+               i(*gpu_, t * c.k * 4), rb(*gpu_, (c.e + 2) * 4), tok(*gpu_, t * c.k * 4),
+               sl(*gpu_, t * c.k * 4), row(*gpu_, t * c.k * 4);
+  RouteForwardArgs f;
+  f.cfg = c, f.t = t, f.batch = 1, f.logits_TE = lg.as<float>(), f.scores_TE = s.as<float>();
+  f.weight_TK = w.as<float>(), f.denom_T = d.as<float>(), f.idx_TK = i.as<int32_t>(),
+  f.offsets_E1 = rb.as<int32_t>();
+  f.token_R = tok.as<int32_t>(), f.slot_R = sl.as<int32_t>(), f.row_TK = row.as<int32_t>();
+  gpu_->route_forward(f);
+  try {
+    gpu_->synchronize();
+    ADD_FAILURE() << "no error reported";
+  } catch (const Error& err) {
+    EXPECT_NE(std::string(err.what()).find("router: logit of token 2, expert 5 is not finite"),
+              std::string::npos)
+        << err.what();
+  }
+}
+
 // Once its scratch has grown, repeating the same ops allocates nothing.
 TEST_F(CudaOps, RepeatedOpsAllocateNothing) {
   const int64_t t = 64, d = 128, v = 500;

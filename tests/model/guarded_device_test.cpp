@@ -107,6 +107,44 @@ TEST(GuardedDevice, MoeModelTakesTheDevicePathWithTheCpusNumbers) {
   expect_same(config("demo-cpu.json"), o, "moe bf16, token drop, recompute");
 }
 
+// Dropless on one device rank the router runs there (kernels/route.h): a training step reads back one small
+// buffer per MoE layer (its expert offsets and aux loss) and nothing in the backward; with capacity dropping the
+// host router reads the logits and the expert bias per layer forward and the gate-weight gradients per backward.
+// The numbers are the host router's either way (the tests above, and GuardedTrain bit for bit).
+TEST(GuardedDevice, DroplessRoutingReadsOnlyTheExpertOffsetsPerLayer) {
+  const ModelConfig cfg = config("demo-cpu.json");
+  int64_t moe_layers = 0;
+  for (int64_t i = 0; i < cfg.num_hidden_layers + cfg.num_nextn_predict_layers; ++i)
+    moe_layers += cfg.is_moe_layer(i);
+  ASSERT_GT(moe_layers, 0);
+  for (const double capacity : {-1.0, 1.0}) {
+    auto guarded = make_host_guarded_backend();
+    ModelOptions o;
+    o.backend = guarded.get(), o.seq_aux_coeff = 1e-2f, o.capacity_factor = capacity;
+    Model m(cfg, o);
+    m.init(6);
+    const int64_t B = 2, S = 16, T = B * S;
+    std::vector<int32_t> ids(T), labels(T);
+    for (int64_t i = 0; i < T; ++i)
+      ids[i] = (i * 131 + 7) % cfg.vocab_size, labels[i] = (i * 37 + 1) % cfg.vocab_size;
+    m.defer_losses(1 + cfg.num_nextn_predict_layers);
+    const int64_t before = guarded->host_reads();
+    std::vector<ForwardStats> st{m.forward(ids.data(), labels.data(), B, S, true)};
+    const int64_t after_forward = guarded->host_reads();
+    m.backward(1.f / st[0].lm_tokens, 1.f, {0.1f / st[0].mtp_tokens.at(0)});
+    const int64_t after_backward = guarded->host_reads();
+    m.resolve_losses(st);
+    m.defer_losses(0);
+    if (capacity < 0) {
+      EXPECT_EQ(after_forward - before, moe_layers);
+      EXPECT_EQ(after_backward - after_forward, 0);
+    } else {
+      EXPECT_EQ(after_forward - before, 2 * moe_layers);      // logits and bias
+      EXPECT_EQ(after_backward - after_forward, moe_layers);  // gate-weight gradients
+    }
+  }
+}
+
 // ---- dsv3 train --device host-guarded: the trainer's GPU path (BackendAdamW, staged checkpoints and biases)
 
 class GuardedTrain : public ::testing::Test {

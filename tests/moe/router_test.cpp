@@ -6,10 +6,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 
 #include "core/error.h"
+#include "kernels/backend.h"
 #include "model/safetensors.h"
+#include "moe/permute.h"
 #include "test_util.h"
 
 namespace dsv3 {
@@ -147,6 +150,79 @@ TEST_P(RouterMegatron, MatchesMegatronCore) {
 INSTANTIATE_TEST_SUITE_P(Fixtures, RouterMegatron,
                          ::testing::Values("dropless_aux", "probs", "probs_pad", "position", "position_pad",
                                            "cap_over_T", "hot_probs", "hot_position_pad", "top1_all_one"));
+
+}  // namespace
+}  // namespace dsv3
+
+namespace dsv3 {
+namespace {
+
+// The device router's bodies (kernels/route.h, what route.cu runs per token) on the CPU backend against the host
+// router they transcribe, bit for bit: DeepSeek-V3's 256 experts top-8 in 8 groups choosing 4 (Megatron's group
+// score), the MoE proxy's 64 top-6, 8 experts top-2 with HF's 0.0 mask; logits with many exact ties (a coarse
+// grid) and a bias that creates more, the sequence aux loss over 3 sequences, the counts, the permutation and the
+// logits' gradient.
+TEST(Router, DeviceBodiesMatchTheHostRouterBitForBit) {
+  struct Case {
+    RouterConfig cfg;
+    const char* what;
+  };
+  const Case cases[] = {{RouterConfig::megatron(256, 8, 8, 4, 2.5f), "256 top-8, 8 groups choose 4"},
+                        {RouterConfig::megatron(64, 6, 8, 3, 2.5f), "64 top-6, 8 groups choose 3"},
+                        {RouterConfig::hf(8, 2, 4, 2, true, 2.5f), "8 top-2, HF 0.0 mask"}};
+  for (const auto& [cfg0, what] : cases) {
+    SCOPED_TRACE(what);
+    RouterConfig cfg = cfg0;
+    cfg.seq_aux_coeff = 1e-2f;
+    const int64_t batch = 3, seq = 40, t = batch * seq, e = cfg.num_experts, k = cfg.topk;
+    RouterActs host;
+    host.logits_TE.resize(t * e);
+    for (int64_t i = 0; i < t * e; ++i)
+      host.logits_TE[i] = 0.25f * static_cast<float>((i * 7919) % 13) - 1.5f;
+    std::vector<float> bias(e);
+    for (int64_t j = 0; j < e; ++j) bias[j] = 0.125f * static_cast<float>(j % 3);
+    router_route(cfg, bias.data(), t, batch, true, host);
+    std::vector<float> dweight(t * k);
+    for (int64_t i = 0; i < t * k; ++i) dweight[i] = 0.01f * static_cast<float>((i * 31) % 17) - 0.08f;
+    router_backward_logits(cfg, host, dweight.data(), 0.5f);
+
+    RouteForwardArgs f;
+    f.cfg.e = static_cast<int32_t>(e), f.cfg.k = static_cast<int32_t>(k);
+    f.cfg.n_group = static_cast<int32_t>(cfg.n_group),
+    f.cfg.topk_group = static_cast<int32_t>(cfg.topk_group);
+    f.cfg.group_score_topk = static_cast<int32_t>(cfg.group_score_topk);
+    f.cfg.mask_neg_inf = cfg.group_mask == GroupMaskValue::kNegInf, f.cfg.normalise = cfg.normalise;
+    f.cfg.scaling = cfg.scaling_factor;
+    f.t = t, f.batch = batch, f.logits_TE = host.logits_TE.data(), f.bias_E = bias.data();
+    std::vector<float> scores(t * e), weight(t * k), denom(t), aux(t * e), dl(t * e);
+    std::vector<int32_t> idx(t * k), readback(e + 2), token(t * k), slot(t * k), row(t * k);
+    f.scores_TE = scores.data(), f.weight_TK = weight.data(), f.denom_T = denom.data(), f.idx_TK = idx.data();
+    f.offsets_E1 = readback.data(), f.token_R = token.data(), f.slot_R = slot.data(), f.row_TK = row.data();
+    f.aux_coeff = cfg.seq_aux_coeff, f.aux_loss_1 = reinterpret_cast<float*>(readback.data() + e + 1);
+    f.aux_dlogits_TE = aux.data();
+    cpu_backend().route_forward(f);
+    RouteBackwardArgs b{f.cfg,      t,          scores.data(), denom.data(), dweight.data(),
+                        idx.data(), aux.data(), 0.5f,          dl.data()};
+    cpu_backend().route_backward(b);
+
+    EXPECT_EQ(scores, host.scores_TE);
+    EXPECT_EQ(idx, host.idx_TK);
+    EXPECT_EQ(weight, host.weight_TK);
+    EXPECT_EQ(denom, host.denom_T);
+    for (int64_t j = 0; j < e; ++j)
+      EXPECT_EQ(readback[j + 1] - readback[j], host.tokens_per_expert_E[j]) << j;
+    float loss = 0;
+    std::memcpy(&loss, &readback[e + 1], sizeof loss);
+    EXPECT_EQ(loss, host.seq_aux_loss);
+    EXPECT_EQ(aux, host.aux_dlogits_TE);
+    EXPECT_EQ(dl, host.dlogits_TE);
+    MoePermutation perm;
+    build_permutation(host.idx_TK.data(), nullptr, t, k, e, perm);
+    EXPECT_EQ(std::vector<int32_t>(perm.token_R.begin(), perm.token_R.end()), token);
+    EXPECT_EQ(std::vector<int32_t>(perm.slot_R.begin(), perm.slot_R.end()), slot);
+    EXPECT_EQ(std::vector<int32_t>(perm.row_TK.begin(), perm.row_TK.end()), row);
+  }
+}
 
 }  // namespace
 }  // namespace dsv3

@@ -12,6 +12,7 @@
 #include "kernels/cpu/embedding.h"
 #include "kernels/cpu/reduce.h"
 #include "kernels/cpu/rmsnorm.h"
+#include "kernels/cpu/route.h"
 #include "kernels/cpu/swiglu.h"
 #include "moe/permute.h"
 
@@ -100,6 +101,12 @@ class CpuBackend final : public Backend {
   }
   void gather_or_zero(const float* v, const int32_t* index, int64_t n, float* out) override {
     dsv3::gather_or_zero(v, index, n, out);
+  }
+  void route_forward(const RouteForwardArgs& a) override {
+    route_forward_host(a);
+  }
+  void route_backward(const RouteBackwardArgs& a) override {
+    route_backward_host(a);
   }
 
   void gemm(const GemmArgs& g) override {

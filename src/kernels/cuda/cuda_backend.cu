@@ -166,6 +166,9 @@ class CudaBackend final : public Backend {
     check(cudaMemsetAsync(errors_.word, 0, sizeof word, stream_), "cudaMemsetAsync(error word)");
     if (word[0] == kBadEmbeddingId)
       fail("embedding: token id ", word[2], " at token index ", word[1], " is outside the vocabulary");
+    if (word[0] == kBadRouterLogit)
+      fail("router: logit of token ", word[1], ", expert ", word[2],
+           " is not finite (the MoE input or the gate weight holds NaN/Inf)");
     if (word[0] == kBadLabel)
       fail("cross-entropy: label ", word[2], " at token index ", word[1],
            " is outside [0, vocab) and not -100");
@@ -218,6 +221,12 @@ class CudaBackend final : public Backend {
   void gather_or_zero(const float* v, const int32_t* index, int64_t n, float* out) override {
     launch_gather_or_zero(v, index, n, out, stream_);
   }
+  void route_forward(const RouteForwardArgs& a) override {
+    DSV3_CHECK(a.t >= 0 && a.batch > 0 && a.t % a.batch == 0, "route_forward: T=", a.t,
+               " tokens is not a multiple of batch=", a.batch);
+    launch_route_forward(a, scratch_as<char>(route_forward_scratch_bytes(a)), errors_, stream_);
+  }
+  void route_backward(const RouteBackwardArgs& a) override { launch_route_backward(a, stream_); }
 
   // ---- GEMM
   void gemm(const GemmArgs& g) override;

@@ -15,7 +15,7 @@ namespace dsv3::cuda {
 struct DeviceErrors {
   int* word = nullptr;  // [4]: code, index, value, unused (first error wins)
 };
-enum ErrorCode : int { kNoError = 0, kBadEmbeddingId = 1, kBadLabel = 2 };
+enum ErrorCode : int { kNoError = 0, kBadEmbeddingId = 1, kBadLabel = 2, kBadRouterLogit = 3 };
 
 void launch_to_bf16(const float* x, bf16* y, int64_t n, cudaStream_t st);
 void launch_scale(float* x, int64_t n, float s, cudaStream_t st);
@@ -25,6 +25,11 @@ void launch_permute_rows(const float* x, const int32_t* token_R, int64_t r, int6
 void launch_unpermute_sum(const float* y, const int32_t* row_TK, int64_t t, int64_t k, int64_t d, float* out,
                           float beta, cudaStream_t st);
 void launch_gather_or_zero(const float* v, const int32_t* index, int64_t n, float* out, cudaStream_t st);
+// The router from its logits (route.cu: kernels/route.h's bodies, one thread per token, expert or sequence). A
+// non-finite logit is reported (kBadRouterLogit: token, expert).
+size_t route_forward_scratch_bytes(const RouteForwardArgs& a);
+void launch_route_forward(const RouteForwardArgs& a, void* scratch, DeviceErrors err, cudaStream_t st);
+void launch_route_backward(const RouteBackwardArgs& a, cudaStream_t st);
 void launch_sum_heads(const float* x, int64_t ld_x, int64_t hs_x, float* y, int64_t ld_y, int64_t t,
                       int64_t heads, int64_t n, cudaStream_t st);
 // Σ x² per 16Ki block in the CPU's accumulation order (cpu/reduce.cpp) into partial_B; then the blocks summed
