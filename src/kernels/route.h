@@ -144,8 +144,8 @@ DSV3_HD inline void scan_offsets(int32_t e_n, int32_t* offsets_E1) {
 
 // Sequence aux loss (router.cpp seq_aux_loss), token t: z_t = Σ_e sigmoid + 1e-20, p_t = sigmoid / z_t, and the
 // top-k of p_t (the map its counts come from). order_E is scratch.
-DSV3_HD inline void aux_token(int32_t e_n, int32_t k, const float* logits_E, float* z, float* p_E, int32_t* map_K,
-                              int32_t* order) {
+DSV3_HD inline void aux_token(int32_t e_n, int32_t k, const float* logits_E, float* z, float* p_E,
+                              int32_t* map_K, int32_t* order) {
   float zs = 0.f;
   for (int32_t e = 0; e < e_n; ++e) zs += (p_E[e] = sigmoid(logits_E[e]));
   *z = zs + 1e-20f;

@@ -13,8 +13,8 @@ void route_forward_host(const RouteForwardArgs& a) {
   DSV3_CHECK(t_n >= 0 && a.batch > 0 && t_n % a.batch == 0, "route_forward: T=", t_n,
              " tokens is not a multiple of batch=", a.batch);
   for (int64_t i = 0; i < t_n * e_n; ++i)
-    DSV3_CHECK(std::isfinite(a.logits_TE[i]), "router: logit of token ", i / e_n, ", expert ", i % e_n, " is ",
-               a.logits_TE[i], " (the MoE input or the gate weight holds NaN/Inf)");
+    DSV3_CHECK(std::isfinite(a.logits_TE[i]), "router: logit of token ", i / e_n, ", expert ", i % e_n,
+               " is ", a.logits_TE[i], " (the MoE input or the gate weight holds NaN/Inf)");
   std::vector<float> choice(t_n * e_n), group(t_n * g_n);
   std::vector<int32_t> order(t_n * e_n);
 #pragma omp parallel for schedule(static) if (t_n * e_n > 16384)
@@ -40,21 +40,22 @@ void route_forward_host(const RouteForwardArgs& a) {
   for (int64_t t = 0; t < t_n; ++t)
     route::aux_token(c.e, c.k, a.logits_TE + t * e_n, &z[t], &p[t * e_n], &map[t * k_n], &order[t * e_n]);
   for (int64_t b = 0; b < a.batch; ++b)
-    for (int32_t e = 0; e < c.e; ++e) route::aux_expert(b, e, seq, c.e, c.k, p.data(), map.data(), psum.data(), count.data());
+    for (int32_t e = 0; e < c.e; ++e)
+      route::aux_expert(b, e, seq, c.e, c.k, p.data(), map.data(), psum.data(), count.data());
   *a.aux_loss_1 = route::aux_loss(a.batch, seq, c.e, c.k, a.aux_coeff, psum.data(), count.data());
 #pragma omp parallel for schedule(static) if (t_n * e_n > 16384)
   for (int64_t t = 0; t < t_n; ++t)
-    route::aux_grad_token(t / seq, a.batch, seq, c.e, c.k, a.aux_coeff, a.logits_TE + t * e_n, z[t], count.data(),
-                          a.aux_dlogits_TE + t * e_n);
+    route::aux_grad_token(t / seq, a.batch, seq, c.e, c.k, a.aux_coeff, a.logits_TE + t * e_n, z[t],
+                          count.data(), a.aux_dlogits_TE + t * e_n);
 }
 
 void route_backward_host(const RouteBackwardArgs& a) {
   const int64_t e_n = a.cfg.e, k_n = a.cfg.k;
 #pragma omp parallel for schedule(static) if (a.t * k_n > 16384)
   for (int64_t t = 0; t < a.t; ++t)
-    route::backward_token(a.cfg, a.scores_TE + t * e_n, a.idx_TK + t * k_n, a.denom_T[t], a.dweight_TK + t * k_n,
-                          a.aux_dlogits_TE ? a.aux_dlogits_TE + t * e_n : nullptr, a.aux_grad,
-                          a.dlogits_TE + t * e_n);
+    route::backward_token(a.cfg, a.scores_TE + t * e_n, a.idx_TK + t * k_n, a.denom_T[t],
+                          a.dweight_TK + t * k_n, a.aux_dlogits_TE ? a.aux_dlogits_TE + t * e_n : nullptr,
+                          a.aux_grad, a.dlogits_TE + t * e_n);
 }
 
 }  // namespace dsv3

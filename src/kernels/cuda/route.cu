@@ -17,14 +17,15 @@ __device__ int64_t item() {
 }
 
 __global__ void select_kernel(RouteSelect c, int64_t t_n, const float* logits, const float* bias, float* s,
-                              int32_t* idx, float* w, float* denom, float* choice, float* group, int32_t* order,
-                              DeviceErrors err) {
+                              int32_t* idx, float* w, float* denom, float* choice, float* group,
+                              int32_t* order, DeviceErrors err) {
   const int64_t t = item();
   if (t >= t_n) return;
   const float* lg = logits + t * c.e;
   for (int32_t e = 0; e < c.e; ++e)
     if (!isfinite(lg[e])) {  // first error wins: the token and the expert, raised at the next sync
-      if (atomicCAS(err.word, kNoError, kBadRouterLogit) == kNoError) err.word[1] = static_cast<int>(t), err.word[2] = e;
+      if (atomicCAS(err.word, kNoError, kBadRouterLogit) == kNoError)
+        err.word[1] = static_cast<int>(t), err.word[2] = e;
       break;
     }
   route::select_token(c, lg, bias, s + t * c.e, idx + t * c.k, w + t * c.k, denom + t, choice + t * c.e,
@@ -55,11 +56,12 @@ __global__ void aux_token_kernel(int64_t t_n, int32_t e_n, int32_t k, const floa
 __global__ void aux_expert_kernel(int64_t batch, int64_t seq, int32_t e_n, int32_t k, const float* p,
                                   const int32_t* map, float* psum, int32_t* count) {
   const int64_t i = item();
-  if (i < batch * e_n) route::aux_expert(i / e_n, static_cast<int32_t>(i % e_n), seq, e_n, k, p, map, psum, count);
+  if (i < batch * e_n)
+    route::aux_expert(i / e_n, static_cast<int32_t>(i % e_n), seq, e_n, k, p, map, psum, count);
 }
 
-__global__ void aux_loss_kernel(int64_t batch, int64_t seq, int32_t e_n, int32_t k, float coeff, const float* psum,
-                                const int32_t* count, float* loss) {
+__global__ void aux_loss_kernel(int64_t batch, int64_t seq, int32_t e_n, int32_t k, float coeff,
+                                const float* psum, const int32_t* count, float* loss) {
   *loss = route::aux_loss(batch, seq, e_n, k, coeff, psum, count);
 }
 
@@ -70,8 +72,9 @@ __global__ void aux_grad_kernel(int64_t t_n, int64_t batch, int64_t seq, int32_t
     route::aux_grad_token(t / seq, batch, seq, e_n, k, coeff, logits + t * e_n, z[t], count, dl + t * e_n);
 }
 
-__global__ void backward_kernel(RouteSelect c, int64_t t_n, const float* s, const int32_t* idx, const float* denom,
-                                const float* g, const float* aux, float aux_grad, float* dl) {
+__global__ void backward_kernel(RouteSelect c, int64_t t_n, const float* s, const int32_t* idx,
+                                const float* denom, const float* g, const float* aux, float aux_grad,
+                                float* dl) {
   const int64_t t = item();
   if (t < t_n)
     route::backward_token(c, s + t * c.e, idx + t * c.k, denom[t], g + t * c.k, aux ? aux + t * c.e : nullptr,
@@ -85,10 +88,12 @@ size_t up(size_t bytes) {
 }  // namespace
 
 size_t route_forward_scratch_bytes(const RouteForwardArgs& a) {
-  const size_t t = static_cast<size_t>(a.t), e = static_cast<size_t>(a.cfg.e), k = static_cast<size_t>(a.cfg.k);
+  const size_t t = static_cast<size_t>(a.t), e = static_cast<size_t>(a.cfg.e),
+               k = static_cast<size_t>(a.cfg.k);
   const size_t g = static_cast<size_t>(a.cfg.n_group), b = static_cast<size_t>(a.batch);
   size_t n = up(t * e * 4) * 2 + up(t * g * 4);  // choice, order, group
-  if (a.aux_coeff > 0.f) n += up(t * 4) + up(t * e * 4) + up(t * k * 4) + 2 * up(b * e * 4);  // z, p, map, psum, count
+  if (a.aux_coeff > 0.f)
+    n += up(t * 4) + up(t * e * 4) + up(t * k * 4) + 2 * up(b * e * 4);  // z, p, map, psum, count
   return n;
 }
 
@@ -105,11 +110,12 @@ void launch_route_forward(const RouteForwardArgs& a, void* scratch, DeviceErrors
   int32_t* order = static_cast<int32_t*>(take(t_n * c.e * 4));
   float* group = static_cast<float*>(take(t_n * c.n_group * 4));
   if (t_n > 0)
-    select_kernel<<<grid(t_n), kThreads, 0, st>>>(c, t_n, a.logits_TE, a.bias_E, a.scores_TE, a.idx_TK, a.weight_TK,
-                                                  a.denom_T, choice, group, order, err);
+    select_kernel<<<grid(t_n), kThreads, 0, st>>>(c, t_n, a.logits_TE, a.bias_E, a.scores_TE, a.idx_TK,
+                                                  a.weight_TK, a.denom_T, choice, group, order, err);
   count_kernel<<<grid(c.e), kThreads, 0, st>>>(c.e, a.idx_TK, r, a.offsets_E1);
   scan_kernel<<<1, 1, 0, st>>>(c.e, a.offsets_E1);
-  permute_kernel<<<grid(c.e), kThreads, 0, st>>>(c.e, a.idx_TK, r, c.k, a.offsets_E1, a.token_R, a.slot_R, a.row_TK);
+  permute_kernel<<<grid(c.e), kThreads, 0, st>>>(c.e, a.idx_TK, r, c.k, a.offsets_E1, a.token_R, a.slot_R,
+                                                 a.row_TK);
   if (a.aux_coeff <= 0.f) return;
   if (t_n == 0) {
     cudaMemsetAsync(a.aux_loss_1, 0, sizeof(float), st);
@@ -124,8 +130,8 @@ void launch_route_forward(const RouteForwardArgs& a, void* scratch, DeviceErrors
   aux_token_kernel<<<grid(t_n), kThreads, 0, st>>>(t_n, c.e, c.k, a.logits_TE, z, p, map, order);
   aux_expert_kernel<<<grid(a.batch * c.e), kThreads, 0, st>>>(a.batch, seq, c.e, c.k, p, map, psum, count);
   aux_loss_kernel<<<1, 1, 0, st>>>(a.batch, seq, c.e, c.k, a.aux_coeff, psum, count, a.aux_loss_1);
-  aux_grad_kernel<<<grid(t_n), kThreads, 0, st>>>(t_n, a.batch, seq, c.e, c.k, a.aux_coeff, a.logits_TE, z, count,
-                                                  a.aux_dlogits_TE);
+  aux_grad_kernel<<<grid(t_n), kThreads, 0, st>>>(t_n, a.batch, seq, c.e, c.k, a.aux_coeff, a.logits_TE, z,
+                                                  count, a.aux_dlogits_TE);
 }
 
 void launch_route_backward(const RouteBackwardArgs& a, cudaStream_t st) {
