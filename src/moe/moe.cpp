@@ -194,9 +194,9 @@ void route_on_device(Backend& be, const MoeConfig& c, const MoeParams& p, const 
   const int64_t e = c.router.num_experts, k = c.router.topk;
   RouteForwardArgs f;
   f.cfg = route_select(c.router), f.t = t, f.batch = batch;
-  f.logits_TE = grow(be, a.logits_TE, t * e);
-  if (t > 0)
-    linear_forward(be, x, p.gate_w_ED, grow(be, a.logits_TE, t * e), t, c.hidden, e, Precision::kF32, a.lin);
+  float* logits = grow(be, a.logits_TE, t * e);
+  if (t > 0) linear_forward(be, x, p.gate_w_ED, logits, t, c.hidden, e, Precision::kF32, a.lin);
+  f.logits_TE = logits;
   f.bias_E = p.expert_bias_E;
   f.scores_TE = grow(be, a.scores_TE, t * e), f.denom_T = grow(be, a.denom_T, t);
   f.weight_TK = grow(be, a.weight_TK, t * k), f.idx_TK = grow(be, a.idx_TK, t * k);

@@ -219,38 +219,25 @@ TEST_F(TensorParallel, Etp1CheckpointContinuesInOneProcess) {
 
 TEST_F(TensorParallel, RefusesWhatItCannotSplit) {
   const std::string b = testing::tiny_train_args(dir_, data_, 1, 3) + " --train-iters 1 ";
-  auto heads = testing::run_dsv3_mpi(3, b + "--tensor-model-parallel-size 3", dir_);
-  EXPECT_NE(heads.rc, 0);
-  EXPECT_NE(
-      heads.out.find("the number of attention heads (4) must be divisible by the tensor model parallel size"),
-      std::string::npos)
-      << heads.out;
-  auto sp = testing::run_dsv3_mpi(2, b + kTp2Sp + " --global-batch-size 2 --seq-length 31", dir_);
-  EXPECT_NE(sp.rc, 0);
-  EXPECT_NE(sp.out.find("--sequence-parallel with --tensor-model-parallel-size 2: --seq-length 31 must be "
-                        "divisible by the tensor model parallel size (rule: seq_length % TP == 0"),
-            std::string::npos)
-      << sp.out;
+  auto refused = [&](int np, const std::string& flags, const std::string& rule) {
+    auto r = testing::run_dsv3_mpi(np, b + flags, dir_);
+    EXPECT_NE(r.rc, 0) << flags;
+    EXPECT_NE(r.out.find(rule), std::string::npos) << r.out;
+  };
+  refused(3, "--tensor-model-parallel-size 3",
+          "the number of attention heads (4) must be divisible by the tensor model parallel size");
+  refused(2, kTp2Sp + " --global-batch-size 2 --seq-length 31",
+          "--sequence-parallel with --tensor-model-parallel-size 2: --seq-length 31 must be divisible by the "
+          "tensor "
+          "model parallel size (rule: seq_length % TP == 0");
   // Expert tensor parallelism: 1 or TP; ETP 1 under TP needs SP; ETP × EP × PP must divide the world.
-  auto etp3 = testing::run_dsv3_mpi(2, b + kTp2 + " --expert-tensor-parallel-size 4", dir_);
-  EXPECT_NE(etp3.rc, 0);
-  EXPECT_NE(etp3.out.find("rule: world % (ETP·EP·PP) == 0"), std::string::npos) << etp3.out;
-  auto etp_other = testing::run_dsv3_mpi(4, b + kTp2 + " --expert-tensor-parallel-size 4", dir_);
-  EXPECT_NE(etp_other.rc, 0);
-  EXPECT_NE(etp_other.out.find("--expert-tensor-parallel-size 4: dsv3 splits routed experts over the "
-                               "tensor-parallel ranks"),
-            std::string::npos)
-      << etp_other.out;
-  auto no_sp = testing::run_dsv3_mpi(2, b + kTp2 + " --expert-tensor-parallel-size 1", dir_);
-  EXPECT_NE(no_sp.rc, 0);
-  EXPECT_NE(no_sp.out.find("--expert-tensor-parallel-size 1 with --tensor-model-parallel-size 2 needs "
-                           "--sequence-parallel"),
-            std::string::npos)
-      << no_sp.out;
+  refused(2, kTp2 + " --expert-tensor-parallel-size 4", "rule: world % (ETP·EP·PP) == 0");
+  refused(4, kTp2 + " --expert-tensor-parallel-size 4",
+          "--expert-tensor-parallel-size 4: dsv3 splits routed experts over the tensor-parallel ranks");
+  refused(2, kTp2 + " --expert-tensor-parallel-size 1",
+          "--expert-tensor-parallel-size 1 with --tensor-model-parallel-size 2 needs --sequence-parallel");
   // A world TP does not divide: Megatron's rule, from the process groups.
-  auto world = testing::run_dsv3_mpi(3, b + kTp2, dir_);
-  EXPECT_NE(world.rc, 0);
-  EXPECT_NE(world.out.find("rule: world % (TP·PP·CP) == 0"), std::string::npos) << world.out;
+  refused(3, kTp2, "rule: world % (TP·PP·CP) == 0");
 }
 
 }  // namespace

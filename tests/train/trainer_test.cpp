@@ -179,6 +179,9 @@ TEST(Train, SigtermSavesAndExits) {
   const auto dir = testing::scratch_dir();
   const auto data = make_data(dir);
   const auto log = dir / "sigterm.log";
+  // A log left by an earlier run would already hold iteration lines: the signal would then come before the
+  // child's shell has truncated it, i.e. before the handler exists (the cause of this test's rare failures).
+  fs::remove(log);
   const std::string cmd = testing::dsv3_binary().string() + " " + base_args(dir, data) +
                           " --train-iters 100000 --exit-signal-handler --save " + (dir / "ckpt").string() +
                           " >" + log.string() + " 2>&1";
