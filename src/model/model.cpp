@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <numeric>
 
 #include "core/error.h"
 #include "core/profile.h"
@@ -331,10 +332,10 @@ void Model::collect_moe_stats(const BlockDims& d, const BlockActs& a, ForwardSta
   st.moe_layers++;
   st.aux_loss_sum += a.moe.router.seq_aux_loss;
   st.tokens_per_expert.push_back(a.moe.router.tokens_per_expert_E);
-  const auto& kept = a.moe.router.kept_TK;
   st.layer_aux_loss.push_back(a.moe.router.seq_aux_loss);
-  st.routed_pairs.push_back(static_cast<int64_t>(kept.size()));
-  st.kept_pairs.push_back(std::count(kept.begin(), kept.end(), uint8_t{1}));
+  const auto& routed = a.moe.router.routed_per_expert_E;
+  st.routed_pairs.push_back(std::accumulate(routed.begin(), routed.end(), int64_t{0}));
+  st.kept_pairs.push_back(a.moe.router.kept_pairs);
 }
 
 void Model::run_block(int64_t i, const float* x, float* out, BlockActs& acts, bool training) {

@@ -5,8 +5,9 @@
 // in its own lane (several streams on a GPU). Element-wise kernels (swiglu, permutation) parallelise themselves.
 //
 // Backend seam (kernels/backend.h): the GEMMs (router, routed experts, shared expert), the SwiGLUs and, on one
-// rank, the token permutation run on the Backend passed in; the router's selection runs on the host (moe.h);
-// expert parallelism (ep_dispatch and the rest, moe/ep_dispatcher.h) is host memory, so the CPU's.
+// rank, the token permutation run on the Backend passed in; on a device of one rank the router's selection too
+// (moe.h says where it runs otherwise); expert parallelism (ep_dispatch and the rest, moe/ep_dispatcher.h) is host
+// memory, so the CPU's.
 #include "moe/moe.h"
 
 #include <cstdlib>
@@ -30,6 +31,10 @@ template <typename F>
 void for_each_expert(Backend& be, const DispatchState& s, bool varying_rows, F&& f) {
   const int64_t e_n = static_cast<int64_t>(s.offsets_L1.size()) - 1;
   if (be.kind() != DeviceKind::kCpu) {
+    // A backend over host memory (the guarded one) runs the CPU's GEMMs: the same primitives as the CPU path, or
+    // its bits differ where oneDNN's runtime-dimension kernels round otherwise (AMX bf16). No effect on a GPU.
+    std::optional<GemmVaryingRows> rows;
+    if (varying_rows) rows.emplace();
     be.lanes_begin();
     for (int64_t e = 0; e < e_n; ++e) {
       const int64_t o = s.offsets_L1[e], n = s.offsets_L1[e + 1] - o;
@@ -167,28 +172,19 @@ void router_backward_sequence_parallel(Backend& be, const MoeConfig& c, const Mo
                         a.router.lin, 1.f);
 }
 
-// Whether the router runs on the layer's device (moe.h MoeActs): a device backend, one rank, dropless.
+// Whether the router runs on the layer's device (moe.h MoeActs): a device backend, one rank.
 // DSV3_ROUTER=host keeps it on the host (the A/B and the fallback).
 bool routes_on_device(const Backend& be, const MoeConfig& c) {
   static const bool host = [] {
     const char* v = std::getenv("DSV3_ROUTER");
     return v && std::string(v) == "host";
   }();
-  return be.kind() != DeviceKind::kCpu && !host && c.router.dropless() && c.ep.size() == 1 && !c.tp.on();
+  return be.kind() != DeviceKind::kCpu && !host && c.ep.size() == 1 && !c.tp.on();
 }
 
-RouteSelect route_select(const RouterConfig& r) {
-  RouteSelect s;
-  s.e = static_cast<int32_t>(r.num_experts), s.k = static_cast<int32_t>(r.topk);
-  s.n_group = static_cast<int32_t>(r.n_group), s.topk_group = static_cast<int32_t>(r.topk_group);
-  s.group_score_topk = static_cast<int32_t>(r.group_score_topk);
-  s.mask_neg_inf = r.group_mask == GroupMaskValue::kNegInf, s.normalise = r.normalise;
-  s.scaling = r.scaling_factor;
-  return s;
-}
-
-// The router on the device: logits, selection, permutation and aux loss in backend memory; the offsets and the
-// loss come down in one read. RouterActs gets what the trainer reads (counts, aux loss, the kept pairs).
+// The router on the device: logits, selection, capacity rule, permutation and aux loss in backend memory; the
+// offsets (kept and, with capacity, routed) and the loss come down in one read. RouterActs gets what the trainer
+// reads (counts, aux loss, the kept pair count).
 void route_on_device(Backend& be, const MoeConfig& c, const MoeParams& p, const float* x, int64_t t,
                      int64_t batch, bool training, MoeActs& a) {
   const int64_t e = c.router.num_experts, k = c.router.topk;
@@ -202,9 +198,17 @@ void route_on_device(Backend& be, const MoeConfig& c, const MoeParams& p, const 
   f.weight_TK = grow(be, a.weight_TK, t * k), f.idx_TK = grow(be, a.idx_TK, t * k);
   f.token_R = grow(be, a.token_R, t * k), f.slot_R = grow(be, a.slot_R, t * k),
   f.row_TK = grow(be, a.row_TK, t * k);
-  int32_t* rb = grow(be, a.readback, e + 2);
+  // The read-back block: kept offsets [E + 1], the aux loss's bits, routed offsets [E + 1] (capacity only).
+  const bool drop = !c.router.dropless();
+  int32_t* rb = grow(be, a.readback, 2 * (e + 1) + 1);
   f.offsets_E1 = rb;
   RouterActs& r = a.router;
+  r.t = t;
+  r.capacity = drop ? expert_capacity(t, k, e, c.router.capacity_factor) : -1;
+  if (drop) {
+    f.capacity = r.capacity, f.drop_by_position = c.router.drop_policy == DropPolicy::kPosition;
+    f.kept_TK = grow(be, a.kept_TK, t * k), f.routed_E1 = rb + e + 2;
+  }
   r.has_aux_grad = training && c.router.seq_aux_coeff > 0.f;
   if (r.has_aux_grad) {
     f.aux_coeff = c.router.seq_aux_coeff;
@@ -212,15 +216,19 @@ void route_on_device(Backend& be, const MoeConfig& c, const MoeParams& p, const 
     f.aux_dlogits_TE = grow(be, a.aux_dlogits_TE, t * e);
   }
   be.route_forward(f);
-  a.readback_host.resize(e + 2);
-  be.copy_to_host(a.readback_host.data(), rb, (e + 2) * sizeof(int32_t));
-  r.t = t, r.capacity = -1;
+  const int64_t n = drop ? 2 * (e + 1) + 1 : e + 2;
+  a.readback_host.resize(n);
+  be.copy_to_host(a.readback_host.data(), rb, n * sizeof(int32_t));
+  const int32_t* kept = a.readback_host.data();
+  const int32_t* routed = drop ? kept + e + 2 : kept;
   r.seq_aux_loss = 0.f;
   if (r.has_aux_grad) std::memcpy(&r.seq_aux_loss, &a.readback_host[e + 1], sizeof(float));
   r.routed_per_expert_E.resize(e), r.tokens_per_expert_E.resize(e);
-  for (int64_t i = 0; i < e; ++i)
-    r.routed_per_expert_E[i] = r.tokens_per_expert_E[i] = a.readback_host[i + 1] - a.readback_host[i];
-  r.kept_TK.assign(t * k, 1);  // dropless
+  for (int64_t i = 0; i < e; ++i) {
+    r.routed_per_expert_E[i] = routed[i + 1] - routed[i];
+    r.tokens_per_expert_E[i] = tokens_per_expert(c.router, t, r.capacity, kept[i + 1] - kept[i]);
+  }
+  r.kept_pairs = kept[e];
 }
 
 // The router: its GEMMs on the backend, the selection on the device or the host (see moe.h).
@@ -257,6 +265,7 @@ void router_backward_on(Backend& be, const MoeConfig& c, const MoeParams& p, con
     RouteBackwardArgs b;
     b.cfg = route_select(c.router), b.t = t;
     b.scores_TE = a.scores_TE.data(), b.denom_T = a.denom_T.data(), b.idx_TK = a.idx_TK.data();
+    b.kept_TK = c.router.dropless() ? nullptr : a.kept_TK.data();
     b.dweight_TK = a.dweight_TK.data();
     b.aux_dlogits_TE = a.router.has_aux_grad ? a.aux_dlogits_TE.data() : nullptr, b.aux_grad = aux_grad;
     b.dlogits_TE = dl;
@@ -272,8 +281,8 @@ void router_backward_on(Backend& be, const MoeConfig& c, const MoeParams& p, con
 }
 
 // The local experts' rows and their gate weights, from the t tokens x the routed experts see. One rank: the
-// permutation is built on the host (a counting sort of T·K ids) and its maps go to the backend, which gathers;
-// expert parallelism: the dispatcher.
+// permutation is the device router's, or built on the host (a counting sort of T·K ids) with its maps sent to the
+// backend, which gathers; expert parallelism: the dispatcher.
 void dispatch(Backend& be, const MoeConfig& c, const float* x, int64_t t, MoeActs& a) {
   const int64_t d = c.hidden, k = c.router.topk, e = c.router.num_experts;
   const RouterActs& r = a.router;

@@ -109,12 +109,12 @@ struct MoeGrads {
   float* shared_down_DFs = nullptr;
 };
 
-// Every float buffer is memory of the layer's backend. On a device backend of one rank without capacity dropping
-// the router runs there too (Backend::route_forward: kernels/route.h, the host router's arithmetic), and only the
+// Every float buffer is memory of the layer's backend. On a device backend of one rank the router runs there too
+// (Backend::route_forward: kernels/route.h, the host router's arithmetic, capacity rule included), and only the
 // per-expert offsets and the aux loss come down (the expert GEMMs need the row counts on the host); otherwise
-// (capacity dropping, or DSV3_ROUTER=host) the selection runs on the host (router_route /
-// router_backward_logits, the CPU code): the [T, E] logits come down and the routing goes up, once per layer and
-// pass.
+// (expert or tensor parallelism, or DSV3_ROUTER=host) the selection runs on the host (router_route /
+// router_backward_logits, the same bodies over host memory): on a device the [T, E] logits come down and the
+// routing goes up, once per layer and pass.
 struct MoeActs {
   const float* x_TD = nullptr;  // the layer input (not owned; must stay alive until backward)
   int64_t t = 0, batch = 0;
@@ -145,11 +145,12 @@ struct MoeActs {
   // device backend: the router's logits and their gradient in backend memory; the bias and dweight on the host
   DeviceArray<float> logits_TE, dlogits_TE;
   std::vector<float> bias_E, dweight_host_TK;
-  // The router on the device (routes_on_device: one rank, dropless; kernels/route.h): its scores, choices, gate
-  // weights and aux-loss gradient stay in backend memory; `readback` holds the expert offsets (E + 1) and the aux
-  // loss's bits, the one read of the layer's forward.
+  // The router on the device (routes_on_device: one rank; kernels/route.h): its scores, choices, gate weights,
+  // kept map and aux-loss gradient stay in backend memory; `readback` holds the expert offsets (E + 1), the aux
+  // loss's bits and with capacity the offsets before dropping (E + 1): the one read of the layer's forward.
   DeviceArray<float> scores_TE, denom_T, aux_dlogits_TE;
   DeviceArray<int32_t> idx_TK, readback;
+  DeviceArray<uint8_t> kept_TK;
   std::vector<int32_t> readback_host;
   // bf16 fast path (MoeConfig::precision == kBF16): every operand converted once per step and shared by the
   // expert GEMMs. a_RF then holds the fused [R, 2F] gate|up output (b_RF unused), da_RF its gradient.

@@ -1,31 +1,13 @@
 // DeepSeek-V3 router forward/backward (see router.h for the math and the HF/Megatron choices).
 #include "moe/router.h"
 
-#include <omp.h>
-
-#include <algorithm>
 #include <cmath>
-#include <numeric>
 
 #include "core/error.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/route.h"
 
 namespace dsv3 {
-namespace {
-
-inline float sigmoidf(float x) {
-  return 1.f / (1.f + std::exp(-x));
-}
-
-// Indices of the k largest v[i] for i in [0, n) into order[0..k), by descending value, equal values by lower
-// index (the order of a stable descending sort). order must hold n slots.
-void topk_desc(const float* v, int64_t n, int64_t k, int32_t* order) {
-  std::iota(order, order + n, 0);
-  std::partial_sort(order, order + k, order + n,
-                    [v](int32_t a, int32_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); });
-}
-
-}  // namespace
 
 RouterConfig RouterConfig::hf(int64_t e, int64_t k, int64_t n_group, int64_t topk_group, bool norm_topk_prob,
                               float scaling) {
@@ -72,87 +54,19 @@ void RouterConfig::validate() const {
   DSV3_CHECK(seq_aux_coeff >= 0.f, "router: seq_aux_coeff must be >= 0, got ", seq_aux_coeff);
 }
 
+RouteSelect route_select(const RouterConfig& r) {
+  RouteSelect s;
+  s.e = static_cast<int32_t>(r.num_experts), s.k = static_cast<int32_t>(r.topk);
+  s.n_group = static_cast<int32_t>(r.n_group), s.topk_group = static_cast<int32_t>(r.topk_group);
+  s.group_score_topk = static_cast<int32_t>(r.group_score_topk);
+  s.mask_neg_inf = r.group_mask == GroupMaskValue::kNegInf, s.normalise = r.normalise;
+  s.scaling = r.scaling_factor;
+  return s;
+}
+
 int64_t expert_capacity(int64_t tokens, int64_t topk, int64_t experts, double capacity_factor) {
   return static_cast<int64_t>(
       std::ceil((static_cast<double>(tokens * topk) / static_cast<double>(experts)) * capacity_factor));
-}
-
-void route_token(const RouterConfig& cfg, const float* s, const float* bias, int32_t* idx, float* w,
-                 float* denom, float* choice, float* group, int32_t* order) {
-  const int64_t e_n = cfg.num_experts, k_n = cfg.topk, g_n = cfg.n_group;
-  for (int64_t e = 0; e < e_n; ++e) choice[e] = bias ? s[e] + bias[e] : s[e];
-  if (g_n > 1) {
-    const int64_t gs = e_n / g_n;
-    for (int64_t g = 0; g < g_n; ++g) {
-      topk_desc(choice + g * gs, gs, cfg.group_score_topk, order);
-      float sum = 0.f;  // descending order, as torch sums topk(...)[0]
-      for (int64_t j = 0; j < cfg.group_score_topk; ++j) sum += choice[g * gs + order[j]];
-      group[g] = sum;
-    }
-    topk_desc(group, g_n, cfg.topk_group, order);
-    std::fill(group, group + g_n, 0.f);  // reuse as the kept-group flag
-    for (int64_t j = 0; j < cfg.topk_group; ++j) group[order[j]] = 1.f;
-    const float masked = cfg.group_mask == GroupMaskValue::kNegInf ? -INFINITY : 0.f;
-    for (int64_t g = 0; g < g_n; ++g)
-      if (group[g] == 0.f) std::fill(choice + g * gs, choice + (g + 1) * gs, masked);
-  }
-  topk_desc(choice, e_n, k_n, order);
-  float sum = 0.f;
-  for (int64_t j = 0; j < k_n; ++j) {
-    idx[j] = order[j];
-    w[j] = s[order[j]];  // the unbiased score: the bias only selects
-    sum += w[j];
-  }
-  if (cfg.normalise) {
-    *denom = sum + 1e-20f;
-    for (int64_t j = 0; j < k_n; ++j) w[j] /= *denom;
-  } else {
-    *denom = 0.f;
-  }
-  for (int64_t j = 0; j < k_n; ++j) w[j] *= cfg.scaling_factor;
-}
-
-float seq_aux_loss(const float* logits, int64_t batch, int64_t seq, int64_t e_n, int64_t k_n, float coeff,
-                   float* dlogits) {
-  std::vector<float> sig(e_n), p(e_n), psum(e_n), gp(e_n);
-  std::vector<int64_t> count(e_n);
-  std::vector<int32_t> order(e_n);
-  std::vector<float> z(seq);
-  double loss = 0.0;
-  const double norm = static_cast<double>(e_n) / (static_cast<double>(k_n) * seq * seq);
-  for (int64_t b = 0; b < batch; ++b) {
-    std::fill(count.begin(), count.end(), 0);
-    std::fill(psum.begin(), psum.end(), 0.f);
-    for (int64_t s = 0; s < seq; ++s) {
-      const float* lg = logits + (b * seq + s) * e_n;
-      float zs = 0.f;
-      for (int64_t e = 0; e < e_n; ++e) zs += (sig[e] = sigmoidf(lg[e]));
-      z[s] = zs + 1e-20f;
-      for (int64_t e = 0; e < e_n; ++e) psum[e] += (p[e] = sig[e] / z[s]);
-      topk_desc(p.data(), e_n, k_n, order.data());
-      for (int64_t j = 0; j < k_n; ++j) ++count[order[j]];
-    }
-    double lb = 0.0;
-    for (int64_t e = 0; e < e_n; ++e) lb += static_cast<double>(psum[e]) * count[e];
-    loss += lb * norm;
-    if (!dlogits) continue;
-    // dL/dp[b,s,e] = coeff·E·c[b,e]/(B·k·S²), the same for every s of the sequence.
-    for (int64_t e = 0; e < e_n; ++e) gp[e] = static_cast<float>(coeff * norm * count[e] / batch);
-    for (int64_t s = 0; s < seq; ++s) {
-      const float* lg = logits + (b * seq + s) * e_n;
-      float* dl = dlogits + (b * seq + s) * e_n;
-      float dot = 0.f;  // Σ_e gp_e p_e
-      for (int64_t e = 0; e < e_n; ++e) {
-        sig[e] = sigmoidf(lg[e]);
-        dot += gp[e] * (sig[e] / z[s]);
-      }
-      for (int64_t e = 0; e < e_n; ++e) {
-        const float dsig = (gp[e] - dot) / z[s];
-        dl[e] = dsig * sig[e] * (1.f - sig[e]);
-      }
-    }
-  }
-  return static_cast<float>(coeff * loss / batch);
 }
 
 void router_forward(const RouterConfig& cfg, const RouterParams& p, const float* u, int64_t t, int64_t d,
@@ -168,6 +82,11 @@ void router_forward(const RouterConfig& cfg, const RouterParams& p, const float*
   router_route(cfg, p.expert_bias_E, t, batch, training, a);
 }
 
+int64_t tokens_per_expert(const RouterConfig& cfg, int64_t t, int64_t capacity, int64_t kept) {
+  if (!cfg.pad_to_capacity) return kept;
+  return capacity > t ? t : capacity;  // Megatron: a capacity above T pads every expert to T
+}
+
 void router_route(const RouterConfig& cfg, const float* bias_E, int64_t t, int64_t batch, bool training,
                   RouterActs& a) {
   cfg.validate();
@@ -181,72 +100,38 @@ void router_route(const RouterConfig& cfg, const float* bias_E, int64_t t, int64
   a.weight_TK.resize(t * k_n);
   a.denom_T.resize(t);
   a.kept_TK.assign(t * k_n, 1);
-  a.routed_per_expert_E.assign(e_n, 0);
-  a.tokens_per_expert_E.assign(e_n, 0);
-  if (t == 0) return;
-  for (int64_t i = 0; i < t * e_n; ++i) {
-    const float x = a.logits_TE[i];
-    DSV3_CHECK(std::isfinite(x), "router: logit of token ", i / e_n, ", expert ", i % e_n, " is ", x,
-               " (the MoE input or the gate weight holds NaN/Inf)");
-    a.scores_TE[i] = sigmoidf(x);
-  }
-
-  const int nth = omp_get_max_threads();
-  a.choice_E.resize(static_cast<size_t>(nth) * e_n);
-  a.group_G.resize(static_cast<size_t>(nth) * cfg.n_group);
-  a.order_E.resize(static_cast<size_t>(nth) * e_n);
-#pragma omp parallel for schedule(static) if (t * e_n > 16384)
-  for (int64_t i = 0; i < t; ++i) {
-    const int th = omp_get_thread_num();
-    route_token(cfg, &a.scores_TE[i * e_n], bias_E, &a.idx_TK[i * k_n], &a.weight_TK[i * k_n], &a.denom_T[i],
-                &a.choice_E[th * e_n], &a.group_G[th * cfg.n_group], &a.order_E[th * e_n]);
-  }
-  for (int64_t i = 0; i < t * k_n; ++i) ++a.routed_per_expert_E[a.idx_TK[i]];
-
-  a.capacity = -1;
-  if (cfg.dropless()) {
-    a.tokens_per_expert_E = a.routed_per_expert_E;
-  } else {
-    const int64_t cap = expert_capacity(t, k_n, e_n, cfg.capacity_factor);
-    a.capacity = cap;
-    if (cap > t) {  // Megatron: the capacity exceeds the token count, nothing is dropped
-      for (int64_t e = 0; e < e_n; ++e)
-        a.tokens_per_expert_E[e] = cfg.pad_to_capacity ? t : a.routed_per_expert_E[e];
-    } else {
-      a.per_expert.resize(e_n);
-      for (auto& v : a.per_expert) v.clear();
-      // Candidates in Megatron's token order ([S, B]: position s first, then sequence b), which is what
-      // "position" means there; it is also the tie order of the probs policy.
-      const int64_t seq = t / batch;
-      auto meg_order = [seq, batch, k_n](int32_t pair) {
-        const int64_t tok = pair / k_n;
-        return (tok % seq) * batch + tok / seq;
-      };
-      for (int64_t i = 0; i < t * k_n; ++i) a.per_expert[a.idx_TK[i]].push_back(static_cast<int32_t>(i));
-      for (int64_t e = 0; e < e_n; ++e) {
-        auto& c = a.per_expert[e];
-        if (static_cast<int64_t>(c.size()) > cap) {
-          const float* w = a.weight_TK.data();
-          if (cfg.drop_policy == DropPolicy::kProbs)
-            std::sort(c.begin(), c.end(), [&](int32_t x, int32_t y) {
-              return w[x] > w[y] || (w[x] == w[y] && meg_order(x) < meg_order(y));
-            });
-          else
-            std::sort(c.begin(), c.end(), [&](int32_t x, int32_t y) { return meg_order(x) < meg_order(y); });
-          for (size_t j = cap; j < c.size(); ++j) a.kept_TK[c[j]] = 0;
-        }
-        a.tokens_per_expert_E[e] = cfg.pad_to_capacity ? cap : std::min<int64_t>(cap, c.size());
-      }
-    }
-  }
-
-  a.seq_aux_loss = 0.f;
+  a.capacity = cfg.dropless() ? -1 : expert_capacity(t, k_n, e_n, cfg.capacity_factor);
   a.has_aux_grad = training && cfg.seq_aux_coeff > 0.f;
+  a.seq_aux_loss = 0.f;
+  RouteForwardArgs f;
+  f.cfg = route_select(cfg), f.t = t, f.batch = batch;
+  f.logits_TE = a.logits_TE.data(), f.bias_E = bias_E;
+  f.scores_TE = a.scores_TE.data(), f.weight_TK = a.weight_TK.data(), f.denom_T = a.denom_T.data();
+  f.idx_TK = a.idx_TK.data();
+  if (a.capacity >= 0) {  // the rule picks among each expert's candidates: it needs the permutation
+    a.offsets_E1.resize(e_n + 1), a.routed_E1.resize(e_n + 1);
+    a.token_R.resize(t * k_n), a.slot_R.resize(t * k_n), a.row_TK.resize(t * k_n);
+    f.offsets_E1 = a.offsets_E1.data(), f.token_R = a.token_R.data(), f.slot_R = a.slot_R.data();
+    f.row_TK = a.row_TK.data();
+    f.capacity = a.capacity, f.drop_by_position = cfg.drop_policy == DropPolicy::kPosition;
+    f.kept_TK = a.kept_TK.data(), f.routed_E1 = a.routed_E1.data();
+  }
   if (a.has_aux_grad) {
     a.aux_dlogits_TE.resize(t * e_n);
-    a.seq_aux_loss = seq_aux_loss(a.logits_TE.data(), batch, t / batch, e_n, k_n, cfg.seq_aux_coeff,
-                                  a.aux_dlogits_TE.data());
+    f.aux_coeff = cfg.seq_aux_coeff, f.aux_loss_1 = &a.seq_aux_loss,
+    f.aux_dlogits_TE = a.aux_dlogits_TE.data();
   }
+  route_forward_host(f);
+  a.routed_per_expert_E.assign(e_n, 0);
+  a.tokens_per_expert_E.assign(e_n, 0);
+  a.kept_pairs = 0;
+  for (int64_t i = 0; i < t * k_n; ++i) {
+    ++a.routed_per_expert_E[a.idx_TK[i]];
+    a.tokens_per_expert_E[a.idx_TK[i]] += a.kept_TK[i];
+    a.kept_pairs += a.kept_TK[i];
+  }
+  for (int64_t e = 0; e < e_n; ++e)
+    a.tokens_per_expert_E[e] = tokens_per_expert(cfg, t, a.capacity, a.tokens_per_expert_E[e]);
 }
 
 void router_backward(const RouterConfig& cfg, const RouterParams& p, const float* u, int64_t d, RouterActs& a,
@@ -261,27 +146,14 @@ void router_backward(const RouterConfig& cfg, const RouterParams& p, const float
 }
 
 void router_backward_logits(const RouterConfig& cfg, RouterActs& a, const float* dweight_TK, float aux_grad) {
-  const int64_t t = a.t, e_n = cfg.num_experts, k_n = cfg.topk;
-  a.dlogits_TE.assign(t * e_n, 0.f);
-  const float r = cfg.scaling_factor;
-#pragma omp parallel for schedule(static) if (t * k_n > 16384)
-  for (int64_t i = 0; i < t; ++i) {
-    const float* s = &a.scores_TE[i * e_n];
-    const int32_t* idx = &a.idx_TK[i * k_n];
-    float* dl = &a.dlogits_TE[i * e_n];
-    const float z = a.denom_T[i];
-    float gs = 0.f;  // Σ_k g_k s_k
-    if (cfg.normalise)
-      for (int64_t j = 0; j < k_n; ++j) gs += dweight_TK[i * k_n + j] * a.kept_TK[i * k_n + j] * s[idx[j]];
-    for (int64_t j = 0; j < k_n; ++j) {
-      const float gk = a.kept_TK[i * k_n + j] ? dweight_TK[i * k_n + j] : 0.f;
-      const float sm = s[idx[j]];
-      const float ds = cfg.normalise ? r * (gk / z - gs / (z * z)) : r * gk;
-      dl[idx[j]] = ds * sm * (1.f - sm);
-    }
-  }
-  if (a.has_aux_grad && aux_grad != 0.f)
-    for (int64_t i = 0; i < t * e_n; ++i) a.dlogits_TE[i] += aux_grad * a.aux_dlogits_TE[i];
+  a.dlogits_TE.resize(a.t * cfg.num_experts);
+  RouteBackwardArgs b;
+  b.cfg = route_select(cfg), b.t = a.t;
+  b.scores_TE = a.scores_TE.data(), b.denom_T = a.denom_T.data(), b.dweight_TK = dweight_TK;
+  b.idx_TK = a.idx_TK.data(), b.kept_TK = a.kept_TK.data();
+  b.aux_dlogits_TE = a.has_aux_grad ? a.aux_dlogits_TE.data() : nullptr, b.aux_grad = aux_grad;
+  b.dlogits_TE = a.dlogits_TE.data();
+  route_backward_host(b);
 }
 
 }  // namespace dsv3

@@ -28,6 +28,9 @@
 // Its gradient w.r.t. the logits is stored in the forward (aux_dlogits_TE) and added, times aux_grad, in
 // backward.
 //
+// The arithmetic is kernels/route.h's per-token bodies (the CPU loops of kernels/cpu/route.cpp), which a device
+// backend runs too: one routing code for every path.
+//
 // Backward (spec §3.4): with g_k = dL/dw_k (0 for dropped pairs), Z = Σ s_sel + 1e-20 and r = scaling_factor,
 //   dL/ds_m = r·(g_m/Z − Σ_k g_k s_k/Z²) (normalise) or r·g_m
 //   dlogits = ds · s(1−s) + aux_grad · aux_dlogits
@@ -39,6 +42,7 @@
 #include <vector>
 
 #include "kernels/cpu/linear.h"
+#include "kernels/route.h"
 
 namespace dsv3 {
 
@@ -75,6 +79,11 @@ struct RouterConfig {
 // Capacity per expert, Megatron get_capacity(T·K, E, cf) = ceil(T·K/E · cf) (computed in double as Python
 // does).
 int64_t expert_capacity(int64_t tokens, int64_t topk, int64_t experts, double capacity_factor);
+// An expert's entry of tokens_per_expert_E from its kept pairs: the capacity under pad-to-capacity (T when the
+// capacity exceeds T), else the kept count.
+int64_t tokens_per_expert(const RouterConfig& cfg, int64_t t, int64_t capacity, int64_t kept);
+// The selection's fields as the routing bodies take them (kernels/route.h).
+RouteSelect route_select(const RouterConfig& cfg);
 
 struct RouterParams {
   const float* gate_w_ED = nullptr;      // mlp.gate.weight
@@ -83,6 +92,7 @@ struct RouterParams {
 
 struct RouterActs {
   int64_t t = 0;
+  int64_t kept_pairs = 0;                    // pairs the capacity rule kept (T·K when dropless)
   std::vector<float> logits_TE, scores_TE;   // fp32 logits and sigmoid scores
   std::vector<int32_t> idx_TK;               // selected experts, by descending masked choice (ties: lower id)
   std::vector<float> weight_TK;              // gate weights after normalise·scale, before dropping
@@ -95,10 +105,8 @@ struct RouterActs {
   bool has_aux_grad = false;
   std::vector<float> aux_dlogits_TE;  // dL_aux/dlogits
   // scratch
-  std::vector<float> choice_E, group_G;
-  std::vector<int32_t> order_E;
   std::vector<float> dlogits_TE;
-  std::vector<std::vector<int32_t>> per_expert;  // capacity rule: candidates per expert
+  std::vector<int32_t> offsets_E1, routed_E1, token_R, slot_R, row_TK;  // capacity rule: the permutation
   LinearScratch lin;
 };
 
@@ -122,15 +130,5 @@ void router_backward(const RouterConfig& cfg, const RouterParams& p, const float
 
 // The logits part of router_backward: fills a.dlogits_TE.
 void router_backward_logits(const RouterConfig& cfg, RouterActs& a, const float* dweight_TK, float aux_grad);
-
-// The selection and weights alone, for one token (used by router_forward; exposed for tests): fills idx_K,
-// w_K from scores_E (sigmoid) and bias_E (may be null). choice_E/group_G/order_E are scratch of sizes E, G,
-// E.
-void route_token(const RouterConfig& cfg, const float* scores_E, const float* bias_E, int32_t* idx_K,
-                 float* w_K, float* denom, float* choice_E, float* group_G, int32_t* order_E);
-
-// The sequence aux loss alone: returns L and, if dlogits_TE is non-null, writes dL/dlogits (assign).
-float seq_aux_loss(const float* logits_TE, int64_t batch, int64_t seq, int64_t e, int64_t k, float coeff,
-                   float* dlogits_TE);
 
 }  // namespace dsv3

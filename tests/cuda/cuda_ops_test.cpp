@@ -655,87 +655,100 @@ TEST_F(CudaOps, ExpertLanesGiveTheInOrderResults) {
 
 // The router on the GPU (kernels/route.h, route.cu) against the same bodies on the CPU: DeepSeek-V3's 256 experts
 // top-8 in 8 groups choosing 4, the MoE proxy's 64 top-6, and 8 experts top-2 with HF's 0.0 group mask; biased
-// selection, the sequence aux loss over 3 sequences, the permutation and the backward. Logits on a grid 0.05
-// apart per token (no near-ties: a 1-ulp difference in a device sigmoid cannot flip a choice), so the choices and
-// the permutation must be equal; values within fp32 rounding.
+// selection, the sequence aux loss over 3 sequences, the permutation and the backward; then the capacity rule
+// (probs and position policies, one hot expert and an even spread, each dropping pairs). Logits on a grid 0.05
+// apart per token (no near-ties: a 1-ulp difference in a device sigmoid cannot flip a choice; equal gate weights
+// come from equal inputs and are equal on each side), so the choices, the kept map and the permutation must be
+// equal; values within fp32 rounding.
 TEST_F(CudaOps, RouterMatchesCpu) {
   struct Case {
     int32_t e, k, g, tg, gstk;
     bool neg_inf;
+    int64_t capacity;  // -1: dropless
+    bool by_position;
+    int32_t hot;  // an expert whose bias wins most tokens (-1: none)
   };
-  for (const Case cs :
-       {Case{256, 8, 8, 4, 2, true}, Case{64, 6, 8, 3, 2, true}, Case{8, 2, 4, 2, 2, false}}) {
-    SCOPED_TRACE(::testing::Message() << "E=" << cs.e << " K=" << cs.k);
+  for (const Case cs : {Case{256, 8, 8, 4, 2, true, -1, false, -1}, Case{64, 6, 8, 3, 2, true, -1, false, -1},
+                        Case{8, 2, 4, 2, 2, false, -1, false, -1}, Case{64, 6, 8, 3, 2, true, 30, false, 5},
+                        Case{64, 6, 8, 3, 2, true, 30, true, 5}, Case{8, 2, 4, 2, 2, false, 70, false, -1}}) {
+    SCOPED_TRACE(::testing::Message() << "E=" << cs.e << " K=" << cs.k << " capacity=" << cs.capacity
+                                      << (cs.by_position ? " position" : " probs"));
     RouteSelect c;
     c.e = cs.e, c.k = cs.k, c.n_group = cs.g, c.topk_group = cs.tg, c.group_score_topk = cs.gstk;
     c.mask_neg_inf = cs.neg_inf, c.normalise = true, c.scaling = 2.5f;
-    const int64_t batch = 3, seq = 100, t = batch * seq, e = cs.e, k = cs.k;
+    const int64_t batch = 3, seq = 100, t = batch * seq, e = cs.e, k = cs.k, nrb = 2 * (e + 1) + 1;
     std::vector<float> logits(t * e), bias(e), dweight = philox_normals(19, t * k, 2);
     for (int64_t i = 0; i < t; ++i)
       for (int64_t j = 0; j < e; ++j)
         logits[i * e + j] = 0.05f * static_cast<float>((i * 7 + j * 13) % e) - 1.5f;
     for (int64_t j = 0; j < e; ++j) bias[j] = 0.003f * static_cast<float>(j % 5);
+    if (cs.hot >= 0) bias[cs.hot] = 0.5f;
     struct Out {
       std::vector<float> scores, weight, denom, aux_dl, dl;
       std::vector<int32_t> idx, readback, token, slot, row;
+      std::vector<uint8_t> kept;
     };
     auto sizes = [&](Out& o) {
       o.scores.resize(t * e), o.weight.resize(t * k), o.denom.resize(t), o.aux_dl.resize(t * e),
           o.dl.resize(t * e);
-      o.idx.resize(t * k), o.readback.resize(e + 2), o.token.resize(t * k), o.slot.resize(t * k),
-          o.row.resize(t * k);
+      o.idx.resize(t * k), o.readback.resize(nrb), o.token.resize(t * k), o.slot.resize(t * k),
+          o.row.resize(t * k), o.kept.resize(t * k);
     };
-    auto args = [&](Out& o, const float* lg, const float* b) {
+    // The readback block as the MoE layer lays it out: kept offsets, the aux loss, routed offsets.
+    auto args = [&](const float* lg, const float* b, float* s, float* w, float* d, int32_t* idx, int32_t* rb,
+                    int32_t* tok, int32_t* sl, int32_t* row, float* aux, uint8_t* kept) {
       RouteForwardArgs f;
       f.cfg = c, f.t = t, f.batch = batch, f.logits_TE = lg, f.bias_E = b;
-      f.scores_TE = o.scores.data(), f.weight_TK = o.weight.data(), f.denom_T = o.denom.data();
-      f.idx_TK = o.idx.data(), f.offsets_E1 = o.readback.data(), f.token_R = o.token.data();
-      f.slot_R = o.slot.data(), f.row_TK = o.row.data();
-      f.aux_coeff = 1e-2f, f.aux_loss_1 = reinterpret_cast<float*>(o.readback.data() + e + 1);
-      f.aux_dlogits_TE = o.aux_dl.data();
+      f.scores_TE = s, f.weight_TK = w, f.denom_T = d, f.idx_TK = idx, f.offsets_E1 = rb;
+      f.token_R = tok, f.slot_R = sl, f.row_TK = row;
+      f.aux_coeff = 1e-2f, f.aux_loss_1 = reinterpret_cast<float*>(rb + e + 1), f.aux_dlogits_TE = aux;
+      if (cs.capacity >= 0)
+        f.capacity = cs.capacity, f.drop_by_position = cs.by_position, f.kept_TK = kept,
+        f.routed_E1 = rb + e + 2;
       return f;
+    };
+    auto bwd = [&](const float* s, const float* d, const float* dw, const int32_t* idx, const uint8_t* kept,
+                   const float* aux, float* dl) {
+      RouteBackwardArgs b;
+      b.cfg = c, b.t = t, b.scores_TE = s, b.denom_T = d, b.dweight_TK = dw, b.idx_TK = idx;
+      b.kept_TK = cs.capacity >= 0 ? kept : nullptr, b.aux_dlogits_TE = aux, b.aux_grad = 0.5f,
+      b.dlogits_TE = dl;
+      return b;
     };
     Out want;
     sizes(want);
-    cpu().route_forward(args(want, logits.data(), bias.data()));
-    RouteBackwardArgs bw{c,
-                         t,
-                         want.scores.data(),
-                         want.denom.data(),
-                         dweight.data(),
-                         want.idx.data(),
-                         want.aux_dl.data(),
-                         0.5f,
-                         want.dl.data()};
-    cpu().route_backward(bw);
+    cpu().route_forward(args(logits.data(), bias.data(), want.scores.data(), want.weight.data(),
+                             want.denom.data(), want.idx.data(), want.readback.data(), want.token.data(),
+                             want.slot.data(), want.row.data(), want.aux_dl.data(), want.kept.data()));
+    cpu().route_backward(bwd(want.scores.data(), want.denom.data(), dweight.data(), want.idx.data(),
+                             want.kept.data(), want.aux_dl.data(), want.dl.data()));
+    if (cs.capacity >= 0) {  // the case must drop something to test the rule
+      const int64_t kept = want.readback[e], routed = want.readback[e + 2 + e];
+      EXPECT_LT(kept, routed);
+    }
     // The same on the GPU, every buffer in device memory.
     Out got;
     sizes(got);
     DeviceBuffer glg = up(logits), gb = up(bias), gdw = up(dweight), gs = up(got.scores), gw = up(got.weight),
                  gd = up(got.denom), gaux = up(got.aux_dl), gdl = up(got.dl), gi = up(got.idx),
-                 grb = up(got.readback), gt = up(got.token), gsl = up(got.slot), gr = up(got.row);
-    RouteForwardArgs f = args(got, glg.as<float>(), gb.as<float>());
-    f.scores_TE = gs.as<float>(), f.weight_TK = gw.as<float>(), f.denom_T = gd.as<float>();
-    f.idx_TK = gi.as<int32_t>(), f.offsets_E1 = grb.as<int32_t>(), f.token_R = gt.as<int32_t>();
-    f.slot_R = gsl.as<int32_t>(), f.row_TK = gr.as<int32_t>();
-    f.aux_loss_1 = reinterpret_cast<float*>(grb.as<int32_t>() + e + 1), f.aux_dlogits_TE = gaux.as<float>();
-    gpu_->route_forward(f);
-    RouteBackwardArgs gbw{c,
-                          t,
-                          gs.as<float>(),
-                          gd.as<float>(),
-                          gdw.as<float>(),
-                          gi.as<int32_t>(),
-                          gaux.as<float>(),
-                          0.5f,
-                          gdl.as<float>()};
-    gpu_->route_backward(gbw);
+                 grb = up(got.readback), gt = up(got.token), gsl = up(got.slot), gr = up(got.row),
+                 gk = up(got.kept);
+    gpu_->route_forward(args(glg.as<float>(), gb.as<float>(), gs.as<float>(), gw.as<float>(), gd.as<float>(),
+                             gi.as<int32_t>(), grb.as<int32_t>(), gt.as<int32_t>(), gsl.as<int32_t>(),
+                             gr.as<int32_t>(), gaux.as<float>(), gk.as<uint8_t>()));
+    gpu_->route_backward(bwd(gs.as<float>(), gd.as<float>(), gdw.as<float>(), gi.as<int32_t>(),
+                             gk.as<uint8_t>(), gaux.as<float>(), gdl.as<float>()));
     EXPECT_EQ(down<int32_t>(gi, t * k), want.idx);
-    EXPECT_EQ(down<int32_t>(gt, t * k), want.token);
-    EXPECT_EQ(down<int32_t>(gsl, t * k), want.slot);
     EXPECT_EQ(down<int32_t>(gr, t * k), want.row);
-    const auto rb = down<int32_t>(grb, e + 2);
+    const auto rb = down<int32_t>(grb, nrb);
+    const int64_t rows = want.readback[e];  // the kept rows; the maps beyond them are not written
+    EXPECT_EQ(down<int32_t>(gt, rows), std::vector<int32_t>(want.token.begin(), want.token.begin() + rows));
+    EXPECT_EQ(down<int32_t>(gsl, rows), std::vector<int32_t>(want.slot.begin(), want.slot.begin() + rows));
     EXPECT_TRUE(std::equal(rb.begin(), rb.begin() + e + 1, want.readback.begin()));
+    if (cs.capacity >= 0) {
+      EXPECT_EQ(down<uint8_t>(gk, t * k), want.kept);
+      EXPECT_TRUE(std::equal(rb.begin() + e + 2, rb.end(), want.readback.begin() + e + 2));
+    }
     float loss = 0, want_loss = 0;
     std::memcpy(&loss, &rb[e + 1], 4), std::memcpy(&want_loss, &want.readback[e + 1], 4);
     EXPECT_NEAR(loss, want_loss, 1e-5 * std::fabs(want_loss));

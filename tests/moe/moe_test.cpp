@@ -472,7 +472,9 @@ TEST(Moe, EmptyAndOneRowExperts) {
         for (int64_t i = 0; i < per_expert; ++i) {
           const float v = (*grad)[e * per_expert + i];
           ASSERT_TRUE(std::isfinite(v)) << "expert " << e;
-          if (!has_row) ASSERT_EQ(v, 0.f) << "expert " << e << " has no row but a gradient";
+          if (!has_row) {
+            ASSERT_EQ(v, 0.f) << "expert " << e << " has no row but a gradient";
+          }
         }
     }
     EXPECT_EQ(empty, c.router.num_experts - c.router.topk);

@@ -93,6 +93,44 @@ TEST(Router, RejectsBadConfigsWithClearMessages) {
   }
 }
 
+// What the backend's route op gives, forward and backward (the MoE layer's device path), from host logits.
+struct BackendRoute {
+  std::vector<float> scores, weight, denom, aux_dlogits, dlogits;
+  std::vector<int32_t> idx, offsets, routed, token, slot, row;
+  std::vector<uint8_t> kept;
+  float aux_loss = 0.f;
+};
+BackendRoute route_with_backend(Backend& be, const RouterConfig& cfg, const std::vector<float>& logits,
+                                const float* bias, int64_t t, int64_t batch,
+                                const std::vector<float>& dweight) {
+  const int64_t e = cfg.num_experts, k = cfg.topk;
+  BackendRoute o;
+  o.scores.resize(t * e), o.weight.resize(t * k), o.denom.resize(t), o.aux_dlogits.resize(t * e);
+  o.dlogits.resize(t * e), o.idx.resize(t * k), o.offsets.resize(e + 1), o.routed.resize(e + 1);
+  o.token.resize(t * k), o.slot.resize(t * k), o.row.resize(t * k), o.kept.assign(t * k, 1);
+  RouteForwardArgs f;
+  f.cfg = route_select(cfg), f.t = t, f.batch = batch, f.logits_TE = logits.data(), f.bias_E = bias;
+  f.scores_TE = o.scores.data(), f.weight_TK = o.weight.data(), f.denom_T = o.denom.data();
+  f.idx_TK = o.idx.data(), f.offsets_E1 = o.offsets.data(), f.token_R = o.token.data();
+  f.slot_R = o.slot.data(), f.row_TK = o.row.data();
+  f.aux_coeff = cfg.seq_aux_coeff, f.aux_loss_1 = &o.aux_loss, f.aux_dlogits_TE = o.aux_dlogits.data();
+  if (!cfg.dropless()) {
+    f.capacity = expert_capacity(t, k, e, cfg.capacity_factor);
+    f.drop_by_position = cfg.drop_policy == DropPolicy::kPosition;
+    f.kept_TK = o.kept.data(), f.routed_E1 = o.routed.data();
+  }
+  be.route_forward(f);
+  if (cfg.dropless()) o.routed = o.offsets;
+  RouteBackwardArgs b;
+  b.cfg = f.cfg, b.t = t, b.scores_TE = o.scores.data(), b.denom_T = o.denom.data(),
+  b.dweight_TK = dweight.data();
+  b.idx_TK = o.idx.data(), b.kept_TK = cfg.dropless() ? nullptr : o.kept.data();
+  b.aux_dlogits_TE = cfg.seq_aux_coeff > 0.f ? o.aux_dlogits.data() : nullptr, b.aux_grad = 1.f;
+  b.dlogits_TE = o.dlogits.data();
+  be.route_backward(b);
+  return o;
+}
+
 // ---- megatron-core 0.16.1 fixtures ----
 
 class RouterMegatron : public ::testing::TestWithParam<std::string> {};
@@ -145,6 +183,37 @@ TEST_P(RouterMegatron, MatchesMegatronCore) {
   for (float v : ref_dl) scale = std::max(scale, std::abs(v));
   for (int64_t i = 0; i < t * e_n; ++i)
     ASSERT_NEAR(a.dlogits_TE[i], ref_dl[i], 1e-5f * scale) << "dlogit " << i;
+
+  // The backend's route op (what a GPU runs, here on the CPU backend) from the same logits: the same routing and
+  // gradient as the fixture, and its permutation holds the kept pairs in build_permutation's order.
+  const BackendRoute op = route_with_backend(cpu_backend(), c, f.read_f32("logits"), bias.data(), t, b_n, dw);
+  EXPECT_EQ(op.idx, a.idx_TK);
+  std::vector<int64_t> op_kept(t * e_n, 0), tokens(e_n), routed(e_n);
+  for (int64_t i = 0; i < t; ++i)
+    for (int64_t j = 0; j < k_n; ++j) {
+      const int64_t e = op.idx[i * k_n + j];
+      op_kept[i * e_n + e] = op.kept[i * k_n + j];
+      if (op.kept[i * k_n + j]) {
+        ASSERT_NEAR(op.weight[i * k_n + j], ref_probs[i * e_n + e], 2e-6f) << i;
+      }
+    }
+  EXPECT_EQ(op_kept, f.read_i64("kept"));
+  for (int64_t e = 0; e < e_n; ++e) {
+    tokens[e] = tokens_per_expert(c, t, a.capacity, op.offsets[e + 1] - op.offsets[e]);
+    routed[e] = op.routed[e + 1] - op.routed[e];
+  }
+  EXPECT_EQ(tokens, f.read_i64("tokens_per_expert"));
+  EXPECT_EQ(routed, f.read_i64("routed_per_expert"));
+  EXPECT_NEAR(op.aux_loss, aux_ref, 1e-5f * std::abs(aux_ref) + 1e-9f);
+  for (int64_t i = 0; i < t * e_n; ++i)
+    ASSERT_NEAR(op.dlogits[i], ref_dl[i], 1e-5f * scale) << "dlogit " << i;
+  MoePermutation perm;
+  build_permutation(op.idx.data(), op.kept.data(), t, k_n, e_n, perm);
+  EXPECT_EQ(std::vector<int32_t>(op.offsets.begin(), op.offsets.end()),
+            std::vector<int32_t>(perm.offsets_E1.begin(), perm.offsets_E1.end()));
+  EXPECT_EQ(std::vector<int32_t>(op.token.begin(), op.token.begin() + perm.rows()), perm.token_R);
+  EXPECT_EQ(std::vector<int32_t>(op.slot.begin(), op.slot.begin() + perm.rows()), perm.slot_R);
+  EXPECT_EQ(op.row, perm.row_TK);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, RouterMegatron,
@@ -157,19 +226,26 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, RouterMegatron,
 namespace dsv3 {
 namespace {
 
-// The device router's bodies (kernels/route.h, what route.cu runs per token) on the CPU backend against the host
-// router they transcribe, bit for bit: DeepSeek-V3's 256 experts top-8 in 8 groups choosing 4 (Megatron's group
-// score), the MoE proxy's 64 top-6, 8 experts top-2 with HF's 0.0 mask; logits with many exact ties (a coarse
-// grid) and a bias that creates more, the sequence aux loss over 3 sequences, the counts, the permutation and the
-// logits' gradient.
-TEST(Router, DeviceBodiesMatchTheHostRouterBitForBit) {
+// The backend's route op (the MoE layer's device path) against the host router (SP, EP and the CPU layer's path)
+// bit for bit, where both must take the same decisions on ties: DeepSeek-V3's 256 experts top-8 in 8 groups
+// choosing 4 (Megatron's group score), the MoE proxy's 64 top-6, 8 experts top-2 with HF's 0.0 mask; logits with
+// many exact ties (a coarse grid) and a bias that creates more, the sequence aux loss over 3 sequences, the
+// logits' gradient; dropless and with the capacity rule (both policies, with a hot expert). The op's permutation
+// is build_permutation's (the host's counting sort) of its kept pairs.
+TEST(Router, BackendRouteOpMatchesTheHostRouterBitForBit) {
   struct Case {
     RouterConfig cfg;
     const char* what;
   };
+  RouterConfig probs = RouterConfig::megatron(64, 6, 8, 3, 2.5f), position = probs;
+  probs.capacity_factor = position.capacity_factor = 1.0;
+  position.drop_policy = DropPolicy::kPosition;
+  position.pad_to_capacity = true;
   const Case cases[] = {{RouterConfig::megatron(256, 8, 8, 4, 2.5f), "256 top-8, 8 groups choose 4"},
                         {RouterConfig::megatron(64, 6, 8, 3, 2.5f), "64 top-6, 8 groups choose 3"},
-                        {RouterConfig::hf(8, 2, 4, 2, true, 2.5f), "8 top-2, HF 0.0 mask"}};
+                        {RouterConfig::hf(8, 2, 4, 2, true, 2.5f), "8 top-2, HF 0.0 mask"},
+                        {probs, "64 top-6, capacity 1.0, probs"},
+                        {position, "64 top-6, capacity 1.0, position, padded"}};
   for (const auto& [cfg0, what] : cases) {
     SCOPED_TRACE(what);
     RouterConfig cfg = cfg0;
@@ -181,46 +257,37 @@ TEST(Router, DeviceBodiesMatchTheHostRouterBitForBit) {
       host.logits_TE[i] = 0.25f * static_cast<float>((i * 7919) % 13) - 1.5f;
     std::vector<float> bias(e);
     for (int64_t j = 0; j < e; ++j) bias[j] = 0.125f * static_cast<float>(j % 3);
+    if (!cfg.dropless()) bias[5] = 2.f;  // a hot expert: the rule must drop
     router_route(cfg, bias.data(), t, batch, true, host);
     std::vector<float> dweight(t * k);
     for (int64_t i = 0; i < t * k; ++i) dweight[i] = 0.01f * static_cast<float>((i * 31) % 17) - 0.08f;
-    router_backward_logits(cfg, host, dweight.data(), 0.5f);
+    router_backward_logits(cfg, host, dweight.data(), 1.f);
+    if (!cfg.dropless()) {
+      EXPECT_LT(host.kept_pairs, t * k);
+    }
 
-    RouteForwardArgs f;
-    f.cfg.e = static_cast<int32_t>(e), f.cfg.k = static_cast<int32_t>(k);
-    f.cfg.n_group = static_cast<int32_t>(cfg.n_group),
-    f.cfg.topk_group = static_cast<int32_t>(cfg.topk_group);
-    f.cfg.group_score_topk = static_cast<int32_t>(cfg.group_score_topk);
-    f.cfg.mask_neg_inf = cfg.group_mask == GroupMaskValue::kNegInf, f.cfg.normalise = cfg.normalise;
-    f.cfg.scaling = cfg.scaling_factor;
-    f.t = t, f.batch = batch, f.logits_TE = host.logits_TE.data(), f.bias_E = bias.data();
-    std::vector<float> scores(t * e), weight(t * k), denom(t), aux(t * e), dl(t * e);
-    std::vector<int32_t> idx(t * k), readback(e + 2), token(t * k), slot(t * k), row(t * k);
-    f.scores_TE = scores.data(), f.weight_TK = weight.data(), f.denom_T = denom.data(), f.idx_TK = idx.data();
-    f.offsets_E1 = readback.data(), f.token_R = token.data(), f.slot_R = slot.data(), f.row_TK = row.data();
-    f.aux_coeff = cfg.seq_aux_coeff, f.aux_loss_1 = reinterpret_cast<float*>(readback.data() + e + 1);
-    f.aux_dlogits_TE = aux.data();
-    cpu_backend().route_forward(f);
-    RouteBackwardArgs b{f.cfg,      t,          scores.data(), denom.data(), dweight.data(),
-                        idx.data(), aux.data(), 0.5f,          dl.data()};
-    cpu_backend().route_backward(b);
-
-    EXPECT_EQ(scores, host.scores_TE);
-    EXPECT_EQ(idx, host.idx_TK);
-    EXPECT_EQ(weight, host.weight_TK);
-    EXPECT_EQ(denom, host.denom_T);
-    for (int64_t j = 0; j < e; ++j)
-      EXPECT_EQ(readback[j + 1] - readback[j], host.tokens_per_expert_E[j]) << j;
-    float loss = 0;
-    std::memcpy(&loss, &readback[e + 1], sizeof loss);
-    EXPECT_EQ(loss, host.seq_aux_loss);
-    EXPECT_EQ(aux, host.aux_dlogits_TE);
-    EXPECT_EQ(dl, host.dlogits_TE);
+    const BackendRoute op =
+        route_with_backend(cpu_backend(), cfg, host.logits_TE, bias.data(), t, batch, dweight);
+    EXPECT_EQ(op.scores, host.scores_TE);
+    EXPECT_EQ(op.idx, host.idx_TK);
+    EXPECT_EQ(op.weight, host.weight_TK);
+    EXPECT_EQ(op.denom, host.denom_T);
+    EXPECT_EQ(op.kept, host.kept_TK);
+    for (int64_t j = 0; j < e; ++j) {
+      EXPECT_EQ(tokens_per_expert(cfg, t, host.capacity, op.offsets[j + 1] - op.offsets[j]),
+                host.tokens_per_expert_E[j])
+          << j;
+      EXPECT_EQ(op.routed[j + 1] - op.routed[j], host.routed_per_expert_E[j]) << j;
+    }
+    EXPECT_EQ(op.offsets[e], host.kept_pairs);
+    EXPECT_EQ(op.aux_loss, host.seq_aux_loss);
+    EXPECT_EQ(op.aux_dlogits, host.aux_dlogits_TE);
+    EXPECT_EQ(op.dlogits, host.dlogits_TE);
     MoePermutation perm;
-    build_permutation(host.idx_TK.data(), nullptr, t, k, e, perm);
-    EXPECT_EQ(std::vector<int32_t>(perm.token_R.begin(), perm.token_R.end()), token);
-    EXPECT_EQ(std::vector<int32_t>(perm.slot_R.begin(), perm.slot_R.end()), slot);
-    EXPECT_EQ(std::vector<int32_t>(perm.row_TK.begin(), perm.row_TK.end()), row);
+    build_permutation(host.idx_TK.data(), host.kept_TK.data(), t, k, e, perm);
+    EXPECT_EQ(std::vector<int32_t>(op.token.begin(), op.token.begin() + perm.rows()), perm.token_R);
+    EXPECT_EQ(std::vector<int32_t>(op.slot.begin(), op.slot.begin() + perm.rows()), perm.slot_R);
+    EXPECT_EQ(op.row, perm.row_TK);
   }
 }
 

@@ -1,35 +1,64 @@
-// The router bodies of kernels/route.h in CPU loops (see route.h beside this file).
+// The router bodies of kernels/route.h in CPU loops (see route.h beside this file): the CPU backend's route op and
+// the host router (moe/router.cpp) both run this.
 #include "kernels/cpu/route.h"
 
+#include <omp.h>
+
+#include <algorithm>
 #include <vector>
 
 #include "core/error.h"
 
 namespace dsv3 {
+namespace {
+
+// The permutation of the pairs by expert (kept: nullable), offsets first.
+void permute_pairs_by_expert(const RouteForwardArgs& a, const uint8_t* kept) {
+  const int64_t r = a.t * a.cfg.k;
+  for (int32_t e = 0; e < a.cfg.e; ++e) route::count_expert(e, a.idx_TK, kept, r, a.offsets_E1);
+  route::scan_offsets(a.cfg.e, a.offsets_E1);
+#pragma omp parallel for schedule(static) if (r * a.cfg.e > 65536)
+  for (int32_t e = 0; e < a.cfg.e; ++e)
+    route::permute_expert(e, a.idx_TK, kept, r, a.cfg.k, a.offsets_E1, a.token_R, a.slot_R, a.row_TK);
+}
+
+}  // namespace
 
 void route_forward_host(const RouteForwardArgs& a) {
   const RouteSelect& c = a.cfg;
   const int64_t t_n = a.t, e_n = c.e, k_n = c.k, g_n = c.n_group;
   DSV3_CHECK(t_n >= 0 && a.batch > 0 && t_n % a.batch == 0, "route_forward: T=", t_n,
              " tokens is not a multiple of batch=", a.batch);
+  const bool drop = a.capacity >= 0;
+  DSV3_CHECK(!drop || (a.token_R && a.kept_TK && a.routed_E1),
+             "route_forward: capacity dropping needs the permutation, the kept map and the routed offsets");
   for (int64_t i = 0; i < t_n * e_n; ++i)
     DSV3_CHECK(std::isfinite(a.logits_TE[i]), "router: logit of token ", i / e_n, ", expert ", i % e_n,
                " is ", a.logits_TE[i], " (the MoE input or the gate weight holds NaN/Inf)");
-  std::vector<float> choice(t_n * e_n), group(t_n * g_n);
-  std::vector<int32_t> order(t_n * e_n);
+  const int nth = omp_get_max_threads();
+  std::vector<float> choice(nth * e_n), group(nth * g_n);
+  std::vector<int32_t> order(std::max<int64_t>(t_n, nth) * e_n);
 #pragma omp parallel for schedule(static) if (t_n * e_n > 16384)
-  for (int64_t t = 0; t < t_n; ++t)
+  for (int64_t t = 0; t < t_n; ++t) {
+    const int th = omp_get_thread_num();
     route::select_token(c, a.logits_TE + t * e_n, a.bias_E, a.scores_TE + t * e_n, a.idx_TK + t * k_n,
-                        a.weight_TK + t * k_n, a.denom_T + t, &choice[t * e_n], &group[t * g_n],
-                        &order[t * e_n]);
-  const int64_t r = t_n * k_n;
-  for (int32_t e = 0; e < c.e; ++e) route::count_expert(e, a.idx_TK, r, a.offsets_E1);
-  route::scan_offsets(c.e, a.offsets_E1);
-#pragma omp parallel for schedule(static)
-  for (int32_t e = 0; e < c.e; ++e)
-    route::permute_expert(e, a.idx_TK, r, c.k, a.offsets_E1, a.token_R, a.slot_R, a.row_TK);
+                        a.weight_TK + t * k_n, a.denom_T + t, &choice[th * e_n], &group[th * g_n],
+                        &order[th * e_n]);
+  }
+  if (a.token_R) {  // the host router without dropping needs no permutation
+    permute_pairs_by_expert(a, nullptr);
+    if (drop) {
+      std::copy_n(a.offsets_E1, e_n + 1, a.routed_E1);
+      const int64_t seq = t_n / a.batch;
+#pragma omp parallel for schedule(static) if (t_n * k_n > 4096)
+      for (int64_t r = 0; r < t_n * k_n; ++r)
+        route::capacity_row(r, a.idx_TK, a.routed_E1, a.slot_R, a.weight_TK, c.k, seq, a.batch, a.capacity,
+                            a.drop_by_position, a.kept_TK);
+      permute_pairs_by_expert(a, a.kept_TK);
+    }
+  }
   if (a.aux_coeff <= 0.f) return;
-  if (t_n == 0) {  // the host router computes no aux loss for an empty batch
+  if (t_n == 0) {  // no aux loss for an empty batch
     *a.aux_loss_1 = 0.f;
     return;
   }
@@ -53,9 +82,10 @@ void route_backward_host(const RouteBackwardArgs& a) {
   const int64_t e_n = a.cfg.e, k_n = a.cfg.k;
 #pragma omp parallel for schedule(static) if (a.t * k_n > 16384)
   for (int64_t t = 0; t < a.t; ++t)
-    route::backward_token(a.cfg, a.scores_TE + t * e_n, a.idx_TK + t * k_n, a.denom_T[t],
-                          a.dweight_TK + t * k_n, a.aux_dlogits_TE ? a.aux_dlogits_TE + t * e_n : nullptr,
-                          a.aux_grad, a.dlogits_TE + t * e_n);
+    route::backward_token(a.cfg, a.scores_TE + t * e_n, a.idx_TK + t * k_n,
+                          a.kept_TK ? a.kept_TK + t * k_n : nullptr, a.denom_T[t], a.dweight_TK + t * k_n,
+                          a.aux_dlogits_TE ? a.aux_dlogits_TE + t * e_n : nullptr, a.aux_grad,
+                          a.dlogits_TE + t * e_n);
 }
 
 }  // namespace dsv3

@@ -1,6 +1,6 @@
-// The router's device-side pipeline (kernels/route.h) run on the CPU: the CPU backend's route_forward and
-// route_backward, item by item with the same bodies a CUDA kernel runs, so the device path of the MoE layer is
-// exercised (and checked against the host router) on any machine.
+// The router's pipeline (kernels/route.h) run on the CPU: the CPU backend's route_forward and route_backward and the
+// host router (moe/router.cpp), item by item with the same bodies a CUDA kernel runs, so the device path of the MoE
+// layer is exercised on any machine. route_forward_host permutes only when given token_R (capacity needs it).
 #pragma once
 #include "kernels/route.h"
 

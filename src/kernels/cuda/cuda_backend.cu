@@ -224,6 +224,10 @@ class CudaBackend final : public Backend {
   void route_forward(const RouteForwardArgs& a) override {
     DSV3_CHECK(a.t >= 0 && a.batch > 0 && a.t % a.batch == 0, "route_forward: T=", a.t,
                " tokens is not a multiple of batch=", a.batch);
+    DSV3_CHECK(
+        a.token_R && (a.capacity < 0 || (a.kept_TK && a.routed_E1)),
+        "route_forward: the device router needs the permutation (and with capacity the kept map and the "
+        "routed offsets)");
     launch_route_forward(a, scratch_as<char>(route_forward_scratch_bytes(a)), errors_, stream_);
   }
   void route_backward(const RouteBackwardArgs& a) override { launch_route_backward(a, stream_); }

@@ -1,5 +1,5 @@
 // The router on the GPU (Backend::route_forward / route_backward): the bodies of kernels/route.h, one thread per
-// token, expert or sequence, so the device takes the CPU router's decisions with the CPU's arithmetic. Each thread
+// token, expert, row or sequence, so the device takes the CPU router's decisions with the CPU's arithmetic. Each thread
 // walks its own row (E ≤ a few hundred floats): simple and deterministic; the work is small beside the GEMMs.
 #include "kernels/cuda/kernels.cuh"
 #include "kernels/route.h"
@@ -32,19 +32,28 @@ __global__ void select_kernel(RouteSelect c, int64_t t_n, const float* logits, c
                       group + t * c.n_group, order + t * c.e);
 }
 
-__global__ void count_kernel(int32_t e_n, const int32_t* idx, int64_t r, int32_t* offsets) {
+__global__ void count_kernel(int32_t e_n, const int32_t* idx, const uint8_t* kept, int64_t r,
+                             int32_t* offsets) {
   const int64_t e = item();
-  if (e < e_n) route::count_expert(static_cast<int32_t>(e), idx, r, offsets);
+  if (e < e_n) route::count_expert(static_cast<int32_t>(e), idx, kept, r, offsets);
 }
 
 __global__ void scan_kernel(int32_t e_n, int32_t* offsets) {
   route::scan_offsets(e_n, offsets);
 }
 
-__global__ void permute_kernel(int32_t e_n, const int32_t* idx, int64_t r, int32_t k, const int32_t* offsets,
-                               int32_t* token_R, int32_t* slot_R, int32_t* row_TK) {
+__global__ void permute_kernel(int32_t e_n, const int32_t* idx, const uint8_t* kept, int64_t r, int32_t k,
+                               const int32_t* offsets, int32_t* token_R, int32_t* slot_R, int32_t* row_TK) {
   const int64_t e = item();
-  if (e < e_n) route::permute_expert(static_cast<int32_t>(e), idx, r, k, offsets, token_R, slot_R, row_TK);
+  if (e < e_n)
+    route::permute_expert(static_cast<int32_t>(e), idx, kept, r, k, offsets, token_R, slot_R, row_TK);
+}
+
+__global__ void capacity_kernel(int64_t r_n, const int32_t* idx, const int32_t* routed, const int32_t* slot_R,
+                                const float* w, int32_t k, int64_t seq, int64_t batch, int64_t cap,
+                                bool by_position, uint8_t* kept) {
+  const int64_t r = item();
+  if (r < r_n) route::capacity_row(r, idx, routed, slot_R, w, k, seq, batch, cap, by_position, kept);
 }
 
 __global__ void aux_token_kernel(int64_t t_n, int32_t e_n, int32_t k, const float* logits, float* z, float* p,
@@ -73,12 +82,22 @@ __global__ void aux_grad_kernel(int64_t t_n, int64_t batch, int64_t seq, int32_t
 }
 
 __global__ void backward_kernel(RouteSelect c, int64_t t_n, const float* s, const int32_t* idx,
-                                const float* denom, const float* g, const float* aux, float aux_grad,
-                                float* dl) {
+                                const uint8_t* kept, const float* denom, const float* g, const float* aux,
+                                float aux_grad, float* dl) {
   const int64_t t = item();
   if (t < t_n)
-    route::backward_token(c, s + t * c.e, idx + t * c.k, denom[t], g + t * c.k, aux ? aux + t * c.e : nullptr,
-                          aux_grad, dl + t * c.e);
+    route::backward_token(c, s + t * c.e, idx + t * c.k, kept ? kept + t * c.k : nullptr, denom[t],
+                          g + t * c.k, aux ? aux + t * c.e : nullptr, aux_grad, dl + t * c.e);
+}
+
+// The permutation by expert (kept: nullable), offsets first.
+void permute_by_expert(const RouteForwardArgs& a, const uint8_t* kept, cudaStream_t st) {
+  const RouteSelect& c = a.cfg;
+  const int64_t r = a.t * c.k;
+  count_kernel<<<grid(c.e), kThreads, 0, st>>>(c.e, a.idx_TK, kept, r, a.offsets_E1);
+  scan_kernel<<<1, 1, 0, st>>>(c.e, a.offsets_E1);
+  permute_kernel<<<grid(c.e), kThreads, 0, st>>>(c.e, a.idx_TK, kept, r, c.k, a.offsets_E1, a.token_R,
+                                                 a.slot_R, a.row_TK);
 }
 
 size_t up(size_t bytes) {
@@ -112,10 +131,15 @@ void launch_route_forward(const RouteForwardArgs& a, void* scratch, DeviceErrors
   if (t_n > 0)
     select_kernel<<<grid(t_n), kThreads, 0, st>>>(c, t_n, a.logits_TE, a.bias_E, a.scores_TE, a.idx_TK,
                                                   a.weight_TK, a.denom_T, choice, group, order, err);
-  count_kernel<<<grid(c.e), kThreads, 0, st>>>(c.e, a.idx_TK, r, a.offsets_E1);
-  scan_kernel<<<1, 1, 0, st>>>(c.e, a.offsets_E1);
-  permute_kernel<<<grid(c.e), kThreads, 0, st>>>(c.e, a.idx_TK, r, c.k, a.offsets_E1, a.token_R, a.slot_R,
-                                                 a.row_TK);
+  permute_by_expert(a, nullptr, st);
+  if (a.capacity >= 0) {  // the capacity rule over each expert's candidates, then the kept pairs' permutation
+    cudaMemcpyAsync(a.routed_E1, a.offsets_E1, (c.e + 1) * sizeof(int32_t), cudaMemcpyDeviceToDevice, st);
+    if (r > 0)
+      capacity_kernel<<<grid(r), kThreads, 0, st>>>(r, a.idx_TK, a.routed_E1, a.slot_R, a.weight_TK, c.k,
+                                                    t_n / a.batch, a.batch, a.capacity, a.drop_by_position,
+                                                    a.kept_TK);
+    permute_by_expert(a, a.kept_TK, st);
+  }
   if (a.aux_coeff <= 0.f) return;
   if (t_n == 0) {
     cudaMemsetAsync(a.aux_loss_1, 0, sizeof(float), st);
@@ -136,8 +160,8 @@ void launch_route_forward(const RouteForwardArgs& a, void* scratch, DeviceErrors
 
 void launch_route_backward(const RouteBackwardArgs& a, cudaStream_t st) {
   if (a.t == 0) return;
-  backward_kernel<<<grid(a.t), kThreads, 0, st>>>(a.cfg, a.t, a.scores_TE, a.idx_TK, a.denom_T, a.dweight_TK,
-                                                  a.aux_dlogits_TE, a.aux_grad, a.dlogits_TE);
+  backward_kernel<<<grid(a.t), kThreads, 0, st>>>(a.cfg, a.t, a.scores_TE, a.idx_TK, a.kept_TK, a.denom_T,
+                                                  a.dweight_TK, a.aux_dlogits_TE, a.aux_grad, a.dlogits_TE);
 }
 
 }  // namespace dsv3::cuda
