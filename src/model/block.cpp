@@ -57,7 +57,7 @@ void block_forward(Backend& be, const BlockDims& d, const BlockParams& p, const 
                        d.norm_eps);
   }
   if (d.is_moe) {  // the MoE layer takes this rank's tokens and keeps its own TP edges (moe.h)
-    moe_forward(be, d.moe, p.moe, a.xn2_TD.data(), Tl, B, training, a.tmp_TD.data(), a.moe);
+    moe_forward(be, d.moe, p.moe, a.xn2_TD.data(), Tl, B, training, a.tmp_TD.data(), a.moe, s.moe);
   } else {
     DSV3_PROFILE("fwd.dense_ffn");
     const MlpParams mp{p.gate_FD, p.up_FD, p.down_DF, p.bf16_weights};
@@ -78,7 +78,7 @@ void block_backward(Backend& be, const BlockDims& d, const BlockParams& p, Block
   // The regions' partial input gradients: in place in dxn without SP, whole-sequence scratch with it.
   float* dy = d.tp.sp() ? grow(be, s.full_TD, T * D) : dxn;
   if (d.is_moe) {
-    moe_backward(be, d.moe, p.moe, a.moe, dout, aux_grad, dxn, g.moe, 0.f);
+    moe_backward(be, d.moe, p.moe, a.moe, dout, aux_grad, dxn, g.moe, 0.f, s.moe);
   } else {
     DSV3_PROFILE("bwd.dense_ffn");
     const MlpParams mp{p.gate_FD, p.up_FD, p.down_DF, p.bf16_weights};

@@ -63,6 +63,7 @@ struct BlockScratch {
   LinearScratch lin;
   DeviceArray<float> dxn_TD, dh_mid_TD, dh_TF;  // dh_TF: free for the caller between blocks
   DeviceArray<float> full_TD, dfull_TD;         // SP: a region's whole-sequence output and input gradient
+  MoeScratch moe;
 };
 
 void block_forward(Backend& be, const BlockDims& d, const BlockParams& p, const float* x_TD, int64_t B,

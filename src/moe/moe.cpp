@@ -98,26 +98,26 @@ void refresh_expert_bf16(Backend& be, const MoeConfig& c, const MoeParams& p, Ex
 
 namespace {
 
-void experts_backward_bf16(Backend& be, const MoeConfig& c, MoeGrads& g, MoeActs& a) {
+void experts_backward_bf16(Backend& be, const MoeConfig& c, MoeGrads& g, MoeActs& a, MoeScratch& s) {
   const int64_t d = c.hidden, f = c.expert_ffn(), r_n = a.dispatch.offsets_L1.back();
   const Precision bf = Precision::kBF16;
-  const bf16* dy = static_cast<const bf16*>(linear_operand(be, a.dy_RD.data(), r_n * d, bf, a.dy_bf));
+  const bf16* dy = static_cast<const bf16*>(linear_operand(be, s.dy_RD.data(), r_n * d, bf, s.dy_bf));
   const bf16* z = a.z_bf.data();
   const bf16* x = a.x_bf.data();
   for_each_expert(be, a.dispatch, true, [&](int64_t e, int64_t o, int64_t n) {
     linear_backward_weight_op(be, dy + o * d, z + o * f, g.down_proj_EDF + e * d * f, n, f, d, bf);
-    linear_backward_input_op(be, dy + o * d, a.w_down_bf + e * d * f, a.dz_RF.data() + o * f, n, f, d, bf);
+    linear_backward_input_op(be, dy + o * d, a.w_down_bf + e * d * f, s.dz_RF.data() + o * f, n, f, d, bf);
   });
-  grow(be, a.da_RF, r_n * 2 * f);
-  be.swiglu_backward(a.dz_RF.data(), a.a_RF.data(), a.a_RF.data() + f, 2 * f, a.prob_R.data(), a.da_RF.data(),
-                     a.da_RF.data() + f, 2 * f, a.dprob_R.data(), r_n, f);
-  const bf16* dab = static_cast<const bf16*>(linear_operand(be, a.da_RF.data(), r_n * 2 * f, bf, a.dab_bf));
+  grow(be, s.da_RF, r_n * 2 * f);
+  be.swiglu_backward(s.dz_RF.data(), a.a_RF.data(), a.a_RF.data() + f, 2 * f, a.prob_R.data(), s.da_RF.data(),
+                     s.da_RF.data() + f, 2 * f, s.dprob_R.data(), r_n, f);
+  const bf16* dab = static_cast<const bf16*>(linear_operand(be, s.da_RF.data(), r_n * 2 * f, bf, s.dab_bf));
   for_each_expert(be, a.dispatch, true, [&](int64_t e, int64_t o, int64_t n) {
     linear_backward_weight_op(be, dab + o * 2 * f, x + o * d, g.gate_proj_EFD + e * f * d, n, d, f, bf,
                               2 * f);
     linear_backward_weight_op(be, dab + o * 2 * f + f, x + o * d, g.up_proj_EFD + e * f * d, n, d, f, bf,
                               2 * f);
-    linear_backward_input_op(be, dab + o * 2 * f, a.w_gu_bf + e * 2 * f * d, a.dx_RD.data() + o * d, n, d,
+    linear_backward_input_op(be, dab + o * 2 * f, a.w_gu_bf + e * 2 * f * d, s.dx_RD.data() + o * d, n, d,
                              2 * f, bf);
   });
 }
@@ -155,20 +155,20 @@ void route_sequence_parallel(Backend& be, const MoeConfig& c, const MoeParams& p
 // the whole micro-batch's), the logits' gradient of the whole micro-batch (the aux loss term needs every
 // token's), then this rank's rows through the GEMMs.
 void router_backward_sequence_parallel(Backend& be, const MoeConfig& c, const MoeParams& p, const float* x,
-                                       float aux_grad, MoeActs& a, MoeGrads& g, float* dx) {
+                                       float aux_grad, MoeActs& a, MoeScratch& s, MoeGrads& g, float* dx) {
   const int64_t t = a.t, e = c.router.num_experts, k = c.router.topk, sl = t / a.batch;
-  const float* dweight = a.dweight_TK.data();  // expert_tp: already the whole micro-batch's (summed over TP)
+  const float* dweight = s.dweight_TK.data();  // expert_tp: already the whole micro-batch's (summed over TP)
   if (!c.expert_tp) {
-    a.dweight_full_TK.resize(t * c.tp.size * k);
-    c.tp.sp_all_gather(a.dweight_TK.data(), a.dweight_full_TK.data(), a.batch, sl, k);
-    dweight = a.dweight_full_TK.data();
+    s.dweight_full_TK.resize(t * c.tp.size * k);
+    c.tp.sp_all_gather(s.dweight_TK.data(), s.dweight_full_TK.data(), a.batch, sl, k);
+    dweight = s.dweight_full_TK.data();
   }
   router_backward_logits(c.router, a.router, dweight, aux_grad);
-  a.dlogits_local_TE.resize(t * e);
-  c.tp.sp_slice(a.router.dlogits_TE.data(), a.dlogits_local_TE.data(), a.batch, sl, e);
-  linear_backward_weight(be, a.dlogits_local_TE.data(), x, g.gate_w_ED, t, c.hidden, e, Precision::kF32,
+  s.dlogits_local_TE.resize(t * e);
+  c.tp.sp_slice(a.router.dlogits_TE.data(), s.dlogits_local_TE.data(), a.batch, sl, e);
+  linear_backward_weight(be, s.dlogits_local_TE.data(), x, g.gate_w_ED, t, c.hidden, e, Precision::kF32,
                          a.router.lin);
-  linear_backward_input(be, a.dlogits_local_TE.data(), p.gate_w_ED, dx, t, c.hidden, e, Precision::kF32,
+  linear_backward_input(be, s.dlogits_local_TE.data(), p.gate_w_ED, dx, t, c.hidden, e, Precision::kF32,
                         a.router.lin, 1.f);
 }
 
@@ -252,29 +252,29 @@ void run_router(Backend& be, const MoeConfig& c, const MoeParams& p, const float
 }
 
 void router_backward_on(Backend& be, const MoeConfig& c, const MoeParams& p, const float* x, float aux_grad,
-                        MoeActs& a, MoeGrads& g, float* dx) {
-  if (c.tp.sp()) return router_backward_sequence_parallel(be, c, p, x, aux_grad, a, g, dx);
+                        MoeActs& a, MoeScratch& s, MoeGrads& g, float* dx) {
+  if (c.tp.sp()) return router_backward_sequence_parallel(be, c, p, x, aux_grad, a, s, g, dx);
   const RouterParams rp{p.gate_w_ED, p.expert_bias_E};
   RouterGrads rg{g.gate_w_ED};
   if (be.kind() == DeviceKind::kCpu)
-    return router_backward(c.router, rp, x, c.hidden, a.router, a.dweight_TK.data(), aux_grad, rg, dx, 1.f);
+    return router_backward(c.router, rp, x, c.hidden, a.router, s.dweight_TK.data(), aux_grad, rg, dx, 1.f);
   const int64_t t = a.t, e = c.router.num_experts, k = c.router.topk;
   if (t == 0) return;
-  float* dl = grow(be, a.dlogits_TE, t * e);
+  float* dl = grow(be, s.dlogits_TE, t * e);
   if (routes_on_device(be, c)) {
     RouteBackwardArgs b;
     b.cfg = route_select(c.router), b.t = t;
     b.scores_TE = a.scores_TE.data(), b.denom_T = a.denom_T.data(), b.idx_TK = a.idx_TK.data();
     b.kept_TK = c.router.dropless() ? nullptr : a.kept_TK.data();
-    b.dweight_TK = a.dweight_TK.data();
+    b.dweight_TK = s.dweight_TK.data();
     b.aux_dlogits_TE = a.router.has_aux_grad ? a.aux_dlogits_TE.data() : nullptr, b.aux_grad = aux_grad;
     b.dlogits_TE = dl;
     be.route_backward(b);
   } else {
-    a.dweight_host_TK.resize(t * k);
-    be.copy_to_host(a.dweight_host_TK.data(), a.dweight_TK.data(), t * k * sizeof(float));
-    router_backward_logits(c.router, a.router, a.dweight_host_TK.data(), aux_grad);
-    a.dlogits_TE.copy_from_host(a.router.dlogits_TE.data(), t * e);
+    s.dweight_host_TK.resize(t * k);
+    be.copy_to_host(s.dweight_host_TK.data(), s.dweight_TK.data(), t * k * sizeof(float));
+    router_backward_logits(c.router, a.router, s.dweight_host_TK.data(), aux_grad);
+    s.dlogits_TE.copy_from_host(a.router.dlogits_TE.data(), t * e);
   }
   linear_backward_weight(be, dl, x, g.gate_w_ED, t, c.hidden, e, Precision::kF32, a.lin);
   linear_backward_input(be, dl, p.gate_w_ED, dx, t, c.hidden, e, Precision::kF32, a.lin, 1.f);
@@ -344,7 +344,7 @@ MoeConfig moe_config_from_model(const ModelConfig& m, Precision p) {
 }
 
 void moe_forward(Backend& be, const MoeConfig& c, const MoeParams& p, const float* x, int64_t t,
-                 int64_t batch, bool training, float* out, MoeActs& a) {
+                 int64_t batch, bool training, float* out, MoeActs& a, MoeScratch& s) {
   c.validate();
   DSV3_CHECK(p.gate_proj_EFD && p.up_proj_EFD && p.down_proj_EDF, "moe_forward: expert weights are null");
   DSV3_CHECK(c.n_shared == 0 || (p.shared_gate_FsD && p.shared_up_FsD && p.shared_down_DFs),
@@ -394,7 +394,7 @@ void moe_forward(Backend& be, const MoeConfig& c, const MoeParams& p, const floa
   // Routed sum first, then the shared expert added on top (HF's order). Under expert_tp both are partial sums
   // over the TP ranks' F slices, added into one buffer and reduced together.
   const bool sp_region = c.expert_tp && c.tp.sp();
-  float* routed = sp_region ? grow(be, a.shared_out_TD, T * d) : out;
+  float* routed = sp_region ? grow(be, s.shared_out_TD, T * d) : out;
   if (c.ep.size() == 1)
     be.unpermute_sum(a.y_RD.data(), a.row_TK.data(), t_routed, k_n, d, routed, 0.f);
   else
@@ -403,18 +403,18 @@ void moe_forward(Backend& be, const MoeConfig& c, const MoeParams& p, const floa
     DSV3_PROFILE("fwd.moe.shared");
     const MlpParams mp{p.shared_gate_FsD, p.shared_up_FsD, p.shared_down_DFs, p.bf16_weights};
     if (!c.tp.on() || c.expert_tp) {
-      mlp_forward(be, d, c.shared_ffn(), mp, x_all, T, routed, 1.f, a.shared, a.shared_scratch, c.precision);
+      mlp_forward(be, d, c.shared_ffn(), mp, x_all, T, routed, 1.f, a.shared, s.shared, c.precision);
     } else if (c.tp.sp()) {  // a TP region over the whole sequence: gathered in, reduce-scattered out
-      float* s = grow(be, a.shared_out_TD, T * d);
-      mlp_forward(be, d, c.shared_ffn(), mp, x_all, T, s, 0.f, a.shared, a.shared_scratch, c.precision);
-      float* mine = grow(be, a.shared_local_TD, t * d);
-      c.tp.sp_reduce_scatter(s, mine, batch, t / batch, d);
+      float* part = grow(be, s.shared_out_TD, T * d);
+      mlp_forward(be, d, c.shared_ffn(), mp, x_all, T, part, 0.f, a.shared, s.shared, c.precision);
+      float* mine = grow(be, s.shared_local_TD, t * d);
+      c.tp.sp_reduce_scatter(part, mine, batch, t / batch, d);
       be.add(out, out, mine, t * d);
     } else {  // the partial sums over the TP ranks' columns are reduced before the routed part joins them
-      float* s = grow(be, a.shared_out_TD, t * d);
-      mlp_forward(be, d, c.shared_ffn(), mp, x, t, s, 0.f, a.shared, a.shared_scratch, c.precision);
-      c.tp.reduce_from_forward(s, t * d);
-      be.add(out, out, s, t * d);
+      float* part = grow(be, s.shared_out_TD, t * d);
+      mlp_forward(be, d, c.shared_ffn(), mp, x, t, part, 0.f, a.shared, s.shared, c.precision);
+      c.tp.reduce_from_forward(part, t * d);
+      be.add(out, out, part, t * d);
     }
   }
   if (sp_region && t > 0)
@@ -424,7 +424,7 @@ void moe_forward(Backend& be, const MoeConfig& c, const MoeParams& p, const floa
 }
 
 void moe_backward(Backend& be, const MoeConfig& c, const MoeParams& p, MoeActs& a, const float* dout,
-                  float aux_grad, float* dx, MoeGrads& g, float beta) {
+                  float aux_grad, float* dx, MoeGrads& g, float beta, MoeScratch& s) {
   DSV3_CHECK(g.gate_w_ED && g.gate_proj_EFD && g.up_proj_EFD && g.down_proj_EDF,
              "moe_backward: null gradients");
   DSV3_CHECK(c.n_shared == 0 || (g.shared_gate_FsD && g.shared_up_FsD && g.shared_down_DFs),
@@ -437,25 +437,23 @@ void moe_backward(Backend& be, const MoeConfig& c, const MoeParams& p, MoeActs& 
   // too), and under expert_tp the region's input gradient dx_all is partial until reduced below.
   const float* dout_all = dout;
   if (c.tp.sp() && (c.n_shared > 0 || c.expert_tp)) {
-    float* dfull = grow(be, a.dshared_out_TD, T * d);
+    float* dfull = grow(be, s.dshared_out_TD, T * d);
     if (t > 0) c.tp.sp_all_gather(dout, dfull, a.batch, t / a.batch, d);
     dout_all = dfull;
   }
   const bool sp_region = c.expert_tp && c.tp.sp();
-  float* dx_all = sp_region ? grow(be, a.dshared_in_TD, T * d) : dx;
+  float* dx_all = sp_region ? grow(be, s.dshared_in_TD, T * d) : dx;
   float dx_beta = beta;
   if (c.n_shared > 0 && t > 0) {
     DSV3_PROFILE("bwd.moe.shared");
     const MlpParams mp{p.shared_gate_FsD, p.shared_up_FsD, p.shared_down_DFs, p.bf16_weights};
     MlpGrads mg{g.shared_gate_FsD, g.shared_up_FsD, g.shared_down_DFs};
     if (c.tp.sp() && !c.expert_tp) {
-      float* dxfull = grow(be, a.dshared_in_TD, T * d);
-      mlp_backward(be, d, c.shared_ffn(), mp, a.shared, dout_all, dxfull, 0.f, mg, a.shared_scratch,
-                   c.precision);
+      float* dxfull = grow(be, s.dshared_in_TD, T * d);
+      mlp_backward(be, d, c.shared_ffn(), mp, a.shared, dout_all, dxfull, 0.f, mg, s.shared, c.precision);
       c.tp.sp_reduce_scatter(dxfull, dx, a.batch, t / a.batch, d);
     } else {
-      mlp_backward(be, d, c.shared_ffn(), mp, a.shared, dout_all, dx_all, beta, mg, a.shared_scratch,
-                   c.precision);
+      mlp_backward(be, d, c.shared_ffn(), mp, a.shared, dout_all, dx_all, beta, mg, s.shared, c.precision);
       // Without expert_tp: the shared expert's part only (the routed part is whole on every rank).
       if (!c.expert_tp) c.tp.copy_to_backward(dx, t * d);
     }
@@ -466,37 +464,37 @@ void moe_backward(Backend& be, const MoeConfig& c, const MoeParams& p, MoeActs& 
   const int64_t t_routed = a.dispatch.t;
   const int64_t r_n = a.dispatch.offsets_L1.back();
   if (c.ep.size() == 1)
-    be.permute_rows(dout_routed, a.token_R.data(), r_n, d, grow(be, a.dy_RD, r_n * d));
+    be.permute_rows(dout_routed, a.token_R.data(), r_n, d, grow(be, s.dy_RD, r_n * d));
   else
-    ep_dispatch_grad(c.ep, a.dispatch, dout_routed, a.dy_RD);
-  grow(be, a.dz_RF, r_n * f);
-  grow(be, a.da_RF, r_n * f);
-  grow(be, a.db_RF, r_n * f);
-  grow(be, a.dx_RD, r_n * d);
-  grow(be, a.dprob_R, r_n);
-  grow(be, a.dweight_TK, t_routed * k_n);
+    ep_dispatch_grad(c.ep, a.dispatch, dout_routed, s.dy_RD);
+  grow(be, s.dz_RF, r_n * f);
+  grow(be, s.da_RF, r_n * f);
+  grow(be, s.db_RF, r_n * f);
+  grow(be, s.dx_RD, r_n * d);
+  grow(be, s.dprob_R, r_n);
+  grow(be, s.dweight_TK, t_routed * k_n);
   DSV3_PROFILE_BEGIN(bwd_experts, "bwd.moe.experts");
   if (c.precision == Precision::kBF16) {
-    experts_backward_bf16(be, c, g, a);
+    experts_backward_bf16(be, c, g, a, s);
   } else {
     for_each_expert(be, a.dispatch, false, [&](int64_t e, int64_t o, int64_t n) {
-      linear_backward_weight(be, a.dy_RD.data() + o * d, a.z_RF.data() + o * f, g.down_proj_EDF + e * d * f,
+      linear_backward_weight(be, s.dy_RD.data() + o * d, a.z_RF.data() + o * f, g.down_proj_EDF + e * d * f,
                              n, f, d, c.precision, a.lin);
-      linear_backward_input(be, a.dy_RD.data() + o * d, p.down_proj_EDF + e * d * f, a.dz_RF.data() + o * f,
+      linear_backward_input(be, s.dy_RD.data() + o * d, p.down_proj_EDF + e * d * f, s.dz_RF.data() + o * f,
                             n, f, d, c.precision, a.lin);
     });
     // z = silu(a)⊙b·w: the gate weight w of each row gets dw = Σ_f dz·silu(a)·b here.
-    be.swiglu_backward(a.dz_RF.data(), a.a_RF.data(), a.b_RF.data(), f, a.prob_R.data(), a.da_RF.data(),
-                       a.db_RF.data(), f, a.dprob_R.data(), r_n, f);
+    be.swiglu_backward(s.dz_RF.data(), a.a_RF.data(), a.b_RF.data(), f, a.prob_R.data(), s.da_RF.data(),
+                       s.db_RF.data(), f, s.dprob_R.data(), r_n, f);
     for_each_expert(be, a.dispatch, false, [&](int64_t e, int64_t o, int64_t n) {
       const float* xe = a.x_RD.data() + o * d;
-      linear_backward_weight(be, a.da_RF.data() + o * f, xe, g.gate_proj_EFD + e * f * d, n, d, f,
+      linear_backward_weight(be, s.da_RF.data() + o * f, xe, g.gate_proj_EFD + e * f * d, n, d, f,
                              c.precision, a.lin);
-      linear_backward_weight(be, a.db_RF.data() + o * f, xe, g.up_proj_EFD + e * f * d, n, d, f, c.precision,
+      linear_backward_weight(be, s.db_RF.data() + o * f, xe, g.up_proj_EFD + e * f * d, n, d, f, c.precision,
                              a.lin);
-      linear_backward_input(be, a.da_RF.data() + o * f, p.gate_proj_EFD + e * f * d, a.dx_RD.data() + o * d,
+      linear_backward_input(be, s.da_RF.data() + o * f, p.gate_proj_EFD + e * f * d, s.dx_RD.data() + o * d,
                             n, d, f, c.precision, a.lin);
-      linear_backward_input(be, a.db_RF.data() + o * f, p.up_proj_EFD + e * f * d, a.dx_RD.data() + o * d, n,
+      linear_backward_input(be, s.db_RF.data() + o * f, p.up_proj_EFD + e * f * d, s.dx_RD.data() + o * d, n,
                             d, f, c.precision, a.lin, 1.f);
     });
   }
@@ -505,23 +503,23 @@ void moe_backward(Backend& be, const MoeConfig& c, const MoeParams& p, MoeActs& 
   // the order the allgather dispatcher's reduce-scatter imposes, so every dispatcher and layout adds the same
   // terms in the same order (exactly, for top-2 routing).
   float* dx_routed = c.expert_tp ? dx_all : dx;
-  float* routed = dx_beta == 0.f ? dx_routed : grow(be, a.dx_routed_TD, t_routed * d);
+  float* routed = dx_beta == 0.f ? dx_routed : grow(be, s.dx_routed_TD, t_routed * d);
   if (c.ep.size() == 1) {
-    be.unpermute_sum(a.dx_RD.data(), a.row_TK.data(), t_routed, k_n, d, routed, 0.f);
-    be.gather_or_zero(a.dprob_R.data(), a.row_TK.data(), t_routed * k_n, a.dweight_TK.data());
+    be.unpermute_sum(s.dx_RD.data(), a.row_TK.data(), t_routed, k_n, d, routed, 0.f);
+    be.gather_or_zero(s.dprob_R.data(), a.row_TK.data(), t_routed * k_n, s.dweight_TK.data());
   } else {
-    ep_combine_grad(c.ep, a.dispatch, a.dx_RD.data(), a.dprob_R.data(), routed, 0.f, a.dweight_TK.data());
+    ep_combine_grad(c.ep, a.dispatch, s.dx_RD.data(), s.dprob_R.data(), routed, 0.f, s.dweight_TK.data());
   }
   if (routed != dx_routed) be.add(dx_routed, dx_routed, routed, t_routed * d);
   if (c.expert_tp) {  // the region's gradients are partial over the F slices: summed over TP
-    c.tp.sum(a.dweight_TK.data(), t_routed * k_n);
+    c.tp.sum(s.dweight_TK.data(), t_routed * k_n);
     if (sp_region && t > 0)
       c.tp.sp_reduce_scatter(dx_all, dx, a.batch, t / a.batch, d);
     else
       c.tp.copy_to_backward(dx, t * d);
   }
   DSV3_PROFILE("bwd.moe.router");
-  router_backward_on(be, c, p, x, aux_grad, a, g, dx);
+  router_backward_on(be, c, p, x, aux_grad, a, s, g, dx);
 }
 
 }  // namespace dsv3

@@ -115,19 +115,17 @@ struct MoeGrads {
 // (expert or tensor parallelism, or DSV3_ROUTER=host) the selection runs on the host (router_route /
 // router_backward_logits, the same bodies over host memory): on a device the [T, E] logits come down and the
 // routing goes up, once per layer and pass.
+// What a layer's backward needs from its forward (one per MoE layer; one set under recompute).
 struct MoeActs {
   const float* x_TD = nullptr;  // the layer input (not owned; must stay alive until backward)
   int64_t t = 0, batch = 0;
   RouterActs router;  // host memory (with SP: the whole micro-batch's T = t·TP tokens)
-  // SP (host memory): this rank's logits, its rows of the routing, the gathered gate-weight gradient and this
-  // rank's rows of the logits' gradient.
-  std::vector<float> logits_local_TE, weight_local_TK, dweight_full_TK, dlogits_local_TE;
+  // SP (host memory): this rank's logits and its rows of the routing.
+  std::vector<float> logits_local_TE, weight_local_TK;
   std::vector<int32_t> idx_local_TK;
   std::vector<uint8_t> kept_local_TK;
-  // SP: the TP region's gathered input [T, D] (the shared expert's; under expert_tp the routed experts' too), its
-  // output summed and scattered [t, D], and in backward the gathered output gradient and the partial input
-  // gradient [T, D].
-  DeviceArray<float> shared_in_TD, shared_local_TD, dshared_out_TD, dshared_in_TD;
+  // SP: the TP region's gathered input [T, D] (the shared expert's; under expert_tp the routed experts' too).
+  DeviceArray<float> shared_in_TD;
   DispatchState dispatch;                        // rows of the local experts (from every EP rank); host maps
   DeviceArray<int32_t> token_R, row_TK, slot_R;  // one rank: the permutation's maps in backend memory
   DeviceArray<float> weight_TK;                  // one rank: the gate weights in backend memory
@@ -137,14 +135,10 @@ struct MoeActs {
   DeviceArray<float> prob_R;                     // gate weight per row
   DeviceArray<float> y_RD;                       // expert outputs (already weighted)
   MlpActs shared;                                // shared expert
-  DeviceArray<float> shared_out_TD;  // TP: the region's partial output, reduced before the add (SP: [T, D])
-  // backward scratch
-  DeviceArray<float> dy_RD, dz_RF, da_RF, db_RF, dx_RD, dprob_R, dweight_TK, dx_routed_TD;
-  MlpScratch shared_scratch;
   LinearScratch lin;
-  // device backend: the router's logits and their gradient in backend memory; the bias and dweight on the host
-  DeviceArray<float> logits_TE, dlogits_TE;
-  std::vector<float> bias_E, dweight_host_TK;
+  // device backend: the router's logits in backend memory; the bias on the host
+  DeviceArray<float> logits_TE;
+  std::vector<float> bias_E;
   // The router on the device (routes_on_device: one rank; kernels/route.h): its scores, choices, gate weights,
   // kept map and aux-loss gradient stay in backend memory; `readback` holds the expert offsets (E + 1), the aux
   // loss's bits and with capacity the offsets before dropping (E + 1): the one read of the layer's forward.
@@ -153,17 +147,34 @@ struct MoeActs {
   DeviceArray<uint8_t> kept_TK;
   std::vector<int32_t> readback_host;
   // bf16 fast path (MoeConfig::precision == kBF16): every operand converted once per step and shared by the
-  // expert GEMMs. a_RF then holds the fused [R, 2F] gate|up output (b_RF unused), da_RF its gradient.
+  // expert GEMMs. a_RF then holds the fused [R, 2F] gate|up output (b_RF unused), the scratch's da_RF its gradient.
   ExpertBf16 own_bf;  // the expert copies when the caller has none (MoeParams::expert_bf16)
   const bf16 *w_gu_bf = nullptr, *w_down_bf = nullptr;  // the copies the forward used (for the backward)
-  DeviceArray<bf16> x_bf, z_bf, dy_bf, dab_bf;
+  DeviceArray<bf16> x_bf, z_bf;
+};
+
+// Temporaries of one layer's forward or backward, shared by every MoE layer of a model (one layer runs at a time):
+// the backward's row buffers (T·K rows of D and of F floats, several of each) exist once, not once per layer.
+struct MoeScratch {
+  MlpScratch shared;  // the shared expert's
+  // TP: the region's partial output, reduced before the add (SP: [T, D]); SP: this rank's part of it [t, D]
+  DeviceArray<float> shared_out_TD, shared_local_TD;
+  // backward: the routed rows' gradients, the gate weights', the routed part of dx
+  DeviceArray<float> dy_RD, dz_RF, da_RF, db_RF, dx_RD, dprob_R, dweight_TK, dx_routed_TD;
+  // SP backward: the gathered output gradient and the partial input gradient [T, D]; host: the gathered
+  // gate-weight gradient and this rank's rows of the logits' gradient
+  DeviceArray<float> dshared_out_TD, dshared_in_TD;
+  std::vector<float> dweight_full_TK, dlogits_local_TE;
+  DeviceArray<float> dlogits_TE;       // device backend: the router logits' gradient
+  std::vector<float> dweight_host_TK;  // device backend, host router: the gate-weight gradient
+  DeviceArray<bf16> dy_bf, dab_bf;     // bf16 backward operands
 };
 
 // out_TD = MoE(x_TD). batch: the number of sequences among the T tokens (sequence aux loss only).
 void moe_forward(Backend& be, const MoeConfig& c, const MoeParams& p, const float* x_TD, int64_t t,
-                 int64_t batch, bool training, float* out_TD, MoeActs& a);
+                 int64_t batch, bool training, float* out_TD, MoeActs& a, MoeScratch& s);
 // aux_grad: dL_total/dL_seq_aux (ignored when the aux loss is off).
 void moe_backward(Backend& be, const MoeConfig& c, const MoeParams& p, MoeActs& a, const float* dout_TD,
-                  float aux_grad, float* dx_TD, MoeGrads& g, float beta);
+                  float aux_grad, float* dx_TD, MoeGrads& g, float beta, MoeScratch& s);
 
 }  // namespace dsv3

@@ -76,27 +76,37 @@ int64_t mla_scratch(const Shapes& s, int64_t seq, int64_t rope_dim) {
   return b;
 }
 
-// MoeActs (moe.h): the router's maps, the permuted rows and their SwiGLU, the backward's row buffers, the
-// shared expert, the bf16 expert operands. Per MoE layer (one set under recompute).
+// MoeActs (moe.h): the router's maps, the permuted rows and their SwiGLU, the shared expert's state, the bf16
+// expert operands. Per MoE layer (one set under recompute).
 int64_t moe_acts(const Shapes& s, bool ep) {
   const int64_t T = s.Tr, D = s.D, R = s.rows, F = s.Fe, k = s.k;  // the routed experts' tokens
   int64_t b = 0;
-  if (s.gpu) b += kF32 * 2 * s.Tl * s.E;  // logits_TE, dlogits_TE: the router's GEMMs on the GPU
+  if (s.gpu) b += kF32 * s.Tl * s.E;                            // logits_TE: the router's GEMM on the GPU
   if (!ep) b += kI32 * (2 * R + T * k) + kF32 * T * k;          // token_R, slot_R, row_TK, weight_TK
   b += kF32 * (R * D + R + R * D);                              // x_RD, prob_R, y_RD
   b += kF32 * (s.bf16 ? 2 * R * F : R * F) + kF32 * 2 * R * F;  // a_RF (bf16: fused gate|up), b_RF, z_RF
-  b += kF32 * (2 * R * D + R + T * k);                          // dy_RD, dx_RD, dprob_R, dweight_TK
+  if (s.Fs) b += mlp_acts(s, s.Fs);                  // the shared expert: every token of the micro-batch
+  if (s.sp && (s.Fs || s.etp)) b += kF32 * s.T * D;  // shared_in_TD: the TP region's gathered input
+  if (s.bf16) b += kBf16 * (R * D + R * F);          // x_bf, z_bf
+  return b;
+}
+// MoeScratch (moe.h): one layer's forward and backward temporaries, shared by every MoE layer of the model.
+int64_t moe_scratch(const Shapes& s) {
+  const int64_t T = s.Tr, D = s.D, R = s.rows, F = s.Fe, k = s.k;
+  int64_t b = 0;
+  if (s.gpu) b += kF32 * s.Tl * s.E;    // dlogits_TE
+  b += kF32 * (2 * R * D + R + T * k);  // dy_RD, dx_RD, dprob_R, dweight_TK
   b += kF32 * (s.bf16 ? grown({R * F, 2 * R * F}) : R * F) +
        kF32 * 2 * R * F;  // da_RF (bf16: regrown), dz, db
   if (s.Fs) {
-    b += kF32 * T * D;  // dx_routed_TD: the routed part added after the shared expert's
-    b += mlp_acts(s, s.Fs) + mlp_scratch(s, s.Fs);  // the shared expert: every token of the micro-batch
-    if (s.tp && !s.etp) b += kF32 * s.T * D;        // shared_out_TD
-    if (s.sp && !s.etp) b += kF32 * (3 * s.T + s.Tl) * D;  // shared_in, dshared_out, dshared_in, shared_local
+    b += kF32 * T * D;                        // dx_routed_TD: the routed part added after the shared expert's
+    b += mlp_scratch(s, s.Fs);                // the shared expert's
+    if (s.tp && !s.etp) b += kF32 * s.T * D;  // shared_out_TD
+    if (s.sp && !s.etp) b += kF32 * (2 * s.T + s.Tl) * D;  // dshared_out, dshared_in, shared_local
   }
-  // ETP with SP: the region's gathered input, partial output, gathered output gradient and partial input gradient.
-  if (s.sp && s.etp) b += kF32 * 4 * s.T * D;
-  if (s.bf16) b += kBf16 * (R * D + R * F + R * D + 2 * R * F);  // x_bf, z_bf, dy_bf, dab_bf
+  // ETP with SP: the region's partial output, gathered output gradient and partial input gradient.
+  if (s.sp && s.etp) b += kF32 * 3 * s.T * D;
+  if (s.bf16) b += kBf16 * (R * D + 2 * R * F);  // dy_bf, dab_bf
   return b;
 }
 // The router's and the permutation's host vectors (router.h RouterActs, DispatchState), per MoE layer; under EP
@@ -106,7 +116,7 @@ int64_t moe_host(const Shapes& s, bool capacity, int ep, bool alltoall) {
   const int64_t T = s.T, E = s.E, k = s.k;
   int64_t b = kF32 * 4 * T * E;                         // logits, scores, aux_dlogits, dlogits
   b += kI32 * T * k + kF32 * T * k + T * k + kF32 * T;  // idx, weight, kept, denom
-  if (capacity) b += kI32 * T * k;                      // candidates per expert
+  if (capacity) b += kI32 * (3 * T * k + 2 * (E + 1));  // the capacity rule's permutation (router.h)
   b += kI32 * (2 * s.rows + T * k);                     // permutation: token_R, slot_R, row_TK
   if (ep > 1 && alltoall) b += kF32 * (s.D + 1) * (T * k * (ep - 1) / ep + s.rows);  // send_RD/R, recv_RD/R
   if (ep > 1 && !alltoall)
@@ -240,6 +250,9 @@ std::vector<StageMemory> plan_memory(const ModelConfig& cfg, const MemoryLayout&
       scratch += kF32 * 3 * T * D;  // the regions' whole-sequence partials and gradients; the model's full_TD
     if (layers > 0) scratch += mla_scratch(s, run.seq, cfg.qk_rope_head_dim);
     if (dense_layers > 0) scratch += mlp_scratch(s, s.F);
+    bool any_moe = moe_layers > 0;
+    for (int64_t k = 0; mtp && k < cfg.num_nextn_predict_layers; ++k) any_moe |= cfg.is_moe_layer(L + k);
+    if (any_moe) scratch += moe_scratch(s);
     int64_t host = kI32 * 2 * run.micro_batch * run.seq;  // the trainer's batch (ids, labels)
     if (lay.pp > 1) host += 2 * kF32 * T * D;             // pipeline send/receive buffers
     // The router's host maps live in the block's state: one set per MoE layer (one block under recompute) and

@@ -240,6 +240,12 @@ void expect_close(const std::string& what, const A& got, const B& ref, double rt
                                       << " ref " << ref[worst] << " (max |ref| " << scale << ")";
 }
 
+// One scratch for every layer call of this file, as a model shares one between its MoE layers.
+MoeScratch& scratch() {
+  static MoeScratch s;
+  return s;
+}
+
 MoeConfig tiny_config() {
   MoeConfig c;
   c.hidden = 16, c.ffn = 12, c.n_shared = 1;
@@ -255,9 +261,10 @@ int64_t check_fd(const MoeConfig& c, int64_t t, int64_t batch, uint64_t stream, 
   const auto dout = randn(stream + 9, t * c.hidden, 1.f);
   MoeActs acts;
   std::vector<float> out(t * c.hidden), dx(t * c.hidden);
-  moe_forward(cpu_backend(), c, b.params(), b.x.data(), t, batch, /*training=*/true, out.data(), acts);
+  moe_forward(cpu_backend(), c, b.params(), b.x.data(), t, batch, /*training=*/true, out.data(), acts,
+              scratch());
   MoeGrads g = b.grads();
-  moe_backward(cpu_backend(), c, b.params(), acts, dout.data(), aux_grad, dx.data(), g, 0.f);
+  moe_backward(cpu_backend(), c, b.params(), acts, dout.data(), aux_grad, dx.data(), g, 0.f, scratch());
   int64_t dropped = 0;
   for (uint8_t k : acts.router.kept_TK) dropped += k == 0;
 
@@ -346,9 +353,9 @@ void run_and_compare(const MoeConfig& c, const SafetensorsReader& f, int64_t t, 
                      MoeActs& acts) {
   const auto dout = f.read_f32("dout");
   std::vector<float> out(t * c.hidden), dx(t * c.hidden);
-  moe_forward(cpu_backend(), c, b.params(), b.x.data(), t, batch, true, out.data(), acts);
+  moe_forward(cpu_backend(), c, b.params(), b.x.data(), t, batch, true, out.data(), acts, scratch());
   MoeGrads g = b.grads();
-  moe_backward(cpu_backend(), c, b.params(), acts, dout.data(), 1.f, dx.data(), g, 0.f);
+  moe_backward(cpu_backend(), c, b.params(), acts, dout.data(), 1.f, dx.data(), g, 0.f, scratch());
   expect_close("out", out, f.read_f32("out"), 1e-5);
   expect_close("dx", dx, f.read_f32("dx"), 1e-5);
   expect_close("d_gate_w", b.g_gate_w, f.read_f32("d_gate_w"), 1e-5);
@@ -435,7 +442,7 @@ TEST(Moe, AllTokensToOneExpert) {
     c.router.capacity_factor = capacity ? 1.0 : -1.0;
     MoeActs acts;
     std::vector<float> out(t * c.hidden);
-    moe_forward(cpu_backend(), c, b.params(), b.x.data(), t, 1, false, out.data(), acts);
+    moe_forward(cpu_backend(), c, b.params(), b.x.data(), t, 1, false, out.data(), acts, scratch());
     std::vector<double> ref_out;
     ref_loss(c, t, 1, to_ref(b), dd, &ref_out);
     expect_close(capacity ? "out (capacity)" : "out (dropless)", out, ref_out, 1e-5);
@@ -460,9 +467,9 @@ TEST(Moe, EmptyAndOneRowExperts) {
     const auto dout = randn(719, c.hidden, 1.f);
     MoeActs acts;
     std::vector<float> out(c.hidden), dx(c.hidden);
-    moe_forward(cpu_backend(), c, b.params(), b.x.data(), 1, 1, true, out.data(), acts);
+    moe_forward(cpu_backend(), c, b.params(), b.x.data(), 1, 1, true, out.data(), acts, scratch());
     MoeGrads g = b.grads();
-    moe_backward(cpu_backend(), c, b.params(), acts, dout.data(), 1.f, dx.data(), g, 0.f);
+    moe_backward(cpu_backend(), c, b.params(), acts, dout.data(), 1.f, dx.data(), g, 0.f, scratch());
     const int64_t per_expert = c.ffn * c.hidden;
     int64_t empty = 0;
     for (int64_t e = 0; e < c.router.num_experts; ++e) {
@@ -488,9 +495,9 @@ TEST(Moe, Bf16ModeStaysCloseToFp32) {
   Buffers b = random_buffers(c, t, 500);
   std::vector<float> o32(t * c.hidden), o16(t * c.hidden);
   MoeActs a32, a16;
-  moe_forward(cpu_backend(), c, b.params(), b.x.data(), t, 1, false, o32.data(), a32);
+  moe_forward(cpu_backend(), c, b.params(), b.x.data(), t, 1, false, o32.data(), a32, scratch());
   c.precision = Precision::kBF16;
-  moe_forward(cpu_backend(), c, b.params(), b.x.data(), t, 1, false, o16.data(), a16);
+  moe_forward(cpu_backend(), c, b.params(), b.x.data(), t, 1, false, o16.data(), a16, scratch());
   EXPECT_EQ(a32.router.idx_TK, a16.router.idx_TK);  // the router stays fp32
   expect_close("bf16 out", o16, o32, 2e-2);
 }
