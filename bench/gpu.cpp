@@ -8,7 +8,9 @@
 // dsv3's own training step (bf16, forward + backward + grad norm + AdamW on the GPU, fresh batch each step) as
 // `ours: mode=dsv3 tokens_per_s=<x> step_s=<median> ...` with the median split into forward / backward / optimizer
 // (measured in extra steps synchronised between the phases). Without a GPU it prints `gpu: unavailable: <why>`
-// and exits 0; a config the GPU path cannot run yet (MoE) prints `ours: unavailable: <why>`.
+// and exits 0; a config the GPU path cannot run prints `ours: unavailable: <why>`. --routing balanced (MoE): every
+// layer routes on fixed normal logits (Megatron's --moe-router-force-load-balancing), untrained (default) on the
+// initialised router weights.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -52,11 +54,11 @@ double median(std::vector<double> v) {
 }
 
 // dsv3's training step on the GPU: bf16, the Megatron objective's backward, grad norm and AdamW.
-void our_step(Backend& gpu, const ModelConfig& cfg, int64_t batch, int64_t seq) {
+void our_step(Backend& gpu, const ModelConfig& cfg, int64_t batch, int64_t seq, bool balanced) {
   using Clock = std::chrono::steady_clock;
   auto secs = [](Clock::time_point a) { return std::chrono::duration<double>(Clock::now() - a).count(); };
   ModelOptions o;
-  o.precision = Precision::kBF16, o.backend = &gpu;
+  o.precision = Precision::kBF16, o.backend = &gpu, o.force_load_balancing = balanced;
   Model m(cfg, o);
   m.init(1234);
   BackendAdamW opt(gpu, m.table(), m.store(), AdamWConfig{0.9, 0.95, 1e-8});
@@ -110,8 +112,9 @@ void our_step(Backend& gpu, const ModelConfig& cfg, int64_t batch, int64_t seq) 
               static_cast<double>(plan.backend() + plan.adam) / (1 << 30));
   const double s = median(whole);
   std::printf(
-      "ours: mode=dsv3 tokens_per_s=%.1f step_s=%.4f forward_s=%.4f backward_s=%.4f optimizer_s=%.4f\n",
-      t / s, s, median(fw), median(bw), median(up));
+      "ours: mode=dsv3 routing=%s tokens_per_s=%.1f step_s=%.4f forward_s=%.4f backward_s=%.4f "
+      "optimizer_s=%.4f\n",
+      balanced ? "balanced" : "untrained", t / s, s, median(fw), median(bw), median(up));
 }
 
 }  // namespace
@@ -119,6 +122,8 @@ void our_step(Backend& gpu, const ModelConfig& cfg, int64_t batch, int64_t seq) 
 int main(int argc, char** argv) {
   std::string config = "examples/deepseek/configs/proxy-gpu-dense.json";
   int64_t batch = 1, seq = 4096;
+  bool balanced =
+      false;  // --routing balanced: MoE layers route on fixed normals (moe.h force_load_balancing)
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--config"))
       config = argv[i + 1];
@@ -126,6 +131,8 @@ int main(int argc, char** argv) {
       batch = std::atoll(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--seq"))
       seq = std::atoll(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--routing"))
+      balanced = !std::strcmp(argv[i + 1], "balanced");
   }
   const ModelConfig cfg = ModelConfig::from_json_file(config);
   const int64_t padded_vocab = (cfg.vocab_size + 127) / 128 * 128;
@@ -151,7 +158,7 @@ int main(int argc, char** argv) {
                 static_cast<long long>(s.n), static_cast<long long>(s.k),
                 roofline_tflops(*gpu, s.m, s.n, s.k, 20));
   try {
-    our_step(*gpu, cfg, batch, seq);
+    our_step(*gpu, cfg, batch, seq, balanced);
   } catch (const Error& e) {
     std::printf("ours: unavailable: %s\n", e.what());
   }

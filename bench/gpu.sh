@@ -13,16 +13,23 @@ CONFIGS=${CONFIGS:-examples/deepseek/configs/proxy-gpu-dense.json}
 bench=${RUN:+bench_gpu}; bench=${bench:-$BUILD/bench_gpu}
 field() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" | head -1; }
 for cfg in $CONFIGS; do
-  echo "== $cfg (batch $BATCH, seq $SEQ, bf16)"
-  ours=$($RUN $bench --config "$cfg" --batch "$BATCH" --seq "$SEQ"); echo "$ours"
-  if echo "$ours" | grep -q '^gpu: unavailable'; then continue; fi
-  peer=""
-  [ "${PEER:-1}" = 1 ] && peer=$(python3 bench/peer_pytorch_gpu.py --config "$cfg" --batch "$BATCH" --seq "$SEQ" 2>&1 | grep '^pytorch:')
-  echo "$peer"
-  flops=$(echo "$ours" | field flops_per_iteration)
-  peak=$(echo "$ours" | grep 'm=8192 n=8192' | field tflops)
-  printf '%s\n%s\n' "$(echo "$ours" | grep '^ours:')" "$peer" | grep tokens_per_s | while read -r line; do
-    mode=$(echo "$line" | field mode); tps=$(echo "$line" | field tokens_per_s)
-    python3 -c "f=$flops;t=$tps/($BATCH*$SEQ);tf=f*t/1e12;print(f'{\"$mode\"}: {$tps:.0f} tok/s, {tf:.1f} TFLOP/s, MFU {tf/$peak:.3f} of measured {$peak} TFLOP/s')"
+  # MoE configs: the untrained routing (the initialised router) and the balanced one (fixed normal logits, both
+  # sides: bench_gpu and the peer's --routing balanced).
+  routings=untrained
+XX
+  for routing in $routings; do
+    echo "== $cfg (batch $BATCH, seq $SEQ, bf16$([ "$moe" = 1 ] && echo ", $routing routing"))"
+    ours=$($RUN $bench --config "$cfg" --batch "$BATCH" --seq "$SEQ" --routing "$routing"); echo "$ours"
+    if echo "$ours" | grep -q '^gpu: unavailable'; then continue 2; fi
+    peer=""
+    [ "${PEER:-1}" = 1 ] && peer=$(python3 bench/peer_pytorch_gpu.py --config "$cfg" --batch "$BATCH" --seq "$SEQ" \
+      --routing "$routing" 2>&1 | grep '^pytorch:')
+    echo "$peer"
+    flops=$(echo "$ours" | field flops_per_iteration)
+    peak=$(echo "$ours" | grep 'm=8192 n=8192' | field tflops)
+    printf '%s\n%s\n' "$(echo "$ours" | grep '^ours:')" "$peer" | grep tokens_per_s | while read -r line; do
+      mode=$(echo "$line" | field mode); tps=$(echo "$line" | field tokens_per_s)
+      python3 -c "f=$flops;t=$tps/($BATCH*$SEQ);tf=f*t/1e12;print(f'{\"$mode\"} ($routing): {$tps:.0f} tok/s, {tf:.1f} TFLOP/s, MFU {tf/$peak:.3f} of measured {$peak} TFLOP/s')"
+    done
   done
 done

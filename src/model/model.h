@@ -31,10 +31,11 @@ struct ModelOptions {
   double capacity_factor = -1;  // < 0: dropless
   DropPolicy drop_policy = DropPolicy::kProbs;
   bool pad_to_capacity = false;
-  float seq_aux_coeff = 0.f;  // sequence-wise balance loss coefficient (0: off)
-  bool mtp = true;            // run the config's num_nextn_predict_layers depths
-  ExpertParallel ep;          // expert parallelism: this rank holds and runs E/EP experts per MoE layer
-  PipelineStage stage;        // pipeline parallelism: the layers (and ends) this rank holds and runs
+  float seq_aux_coeff = 0.f;          // sequence-wise balance loss coefficient (0: off)
+  bool force_load_balancing = false;  // benchmarks only: route on fixed random logits (moe.h MoeConfig)
+  bool mtp = true;                    // run the config's num_nextn_predict_layers depths
+  ExpertParallel ep;    // expert parallelism: this rank holds and runs E/EP experts per MoE layer
+  PipelineStage stage;  // pipeline parallelism: the layers (and ends) this rank holds and runs
   // Tensor parallelism (Megatron's layout, param_table.h TpSplit): this rank holds its heads, FFN columns and
   // vocabulary rows; the CPU backend only. With tp.sequence_parallel the residual stream, the norms, the MoE
   // layers and MTP's norms and eh_proj hold only this rank's S/TP positions of each sequence (tensor_parallel.h):

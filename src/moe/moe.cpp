@@ -16,6 +16,7 @@
 #include <string>
 
 #include "core/error.h"
+#include "core/philox.h"
 #include "core/profile.h"
 #include "kernels/cpu/gemm.h"
 #include "model/config.h"
@@ -135,6 +136,21 @@ LocalRouting local_routing(const MoeConfig& c, const MoeActs& a) {
   return {a.router.idx_TK.data(), a.router.kept_TK.data(), a.router.weight_TK.data()};
 }
 
+// force_load_balancing (moe.h): the layer's normals for T tokens, made when T changes.
+const std::vector<float>& random_logits(const MoeConfig& c, int64_t T, MoeActs& a) {
+  const int64_t n = T * c.router.num_experts;
+  if (static_cast<int64_t>(a.random_logits_TE.size()) != n) {
+    a.random_logits_TE.resize(n);
+    for (int64_t i = 0; i < n; ++i)
+      a.random_logits_TE[i] = philox_normal(42, 0x5eed0000ull + static_cast<uint64_t>(c.layer), i);
+  }
+  return a.random_logits_TE;
+}
+// Replaces the router's logits in host memory (the host router's paths).
+void force_balance_host(const MoeConfig& c, int64_t T, MoeActs& a) {
+  if (c.force_load_balancing) a.router.logits_TE = random_logits(c, T, a);
+}
+
 // Sequence parallelism (moe.h): this rank's logits gathered over TP, the whole micro-batch routed (the same on
 // every TP rank), then this rank's rows kept. TP runs on the CPU backend.
 void route_sequence_parallel(Backend& be, const MoeConfig& c, const MoeParams& p, const float* x, int64_t t,
@@ -144,6 +160,7 @@ void route_sequence_parallel(Backend& be, const MoeConfig& c, const MoeParams& p
   linear_forward(be, x, p.gate_w_ED, a.logits_local_TE.data(), t, c.hidden, e, Precision::kF32, a.router.lin);
   a.router.logits_TE.resize(T * e);
   c.tp.sp_all_gather(a.logits_local_TE.data(), a.router.logits_TE.data(), batch, sl, e);
+  force_balance_host(c, T, a);
   router_route(c.router, p.expert_bias_E, T, batch, training, a.router);
   a.idx_local_TK.resize(t * k), a.kept_local_TK.resize(t * k), a.weight_local_TK.resize(t * k);
   c.tp.sp_slice(a.router.idx_TK.data(), a.idx_local_TK.data(), batch, sl, k);
@@ -192,6 +209,13 @@ void route_on_device(Backend& be, const MoeConfig& c, const MoeParams& p, const 
   f.cfg = route_select(c.router), f.t = t, f.batch = batch;
   float* logits = grow(be, a.logits_TE, t * e);
   if (t > 0) linear_forward(be, x, p.gate_w_ED, logits, t, c.hidden, e, Precision::kF32, a.lin);
+  if (c.force_load_balancing && t > 0) {  // the normals go up once per token count, then device to device
+    const int64_t n = t * e;
+    if (a.random_logits_dev_TE.size() != n || a.random_logits_TE.size() != static_cast<size_t>(n))
+      grow(be, a.random_logits_dev_TE, n),
+          a.random_logits_dev_TE.copy_from_host(random_logits(c, t, a).data(), n);
+    be.copy(logits, a.random_logits_dev_TE.data(), n * sizeof(float));
+  }
   f.logits_TE = logits;
   f.bias_E = p.expert_bias_E;
   f.scores_TE = grow(be, a.scores_TE, t * e), f.denom_T = grow(be, a.denom_T, t);
@@ -236,16 +260,21 @@ void run_router(Backend& be, const MoeConfig& c, const MoeParams& p, const float
                 bool training, MoeActs& a) {
   if (c.tp.sp()) return route_sequence_parallel(be, c, p, x, t, batch, training, a);
   if (routes_on_device(be, c)) return route_on_device(be, c, p, x, t, batch, training, a);
-  const RouterParams rp{p.gate_w_ED, p.expert_bias_E};
-  if (be.kind() == DeviceKind::kCpu)
-    return router_forward(c.router, rp, x, t, c.hidden, batch, training, a.router);
   const int64_t e = c.router.num_experts;
   a.router.logits_TE.resize(t * e);
+  if (be.kind() == DeviceKind::kCpu) {
+    if (t > 0)
+      linear_forward(be, x, p.gate_w_ED, a.router.logits_TE.data(), t, c.hidden, e, Precision::kF32,
+                     a.router.lin);
+    force_balance_host(c, t, a);
+    return router_route(c.router, p.expert_bias_E, t, batch, training, a.router);
+  }
   if (t > 0) {
     float* logits = grow(be, a.logits_TE, t * e);
     linear_forward(be, x, p.gate_w_ED, logits, t, c.hidden, e, Precision::kF32, a.lin);
     be.copy_to_host(a.router.logits_TE.data(), logits, t * e * sizeof(float));
   }
+  force_balance_host(c, t, a);
   if (p.expert_bias_E)
     a.bias_E.resize(e), be.copy_to_host(a.bias_E.data(), p.expert_bias_E, e * sizeof(float));
   router_route(c.router, p.expert_bias_E ? a.bias_E.data() : nullptr, t, batch, training, a.router);

@@ -66,6 +66,11 @@ struct MoeConfig {
   // (Megatron drops per TP shard; dsv3 keeps one-process parity, the bar its parallel tests hold every layout to).
   TensorParallel tp;
   bool expert_tp = false;
+  // Benchmarks only (Megatron's --moe-router-force-load-balancing, its RandomSTE): the router's logits are
+  // replaced by standard normals, fixed per layer (`layer`) and token count, so routing is balanced whatever the
+  // weights; the gradient goes to the real logits unchanged.
+  bool force_load_balancing = false;
+  int64_t layer = 0;
   // This TP rank's routed-expert width.
   int64_t expert_ffn() const { return expert_tp ? ffn / tp.size : ffn; }
   int64_t local_experts() const { return ep.local_count(router.num_experts); }
@@ -145,6 +150,9 @@ struct MoeActs {
   DeviceArray<float> scores_TE, denom_T, aux_dlogits_TE;
   DeviceArray<int32_t> idx_TK, readback;
   DeviceArray<uint8_t> kept_TK;
+  // force_load_balancing: the normals that replace the logits (the whole micro-batch's), and their backend copy
+  std::vector<float> random_logits_TE;
+  DeviceArray<float> random_logits_dev_TE;
   std::vector<int32_t> readback_host;
   // bf16 fast path (MoeConfig::precision == kBF16): every operand converted once per step and shared by the
   // expert GEMMs. a_RF then holds the fused [R, 2F] gate|up output (b_RF unused), the scratch's da_RF its gradient.

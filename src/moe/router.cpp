@@ -69,19 +69,6 @@ int64_t expert_capacity(int64_t tokens, int64_t topk, int64_t experts, double ca
       std::ceil((static_cast<double>(tokens * topk) / static_cast<double>(experts)) * capacity_factor));
 }
 
-void router_forward(const RouterConfig& cfg, const RouterParams& p, const float* u, int64_t t, int64_t d,
-                    int64_t batch, bool training, RouterActs& a) {
-  DSV3_CHECK(p.gate_w_ED != nullptr, "router_forward: gate weight is null");
-  DSV3_CHECK(t >= 0 && d > 0, "router_forward: bad shape T=", t, " D=", d);
-  a.logits_TE.resize(t * cfg.num_experts);
-  // Router math stays fp32 whatever the model precision (HF computes it in fp32; the bias needs fp32
-  // resolution).
-  if (t > 0)
-    linear_forward(cpu_backend(), u, p.gate_w_ED, a.logits_TE.data(), t, d, cfg.num_experts, Precision::kF32,
-                   a.lin);
-  router_route(cfg, p.expert_bias_E, t, batch, training, a);
-}
-
 int64_t tokens_per_expert(const RouterConfig& cfg, int64_t t, int64_t capacity, int64_t kept) {
   if (!cfg.pad_to_capacity) return kept;
   return capacity > t ? t : capacity;  // Megatron: a capacity above T pads every expert to T

@@ -114,12 +114,9 @@ struct RouterGrads {
   float* gate_w_ED = nullptr;  // accumulated
 };
 
-// training: compute the sequence aux loss (when seq_aux_coeff > 0), as Megatron does only with grad enabled.
-// batch = B, the number of sequences in the T = B·S tokens (used by the aux loss only).
-void router_forward(const RouterConfig& cfg, const RouterParams& p, const float* u_TD, int64_t t, int64_t d,
-                    int64_t batch, bool training, RouterActs& a);
-
-// The routing part of router_forward, from logits the caller put in a.logits_TE ([T,E]); bias_E may be null.
+// The routing from the logits the caller put in a.logits_TE ([T, E]); bias_E may be null. training: compute the
+// sequence aux loss (when seq_aux_coeff > 0), as Megatron does only with grad enabled. batch = B, the number of
+// sequences in the T = B·S tokens (used by the aux loss only).
 void router_route(const RouterConfig& cfg, const float* bias_E, int64_t t, int64_t batch, bool training,
                   RouterActs& a);
 

@@ -106,6 +106,8 @@ TEST(GuardedDevice, MoeModelTakesTheDevicePathWithTheCpusNumbers) {
   expect_same(config("demo-cpu.json"), o, "moe fp32, token drop, recompute");
   o.precision = Precision::kBF16;
   expect_same(config("demo-cpu.json"), o, "moe bf16, token drop, recompute");
+  o.force_load_balancing = true;  // the normals replace the logits on the device as on the host
+  expect_same(config("demo-cpu.json"), o, "moe bf16, token drop, recompute, forced balance");
 }
 
 // On one device rank the router runs there (kernels/route.h), capacity rule included: a training step reads back

@@ -429,6 +429,38 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, MoeMegatron, ::testing::Values("probs_aux", "
 
 // ---------------- unbalanced routing ----------------
 
+// Megatron's --moe-router-force-load-balancing (benchmarks): the routing comes from fixed normals, not from the
+// weights (two different gate weights route alike), it is balanced (every expert within 10% of T·K/E here), and
+// the gate weight still gets a gradient (the straight-through estimator).
+TEST(Moe, ForcedLoadBalancingRoutesOnNormals) {
+  MoeConfig c = tiny_config();
+  c.force_load_balancing = true;
+  const int64_t t = 2400;
+  Buffers b = random_buffers(c, t, 500);
+  std::fill(b.bias.begin(), b.bias.end(), 0.f);
+  b.alloc_grads();
+  std::vector<float> out(t * c.hidden), dx(t * c.hidden);
+  MoeActs a1, a2;
+  moe_forward(cpu_backend(), c, b.params(), b.x.data(), t, 1, true, out.data(), a1, scratch());
+  const auto dout = randn(509, t * c.hidden, 1.f);
+  MoeGrads g = b.grads();
+  moe_backward(cpu_backend(), c, b.params(), a1, dout.data(), 1.f, dx.data(), g, 0.f, scratch());
+  double gate_grad = 0;
+  for (float v : b.g_gate_w) gate_grad += std::abs(v);
+  EXPECT_GT(gate_grad, 0.0);
+  for (float& w : b.gate_w) w = -3.f * w;
+  moe_forward(cpu_backend(), c, b.params(), b.x.data(), t, 1, true, out.data(), a2, scratch());
+  EXPECT_EQ(a1.router.idx_TK, a2.router.idx_TK);
+  const double mean = static_cast<double>(t * c.router.topk) / c.router.num_experts;
+  for (int64_t n : a1.router.tokens_per_expert_E) EXPECT_NEAR(n, mean, 0.1 * mean);
+  // Without it, these weights route far from balance (the comparison that makes the bound above mean something).
+  c.force_load_balancing = false;
+  MoeActs a3;
+  moe_forward(cpu_backend(), c, b.params(), b.x.data(), t, 1, true, out.data(), a3, scratch());
+  const auto& n3 = a3.router.tokens_per_expert_E;
+  EXPECT_GT(*std::max_element(n3.begin(), n3.end()) - *std::min_element(n3.begin(), n3.end()), 0.2 * mean);
+}
+
 // Expert 5's bias wins every token: dropless gives it all T rows; with capacity it keeps exactly `capacity`.
 TEST(Moe, AllTokensToOneExpert) {
   MoeConfig c = tiny_config();
