@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make bench-gpu`: the dense (and MoE) DeepSeek-V3 proxies sized for one H200, PyTorch (HF transformers, eager and
 # torch.compile) beside dsv3, as tokens/s, TFLOP/s (Megatron's formula) and MFU against the cuBLASLt bf16 GEMM
-# roofline measured in the same run (PEER=0 skips PyTorch). BIN_DIR: where bench_gpu is (build/, or a device pack's bin/); RUN: a wrapper
+# roofline measured in the same run (PEER=0 skips PyTorch; PEER_TIMEOUT, default 180 s, bounds each peer run). BIN_DIR: where bench_gpu is (build/, or a device pack's bin/); RUN: a wrapper
 # (e.g. "bash .devpack/run.sh") for the packed binary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +22,7 @@ XX
     ours=$($RUN $bench --config "$cfg" --batch "$BATCH" --seq "$SEQ" --routing "$routing"); echo "$ours"
     if echo "$ours" | grep -q '^gpu: unavailable'; then continue 2; fi
     peer=""
-    [ "${PEER:-1}" = 1 ] && peer=$(python3 bench/peer_pytorch_gpu.py --config "$cfg" --batch "$BATCH" --seq "$SEQ" \
+    [ "${PEER:-1}" = 1 ] && peer=$(timeout "${PEER_TIMEOUT:-180}" python3 bench/peer_pytorch_gpu.py --config "$cfg" --batch "$BATCH" --seq "$SEQ" \
       --routing "$routing" 2>&1 | grep '^pytorch:')
     echo "$peer"
     flops=$(echo "$ours" | field flops_per_iteration)
