@@ -209,11 +209,13 @@ void route_on_device(Backend& be, const MoeConfig& c, const MoeParams& p, const 
   f.cfg = route_select(c.router), f.t = t, f.batch = batch;
   float* logits = grow(be, a.logits_TE, t * e);
   if (t > 0) linear_forward(be, x, p.gate_w_ED, logits, t, c.hidden, e, Precision::kF32, a.lin);
-  if (c.force_load_balancing && t > 0) {  // the normals go up once per token count, then device to device
+  if (c.force_load_balancing && t > 0) {  // the normals go up once, then device to device
     const int64_t n = t * e;
-    if (a.random_logits_dev_TE.size() != n || a.random_logits_TE.size() != static_cast<size_t>(n))
-      grow(be, a.random_logits_dev_TE, n),
-          a.random_logits_dev_TE.copy_from_host(random_logits(c, t, a).data(), n);
+    // A normal depends on its index only: a longer upload serves a shorter micro-batch too.
+    if (a.random_logits_dev_TE.size() < n) {
+      grow(be, a.random_logits_dev_TE, n);
+      a.random_logits_dev_TE.copy_from_host(random_logits(c, t, a).data(), n);
+    }
     be.copy(logits, a.random_logits_dev_TE.data(), n * sizeof(float));
   }
   f.logits_TE = logits;
