@@ -62,6 +62,8 @@ class Backend {
   // the backend does not count.
   virtual int64_t host_reads() const { return -1; }
   virtual int64_t peak_bytes() const { return -1; }
+  // grouped_gemm calls that ran (tests check which path the MoE took); -1 where the backend does not count.
+  virtual int64_t grouped_gemms() const { return -1; }
 
   // ---- elementwise helpers
   virtual void to_bf16(const float* x_N, bf16* y_N, int64_t n) = 0;  // round to nearest even (core/bf16.h)
@@ -101,6 +103,12 @@ class Backend {
   // follows. Only GEMMs may be issued between lanes_begin() and lanes_end(). The CUDA backend runs lanes on
   // several streams (as TransformerEngine issues per-expert GEMMs on Hopper); a backend without concurrency
   // ignores the calls (the CPU runs experts over its threads instead).
+  // cpu/gemm.h grouped_gemm (offsets_G1 in this backend's memory). false: not run, because this backend has no
+  // grouped kernel for these arguments (shape, alignment, GPU); the caller then issues the groups' GEMMs itself.
+  virtual bool grouped_gemm(const GroupedGemmArgs& g) {
+    (void)g;
+    return false;
+  }
   virtual void lanes_begin() {}
   virtual void lane(int64_t i) { (void)i; }
   virtual void lanes_end() {}

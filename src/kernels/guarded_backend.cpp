@@ -124,6 +124,14 @@ class GuardedHostBackend final : public Backend {
     const Open open(*this);
     cpu_backend().gemm(g);
   }
+  bool grouped_gemm(const GroupedGemmArgs& g) override {
+    const Open open(*this);
+    ++grouped_gemms_;
+    return cpu_backend().grouped_gemm(g);
+  }
+  int64_t grouped_gemms() const override {
+    return grouped_gemms_;
+  }
   void rmsnorm_forward(const float* x, int64_t ld_x, const float* w_D, float* y, int64_t ld_y, float* rstd_T,
                        int64_t t, int64_t d, float eps) override {
     const Open open(*this);
@@ -220,7 +228,7 @@ class GuardedHostBackend final : public Backend {
   size_t used_ = 0;
   std::map<char*, size_t> sizes_;
   int depth_ = 0;
-  std::atomic<int64_t> allocations_{0}, host_reads_{0};
+  std::atomic<int64_t> allocations_{0}, host_reads_{0}, grouped_gemms_{0};
 };
 
 }  // namespace

@@ -91,6 +91,7 @@ Model::Model(const ModelConfig& cfg, const ModelOptions& opt)
       d.moe.router.pad_to_capacity = opt_.pad_to_capacity;
       d.moe.router.seq_aux_coeff = opt_.seq_aux_coeff;
       d.moe.force_load_balancing = opt_.force_load_balancing, d.moe.layer = i;
+      d.moe.expert_gemm = opt_.expert_gemm;
       d.moe.ep = opt_.ep;
       d.moe.tp = opt_.tp;
       d.moe.expert_tp = opt_.expert_tensor_parallel && tp > 1;

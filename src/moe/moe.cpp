@@ -10,7 +10,9 @@
 // memory, so the CPU's.
 #include "moe/moe.h"
 
+#include <array>
 #include <cstdlib>
+#include <initializer_list>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -63,6 +65,50 @@ void for_each_expert(Backend& be, const DispatchState& s, bool varying_rows, F&&
 // slower steps on proxy-cpu). The fp32 path, dsv3's verification mode, keeps exact-shape primitives: their
 // rows do not depend on the row count of the GEMM, so parallel layouts reproduce the serial run to ~1e-7
 // (runtime-dimension GEMMs reach 1e-6).
+// The routed experts' bf16 GEMMs `gs` (each one kind of GEMM over every local expert): one grouped GEMM each
+// where the layer uses them (MoeActs::expert_offsets_E1) and the backend runs it, else every expert's GEMMs in
+// turn (threads, or lanes on a device). Either way each expert's GEMM is grouped_gemm_group's.
+void expert_gemms(Backend& be, const MoeActs& a, std::initializer_list<GroupedGemmArgs> gs) {
+  const DispatchState& s = a.dispatch;
+  std::array<GroupedGemmArgs, 3> rest;
+  size_t n_rest = 0;
+  for (GroupedGemmArgs g : gs) {
+    g.groups = static_cast<int64_t>(s.offsets_L1.size()) - 1;
+    g.offsets_G1 = a.expert_offsets_E1;
+    if (!g.offsets_G1 || !be.grouped_gemm(g)) rest.at(n_rest++) = g;
+  }
+  if (n_rest == 0) return;
+  for_each_expert(be, s, true, [&](int64_t e, int64_t o, int64_t n) {
+    for (size_t i = 0; i < n_rest; ++i) be.gemm(grouped_gemm_group(rest[i], e, o, n));
+  });
+}
+
+// A kRows grouped GEMM: C[rows, n] = A[rows, k] · op(W_e) over the routed rows.
+GroupedGemmArgs rows_gemm(const bf16* x, int64_t lda, const bf16* w, int64_t w_stride, bool trans_w, float* y,
+                          int64_t n, int64_t k) {
+  GroupedGemmArgs g;
+  g.kind = GroupedGemmArgs::Kind::kRows;
+  g.n = n, g.k = k, g.a = x, g.lda = lda;
+  g.b = w, g.ldb = trans_w ? k : n, g.b_stride = w_stride, g.trans_b = trans_w;
+  g.c = y, g.ldc = n;
+  return g;
+}
+// A kReduce grouped GEMM: dW_e[m, n] += dY[rows, m]^T · X[rows, n] (dY rows of stride ld_dy).
+GroupedGemmArgs weight_grad_gemm(const bf16* dy, int64_t ld_dy, const bf16* x, float* dw, int64_t m, int64_t n) {
+  GroupedGemmArgs g;
+  g.kind = GroupedGemmArgs::Kind::kReduce;
+  g.m = m, g.n = n, g.a = dy, g.lda = ld_dy, g.b = x, g.ldb = n;
+  g.c = dw, g.ldc = n, g.c_stride = m * n;
+  return g;
+}
+
+// bf16 experts: the weights (gate and up stacked per expert, so one GEMM gives both) and the activations are
+// converted to bf16 once per layer and step, and reused by the backward; results equal the per-GEMM
+// conversions. On the CPU their GEMMs run with oneDNN runtime dimensions (GemmVaryingRows): an expert's row
+// count changes every step and an exact-shape primitive would be re-created each time (in real training 1.27x
+// slower steps on proxy-cpu). The fp32 path, dsv3's verification mode, keeps exact-shape primitives: their
+// rows do not depend on the row count of the GEMM, so parallel layouts reproduce the serial run to ~1e-7
+// (runtime-dimension GEMMs reach 1e-6).
 void experts_forward_bf16(Backend& be, const MoeConfig& c, const MoeParams& p, MoeActs& a) {
   const int64_t d = c.hidden, f = c.expert_ffn(), r_n = a.dispatch.offsets_L1.back();
   const Precision bf = Precision::kBF16;
@@ -72,14 +118,10 @@ void experts_forward_bf16(Backend& be, const MoeConfig& c, const MoeParams& p, M
   const bf16* w_down = a.w_down_bf = w.w_down.data();
   grow(be, a.a_RF, r_n * 2 * f);
   const bf16* x = static_cast<const bf16*>(linear_operand(be, a.x_RD.data(), r_n * d, bf, a.x_bf));
-  for_each_expert(be, a.dispatch, true, [&](int64_t e, int64_t o, int64_t n) {
-    linear_forward_op(be, x + o * d, w_gu + e * 2 * f * d, a.a_RF.data() + o * 2 * f, n, d, 2 * f, bf);
-  });
+  expert_gemms(be, a, {rows_gemm(x, d, w_gu, 2 * f * d, true, a.a_RF.data(), 2 * f, d)});
   be.swiglu_forward(a.a_RF.data(), a.a_RF.data() + f, 2 * f, a.prob_R.data(), a.z_RF.data(), r_n, f);
   const bf16* z = static_cast<const bf16*>(linear_operand(be, a.z_RF.data(), r_n * f, bf, a.z_bf));
-  for_each_expert(be, a.dispatch, true, [&](int64_t e, int64_t o, int64_t n) {
-    linear_forward_op(be, z + o * f, w_down + e * d * f, a.y_RD.data() + o * d, n, f, d, bf);
-  });
+  expert_gemms(be, a, {rows_gemm(z, f, w_down, d * f, true, a.y_RD.data(), d, f)});
 }
 
 }  // namespace
@@ -105,22 +147,17 @@ void experts_backward_bf16(Backend& be, const MoeConfig& c, MoeGrads& g, MoeActs
   const bf16* dy = static_cast<const bf16*>(linear_operand(be, s.dy_RD.data(), r_n * d, bf, s.dy_bf));
   const bf16* z = a.z_bf.data();
   const bf16* x = a.x_bf.data();
-  for_each_expert(be, a.dispatch, true, [&](int64_t e, int64_t o, int64_t n) {
-    linear_backward_weight_op(be, dy + o * d, z + o * f, g.down_proj_EDF + e * d * f, n, f, d, bf);
-    linear_backward_input_op(be, dy + o * d, a.w_down_bf + e * d * f, s.dz_RF.data() + o * f, n, f, d, bf);
-  });
+  expert_gemms(be, a,
+               {weight_grad_gemm(dy, d, z, g.down_proj_EDF, d, f),
+                rows_gemm(dy, d, a.w_down_bf, d * f, false, s.dz_RF.data(), f, d)});
   grow(be, s.da_RF, r_n * 2 * f);
   be.swiglu_backward(s.dz_RF.data(), a.a_RF.data(), a.a_RF.data() + f, 2 * f, a.prob_R.data(), s.da_RF.data(),
                      s.da_RF.data() + f, 2 * f, s.dprob_R.data(), r_n, f);
   const bf16* dab = static_cast<const bf16*>(linear_operand(be, s.da_RF.data(), r_n * 2 * f, bf, s.dab_bf));
-  for_each_expert(be, a.dispatch, true, [&](int64_t e, int64_t o, int64_t n) {
-    linear_backward_weight_op(be, dab + o * 2 * f, x + o * d, g.gate_proj_EFD + e * f * d, n, d, f, bf,
-                              2 * f);
-    linear_backward_weight_op(be, dab + o * 2 * f + f, x + o * d, g.up_proj_EFD + e * f * d, n, d, f, bf,
-                              2 * f);
-    linear_backward_input_op(be, dab + o * 2 * f, a.w_gu_bf + e * 2 * f * d, s.dx_RD.data() + o * d, n, d,
-                             2 * f, bf);
-  });
+  expert_gemms(be, a,
+               {weight_grad_gemm(dab, 2 * f, x, g.gate_proj_EFD, f, d),
+                weight_grad_gemm(dab + f, 2 * f, x, g.up_proj_EFD, f, d),
+                rows_gemm(dab, 2 * f, a.w_gu_bf, 2 * f * d, false, s.dx_RD.data(), d, 2 * f)});
 }
 
 // The routing of the rows the routed experts see (dispatch reads it): the router's own (under SP with expert_tp
@@ -345,6 +382,37 @@ void dispatch(Backend& be, const MoeConfig& c, const float* x, int64_t t, MoeAct
   be.gather_or_zero(a.weight_TK.data(), a.slot_R.data(), r_n, grow(be, a.prob_R, r_n));
 }
 
+// Whether the routed experts' bf16 GEMMs go to Backend::grouped_gemm (MoeConfig::expert_gemm).
+bool uses_grouped_gemm(const Backend& be, const MoeConfig& c) {
+  static const bool per_expert = [] {
+    const char* v = std::getenv("DSV3_EXPERT_GEMM");
+    return v && std::string(v) == "per-expert";
+  }();
+  if (c.precision != Precision::kBF16) return false;
+  switch (c.expert_gemm) {
+    case MoeConfig::ExpertGemm::kGrouped: return true;
+    case MoeConfig::ExpertGemm::kPerExpert: return false;
+    case MoeConfig::ExpertGemm::kAuto: break;
+  }
+  return be.kind() == DeviceKind::kCuda && !per_expert;
+}
+
+// MoeActs::expert_offsets_E1 for this forward: the device router's offsets where they are, else the
+// dispatch's uploaded (E + 1 int32: one small copy per layer).
+void set_expert_offsets(Backend& be, const MoeConfig& c, MoeActs& a) {
+  a.expert_offsets_E1 = nullptr;
+  if (!uses_grouped_gemm(be, c)) return;
+  const std::vector<int64_t>& o = a.dispatch.offsets_L1;
+  if (routes_on_device(be, c) && c.ep.size() == 1) {
+    a.expert_offsets_E1 = a.readback.data();
+    return;
+  }
+  a.offsets_host_E1.assign(o.begin(), o.end());
+  grow(be, a.offsets_E1, static_cast<int64_t>(o.size()));
+  a.offsets_E1.copy_from_host(a.offsets_host_E1.data(), static_cast<int64_t>(o.size()));
+  a.expert_offsets_E1 = a.offsets_E1.data();
+}
+
 }  // namespace
 
 void MoeConfig::validate() const {
@@ -399,6 +467,7 @@ void moe_forward(Backend& be, const MoeConfig& c, const MoeParams& p, const floa
   const float* x_routed = c.expert_tp ? x_all : x;
   const int64_t t_routed = c.expert_tp ? T : t;
   dispatch(be, c, x_routed, t_routed, a);
+  set_expert_offsets(be, c, a);
   const int64_t r_n = a.dispatch.offsets_L1.back();
   grow(be, a.a_RF, r_n * f);
   grow(be, a.b_RF, r_n * f);

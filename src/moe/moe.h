@@ -71,6 +71,14 @@ struct MoeConfig {
   // weights; the gradient goes to the real logits unchanged.
   bool force_load_balancing = false;
   int64_t layer = 0;
+  // How the routed experts' bf16 GEMMs are issued. kAuto: on a CUDA backend one grouped GEMM per kind
+  // (Backend::grouped_gemm, CUTLASS on Hopper: the per-expert row counts stay on the device;
+  // DSV3_EXPERT_GEMM=per-expert turns it off), elsewhere per expert. kGrouped: the grouped call on any backend
+  // (the CPU's is a loop over the experts: how tests run the grouped path's arguments without a GPU).
+  // kPerExpert: one GEMM per expert (threads on the CPU, lanes on a GPU). A backend without a grouped kernel for
+  // the shapes falls back to per expert. fp32 experts always run per expert.
+  enum class ExpertGemm : uint8_t { kAuto, kGrouped, kPerExpert };
+  ExpertGemm expert_gemm = ExpertGemm::kAuto;
   // This TP rank's routed-expert width.
   int64_t expert_ffn() const { return expert_tp ? ffn / tp.size : ffn; }
   int64_t local_experts() const { return ep.local_count(router.num_experts); }
@@ -154,6 +162,11 @@ struct MoeActs {
   std::vector<float> random_logits_TE;
   DeviceArray<float> random_logits_dev_TE;
   std::vector<int32_t> readback_host;
+  // The grouped expert GEMMs' row offsets (E + 1) in backend memory: `readback` when the router ran on the device,
+  // else `offsets_E1` (uploaded from the dispatch's); nullptr when the experts run per expert.
+  const int32_t* expert_offsets_E1 = nullptr;
+  DeviceArray<int32_t> offsets_E1;
+  std::vector<int32_t> offsets_host_E1;
   // bf16 fast path (MoeConfig::precision == kBF16): every operand converted once per step and shared by the
   // expert GEMMs. a_RF then holds the fused [R, 2F] gate|up output (b_RF unused), the scratch's da_RF its gradient.
   ExpertBf16 own_bf;  // the expert copies when the caller has none (MoeParams::expert_bf16)

@@ -110,6 +110,39 @@ TEST(GuardedDevice, MoeModelTakesTheDevicePathWithTheCpusNumbers) {
   expect_same(config("demo-cpu.json"), o, "moe bf16, token drop, recompute, forced balance");
 }
 
+// The grouped expert GEMMs (MoeConfig::ExpertGemm::kGrouped, a GPU's default where it has the kernel): every
+// bf16 expert GEMM of a layer goes to Backend::grouped_gemm (2 kinds forward, 5 backward), with the row offsets
+// in backend memory (on the device path the router's own, on the CPU uploaded from the dispatch), and gives the
+// per-expert GEMMs' numbers, token drop included.
+TEST(GuardedDevice, GroupedExpertGemmsGiveThePerExpertNumbers) {
+  const ModelConfig cfg = config("demo-cpu.json");
+  int64_t moe_layers = 0;
+  for (int64_t i = 0; i < cfg.num_hidden_layers + cfg.num_nextn_predict_layers; ++i)
+    moe_layers += cfg.is_moe_layer(i);
+  ASSERT_GT(moe_layers, 0);
+  for (const double capacity : {-1.0, 1.0}) {
+    SCOPED_TRACE(capacity < 0 ? "dropless" : "capacity 1.0");
+    ModelOptions o;
+    o.precision = Precision::kBF16, o.seq_aux_coeff = 1e-2f, o.capacity_factor = capacity;
+    o.expert_gemm = MoeConfig::ExpertGemm::kPerExpert;
+    const auto ref = run(cfg, o, cpu_backend());
+    o.expert_gemm = MoeConfig::ExpertGemm::kGrouped;
+    auto guarded = make_host_guarded_backend();
+    const auto g = run(cfg, o, *guarded), c = run(cfg, o, cpu_backend());
+    EXPECT_EQ(guarded->grouped_gemms(), 2 * moe_layers * 7);  // two passes
+    for (const auto* r : {&g, &c}) {
+      EXPECT_LE(testing::rel_diff(r->loss, ref.loss), 1e-6);
+      EXPECT_LE(testing::rel_diff(r->aux, ref.aux), 1e-6);
+      EXPECT_LE(max_rel(r->logits, ref.logits), 1e-6);
+      EXPECT_LE(max_rel(r->grads, ref.grads), 1e-6);
+    }
+    auto per_expert = make_host_guarded_backend();
+    o.expert_gemm = MoeConfig::ExpertGemm::kPerExpert;
+    run(cfg, o, *per_expert);
+    EXPECT_EQ(per_expert->grouped_gemms(), 0);
+  }
+}
+
 // On one device rank the router runs there (kernels/route.h), capacity rule included: a training step reads back
 // one small buffer per MoE layer (its expert offsets and aux loss) and nothing in the backward. The numbers are
 // the host router's (the tests above, and GuardedTrain bit for bit).

@@ -112,6 +112,10 @@ class CpuBackend final : public Backend {
   void gemm(const GemmArgs& g) override {
     dsv3::gemm(g);
   }
+  bool grouped_gemm(const GroupedGemmArgs& g) override {
+    dsv3::grouped_gemm(g);
+    return true;
+  }
 
   void rmsnorm_forward(const float* x, int64_t ld_x, const float* w, float* y, int64_t ld_y, float* rstd,
                        int64_t t, int64_t d, float eps) override {

@@ -212,6 +212,35 @@ GemmVaryingRows::GemmVaryingRows() : was_(t_varying_rows) {
 GemmVaryingRows::~GemmVaryingRows() {
   t_varying_rows = was_;
 }
+GemmArgs grouped_gemm_group(const GroupedGemmArgs& g, int64_t group, int64_t o, int64_t rows) {
+  GemmArgs a;
+  a.ab_type = GemmType::kBF16;
+  a.a = g.a + o * g.lda, a.lda = g.lda;
+  a.ldb = g.ldb, a.ldc = g.ldc;
+  if (g.kind == GroupedGemmArgs::Kind::kRows) {
+    a.m = rows, a.n = g.n, a.k = g.k;
+    a.b = g.b + group * g.b_stride, a.trans_b = g.trans_b;
+    a.c = g.c + o * g.ldc;
+  } else {
+    a.m = g.m, a.n = g.n, a.k = rows;
+    a.trans_a = true;
+    a.b = g.b + o * g.ldb;
+    a.c = g.c + group * g.c_stride, a.beta = 1.f;
+  }
+  return a;
+}
+
+void grouped_gemm(const GroupedGemmArgs& g) {
+  DSV3_CHECK(g.groups >= 0 && g.offsets_G1, "grouped_gemm: no offsets");
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t e = 0; e < g.groups; ++e) {
+    const int64_t o = g.offsets_G1[e], rows = g.offsets_G1[e + 1] - o;
+    if (rows == 0) continue;
+    const GemmVaryingRows varying;  // the row count changes every step (see GemmVaryingRows)
+    gemm(grouped_gemm_group(g, e, o, rows));
+  }
+}
+
 void gemm_reference(const GemmArgs& g) {
   for (int64_t i = 0; i < g.m; ++i) {
     for (int64_t j = 0; j < g.n; ++j) {

@@ -47,6 +47,34 @@ class GemmVaryingRows {
 };
 void gemm_reference(const GemmArgs& g);
 
+// The MoE's expert GEMMs of one kind in one call: group g (an expert) owns the rows [offsets_G1[g],
+// offsets_G1[g+1]) of the row-stacked operands, and the row counts are read where the operands live (on a GPU
+// they never come down to the host). bf16 operands, fp32 outputs, fp32 accumulation.
+//   kRows:   C[rows, n]  = A[rows, k] · op(B_g)        rows of A and C stacked (a + o·lda, c + o·ldc); B_g =
+//            b + g·b_stride is [n, k] (trans_b, a linear's weight) or [k, n]. C is assigned.
+//   kReduce: C_g[m, n] += A[rows, m]^T · B[rows, n]    the rows are the reduction (a weight gradient); A and B
+//            stacked, C_g = c + g·c_stride. A group without rows leaves C_g as it is.
+struct GroupedGemmArgs {
+  enum class Kind : uint8_t { kRows, kReduce };
+  Kind kind = Kind::kRows;
+  int64_t groups = 0;
+  const int32_t* offsets_G1 = nullptr;  // groups + 1 ascending row offsets, offsets_G1[0] = 0
+  int64_t m = 0, n = 0, k = 0;          // kRows: n, k; kReduce: m, n
+  const bf16* a = nullptr;
+  int64_t lda = 0;
+  const bf16* b = nullptr;
+  int64_t ldb = 0, b_stride = 0;
+  bool trans_b = false;
+  float* c = nullptr;
+  int64_t ldc = 0, c_stride = 0;
+};
+// Group `group`'s GEMM, its rows [row0, row0 + rows), as gemm() runs it (what every backend's grouped GEMM
+// equals up to summation order; offsets_G1 is not read).
+GemmArgs grouped_gemm_group(const GroupedGemmArgs& g, int64_t group, int64_t row0, int64_t rows);
+// The CPU's: the groups over the threads, each GEMM on one thread with oneDNN's runtime row dimension
+// (GemmVaryingRows), as the MoE layer runs its experts on the CPU.
+void grouped_gemm(const GroupedGemmArgs& g);
+
 // bf16 operands widened to fp32 (exact) and multiplied by the fp32 path: the same maths as a bf16 GEMM with
 // fp32 accumulation. gemm() takes it where oneDNN has no bf16 matmul for this CPU (AVX2-only machines), or
 // everywhere when DSV3_GEMM_BF16_VIA_F32=1.

@@ -18,6 +18,7 @@
 #include "core/error.h"
 #include "kernels/backend.h"
 #include "kernels/cuda/cuda_check.cuh"
+#include "kernels/cuda/grouped_gemm.cuh"
 #include "kernels/cuda/kernels.cuh"
 
 namespace dsv3 {
@@ -84,6 +85,11 @@ class CudaBackend final : public Backend {
     // On stream_, not the legacy default stream: stream_ is non-blocking, so a plain cudaMemset would not be
     // ordered before the kernels that report into the word.
     check(cudaMemsetAsync(errors_.word, 0, 4 * sizeof(int), stream_), "cudaMemsetAsync(error word)");
+    int major = 0, minor = 0;
+    check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_), "compute capability");
+    check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device_), "compute capability");
+    check(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_), "SM count");
+    cc_ = major * 10 + minor;
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
@@ -234,6 +240,7 @@ class CudaBackend final : public Backend {
 
   // ---- GEMM
   void gemm(const GemmArgs& g) override;
+  bool grouped_gemm(const GroupedGemmArgs& g) override;
   void lanes_begin() override;
   void lane(int64_t i) override;
   void lanes_end() override;
@@ -389,6 +396,7 @@ class CudaBackend final : public Backend {
   bool in_lanes_ = false;
 
   int device_;
+  int cc_ = 0, sm_count_ = 0;  // compute capability (major·10 + minor), streaming multiprocessors
   std::string name_;
   cudaStream_t stream_ = nullptr;
   cublasLtHandle_t lt_ = nullptr;
@@ -465,6 +473,16 @@ int expert_streams() {
     return std::clamp(v && *v ? std::atoi(v) : 4, 1, 16);
   }();
   return n;
+}
+
+bool CudaBackend::grouped_gemm(const GroupedGemmArgs& g) {
+  DSV3_CHECK(!in_lanes_, "grouped_gemm: inside lanes");
+  if (!cuda::grouped_gemm_supported(g, cc_)) return false;
+  // The setup kernel reads the offsets on the stream; no host read. The scratch is the shared one.
+  const size_t bytes = cuda::grouped_gemm_scratch_bytes(g, sm_count_);
+  cuda::grouped_gemm_launch(g, scratch_as<char>(bytes), bytes, sm_count_, device_, stream_);
+  check(cudaGetLastError(), "grouped GEMM launch");
+  return true;
 }
 
 void CudaBackend::lanes_begin() {
