@@ -15,12 +15,19 @@ field() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" | head -1; }
 for cfg in $CONFIGS; do
   # MoE configs: the untrained routing (the initialised router) and the balanced one (fixed normal logits, both
   # sides: bench_gpu and the peer's --routing balanced).
+  moe=$(python3 -c "import json,sys; c=json.load(open(sys.argv[1])); print(int(c.get('n_routed_experts', 0) > 0 and c.get('first_k_dense_replace', 0) < c['num_hidden_layers']))" "$cfg")
   routings=untrained
-XX
+  [ "$moe" = 1 ] && routings="untrained balanced"
   for routing in $routings; do
     echo "== $cfg (batch $BATCH, seq $SEQ, bf16$([ "$moe" = 1 ] && echo ", $routing routing"))"
     ours=$($RUN $bench --config "$cfg" --batch "$BATCH" --seq "$SEQ" --routing "$routing"); echo "$ours"
     if echo "$ours" | grep -q '^gpu: unavailable'; then continue 2; fi
+    if [ "$moe" = 1 ] && [ "$routing" = balanced ]; then  # the A/B of the expert GEMMs: one grouped call vs per expert
+      per_expert=$(DSV3_EXPERT_GEMM=per-expert $RUN $bench --config "$cfg" --batch "$BATCH" --seq "$SEQ" --routing "$routing" |
+        grep '^ours: mode=' | sed 's/mode=dsv3/mode=dsv3-per-expert-gemms/')
+      echo "$per_expert"
+      ours=$(printf '%s\n%s\n' "$ours" "$per_expert")
+    fi
     peer=""
     [ "${PEER:-1}" = 1 ] && peer=$(timeout "${PEER_TIMEOUT:-180}" python3 bench/peer_pytorch_gpu.py --config "$cfg" --batch "$BATCH" --seq "$SEQ" \
       --routing "$routing" 2>&1 | grep '^pytorch:')

@@ -129,9 +129,7 @@ class GuardedHostBackend final : public Backend {
     ++grouped_gemms_;
     return cpu_backend().grouped_gemm(g);
   }
-  int64_t grouped_gemms() const override {
-    return grouped_gemms_;
-  }
+  int64_t grouped_gemms() const override { return grouped_gemms_; }
   void rmsnorm_forward(const float* x, int64_t ld_x, const float* w_D, float* y, int64_t ld_y, float* rstd_T,
                        int64_t t, int64_t d, float eps) override {
     const Open open(*this);

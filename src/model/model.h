@@ -34,7 +34,7 @@ struct ModelOptions {
   float seq_aux_coeff = 0.f;          // sequence-wise balance loss coefficient (0: off)
   bool force_load_balancing = false;  // benchmarks only: route on fixed random logits (moe.h MoeConfig)
   MoeConfig::ExpertGemm expert_gemm = MoeConfig::ExpertGemm::kAuto;  // moe.h
-  bool mtp = true;                    // run the config's num_nextn_predict_layers depths
+  bool mtp = true;      // run the config's num_nextn_predict_layers depths
   ExpertParallel ep;    // expert parallelism: this rank holds and runs E/EP experts per MoE layer
   PipelineStage stage;  // pipeline parallelism: the layers (and ends) this rank holds and runs
   // Tensor parallelism (Megatron's layout, param_table.h TpSplit): this rank holds its heads, FFN columns and

@@ -12,8 +12,8 @@
 
 #include <array>
 #include <cstdlib>
-#include <initializer_list>
 #include <cstring>
+#include <initializer_list>
 #include <optional>
 #include <string>
 
@@ -94,7 +94,8 @@ GroupedGemmArgs rows_gemm(const bf16* x, int64_t lda, const bf16* w, int64_t w_s
   return g;
 }
 // A kReduce grouped GEMM: dW_e[m, n] += dY[rows, m]^T · X[rows, n] (dY rows of stride ld_dy).
-GroupedGemmArgs weight_grad_gemm(const bf16* dy, int64_t ld_dy, const bf16* x, float* dw, int64_t m, int64_t n) {
+GroupedGemmArgs weight_grad_gemm(const bf16* dy, int64_t ld_dy, const bf16* x, float* dw, int64_t m,
+                                 int64_t n) {
   GroupedGemmArgs g;
   g.kind = GroupedGemmArgs::Kind::kReduce;
   g.m = m, g.n = n, g.a = dy, g.lda = ld_dy, g.b = x, g.ldb = n;
@@ -390,9 +391,12 @@ bool uses_grouped_gemm(const Backend& be, const MoeConfig& c) {
   }();
   if (c.precision != Precision::kBF16) return false;
   switch (c.expert_gemm) {
-    case MoeConfig::ExpertGemm::kGrouped: return true;
-    case MoeConfig::ExpertGemm::kPerExpert: return false;
-    case MoeConfig::ExpertGemm::kAuto: break;
+    case MoeConfig::ExpertGemm::kGrouped:
+      return true;
+    case MoeConfig::ExpertGemm::kPerExpert:
+      return false;
+    case MoeConfig::ExpertGemm::kAuto:
+      break;
   }
   return be.kind() == DeviceKind::kCuda && !per_expert;
 }

@@ -17,7 +17,9 @@
 #include "kernels/cpu/adamw.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/rope.h"
+#include "kernels/cuda/grouped_gemm.cuh"
 #include "kernels/cuda/kernels.cuh"
+#include "kernels/grouped_gemm_cases.h"
 #include "kernels/kernel_test_util.h"
 #include "moe/permute.h"
 
@@ -787,6 +789,52 @@ TEST_F(CudaOps, RouterReportsANonFiniteLogit) {
 }
 
 // Once its scratch has grown, repeating the same ops allocates nothing.
+// The grouped expert GEMM (CUTLASS's Hopper grouped kernel, grouped_gemm.cuh) against the CPU's on every case of
+// grouped_gemm_cases.h (the three kinds, empty and one-row experts, every row on one expert, partial tiles, a
+// strided operand): fp32 outputs of exact bf16 products, so 1e-5 (only the summation order differs); reruns
+// bit-identical (no split-K); an expert without rows leaves its gradient untouched (no NaN, no zeros); a shape
+// the kernel's alignment refuses is declined (the MoE then runs per expert), the output untouched.
+TEST_F(CudaOps, GroupedExpertGemmMatchesCpu) {
+  int major = 0, minor = 0;
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0), cudaSuccess);
+  const int cc = major * 10 + minor;
+  for (const testing::GroupedCase& k : testing::grouped_cases()) {
+    SCOPED_TRACE(k.name);
+    const testing::GroupedData d = testing::grouped_data(k, 43);
+    std::vector<float> want = d.c;
+    GroupedGemmArgs host = d.args;
+    host.c = want.data();
+    ASSERT_TRUE(cpu().grouped_gemm(host));
+    DeviceBuffer a = up(d.a), b = up(d.b), off = up(d.offsets);
+    GroupedGemmArgs g = d.args;
+    g.a = a.as<bf16>(), g.b = b.as<bf16>(), g.offsets_G1 = off.as<int32_t>();
+    const bool runs = cuda::grouped_gemm_supported(g, cc);
+    if (cc == 90) {
+      EXPECT_EQ(runs, k.gpu_aligned) << "a Hopper GPU and a build with CUTLASS";
+    }
+    auto on_gpu = [&] {
+      DeviceBuffer c = up(d.c);
+      g.c = c.as<float>();
+      EXPECT_EQ(gpu_->grouped_gemm(g), runs);
+      return down<float>(c, d.c.size());
+    };
+    const std::vector<float> got = on_gpu();
+    if (!runs) {
+      EXPECT_EQ(got, d.c);
+      continue;
+    }
+    EXPECT_LE(max_rel(got, want), 1e-5);
+    const std::vector<float> again = on_gpu();
+    EXPECT_EQ(std::memcmp(got.data(), again.data(), got.size() * sizeof(float)), 0);
+    for (int64_t e = 0; e < g.groups; ++e) {
+      if (k.kind != GroupedGemmArgs::Kind::kReduce || k.rows[e] != 0) continue;
+      for (int64_t i = 0; i < g.c_stride; ++i)
+        ASSERT_EQ(got[e * g.c_stride + i], d.c[e * g.c_stride + i]) << "expert " << e;
+    }
+  }
+}
+
 TEST_F(CudaOps, RepeatedOpsAllocateNothing) {
   const int64_t t = 64, d = 128, v = 500;
   DeviceBuffer x = up(philox_normals(13, t * d, 1)), w = up(philox_normals(13, v * d, 2)),

@@ -1,9 +1,8 @@
 // Which grouped kernel runs a GroupedGemmArgs, and whether one can (grouped_gemm.cuh).
-#include "kernels/cuda/grouped_gemm.cuh"
-
 #include <cstdint>
 
 #include "core/error.h"
+#include "kernels/cuda/grouped_gemm.cuh"
 
 namespace dsv3::cuda {
 namespace {

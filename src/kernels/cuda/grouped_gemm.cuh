@@ -20,8 +20,8 @@ bool grouped_gemm_supported(const GroupedGemmArgs& g, int cc);
 // Device scratch the launch needs (the groups' shapes, pointers and strides, CUTLASS's workspace).
 size_t grouped_gemm_scratch_bytes(const GroupedGemmArgs& g, int sm_count);
 // Enqueues the setup kernel and the grouped GEMM on st. Errors (a CUTLASS status other than success) throw.
-void grouped_gemm_launch(const GroupedGemmArgs& g, void* scratch, size_t scratch_bytes, int sm_count, int device,
-                         cudaStream_t st);
+void grouped_gemm_launch(const GroupedGemmArgs& g, void* scratch, size_t scratch_bytes, int sm_count,
+                         int device, cudaStream_t st);
 
 // The three kernels (cutlass/*.cu): kRows with a [n, k] weight (forward), with a [k, n] one (input gradient),
 // and kReduce (weight gradient, accumulating).

@@ -6,6 +6,10 @@
 // host never learns the per-expert row counts. An expert without rows is the empty problem (0, 0, 0): CUTLASS's
 // group scheduler gives it no tiles, so its output (or, for kReduce, its accumulating gradient) is untouched.
 #pragma once
+#include <cstdint>
+
+// CUTLASS's headers in its own examples' order.
+// clang-format off
 #include <cute/tensor.hpp>
 #include <cutlass/cutlass.h>
 #include <cutlass/epilogue/collective/collective_builder.hpp>
@@ -13,8 +17,7 @@
 #include <cutlass/gemm/device/gemm_universal_adapter.h>
 #include <cutlass/gemm/group_array_problem_shape.hpp>
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
-
-#include <cstdint>
+// clang-format on
 
 #include "core/error.h"
 #include "kernels/cuda/grouped_gemm.cuh"
@@ -34,12 +37,12 @@ struct Kernel {
   using RowMajor = cutlass::layout::RowMajor;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, ElementC, RowMajor*, 4, float, RowMajor*, 4,
-      cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, ElementC, RowMajor*, 4, float, RowMajor*,
+      4, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
       cutlass::epilogue::fusion::LinearCombination<float, float>>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cutlass::bfloat16_t, LayoutA*, 8, cutlass::bfloat16_t,
-      LayoutB*, 8, float, Tile, Cluster,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cutlass::bfloat16_t, LayoutA*, 8,
+      cutlass::bfloat16_t, LayoutB*, 8, float, Tile, Cluster,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename Epilogue::SharedStorage))>,
       cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
@@ -164,10 +167,11 @@ void launch(const GroupedGemmArgs& g, void* base, size_t bytes, int sm_count, in
   const auto args = arguments(r, groups, sm_count, device);
   typename K::Gemm gemm;
   cutlass::Status s = gemm.can_implement(args);
-  DSV3_CHECK(s == cutlass::Status::kSuccess, "grouped GEMM: CUTLASS cannot run it: ",
-             cutlass::cutlassGetStatusString(s));
+  DSV3_CHECK(s == cutlass::Status::kSuccess,
+             "grouped GEMM: CUTLASS cannot run it: ", cutlass::cutlassGetStatusString(s));
   s = gemm.initialize(args, r.workspace, st);
-  DSV3_CHECK(s == cutlass::Status::kSuccess, "grouped GEMM: initialize: ", cutlass::cutlassGetStatusString(s));
+  DSV3_CHECK(s == cutlass::Status::kSuccess,
+             "grouped GEMM: initialize: ", cutlass::cutlassGetStatusString(s));
   s = gemm.run(st);
   DSV3_CHECK(s == cutlass::Status::kSuccess, "grouped GEMM: launch: ", cutlass::cutlassGetStatusString(s));
 }

@@ -9,7 +9,7 @@ size_t scratch_reduce(int groups, int sm_count) {
   return scratch<K_reduce>(groups, sm_count);
 }
 void launch_reduce(const GroupedGemmArgs& g, void* scratch, size_t bytes, int sm_count, int device,
-                  cudaStream_t st) {
+                   cudaStream_t st) {
   launch<K_reduce>(g, scratch, bytes, sm_count, device, st);
 }
 

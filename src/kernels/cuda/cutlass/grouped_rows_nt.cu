@@ -9,7 +9,7 @@ size_t scratch_rows_nt(int groups, int sm_count) {
   return scratch<K_rows_nt>(groups, sm_count);
 }
 void launch_rows_nt(const GroupedGemmArgs& g, void* scratch, size_t bytes, int sm_count, int device,
-                  cudaStream_t st) {
+                    cudaStream_t st) {
   launch<K_rows_nt>(g, scratch, bytes, sm_count, device, st);
 }
 
