@@ -22,6 +22,18 @@ void permute_pairs_by_expert(const RouteForwardArgs& a, const uint8_t* kept) {
     route::permute_expert(e, a.idx_TK, kept, r, a.cfg.k, a.offsets_E1, a.token_R, a.slot_R, a.row_TK);
 }
 
+// Scratch of the calling thread, grown on first use and reused: the router runs in every MoE layer's forward,
+// and a training step allocates nothing once warm (what the device path promises too).
+struct HostScratch {
+  std::vector<float> choice, group, z, p, psum;
+  std::vector<int32_t> order, map, count;
+};
+template <typename T>
+T* sized(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+  return v.data();
+}
+
 }  // namespace
 
 void route_forward_host(const RouteForwardArgs& a) {
@@ -36,8 +48,10 @@ void route_forward_host(const RouteForwardArgs& a) {
     DSV3_CHECK(std::isfinite(a.logits_TE[i]), "router: logit of token ", i / e_n, ", expert ", i % e_n,
                " is ", a.logits_TE[i], " (the MoE input or the gate weight holds NaN/Inf)");
   const int nth = omp_get_max_threads();
-  std::vector<float> choice(nth * e_n), group(nth * g_n);
-  std::vector<int32_t> order(std::max<int64_t>(t_n, nth) * e_n);
+  thread_local HostScratch s;
+  float* choice = sized(s.choice, nth * e_n);
+  float* group = sized(s.group, nth * g_n);
+  int32_t* order = sized(s.order, std::max<int64_t>(t_n, nth) * e_n);
 #pragma omp parallel for schedule(static) if (t_n * e_n > 16384)
   for (int64_t t = 0; t < t_n; ++t) {
     const int th = omp_get_thread_num();
@@ -63,19 +77,19 @@ void route_forward_host(const RouteForwardArgs& a) {
     return;
   }
   const int64_t seq = t_n / a.batch;
-  std::vector<float> z(t_n), p(t_n * e_n), psum(a.batch * e_n);
-  std::vector<int32_t> map(t_n * k_n), count(a.batch * e_n);
+  float *z = sized(s.z, t_n), *p = sized(s.p, t_n * e_n), *psum = sized(s.psum, a.batch * e_n);
+  int32_t *map = sized(s.map, t_n * k_n), *count = sized(s.count, a.batch * e_n);
 #pragma omp parallel for schedule(static) if (t_n * e_n > 16384)
   for (int64_t t = 0; t < t_n; ++t)
     route::aux_token(c.e, c.k, a.logits_TE + t * e_n, &z[t], &p[t * e_n], &map[t * k_n], &order[t * e_n]);
   for (int64_t b = 0; b < a.batch; ++b)
     for (int32_t e = 0; e < c.e; ++e)
-      route::aux_expert(b, e, seq, c.e, c.k, p.data(), map.data(), psum.data(), count.data());
-  *a.aux_loss_1 = route::aux_loss(a.batch, seq, c.e, c.k, a.aux_coeff, psum.data(), count.data());
+      route::aux_expert(b, e, seq, c.e, c.k, p, map, psum, count);
+  *a.aux_loss_1 = route::aux_loss(a.batch, seq, c.e, c.k, a.aux_coeff, psum, count);
 #pragma omp parallel for schedule(static) if (t_n * e_n > 16384)
   for (int64_t t = 0; t < t_n; ++t)
     route::aux_grad_token(t / seq, a.batch, seq, c.e, c.k, a.aux_coeff, a.logits_TE + t * e_n, z[t],
-                          count.data(), a.aux_dlogits_TE + t * e_n);
+                          count, a.aux_dlogits_TE + t * e_n);
 }
 
 void route_backward_host(const RouteBackwardArgs& a) {
