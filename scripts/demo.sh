@@ -2,22 +2,24 @@
 # `make demo`: preprocess the bundled corpus (data/sotu-slice) with the bundled tiny-4k tokenizer, then pretrain a
 # small DeepSeek-V3 (examples/deepseek/configs/demo-cpu.json: MLA, 1 dense + 3 MoE layers with 8 sigmoid-routed
 # experts and a shared expert, MTP depth 1) with Megatron's flags, saving a checkpoint and TensorBoard logs.
-# Needs nothing outside the clone.
+# Needs nothing outside the clone. DSV3: the program to run (default ./build/dsv3; scripts/device-check.sh runs the
+# packed one on the GPU machine, where `dsv3 train` picks the GPU by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${DEMO_OUT:-build/demo}
 ITERS=${DEMO_ITERS:-300}
+DSV3=${DSV3:-./build/dsv3}
 rm -rf "$OUT"
 mkdir -p "$OUT"
 echo "== dsv3 preprocess (bundled SOTU slice, tiny-4k tokenizer, 2 workers)"
-./build/dsv3 preprocess --input data/sotu-slice/sotu-slice.jsonl --output-prefix "$OUT/sotu" \
+$DSV3 preprocess --input data/sotu-slice/sotu-slice.jsonl --output-prefix "$OUT/sotu" \
   --tokenizer-type HuggingFaceTokenizer --tokenizer-model data/tiny-4k --workers 2 --append-eod --log-interval 40
 echo
 echo "== dsv3 data inspect"
-./build/dsv3 data inspect "$OUT/sotu_text_document" --tokenizer-model data/tiny-4k --max-tokens 32
+$DSV3 data inspect "$OUT/sotu_text_document" --tokenizer-model data/tiny-4k --max-tokens 32
 echo
 echo "== dsv3 train ($ITERS iterations, seq 128, global batch 8, bf16, 2 threads)"
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} ./build/dsv3 train \
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} $DSV3 train \
   --model-config examples/deepseek/configs/demo-cpu.json \
   --data-path "$OUT/sotu_text_document" --split 90,8,2 --data-cache-path "$OUT/cache" \
   --tokenizer-type HuggingFaceTokenizer --tokenizer-model data/tiny-4k \

@@ -54,6 +54,13 @@ say "== the attention tests again on the CUDA-core kernel (DSV3_ATTENTION=cuda-c
 DSV3_ATTENTION=cuda-cores timeout 60 bash .devpack/run.sh dsv3_cuda_tests --gtest_filter='CudaOps.Attention*:CudaModel.*' \
   2>&1 | grep -E '^\[  (PASSED|FAILED) |FAILED  \]|^(fp32|bf16|moe)[a-z0-9 ]*:' | tee -a "$summary"
 
+say "== make demo's training on the GPU (its flags; dsv3 train picks the GPU by default; bf16: grouped expert GEMMs)"
+DSV3="bash .devpack/run.sh dsv3" DEMO_ITERS=${DEMO_ITERS:-100} DEMO_OUT="$out/demo" timeout 180 bash scripts/demo.sh \
+  > "$out/demo.log" 2>&1
+say "demo exit code: $?"
+grep -E '^device|iteration +(20|100)/|^moe:|validation loss|successfully saved' "$out/demo.log" | tail -10 | tee -a "$summary"
+rm -rf "$out/demo"
+
 say "== bench-gpu (PyTorch peer and the measured roofline)"
 CONFIGS="${CONFIGS:-examples/deepseek/configs/proxy-gpu-dense.json examples/deepseek/configs/proxy-gpu-moe.json}" \
   RUN="bash .devpack/run.sh" timeout 300 bash bench/gpu.sh 2>&1 | tee "$out/bench_gpu.log" | grep -vE '^\s*$' | tee -a "$summary"

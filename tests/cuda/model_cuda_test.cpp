@@ -16,7 +16,9 @@
 #include <regex>
 
 #include "kernels/kernel_test_util.h"
+#include "hf_interop.h"
 #include "model/model.h"
+#include "train/checkpoint.h"
 #include "train_util.h"
 
 namespace dsv3 {
@@ -312,6 +314,17 @@ TEST_F(CudaTrain, MoeTrainingGivesTheCpuLossesNormsAndExpertBiases) {
   EXPECT_LE(max_rel(gc.norm, cc.norm), 1e-5);
   // The update adds ±rate (1e-3) per step from the token counts: equal counts give bit-equal biases.
   EXPECT_EQ(bias_err, 0.0);
+
+  // The GPU run's checkpoint loads in HF transformers as a CPU one does (tests/hf_interop.h: its logits and loss
+  // are dsv3's on the CPU from the same directory). Skipped where python3 lacks torch and transformers.
+  const fs::path it = dir_ / "moe-gpu/iter_0000010";
+  const ModelConfig cfg = ModelConfig::from_json_file((it / "config.json").string());
+  Model m(cfg, ModelOptions{});
+  ASSERT_TRUE(load_checkpoint((dir_ / "moe-gpu").string(),
+                              {&m.table(), &m.store(), m.params().data(), nullptr, nullptr}, cfg, {}));
+  std::string skipped;
+  if (!testing::expect_transformers_computes_dsv3(m, it, dir_, &skipped))
+    std::printf("moe: the GPU checkpoint was not loaded in transformers: %s\n", skipped.c_str());
 }
 
 TEST_F(CudaTrain, CheckpointsMoveBetweenGpuAndCpu) {
