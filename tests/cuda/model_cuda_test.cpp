@@ -15,8 +15,8 @@
 #include <cstring>
 #include <regex>
 
-#include "kernels/kernel_test_util.h"
 #include "hf_interop.h"
+#include "kernels/kernel_test_util.h"
 #include "model/model.h"
 #include "train/checkpoint.h"
 #include "train_util.h"

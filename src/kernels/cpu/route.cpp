@@ -83,13 +83,12 @@ void route_forward_host(const RouteForwardArgs& a) {
   for (int64_t t = 0; t < t_n; ++t)
     route::aux_token(c.e, c.k, a.logits_TE + t * e_n, &z[t], &p[t * e_n], &map[t * k_n], &order[t * e_n]);
   for (int64_t b = 0; b < a.batch; ++b)
-    for (int32_t e = 0; e < c.e; ++e)
-      route::aux_expert(b, e, seq, c.e, c.k, p, map, psum, count);
+    for (int32_t e = 0; e < c.e; ++e) route::aux_expert(b, e, seq, c.e, c.k, p, map, psum, count);
   *a.aux_loss_1 = route::aux_loss(a.batch, seq, c.e, c.k, a.aux_coeff, psum, count);
 #pragma omp parallel for schedule(static) if (t_n * e_n > 16384)
   for (int64_t t = 0; t < t_n; ++t)
-    route::aux_grad_token(t / seq, a.batch, seq, c.e, c.k, a.aux_coeff, a.logits_TE + t * e_n, z[t],
-                          count, a.aux_dlogits_TE + t * e_n);
+    route::aux_grad_token(t / seq, a.batch, seq, c.e, c.k, a.aux_coeff, a.logits_TE + t * e_n, z[t], count,
+                          a.aux_dlogits_TE + t * e_n);
 }
 
 void route_backward_host(const RouteBackwardArgs& a) {

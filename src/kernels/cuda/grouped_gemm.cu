@@ -20,7 +20,7 @@ bool grouped_gemm_supported(const GroupedGemmArgs& g, int cc) {
   (void)g, (void)cc;
   return false;
 #else
-  // sm_90a code only: wgmma and TMA multicast do not carry over to other architectures.
+  // sm_90a code only: wgmma and the TMA descriptors it is built around do not carry over to other GPUs.
   if (cc != 90 || g.groups < 1 || g.groups > 65535 || !g.offsets_G1) return false;
   // TMA: 16-byte aligned bases and row strides; CUTLASS's operand alignment (8 bf16, 4 fp32) applies to each
   // operand's contiguous dimension, which here is never the varying one.

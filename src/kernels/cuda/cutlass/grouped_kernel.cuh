@@ -163,6 +163,8 @@ void launch(const GroupedGemmArgs& g, void* base, size_t bytes, int sm_count, in
   const int groups = static_cast<int>(g.groups);
   const Arrays<K> r = carve<K>(base, groups);
   DSV3_CHECK(bytes >= scratch<K>(groups, sm_count), "grouped GEMM: scratch too small");
+  // The workspace holds per-SM TMA descriptors, which need 64-byte alignment (cudaMalloc gives 256).
+  DSV3_CHECK(reinterpret_cast<uintptr_t>(base) % 256 == 0, "grouped GEMM: scratch not 256-byte aligned");
   setup_groups<K><<<(groups + 127) / 128, 128, 0, st>>>(g, r);
   const auto args = arguments(r, groups, sm_count, device);
   typename K::Gemm gemm;
