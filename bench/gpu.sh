@@ -22,12 +22,16 @@ for cfg in $CONFIGS; do
     echo "== $cfg (batch $BATCH, seq $SEQ, bf16$([ "$moe" = 1 ] && echo ", $routing routing"))"
     ours=$($RUN $bench --config "$cfg" --batch "$BATCH" --seq "$SEQ" --routing "$routing"); echo "$ours"
     if echo "$ours" | grep -q '^gpu: unavailable'; then continue 2; fi
-    if [ "$moe" = 1 ] && [ "$routing" = balanced ]; then  # the A/B of the expert GEMMs: one grouped call vs per expert
-      per_expert=$(DSV3_EXPERT_GEMM=per-expert $RUN $bench --config "$cfg" --batch "$BATCH" --seq "$SEQ" --routing "$routing" |
-        grep '^ours: mode=' | sed 's/mode=dsv3/mode=dsv3-per-expert-gemms/')
-      echo "$per_expert"
-      ours=$(printf '%s\n%s\n' "$ours" "$per_expert")
-    fi
+    # A/B of implementation choices, ours only: cuDNN's fused attention against dsv3's (first routing of each
+    # config), and for the balanced MoE the per-expert GEMMs against the grouped one.
+    variants="DSV3_ATTENTION=cudnn"
+    [ "$routing" = balanced ] && variants="DSV3_EXPERT_GEMM=per-expert"
+    for var in $variants; do
+      alt=$(env "$var" $RUN $bench --config "$cfg" --batch "$BATCH" --seq "$SEQ" --routing "$routing" 2>&1 |
+        grep '^ours: mode=' | sed "s/mode=dsv3/mode=dsv3[$var]/")
+      echo "${alt:-ours: $var did not run}"
+      ours=$(printf '%s\n%s\n' "$ours" "$alt")
+    done
     peer=""
     [ "${PEER:-1}" = 1 ] && peer=$(timeout "${PEER_TIMEOUT:-180}" python3 bench/peer_pytorch_gpu.py --config "$cfg" --batch "$BATCH" --seq "$SEQ" \
       --routing "$routing" 2>&1 | grep '^pytorch:')

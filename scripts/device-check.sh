@@ -54,6 +54,10 @@ say "== the attention tests again on the CUDA-core kernel (DSV3_ATTENTION=cuda-c
 DSV3_ATTENTION=cuda-cores timeout 60 bash .devpack/run.sh dsv3_cuda_tests --gtest_filter='CudaOps.Attention*:CudaModel.*' \
   2>&1 | grep -E '^\[  (PASSED|FAILED) |FAILED  \]|^(fp32|bf16|moe)[a-z0-9 ]*:' | tee -a "$summary"
 
+say "== the attention and model tests again through cuDNN's fused attention (DSV3_ATTENTION=cudnn)"
+DSV3_ATTENTION=cudnn timeout 90 bash .devpack/run.sh dsv3_cuda_tests --gtest_filter='CudaOps.Attention*:CudaModel.*' \
+  2>&1 | grep -E '^\[  (PASSED|FAILED) |FAILED  \]|Failure|error|^(fp32|bf16|moe)[a-z0-9 ]*:' | head -30 | tee -a "$summary"
+
 say "== make demo's training on the GPU (its flags; dsv3 train picks the GPU by default; bf16: grouped expert GEMMs)"
 DSV3="bash .devpack/run.sh dsv3" DEMO_ITERS=${DEMO_ITERS:-100} DEMO_OUT="$out/demo" timeout 180 bash scripts/demo.sh \
   > "$out/demo.log" 2>&1

@@ -638,15 +638,26 @@ void check_launched(const AttentionShape& s, const char* what) {
 
 }  // namespace
 
-bool attention_tc_enabled() {
-  // Read once: the switch chooses the kernel for the whole process (so forward and backward always agree).
-  static const bool enabled = [] {
+namespace {
+// DSV3_ATTENTION, read once: the switch chooses the kernel for the whole process (so forward and backward always
+// agree). 0: tensor cores (the default for bf16), 1: CUDA cores, 2: cuDNN.
+int attention_choice() {
+  static const int choice = [] {
     const char* e = std::getenv("DSV3_ATTENTION");
-    if (e == nullptr || *e == '\0' || std::strcmp(e, "tensor-cores") == 0) return true;
-    if (std::strcmp(e, "cuda-cores") == 0) return false;
-    fail("DSV3_ATTENTION=", e, ": expected tensor-cores (the default for bf16) or cuda-cores");
+    if (e == nullptr || *e == '\0' || std::strcmp(e, "tensor-cores") == 0) return 0;
+    if (std::strcmp(e, "cuda-cores") == 0) return 1;
+    if (std::strcmp(e, "cudnn") == 0) return 2;
+    fail("DSV3_ATTENTION=", e, ": expected tensor-cores (the default for bf16), cuda-cores or cudnn");
   }();
-  return enabled;
+  return choice;
+}
+}  // namespace
+
+bool attention_tc_enabled() {
+  return attention_choice() == 0;
+}
+bool attention_cudnn_requested() {
+  return attention_choice() == 2;
 }
 
 bool attention_tc_supported(const AttentionShape& s) {

@@ -18,6 +18,7 @@
 #include "core/error.h"
 #include "kernels/backend.h"
 #include "kernels/cuda/cuda_check.cuh"
+#include "kernels/cuda/cudnn_attention.h"
 #include "kernels/cuda/grouped_gemm.cuh"
 #include "kernels/cuda/kernels.cuh"
 
@@ -100,8 +101,9 @@ class CudaBackend final : public Backend {
     if (fork_) cudaEventDestroy(fork_);
     clear_plans();
     // ce_scratch_ too: it was left out, so every backend that ran the head loss leaked its chunk buffer.
-    for (void* s :
-         {scratch_, ce_scratch_, workspace_, static_cast<void*>(errors_.word), static_cast<void*>(segments_)})
+    cudnn_.reset();
+    for (void* s : {scratch_, ce_scratch_, cudnn_buf_, workspace_, static_cast<void*>(errors_.word),
+                    static_cast<void*>(segments_)})
       if (s) cudaFree(s);
     cublasLtDestroy(lt_);
     cudaStreamDestroy(stream_);
@@ -295,7 +297,9 @@ class CudaBackend final : public Backend {
   void attention_forward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v, HeadsViewMut o,
                          float* lse, Precision p) override {
     check_attention(s);
-    if (use_tensor_cores(s, p))
+    if (use_cudnn(s, p))
+      cudnn_attention_forward(s, q, k, v, o, lse);
+    else if (use_tensor_cores(s, p))
       launch_attention_tc_forward(s, q, k, v, o, lse, stream_);
     else
       launch_attention_forward(s, q, k, v, o, lse, p == Precision::kBF16, stream_);
@@ -304,6 +308,7 @@ class CudaBackend final : public Backend {
                           const float* lse, HeadsView do_, HeadsViewMut dq, HeadsViewMut dk, HeadsViewMut dv,
                           Precision p) override {
     check_attention(s);
+    if (use_cudnn(s, p)) return cudnn_attention_backward(s, q, k, v, o, lse, do_, dq, dk, dv);
     float* scratch =
         scratch_as<float>(static_cast<size_t>(attention_backward_scratch_floats(s)) * sizeof(float));
     if (use_tensor_cores(s, p))
@@ -356,6 +361,29 @@ class CudaBackend final : public Backend {
     DSV3_CHECK(seq_len <= tab.max_pos, what, ": seq_len ", seq_len, " exceeds the cos/sin table (",
                tab.max_pos, " positions)");
   }
+  // DSV3_ATTENTION=cudnn: bf16 attention through cuDNN's fused attention (cudnn_attention.h), its operands
+  // converted to packed bf16 and its outputs back into dsv3's fp32 views; a shape cuDNN refuses runs on dsv3's
+  // kernels (the decision is cached per shape, so forward and backward agree).
+  bool use_cudnn(const AttentionShape& s, Precision p) {
+    return p == Precision::kBF16 && attention_cudnn_requested() && cudnn().supports(s);
+  }
+  void cudnn_attention_forward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v, HeadsViewMut o,
+                               float* lse);
+  void cudnn_attention_backward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v, HeadsView o,
+                                const float* lse, HeadsView do_, HeadsViewMut dq, HeadsViewMut dk,
+                                HeadsViewMut dv);
+  CudnnAttention& cudnn();
+  char* cudnn_scratch(size_t bytes) {
+    if (bytes > cudnn_bytes_) {
+      if (cudnn_buf_) check(cudaFreeAsync(cudnn_buf_, stream_), "cudaFreeAsync");
+      check(cudaMallocAsync(&cudnn_buf_, bytes, stream_), "cudaMallocAsync(cuDNN attention)");
+      cudnn_bytes_ = bytes, ++allocations_;
+    }
+    return static_cast<char*>(cudnn_buf_);
+  }
+  std::unique_ptr<CudnnAttention> cudnn_;
+  void* cudnn_buf_ = nullptr;
+  size_t cudnn_bytes_ = 0;
   // bf16 attention runs on tensor cores (attention_tc.cu) unless DSV3_ATTENTION=cuda-cores or the shape does not
   // fit that kernel; fp32 stays on the fp32-core kernel, which matches the CPU to 1e-5.
   static bool use_tensor_cores(const AttentionShape& s, Precision p) {
@@ -473,6 +501,63 @@ int expert_streams() {
     return std::clamp(v && *v ? std::atoi(v) : 4, 1, 16);
   }();
   return n;
+}
+
+CudnnAttention& CudaBackend::cudnn() {
+  if (!cudnn_) {
+    std::string why =
+        "this build has no cuDNN attention (cudnn-frontend's headers were not found at configure time)";
+#ifdef DSV3_HAVE_CUDNN_ATTENTION
+    cudnn_ = CudnnAttention::open(&why);
+#endif
+    DSV3_CHECK(cudnn_, "DSV3_ATTENTION=cudnn: ", why);
+  }
+  return *cudnn_;
+}
+
+namespace {
+size_t up256(size_t x) {
+  return (x + 255) / 256 * 256;
+}
+}  // namespace
+
+void CudaBackend::cudnn_attention_forward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v,
+                                          HeadsViewMut o, float* lse) {
+  const int64_t t = s.batch * s.seq, h = s.heads;
+  CudnnAttention& c = cudnn();
+  const size_t qk = up256(t * h * s.d_qk * sizeof(bf16)), vo = up256(t * h * s.d_v * sizeof(bf16));
+  const size_t ws = c.forward_workspace(s);
+  char* base = cudnn_scratch(2 * qk + 2 * vo + ws);
+  auto* qb = reinterpret_cast<bf16*>(base);
+  auto* kb = reinterpret_cast<bf16*>(base + qk);
+  auto* vb = reinterpret_cast<bf16*>(base + 2 * qk);
+  auto* ob = reinterpret_cast<bf16*>(base + 2 * qk + vo);
+  launch_heads_to_bf16(q.p, q.ld_token, q.ld_head, t, h, s.d_qk, qb, stream_);
+  launch_heads_to_bf16(k.p, k.ld_token, k.ld_head, t, h, s.d_qk, kb, stream_);
+  launch_heads_to_bf16(v.p, v.ld_token, v.ld_head, t, h, s.d_v, vb, stream_);
+  c.forward(s, qb, kb, vb, ob, lse, base + 2 * qk + 2 * vo, stream_);
+  launch_heads_from_bf16(ob, t, h, s.d_v, o.p, o.ld_token, o.ld_head, stream_);
+}
+
+void CudaBackend::cudnn_attention_backward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v,
+                                           HeadsView o, const float* lse, HeadsView do_, HeadsViewMut dq,
+                                           HeadsViewMut dk, HeadsViewMut dv) {
+  const int64_t t = s.batch * s.seq, h = s.heads;
+  CudnnAttention& c = cudnn();
+  const size_t qk = up256(t * h * s.d_qk * sizeof(bf16)), vo = up256(t * h * s.d_v * sizeof(bf16));
+  const size_t ws = c.backward_workspace(s);
+  char* base = cudnn_scratch(4 * qk + 4 * vo + ws);
+  bf16* b[8];  // q, k, dq, dk ([T, H, d_qk]); v, o, do, dv ([T, H, d_v])
+  for (int i = 0; i < 8; ++i) b[i] = reinterpret_cast<bf16*>(base + (i < 4 ? i * qk : 4 * qk + (i - 4) * vo));
+  launch_heads_to_bf16(q.p, q.ld_token, q.ld_head, t, h, s.d_qk, b[0], stream_);
+  launch_heads_to_bf16(k.p, k.ld_token, k.ld_head, t, h, s.d_qk, b[1], stream_);
+  launch_heads_to_bf16(v.p, v.ld_token, v.ld_head, t, h, s.d_v, b[4], stream_);
+  launch_heads_to_bf16(o.p, o.ld_token, o.ld_head, t, h, s.d_v, b[5], stream_);
+  launch_heads_to_bf16(do_.p, do_.ld_token, do_.ld_head, t, h, s.d_v, b[6], stream_);
+  c.backward(s, b[0], b[1], b[4], b[5], b[6], lse, b[2], b[3], b[7], base + 4 * qk + 4 * vo, stream_);
+  launch_heads_from_bf16(b[2], t, h, s.d_qk, dq.p, dq.ld_token, dq.ld_head, stream_);
+  launch_heads_from_bf16(b[3], t, h, s.d_qk, dk.p, dk.ld_token, dk.ld_head, stream_);
+  launch_heads_from_bf16(b[7], t, h, s.d_v, dv.p, dv.ld_token, dv.ld_head, stream_);
 }
 
 bool CudaBackend::grouped_gemm(const GroupedGemmArgs& g) {

@@ -39,6 +39,24 @@ __global__ void to_bf16_kernel(const float* x, __nv_bfloat16* y, int64_t n) {
     y[i] = __float2bfloat16_rn(x[i]);
 }
 
+// Strided fp32 heads [T, H, D] (row stride ld_token, head stride ld_head) <-> packed bf16 [T, H, D].
+__global__ void heads_to_bf16_kernel(const float* x, int64_t ld_token, int64_t ld_head, int64_t heads,
+                                     int64_t d, int64_t n, __nv_bfloat16* y) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t c = i % d, h = i / d % heads, t = i / d / heads;
+    y[i] = __float2bfloat16_rn(x[t * ld_token + h * ld_head + c]);
+  }
+}
+__global__ void heads_from_bf16_kernel(const __nv_bfloat16* y, int64_t heads, int64_t d, int64_t n, float* x,
+                                       int64_t ld_token, int64_t ld_head) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t c = i % d, h = i / d % heads, t = i / d / heads;
+    x[t * ld_token + h * ld_head + c] = __bfloat162float(y[i]);
+  }
+}
+
 __global__ void scale_kernel(float* x, int64_t n, float s) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x)
@@ -294,6 +312,24 @@ void launch_to_bf16(const float* x, bf16* y, int64_t n, cudaStream_t st) {
   if (n <= 0) return;
   to_bf16_kernel<<<blocks_for(n, 4), kThreads, 0, st>>>(x, reinterpret_cast<__nv_bfloat16*>(y), n);
   check_launch("to_bf16");
+}
+
+void launch_heads_to_bf16(const float* x, int64_t ld_token, int64_t ld_head, int64_t t, int64_t heads,
+                          int64_t d, bf16* y, cudaStream_t st) {
+  const int64_t n = t * heads * d;
+  if (n <= 0) return;
+  heads_to_bf16_kernel<<<blocks_for(n, 4), kThreads, 0, st>>>(x, ld_token, ld_head, heads, d, n,
+                                                              reinterpret_cast<__nv_bfloat16*>(y));
+  check_launch("heads_to_bf16");
+}
+
+void launch_heads_from_bf16(const bf16* y, int64_t t, int64_t heads, int64_t d, float* x, int64_t ld_token,
+                            int64_t ld_head, cudaStream_t st) {
+  const int64_t n = t * heads * d;
+  if (n <= 0) return;
+  heads_from_bf16_kernel<<<blocks_for(n, 4), kThreads, 0, st>>>(reinterpret_cast<const __nv_bfloat16*>(y),
+                                                                heads, d, n, x, ld_token, ld_head);
+  check_launch("heads_from_bf16");
 }
 
 void launch_scale(float* x, int64_t n, float s, cudaStream_t st) {

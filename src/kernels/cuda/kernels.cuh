@@ -19,6 +19,11 @@ enum ErrorCode : int { kNoError = 0, kBadEmbeddingId = 1, kBadLabel = 2, kBadRou
 
 void launch_to_bf16(const float* x, bf16* y, int64_t n, cudaStream_t st);
 void launch_scale(float* x, int64_t n, float s, cudaStream_t st);
+// Attention heads between dsv3's strided fp32 views [T, H, D] and packed bf16 [T, H, D] (cuDNN's operands).
+void launch_heads_to_bf16(const float* x, int64_t ld_token, int64_t ld_head, int64_t t, int64_t heads,
+                          int64_t d, bf16* y, cudaStream_t st);
+void launch_heads_from_bf16(const bf16* y, int64_t t, int64_t heads, int64_t d, float* x, int64_t ld_token,
+                            int64_t ld_head, cudaStream_t st);
 void launch_add(float* y, const float* a, const float* b, int64_t n, cudaStream_t st);
 void launch_permute_rows(const float* x, const int32_t* token_R, int64_t r, int64_t d, float* y,
                          cudaStream_t st);
@@ -98,8 +103,10 @@ void launch_attention_backward(const AttentionShape& s, HeadsView q, HeadsView k
 // WMMA bf16 products with fp32 accumulation, fp32 softmax; deterministic. attention_tc_supported: head sizes
 // multiples of 16 up to 256 whose tiles fit the device's shared memory (MLA's 192/128 does); other shapes use
 // the kernels above. The backward uses the same scratch as launch_attention_backward.
-// attention_tc_enabled: false when the environment sets DSV3_ATTENTION=cuda-cores (read once per process).
+// DSV3_ATTENTION (read once per process): tensor-cores (default), cuda-cores, or cudnn (bf16 attention through
+// cuDNN's fused attention, cudnn_attention.h; fp32 stays on the CUDA-core kernel).
 bool attention_tc_enabled();
+bool attention_cudnn_requested();
 bool attention_tc_supported(const AttentionShape& s);
 void launch_attention_tc_forward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v,
                                  HeadsViewMut o, float* lse_BHS, cudaStream_t st);
