@@ -505,11 +505,8 @@ int expert_streams() {
 
 CudnnAttention& CudaBackend::cudnn() {
   if (!cudnn_) {
-    std::string why =
-        "this build has no cuDNN attention (cudnn-frontend's headers were not found at configure time)";
-#ifdef DSV3_HAVE_CUDNN_ATTENTION
+    std::string why;
     cudnn_ = CudnnAttention::open(&why);
-#endif
     DSV3_CHECK(cudnn_, "DSV3_ATTENTION=cudnn: ", why);
   }
   return *cudnn_;
