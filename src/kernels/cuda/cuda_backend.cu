@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -365,7 +366,16 @@ class CudaBackend final : public Backend {
   // converted to packed bf16 and its outputs back into dsv3's fp32 views; a shape cuDNN refuses runs on dsv3's
   // kernels (the decision is cached per shape, so forward and backward agree).
   bool use_cudnn(const AttentionShape& s, Precision p) {
-    return p == Precision::kBF16 && attention_cudnn_requested() && cudnn().supports(s);
+    if (p != Precision::kBF16 || !attention_cudnn_requested()) return false;
+    std::string why;
+    if (cudnn().supports(s, &why)) return true;
+    if (!why.empty())  // said once per shape (the refusal is cached, and reported only when first found)
+      std::fprintf(stderr,
+                   "note: cuDNN attention refused batch %lld seq %lld heads %lld %lld/%lld: %s; dsv3's "
+                   "kernel runs it\n",
+                   (long long)s.batch, (long long)s.seq, (long long)s.heads, (long long)s.d_qk,
+                   (long long)s.d_v, why.c_str());
+    return false;
   }
   void cudnn_attention_forward(const AttentionShape& s, HeadsView q, HeadsView k, HeadsView v, HeadsViewMut o,
                                float* lse);

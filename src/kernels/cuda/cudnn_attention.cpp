@@ -3,10 +3,10 @@
 #define NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING
 #include "kernels/cuda/cudnn_attention.h"
 
+#include <cudnn_frontend.h>
 #include <dlfcn.h>
 
 #include <cstring>
-#include <cudnn_frontend.h>
 #include <map>
 #include <tuple>
 
@@ -135,15 +135,15 @@ bool CudnnAttention::supports(const AttentionShape& s, std::string* why_not) {
   const Key key = key_of(s, false);
   if (impl_->graphs.count(key) && impl_->graphs.count(key_of(s, true))) return true;
   std::string why;
-  if (auto it = impl_->refused.find(key); it != impl_->refused.end()) {
-    why = it->second;
+  if (impl_->refused.count(key)) {
+    return false;  // said when first refused
   } else if (s.d_qk % 8 || s.d_v % 8) {
     why = "cuDNN needs head sizes that are multiples of 8";
   } else {
     try {
       impl_->graph(s, false), impl_->graph(s, true);
       return true;
-    } catch (const Error& e) {
+    } catch (const std::exception& e) {  // the frontend throws std::runtime_error too
       why = e.what();
     }
   }
@@ -172,15 +172,20 @@ void CudnnAttention::forward(const AttentionShape& s, const void* q, const void*
   ok(g->execute(impl_->handle, pack, workspace), "execute", s);
 }
 
-void CudnnAttention::backward(const AttentionShape& s, const void* q, const void* k, const void* v, const void* o,
-                              const void* d_o, const float* lse_BHS, void* dq, void* dk, void* dv,
-                              void* workspace, cudaStream_t st) {
+void CudnnAttention::backward(const AttentionShape& s, const void* q, const void* k, const void* v,
+                              const void* o, const void* d_o, const float* lse_BHS, void* dq, void* dk,
+                              void* dv, void* workspace, cudaStream_t st) {
   auto g = impl_->graph(s, true);
   DSV3_CHECK(fe::detail::set_stream(impl_->handle, st) == CUDNN_STATUS_SUCCESS, "cudnnSetStream failed");
-  std::unordered_map<int64_t, void*> pack = {
-      {kQ, const_cast<void*>(q)}, {kK, const_cast<void*>(k)}, {kV, const_cast<void*>(v)},
-      {kO, const_cast<void*>(o)}, {kDO, const_cast<void*>(d_o)}, {kStats, const_cast<float*>(lse_BHS)},
-      {kDQ, dq},                  {kDK, dk},                  {kDV, dv}};
+  std::unordered_map<int64_t, void*> pack = {{kQ, const_cast<void*>(q)},
+                                             {kK, const_cast<void*>(k)},
+                                             {kV, const_cast<void*>(v)},
+                                             {kO, const_cast<void*>(o)},
+                                             {kDO, const_cast<void*>(d_o)},
+                                             {kStats, const_cast<float*>(lse_BHS)},
+                                             {kDQ, dq},
+                                             {kDK, dk},
+                                             {kDV, dv}};
   ok(g->execute(impl_->handle, pack, workspace), "execute", s);
 }
 
