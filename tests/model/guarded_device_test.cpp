@@ -46,6 +46,12 @@ TEST(GuardedDevice, HostAccessOutsideAnOpCrashes) {
       ::testing::KilledBySignal(SIGSEGV), ".*");
 }
 
+int64_t moe_layer_count(const ModelConfig& cfg) {  // MTP depths included
+  int64_t n = 0;
+  for (int64_t i = 0; i < cfg.num_hidden_layers + cfg.num_nextn_predict_layers; ++i) n += cfg.is_moe_layer(i);
+  return n;
+}
+
 struct Run {
   double loss = 0, mtp = 0, aux = 0;
   std::vector<float> logits, grads;
@@ -116,9 +122,7 @@ TEST(GuardedDevice, MoeModelTakesTheDevicePathWithTheCpusNumbers) {
 // per-expert GEMMs' numbers, token drop included.
 TEST(GuardedDevice, GroupedExpertGemmsGiveThePerExpertNumbers) {
   const ModelConfig cfg = config("demo-cpu.json");
-  int64_t moe_layers = 0;
-  for (int64_t i = 0; i < cfg.num_hidden_layers + cfg.num_nextn_predict_layers; ++i)
-    moe_layers += cfg.is_moe_layer(i);
+  const int64_t moe_layers = moe_layer_count(cfg);
   ASSERT_GT(moe_layers, 0);
   for (const double capacity : {-1.0, 1.0}) {
     SCOPED_TRACE(capacity < 0 ? "dropless" : "capacity 1.0");
@@ -148,9 +152,7 @@ TEST(GuardedDevice, GroupedExpertGemmsGiveThePerExpertNumbers) {
 // the host router's (the tests above, and GuardedTrain bit for bit).
 TEST(GuardedDevice, RoutingReadsOnlyTheExpertOffsetsPerLayer) {
   const ModelConfig cfg = config("demo-cpu.json");
-  int64_t moe_layers = 0;
-  for (int64_t i = 0; i < cfg.num_hidden_layers + cfg.num_nextn_predict_layers; ++i)
-    moe_layers += cfg.is_moe_layer(i);
+  const int64_t moe_layers = moe_layer_count(cfg);
   ASSERT_GT(moe_layers, 0);
   for (const double capacity : {-1.0, 1.0}) {
     auto guarded = make_host_guarded_backend();

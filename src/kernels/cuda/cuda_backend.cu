@@ -348,12 +348,16 @@ class CudaBackend final : public Backend {
   // need it at the same time). Callers that need two pieces carve them from one request.
   template <typename T>
   T* scratch_as(size_t bytes) {
-    if (bytes > scratch_bytes_) {
-      if (scratch_) check(cudaFreeAsync(scratch_, stream_), "cudaFreeAsync");
-      check(cudaMallocAsync(&scratch_, bytes, stream_), "cudaMallocAsync(scratch)");
-      scratch_bytes_ = bytes, ++allocations_;
+    return static_cast<T*>(grow_region(scratch_, scratch_bytes_, bytes, "cudaMallocAsync(scratch)"));
+  }
+  // A grow-only region of at least `bytes` (contents not kept when it grows; counted as an allocation).
+  void* grow_region(void*& p, size_t& have, size_t bytes, const char* what) {
+    if (bytes > have) {
+      if (p) check(cudaFreeAsync(p, stream_), "cudaFreeAsync");
+      check(cudaMallocAsync(&p, bytes, stream_), what);
+      have = bytes, ++allocations_;
     }
-    return static_cast<T*>(scratch_);
+    return p;
   }
   void check_rope(int64_t t, int64_t heads, int64_t seq_len, const RopeTableView& tab, const char* what) {
     DSV3_CHECK(tab.half > 0 && tab.half <= 128, what, ": empty or oversized table (half=", tab.half, ")");
@@ -384,12 +388,8 @@ class CudaBackend final : public Backend {
                                 HeadsViewMut dv);
   CudnnAttention& cudnn();
   char* cudnn_scratch(size_t bytes) {
-    if (bytes > cudnn_bytes_) {
-      if (cudnn_buf_) check(cudaFreeAsync(cudnn_buf_, stream_), "cudaFreeAsync");
-      check(cudaMallocAsync(&cudnn_buf_, bytes, stream_), "cudaMallocAsync(cuDNN attention)");
-      cudnn_bytes_ = bytes, ++allocations_;
-    }
-    return static_cast<char*>(cudnn_buf_);
+    return static_cast<char*>(
+        grow_region(cudnn_buf_, cudnn_bytes_, bytes, "cudaMallocAsync(cuDNN attention)"));
   }
   std::unique_ptr<CudnnAttention> cudnn_;
   void* cudnn_buf_ = nullptr;
